@@ -1,0 +1,25 @@
+"""autocal: zero-config calibration modules for Mixture-of-Experts models.
+
+autocal records an MoE block's forward, detects its router, top-k, dispatch and
+packed experts, and synthesizes a calibration module in which every token
+reaches every expert while the block's output stays the original's.
+"""
+
+from . import errors
+from .api import calibration_context, convert, restore, synthesize
+from .errors import AutocalError
+from .explain import explain
+from .registry import MoECalibrationModule
+
+__all__ = [
+    "AutocalError",
+    "MoECalibrationModule",
+    "calibration_context",
+    "convert",
+    "errors",
+    "explain",
+    "restore",
+    "synthesize",
+]
+
+__version__ = "0.1.0"

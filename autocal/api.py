@@ -1,0 +1,199 @@
+"""Public entry points: ``synthesize``, ``convert``, ``calibration_context``.
+
+Blocks of one class are analysed once; the generated calibration class is
+reused for every block of that class, and the first block of each class is
+verified against the original before anything is swapped.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import errors
+from .detect.detector import BlockCall, detect, experts_container, find_moe_blocks
+from .detect.structure import MoEStructure
+from .registry import MoECalibrationModule, registered_override
+from .synthesize.module import SynthesizedMoE, build_calibration_module
+from .trace.inputs import synthesize_inputs
+from .verify import Verification, verify
+
+__all__ = ["synthesize", "convert", "calibration_context", "Converter"]
+
+
+@dataclass
+class ClassAnalysis:
+    """What one block class turned into."""
+
+    calibration_cls: type[MoECalibrationModule]
+    structure: MoEStructure | None
+    verification: Verification | None = None
+
+
+@dataclass
+class Converter:
+    """Analyses block classes once and builds calibration modules for their blocks."""
+
+    calibrate_all_experts: bool = True
+    verify: bool = True
+    classes: dict[type, ClassAnalysis] = field(default_factory=dict)
+
+    def analyse(self, block: nn.Module, call: BlockCall | None = None) -> ClassAnalysis:
+        cls = type(block)
+        if cls not in self.classes:
+            override = registered_override(cls.__name__)
+            if override is not None:
+                self.classes[cls] = ClassAnalysis(override, None)
+            else:
+                structure = detect(block, call)
+                self.classes[cls] = ClassAnalysis(build_calibration_module(structure, cls), structure)
+        return self.classes[cls]
+
+    def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None) -> MoECalibrationModule:
+        analysis = self.analyse(block, call)
+        module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
+        if self.verify and analysis.verification is None and isinstance(module, SynthesizedMoE):
+            analysis.verification = verify(block, module, _verification_inputs(block, call),
+                                           experts=module._modules[analysis.structure.experts.module_path])
+        return module
+
+
+def _verification_inputs(block: nn.Module, call: BlockCall | None) -> tuple:
+    """Fresh random hidden states (another seed than detection used), or the caller's inputs."""
+    if call is not None:
+        return call.args
+    _, container = experts_container(block)
+    args = synthesize_inputs(block, container, lambda a: _runs(block, a), num_tokens=33, seed=1)
+    return args
+
+
+def _runs(block: nn.Module, args: tuple) -> bool:
+    try:
+        with torch.no_grad():
+            block(*args)
+        return True
+    except Exception:
+        return False
+
+
+def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool = True, *,
+               verify: bool = True) -> MoECalibrationModule:
+    """A calibration module for one MoE block.
+
+    Args:
+        block: the MoE block (e.g. a ``Qwen3MoeSparseMoeBlock``).
+        config: passed to a registered override; synthesis does not need it.
+        calibrate_all_experts: send every token through every expert.
+        verify: check the result against ``block`` before returning it.
+
+    Example:
+        >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
+        >>> module = synthesize(make_toy_block(ToyMoEConfig()))
+        >>> module.experts[0].gate_proj
+        Linear(in_features=16, out_features=24, bias=False)
+    """
+    return Converter(calibrate_all_experts, verify).build(block, config)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    model.get_submodule(parent).add_module(name, module) if parent else model.add_module(name, module)
+
+
+def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict) -> dict[str, BlockCall]:
+    """Run the model once and keep each block's inputs."""
+    calls: dict[str, BlockCall] = {}
+    handles = []
+    for path in paths:
+        def hook(module, args, kwargs, path=path):
+            calls.setdefault(path, BlockCall(args, kwargs))
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool = True, *,
+            example_inputs: dict | None = None, converter: Converter | None = None) -> nn.Module:
+    """Swap every MoE block of ``model`` for its calibration module, in place.
+
+    Args:
+        model: any model; blocks are found by what they hold and do.
+        calibrate_all_experts: initial calibration mode of the new modules.
+        verify: check the first block of each class against the original.
+        example_inputs: model keyword inputs; when given, blocks are analysed on
+            the inputs the model really passes them (needed for blocks with
+            inputs beyond hidden states).
+
+    Returns:
+        ``model``, converted. Raises ``AutocalError`` if a block cannot be converted.
+
+    Example:
+        >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
+        >>> model = torch.nn.Sequential(make_toy_block(ToyMoEConfig()))
+        >>> type(convert(model)[0]).__name__
+        'CalibrationToyConcatMoeBlock'
+    """
+    converter = converter or Converter(calibrate_all_experts, verify)
+    blocks = [(p, b) for p, b in find_moe_blocks(model) if not isinstance(b, MoECalibrationModule)]
+    if not blocks and not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block",
+                                  block_class=type(model).__name__,
+                                  hints=["autocal looks for a child module storing weights per expert, "
+                                         "called with the indices of a top-k"])
+    calls = _capture_calls(model, [p for p, _ in blocks], example_inputs) if example_inputs else {}
+    config = getattr(model, "config", None)
+    for path, block in _progress(blocks):
+        try:
+            module = converter.build(block, config, calls.get(path))
+        except errors.AutocalError as error:
+            raise error.with_context(module_path=path, block_class=type(block).__name__) from None
+        _set_submodule(model, path, module)
+    return model
+
+
+def _progress(items: list) -> Any:
+    if len(items) < 8:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc="autocal: converting MoE blocks", unit="block")
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Put the original back in place of every non-permanent calibration module."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, MoECalibrationModule) and not module.is_permanent and path:
+            _set_submodule(model, path, module.restore(module.__dict__.get("_original")))
+    return model
+
+
+@contextmanager
+def calibration_context(model: nn.Module, calibrate_all_experts: bool = True) -> Iterator[nn.Module]:
+    """Convert on entry; on exit (also on error) restore non-permanent blocks and end calibration mode.
+
+    Example:
+        >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
+        >>> model = torch.nn.Sequential(make_toy_block(ToyMoEConfig()))
+        >>> with calibration_context(model) as m:
+        ...     m[0].calibrate_all_experts
+        True
+    """
+    convert(model, calibrate_all_experts)
+    try:
+        yield model
+    finally:
+        restore(model)
+        for module in model.modules():
+            if isinstance(module, MoECalibrationModule):
+                module.calibrate_all_experts = False

@@ -1,0 +1,224 @@
+"""Find MoE blocks and run the detection passes on one of them.
+
+A block is found by what it holds and what its forward does: a child whose
+parameters are stored one entry per expert (a *packed experts container*), and
+a selection op (``topk``, ``argmax``, ``sort``) whose indices reach that
+container's call. Nothing here reads class names or config attributes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+
+from .. import errors
+from ..integrations.transformers import eager_experts
+from ..trace.inputs import required_inputs, synthesize_inputs
+from ..trace.record import Recording, record
+from .experts import ExpertsRecording, analyze_experts, packed_parameters
+from .graph_utils import Ancestry, is_int_tensor, target_name, value
+from .router import analyze_router
+from .structure import ExpertsInfo, MoEStructure
+
+__all__ = ["BlockCall", "find_moe_blocks", "experts_container", "detect", "capture_block_inputs"]
+
+
+@dataclass
+class BlockCall:
+    """Example inputs of one block call."""
+
+    args: tuple
+    kwargs: dict
+
+
+def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The block's child that stores expert weights packed, if any."""
+    for name, child in block.named_children():
+        if packed_parameters(child):
+            return name, child
+    return None
+
+
+def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, block)`` for every module with a packed experts container child.
+
+    Candidates only: ``detect`` confirms that the forward routes tokens to them.
+    """
+    for path, module in model.named_modules():
+        if experts_container(module) is not None:
+            yield path, module
+
+
+def _container_call(rec: Recording, name: str) -> fx.Node | None:
+    calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target == name]
+    return calls[0] if calls else None
+
+
+def _runs_container(block: nn.Module, container: nn.Module):
+    def accepts(args: tuple) -> bool:
+        seen = []
+        handle = container.register_forward_pre_hook(lambda *_: seen.append(True))
+        try:
+            with torch.no_grad():
+                block(*args)
+        except Exception:
+            return False
+        finally:
+            handle.remove()
+        return bool(seen)
+
+    return accepts
+
+
+def capture_block_inputs(block: nn.Module, container: nn.Module, *, num_tokens: int) -> BlockCall:
+    """Example inputs synthesized from the block's parameters."""
+    missing = required_inputs(block)
+    if missing:
+        raise errors.AutocalError(
+            errors.TRACE_FAILED,
+            f"the block's forward needs inputs autocal cannot make up: {', '.join(missing)}",
+            block_class=type(block).__name__,
+            hints=["pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"],
+        )
+    args = synthesize_inputs(block, container, _runs_container(block, container), num_tokens=num_tokens)
+    if args is None:
+        raise errors.AutocalError(
+            errors.TRACE_FAILED,
+            "no hidden-state shape made of the block's parameter sizes runs its forward",
+            block_class=type(block).__name__,
+            hints=["pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"],
+        )
+    return BlockCall(args, {})
+
+
+def _roles(container: nn.Module, call: fx.Node) -> dict[str, str]:
+    """Which of the container's forward parameters holds hidden states, indices and weights."""
+    args = tuple(value(a) if isinstance(a, fx.Node) else a for a in call.args)
+    kwargs = {k: value(v) if isinstance(v, fx.Node) else v for k, v in call.kwargs.items()}
+    bound = inspect.signature(container.forward).bind(*args, **kwargs).arguments
+    tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+    index = [k for k, v in tensors.items() if not v.is_floating_point()]
+    floats = [k for k, v in tensors.items() if v.is_floating_point()]
+    if len(index) != 1 or len(floats) != 2:
+        raise errors.AutocalError(
+            errors.UNSUPPORTED_DISPATCH,
+            "the experts are not called with (hidden states, expert indices, routing weights)",
+            source=call.meta.get("source"),
+        )
+    index_shape = tensors[index[0]].shape
+    weights = [k for k in floats if tensors[k].shape == index_shape]
+    hidden = [k for k in floats if k not in weights]
+    if len(weights) != 1 or len(hidden) != 1:
+        raise errors.AutocalError(
+            errors.UNSUPPORTED_DISPATCH,
+            "no routing-weight input matches the shape of the expert indices",
+            source=call.meta.get("source"),
+        )
+    return {"hidden": hidden[0], "index": index[0], "weights": weights[0]}
+
+
+def _record_container(container: nn.Module, call: fx.Node, roles: dict[str, str]) -> ExpertsRecording:
+    args = tuple(value(a) if isinstance(a, fx.Node) else a for a in call.args)
+    kwargs = {k: value(v) if isinstance(v, fx.Node) else v for k, v in call.kwargs.items()}
+    bound = inspect.signature(container.forward).bind(*args, **kwargs).arguments
+    with torch.no_grad():
+        rec = record(container, (), dict(bound))
+    return ExpertsRecording(rec.graph, container, *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
+
+
+def _returns(output: Any) -> str:
+    if isinstance(output, torch.Tensor):
+        return "tensor"
+    if isinstance(output, (tuple, list)):
+        return f"tuple of {len(output)}"
+    return type(output).__name__
+
+
+def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int | None = None) -> MoEStructure:
+    """Run every detection pass on ``block``; raises ``AutocalError`` when it cannot.
+
+    Args:
+        block: an MoE block (a module with a packed experts container child).
+        call: example inputs; synthesized from the block's parameters if None.
+        num_tokens: tokens in synthesized inputs (default: enough to reach most experts).
+    """
+    found = experts_container(block)
+    if found is None:
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores expert weights packed per expert",
+                                  block_class=type(block).__name__)
+    name, container = found
+    num_experts = next(iter(packed_parameters(container).values())).shape[0]
+    with eager_experts(block):
+        call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * num_experts))
+        with torch.no_grad():
+            block_rec = record(block, call.args, call.kwargs, leaves=[container])
+        container_call = _container_call(block_rec, name)
+        if container_call is None:
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"the forward never calls `{name}`",
+                                      block_class=type(block).__name__)
+        roles = _roles(container, container_call)
+        index_node = _arg_node(container, container_call, roles["index"])
+        weights_node = _arg_node(container, container_call, roles["weights"])
+        router = analyze_router(block_rec.graph, index_node, weights_node)
+        if router.num_choices < 2:
+            raise errors.AutocalError(errors.NO_MOE_BLOCK, "no top-k over two or more experts feeds the experts",
+                                      block_class=type(block).__name__, source=container_call.meta.get("source"))
+        experts_rec = _record_container(container, container_call, roles)
+    template, layout, sources = analyze_experts(experts_rec)
+    hidden_dtype = value(experts_rec.hidden).dtype
+    experts = ExpertsInfo(
+        module_path=name,
+        num_experts=num_experts,
+        storage="packed",
+        layout=layout,
+        computation=template.computation,
+        weights_applied="inside experts (on the expert output)" if template.uses_routing_weight else "outside experts",
+        call_roles=roles,
+        output_features=value(container_call).shape[-1],
+        accumulate_dtype=_relative_dtype(template.output_dtype, hidden_dtype),
+        output_dtype=_relative_dtype(value(container_call).dtype, hidden_dtype),
+        sources={k: v for k, v in sources.items() if v},
+    )
+    shared = _shared_modules(block_rec, container_call)
+    return MoEStructure(
+        block_class=type(block).__name__,
+        level="experts",
+        router=router,
+        experts=experts,
+        shared_modules=shared,
+        returns=_returns(block_rec.output),
+        template=template,
+    )
+
+
+def _relative_dtype(dtype: torch.dtype, hidden: torch.dtype) -> str | None:
+    """None when ``dtype`` follows the hidden states' dtype, else its name."""
+    return None if dtype == hidden else str(dtype).removeprefix("torch.")
+
+
+def _arg_node(container: nn.Module, call: fx.Node, param: str) -> fx.Node:
+    names = list(inspect.signature(container.forward).parameters)
+    if param in call.kwargs:
+        return call.kwargs[param]
+    return call.args[names.index(param)]
+
+
+def _shared_modules(rec: Recording, container_call: fx.Node) -> list[str]:
+    """Top-level children that run on every token, apart from the routing and the experts."""
+    ancestry = Ancestry(rec.graph)
+    routing = {_top(n) for n in ancestry.of(container_call)} | {container_call.target}
+    paths = []
+    for node in rec.graph.nodes:
+        top = _top(node)
+        if top and top not in routing and top not in paths:
+            paths.append(top)
+    return paths
+
+
+def _top(node: fx.Node) -> str:
+    path = node.target if node.op == "call_module" else node.meta.get("module_path") or ""
+    return path.split(".")[0]

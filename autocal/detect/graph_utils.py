@@ -1,0 +1,69 @@
+"""Small helpers over recorded graphs: names of targets, ancestry, tensor arguments."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import fx
+
+__all__ = ["target_name", "tensor_inputs", "holds_tensor", "Ancestry", "is_int_tensor", "value"]
+
+
+def target_name(node: fx.Node) -> str:
+    """A short, readable name of what a node calls (``topk``, ``linear``, ``__getitem__``)."""
+    target = node.target
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__name__", None) or str(target)
+    return name.removeprefix("_C._nn.")
+
+
+def value(node: fx.Node):
+    return node.meta.get("value")
+
+
+def holds_tensor(node: fx.Node) -> bool:
+    v = value(node)
+    return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(i, torch.Tensor) for i in v))
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """Inputs holding a tensor (or a tuple of tensors, as ``chunk`` returns)."""
+    return [n for n in node.all_input_nodes if holds_tensor(n)]
+
+
+def is_int_tensor(node: fx.Node) -> bool:
+    v = value(node)
+    return isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex())
+
+
+class Ancestry:
+    """Ancestor sets of every node of one graph, as bitmasks (graphs are topologically ordered)."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.nodes = list(graph.nodes)
+        self._index = {n: i for i, n in enumerate(self.nodes)}
+        self._mask: dict[fx.Node, int] = {}
+        for node in self.nodes:
+            mask = 0
+            parents = list(node.all_input_nodes)
+            if node.meta.get("mutates") is not None:
+                parents.append(node.meta["mutates"])
+            for parent in parents:
+                mask |= self._mask[parent] | (1 << self._index[parent])
+            self._mask[node] = mask
+
+    def is_ancestor(self, ancestor: fx.Node, node: fx.Node) -> bool:
+        return bool(self._mask[node] >> self._index[ancestor] & 1)
+
+    def of(self, node: fx.Node) -> list[fx.Node]:
+        mask = self._mask[node]
+        return [n for i, n in enumerate(self.nodes) if mask >> i & 1]
+
+    def between(self, start: fx.Node, end: fx.Node) -> list[fx.Node]:
+        """Nodes on some path from ``start`` to ``end`` (both included), in graph order."""
+        return [n for n in self.of(end) + [end] if n is start or self.is_ancestor(start, n)]
+
+    def order(self, nodes: Iterable[fx.Node]) -> list[fx.Node]:
+        return sorted(nodes, key=self._index.__getitem__)

@@ -1,0 +1,97 @@
+"""Passes over the recorded block forward: how the router picks experts.
+
+Each pass answers one question from the graph between the router's logits and
+the two tensors handed to the experts (indices and weights). The answers feed
+``explain``; synthesis does not need them, because the router keeps running as
+the original code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .graph_utils import Ancestry, target_name, value
+from .structure import RouterInfo
+
+__all__ = ["analyze_router"]
+
+_SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
+_MATMUL_OPS = {"linear", "matmul", "__matmul__", "mm", "addmm"}
+# Plumbing between scores and weights: not a scoring function in itself.
+_PLUMBING = {
+    "topk", "gather", "getitem", "__getitem__", "to", "float", "type_as", "view", "reshape", "sum", "div",
+    "__truediv__", "mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "scatter", "scatter_",
+    "masked_fill", "unsqueeze", "squeeze", "expand", "contiguous", "clamp", "clamp_min", "div_", "mul_",
+    "sub", "__sub__", "where", "ones_like", "zeros_like", "new_zeros", "flatten", "permute", "transpose",
+}
+
+
+def _selection_nodes(index: fx.Node, ancestry: Ancestry) -> list[fx.Node]:
+    return [n for n in ancestry.of(index) if target_name(n) in _SELECTION_OPS]
+
+
+def _k_of(node: fx.Node) -> int:
+    if target_name(node) == "topk":
+        return int(node.kwargs.get("k", node.args[1] if len(node.args) > 1 else 1))
+    return 1
+
+
+def _logits(selection: fx.Node, ancestry: Ancestry) -> fx.Node | None:
+    candidates = [n for n in ancestry.of(selection) + [selection] if target_name(n) in _MATMUL_OPS or n.op == "call_module"]
+    return candidates[-1] if candidates else None
+
+
+def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterInfo:
+    """Router facts from the nodes that produce the experts' ``index`` and ``weights`` inputs."""
+    ancestry = Ancestry(graph)
+    selections = _selection_nodes(index, ancestry)
+    if not selections:
+        return RouterInfo(None, None, value(index).shape[-1], 0, False, None, False, None)
+    final = selections[-1]
+    logits = _logits(final, ancestry)
+    scored = final.args[0]
+    path = ancestry.between(logits, weights) if logits is not None else []
+    after_selection = [n for n in path if ancestry.is_ancestor(final, n)]
+    scoring_ops = [target_name(n) for n in path if target_name(n) not in _PLUMBING and n is not logits]
+    sources = {"top_k": final.meta.get("source")}
+    if logits is not None:
+        sources["logits"] = logits.meta.get("source")
+    return RouterInfo(
+        module_path=final.meta.get("module_path") or None,
+        scoring=scoring_ops[0] if scoring_ops else None,
+        top_k=_k_of(final),
+        num_choices=value(scored).shape[-1],
+        renormalized=_renormalized(after_selection),
+        correction_bias=_correction_bias(graph, scored, weights, ancestry),
+        grouped=len(selections) > 1 or value(scored).dim() > 2,
+        scaling=_scaling(after_selection),
+        sources={k: v for k, v in sources.items() if v},
+    )
+
+
+def _renormalized(nodes: list[fx.Node]) -> bool:
+    sums = {n for n in nodes if target_name(n) == "sum"}
+    return any(target_name(n) in ("div", "__truediv__", "div_") and set(n.all_input_nodes) & sums for n in nodes)
+
+
+def _scaling(nodes: list[fx.Node]) -> float | None:
+    for n in nodes:
+        if target_name(n) in ("mul", "__mul__", "__rmul__", "mul_"):
+            scalars = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            if scalars and scalars[0] != 1:
+                return float(scalars[0])
+    return None
+
+
+def _correction_bias(graph: fx.Graph, scored: fx.Node, weights: fx.Node, ancestry: Ancestry) -> str | None:
+    """A per-expert parameter or buffer added to the scores used for selection, but not to the weights."""
+    for n in ancestry.of(scored) + [scored]:
+        if target_name(n) not in ("add", "__add__", "__radd__") or len(n.all_input_nodes) != 2:
+            continue
+        for bias, scores in (n.all_input_nodes, reversed(n.all_input_nodes)):
+            if bias.op == "get_attr" and isinstance(value(bias), torch.Tensor) and value(bias).dim() == 1:
+                # The weights must come from the unbiased scores, by a path that skips the add.
+                if any(u is not n and (u is weights or ancestry.is_ancestor(u, weights)) for u in scores.users):
+                    return bias.target
+    return None

@@ -1,0 +1,117 @@
+"""``MoEStructure``: everything detection found in one MoE block class.
+
+It is the single input of ``explain`` (the readable facts) and of
+``synthesize`` (the facts plus the expert template). Each fact keeps the source
+``file:line`` it came from in ``sources``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import fx
+
+__all__ = ["RouterInfo", "ExpertsInfo", "ExpertTemplate", "LinearRecipe", "MoEStructure", "Projection"]
+
+
+@dataclass
+class RouterInfo:
+    """How the block picks experts: read from the recorded block forward."""
+
+    module_path: str | None
+    scoring: str | None
+    top_k: int
+    num_choices: int
+    renormalized: bool
+    correction_bias: str | None
+    grouped: bool
+    scaling: float | None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LinearRecipe:
+    """How to view expert ``e``'s weight (and bias) of one synthesized Linear.
+
+    ``weight(container, e)`` returns a ``[out, in]`` view of the packed
+    parameters; ``bias`` likewise or ``None``.
+    """
+
+    name: str
+    weight: Any
+    bias: Any
+    in_features: int
+    out_features: int
+    packed_param: str
+    note: str
+
+
+@dataclass
+class Projection:
+    """Linears cut from one matmul of the original expert, and how to run that matmul.
+
+    ``operand(container, e)`` is the weight operand the original passed to
+    ``op`` (``"linear"``: ``F.linear(x, W)``; ``"matmul"``: ``x @ W``);
+    ``columns`` are the output columns each Linear in ``linears`` computes.
+    """
+
+    linears: tuple[str, ...]
+    columns: tuple[slice, ...]
+    features: int
+    operand: Any
+    op: str
+    bias: Any
+    bias_in_op: bool
+
+
+@dataclass
+class ExpertTemplate:
+    """One expert's computation, as a graph over its Linear layers.
+
+    ``graph`` has placeholders ``x`` (the expert's input rows) and, when the
+    experts weight their own outputs, ``routing_weight`` (``[rows, 1]``); its
+    ``call_module`` nodes name entries of ``linears``.
+    """
+
+    graph: fx.Graph
+    linears: list[LinearRecipe]
+    uses_routing_weight: bool
+    output_dtype: Any = None
+    computation: str = ""
+    projections: list[Projection] = field(default_factory=list)
+
+
+@dataclass
+class ExpertsInfo:
+    """The experts container and how the block calls it."""
+
+    module_path: str
+    num_experts: int
+    storage: str
+    layout: dict[str, Any]
+    computation: str
+    weights_applied: str
+    call_roles: dict[str, str]
+    output_features: int
+    accumulate_dtype: str | None
+    output_dtype: str | None
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MoEStructure:
+    """What one MoE block class does, as detected from its recorded forward."""
+
+    block_class: str
+    level: str
+    router: RouterInfo
+    experts: ExpertsInfo
+    shared_modules: list[str]
+    returns: str
+    template: ExpertTemplate | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("template", None)
+        return data

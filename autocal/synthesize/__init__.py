@@ -1,0 +1,1 @@
+"""Build calibration modules from a detected ``MoEStructure``."""

@@ -1,0 +1,151 @@
+"""Per-expert modules and the experts container that replaces a packed one.
+
+Each expert becomes a module whose children are real ``nn.Linear`` layers, their
+weights views of the packed parameters (no memory is doubled), and whose
+forward is the code fx generates from the detected template, e.g.::
+
+    def forward(self, x, routing_weight):
+        gate_proj = self.gate_proj(x)
+        silu = torch.nn.functional.silu(gate_proj, inplace = False)
+        up_proj = self.up_proj(x)
+        ...
+
+One class is generated per analysed block class and shared by all its experts.
+
+The container dispatches exactly as the experts contract of transformers v5
+states (``sum over slots of weight * expert(hidden)``, experts in ascending
+order, each expert's rows in slot-major order, scattered with ``index_add_``),
+so with calibration off it computes what the original computed. With
+calibration on, each expert *also* runs on the tokens it was not routed; those
+outputs are discarded (the complement strategy), so every expert Linear sees
+every token exactly once and the output is bitwise the same as with
+calibration off.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx, nn
+
+from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
+from .ops import ProjectionLayout, geometry
+
+__all__ = ["SynthesizedExpert", "CalibrationExperts", "expert_class", "unpack_linear"]
+
+
+class SynthesizedExpert(nn.Module):
+    """Base of the generated per-expert classes; ``forward`` comes from the template."""
+
+    template_code: str = ""
+
+
+def expert_class(template: ExpertTemplate, name: str) -> type[SynthesizedExpert]:
+    """A module class whose forward is the template's generated code."""
+    root = nn.Module()
+    for recipe in template.linears:
+        setattr(root, recipe.name, nn.Linear(1, 1, device="meta"))
+    for index in range(len(template.projections)):
+        setattr(root, f"_autocal_layout_{index}", None)
+    generated = fx.GraphModule(root, template.graph, class_name=name)
+    return type(name, (SynthesizedExpert,), {"forward": type(generated).forward, "template_code": generated.code})
+
+
+def unpack_linear(recipe: LinearRecipe, container: nn.Module, expert: int) -> nn.Linear:
+    """An ``nn.Linear`` whose weight (and bias) view expert ``expert``'s packed entries."""
+    weight = recipe.weight(container, expert)
+    linear = nn.Linear(recipe.in_features, recipe.out_features, bias=recipe.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
+    if recipe.bias is not None:
+        bias = recipe.bias(container, expert)
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    return linear
+
+
+def projection_layout(projection: Projection, expert_module: nn.Module, container: nn.Module,
+                      expert: int) -> ProjectionLayout | None:
+    """Where expert ``expert``'s original operand lies relative to its unpacked Linears, or None."""
+    linears = [expert_module._modules[name] for name in projection.linears]
+    operand = projection.operand(container, expert)
+    bias = projection.bias(container, expert) if projection.bias is not None else None
+    if operand.untyped_storage().data_ptr() != linears[0].weight.untyped_storage().data_ptr():
+        return None
+    return ProjectionLayout(
+        op=projection.op,
+        operand=geometry(operand),
+        bias=geometry(bias) if bias is not None else None,
+        bias_in_op=projection.bias_in_op,
+        weights=tuple(geometry(linear.weight) for linear in linears),
+        biases=tuple(geometry(linear.bias) if linear.bias is not None else None for linear in linears),
+    )
+
+
+class CalibrationExperts(nn.Module):
+    """Replaces a packed experts container: one child module per expert, named ``"0"``, ``"1"``, …
+
+    Called exactly like the container it replaces.
+    """
+
+    def __init__(self, original: nn.Module, structure: MoEStructure, expert_cls: type[SynthesizedExpert],
+                 calibrate_all_experts: bool = True) -> None:
+        super().__init__()
+        template = structure.template
+        for expert in range(structure.experts.num_experts):
+            module = expert_cls()
+            for recipe in template.linears:
+                module.add_module(recipe.name, unpack_linear(recipe, original, expert))
+            for index, projection in enumerate(template.projections):
+                setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, original, expert))
+            self.add_module(str(expert), module)
+        self.num_experts = structure.experts.num_experts
+        self.roles = dict(structure.experts.call_roles)
+        self.uses_routing_weight = template.uses_routing_weight
+        self.calibrate_all_experts = calibrate_all_experts
+        self.output_features = structure.experts.output_features
+        self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
+        self.output_dtype = _dtype(structure.experts.output_dtype)
+        self._signature = inspect.signature(original.forward)
+        self.tokens_seen = [0] * self.num_experts
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, expert: int) -> nn.Module:
+        return self._modules[str(expert)]
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        bound = self._signature.bind(*args, **kwargs).arguments
+        hidden, index, weights = (bound[self.roles[r]] for r in ("hidden", "index", "weights"))
+        output = hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
+        slot_major = index.transpose(0, 1)
+        for expert in range(self.num_experts):
+            slot, token = torch.where(slot_major == expert)
+            if token.numel():
+                contribution = self._call(expert, hidden[token], weights[token, slot, None])
+                output.index_add_(0, token, contribution.to(output.dtype))
+            if self.calibrate_all_experts:
+                self._run_unrouted(expert, hidden, token, weights.dtype)
+        return output.to(self.output_dtype or hidden.dtype)
+
+    def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
+        module = self._modules[str(expert)]
+        self.tokens_seen[expert] += int(rows.shape[0])
+        return module(rows, routing_weight) if self.uses_routing_weight else module(rows)
+
+    def _run_unrouted(self, expert: int, hidden: torch.Tensor, routed: torch.Tensor, dtype: torch.dtype) -> None:
+        """Run the expert on the tokens it was not routed, discarding the result."""
+        unrouted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        unrouted[routed] = False
+        rows = unrouted.nonzero().squeeze(-1)
+        if rows.numel():
+            self._call(expert, hidden[rows], torch.ones(rows.numel(), 1, dtype=dtype, device=hidden.device))
+
+    @property
+    def code(self) -> str:
+        """The generated per-expert forward."""
+        return type(self._modules["0"]).template_code
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None

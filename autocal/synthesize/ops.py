@@ -1,0 +1,79 @@
+"""Functions that generated expert code calls (fx prints them by qualified name)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project"]
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset
+
+
+def geometry(tensor: torch.Tensor) -> Geometry:
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """Where one expert's original matmul operand lies in the storage its Linears view."""
+
+    op: str
+    operand: Geometry
+    bias: Geometry | None
+    bias_in_op: bool
+    weights: tuple[Geometry, ...]
+    biases: tuple[Geometry | None, ...]
+
+
+def assemble_columns(pieces: tuple[torch.Tensor, ...], columns: tuple[slice, ...], features: int) -> torch.Tensor:
+    """Write each piece into its columns of one ``[..., features]`` tensor."""
+    first = pieces[0]
+    out = first.new_empty(*first.shape[:-1], features)
+    for piece, cols in zip(pieces, columns):
+        out[..., cols] = piece
+    return out
+
+
+def _untouched(linears: tuple[nn.Linear, ...], layout: ProjectionLayout) -> bool:
+    """Are these still plain Linears viewing the packed storage as unpacked, with no hook to feed?"""
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    weight_storage = linears[0].weight.untyped_storage().data_ptr()
+    for linear, weight, bias in zip(linears, layout.weights, layout.biases):
+        if (type(linear) is not nn.Linear or "forward" in linear.__dict__ or linear._forward_hooks
+                or linear._forward_pre_hooks or geometry(linear.weight) != weight
+                or linear.weight.untyped_storage().data_ptr() != weight_storage):
+            return False
+        if (linear.bias is None) != (bias is None) or (bias is not None and geometry(linear.bias) != bias):
+            return False
+    if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in linears):
+        return False
+    return True
+
+
+def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slice, ...], features: int,
+            layout: ProjectionLayout | None) -> torch.Tensor:
+    """The output of one matmul of the original expert, computed by the Linears cut from it.
+
+    While the Linears are untouched, the original matmul runs on the packed
+    storage they view, so the result is bitwise the original's (BLAS may round
+    a matmul split into Linears differently). Otherwise (a hook, a quantization
+    wrapper, replaced weights, autograd) each Linear is called and the pieces are
+    written into one tensor, so that slicing it the way the original sliced its
+    matmul output gives views with the original's strides: the elementwise ops
+    that follow then vectorize, and round, as they did in the original.
+    """
+    if layout is not None and _untouched(linears, layout):
+        operand = linears[0].weight.as_strided(*layout.operand)
+        bias = linears[0].bias.as_strided(*layout.bias) if layout.bias is not None else None
+        if layout.op == "linear" and layout.bias_in_op:
+            return F.linear(x, operand, bias)
+        out = F.linear(x, operand) if layout.op == "linear" else torch.matmul(x, operand)
+        return out if bias is None else out + bias
+    pieces = tuple(linear(x) for linear in linears)
+    return pieces[0] if len(pieces) == 1 else assemble_columns(pieces, columns, features)

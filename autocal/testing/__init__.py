@@ -1,0 +1,1 @@
+"""Test helpers: toy MoE blocks, the model zoo, hypothesis strategies and assertions."""

@@ -1,0 +1,41 @@
+"""Assertions shared by tests: coverage hooks and equivalence with the original."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..registry import MoECalibrationModule
+
+__all__ = ["expert_linears", "count_rows"]
+
+
+def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the experts containers of calibration modules, by path."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MoECalibrationModule):
+            experts = module._modules[module.structure.experts.module_path]
+            for name, sub in experts.named_modules():
+                if isinstance(sub, nn.Linear):
+                    found[f"{path}.{module.structure.experts.module_path}.{name}".lstrip(".")] = sub
+    return found
+
+
+@contextmanager
+def count_rows(linears: dict[str, nn.Linear]) -> Iterator[dict[str, int]]:
+    """Count the input rows (tokens) each Linear sees while the context is open."""
+    counts = {name: 0 for name in linears}
+    handles = []
+    for name, linear in linears.items():
+        def hook(module, args, name=name):
+            counts[name] += int(args[0].numel() // args[0].shape[-1])
+        handles.append(linear.register_forward_pre_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,205 @@
+"""Concrete op recording: run a module once and capture every torch call as an fx graph.
+
+Symbolic tracing cannot follow the data-dependent expert loops of MoE blocks
+(``nonzero``, ``for idx in expert_hit``, ``if x.numel() == 0``). Running the
+block on example inputs under a ``TorchFunctionMode`` sees every torch call
+with its real arguments, whatever the Python control flow. Each call becomes a
+``call_function`` node whose tensor arguments point at the nodes that produced
+them (tensor provenance), so passes can follow data flow exactly as in a traced
+graph. The graph is a record of one run: loops are unrolled and Python numbers
+are baked in, so it is analysed, never replayed as the block's new forward.
+
+Every node carries in ``node.meta``:
+
+- ``"value"``: the concrete value the call returned (tensors are kept),
+- ``"source"``: ``file:line`` of the user code that made the call,
+- ``"module_path"``: the innermost submodule whose forward was running.
+
+Calls inside *leaf* modules are not recorded; the leaf call becomes one
+``call_module`` node instead.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["Recording", "record"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_AUTOCAL_DIR = os.path.dirname(os.path.dirname(__file__))
+_USER_DIRS = (os.path.join(_AUTOCAL_DIR, "testing"),)
+
+
+@dataclass
+class Recording:
+    """The graph of one concrete run of ``root`` and what it returned."""
+
+    graph: fx.Graph
+    root: nn.Module
+    inputs: dict[str, fx.Node]
+    output: Any
+
+    def value(self, node: fx.Node) -> Any:
+        return node.meta.get("value")
+
+    def module_calls(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "call_module"]
+
+
+def _user_source() -> str | None:
+    """``file:line`` of the innermost frame outside torch and autocal."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        internal = filename.startswith((_TORCH_DIR, _AUTOCAL_DIR)) and not filename.startswith(_USER_DIRS)
+        if not internal and not filename.startswith("<"):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, graph: fx.Graph, root: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+        self.env: dict[int, fx.Node] = {}
+        self.keepalive: list[Any] = []
+        self.module_stack: list[str] = [""]
+        self.leaf_depth = 0
+        self._names = {id(t): name for name, t in root.named_parameters(remove_duplicate=False)}
+        self._names.update({id(t): name for name, t in root.named_buffers(remove_duplicate=False)})
+        self._root = root
+
+    # -- provenance -------------------------------------------------------
+    def bind(self, value: Any, node: fx.Node) -> None:
+        node.meta["value"] = value
+        if isinstance(value, torch.Tensor):
+            self.env[id(value)] = node
+            self.keepalive.append(value)
+
+    def node_for(self, tensor: torch.Tensor) -> fx.Node:
+        node = self.env.get(id(tensor))
+        if node is not None:
+            return node
+        name = self._names.get(id(tensor))
+        if name is not None:
+            node = self.graph.get_attr(name)
+        else:  # a tensor made outside the record (a constant, or a Python-side cache)
+            node = self.graph.create_node("get_attr", f"_autocal_const_{len(self.keepalive)}")
+            node.meta["constant"] = True
+        self.bind(tensor, node)
+        return node
+
+    def map_args(self, args: Any) -> Any:
+        return tree_map(lambda a: self.node_for(a) if isinstance(a, torch.Tensor) else a, args)
+
+    # -- recording --------------------------------------------------------
+    def emit(self, op: str, target: Any, args: tuple, kwargs: dict, out: Any) -> fx.Node:
+        node = self.graph.create_node(op, target, self.map_args(args), self.map_args(kwargs))
+        node.meta["source"] = _user_source()
+        node.meta["module_path"] = self.module_stack[-1]
+        mutated = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if out is None and mutated is not None:
+            node.meta["mutates"] = self.env.get(id(mutated))
+        self.bind(out, node)
+        if isinstance(out, (tuple, list)):
+            for i, item in enumerate(out):
+                if isinstance(item, torch.Tensor):
+                    getitem = self.graph.call_function(operator.getitem, (node, i))
+                    getitem.meta.update(source=node.meta["source"], module_path=node.meta["module_path"])
+                    self.bind(item, getitem)
+        return node
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.leaf_depth == 0 and _has_tensor(out):
+            self.emit("call_function", func, args, kwargs, out)
+        elif self.leaf_depth == 0 and func is torch.Tensor.__setitem__:
+            self.emit("call_function", func, args, kwargs, out)
+        return out
+
+
+def _has_tensor(value: Any) -> bool:
+    leaves, _ = tree_flatten(value)
+    return any(isinstance(leaf, torch.Tensor) for leaf in leaves)
+
+
+def record(
+    root: nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    leaves: Iterable[nn.Module] = (),
+) -> Recording:
+    """Run ``root(*args, **kwargs)`` once and return what it did as an fx graph.
+
+    Args:
+        root: the module to run (its parameters and buffers become ``get_attr`` nodes).
+        args, kwargs: the example inputs; tensors among them become placeholders.
+        leaves: submodules recorded as one ``call_module`` node each.
+
+    Example:
+        >>> rec = record(torch.nn.Linear(2, 3), (torch.randn(4, 2),))
+        >>> [n.op for n in rec.graph.nodes][-1]
+        'output'
+    """
+    kwargs = kwargs or {}
+    graph = fx.Graph()
+    recorder = _Recorder(graph, root)
+    inputs: dict[str, fx.Node] = {}
+    for name, value in [*((f"arg{i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        if isinstance(value, torch.Tensor):
+            node = graph.placeholder(name)
+            recorder.bind(value, node)
+            inputs[name] = node
+
+    paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)}
+    leaf_ids = {id(m) for m in leaves}
+    handles = []
+    for module in root.modules():
+        if module is root:
+            continue
+        handles.append(module.register_forward_pre_hook(_pre_hook(recorder, paths, leaf_ids), with_kwargs=True))
+        handles.append(module.register_forward_hook(_post_hook(recorder, paths, leaf_ids), with_kwargs=True))
+    try:
+        with recorder:
+            output = root(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    graph.output(recorder.map_args(output))
+    return Recording(graph=graph, root=root, inputs=inputs, output=output)
+
+
+def _pre_hook(recorder: _Recorder, paths: dict[int, str], leaf_ids: set[int]):
+    def hook(module, args, kwargs):
+        path = paths.get(id(module), "")
+        if recorder.leaf_depth == 0 and id(module) in leaf_ids:
+            module._autocal_leaf_call = (args, kwargs)
+        if id(module) in leaf_ids:
+            recorder.leaf_depth += 1
+        recorder.module_stack.append(path)
+
+    return hook
+
+
+def _post_hook(recorder: _Recorder, paths: dict[int, str], leaf_ids: set[int]):
+    def hook(module, args, kwargs, output):
+        recorder.module_stack.pop()
+        if id(module) in leaf_ids:
+            recorder.leaf_depth -= 1
+            if recorder.leaf_depth == 0:
+                call_args, call_kwargs = module.__dict__.pop("_autocal_leaf_call")
+                recorder.emit("call_module", paths.get(id(module), ""), call_args, call_kwargs, output)
+
+    return hook

@@ -1,0 +1,112 @@
+"""Verify a calibration module against the original block before it is swapped in.
+
+Both run on the same random input, calibration off and on. A mismatch beyond
+the dtype's tolerance is an error, never a silent swap; so is an expert that
+did not see every token with calibration on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from . import errors
+
+__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs"]
+
+# (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
+# experts compute gate and up as two matmuls where the original did one, and a
+# Linear adds its bias inside the matmul where some originals add it after;
+# results can then differ by a few units in the last place of the dtype.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-12, 1e-12),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (1e-3, 1e-4),
+}
+
+
+@dataclass
+class Verification:
+    """What the check measured."""
+
+    max_abs_diff_off: float
+    max_abs_diff_on: float
+    bitwise_off: bool
+    calibration_on_equals_off: bool
+    tokens: int
+    experts_covered: int
+    num_experts: int
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_outputs(expected: Any, actual: Any) -> tuple[float, bool, bool]:
+    """``(max abs difference, bitwise equal, within tolerance)`` over all tensors of two outputs."""
+    left, _ = tree_flatten(expected)
+    right, _ = tree_flatten(actual)
+    left = [t for t in left if isinstance(t, torch.Tensor)]
+    right = [t for t in right if isinstance(t, torch.Tensor)]
+    if len(left) != len(right) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(left, right)):
+        return float("inf"), False, False
+    diff, bitwise, close = 0.0, True, True
+    for a, b in zip(left, right):
+        if a.numel():
+            diff = max(diff, (a.double() - b.double()).abs().max().item())
+        bitwise &= torch.equal(a, b)
+        rtol, atol = TOLERANCES.get(a.dtype, (0, 0))
+        if a.numel() and not torch.equal(a.isnan(), b.isnan()):
+            close = False
+        elif a.numel():
+            scale = a.double().nan_to_num().abs().max().item()
+            close &= (a.double() - b.double()).nan_to_num().abs().max().item() <= atol + rtol * scale
+    return diff, bitwise, close
+
+
+def _hidden_tokens(args: tuple) -> int:
+    hidden = args[0]
+    return int(hidden.numel() // hidden.shape[-1])
+
+
+def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None,
+           *, experts: nn.Module | None = None) -> Verification:
+    """Run both modules on ``args`` and raise ``verification-failed`` if they disagree."""
+    kwargs = kwargs or {}
+    mode = calibration.calibrate_all_experts
+    try:
+        with torch.no_grad():
+            expected = original(*args, **kwargs)
+            calibration.calibrate_all_experts = False
+            off = calibration(*args, **kwargs)
+            seen_before = list(getattr(experts, "tokens_seen", []))
+            calibration.calibrate_all_experts = True
+            on = calibration(*args, **kwargs)
+            seen = [b - a for a, b in zip(seen_before, getattr(experts, "tokens_seen", []))]
+    finally:
+        calibration.calibrate_all_experts = mode
+    diff_off, bitwise_off, close_off = compare_outputs(expected, off)
+    diff_on, _, close_on = compare_outputs(expected, on)
+    _, on_equals_off, _ = compare_outputs(off, on)
+    tokens = _hidden_tokens(args)
+    covered = sum(1 for n in seen if n == tokens)
+    result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
+                          close_off and close_on and covered == len(seen))
+    if not result.passed:
+        problem = (
+            f"outputs differ by up to {max(diff_off, diff_on):.3g}"
+            if not (close_off and close_on)
+            else f"only {covered} of {len(seen)} experts saw all {tokens} tokens with calibration on"
+        )
+        raise errors.AutocalError(
+            errors.VERIFICATION_FAILED,
+            f"the calibration module does not reproduce the original: {problem}",
+            block_class=type(original).__name__,
+            hints=["report this with the model config; meanwhile " + errors.override_hint(type(original).__name__)],
+        )
+    return result

@@ -1,0 +1,65 @@
+"""Property tests: the synthesized calibration module reproduces the original toy block.
+
+Tolerances. With calibration off and no hook on the expert Linears, the
+output is bitwise the original's: each expert's matmuls run on the packed
+storage the Linears view, exactly as the original ran them. With calibration
+on (hooks attached, as a quantizer does), each Linear runs on its own, and BLAS
+may round a matmul split in two differently: the output is then within
+``autocal.verify.TOLERANCES`` (max|diff| <= atol + rtol * max|out|; float32:
+rtol 1e-5, atol 1e-6; bfloat16: rtol 1.6e-2, atol 1e-2).
+"""
+
+import torch
+from hypothesis import example, given, note
+from hypothesis import strategies as st
+
+import autocal
+from autocal.testing.assertions import count_rows, expert_linears
+from autocal.testing.strategies import token_counts, toy_configs
+from autocal.testing.toy_moe import KINDS, ToyMoEConfig, example_hidden_states, main_output, make_toy_block
+from autocal.verify import compare_outputs
+
+BLOCK_LEVEL = {"modulelist_loop", "scores_on_inputs"}
+EXPERTS_LEVEL = [k for k in KINDS if k not in BLOCK_LEVEL]
+
+
+@given(config=toy_configs(kinds=EXPERTS_LEVEL), tokens=token_counts(), seed=st.integers(0, 2**16))
+@example(config=ToyMoEConfig(kind="concat", num_experts=4, top_k=4), tokens=5, seed=0)
+@example(config=ToyMoEConfig(kind="concat", num_experts=8, top_k=1), tokens=1, seed=0)
+@example(config=ToyMoEConfig(kind="grouped_sigmoid_bias", num_experts=8, top_k=2, n_group=4, topk_group=2),
+         tokens=7, seed=3)
+@example(config=ToyMoEConfig(kind="interleaved", dtype=torch.bfloat16), tokens=9, seed=1)
+def test_calibration_module_matches_original(config, tokens, seed):
+    note(f"repro: make_toy_block({config!r}, seed={seed}); example_hidden_states(config, seq={tokens}, seed={seed + 1})")
+    block = make_toy_block(config, seed=seed)
+    x = example_hidden_states(config, seq=tokens, seed=seed + 1)
+    with torch.no_grad():
+        expected = block(x)
+    assert main_output(expected).abs().max() > 0, "degenerate setup: the original outputs zeros"
+
+    module = autocal.synthesize(block)
+    module.calibrate_all_experts = False
+    with torch.no_grad():
+        off = module(x)
+    diff, bitwise, _ = compare_outputs(expected, off)
+    note(f"calibration off: max |diff| {diff}")
+    assert bitwise
+
+    module.calibrate_all_experts = True
+    linears = expert_linears(module)
+    with torch.no_grad(), count_rows(linears) as rows:
+        on = module(x)
+    assert compare_outputs(expected, on)[2], "calibration on must stay within rounding of the original"
+    assert linears and all(n == tokens for n in rows.values()), rows
+
+
+@given(config=toy_configs(kinds=EXPERTS_LEVEL, dtypes=[torch.float32]), seed=st.integers(0, 2**16))
+def test_calibration_off_hooks_see_only_routed_tokens(config, seed):
+    block = make_toy_block(config, seed=seed)
+    x = example_hidden_states(config, seq=6, seed=seed)
+    module = autocal.synthesize(block, calibrate_all_experts=False)
+    linears = expert_linears(module)
+    with torch.no_grad(), count_rows(linears) as rows:
+        module(x)
+    down = [n for name, n in rows.items() if name.endswith("down_proj")]
+    assert sum(down) == 6 * config.top_k
