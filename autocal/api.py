@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from . import errors
-from .detect.detector import BlockCall, detect, experts_container, find_moe_blocks
+from .detect.detector import detect, find_moe_blocks
+from .trace.inputs import BlockCall
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule, registered_override
-from .synthesize.module import SynthesizedMoE, build_calibration_module
+from .synthesize.block import build_block_rewrite
+from .synthesize.module import build_calibration_module
 from .trace.inputs import synthesize_inputs
 from .verify import Verification, verify
 
@@ -50,25 +52,24 @@ class Converter:
                 self.classes[cls] = ClassAnalysis(override, None)
             else:
                 structure = detect(block, call)
-                self.classes[cls] = ClassAnalysis(build_calibration_module(structure, cls), structure)
+                build = build_calibration_module if structure.level == "experts" else build_block_rewrite
+                self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 
     def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None) -> MoECalibrationModule:
         analysis = self.analyse(block, call)
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
-        if self.verify and analysis.verification is None and isinstance(module, SynthesizedMoE):
-            analysis.verification = verify(block, module, _verification_inputs(block, call),
-                                           experts=module._modules[analysis.structure.experts.module_path])
+        if self.verify and analysis.verification is None and analysis.structure is not None:
+            analysis.verification = verify(block, module, _verification_inputs(block, call, analysis.structure))
         return module
 
 
-def _verification_inputs(block: nn.Module, call: BlockCall | None) -> tuple:
+def _verification_inputs(block: nn.Module, call: BlockCall | None, structure: MoEStructure) -> tuple:
     """Fresh random hidden states (another seed than detection used), or the caller's inputs."""
     if call is not None:
         return call.args
-    _, container = experts_container(block)
-    args = synthesize_inputs(block, container, lambda a: _runs(block, a), num_tokens=33, seed=1)
-    return args
+    experts = block.get_submodule(structure.experts.module_path)
+    return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1)
 
 
 def _runs(block: nn.Module, args: tuple) -> bool:

@@ -7,8 +7,9 @@ did not see every token with calibration on.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -74,9 +75,27 @@ def _hidden_tokens(args: tuple) -> int:
     return int(hidden.numel() // hidden.shape[-1])
 
 
-def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None,
-           *, experts: nn.Module | None = None) -> Verification:
-    """Run both modules on ``args`` and raise ``verification-failed`` if they disagree."""
+@contextmanager
+def _rows_seen(modules: list[nn.Module]) -> Iterator[list[int]]:
+    """Count the input rows each module receives while the context is open."""
+    seen = [0] * len(modules)
+    handles = []
+    for i, module in enumerate(modules):
+        def hook(_, args, i=i):
+            seen[i] += int(args[0].numel() // args[0].shape[-1])
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
+    """Run both modules on ``args`` and raise ``verification-failed`` if they disagree.
+
+    Coverage is counted with hooks on ``calibration.expert_modules()``.
+    """
     kwargs = kwargs or {}
     mode = calibration.calibrate_all_experts
     try:
@@ -84,10 +103,9 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             expected = original(*args, **kwargs)
             calibration.calibrate_all_experts = False
             off = calibration(*args, **kwargs)
-            seen_before = list(getattr(experts, "tokens_seen", []))
             calibration.calibrate_all_experts = True
-            on = calibration(*args, **kwargs)
-            seen = [b - a for a, b in zip(seen_before, getattr(experts, "tokens_seen", []))]
+            with _rows_seen(calibration.expert_modules()) as seen:
+                on = calibration(*args, **kwargs)
     finally:
         calibration.calibrate_all_experts = mode
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)

@@ -17,22 +17,15 @@ from torch import fx, nn
 
 from .. import errors
 from ..integrations.transformers import eager_experts
-from ..trace.inputs import required_inputs, synthesize_inputs
+from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import Recording, record
+from .block import detect_block_level, expert_lists
 from .experts import ExpertsRecording, analyze_experts, packed_parameters
 from .graph_utils import Ancestry, is_int_tensor, target_name, value
 from .router import analyze_router
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["BlockCall", "find_moe_blocks", "experts_container", "detect", "capture_block_inputs"]
-
-
-@dataclass
-class BlockCall:
-    """Example inputs of one block call."""
-
-    args: tuple
-    kwargs: dict
+__all__ = ["find_moe_blocks", "experts_container", "detect"]
 
 
 def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -44,55 +37,18 @@ def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(path, block)`` for every module with a packed experts container child.
+    """``(path, block)`` for every module holding experts: packed, or a list of identical MLPs.
 
     Candidates only: ``detect`` confirms that the forward routes tokens to them.
     """
     for path, module in model.named_modules():
-        if experts_container(module) is not None:
+        if experts_container(module) is not None or expert_lists(module):
             yield path, module
 
 
 def _container_call(rec: Recording, name: str) -> fx.Node | None:
     calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target == name]
     return calls[0] if calls else None
-
-
-def _runs_container(block: nn.Module, container: nn.Module):
-    def accepts(args: tuple) -> bool:
-        seen = []
-        handle = container.register_forward_pre_hook(lambda *_: seen.append(True))
-        try:
-            with torch.no_grad():
-                block(*args)
-        except Exception:
-            return False
-        finally:
-            handle.remove()
-        return bool(seen)
-
-    return accepts
-
-
-def capture_block_inputs(block: nn.Module, container: nn.Module, *, num_tokens: int) -> BlockCall:
-    """Example inputs synthesized from the block's parameters."""
-    missing = required_inputs(block)
-    if missing:
-        raise errors.AutocalError(
-            errors.TRACE_FAILED,
-            f"the block's forward needs inputs autocal cannot make up: {', '.join(missing)}",
-            block_class=type(block).__name__,
-            hints=["pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"],
-        )
-    args = synthesize_inputs(block, container, _runs_container(block, container), num_tokens=num_tokens)
-    if args is None:
-        raise errors.AutocalError(
-            errors.TRACE_FAILED,
-            "no hidden-state shape made of the block's parameter sizes runs its forward",
-            block_class=type(block).__name__,
-            hints=["pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"],
-        )
-    return BlockCall(args, {})
 
 
 def _roles(container: nn.Module, call: fx.Node) -> dict[str, str]:
@@ -147,10 +103,18 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         num_tokens: tokens in synthesized inputs (default: enough to reach most experts).
     """
     found = experts_container(block)
-    if found is None:
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores expert weights packed per expert",
-                                  block_class=type(block).__name__)
-    name, container = found
+    if found is not None:
+        return _detect_packed(block, *found, call, num_tokens)
+    lists = expert_lists(block)
+    if lists:
+        return detect_block_level(block, lists, call, num_tokens)
+    raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
+                              block_class=type(block).__name__)
+
+
+def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: BlockCall | None,
+                   num_tokens: int | None) -> MoEStructure:
+    """Experts-level detection: the block calls a packed container with indices and weights."""
     num_experts = next(iter(packed_parameters(container).values())).shape[0]
     with eager_experts(block):
         call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * num_experts))

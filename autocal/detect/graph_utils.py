@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Iterable
 
 import torch
 from torch import fx
 
-__all__ = ["target_name", "tensor_inputs", "holds_tensor", "Ancestry", "is_int_tensor", "value"]
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+__all__ = ["source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "is_int_tensor", "value"]
 
 
 def target_name(node: fx.Node) -> str:
@@ -17,6 +21,15 @@ def target_name(node: fx.Node) -> str:
         return target
     name = getattr(target, "__name__", None) or str(target)
     return name.removeprefix("_C._nn.")
+
+
+def source_of(node: fx.Node) -> str | None:
+    """``file:line`` behind a node: recorded directly, or the last frame of an fx stack trace."""
+    if node.meta.get("source"):
+        return node.meta["source"]
+    trace = node.meta.get("stack_trace") or ""
+    frames = [f for f in re.findall(r'File "([^"]+)", line (\d+)', trace) if not f[0].startswith(_TORCH_DIR)]
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
 
 
 def value(node: fx.Node):

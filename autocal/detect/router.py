@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .graph_utils import Ancestry, target_name, value
+from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
 __all__ = ["analyze_router"]
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
+_DIVISIONS = {"div", "div_", "truediv", "itruediv", "__truediv__", "__itruediv__"}
 _MATMUL_OPS = {"linear", "matmul", "__matmul__", "mm", "addmm"}
 # Plumbing between scores and weights: not a scoring function in itself.
 _PLUMBING = {
     "topk", "gather", "getitem", "__getitem__", "to", "float", "type_as", "view", "reshape", "sum", "div",
-    "__truediv__", "mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "scatter", "scatter_",
+    "__truediv__", "truediv", "itruediv", "mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "scatter", "scatter_",
     "masked_fill", "unsqueeze", "squeeze", "expand", "contiguous", "clamp", "clamp_min", "div_", "mul_",
     "sub", "__sub__", "where", "ones_like", "zeros_like", "new_zeros", "flatten", "permute", "transpose",
 }
@@ -54,11 +55,11 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     path = ancestry.between(logits, weights) if logits is not None else []
     after_selection = [n for n in path if ancestry.is_ancestor(final, n)]
     scoring_ops = [target_name(n) for n in path if target_name(n) not in _PLUMBING and n is not logits]
-    sources = {"top_k": final.meta.get("source")}
+    sources = {"top_k": source_of(final)}
     if logits is not None:
-        sources["logits"] = logits.meta.get("source")
+        sources["logits"] = source_of(logits)
     return RouterInfo(
-        module_path=final.meta.get("module_path") or None,
+        module_path=final.meta.get("module_path") or (logits.target if logits is not None and logits.op == "call_module" else None),
         scoring=scoring_ops[0] if scoring_ops else None,
         top_k=_k_of(final),
         num_choices=value(scored).shape[-1],
@@ -72,7 +73,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
 
 def _renormalized(nodes: list[fx.Node]) -> bool:
     sums = {n for n in nodes if target_name(n) == "sum"}
-    return any(target_name(n) in ("div", "__truediv__", "div_") and set(n.all_input_nodes) & sums for n in nodes)
+    return any(target_name(n) in _DIVISIONS and set(n.all_input_nodes) & sums for n in nodes)
 
 
 def _scaling(nodes: list[fx.Node]) -> float | None:

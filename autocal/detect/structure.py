@@ -7,12 +7,12 @@ It is the single input of ``explain`` (the readable facts) and of
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx
 
-__all__ = ["RouterInfo", "ExpertsInfo", "ExpertTemplate", "LinearRecipe", "MoEStructure", "Projection"]
+__all__ = ["BlockRewrite", "ExpertCall", "RouterInfo", "ExpertsInfo", "ExpertTemplate", "LinearRecipe", "MoEStructure", "Projection"]
 
 
 @dataclass
@@ -100,6 +100,24 @@ class ExpertsInfo:
 
 
 @dataclass
+class ExpertCall:
+    """One call of expert ``expert`` in a block graph, and the rows it received: ``source[tokens]``."""
+
+    node: fx.Node
+    expert: int
+    source: fx.Node
+    tokens: fx.Node
+
+
+@dataclass
+class BlockRewrite:
+    """The block's symbolic graph and its expert calls (block-level rewrite)."""
+
+    graph: fx.Graph
+    calls: list[ExpertCall]
+
+
+@dataclass
 class MoEStructure:
     """What one MoE block class does, as detected from its recorded forward."""
 
@@ -110,8 +128,18 @@ class MoEStructure:
     shared_modules: list[str]
     returns: str
     template: ExpertTemplate | None = field(default=None, repr=False, compare=False)
+    rewrite: BlockRewrite | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("template", None)
-        return data
+        data = {k: v for k, v in self.__dict__.items() if k not in ("template", "rewrite")}
+        return _plain(data)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -17,11 +17,24 @@ from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
 from .experts import CalibrationExperts, expert_class
 
-__all__ = ["SynthesizedMoE", "build_calibration_module"]
+__all__ = ["SynthesizedMoE", "adopt", "build_calibration_module"]
 
 # nn.Module's own bookkeeping: fresh for the new module, never shared with the original.
 _MODULE_INTERNALS = ("hooks", "_parameters", "_buffers", "_modules", "_hooks_with_kwargs", "_always_called",
                      "_is_full_backward_hook", "_non_persistent_buffers_set")
+
+
+def adopt(module: nn.Module, original: nn.Module) -> None:
+    """Make ``module`` hold the original's attributes, parameters, buffers and children (the same objects)."""
+    nn.Module.__init__(module)
+    for key, item in original.__dict__.items():
+        if not key.endswith(_MODULE_INTERNALS):
+            module.__dict__[key] = item
+    module._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+    module._parameters.update(original._parameters)
+    module._buffers.update(original._buffers)
+    module._modules.update(original._modules)
+    module.__dict__["_original"] = original
 
 
 class SynthesizedMoE(MoECalibrationModule):
@@ -36,18 +49,10 @@ class SynthesizedMoE(MoECalibrationModule):
     source = "synthesized"
 
     def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
-        nn.Module.__init__(self)
-        for key, item in original.__dict__.items():
-            if not key.endswith(_MODULE_INTERNALS):
-                self.__dict__[key] = item
-        self._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
-        self._parameters.update(original._parameters)
-        self._buffers.update(original._buffers)
-        self._modules.update(original._modules)
+        adopt(self, original)
         name = self.structure.experts.module_path
         experts = CalibrationExperts(original._modules[name], self.structure, self._expert_cls, calibrate_all_experts)
         self._modules[name] = experts
-        self.__dict__["_original"] = original
 
     @property
     def calibrate_all_experts(self) -> bool:
@@ -61,14 +66,18 @@ class SynthesizedMoE(MoECalibrationModule):
         """The original block, whose packed parameters share storage with the unpacked experts."""
         return original if original is not None else self.__dict__["_original"]
 
+    def expert_modules(self) -> list[nn.Module]:
+        return list(self._modules[self.structure.experts.module_path].children())
+
     @property
     def code(self) -> str:
         """The generated per-expert forward."""
         return self._modules[self.structure.experts.module_path].code
 
 
-def build_calibration_module(structure: MoEStructure, block_cls: type) -> type[SynthesizedMoE]:
+def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[SynthesizedMoE]:
     """The calibration class for one block class, generated once and reused for all its blocks."""
+    block_cls = type(block)
     expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert")
     return type(
         f"Calibration{block_cls.__name__}",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project"]
+__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project", "run_unrouted"]
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset
 
@@ -77,3 +77,14 @@ def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slic
         return out if bias is None else out + bias
     pieces = tuple(linear(x) for linear in linears)
     return pieces[0] if len(pieces) == 1 else assemble_columns(pieces, columns, features)
+
+
+def run_unrouted(expert: nn.Module, source: torch.Tensor, routed: torch.Tensor, enabled: bool) -> None:
+    """With ``enabled``, run ``expert`` on the rows of ``source`` not in ``routed``; the result is discarded."""
+    if not enabled:
+        return
+    unrouted = torch.ones(source.shape[0], dtype=torch.bool, device=source.device)
+    unrouted[routed] = False
+    rows = unrouted.nonzero().squeeze(-1)
+    if rows.numel():
+        expert(source[rows])

@@ -15,7 +15,9 @@ library, never autocal itself.
 Example:
     >>> from autocal.testing import zoo
     >>> model = zoo.build_model("mixtral")
-    >>> out = model(**zoo.example_inputs(model))
+    >>> out = zoo.forward_module(model)(**zoo.example_inputs(model))
+
+Regenerate the architecture list / find missing fixtures with ``python scripts/regen_moe_list.py``.
 """
 
 from __future__ import annotations
@@ -114,9 +116,17 @@ def build_model(
     """Build the tiny model of fixture ``name`` in eval mode.
 
     Weights are re-initialised (seeded) so that MoE outputs and routing are not negligible:
-    matrices ~ N(0, 0.2), biases ~ N(0, 0.02), normalisation layers and other 1-D parameters
-    keep transformers' own init. With ``device="meta"`` the model is built on the meta device
-    and no init is done.
+    matrices ~ N(0, 0.2), biases ~ N(0, 0.02); normalisation layers and other 1-D parameters
+    keep transformers' own init. Parameters named by the model's ``_keep_in_fp32_modules(_strict)``
+    are kept in fp32 for low-precision dtypes, as ``from_pretrained`` does.
+
+    Args:
+        name: fixture name (a transformers model type, see ``fixture_names()``).
+        dtype: parameter dtype.
+        device: target device; ``"meta"`` builds without storage and skips the init.
+        seed: seed of the re-initialisation.
+        experts_implementation: transformers experts implementation ("eager", "batched_mm",
+            "grouped_mm"); ignored by models whose experts are not ``@use_experts_implementation``.
 
     Example:
         >>> model = build_model("qwen3_moe", seed=1)
@@ -139,10 +149,18 @@ def _set_experts_implementation(model: torch.nn.Module, implementation: str) -> 
     try:
         model.set_experts_implementation(implementation)
     except ValueError as err:
-        # Raised by `_grouped_mm_can_dispatch` for models without `@use_experts_implementation`
-        # experts; "eager" is always accepted, so this only happens for other implementations.
+        # Raised by `_grouped_mm_can_dispatch` for models without `@use_experts_implementation` experts
+        # ("eager" is always accepted); those models keep their only (native) implementation.
         if "does not support setting experts implementation" not in str(err):
             raise
+        return
+    # `set_experts_implementation` only reaches configs of PreTrainedModel sub-models; experts that hold
+    # a private config copy (dots3_note's vision tower: one per-layer config per block) keep the default.
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        decorated = all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "is_concatenated"))
+        if decorated and getattr(config, "_experts_implementation", implementation) != implementation:
+            config._experts_implementation = implementation
 
 
 def _keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -183,7 +201,7 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
             elif param.dim() >= 2:
                 std = WEIGHT_STD
             else:
-                continue  # scales, A_log, dt_bias, sinks, ...: keep transformers' init
+                continue  # scales, A_log, D, sinks, ...: keep transformers' init
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
             param.copy_(noise.to(device=param.device, dtype=param.dtype))
 
@@ -240,12 +258,18 @@ def forward_module(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def example_inputs(model: torch.nn.Module, *, batch: int = 1, seq: int = 6, seed: int = 0) -> dict[str, Any]:
-    """Minimal keyword arguments for ``forward_module(model)(**inputs)``.
+    """Minimal keyword arguments for ``forward_module(model)(**inputs)``, on the model's device.
 
     Text-only ``input_ids`` for LMs and VLMs (never a special/image token id), plus
     ``decoder_input_ids`` where the forward takes them (encoder-decoders; diffusion_gemma's
     canvas, of ``config.canvas_length`` tokens); ``pixel_values`` (and ``dataset_index``) for
     vision backbones.
+
+    Args:
+        model: a model from ``build_model``.
+        batch: batch size.
+        seq: number of (encoder) tokens.
+        seed: seed of the random ids / pixels.
 
     Example:
         >>> inputs = example_inputs(model, batch=2, seq=8)

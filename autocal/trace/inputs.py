@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import inspect
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["hidden_size_candidates", "synthesize_inputs", "required_inputs"]
+from .. import errors
+
+__all__ = ["BlockCall", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs"]
+
+
+@dataclass
+class BlockCall:
+    """Example inputs of one block call."""
+
+    args: tuple
+    kwargs: dict
 
 
 def hidden_size_candidates(block: nn.Module, container: nn.Module) -> list[int]:
     """Sizes that could be the hidden size, most plausible first."""
-    container_dims = {d for p in container.parameters(recurse=False) for d in p.shape[1:]}
+    container_dims = {d for p in container.parameters() for d in p.shape[-2:]}
     counts = Counter(d for p in block.parameters() for d in p.shape if d > 1)
     ranked = sorted(container_dims, key=lambda d: (-counts[d], d))
     return ranked + [d for d, _ in counts.most_common() if d not in container_dims]
@@ -47,7 +58,7 @@ def synthesize_inputs(
 
     Tries ``[1, tokens, H]`` then ``[tokens, H]`` for each candidate ``H``.
     """
-    reference = next(container.parameters())
+    reference = next(container.parameters())  # dtype and device of the experts
     generator = torch.Generator(device="cpu").manual_seed(seed)
     for hidden in hidden_size_candidates(block, container):
         for shape in ((1, num_tokens, hidden), (num_tokens, hidden)):
@@ -55,3 +66,40 @@ def synthesize_inputs(
             if accepts((x,)):
                 return (x,)
     return None
+
+
+def _calls(block: nn.Module, experts: nn.Module) -> Callable[[tuple], bool]:
+    """Does the block run with these inputs and call into ``experts``?"""
+
+    def accepts(args: tuple) -> bool:
+        seen = []
+        handles = [m.register_forward_pre_hook(lambda *_: seen.append(True)) for m in experts.modules()]
+        try:
+            with torch.no_grad():
+                block(*args)
+        except Exception:
+            return False
+        finally:
+            for handle in handles:
+                handle.remove()
+        return bool(seen)
+
+    return accepts
+
+
+def capture_block_inputs(block: nn.Module, experts: nn.Module, *, num_tokens: int) -> BlockCall:
+    """Example inputs synthesized from the block's parameters, such that its experts get called."""
+    hint = "pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"
+    missing = required_inputs(block)
+    if missing:
+        raise errors.AutocalError(
+            errors.TRACE_FAILED, f"the block's forward needs inputs autocal cannot make up: {', '.join(missing)}",
+            block_class=type(block).__name__, hints=[hint],
+        )
+    args = synthesize_inputs(block, experts, _calls(block, experts), num_tokens=num_tokens)
+    if args is None:
+        raise errors.AutocalError(
+            errors.TRACE_FAILED, "no hidden-state shape made of the block's parameter sizes runs its forward",
+            block_class=type(block).__name__, hints=[hint],
+        )
+    return BlockCall(args, {})

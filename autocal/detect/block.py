@@ -1,0 +1,176 @@
+"""Passes for blocks that dispatch tokens themselves (block-level rewrite).
+
+Here the experts are modules of their own (a ``ModuleList`` or ``ModuleDict`` of
+identical MLPs) and the block's forward gathers each expert's rows and calls it.
+The passes read the block's symbolic graph, annotated with values:
+
+1. ``expert_lists`` — children that hold two or more structurally identical
+   modules whose parameters all live in ``nn.Linear`` layers;
+2. ``expert_calls`` — the graph's calls of those modules;
+3. ``row_gather`` — for each call, the full token tensor its input rows were
+   gathered from and the token index, so calibration can run the expert on the
+   rest of the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .. import errors
+from ..trace.inputs import BlockCall, capture_block_inputs
+from ..trace.record import record
+from ..trace.symbolic import annotate, trace_block
+from .experts import describe
+from .graph_utils import is_int_tensor, source_of, target_name, value
+from .router import analyze_router
+from .structure import BlockRewrite, ExpertCall, ExpertsInfo, MoEStructure
+
+__all__ = ["expert_lists", "expert_calls", "row_gather", "detect_block_level"]
+
+_VIEW_OPS = {"reshape", "view", "squeeze", "unsqueeze", "flatten", "contiguous", "to"}
+
+
+def _signature(module: nn.Module) -> tuple:
+    return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+
+
+def _linear_only(module: nn.Module) -> bool:
+    owned = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    params = list(module.parameters())
+    return bool(params) and all(id(p) in owned for p in params)
+
+
+def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
+    """Children holding at least two identical Linear-only modules, by child name."""
+    found = {}
+    for name, child in block.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            entries = list(child.children())
+            if len(entries) >= 2 and len({_signature(e) for e in entries}) == 1 and _linear_only(entries[0]):
+                found[name] = entries
+    return found
+
+
+def expert_calls(graph: fx.Graph, lists: dict[str, list[nn.Module]]) -> list[fx.Node]:
+    """Graph calls of the entries of ``lists``."""
+    return [
+        n for n in graph.nodes
+        if n.op == "call_module" and n.target.rpartition(".")[0] in lists
+    ]
+
+
+def _index_position(index) -> tuple[int, fx.Node] | None:
+    """The dimension a row index selects along, skipping ``None`` entries, and the index node."""
+    entries = index if isinstance(index, tuple) else (index,)
+    dim = 0
+    for entry in entries:
+        if isinstance(entry, fx.Node) and is_int_tensor(entry):
+            return dim, entry
+        if entry is not None:
+            dim += 1
+    return None
+
+
+def row_gather(call: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``(source, tokens)``: the expert's input is ``source[tokens]`` (up to views)."""
+    node = call.args[0]
+    while isinstance(node, fx.Node) and target_name(node) in _VIEW_OPS:
+        node = node.args[0]
+    if isinstance(node, fx.Node) and target_name(node) in ("getitem", "__getitem__", "index_select"):
+        source = node.args[0]
+        found = (0, node.args[2]) if target_name(node) == "index_select" else _index_position(node.args[1])
+        src = value(source) if isinstance(source, fx.Node) else None
+        if found and found[0] == 0 and isinstance(src, torch.Tensor) and src.dim() == 2:
+            tokens = found[1]
+            if torch.equal(value(call.args[0]).reshape(-1, src.shape[-1]), src[value(tokens)]):
+                return source, tokens
+    raise errors.AutocalError(
+        errors.UNSUPPORTED_DISPATCH,
+        "an expert's input is not a set of rows gathered from the token hidden states",
+        source=source_of(call),
+    )
+
+
+def _routing_weight(call: fx.Node) -> fx.Node | None:
+    """The tensor an expert's output is multiplied by, if it is multiplied right away."""
+    for user in call.users:
+        if target_name(user) in ("mul", "__mul__", "__rmul__"):
+            others = [a for a in user.all_input_nodes if a is not call]
+            if others:
+                return others[0]
+    return None
+
+
+def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
+    """One expert's forward in readable form, e.g. ``w2((silu(w1(x)) * w3(x)))``."""
+    linears = [m for m in expert.modules() if isinstance(m, nn.Linear) and m is not expert]
+    with torch.no_grad():
+        rec = record(expert, (rows,), leaves=linears)
+    for node in rec.graph.nodes:
+        if node.op == "placeholder":
+            node.target = "x"
+    return describe(rec.graph) if linears else type(expert).__name__
+
+
+def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call: BlockCall | None,
+                       num_tokens: int | None) -> MoEStructure:
+    """Block-level detection: the block gathers each expert's rows and calls it."""
+    name, entries = next(iter(lists.items()))
+    container = block.get_submodule(name)
+    call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
+    try:
+        graph = trace_block(block)
+    except Exception as error:  # fx raises many kinds; each means the same thing here
+        raise errors.AutocalError(
+            errors.UNSUPPORTED_DISPATCH,
+            f"the block dispatches to its experts in code fx cannot trace ({type(error).__name__}: {error})",
+            block_class=type(block).__name__, hints=[errors.override_hint(type(block).__name__)],
+        ) from error
+    output = annotate(block, graph, call.args, call.kwargs)
+    calls = expert_calls(graph, lists)
+    if not calls:
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls the modules in `{name}`",
+                                  block_class=type(block).__name__)
+    names = [n for n, _ in container.named_children()]
+    gathered = []
+    for node in calls:
+        source, tokens = row_gather(node)
+        gathered.append(ExpertCall(node, names.index(node.target.rpartition(".")[2]), source, tokens))
+    weight = _routing_weight(calls[0])
+    router = analyze_router(graph, gathered[0].tokens, weight if weight is not None else gathered[0].tokens)
+    if router.num_choices < 2:
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, "no top-k over two or more experts selects the expert rows",
+                                  block_class=type(block).__name__, source=source_of(calls[0]))
+    first = value(calls[0].args[0])
+    experts = ExpertsInfo(
+        module_path=name,
+        num_experts=len(entries),
+        storage=type(container).__name__,
+        layout={"expert_class": type(entries[0]).__name__,
+                "linears": [n for n, m in entries[0].named_modules() if isinstance(m, nn.Linear)]},
+        computation=_expert_computation(entries[0], first),
+        weights_applied="on the expert output, in the block" if weight is not None else "not found",
+        call_roles={},
+        output_features=value(calls[0]).shape[-1],
+        accumulate_dtype=None,
+        output_dtype=None,
+        sources={"expert_call": source_of(calls[0])} if source_of(calls[0]) else {},
+    )
+    for node in graph.nodes:  # the graph becomes the new forward: drop the example values
+        node.meta.pop("value", None)
+    return MoEStructure(
+        block_class=type(block).__name__,
+        level="block",
+        router=router,
+        experts=experts,
+        shared_modules=[c for c in dict(block.named_children()) if c not in lists and c != router.module_path],
+        returns=_returns(output),
+        rewrite=BlockRewrite(graph, gathered),
+    )
+
+
+def _returns(output) -> str:
+    if isinstance(output, torch.Tensor):
+        return "tensor"
+    return f"tuple of {len(output)}" if isinstance(output, (tuple, list)) else type(output).__name__
