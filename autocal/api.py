@@ -20,6 +20,7 @@ from .trace.inputs import BlockCall
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
+from .synthesize.dense import build_dense_rewrite
 from .synthesize.module import build_calibration_module
 from .trace.inputs import synthesize_inputs
 from .verify import Verification, verify
@@ -52,7 +53,8 @@ class Converter:
                 self.classes[cls] = ClassAnalysis(override, None)
             else:
                 structure = detect(block, call)
-                build = build_calibration_module if structure.level == "experts" else build_block_rewrite
+                build = {"experts": build_calibration_module, "block": build_block_rewrite,
+                         "block-dense": build_dense_rewrite}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 

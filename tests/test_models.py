@@ -8,7 +8,7 @@ from autocal.testing import zoo
 from autocal.testing.assertions import count_rows, expert_linears
 from autocal.verify import compare_outputs
 
-ARCHITECTURES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+ARCHITECTURES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4"]
 
 
 def _logits(model, inputs):

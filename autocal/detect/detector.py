@@ -20,6 +20,7 @@ from ..integrations.transformers import eager_experts
 from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import Recording, record
 from .block import detect_block_level, expert_lists
+from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, packed_parameters
 from .graph_utils import Ancestry, is_int_tensor, target_name, value
 from .router import analyze_router
@@ -124,6 +125,8 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         if container_call is None:
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"the forward never calls `{name}`",
                                       block_class=type(block).__name__)
+        if sum(isinstance(value(a), torch.Tensor) for a in (*container_call.args, *container_call.kwargs.values())) == 1:
+            return detect_dense(block, name, container, call)
         roles = _roles(container, container_call)
         index_node = _arg_node(container, container_call, roles["index"])
         weights_node = _arg_node(container, container_call, roles["weights"])

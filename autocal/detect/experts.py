@@ -36,6 +36,7 @@ __all__ = ["ExpertsRecording", "packed_parameters", "analyze_experts"]
 
 _SELECT_OPS = {"__getitem__", "select", "index_select"}
 _MATMUL_OPS = {"matmul", "__matmul__", "mm"}
+_BATCHED_MATMUL_OPS = {"bmm", "matmul", "__matmul__"}
 _ADD_OPS = {"add", "__add__", "__radd__", "add_"}
 # Ops that keep a value affine in its input; a projection whose path to the join
 # holds any other op goes through a non-affine function: it is the gate.
@@ -53,8 +54,8 @@ class ExpertsRecording:
     graph: fx.Graph
     container: nn.Module
     hidden: fx.Node
-    index: fx.Node
-    weights: fx.Node
+    index: fx.Node | None = None
+    weights: fx.Node | None = None
 
 
 def packed_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
@@ -89,6 +90,14 @@ def expert_slices(graph: fx.Graph, packed: dict[str, Any]) -> dict[int, list[fx.
     return slices
 
 
+def batched_parameters(graph: fx.Graph, packed: dict[str, Any]) -> list[fx.Node]:
+    """Packed parameters used whole by a batched matmul (one batch entry per expert, as Llama 4 does)."""
+    return [
+        n for n in graph.nodes
+        if n.op == "get_attr" and n.target in packed and any(target_name(u) in _BATCHED_MATMUL_OPS for u in n.users)
+    ]
+
+
 def weight_side(graph: fx.Graph, seeds: list[fx.Node]) -> set[fx.Node]:
     """``seeds`` and every node computed from them and constants alone."""
     side = set(seeds)
@@ -110,8 +119,10 @@ def expert_region(rec: ExpertsRecording, weights_side: set[fx.Node], ancestry: A
     if len(inputs) != 1:
         _fail(errors.UNSUPPORTED_EXPERT, "the first matmul of an expert has no single activation input", anchors[0])
     rows = inputs[0]
-    routing = {n for n in rec.graph.nodes if ancestry.is_ancestor(rec.weights, n) or n is rec.weights}
-    routing -= {n for n in routing if ancestry.is_ancestor(rec.hidden, n)}
+    routing = set()
+    if rec.weights is not None:
+        routing = {n for n in rec.graph.nodes if ancestry.is_ancestor(rec.weights, n) or n is rec.weights}
+        routing -= {n for n in routing if ancestry.is_ancestor(rec.hidden, n)}
     allowed = weights_side | routing
     region = [rows]
     members = {rows}
@@ -156,8 +167,9 @@ def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> 
 
         def evaluate(n: fx.Node):
             if n not in memo:
-                if n in slices:
-                    memo[n] = getattr(container, n.args[0].target)[expert]
+                if n in slices:  # the selection of one expert (or, batched, the whole parameter)
+                    packed = n.target if n.op == "get_attr" else n.args[0].target
+                    memo[n] = getattr(container, packed)[expert]
                 elif n.op == "get_attr":
                     memo[n] = getattr(container, n.target) if hasattr(container, n.target) else value(n)
                 else:
@@ -215,7 +227,7 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
 
     def packed_name(n: fx.Node) -> str:
         origin = [s for s in slices if s is n or s in _ancestors(n)]
-        return origin[0].args[0].target if origin else "?"
+        return (origin[0].target if origin[0].op == "get_attr" else origin[0].args[0].target) if origin else "?"
 
     for node in region[1:]:
         name = target_name(node)
@@ -231,6 +243,11 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
             origin = _Origin(_recipe(node.args[1], slice_set, None), "linear", bias, bias_in_op=True)
             lin = _Linear(origin.operand, bias, weight.shape[1], weight.shape[0], packed_name(node.args[1]),
                           "F.linear(x, W)", origin)
+        elif name in _BATCHED_MATMUL_OPS and node.args[1] in slice_set and value(node.args[1]).dim() == 3:
+            weight = value(node.args[1])[0]
+            origin = _Origin(_recipe(node.args[1], slice_set, None), "matmul")
+            lin = _Linear(_recipe(node.args[1], slice_set, lambda w: w.t()), None, weight.shape[0], weight.shape[1],
+                          node.args[1].target, "batched x @ W[e] (transposed storage)", origin)
         elif name in _MATMUL_OPS and node.args[1] in weights_side and value(node.args[1]).dim() == 2:
             weight = value(node.args[1])
             origin = _Origin(_recipe(node.args[1], slice_set, None), "matmul")
@@ -480,14 +497,16 @@ def analyze_experts(rec: ExpertsRecording) -> tuple[ExpertTemplate, dict[str, An
     """The expert template of a packed container, its layout facts and their sources."""
     packed = packed_parameters(rec.container)
     slices = expert_slices(rec.graph, packed)
-    if not slices:
-        _fail(errors.UNSUPPORTED_DISPATCH, "no expert's weights are selected one expert at a time (is the loop eager?)")
-    expert = min(slices)
-    side = weight_side(rec.graph, slices[expert])
+    seeds = slices[min(slices)] if slices else batched_parameters(rec.graph, packed)
+    if not seeds:
+        _fail(errors.UNSUPPORTED_DISPATCH,
+              "the packed weights are neither selected one expert at a time nor used by a batched matmul")
+    side = weight_side(rec.graph, seeds)
     ancestry = Ancestry(rec.graph)
     rows, contribution, routing, region = expert_region(rec, side, ancestry)
-    check_gather(rec, expert, rows, routing)
-    graph, linears = build_template(rec, region, rows, contribution, routing, side, slices[expert])
+    if slices:
+        check_gather(rec, min(slices), rows, routing)
+    graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds)
     split_kinds = split_outputs(graph, linears)
     _eliminate_dead_code(graph)
     label_linears(graph, linears)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project", "run_unrouted"]
+__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project", "run_unrouted", "unobserved",
+           "untouched"]
+
+_UNOBSERVED: ContextVar[bool] = ContextVar("autocal_unobserved", default=False)
+
+
+@contextmanager
+def unobserved() -> Iterator[None]:
+    """Compute projections on the packed storage even where hooks would observe the Linears.
+
+    For values the original computes but calibration must not see (an expert
+    applied to the zero rows of tokens it was not routed).
+    """
+    token = _UNOBSERVED.set(True)
+    try:
+        yield
+    finally:
+        _UNOBSERVED.reset(token)
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset
 
@@ -39,20 +59,30 @@ def assemble_columns(pieces: tuple[torch.Tensor, ...], columns: tuple[slice, ...
     return out
 
 
-def _untouched(linears: tuple[nn.Linear, ...], layout: ProjectionLayout) -> bool:
+def untouched(linears: tuple[nn.Linear, ...], layout: ProjectionLayout | None) -> bool:
     """Are these still plain Linears viewing the packed storage as unpacked, with no hook to feed?"""
+    if layout is None:
+        return False
+    if _UNOBSERVED.get():
+        return _same_geometry(linears, layout)
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return False
+    if any(type(linear) is not nn.Linear or "forward" in linear.__dict__ or linear._forward_hooks
+           or linear._forward_pre_hooks for linear in linears):
+        return False
+    if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in linears):
+        return False
+    return _same_geometry(linears, layout)
+
+
+def _same_geometry(linears: tuple[nn.Linear, ...], layout: ProjectionLayout) -> bool:
+    """Do the Linears still view the packed storage exactly as they were unpacked?"""
     weight_storage = linears[0].weight.untyped_storage().data_ptr()
     for linear, weight, bias in zip(linears, layout.weights, layout.biases):
-        if (type(linear) is not nn.Linear or "forward" in linear.__dict__ or linear._forward_hooks
-                or linear._forward_pre_hooks or geometry(linear.weight) != weight
-                or linear.weight.untyped_storage().data_ptr() != weight_storage):
+        if geometry(linear.weight) != weight or linear.weight.untyped_storage().data_ptr() != weight_storage:
             return False
         if (linear.bias is None) != (bias is None) or (bias is not None and geometry(linear.bias) != bias):
             return False
-    if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in linears):
-        return False
     return True
 
 
@@ -68,7 +98,7 @@ def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slic
     matmul output gives views with the original's strides: the elementwise ops
     that follow then vectorize, and round, as they did in the original.
     """
-    if layout is not None and _untouched(linears, layout):
+    if untouched(linears, layout):
         operand = linears[0].weight.as_strided(*layout.operand)
         bias = linears[0].bias.as_strided(*layout.bias) if layout.bias is not None else None
         if layout.op == "linear" and layout.bias_in_op:

@@ -26,8 +26,8 @@ def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 @contextmanager
-def count_rows(linears: dict[str, nn.Linear]) -> Iterator[dict[str, int]]:
-    """Count the input rows (tokens) each Linear sees while the context is open."""
+def count_rows(linears: dict) -> Iterator[dict]:
+    """Count the input rows (tokens) each module sees while the context is open."""
     counts = {name: 0 for name in linears}
     handles = []
     for name, linear in linears.items():

@@ -1,0 +1,136 @@
+"""Calibration for packed experts run densely on every token, with routing applied to their inputs.
+
+``DenseCalibrationExperts`` replaces the batched container. With calibration
+off it runs the original container while the unpacked Linears are untouched
+(bitwise the original), and the Linears otherwise. With calibration on, for
+each expert, the tokens it was routed run through it scaled, as in the
+original; the tokens it was not routed run through it *unscaled* and are
+discarded; and their rows of the output are what the original computes for
+them, the expert applied to zeros, computed on the packed storage without
+being observed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..detect.structure import MoEStructure
+from .block import BlockRewriteMoE, _codegen_root
+from .experts import SynthesizedExpert, expert_class, projection_layout, unpack_linear
+from .ops import unobserved, untouched
+
+__all__ = ["DenseCalibrationExperts", "build_dense_rewrite"]
+
+
+class DenseCalibrationExperts(nn.Module):
+    """Per-expert modules ``"0"``, ``"1"``, … for a container that runs every expert on every token."""
+
+    def __init__(self, original: nn.Module, structure: MoEStructure, expert_cls: type[SynthesizedExpert],
+                 calibrate_all_experts: bool = True) -> None:
+        super().__init__()
+        template = structure.template
+        for expert in range(structure.experts.num_experts):
+            module = expert_cls()
+            for recipe in template.linears:
+                module.add_module(recipe.name, unpack_linear(recipe, original, expert))
+            for index, projection in enumerate(template.projections):
+                setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, original, expert))
+            self.add_module(str(expert), module)
+        self.num_experts = structure.experts.num_experts
+        self.projections = [p.linears for p in template.projections]
+        self.calibrate_all_experts = calibrate_all_experts
+        self.__dict__["_original"] = original
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, expert: int) -> nn.Module:
+        return self._modules[str(expert)]
+
+    def _untouched(self) -> bool:
+        return all(
+            untouched(tuple(module._modules[n] for n in names), getattr(module, f"_autocal_layout_{i}"))
+            for module in self.children()
+            for i, names in enumerate(self.projections)
+        )
+
+    def forward(self, hidden_states: torch.Tensor, unscaled: torch.Tensor | None = None,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.calibrate_all_experts and self._untouched():
+            return self.__dict__["_original"](hidden_states)
+        rows = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+        calibrating = self.calibrate_all_experts and unscaled is not None and scale is not None
+        outputs = []
+        for expert in range(self.num_experts):
+            module = self._modules[str(expert)]
+            if calibrating:
+                routed = scale.reshape(self.num_experts, -1)[expert] != 0
+                unscaled_rows = unscaled.view(self.num_experts, -1, unscaled.shape[-1])[expert]
+                outputs.append(self._calibrate(module, rows[expert], unscaled_rows, routed))
+            else:
+                outputs.append(module(rows[expert]))
+        return torch.stack(outputs).view(-1, outputs[0].shape[-1])
+
+    @staticmethod
+    def _calibrate(module: nn.Module, scaled: torch.Tensor, unscaled: torch.Tensor,
+                   routed: torch.Tensor) -> torch.Tensor:
+        routed_rows = routed.nonzero().squeeze(-1)
+        unrouted_rows = (~routed).nonzero().squeeze(-1)
+        output = None
+        if routed_rows.numel():
+            routed_out = module(scaled[routed_rows])
+            output = routed_out.new_empty(scaled.shape[0], routed_out.shape[-1])
+            output[routed_rows] = routed_out
+        if unrouted_rows.numel():
+            module(unscaled[unrouted_rows])  # seen by calibration, discarded
+            with unobserved(), torch.no_grad():
+                zero_out = type(module).forward(module, scaled[unrouted_rows[:1]])
+            if output is None:
+                output = zero_out.new_empty(scaled.shape[0], zero_out.shape[-1])
+            output[unrouted_rows] = zero_out
+        return output
+
+    @property
+    def code(self) -> str:
+        return type(self._modules["0"]).template_code
+
+
+class DenseRewriteMoE(BlockRewriteMoE):
+    """Base of generated classes for dense, input-scaled experts."""
+
+    is_permanent = True
+
+    def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
+        super().__init__(original, config, calibrate_all_experts)
+        name = self.structure.experts.module_path
+        self._modules[name] = DenseCalibrationExperts(original._modules[name], self.structure, self._expert_cls,
+                                                      calibrate_all_experts)
+
+    @property
+    def calibrate_all_experts(self) -> bool:
+        return self.__dict__.get("_calibrate_all_experts", True)
+
+    @calibrate_all_experts.setter
+    def calibrate_all_experts(self, enabled: bool) -> None:
+        self.__dict__["_calibrate_all_experts"] = bool(enabled)
+        experts = self._modules.get(self.structure.experts.module_path)
+        if isinstance(experts, DenseCalibrationExperts):
+            experts.calibrate_all_experts = bool(enabled)
+
+
+def build_dense_rewrite(structure: MoEStructure, block: nn.Module) -> type[DenseRewriteMoE]:
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(structure.rewrite.graph, {}))
+    graph.lint()
+    block_cls = type(block)
+    generated = fx.GraphModule(_codegen_root(block, graph), graph, class_name=f"Calibration{block_cls.__name__}")
+    expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert")
+    return type(
+        f"Calibration{block_cls.__name__}",
+        (DenseRewriteMoE, block_cls),
+        {"forward": type(generated).forward, "structure": structure, "_expert_cls": expert_cls,
+         "code": generated.code + "\n# one expert:\n" + expert_cls.template_code, "__module__": __name__},
+    )
