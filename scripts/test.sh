@@ -14,4 +14,4 @@ setup() {  # setup DIR TRANSFORMERS_VERSION
 setup .venv 5.23.0
 .venv/bin/python -m pytest -q
 setup .venv-5.17 5.17.0
-.venv-5.17/bin/python -m pytest -q -m "not toy_only" tests/test_models.py tests/test_zoo_fixtures.py
+.venv-5.17/bin/python -m pytest -q tests/test_models.py tests/test_zoo_fixtures.py

@@ -1,0 +1,115 @@
+"""Public API behaviour: overrides, calibration_context, restore, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import autocal
+from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
+
+
+def _checksums(module):
+    return {n: p.detach().double().sum().item() for n, p in module.named_parameters()}
+
+
+def test_registered_override_is_used_instead_of_synthesis():
+    calls = []
+
+    @autocal.MoECalibrationModule.register("ToyConcatMoeBlock")
+    class HandWritten(autocal.MoECalibrationModule):
+        is_permanent = False
+
+        def __init__(self, original, config, calibrate_all_experts=True):
+            super().__init__()
+            self.inner = original
+            self.calibrate_all_experts = calibrate_all_experts
+
+        def forward(self, hidden_states):
+            calls.append(self.calibrate_all_experts)
+            return self.inner(hidden_states)
+
+    try:
+        model = nn.Sequential(make_toy_block(ToyMoEConfig()))
+        autocal.convert(model)
+        assert isinstance(model[0], HandWritten)
+        model(example_hidden_states(ToyMoEConfig()))
+        assert calls == [True]
+        report = autocal.explain(nn.Sequential(make_toy_block(ToyMoEConfig())))
+        assert report.blocks[0].path == "registered override"
+    finally:
+        autocal.MoECalibrationModule.unregister("ToyConcatMoeBlock")
+
+
+def test_override_breaking_the_contract_is_rejected_at_registration():
+    with pytest.raises(autocal.AutocalError) as error:
+        @autocal.MoECalibrationModule.register("Anything")
+        class Broken(autocal.MoECalibrationModule):
+            def __init__(self, block):
+                super().__init__()
+    assert error.value.kind == autocal.errors.BAD_OVERRIDE
+    assert "__init__" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["concat", "modulelist_loop"])
+def test_calibration_context_restores_on_error(kind):
+    config = ToyMoEConfig(kind=kind)
+    block = make_toy_block(config)
+    model = nn.Sequential(block)
+    before = _checksums(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with autocal.calibration_context(model) as converted:
+            assert isinstance(converted[0], autocal.MoECalibrationModule)
+            assert converted[0].calibrate_all_experts
+            raise RuntimeError("boom")
+    module = model[0]
+    if isinstance(module, autocal.MoECalibrationModule):  # permanent: experts stay unpacked
+        assert module.is_permanent and not module.calibrate_all_experts
+        assert module.restore() is block
+    else:  # restored
+        assert module is block
+    assert _checksums(nn.Sequential(block)) == before
+
+
+def test_convert_twice_is_idempotent():
+    model = nn.Sequential(make_toy_block(ToyMoEConfig()))
+    autocal.convert(model)
+    first = model[0]
+    autocal.convert(model)
+    assert model[0] is first
+
+
+def test_model_without_moe_gives_a_clear_error():
+    with pytest.raises(autocal.AutocalError) as error:
+        autocal.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert error.value.kind == autocal.errors.NO_MOE_BLOCK
+    assert "docs/errors/no-moe-block.md" in str(error.value)
+    assert "No MoE block" in str(autocal.explain(nn.Sequential(nn.Linear(4, 4))))
+
+
+def test_calibration_mode_is_an_attribute_of_each_module():
+    a = autocal.synthesize(make_toy_block(ToyMoEConfig()), calibrate_all_experts=True)
+    b = autocal.synthesize(make_toy_block(ToyMoEConfig()), calibrate_all_experts=False)
+    assert a.calibrate_all_experts and not b.calibrate_all_experts
+
+
+def test_explain_reports_structure_and_sources():
+    report = autocal.explain(make_toy_block(ToyMoEConfig(kind="grouped_sigmoid_bias", num_experts=8, top_k=3,
+                                                         n_group=4, topk_group=2)))
+    block = report.blocks[0]
+    assert (block.num_experts, block.top_k, block.scoring) == (8, 3, "sigmoid")
+    assert block.correction_bias == "gate.e_score_correction_bias" and block.grouped
+    assert block.structure["experts"]["computation"].startswith("(down_proj(")
+    assert "toy_moe.py:" in block.structure["router"]["sources"]["top_k"]
+    assert report.successful() and "sigmoid" in str(report)
+    assert report.to_json()
+
+
+def test_permanent_unpacking_reproduces_the_packed_tensors():
+    block = make_toy_block(ToyMoEConfig(kind="interleaved"))
+    packed = {n: p.detach().clone() for n, p in block.experts.named_parameters()}
+    module = autocal.synthesize(block)
+    experts = module.expert_modules()
+    gate_up = torch.stack([torch.stack([e.gate_proj.weight.T, e.up_proj.weight.T], -1).flatten(-2) for e in experts])
+    down = torch.stack([e.down_proj.weight.T for e in experts])
+    assert torch.equal(gate_up, packed["gate_up_proj"]) and torch.equal(down, packed["down_proj"])
+    assert main_output(module(example_hidden_states(ToyMoEConfig(kind="interleaved")))).isfinite().all()
