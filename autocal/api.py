@@ -37,18 +37,27 @@ class ClassAnalysis:
     verification: Verification | None = None
 
 
+def analysis_key(block: nn.Module) -> tuple:
+    """Blocks analysed once together: same class, same classes of children.
+
+    One class can hold different routers per layer (DeepSeek-V4: hash routing
+    in early layers, top-k later), so the children's classes are part of the key.
+    """
+    return (type(block), tuple((name, type(child)) for name, child in block.named_children()))
+
+
 @dataclass
 class Converter:
     """Analyses block classes once and builds calibration modules for their blocks."""
 
     calibrate_all_experts: bool = True
     verify: bool = True
-    classes: dict[type, ClassAnalysis] = field(default_factory=dict)
+    classes: dict[tuple, ClassAnalysis] = field(default_factory=dict)
 
     def analyse(self, block: nn.Module, call: BlockCall | None = None) -> ClassAnalysis:
-        cls = type(block)
+        cls = analysis_key(block)
         if cls not in self.classes:
-            override = registered_override(cls.__name__)
+            override = registered_override(type(block).__name__)
             if override is not None:
                 self.classes[cls] = ClassAnalysis(override, None)
             else:
@@ -62,16 +71,17 @@ class Converter:
         analysis = self.analyse(block, call)
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
         if self.verify and analysis.verification is None and analysis.structure is not None:
-            analysis.verification = verify(block, module, _verification_inputs(block, call, analysis.structure))
+            args, kwargs = _verification_inputs(block, call, analysis.structure)
+            analysis.verification = verify(block, module, args, kwargs)
         return module
 
 
-def _verification_inputs(block: nn.Module, call: BlockCall | None, structure: MoEStructure) -> tuple:
-    """Fresh random hidden states (another seed than detection used), or the caller's inputs."""
+def _verification_inputs(block: nn.Module, call: BlockCall | None, structure: MoEStructure) -> tuple[tuple, dict]:
+    """The caller's inputs, or fresh random hidden states (another seed than detection used)."""
     if call is not None:
-        return call.args
+        return call.args, call.kwargs
     experts = block.get_submodule(structure.experts.module_path)
-    return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1)
+    return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1), {}
 
 
 def _runs(block: nn.Module, args: tuple) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from . import errors
-from .api import Converter
+from .api import Converter, analysis_key
 from .detect.detector import find_moe_blocks
 from .registry import MoECalibrationModule, registered_override
 
@@ -106,15 +106,15 @@ def explain(model_or_block: nn.Module, *, verify: bool = True) -> Report:
         (4, 2)
     """
     converter = Converter(verify=verify)
-    by_class: dict[type, BlockReport] = {}
+    by_class: dict[tuple, BlockReport] = {}
     for path, block in find_moe_blocks(model_or_block):
         if isinstance(block, MoECalibrationModule):
             continue
-        cls = type(block)
+        cls = analysis_key(block)
         if cls in by_class:
             by_class[cls].paths.append(path or "<root>")
             continue
-        report = BlockReport(cls.__name__, [path or "<root>"])
+        report = BlockReport(type(block).__name__, [path or "<root>"])
         by_class[cls] = report
         try:
             module = converter.build(block)
@@ -123,7 +123,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True) -> Report:
                               "hints": error.hints}
             continue
         analysis = converter.classes[cls]
-        report.path = "registered override" if registered_override(cls.__name__) else "synthesized"
+        report.path = "registered override" if registered_override(type(block).__name__) else "synthesized"
         if analysis.structure is not None:
             report.structure = analysis.structure.to_dict()
             report.code = getattr(module, "code", None)

@@ -41,13 +41,23 @@ def _linear_only(module: nn.Module) -> bool:
     return bool(params) and all(id(p) in owned for p in params)
 
 
+def _scores_experts(block: nn.Module, experts: nn.Module, count: int) -> bool:
+    """Does a weight outside ``experts`` produce one score per expert (a router)?"""
+    inside = {id(p) for p in experts.parameters()}
+    return any(p.dim() == 2 and p.shape[0] == count for p in block.parameters() if id(p) not in inside)
+
+
 def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
-    """Children holding at least two identical Linear-only modules, by child name."""
+    """Children holding at least two identical Linear-only modules, next to a router, by child name.
+
+    The router is recognised by its shape alone: a weight with one output row per expert.
+    """
     found = {}
     for name, child in block.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             entries = list(child.children())
-            if len(entries) >= 2 and len({_signature(e) for e in entries}) == 1 and _linear_only(entries[0]):
+            if (len(entries) >= 2 and len({_signature(e) for e in entries}) == 1 and _linear_only(entries[0])
+                    and _scores_experts(block, child, len(entries))):
                 found[name] = entries
     return found
 

@@ -131,9 +131,8 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         index_node = _arg_node(container, container_call, roles["index"])
         weights_node = _arg_node(container, container_call, roles["weights"])
         router = analyze_router(block_rec.graph, index_node, weights_node)
-        if router.num_choices < 2:
-            raise errors.AutocalError(errors.NO_MOE_BLOCK, "no top-k over two or more experts feeds the experts",
-                                      block_class=type(block).__name__, source=container_call.meta.get("source"))
+        if router.num_choices < 2:  # indices from a lookup (hash routing), not a top-k over scores
+            router.num_choices = num_experts
         experts_rec = _record_container(container, container_call, roles)
     template, layout, sources = analyze_experts(experts_rec)
     hidden_dtype = value(experts_rec.hidden).dtype

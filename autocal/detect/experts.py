@@ -32,7 +32,10 @@ from ..synthesize.ops import project
 from .graph_utils import Ancestry, is_int_tensor, target_name, tensor_inputs, value
 from .structure import ExpertTemplate, LinearRecipe, Projection
 
-__all__ = ["ExpertsRecording", "packed_parameters", "analyze_experts"]
+__all__ = ["ExpertsRecording", "packed_parameters", "analyze_experts", "CONTAINER_ATTR"]
+
+# Generated expert code reaches parameters shared by all experts through this attribute.
+CONTAINER_ATTR = "_container"
 
 _SELECT_OPS = {"__getitem__", "select", "index_select"}
 _MATMUL_OPS = {"matmul", "__matmul__", "mm"}
@@ -59,10 +62,15 @@ class ExpertsRecording:
 
 
 def packed_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters stored with one leading entry per expert (at least one of them 3-D)."""
+    """Parameters stored with one leading entry per expert.
+
+    At least two of them are 3-D with the same leading size (say ``gate_up_proj``
+    and ``down_proj``): a lone 3-D weight is a convolution, not experts.
+    """
     own = dict(container.named_parameters(recurse=False))
-    leading = {p.shape[0] for p in own.values() if p.dim() >= 3}
-    if len(leading) != 1 or min(leading) < 2:
+    stacked = [p for p in own.values() if p.dim() >= 3]
+    leading = {p.shape[0] for p in stacked}
+    if len(stacked) < 2 or len(leading) != 1 or min(leading) < 2:
         return {}
     num_experts = leading.pop()
     return {name: p for name, p in own.items() if p.dim() >= 2 and p.shape[0] == num_experts}
@@ -123,7 +131,11 @@ def expert_region(rec: ExpertsRecording, weights_side: set[fx.Node], ancestry: A
     if rec.weights is not None:
         routing = {n for n in rec.graph.nodes if ancestry.is_ancestor(rec.weights, n) or n is rec.weights}
         routing -= {n for n in routing if ancestry.is_ancestor(rec.hidden, n)}
-    allowed = weights_side | routing
+    placeholders = [n for n in rec.graph.nodes if n.op == "placeholder"]
+    constant = {n for n in rec.graph.nodes
+                if n.op in ("get_attr", "call_function", "call_method")
+                and not any(p is n or ancestry.is_ancestor(p, n) for p in placeholders)}
+    allowed = weights_side | routing | constant
     region = [rows]
     members = {rows}
     for node in rec.graph.nodes:
@@ -229,11 +241,21 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         origin = [s for s in slices if s is n or s in _ancestors(n)]
         return (origin[0].target if origin[0].op == "get_attr" else origin[0].args[0].target) if origin else "?"
 
+    def shared(n: fx.Node) -> fx.Node:
+        """A container parameter or buffer every expert uses (a norm weight, say), reached through the container."""
+        return graph.get_attr(f"{CONTAINER_ATTR}.{n.target}")
+
+    def outside(n: fx.Node) -> fx.Node:
+        """A value computed from container parameters and constants alone: copied into the template."""
+        if n not in env:
+            env[n] = shared(n) if n.op == "get_attr" else graph.node_copy(n, outside)
+        return env[n]
+
     for node in region[1:]:
         name = target_name(node)
         weights = [a for a in node.all_input_nodes if a in weights_side]
         if not weights:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            env[node] = graph.node_copy(node, outside)
             continue
         activation = env[node.args[0]] if isinstance(node.args[0], fx.Node) else None
         if name == "linear" and node.args[1] in weights_side:

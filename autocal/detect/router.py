@@ -48,7 +48,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     ancestry = Ancestry(graph)
     selections = _selection_nodes(index, ancestry)
     if not selections:
-        return RouterInfo(None, None, value(index).shape[-1], 0, False, None, False, None)
+        return RouterInfo(None, None, value(index).shape[-1], 0, False, None, False, None, selection="lookup")
     final = selections[-1]
     logits = _logits(final, ancestry)
     scored = final.args[0]
@@ -67,6 +67,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
         grouped=len(selections) > 1 or value(scored).dim() > 2,
         scaling=_scaling(after_selection),
+        selection=target_name(final),
         sources={k: v for k, v in sources.items() if v},
     )
 

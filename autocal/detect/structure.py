@@ -28,6 +28,7 @@ class RouterInfo:
     grouped: bool
     scaling: float | None
     sources: dict[str, str] = field(default_factory=dict)
+    selection: str = "topk"
 
 
 @dataclass

@@ -41,7 +41,8 @@ class BlockRewriteMoE(MoECalibrationModule):
         return original if original is not None else self.__dict__["_original"]
 
     def expert_modules(self) -> list[nn.Module]:
-        return list(self.get_submodule(self.structure.experts.module_path).children())
+        experts = self.get_submodule(self.structure.experts.module_path)
+        return experts.experts() if hasattr(experts, "experts") else list(experts.children())
 
 
 def _insert_unrouted(graph: fx.Graph, calls: list[ExpertCall]) -> None:

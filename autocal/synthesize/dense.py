@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..detect.structure import MoEStructure
 from .block import BlockRewriteMoE, _codegen_root
-from .experts import SynthesizedExpert, expert_class, projection_layout, unpack_linear
+from .experts import SynthesizedExpert, build_experts, expert_class
 from .ops import unobserved, untouched
 
 __all__ = ["DenseCalibrationExperts", "build_dense_rewrite"]
@@ -32,14 +32,8 @@ class DenseCalibrationExperts(nn.Module):
                  calibrate_all_experts: bool = True) -> None:
         super().__init__()
         template = structure.template
-        for expert in range(structure.experts.num_experts):
-            module = expert_cls()
-            for recipe in template.linears:
-                module.add_module(recipe.name, unpack_linear(recipe, original, expert))
-            for index, projection in enumerate(template.projections):
-                setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, original, expert))
-            self.add_module(str(expert), module)
         self.num_experts = structure.experts.num_experts
+        build_experts(self, original, template, self.num_experts, expert_cls)
         self.projections = [p.linears for p in template.projections]
         self.calibrate_all_experts = calibrate_all_experts
         self.__dict__["_original"] = original
@@ -50,10 +44,13 @@ class DenseCalibrationExperts(nn.Module):
     def __getitem__(self, expert: int) -> nn.Module:
         return self._modules[str(expert)]
 
+    def experts(self) -> list[nn.Module]:
+        return [self._modules[str(e)] for e in range(self.num_experts)]
+
     def _untouched(self) -> bool:
         return all(
             untouched(tuple(module._modules[n] for n in names), getattr(module, f"_autocal_layout_{i}"))
-            for module in self.children()
+            for module in self.experts()
             for i, names in enumerate(self.projections)
         )
 
@@ -127,7 +124,8 @@ def build_dense_rewrite(structure: MoEStructure, block: nn.Module) -> type[Dense
     graph.lint()
     block_cls = type(block)
     generated = fx.GraphModule(_codegen_root(block, graph), graph, class_name=f"Calibration{block_cls.__name__}")
-    expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert")
+    container = block.get_submodule(structure.experts.module_path)
+    expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert", container)
     return type(
         f"Calibration{block_cls.__name__}",
         (DenseRewriteMoE, block_cls),

@@ -29,10 +29,11 @@ import inspect
 import torch
 from torch import fx, nn
 
+from ..detect.experts import CONTAINER_ATTR, packed_parameters
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .ops import ProjectionLayout, geometry
 
-__all__ = ["SynthesizedExpert", "CalibrationExperts", "expert_class", "unpack_linear"]
+__all__ = ["SynthesizedExpert", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
 
 
 class SynthesizedExpert(nn.Module):
@@ -41,9 +42,10 @@ class SynthesizedExpert(nn.Module):
     template_code: str = ""
 
 
-def expert_class(template: ExpertTemplate, name: str) -> type[SynthesizedExpert]:
+def expert_class(template: ExpertTemplate, name: str, container: nn.Module) -> type[SynthesizedExpert]:
     """A module class whose forward is the template's generated code."""
     root = nn.Module()
+    root.__dict__[CONTAINER_ATTR] = container
     for recipe in template.linears:
         setattr(root, recipe.name, nn.Linear(1, 1, device="meta"))
     for index in range(len(template.projections)):
@@ -81,6 +83,32 @@ def projection_layout(projection: Projection, expert_module: nn.Module, containe
     )
 
 
+def build_experts(target: nn.Module, original: nn.Module, template: ExpertTemplate, num_experts: int,
+                  expert_cls: type[SynthesizedExpert]) -> None:
+    """Fill ``target`` with one module per expert (``"0"``, ``"1"``, …) unpacked from ``original``.
+
+    Everything else the original container holds (a shared norm, the
+    activation module, buffers) moves to ``target`` under the same name, so
+    nothing is lost from the state dict and generated code finds it.
+    """
+    packed = packed_parameters(original)
+    for name, param in original.named_parameters(recurse=False):
+        if name not in packed:
+            target.register_parameter(name, param)
+    for name, buffer in original.named_buffers(recurse=False):
+        target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+    for name, child in original.named_children():
+        target.add_module(name, child)
+    for expert in range(num_experts):
+        module = expert_cls()
+        module.__dict__[CONTAINER_ATTR] = target
+        for recipe in template.linears:
+            module.add_module(recipe.name, unpack_linear(recipe, original, expert))
+        for index, projection in enumerate(template.projections):
+            setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, original, expert))
+        target.add_module(str(expert), module)
+
+
 class CalibrationExperts(nn.Module):
     """Replaces a packed experts container: one child module per expert, named ``"0"``, ``"1"``, …
 
@@ -91,14 +119,8 @@ class CalibrationExperts(nn.Module):
                  calibrate_all_experts: bool = True) -> None:
         super().__init__()
         template = structure.template
-        for expert in range(structure.experts.num_experts):
-            module = expert_cls()
-            for recipe in template.linears:
-                module.add_module(recipe.name, unpack_linear(recipe, original, expert))
-            for index, projection in enumerate(template.projections):
-                setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, original, expert))
-            self.add_module(str(expert), module)
         self.num_experts = structure.experts.num_experts
+        build_experts(self, original, template, self.num_experts, expert_cls)
         self.roles = dict(structure.experts.call_roles)
         self.uses_routing_weight = template.uses_routing_weight
         self.calibrate_all_experts = calibrate_all_experts
@@ -113,6 +135,9 @@ class CalibrationExperts(nn.Module):
 
     def __getitem__(self, expert: int) -> nn.Module:
         return self._modules[str(expert)]
+
+    def experts(self) -> list[nn.Module]:
+        return [self._modules[str(e)] for e in range(self.num_experts)]
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(*args, **kwargs).arguments

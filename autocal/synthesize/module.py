@@ -67,7 +67,7 @@ class SynthesizedMoE(MoECalibrationModule):
         return original if original is not None else self.__dict__["_original"]
 
     def expert_modules(self) -> list[nn.Module]:
-        return list(self._modules[self.structure.experts.module_path].children())
+        return self._modules[self.structure.experts.module_path].experts()
 
     @property
     def code(self) -> str:
@@ -78,7 +78,8 @@ class SynthesizedMoE(MoECalibrationModule):
 def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[SynthesizedMoE]:
     """The calibration class for one block class, generated once and reused for all its blocks."""
     block_cls = type(block)
-    expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert")
+    container = block.get_submodule(structure.experts.module_path)
+    expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert", container)
     return type(
         f"Calibration{block_cls.__name__}",
         (SynthesizedMoE, block_cls),
