@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import errors
 
-__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs"]
+__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
 # experts compute gate and up as two matmuls where the original did one, and a
@@ -82,7 +82,7 @@ def _fresh(kwargs: dict) -> dict:
 
 
 @contextmanager
-def _rows_seen(modules: list[nn.Module]) -> Iterator[list[int]]:
+def rows_seen(modules: list[nn.Module]) -> Iterator[list[int]]:
     """Count the input rows each module receives while the context is open."""
     seen = [0] * len(modules)
     handles = []
@@ -110,7 +110,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             calibration.calibrate_all_experts = False
             off = calibration(*args, **_fresh(kwargs))
             calibration.calibrate_all_experts = True
-            with _rows_seen(calibration.expert_modules()) as seen:
+            with rows_seen(calibration.expert_modules()) as seen:
                 on = calibration(*args, **_fresh(kwargs))
     finally:
         calibration.calibrate_all_experts = mode

@@ -19,33 +19,20 @@ from torch import fx, nn
 
 from ..detect.structure import MoEStructure
 from .block import BlockRewriteMoE, _codegen_root
-from .experts import SynthesizedExpert, build_experts, expert_class
+from .experts import SynthesizedExpert, UnpackedExperts, expert_class
 from .ops import unobserved, untouched
 
 __all__ = ["DenseCalibrationExperts", "build_dense_rewrite"]
 
 
-class DenseCalibrationExperts(nn.Module):
+class DenseCalibrationExperts(UnpackedExperts):
     """Per-expert modules ``"0"``, ``"1"``, … for a container that runs every expert on every token."""
 
     def __init__(self, original: nn.Module, structure: MoEStructure, expert_cls: type[SynthesizedExpert],
                  calibrate_all_experts: bool = True) -> None:
-        super().__init__()
-        template = structure.template
-        self.num_experts = structure.experts.num_experts
-        build_experts(self, original, template, self.num_experts, expert_cls)
-        self.projections = [p.linears for p in template.projections]
-        self.calibrate_all_experts = calibrate_all_experts
+        super().__init__(original, structure, expert_cls, calibrate_all_experts)
+        self.projections = [p.linears for p in structure.template.projections]
         self.__dict__["_original"] = original
-
-    def __len__(self) -> int:
-        return self.num_experts
-
-    def __getitem__(self, expert: int) -> nn.Module:
-        return self._modules[str(expert)]
-
-    def experts(self) -> list[nn.Module]:
-        return [self._modules[str(e)] for e in range(self.num_experts)]
 
     def _untouched(self) -> bool:
         return all(
@@ -90,9 +77,6 @@ class DenseCalibrationExperts(nn.Module):
             output[unrouted_rows] = zero_out
         return output
 
-    @property
-    def code(self) -> str:
-        return type(self._modules["0"]).template_code
 
 
 class DenseRewriteMoE(BlockRewriteMoE):

@@ -33,7 +33,7 @@ from ..detect.experts import CONTAINER_ATTR, packed_parameters
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .ops import ProjectionLayout, geometry
 
-__all__ = ["SynthesizedExpert", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
+__all__ = ["SynthesizedExpert", "UnpackedExperts", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
 
 
 class SynthesizedExpert(nn.Module):
@@ -83,14 +83,39 @@ def projection_layout(projection: Projection, expert_module: nn.Module, containe
     )
 
 
-def build_experts(target: nn.Module, original: nn.Module, template: ExpertTemplate, num_experts: int,
-                  expert_cls: type[SynthesizedExpert]) -> None:
-    """Fill ``target`` with one module per expert (``"0"``, ``"1"``, …) unpacked from ``original``.
+class UnpackedExperts(nn.Module):
+    """A container of unpacked experts, children ``"0"``, ``"1"``, … (checkpoint keys ``experts.{i}.…``).
 
     Everything else the original container holds (a shared norm, the
-    activation module, buffers) moves to ``target`` under the same name, so
-    nothing is lost from the state dict and generated code finds it.
+    activation module, buffers) moves here under the same name, so nothing is
+    lost from the state dict and generated expert code finds it.
     """
+
+    def __init__(self, original: nn.Module, structure: MoEStructure, expert_cls: type[SynthesizedExpert],
+                 calibrate_all_experts: bool) -> None:
+        super().__init__()
+        self.num_experts = structure.experts.num_experts
+        self.calibrate_all_experts = calibrate_all_experts
+        build_experts(self, original, structure.template, self.num_experts, expert_cls)
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, expert: int) -> nn.Module:
+        return self._modules[str(expert)]
+
+    def experts(self) -> list[nn.Module]:
+        return [self._modules[str(e)] for e in range(self.num_experts)]
+
+    @property
+    def code(self) -> str:
+        """The generated per-expert forward."""
+        return type(self._modules["0"]).template_code
+
+
+def build_experts(target: nn.Module, original: nn.Module, template: ExpertTemplate, num_experts: int,
+                  expert_cls: type[SynthesizedExpert]) -> None:
+    """Fill ``target`` with one module per expert unpacked from ``original``, and the original's other members."""
     packed = packed_parameters(original)
     for name, param in original.named_parameters(recurse=False):
         if name not in packed:
@@ -109,7 +134,7 @@ def build_experts(target: nn.Module, original: nn.Module, template: ExpertTempla
         target.add_module(str(expert), module)
 
 
-class CalibrationExperts(nn.Module):
+class CalibrationExperts(UnpackedExperts):
     """Replaces a packed experts container: one child module per expert, named ``"0"``, ``"1"``, …
 
     Called exactly like the container it replaces.
@@ -117,27 +142,14 @@ class CalibrationExperts(nn.Module):
 
     def __init__(self, original: nn.Module, structure: MoEStructure, expert_cls: type[SynthesizedExpert],
                  calibrate_all_experts: bool = True) -> None:
-        super().__init__()
-        template = structure.template
-        self.num_experts = structure.experts.num_experts
-        build_experts(self, original, template, self.num_experts, expert_cls)
+        super().__init__(original, structure, expert_cls, calibrate_all_experts)
         self.roles = dict(structure.experts.call_roles)
-        self.uses_routing_weight = template.uses_routing_weight
-        self.calibrate_all_experts = calibrate_all_experts
+        self.uses_routing_weight = structure.template.uses_routing_weight
         self.output_features = structure.experts.output_features
         self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
         self.output_dtype = _dtype(structure.experts.output_dtype)
         self._signature = inspect.signature(original.forward)
         self.tokens_seen = [0] * self.num_experts
-
-    def __len__(self) -> int:
-        return self.num_experts
-
-    def __getitem__(self, expert: int) -> nn.Module:
-        return self._modules[str(expert)]
-
-    def experts(self) -> list[nn.Module]:
-        return [self._modules[str(e)] for e in range(self.num_experts)]
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(*args, **kwargs).arguments
@@ -165,12 +177,6 @@ class CalibrationExperts(nn.Module):
         rows = unrouted.nonzero().squeeze(-1)
         if rows.numel():
             self._call(expert, hidden[rows], torch.ones(rows.numel(), 1, dtype=dtype, device=hidden.device))
-
-    @property
-    def code(self) -> str:
-        """The generated per-expert forward."""
-        return type(self._modules["0"]).template_code
-
 
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None

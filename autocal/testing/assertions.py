@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..registry import MoECalibrationModule
+from ..verify import rows_seen
 
 __all__ = ["expert_linears", "count_rows"]
 
@@ -26,16 +27,10 @@ def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 @contextmanager
-def count_rows(linears: dict) -> Iterator[dict]:
-    """Count the input rows (tokens) each module sees while the context is open."""
-    counts = {name: 0 for name in linears}
-    handles = []
-    for name, linear in linears.items():
-        def hook(module, args, name=name):
-            counts[name] += int(args[0].numel() // args[0].shape[-1])
-        handles.append(linear.register_forward_pre_hook(hook))
-    try:
+def count_rows(modules: dict) -> Iterator[dict]:
+    """Count the input rows (tokens) each module sees while the context is open, by name."""
+    names = list(modules)
+    with rows_seen([modules[n] for n in names]) as seen:
+        counts: dict = {}
         yield counts
-    finally:
-        for handle in handles:
-            handle.remove()
+        counts.update(zip(names, seen))
