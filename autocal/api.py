@@ -20,6 +20,7 @@ from .trace.inputs import BlockCall
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
+from .synthesize.container import build_container_calibration
 from .synthesize.dense import build_dense_rewrite
 from .synthesize.module import build_calibration_module
 from .trace.inputs import synthesize_inputs
@@ -63,7 +64,7 @@ class Converter:
             else:
                 structure = detect(block, call)
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
-                         "block-dense": build_dense_rewrite}[structure.level]
+                         "block-dense": build_dense_rewrite, "container": build_container_calibration}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 
@@ -117,7 +118,8 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     model.get_submodule(parent).add_module(name, module) if parent else model.add_module(name, module)
 
 
-def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict) -> dict[str, BlockCall]:
+def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
+                   forward: Any = None) -> dict[str, BlockCall]:
     """Run the model once and keep each block's inputs."""
     calls: dict[str, BlockCall] = {}
     handles = []
@@ -127,7 +129,7 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict) -> 
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            model(**example_inputs)
+            (forward or model)(**example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -135,7 +137,8 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict) -> 
 
 
 def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool = True, *,
-            example_inputs: dict | None = None, converter: Converter | None = None) -> nn.Module:
+            example_inputs: dict | None = None, forward: Any = None,
+            converter: Converter | None = None) -> nn.Module:
     """Swap every MoE block of ``model`` for its calibration module, in place.
 
     Args:
@@ -144,7 +147,10 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
         verify: check the first block of each class against the original.
         example_inputs: model keyword inputs; when given, blocks are analysed on
             the inputs the model really passes them (needed for blocks with
-            inputs beyond hidden states).
+            inputs beyond hidden states). Blocks the example does not reach get
+            inputs made from their parameters.
+        forward: what to call with ``example_inputs`` (default: ``model``), for
+            composite models whose forward lives in a sub-model.
 
     Returns:
         ``model``, converted. Raises ``AutocalError`` if a block cannot be converted.
@@ -162,7 +168,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                   block_class=type(model).__name__,
                                   hints=["autocal looks for a child module storing weights per expert, "
                                          "called with the indices of a top-k"])
-    calls = _capture_calls(model, [p for p, _ in blocks], example_inputs) if example_inputs else {}
+    calls = _capture_calls(model, [p for p, _ in blocks], example_inputs, forward) if example_inputs else {}
     config = getattr(model, "config", None)
     for path, block in _progress(blocks):
         try:

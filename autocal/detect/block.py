@@ -47,6 +47,14 @@ def _scores_experts(block: nn.Module, experts: nn.Module, count: int) -> bool:
     return any(p.dim() == 2 and p.shape[0] == count for p in block.parameters() if id(p) not in inside)
 
 
+def identical_entries(container: nn.Module) -> list[nn.Module]:
+    """The largest group of structurally identical children (a dropout beside the experts is not one)."""
+    groups: dict[tuple, list[nn.Module]] = {}
+    for child in container.children():
+        groups.setdefault(_signature(child), []).append(child)
+    return max(groups.values(), key=len) if groups else []
+
+
 def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
     """Children holding at least two identical Linear-only modules, next to a router, by child name.
 
@@ -55,11 +63,15 @@ def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
     found = {}
     for name, child in block.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            entries = list(child.children())
-            if (len(entries) >= 2 and len({_signature(e) for e in entries}) == 1 and _linear_only(entries[0])
-                    and _scores_experts(block, child, len(entries))):
+            entries = identical_entries(child)
+            if len(entries) >= 2 and _linear_only(entries[0]) and _scores_experts(block, child, len(entries)):
                 found[name] = entries
     return found
+
+
+def has_own_forward(container: nn.Module) -> bool:
+    """Is this list of experts also called, with a dispatch loop of its own?"""
+    return type(container).forward not in (nn.ModuleList.forward, nn.ModuleDict.forward, nn.Module.forward)
 
 
 def expert_calls(graph: fx.Graph, lists: dict[str, list[nn.Module]]) -> list[fx.Node]:
@@ -112,6 +124,23 @@ def _routing_weight(call: fx.Node) -> fx.Node | None:
     return None
 
 
+def _router_from_recording(block: nn.Module, call: BlockCall, entries: list[nn.Module]):
+    """Router facts from a concrete recording (with the experts as leaves), where the router's own ops show."""
+    with torch.no_grad():
+        rec = record(block, call.args, call.kwargs, leaves=entries)
+    paths = {id(m): p for p, m in block.named_modules()}
+    expert_paths = {paths[id(e)] for e in entries}
+    first = next((n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths), None)
+    if first is None:
+        return None
+    try:
+        _, tokens = row_gather(first)
+    except errors.AutocalError:
+        return None
+    weight = _routing_weight(first)
+    return analyze_router(rec.graph, tokens, weight if weight is not None else tokens)
+
+
 def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
     """One expert's forward in readable form, e.g. ``w2((silu(w1(x)) * w3(x)))``."""
     linears = [m for m in expert.modules() if isinstance(m, nn.Linear) and m is not expert]
@@ -148,7 +177,8 @@ def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call
         source, tokens = row_gather(node)
         gathered.append(ExpertCall(node, names.index(node.target.rpartition(".")[2]), source, tokens))
     weight = _routing_weight(calls[0])
-    router = analyze_router(graph, gathered[0].tokens, weight if weight is not None else gathered[0].tokens)
+    router = _router_from_recording(block, call, entries) or analyze_router(
+        graph, gathered[0].tokens, weight if weight is not None else gathered[0].tokens)
     if router.num_choices < 2:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, "no top-k over two or more experts selects the expert rows",
                                   block_class=type(block).__name__, source=source_of(calls[0]))

@@ -54,8 +54,13 @@ def _data_ancestors(node: fx.Node) -> list[fx.Node]:
     return seen
 
 
-def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockCall) -> MoEStructure:
-    """Block-level detection for a packed container called with one (routing-scaled) tensor."""
+def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockCall,
+                 recorded_call: fx.Node) -> MoEStructure:
+    """Block-level detection for a packed container called with one (routing-scaled) tensor.
+
+    ``recorded_call`` is the container call in the block's concrete recording,
+    where the router's own ops are visible (in the symbolic graph the router is a leaf).
+    """
     graph = trace_block(block)
     output = annotate(block, graph, call.args, call.kwargs)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
@@ -75,7 +80,8 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
     with torch.no_grad():
         rec = record(container, (value(container_call.args[0]),))
     template, layout, sources = analyze_experts(ExpertsRecording(rec.graph, container, rec.inputs["arg0"]))
-    router = analyze_router(graph, scale, scale)
+    recorded = _scaled_input(recorded_call.graph, recorded_call)
+    router = analyze_router(recorded_call.graph, recorded[1], recorded[1]) if recorded else analyze_router(graph, scale, scale)
     container_call.kwargs = {**container_call.kwargs, "unscaled": tokens, "scale": scale}
     for node in graph.nodes:
         node.meta.pop("value", None)

@@ -19,7 +19,8 @@ from .. import errors
 from ..integrations.transformers import eager_experts
 from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import Recording, record
-from .block import detect_block_level, expert_lists
+from .block import detect_block_level, expert_lists, has_own_forward
+from .container import detect_module_container
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, packed_parameters
 from .graph_utils import Ancestry, is_int_tensor, target_name, value
@@ -108,6 +109,11 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         return _detect_packed(block, *found, call, num_tokens)
     lists = expert_lists(block)
     if lists:
+        name, entries = next(iter(lists.items()))
+        container = block.get_submodule(name)
+        if has_own_forward(container):
+            call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
+            return detect_module_container(block, name, container, entries, call)
         return detect_block_level(block, lists, call, num_tokens)
     raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
                               block_class=type(block).__name__)
@@ -126,7 +132,7 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"the forward never calls `{name}`",
                                       block_class=type(block).__name__)
         if sum(isinstance(value(a), torch.Tensor) for a in (*container_call.args, *container_call.kwargs.values())) == 1:
-            return detect_dense(block, name, container, call)
+            return detect_dense(block, name, container, call, container_call)
         roles = _roles(container, container_call)
         index_node = _arg_node(container, container_call, roles["index"])
         weights_node = _arg_node(container, container_call, roles["weights"])

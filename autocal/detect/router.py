@@ -25,6 +25,7 @@ _PLUMBING = {
     "__truediv__", "truediv", "itruediv", "mul", "__mul__", "__rmul__", "add", "__add__", "__radd__", "scatter", "scatter_",
     "masked_fill", "unsqueeze", "squeeze", "expand", "contiguous", "clamp", "clamp_min", "div_", "mul_",
     "sub", "__sub__", "where", "ones_like", "zeros_like", "new_zeros", "flatten", "permute", "transpose",
+    "full_like", "full", "new_full", "fill_", "masked_fill_", "index_select", "repeat", "expand_as",
 }
 
 
@@ -59,7 +60,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     if logits is not None:
         sources["logits"] = source_of(logits)
     return RouterInfo(
-        module_path=final.meta.get("module_path") or (logits.target if logits is not None and logits.op == "call_module" else None),
+        module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
         top_k=_k_of(final),
         num_choices=value(scored).shape[-1],
@@ -70,6 +71,15 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         selection=target_name(final),
         sources={k: v for k, v in sources.items() if v},
     )
+
+
+def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
+    """The module that selects experts, or else the one that computes the logits."""
+    if selection.meta.get("module_path"):
+        return selection.meta["module_path"]
+    if logits is None:
+        return None
+    return logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None)
 
 
 def _renormalized(nodes: list[fx.Node]) -> bool:

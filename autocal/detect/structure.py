@@ -130,9 +130,10 @@ class MoEStructure:
     returns: str
     template: ExpertTemplate | None = field(default=None, repr=False, compare=False)
     rewrite: BlockRewrite | None = field(default=None, repr=False, compare=False)
+    tokens: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("template", "rewrite")}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("template", "rewrite", "tokens")}
         return _plain(data)
 
 

@@ -1,0 +1,163 @@
+"""Detection for a list of expert modules that dispatches tokens in its own forward.
+
+NLLB-MoE and Switch Transformers keep their experts in a ``ModuleDict`` whose
+forward loops over the experts that were hit. The loop is data-dependent, so
+it is not traced; it is recorded, and one thing is taken from the recording:
+how the rows of expert ``e`` are picked from the container's inputs. That
+token-selection subgraph is kept as a *recipe* that can be replayed for any
+expert, so calibration can run each expert on the tokens it was not routed
+while the original forward computes the output unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from .. import errors
+from ..trace.inputs import BlockCall
+from ..trace.record import record
+from .block import _expert_computation, _routing_weight, row_gather
+from .graph_utils import Ancestry, is_int_tensor, source_of, target_name, value
+from .router import analyze_router
+from .structure import ExpertsInfo, MoEStructure
+
+__all__ = ["detect_module_container", "TokenRecipe"]
+
+
+class TokenRecipe:
+    """Replays, for any expert, how the original picks that expert's token rows from the container inputs."""
+
+    def __init__(self, graph: fx.Graph, tokens: fx.Node, selectors: dict[fx.Node, int]) -> None:
+        self.graph = graph
+        self.tokens = tokens
+        self.selectors = selectors  # node -> position of the expert index in its args
+        self.inputs = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+
+    def __call__(self, bound: dict[str, Any], expert: int) -> torch.Tensor:
+        memo: dict[fx.Node, Any] = {}
+
+        def evaluate(n: fx.Node):
+            if n in memo:
+                return memo[n]
+            if n.op == "placeholder":
+                result = bound[n.target]
+            elif n.op == "get_attr":
+                result = value(n)
+            else:
+                args = list(fx.node.map_arg(n.args, evaluate))
+                if n in self.selectors:
+                    args[self.selectors[n]] = _like(value(n.args[self.selectors[n]]) if isinstance(
+                        n.args[self.selectors[n]], fx.Node) else n.args[self.selectors[n]], expert)
+                result = n.target(*args, **fx.node.map_arg(n.kwargs, evaluate))
+            memo[n] = result
+            return result
+
+        return evaluate(self.tokens)
+
+
+def _like(index: Any, expert: int) -> Any:
+    """``expert`` in the form the recorded loop used for its index (int, 0-d or 1-element tensor)."""
+    if isinstance(index, torch.Tensor):
+        return torch.full_like(index, expert)
+    return expert
+
+
+def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node, int]:
+    """Indexing ops on the way to ``tokens`` whose index is the expert being dispatched."""
+    found = {}
+    for node in ancestry.of(tokens):
+        if target_name(node) not in ("getitem", "__getitem__", "select") or len(node.args) < 2:
+            continue
+        position = len(node.args) - 1
+        index = node.args[position]
+        index_value = value(index) if isinstance(index, fx.Node) else index
+        if isinstance(index_value, torch.Tensor) and index_value.numel() == 1 and not index_value.is_floating_point():
+            index_value = int(index_value)
+        if isinstance(index_value, int) and not isinstance(index_value, bool) and index_value == expert:
+            source = node.args[0]
+            if isinstance(source, fx.Node) and isinstance(value(source), torch.Tensor):
+                found[node] = position
+    return found
+
+
+def detect_module_container(block: nn.Module, name: str, container: nn.Module, entries: list[nn.Module],
+                            call: BlockCall) -> MoEStructure:
+    """Container-level detection: keep the container's forward, learn each expert's token rows."""
+    with torch.no_grad():
+        block_rec = record(block, call.args, call.kwargs, leaves=[container])
+    container_call = next((n for n in block_rec.graph.nodes if n.op == "call_module" and n.target == name), None)
+    if container_call is None:
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls `{name}`",
+                                  block_class=type(block).__name__)
+    args = tuple(value(a) if isinstance(a, fx.Node) else a for a in container_call.args)
+    kwargs = {k: value(v) if isinstance(v, fx.Node) else v for k, v in container_call.kwargs.items()}
+    bound = inspect.signature(container.forward).bind(*args, **kwargs).arguments
+    with torch.no_grad():
+        rec = record(container, (), dict(bound), leaves=entries)
+    paths = {id(m): p for p, m in container.named_modules()}
+    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
+    calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
+    if not calls:
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"`{name}` never calls its experts",
+                                  block_class=type(block).__name__)
+    first = calls[0]
+    source, tokens = row_gather(first)
+    hidden = [n for n in rec.graph.nodes if n.op == "placeholder" and (n is source or _views(source, n))]
+    if not hidden:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' rows are not gathered from an input",
+                                  block_class=type(block).__name__, source=source_of(first))
+    ancestry = Ancestry(rec.graph)
+    expert = expert_paths[first.target]
+    recipe = TokenRecipe(rec.graph, tokens, _selectors(tokens, expert, ancestry))
+    _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
+    routing = [a for a in container_call.all_input_nodes if a is not container_call.args[0]]
+    weights = _routing_weight(first)
+    router = analyze_router(block_rec.graph, routing[0], routing[-1]) if routing else None
+    experts = ExpertsInfo(
+        module_path=name,
+        num_experts=len(entries),
+        storage=type(container).__name__,
+        layout={"expert_class": type(entries[0]).__name__,
+                "linears": [n for n, m in entries[0].named_modules() if isinstance(m, nn.Linear)]},
+        computation=_expert_computation(entries[0], value(first.args[0])),
+        weights_applied="on the expert output, in the experts' loop" if weights is not None else "not found",
+        call_roles={"hidden": hidden[0].target},
+        output_features=value(first).shape[-1],
+        accumulate_dtype=None,
+        output_dtype=None,
+        sources={"expert_call": source_of(first)} if source_of(first) else {},
+    )
+    structure = MoEStructure(
+        block_class=type(block).__name__,
+        level="container",
+        router=router,
+        experts=experts,
+        shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
+        returns="tensor" if isinstance(block_rec.output, torch.Tensor) else f"tuple of {len(block_rec.output)}",
+        tokens=recipe,
+    )
+    return structure
+
+
+def _views(source: fx.Node, placeholder: fx.Node) -> bool:
+    node = source
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        if target_name(node) not in ("view", "reshape", "contiguous", "to"):
+            return False
+        node = node.args[0]
+    return node is placeholder
+
+
+def _check_recipe(recipe: TokenRecipe, calls: list[fx.Node], expert_paths: dict[str, int], rec, bound, cls) -> None:
+    """The recipe must give back, for every recorded expert call, the rows that expert received."""
+    for call in calls:
+        _, tokens = row_gather(call)
+        replayed = recipe(bound, expert_paths[call.target])
+        if not torch.equal(replayed, value(tokens)):
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH,
+                                      "which tokens an expert receives could not be recomputed for every expert",
+                                      block_class=cls, source=source_of(call))

@@ -1,0 +1,55 @@
+"""Every MoE architecture of the installed transformers, converted with no model code.
+
+Each row builds the tiny fixture model, converts it, and checks whole-model
+logits (calibration off: bitwise; on: within rounding), expert coverage and
+restore(). The result must also match the row saved in
+docs/zoo/transformers-<version>.json, from which docs/supported-models.md is
+generated, so the page cannot drift from the code.
+
+Architectures autocal does not handle yet are listed in KNOWN_FAILURES with the
+reason; they run and are expected to fail (strict: a fix makes them fail here
+until the entry is removed). They are open work, shown as FAIL in the docs.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+
+from autocal.testing import zoo
+from autocal.testing.zoo_runner import run_architecture
+
+KNOWN_FAILURES = {
+    "dbrx": "experts stored as flat 2-D parameters on a nested module (w1/v1/w2 [E*I, H]): not found as packed",
+    "doge": "product-key single-neuron experts (embeddings), not token-routed Linear experts",
+    "jetmoe": "two single-weight experts modules called with a Python list of expert sizes",
+    "longcat_flash": "zero (identity) experts: gate_up_proj has E+Z entries, down_proj E",
+    "vitpose_backbone": "experts chosen per sample by dataset index, not routed per token",
+}
+if zoo.transformers_version() < (5, 18):
+    KNOWN_FAILURES["aria"] = "transformers 5.17: experts called with router logits, not (indices, weights)"
+    KNOWN_FAILURES["doge"] = "transformers 5.17: the model's own forward fails (tuple passed to dropout)"
+
+SAVED = Path(__file__).resolve().parents[1] / "docs" / "zoo" / f"transformers-{transformers.__version__}.json"
+
+
+def _params():
+    for name in zoo.moe_architectures():
+        marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True)] if name in KNOWN_FAILURES else []
+        yield pytest.param(name, marks=marks, id=name)
+
+
+def _saved_row(name):
+    if not SAVED.exists():
+        return None
+    return next((r for r in json.loads(SAVED.read_text()) if r["architecture"] == name), None)
+
+
+@pytest.mark.parametrize("name", _params())
+def test_zoo_architecture(name):
+    result = run_architecture(name)
+    saved = _saved_row(name)
+    assert saved is not None, f"{SAVED.name} has no row for {name}: run python scripts/zoo_report.py"
+    assert saved["passed"] == result.passed, "docs/zoo results are stale: run python scripts/zoo_report.py"
+    assert result.passed, result.failure
