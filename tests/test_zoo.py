@@ -21,7 +21,6 @@ from autocal.testing import zoo
 from autocal.testing.zoo_runner import run_architecture
 
 KNOWN_FAILURES = {
-    "dbrx": "experts stored as flat 2-D parameters on a nested module (w1/v1/w2 [E*I, H]): not found as packed",
     "doge": "product-key single-neuron experts (embeddings), not token-routed Linear experts",
     "jetmoe": "two single-weight experts modules called with a Python list of expert sizes",
     "longcat_flash": "zero (identity) experts: gate_up_proj has E+Z entries, down_proj E",

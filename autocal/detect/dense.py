@@ -18,7 +18,7 @@ from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
-from .experts import ExpertsRecording, analyze_experts, packed_parameters
+from .experts import ExpertsRecording, analyze_experts
 from .graph_utils import source_of, target_name, tensor_inputs, value
 from .router import _SELECTION_OPS, analyze_router
 from .structure import BlockRewrite, ExpertsInfo, MoEStructure
@@ -55,7 +55,7 @@ def _data_ancestors(node: fx.Node) -> list[fx.Node]:
 
 
 def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockCall,
-                 recorded_call: fx.Node) -> MoEStructure:
+                 recorded_call: fx.Node, packed: dict[str, nn.Parameter], num_experts: int) -> MoEStructure:
     """Block-level detection for a packed container called with one (routing-scaled) tensor.
 
     ``recorded_call`` is the container call in the block's concrete recording,
@@ -79,7 +79,7 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
     tokens, scale = scaled
     with torch.no_grad():
         rec = record(container, (value(container_call.args[0]),))
-    template, layout, sources = analyze_experts(ExpertsRecording(rec.graph, container, rec.inputs["arg0"]))
+    template, layout, sources = analyze_experts(ExpertsRecording(rec.graph, container, rec.inputs["arg0"]), packed)
     recorded = _scaled_input(recorded_call.graph, recorded_call)
     router = analyze_router(recorded_call.graph, recorded[1], recorded[1]) if recorded else analyze_router(graph, scale, scale)
     container_call.kwargs = {**container_call.kwargs, "unscaled": tokens, "scale": scale}
@@ -87,7 +87,7 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
         node.meta.pop("value", None)
     experts = ExpertsInfo(
         module_path=name,
-        num_experts=next(iter(packed_parameters(container).values())).shape[0],
+        num_experts=num_experts,
         storage="packed (batched: every expert on every token)",
         layout=layout,
         computation=template.computation,

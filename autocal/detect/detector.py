@@ -22,7 +22,7 @@ from ..trace.record import Recording, record
 from .block import detect_block_level, expert_lists, has_own_forward
 from .container import detect_module_container
 from .dense import detect_dense
-from .experts import ExpertsRecording, analyze_experts, packed_parameters
+from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, is_int_tensor, target_name, value
 from .router import analyze_router
 from .structure import ExpertsInfo, MoEStructure
@@ -33,7 +33,7 @@ __all__ = ["find_moe_blocks", "experts_container", "detect"]
 def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
     """The block's child that stores expert weights packed, if any."""
     for name, child in block.named_children():
-        if packed_parameters(child):
+        if packed_parameters(child, router_rows(block, child)):
             return name, child
     return None
 
@@ -122,7 +122,9 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
 def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: BlockCall | None,
                    num_tokens: int | None) -> MoEStructure:
     """Experts-level detection: the block calls a packed container with indices and weights."""
-    num_experts = next(iter(packed_parameters(container).values())).shape[0]
+    rows = router_rows(block, container)
+    packed = packed_parameters(container, rows)
+    num_experts = count_experts(packed, rows)
     with eager_experts(block):
         call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * num_experts))
         with torch.no_grad():
@@ -132,7 +134,7 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"the forward never calls `{name}`",
                                       block_class=type(block).__name__)
         if sum(isinstance(value(a), torch.Tensor) for a in (*container_call.args, *container_call.kwargs.values())) == 1:
-            return detect_dense(block, name, container, call, container_call)
+            return detect_dense(block, name, container, call, container_call, packed, num_experts)
         roles = _roles(container, container_call)
         index_node = _arg_node(container, container_call, roles["index"])
         weights_node = _arg_node(container, container_call, roles["weights"])
@@ -140,7 +142,7 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         if router.num_choices < 2:  # indices from a lookup (hash routing), not a top-k over scores
             router.num_choices = num_experts
         experts_rec = _record_container(container, container_call, roles)
-    template, layout, sources = analyze_experts(experts_rec)
+    template, layout, sources = analyze_experts(experts_rec, packed)
     hidden_dtype = value(experts_rec.hidden).dtype
     experts = ExpertsInfo(
         module_path=name,

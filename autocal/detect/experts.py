@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -32,7 +32,8 @@ from ..synthesize.ops import project
 from .graph_utils import Ancestry, is_int_tensor, target_name, tensor_inputs, value
 from .structure import ExpertTemplate, LinearRecipe, Projection
 
-__all__ = ["ExpertsRecording", "packed_parameters", "analyze_experts", "CONTAINER_ATTR"]
+__all__ = ["ExpertsRecording", "packed_parameters", "count_experts", "router_rows", "resolve", "analyze_experts",
+           "CONTAINER_ATTR"]
 
 # Generated expert code reaches parameters shared by all experts through this attribute.
 CONTAINER_ATTR = "_container"
@@ -61,23 +62,84 @@ class ExpertsRecording:
     weights: fx.Node | None = None
 
 
-def packed_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters stored with one leading entry per expert.
+def _raw_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of ``container`` not owned by an ``nn.Linear`` (experts store theirs raw)."""
+    linear = {id(p) for m in container.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    return {name: p for name, p in container.named_parameters() if id(p) not in linear}
 
-    At least two of them are 3-D with the same leading size (say ``gate_up_proj``
-    and ``down_proj``): a lone 3-D weight is a convolution, not experts.
+
+def packed_parameters(container: nn.Module, router_rows: Iterable[int] = ()) -> dict[str, nn.Parameter]:
+    """Parameters that store the experts, by qualified name; empty if ``container`` holds no experts.
+
+    Two layouts are recognised by shape alone:
+
+    - *stacked*: at least two parameters of the container itself, of 3 or more
+      dimensions, share a leading size E >= 2 (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``);
+      their 2-D companions with the same leading size (biases) belong too. A lone
+      3-D weight is a convolution, not experts.
+    - *flat*: the container holds nothing but two or more raw 2-D parameters
+      (possibly one module down) of one shape ``[E * m, H]`` (m >= 2),
+      where E is the row count of a router weight beside the container
+      (``router_rows``), e.g. DBRX's ``w1``/``v1``/``w2``.
     """
     own = dict(container.named_parameters(recurse=False))
     stacked = [p for p in own.values() if p.dim() >= 3]
     leading = {p.shape[0] for p in stacked}
-    if len(stacked) < 2 or len(leading) != 1 or min(leading) < 2:
+    if len(stacked) >= 2 and len(leading) == 1 and min(leading) >= 2:
+        num_experts = leading.pop()
+        return {name: p for name, p in own.items() if p.dim() >= 2 and p.shape[0] == num_experts}
+    raw = _raw_parameters(container)
+    if len(raw) != len(list(container.parameters())):  # flat experts hold nothing but their weights
         return {}
-    num_experts = leading.pop()
-    return {name: p for name, p in own.items() if p.dim() >= 2 and p.shape[0] == num_experts}
+    for rows in sorted(set(router_rows), reverse=True):
+        shapes: dict[tuple, list[str]] = {}
+        for name, p in raw.items():
+            if rows >= 2 and p.dim() == 2 and p.shape[0] % rows == 0 and p.shape[0] // rows >= 2:
+                shapes.setdefault(tuple(p.shape), []).append(name)
+        group = max(shapes.values(), key=len, default=[])
+        if len(group) >= 2 and len(group) == len(raw):
+            return {name: raw[name] for name in group}
+    return {}
+
+
+def count_experts(packed: dict[str, nn.Parameter], router_rows: Iterable[int] = ()) -> int:
+    """E: the shared leading size of stacked parameters, or the router rows that divide flat ones."""
+    stacked = [p for p in packed.values() if p.dim() >= 3]
+    if stacked:
+        return stacked[0].shape[0]
+    first = next(iter(packed.values()))
+    return max(r for r in router_rows if r >= 2 and first.shape[0] % r == 0)
+
+
+def router_rows(block: nn.Module, container: nn.Module) -> set[int]:
+    """Row counts of 2-D weights beside ``container`` in ``block``: candidates for the number of experts."""
+    inside = {id(p) for p in container.parameters()}
+    return {p.shape[0] for p in block.parameters() if p.dim() == 2 and id(p) not in inside}
+
+
+def resolve(module: nn.Module, dotted: str) -> Any:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _fail(kind: str, explanation: str, node: fx.Node | None = None, hints: list[str] | None = None):
     raise errors.AutocalError(kind, explanation, source=node.meta.get("source") if node else None, hints=hints or [])
+
+
+def _packed_source(node: Any, packed: dict[str, Any]) -> bool:
+    """Is ``node`` a packed parameter, or a view of one (``w1.view(-1, I, H)``)?"""
+    while isinstance(node, fx.Node) and node.op != "get_attr":
+        if target_name(node) not in ("view", "reshape", "unflatten") or not node.args:
+            return False
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in packed
+
+
+def _packed_name(node: fx.Node) -> str:
+    while node.op != "get_attr":
+        node = node.args[0]
+    return node.target
 
 
 def expert_slices(graph: fx.Graph, packed: dict[str, Any]) -> dict[int, list[fx.Node]]:
@@ -86,8 +148,7 @@ def expert_slices(graph: fx.Graph, packed: dict[str, Any]) -> dict[int, list[fx.
     for node in graph.nodes:
         if node.op != "call_function" or target_name(node) not in _SELECT_OPS or not node.args:
             continue
-        source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "get_attr" and source.target in packed):
+        if not _packed_source(node.args[0], packed):
             continue
         index = node.args[-1] if target_name(node) != "select" else node.args[2]
         index = value(index) if isinstance(index, fx.Node) else index
@@ -164,8 +225,9 @@ def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.
     These are the gathers the synthesized dispatch performs, so they are checked
     on the recorded values rather than read from the code.
     """
-    slot, tokens = torch.where(value(rec.index).T == expert)
-    if not torch.equal(value(rows), value(rec.hidden)[tokens]):
+    slot, tokens = torch.where(value(rec.index).reshape(-1, value(rec.index).shape[-1]).T == expert)
+    hidden = value(rec.hidden)
+    if not torch.equal(value(rows), hidden.reshape(-1, hidden.shape[-1])[tokens]):
         _fail(errors.UNSUPPORTED_DISPATCH, "an expert's input rows are not the routed tokens of the hidden states", rows)
     if routing is not None and not torch.equal(value(routing), value(rec.weights)[tokens, slot, None]):
         _fail(errors.UNSUPPORTED_DISPATCH, "an expert is weighted by something other than its routing weight", routing)
@@ -179,11 +241,12 @@ def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> 
 
         def evaluate(n: fx.Node):
             if n not in memo:
-                if n in slices:  # the selection of one expert (or, batched, the whole parameter)
-                    packed = n.target if n.op == "get_attr" else n.args[0].target
-                    memo[n] = getattr(container, packed)[expert]
+                if n in slices and n.op == "get_attr":  # batched: the whole parameter, one entry per expert
+                    memo[n] = resolve(container, n.target)[expert]
+                elif n in slices:  # the selection of one expert from the parameter (or a view of it)
+                    memo[n] = evaluate(n.args[0])[expert]
                 elif n.op == "get_attr":
-                    memo[n] = getattr(container, n.target) if hasattr(container, n.target) else value(n)
+                    memo[n] = resolve(container, n.target) if not n.meta.get("constant") else value(n)
                 else:
                     args = fx.node.map_arg(n.args, evaluate)
                     kwargs = fx.node.map_arg(n.kwargs, evaluate)
@@ -239,7 +302,7 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
 
     def packed_name(n: fx.Node) -> str:
         origin = [s for s in slices if s is n or s in _ancestors(n)]
-        return (origin[0].target if origin[0].op == "get_attr" else origin[0].args[0].target) if origin else "?"
+        return _packed_name(origin[0]) if origin else "?"
 
     def shared(n: fx.Node) -> fx.Node:
         """A container parameter or buffer every expert uses (a norm weight, say), reached through the container."""
@@ -515,9 +578,8 @@ def _tensor_methods_as_calls(graph: fx.Graph) -> None:
             node.op, node.target = "call_method", _TENSOR_METHODS[id(node.target)]
 
 
-def analyze_experts(rec: ExpertsRecording) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
+def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
     """The expert template of a packed container, its layout facts and their sources."""
-    packed = packed_parameters(rec.container)
     slices = expert_slices(rec.graph, packed)
     seeds = slices[min(slices)] if slices else batched_parameters(rec.graph, packed)
     if not seeds:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import fx
@@ -32,8 +32,9 @@ def source_of(node: fx.Node) -> str | None:
     return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
 
 
-def value(node: fx.Node):
-    return node.meta.get("value")
+def value(node: Any) -> Any:
+    """The recorded value of a node (an argument that is not a node is its own value)."""
+    return node.meta.get("value") if isinstance(node, fx.Node) else node
 
 
 def holds_tensor(node: fx.Node) -> bool:

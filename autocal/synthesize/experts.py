@@ -29,7 +29,7 @@ import inspect
 import torch
 from torch import fx, nn
 
-from ..detect.experts import CONTAINER_ATTR, packed_parameters
+from ..detect.experts import CONTAINER_ATTR
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .ops import ProjectionLayout, geometry
 
@@ -96,7 +96,8 @@ class UnpackedExperts(nn.Module):
         super().__init__()
         self.num_experts = structure.experts.num_experts
         self.calibrate_all_experts = calibrate_all_experts
-        build_experts(self, original, structure.template, self.num_experts, expert_cls)
+        build_experts(self, original, structure.template, self.num_experts, expert_cls,
+                      set(structure.experts.layout["packed_params"]))
 
     def __len__(self) -> int:
         return self.num_experts
@@ -114,16 +115,20 @@ class UnpackedExperts(nn.Module):
 
 
 def build_experts(target: nn.Module, original: nn.Module, template: ExpertTemplate, num_experts: int,
-                  expert_cls: type[SynthesizedExpert]) -> None:
-    """Fill ``target`` with one module per expert unpacked from ``original``, and the original's other members."""
-    packed = packed_parameters(original)
+                  expert_cls: type[SynthesizedExpert], packed: set[str]) -> None:
+    """Fill ``target`` with one module per expert unpacked from ``original``, and the original's other members.
+
+    ``packed`` names the parameters the experts are unpacked from; a child that
+    holds some of them (DBRX keeps them one level down) is not kept, the rest is.
+    """
     for name, param in original.named_parameters(recurse=False):
         if name not in packed:
             target.register_parameter(name, param)
     for name, buffer in original.named_buffers(recurse=False):
         target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
     for name, child in original.named_children():
-        target.add_module(name, child)
+        if not any(p.startswith(name + ".") for p in packed):
+            target.add_module(name, child)
     for expert in range(num_experts):
         module = expert_cls()
         module.__dict__[CONTAINER_ATTR] = target
@@ -154,6 +159,9 @@ class CalibrationExperts(UnpackedExperts):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(*args, **kwargs).arguments
         hidden, index, weights = (bound[self.roles[r]] for r in ("hidden", "index", "weights"))
+        leading = hidden.shape[:-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
         output = hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
         slot_major = index.transpose(0, 1)
         for expert in range(self.num_experts):
@@ -163,7 +171,7 @@ class CalibrationExperts(UnpackedExperts):
                 output.index_add_(0, token, contribution.to(output.dtype))
             if self.calibrate_all_experts:
                 self._run_unrouted(expert, hidden, token, weights.dtype)
-        return output.to(self.output_dtype or hidden.dtype)
+        return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
 
     def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
         module = self._modules[str(expert)]
