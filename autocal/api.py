@@ -17,6 +17,7 @@ from torch import nn
 from . import errors
 from .detect.detector import detect, find_moe_blocks
 from .trace.inputs import BlockCall
+from .trace.twin import cpu_twin, on_meta
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
@@ -55,23 +56,25 @@ class Converter:
     verify: bool = True
     classes: dict[tuple, ClassAnalysis] = field(default_factory=dict)
 
-    def analyse(self, block: nn.Module, call: BlockCall | None = None) -> ClassAnalysis:
+    def analyse(self, block: nn.Module, call: BlockCall | None = None, twin: nn.Module | None = None) -> ClassAnalysis:
+        """Analyse ``block``'s class once (on ``twin``, a runnable copy, when ``block`` is on the meta device)."""
         cls = analysis_key(block)
         if cls not in self.classes:
             override = registered_override(type(block).__name__)
             if override is not None:
                 self.classes[cls] = ClassAnalysis(override, None)
             else:
-                structure = detect(block, call)
+                structure = detect(twin if twin is not None else block, call)
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
                          "block-dense": build_dense_rewrite, "container": build_container_calibration}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 
-    def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None) -> MoECalibrationModule:
-        analysis = self.analyse(block, call)
+    def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None,
+              twin: nn.Module | None = None) -> MoECalibrationModule:
+        analysis = self.analyse(block, call, twin)
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
-        if self.verify and analysis.verification is None and analysis.structure is not None:
+        if self.verify and analysis.verification is None and analysis.structure is not None and not on_meta(block):
             args, kwargs = _verification_inputs(block, call, analysis.structure)
             analysis.verification = verify(block, module, args, kwargs)
         return module
@@ -148,7 +151,8 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
         example_inputs: model keyword inputs; when given, blocks are analysed on
             the inputs the model really passes them (needed for blocks with
             inputs beyond hidden states). Blocks the example does not reach get
-            inputs made from their parameters.
+            inputs made from their parameters. For a model on the meta device the
+            example runs through a CPU twin with random weights.
         forward: what to call with ``example_inputs`` (default: ``model``), for
             composite models whose forward lives in a sub-model.
 
@@ -168,15 +172,25 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                   block_class=type(model).__name__,
                                   hints=["autocal looks for a child module storing weights per expert, "
                                          "called with the indices of a top-k"])
-    calls = _capture_calls(model, [p for p, _ in blocks], example_inputs, forward) if example_inputs else {}
+    twin = cpu_twin(model) if example_inputs and on_meta(model) else None
+    runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
+    calls = _capture_calls(twin or model, [p for p, _ in blocks], example_inputs, runner) if example_inputs else {}
     config = getattr(model, "config", None)
     for path, block in _progress(blocks):
         try:
-            module = converter.build(block, config, calls.get(path))
+            module = converter.build(block, config, calls.get(path), twin.get_submodule(path) if twin else None)
         except errors.AutocalError as error:
             raise error.with_context(module_path=path, block_class=type(block).__name__) from None
         _set_submodule(model, path, module)
     return model
+
+
+def _twin_of(forward: Any, model: nn.Module, twin: nn.Module) -> Any:
+    """The twin's counterpart of ``forward`` (the model, or one of its submodules)."""
+    if forward is None or forward is model:
+        return twin
+    path = next(p for p, m in model.named_modules() if m is forward)
+    return twin.get_submodule(path)
 
 
 def _progress(items: list) -> Any:

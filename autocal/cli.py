@@ -1,8 +1,12 @@
-"""Command line: ``autocal demo`` (``python -m autocal demo``).
+"""Command line: ``autocal demo`` and ``autocal explain`` (also ``python -m autocal ...``).
 
 ``demo`` builds a tiny MoE model from a config in ``fixtures/models`` (random
 weights, no download), prints what autocal detects, converts the model and
 compares its logits with the original's, calibration off and on.
+
+``explain PATH`` reads a ``config.json`` (or a model directory), builds the model
+on the meta device (no weights are read or allocated) and prints what autocal
+detects in every distinct MoE block class.
 """
 
 from __future__ import annotations
@@ -47,16 +51,48 @@ def demo(architecture: str) -> int:
     return 0 if all(diff < 1e-4 for _, _, diff in rows) else 1
 
 
+def explain_config(path: str, as_json: bool, show_code: bool) -> int:
+    import time
+
+    import autocal
+    from autocal.integrations.transformers import load_config, meta_model
+
+    start = time.perf_counter()
+    try:
+        model = meta_model(load_config(path))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"autocal explain: {error}", file=sys.stderr)
+        return 2
+    report = autocal.explain(model)
+    if as_json:
+        print(report.to_json())
+    else:
+        print(report)
+        if show_code:
+            for block in report.blocks:
+                if block.code:
+                    print(f"\n# {block.block_class}: generated code\n{block.code}")
+        print(f"\n({time.perf_counter() - start:.1f} s, model on the meta device: no weights read)")
+    if not report.blocks:
+        print("autocal explain: no MoE block in this model", file=sys.stderr)
+        return 1
+    return 0 if report.successful() else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autocal", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="convert a built-in tiny MoE model and check it")
     demo_parser.add_argument("architecture", nargs="?", default="qwen3_moe",
                              help="a model type with a config in fixtures/models (default: qwen3_moe)")
+    explain_parser = commands.add_parser("explain", help="show what autocal detects, from a config alone")
+    explain_parser.add_argument("path", help="a config.json, or a model directory holding one")
+    explain_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    explain_parser.add_argument("--code", action="store_true", help="also print the generated calibration code")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args.architecture)
-    return 2
+    return explain_config(args.path, args.json, args.code)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from . import errors
 from .api import Converter, analysis_key
 from .detect.detector import find_moe_blocks
 from .registry import MoECalibrationModule, registered_override
+from .trace.twin import on_meta
 
 __all__ = ["explain", "Report", "BlockReport"]
 
@@ -27,6 +28,7 @@ class BlockReport:
     code: str | None = None
     verification: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
+    on_meta: bool = False
 
     @property
     def ok(self) -> bool:
@@ -89,7 +91,9 @@ def _format_block(block: BlockReport) -> str:
                      f"returns: {block.structure['returns']}")
         for fact, where in {**router["sources"], **experts["sources"]}.items():
             lines.append(f"    {fact:<12} {where}")
-    if block.verification:
+    if not block.verification:
+        lines.append("  verified: not run (meta device: no data)" if block.on_meta else "  verified: not run")
+    else:
         v = block.verification
         lines.append(f"  verified: max |diff| off={v['max_abs_diff_off']:.3g} on={v['max_abs_diff_on']:.3g}  "
                      f"bitwise(off)={v['bitwise_off']}  experts covered {v['experts_covered']}/{v['num_experts']}")
@@ -114,7 +118,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True) -> Report:
         if cls in by_class:
             by_class[cls].paths.append(path or "<root>")
             continue
-        report = BlockReport(type(block).__name__, [path or "<root>"])
+        report = BlockReport(type(block).__name__, [path or "<root>"], on_meta=on_meta(block))
         by_class[cls] = report
         try:
             module = converter.build(block)

@@ -19,6 +19,7 @@ from .. import errors
 from ..integrations.transformers import eager_experts
 from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import Recording, record
+from ..trace.twin import cpu_twin, on_meta
 from .block import detect_block_level, expert_lists, has_own_forward
 from .container import detect_module_container
 from .dense import detect_dense
@@ -104,6 +105,8 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         call: example inputs; synthesized from the block's parameters if None.
         num_tokens: tokens in synthesized inputs (default: enough to reach most experts).
     """
+    if on_meta(block):  # no data to run on: detect on a CPU twin, synthesize on the block itself
+        return detect(cpu_twin(block), None, num_tokens=num_tokens or 16)
     found = experts_container(block)
     if found is not None:
         return _detect_packed(block, *found, call, num_tokens)

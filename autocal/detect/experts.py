@@ -63,9 +63,13 @@ class ExpertsRecording:
 
 
 def _raw_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of ``container`` not owned by an ``nn.Linear`` (experts store theirs raw)."""
-    linear = {id(p) for m in container.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
-    return {name: p for name, p in container.named_parameters() if id(p) not in linear}
+    """Parameters of ``container`` not owned by a torch layer (``nn.Linear``, ``nn.Embedding``, …).
+
+    Packed experts store their weights as bare parameters of a model's own module.
+    """
+    layered = {id(p) for m in container.modules() if type(m).__module__.startswith("torch.nn.")
+               for p in m.parameters(recurse=False)}
+    return {name: p for name, p in container.named_parameters() if id(p) not in layered}
 
 
 def packed_parameters(container: nn.Module, router_rows: Iterable[int] = ()) -> dict[str, nn.Parameter]:

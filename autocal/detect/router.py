@@ -64,7 +64,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         scoring=scoring_ops[0] if scoring_ops else None,
         top_k=_k_of(final),
         num_choices=value(scored).shape[-1],
-        renormalized=_renormalized(after_selection),
+        renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
         grouped=len(selections) > 1 or value(scored).dim() > 2,
         scaling=_scaling(after_selection),
@@ -82,9 +82,15 @@ def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
     return logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None)
 
 
-def _renormalized(nodes: list[fx.Node]) -> bool:
-    sums = {n for n in nodes if target_name(n) == "sum"}
-    return any(target_name(n) in _DIVISIONS and set(n.all_input_nodes) & sums for n in nodes)
+def _renormalized(nodes: list[fx.Node], ancestry: Ancestry) -> bool:
+    """Are the selected weights divided by their sum (possibly plus an epsilon)?"""
+    sums = [n for n in nodes if target_name(n) == "sum"]
+    for n in nodes:
+        if target_name(n) in _DIVISIONS and len(n.args) > 1 and isinstance(n.args[1], fx.Node):
+            divisor = n.args[1]
+            if any(s is divisor or ancestry.is_ancestor(s, divisor) for s in sums):
+                return True
+    return False
 
 
 def _scaling(nodes: list[fx.Node]) -> float | None:
