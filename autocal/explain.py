@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,19 +68,29 @@ class Report:
         return "\n\n".join(_format_block(b) for b in self.blocks)
 
 
+def short_path(location: str | None) -> str | None:
+    """``file:line`` shown from the installed package down (``transformers/models/...``), not the full path."""
+    if not location:
+        return location
+    marker = "site-packages" + os.sep
+    return location.rsplit(marker, 1)[-1] if marker in location else os.path.relpath(location)
+
+
 def _format_block(block: BlockReport) -> str:
     lines = [f"{block.block_class}  ×{len(block.paths)}  ({block.paths[0]}{', …' if len(block.paths) > 1 else ''})"]
     if block.failure:
         lines.append(f"  FAILED [{block.failure['kind']}] {block.failure['explanation']}")
         if block.failure.get("source"):
-            lines.append(f"  stopped at {block.failure['source']}")
+            lines.append(f"  stopped at {short_path(block.failure['source'])}")
         lines.append(f"  next: {errors.override_hint(block.block_class)}")
         return "\n".join(lines)
     lines.append(f"  path: {block.path}")
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
+        order = f"{router['selection']} → {router['scoring']}" if router.get("scored_after_selection") else (
+            f"{router['scoring']} → {router['selection']}")
         lines.append(
-            f"  router: {router['module_path']}  scoring={router['scoring']}  top_k={router['top_k']} of "
+            f"  router: {router['module_path']}  {order}  top_k={router['top_k']} of "
             f"{router['num_choices']}  renormalized={router['renormalized']}  "
             f"correction_bias={router['correction_bias']}  grouped={router['grouped']}  scaling={router['scaling']}"
         )
@@ -90,7 +101,7 @@ def _format_block(block: BlockReport) -> str:
         lines.append(f"  shared: {', '.join(block.structure['shared_modules']) or 'none'}   "
                      f"returns: {block.structure['returns']}")
         for fact, where in {**router["sources"], **experts["sources"]}.items():
-            lines.append(f"    {fact:<12} {where}")
+            lines.append(f"    {fact:<12} {short_path(where)}")
     if not block.verification:
         lines.append("  verified: not run (meta device: no data)" if block.on_meta else "  verified: not run")
     else:

@@ -31,7 +31,7 @@ def keep(nav):
         (title, value), = item.items() if isinstance(item, dict) else ((None, item),)
         if isinstance(value, list):
             value = keep(value)
-        if value and value not in missing:
+        if value and not (isinstance(value, str) and value in missing):
             kept.append({title: value} if title else value)
     return kept
 

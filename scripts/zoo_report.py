@@ -64,7 +64,8 @@ def render() -> str:
         "",
         "Every MoE architecture in transformers, built tiny from `fixtures/models/<type>.json` with random weights,",
         "converted with `autocal.convert` and checked: whole-model logits bitwise equal with calibration off, within",
-        "rounding with calibration on, every expert seeing every token, and `restore()` giving the parameters back.",
+        "rounding with calibration on, every expert seeing every token, `restore()` giving the parameters back, and the",
+        "same model built on the meta device (structure only) converting the same blocks.",
         "",
     ]
     for version in versions:
@@ -79,7 +80,9 @@ def render() -> str:
         facts = next((b for b in latest["blocks"] if "level" in b), None)
         if facts:
             block = f"`{facts['class']}` ×{facts['count']}"
-            routing = f"{facts['scoring']} → {facts['selection']} k={facts['top_k']}"
+            steps = [facts["selection"], facts["scoring"]] if facts.get("scored_after_selection") else [
+                facts["scoring"], facts["selection"]]
+            routing = " → ".join(str(s) for s in steps if s) + f" k={facts['top_k']}"
             experts = f"{facts['num_experts']} × {facts['storage']}" + (f", {facts['gate_up']}" if facts["gate_up"] else "")
             expert = f"`{facts['computation']}`".replace("|", "\\|")
             shared = ", ".join(facts["shared"]) or "—"

@@ -100,7 +100,7 @@ def test_explain_reports_structure_and_sources():
     assert block.correction_bias == "gate.e_score_correction_bias" and block.grouped
     assert block.structure["experts"]["computation"].startswith("(down_proj(")
     assert "toy_moe.py:" in block.structure["router"]["sources"]["top_k"]
-    assert report.successful() and "sigmoid" in str(report)
+    assert report.successful() and "sigmoid → topk" in str(report)
     assert report.to_json()
 
 

@@ -563,6 +563,27 @@ def describe(graph: fx.Graph) -> str:
     return ""
 
 
+def _weight_applied_last(graph: fx.Graph) -> bool:
+    """Is the routing weight only a final factor (``expert(x) * w``, then at most a dtype cast)?
+
+    Then an expert's output for a token is linear in its weight, and calibration
+    can run every expert on all tokens at once and mask the combine.
+    """
+    weight = next((n for n in graph.nodes if n.op == "placeholder" and n.target == "routing_weight"), None)
+    if weight is None or len(weight.users) != 1:
+        return False
+    node = next(iter(weight.users))
+    if target_name(node) not in ("mul", "__mul__", "__rmul__", "mul_"):
+        return False
+    while node.op != "output":
+        if len(node.users) != 1:
+            return False
+        node = next(iter(node.users))
+        if node.op != "output" and target_name(node) not in ("to", "float", "type_as"):
+            return False
+    return True
+
+
 def _tensor_method_names() -> dict[int, str]:
     names = {}
     for name in dir(torch.Tensor):
@@ -616,6 +637,7 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
     }
     sources["contribution"] = contribution.meta.get("source")
     template = ExpertTemplate(graph=graph, linears=recipes, uses_routing_weight=routing is not None,
+                              weight_applied_last=_weight_applied_last(graph),
                               output_dtype=value(contribution).dtype, computation=computation,
                               projections=projections)
     return template, layout, sources

@@ -55,7 +55,8 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     scored = final.args[0]
     path = ancestry.between(logits, weights) if logits is not None else []
     after_selection = [n for n in path if ancestry.is_ancestor(final, n)]
-    scoring_ops = [target_name(n) for n in path if target_name(n) not in _PLUMBING and n is not logits]
+    scoring_nodes = [n for n in path if target_name(n) not in _PLUMBING and n is not logits]
+    scoring_ops = [target_name(n) for n in scoring_nodes]
     sources = {"top_k": source_of(final)}
     if logits is not None:
         sources["logits"] = source_of(logits)
@@ -69,6 +70,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         grouped=len(selections) > 1 or value(scored).dim() > 2,
         scaling=_scaling(after_selection),
         selection=target_name(final),
+        scored_after_selection=bool(scoring_nodes) and ancestry.is_ancestor(final, scoring_nodes[0]),
         sources={k: v for k, v in sources.items() if v},
     )
 

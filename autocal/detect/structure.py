@@ -29,6 +29,7 @@ class RouterInfo:
     scaling: float | None
     sources: dict[str, str] = field(default_factory=dict)
     selection: str = "topk"
+    scored_after_selection: bool = False
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ExpertTemplate:
     uses_routing_weight: bool
     output_dtype: Any = None
     computation: str = ""
+    weight_applied_last: bool = False
     projections: list[Projection] = field(default_factory=list)
 
 

@@ -150,6 +150,7 @@ class CalibrationExperts(UnpackedExperts):
         super().__init__(original, structure, expert_cls, calibrate_all_experts)
         self.roles = dict(structure.experts.call_roles)
         self.uses_routing_weight = structure.template.uses_routing_weight
+        self.dense_calibration = structure.template.weight_applied_last
         self.output_features = structure.experts.output_features
         self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
         self.output_dtype = _dtype(structure.experts.output_dtype)
@@ -163,6 +164,9 @@ class CalibrationExperts(UnpackedExperts):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
         output = hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
+        if self.calibrate_all_experts and self.dense_calibration:
+            self._dense(hidden, index, weights, output)
+            return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
         slot_major = index.transpose(0, 1)
         for expert in range(self.num_experts):
             slot, token = torch.where(slot_major == expert)
@@ -172,6 +176,21 @@ class CalibrationExperts(UnpackedExperts):
             if self.calibrate_all_experts:
                 self._run_unrouted(expert, hidden, token, weights.dtype)
         return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
+
+    def _dense(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, output: torch.Tensor) -> None:
+        """Calibration with the weight applied last: each expert once on every token, the combine masked.
+
+        A token an expert was not routed to gets weight 1 (its rows are seen
+        unscaled) and its output is masked out; no host synchronisation, one
+        call per expert. The routed rows come from a larger matmul than the
+        original's, so they equal it within rounding.
+        """
+        for expert in range(self.num_experts):
+            hit = index == expert
+            routed = hit.any(dim=-1, keepdim=True)
+            weight = torch.where(routed, (weights * hit).sum(dim=-1, keepdim=True), torch.ones_like(weights[:, :1]))
+            contribution = self._call(expert, hidden, weight)
+            output.add_(torch.where(routed, contribution.to(output.dtype), torch.zeros_like(output)))
 
     def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
         module = self._modules[str(expert)]

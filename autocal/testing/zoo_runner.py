@@ -3,7 +3,8 @@
 For one architecture: build the tiny model with random weights, convert it,
 compare whole-model logits before and after (calibration off: bitwise;
 calibration on: within rounding), count the tokens every expert Linear sees
-with calibration on, restore the non-permanent blocks, and time it all.
+with calibration on, restore the blocks, convert the same model built on the
+meta device, and time it all.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ZooResult:
     max_diff_on: float | None = None
     experts_covered: str = ""
     restored: bool | None = None
+    meta: bool | None = None
     seconds: float = 0.0
     failure: str = ""
 
@@ -68,6 +70,7 @@ def _block_facts(report) -> list[dict[str, Any]]:
             "level": block.structure["level"],
             "scoring": router["scoring"],
             "selection": router.get("selection", "topk"),
+            "scored_after_selection": router.get("scored_after_selection", False),
             "top_k": router["top_k"],
             "num_experts": experts["num_experts"],
             "storage": experts["storage"],
@@ -129,7 +132,8 @@ def run_architecture(name: str) -> ZooResult:
         result.max_diff_on = diff
         restored = _restored_parameters(model)
         result.restored = all(torch.equal(before[n], p) for n, p in restored.items()) and set(restored) == set(before)
-        result.passed = bool(converted) and result.bitwise_off and close and covered and result.restored
+        result.meta = _converts_on_meta(name, inputs, result.converted)
+        result.passed = bool(converted) and result.bitwise_off and close and covered and result.restored and result.meta
         if not result.passed:
             result.failure = _why(result, close, covered)
     except errors.AutocalError as error:
@@ -139,6 +143,14 @@ def run_architecture(name: str) -> ZooResult:
         result.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200]} ({frame.filename}:{frame.lineno})"
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+def _converts_on_meta(name: str, inputs: dict, expected: int) -> bool:
+    """The same model built on the meta device converts the same number of blocks, and stays on meta."""
+    model = zoo.build_model(name, device="meta")
+    convert(model, example_inputs=inputs, forward=zoo.forward_module(model))
+    converted = sum(isinstance(m, MoECalibrationModule) for m in model.modules())
+    return converted == expected and all(p.is_meta for p in model.parameters())
 
 
 def _restored_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -169,4 +181,6 @@ def _why(result: ZooResult, close: bool, covered: bool) -> str:
         reasons.append(f"experts covered {result.experts_covered}")
     if not result.restored:
         reasons.append("restore() did not give the parameters back")
+    if not result.meta:
+        reasons.append("the meta-device model did not convert the same blocks")
     return "; ".join(reasons)
