@@ -7,6 +7,7 @@ reaches every expert while the block's output stays the original's.
 
 from . import errors
 from .api import calibration_context, convert, restore, synthesize
+from .coverage import coverage
 from .errors import AutocalError
 from .explain import explain
 from .registry import MoECalibrationModule
@@ -16,6 +17,7 @@ __all__ = [
     "MoECalibrationModule",
     "calibration_context",
     "convert",
+    "coverage",
     "errors",
     "explain",
     "restore",

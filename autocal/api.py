@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import errors
+from .coverage import count_tokens
 from .detect.detector import detect, find_moe_blocks
 from .trace.inputs import BlockCall
 from .trace.twin import cpu_twin, on_meta
@@ -74,6 +75,8 @@ class Converter:
               twin: nn.Module | None = None) -> MoECalibrationModule:
         analysis = self.analyse(block, call, twin)
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
+        for expert in getattr(module, "expert_modules", list)():
+            count_tokens(expert)
         if self.verify and analysis.verification is None and analysis.structure is not None and not on_meta(block):
             args, kwargs = _verification_inputs(block, call, analysis.structure)
             analysis.verification = verify(block, module, args, kwargs)
@@ -176,12 +179,15 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
     runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
     calls = _capture_calls(twin or model, [p for p, _ in blocks], example_inputs, runner) if example_inputs else {}
     config = getattr(model, "config", None)
+    built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
     for path, block in _progress(blocks):
-        try:
-            module = converter.build(block, config, calls.get(path), twin.get_submodule(path) if twin else None)
-        except errors.AutocalError as error:
-            raise error.with_context(module_path=path, block_class=type(block).__name__) from None
-        _set_submodule(model, path, module)
+        if id(block) not in built:
+            try:
+                built[id(block)] = converter.build(block, config, calls.get(path),
+                                                   twin.get_submodule(path) if twin else None)
+            except errors.AutocalError as error:
+                raise error.with_context(module_path=path, block_class=type(block).__name__) from None
+        _set_submodule(model, path, built[id(block)])
     return model
 
 

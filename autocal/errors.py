@@ -19,6 +19,7 @@ __all__ = [
     "VERIFICATION_FAILED",
     "BAD_OVERRIDE",
     "NOT_RESTORABLE",
+    "HOOKED_MODULE",
     "KINDS",
 ]
 
@@ -29,6 +30,7 @@ UNSUPPORTED_EXPERT = "unsupported-expert"
 VERIFICATION_FAILED = "verification-failed"
 BAD_OVERRIDE = "bad-override"
 NOT_RESTORABLE = "not-restorable"
+HOOKED_MODULE = "hooked-module"
 
 KINDS = {
     NO_MOE_BLOCK: "the module holds no block that routes tokens to experts",
@@ -38,6 +40,7 @@ KINDS = {
     VERIFICATION_FAILED: "the calibration module's output differs from the original's",
     BAD_OVERRIDE: "a registered calibration module breaks the contract",
     NOT_RESTORABLE: "the module was converted permanently and cannot be restored",
+    HOOKED_MODULE: "the block's forward was replaced by a dispatch or offload hook",
 }
 
 OVERRIDE_HINT = (

@@ -8,8 +8,9 @@
   shell blocks (install lines, commands) may be skipped, and every non-python
   block under docs/ must be one of those.
 - The docstring examples of every object the reference renders (``::: dotted.path``)
-  run too; the reference renders every name in ``autocal.__all__``, and its
-  error-kind table matches ``autocal.errors.KINDS``.
+  run too, in their module's namespace plus ``torch`` and ``autocal``; the reference
+  renders every name in ``autocal.__all__``, and its error-kind table matches
+  ``autocal.errors.KINDS``.
 - mkdocs.yml lists every page under docs/ (and nothing else but the optional
   pages that scripts/docs.sh leaves out when they are missing).
 
@@ -210,7 +211,8 @@ def test_reference_docstring_examples_run(path: str) -> None:
     finder = doctest.DocTestFinder()
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     report: list[str] = []
-    for test in finder.find(obj, path, module=module, globs=vars(module).copy()):
+    globs = {"torch": torch, "autocal": autocal, **vars(module)}  # as numpy's doctests have `np`
+    for test in finder.find(obj, path, module=module, globs=globs):
         runner.run(test, out=report.append)
     assert not runner.failures, "".join(report)
 

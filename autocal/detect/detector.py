@@ -44,7 +44,7 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
     Candidates only: ``detect`` confirms that the forward routes tokens to them.
     """
-    for path, module in model.named_modules():
+    for path, module in model.named_modules(remove_duplicate=False):  # a block reached twice is listed twice
         if experts_container(module) is not None or expert_lists(module):
             yield path, module
 
@@ -105,6 +105,15 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         call: example inputs; synthesized from the block's parameters if None.
         num_tokens: tokens in synthesized inputs (default: enough to reach most experts).
     """
+    hooked = [name or "<block>" for name, m in block.named_modules() if "forward" in m.__dict__]
+    if hooked:
+        raise errors.AutocalError(
+            errors.HOOKED_MODULE,
+            f"{', '.join(hooked[:3])} run a replaced forward (an offload or dispatch hook, as accelerate adds)",
+            block_class=type(block).__name__,
+            hints=["convert the model before dispatching or offloading it (load it on the CPU or the meta "
+                   "device, autocal.convert, then dispatch)"],
+        )
     if on_meta(block):  # no data to run on: detect on a CPU twin, synthesize on the block itself
         return detect(cpu_twin(block), None, num_tokens=num_tokens or 16)
     found = experts_container(block)

@@ -669,6 +669,17 @@ def _calibrating(model: nn.Module, enabled: bool) -> Iterator[None]:
         set_calibration(model, False)
 
 
+def _check_name_or_path(model: nn.Module) -> None:
+    """llmcompressor 0.14 re-reads the model's config from ``config.name_or_path`` (``Oneshot.validate_model``)."""
+    config = getattr(model, "config", None)
+    source = getattr(config, "name_or_path", None) if config is not None else None
+    if config is not None and not source:
+        raise ValueError(
+            "llmcompressor.oneshot reads the model's config again from model.config.name_or_path, which is empty: "
+            "load the model with from_pretrained (a local directory or a cached hub id), or save it and "
+            "set model.config.name_or_path to that directory")
+
+
 def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True, quantize_gates: bool = False,
             check: bool = True, output_dir: str | None = None, save_compressed: bool = True,
             **oneshot_kwargs: Any) -> Coverage:
@@ -690,6 +701,7 @@ def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True
     """
     import llmcompressor
 
+    _check_name_or_path(model)
     if not calibration_blocks(model):
         prepare(model)
     check_linearization(model)

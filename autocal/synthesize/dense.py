@@ -43,7 +43,7 @@ class DenseCalibrationExperts(UnpackedExperts):
 
     def forward(self, hidden_states: torch.Tensor, unscaled: torch.Tensor | None = None,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.calibrate_all_experts and self._untouched():
+        if hidden_states.shape[0] == 0 or (not self.calibrate_all_experts and self._untouched()):
             return self.__dict__["_original"](hidden_states)
         rows = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
         calibrating = self.calibrate_all_experts and unscaled is not None and scale is not None

@@ -1,0 +1,79 @@
+"""``autocal.coverage(model)``: tokens each expert saw since conversion (or since ``reset``).
+
+Every calibration module counts the rows each of its experts receives with a
+forward pre-hook on the expert module (the Linears inside stay hook-free). An
+expert that saw no token would get no calibration data: it is flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .registry import MoECalibrationModule
+
+__all__ = ["Coverage", "coverage", "count_tokens"]
+
+_COUNTER = "_autocal_tokens_seen"
+
+
+def count_tokens(expert: nn.Module) -> None:
+    """Start counting the rows ``expert`` receives (idempotent)."""
+    if _COUNTER in expert.__dict__:
+        return
+    expert.__dict__[_COUNTER] = 0
+
+    def hook(module, args):
+        rows = args[0] if args else None
+        if rows is not None and hasattr(rows, "shape") and rows.dim():
+            module.__dict__[_COUNTER] += int(rows.numel() // rows.shape[-1])
+
+    expert.register_forward_pre_hook(hook)
+
+
+@dataclass
+class Coverage:
+    """Tokens seen per expert, by calibration-module path."""
+
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+
+    def unseen(self) -> dict[str, list[int]]:
+        """Experts (by index) that saw no token, by block path."""
+        return {path: [i for i, n in enumerate(counts) if n == 0] for path, counts in self.tokens.items()
+                if 0 in counts}
+
+    def __str__(self) -> str:
+        lines = []
+        for path, counts in self.tokens.items():
+            flag = "" if min(counts, default=0) else "   <-- experts with no token: " + str(
+                [i for i, n in enumerate(counts) if n == 0])
+            lines.append(f"{path}: min {min(counts, default=0)}, max {max(counts, default=0)} tokens per expert{flag}")
+        return "\n".join(lines) or "no calibration module in this model"
+
+    def reset(self, model: nn.Module) -> None:
+        for module in _experts(model):
+            module.__dict__[_COUNTER] = 0
+
+
+def _experts(model: nn.Module):
+    for module in model.modules():
+        if isinstance(module, MoECalibrationModule) and hasattr(module, "expert_modules"):
+            yield from module.expert_modules()
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """Tokens each expert of each converted block has seen.
+
+    Example:
+        >>> from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, make_toy_block
+        >>> model = torch.nn.Sequential(make_toy_block(ToyMoEConfig(num_experts=4)))
+        >>> _ = autocal.convert(model); _ = model(example_hidden_states(ToyMoEConfig(), seq=5))
+        >>> autocal.coverage(model).tokens  # doctest: +SKIP
+        {'0': [5, 5, 5, 5]}
+    """
+    result = Coverage()
+    for path, module in model.named_modules():
+        if isinstance(module, MoECalibrationModule) and hasattr(module, "expert_modules"):
+            result.tokens[path or "<root>"] = [e.__dict__.get(_COUNTER, 0) for e in module.expert_modules()]
+    return result

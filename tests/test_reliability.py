@@ -1,0 +1,137 @@
+"""The catalogue of bad and odd inputs (issue 7), each with its expected behaviour.
+
+Covered elsewhere, and part of the catalogue:
+- a model with no MoE block: tests/test_api.py::test_model_without_moe_gives_a_clear_error
+- one token, k == number of experts, experts that receive no tokens, bfloat16: the
+  @example cases of tests/test_equivalence.py (and its drawn configs)
+- converting twice: tests/test_api.py::test_convert_twice_is_idempotent
+- an exception inside calibration_context: tests/test_api.py::test_calibration_context_restores_on_error
+- an override that breaks the contract: tests/test_api.py::test_override_breaking_the_contract_is_rejected_at_registration
+- checksums after restore(): tests/test_models.py, and every zoo row (tests/test_zoo.py)
+- permanent unpacking reproduces the packed tensors: tests/test_api.py::test_permanent_unpacking_reproduces_the_packed_tensors
+- parameters on the meta device: every zoo row converts its meta-device twin
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import autocal
+from autocal.testing import zoo
+from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
+from autocal.verify import compare_outputs
+
+
+def _outputs(module, x, calibrate):
+    module.calibrate_all_experts = calibrate
+    with torch.no_grad():
+        return module(x)
+
+
+def test_block_that_cannot_be_traced_raises_with_kind_class_and_source():
+    class Unrouted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.Module()
+            self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
+            self.experts.down_proj = nn.Parameter(torch.randn(4, 4, 4))
+            self.router = nn.Linear(4, 4)
+
+        def forward(self, hidden_states):
+            return hidden_states @ self.experts.gate_up_proj[0].T[:4]
+
+    with pytest.raises(autocal.AutocalError) as error:
+        autocal.convert(nn.Sequential(Unrouted()))
+    assert error.value.kind in autocal.errors.KINDS
+    assert error.value.block_class == "Unrouted" and error.value.module_path == "0"
+    assert "docs/errors/" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["concat", "modulelist_loop", "scores_on_inputs"])
+def test_router_producing_nan_gives_the_original_nans(kind):
+    config = ToyMoEConfig(kind=kind)
+    block = make_toy_block(config)
+    x = example_hidden_states(config, seq=6)
+    x[0, 2] = float("nan")  # one token's router scores become NaN
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block, verify=False)
+    _, bitwise, _ = compare_outputs(expected, _outputs(module, x, False))
+    assert bitwise or torch.equal(main_output(expected).isnan(), main_output(_outputs(module, x, False)).isnan())
+    assert torch.equal(main_output(expected).isnan(), main_output(_outputs(module, x, True)).isnan())
+
+
+@pytest.mark.parametrize("kind", ["concat", "interleaved", "modulelist_loop", "scores_on_inputs", "no_gate"])
+def test_zero_tokens(kind):
+    config = ToyMoEConfig(kind=kind)
+    block = make_toy_block(config)
+    x = example_hidden_states(config, seq=1)[:, :0]
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    for calibrate in (False, True):
+        out = _outputs(module, x, calibrate)
+        assert main_output(out).shape == main_output(expected).shape == (1, 0, config.hidden_size)
+
+
+def test_float16_weights():
+    config = ToyMoEConfig(kind="concat", dtype=torch.float16)
+    block = make_toy_block(config)
+    x = example_hidden_states(config, seq=7)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert torch.equal(_outputs(module, x, False), expected)
+    assert compare_outputs(expected, _outputs(module, x, True))[2]
+
+
+def test_parameters_on_the_meta_device_convert_without_memory():
+    model = zoo.build_model("qwen3_moe", device="meta")
+    autocal.convert(model)
+    assert all(p.is_meta for p in model.parameters())
+    assert isinstance(model.model.layers[0].mlp, autocal.MoECalibrationModule)
+    assert model.model.layers[0].mlp.experts[3].down_proj.weight.is_meta
+
+
+def test_accelerate_offloaded_model_gives_a_clear_error():
+    accelerate = pytest.importorskip("accelerate")
+    model = zoo.build_model("qwen3_moe")
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(autocal.AutocalError) as error:
+        autocal.convert(model)
+    assert error.value.kind == autocal.errors.HOOKED_MODULE
+    assert "before dispatching" in str(error.value)
+
+
+def test_one_block_reached_by_two_paths_stays_shared():
+    config = ToyMoEConfig()
+    block = make_toy_block(config)
+    model = nn.Sequential(block, block)  # the same block object twice (tied)
+    x = example_hidden_states(config)
+    with torch.no_grad():
+        expected = model(x)
+    autocal.convert(model)
+    assert isinstance(model[0], autocal.MoECalibrationModule) and isinstance(model[1], autocal.MoECalibrationModule)
+    assert model[0] is model[1]
+    for module in (model[0], model[1]):
+        module.calibrate_all_experts = False
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_coverage_flags_experts_that_saw_no_token():
+    config = ToyMoEConfig(num_experts=8, top_k=1)
+    model = nn.Sequential(make_toy_block(config))
+    autocal.convert(model, calibrate_all_experts=False)
+    report = autocal.coverage(model)
+    report.reset(model)
+    with torch.no_grad():
+        model(example_hidden_states(config, seq=1))
+    report = autocal.coverage(model)
+    assert sum(report.tokens["0"]) == 1 and len(report.unseen()["0"]) == 7
+    assert "experts with no token" in str(report)
+    model[0].calibrate_all_experts = True
+    report.reset(model)
+    with torch.no_grad():
+        model(example_hidden_states(config, seq=3))
+    assert autocal.coverage(model).tokens["0"] == [3] * 8 and not autocal.coverage(model).unseen()
