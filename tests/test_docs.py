@@ -53,6 +53,7 @@ FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 class Block:
     page: Path
     first_line: int  # 1-based line of the block's first code line
+    indent: str  # of the fence (a block inside a list item), removed from the code
     lang: str
     code: str
     skipped: bool
@@ -80,7 +81,7 @@ def code_blocks(page: Path) -> list[Block]:
         assert end is not None, f"{page.relative_to(ROOT)}:{i + 1}: code block never closed"
         before = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
         code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
-        blocks.append(Block(page, i + 2, lang.lower(), code, before == SKIP))
+        blocks.append(Block(page, i + 2, indent, lang.lower(), code, before == SKIP))
         i = end + 1
     return blocks
 
@@ -120,7 +121,7 @@ def _accept(page: Path, mismatches: list[tuple[Block, doctest.Example, str]]) ->
     lines = page.read_text().splitlines()
     for block, example, got in sorted(mismatches, key=lambda m: -(m[0].first_line + m[1].lineno)):
         start = block.first_line - 1 + example.lineno + example.source.count("\n")
-        indent = " " * example.indent
+        indent = block.indent + " " * example.indent
         new = [indent + (line.rstrip() or "<BLANKLINE>") for line in got.rstrip("\n").splitlines()]
         lines[start:start + example.want.count("\n")] = new
     page.write_text("\n".join(lines) + "\n")

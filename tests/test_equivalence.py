@@ -63,3 +63,28 @@ def test_calibration_off_experts_see_only_routed_tokens(config, seed):
     with torch.no_grad(), count_rows(experts) as rows:
         module(x)
     assert sum(rows.values()) == 6 * config.top_k
+
+
+@given(config=toy_configs(kinds=["concat", "interleaved", "grouped_sigmoid_bias"]), tokens=token_counts(),
+       chunk=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_token_chunks_bound_calibration_calls_with_the_same_output(config, tokens, chunk, seed):
+    block = make_toy_block(config, seed=seed)
+    x = example_hidden_states(config, seq=tokens, seed=seed + 1)
+    module = autocal.synthesize(block)
+    module.calibrate_all_experts = False
+    with torch.no_grad():
+        off = module(x)
+    module.calibrate_all_experts = True
+    module.calibration_chunk_size = chunk
+    calls: dict[int, list[int]] = {}
+    hooks = [e.register_forward_pre_hook(lambda m, a, i=i: calls.setdefault(i, []).append(a[0].shape[0]))
+             for i, e in enumerate(module.expert_modules())]
+    with torch.no_grad():
+        chunked = module(x)
+    for hook in hooks:
+        hook.remove()
+    assert compare_outputs(off, chunked)[1], "chunked calibration must give the calibration-off output bitwise"
+    for expert, sizes in calls.items():
+        assert sum(sizes) >= tokens  # every token reached every expert
+        routed = sizes[0] if sum(sizes) - sizes[0] == tokens - sizes[0] else 0
+        assert all(size <= chunk for size in sizes[1 if routed else 0:]), (expert, sizes, chunk)

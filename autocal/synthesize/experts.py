@@ -151,6 +151,7 @@ class CalibrationExperts(UnpackedExperts):
         self.roles = dict(structure.experts.call_roles)
         self.uses_routing_weight = structure.template.uses_routing_weight
         self.dense_calibration = structure.template.weight_applied_last
+        self.calibration_chunk_size: int | None = None
         self.output_features = structure.experts.output_features
         self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
         self.output_dtype = _dtype(structure.experts.output_dtype)
@@ -164,7 +165,7 @@ class CalibrationExperts(UnpackedExperts):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
         output = hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
-        if self.calibrate_all_experts and self.dense_calibration:
+        if self.calibrate_all_experts and self.dense_calibration and self.calibration_chunk_size is None:
             self._dense(hidden, index, weights, output)
             return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
         slot_major = index.transpose(0, 1)
@@ -178,6 +179,9 @@ class CalibrationExperts(UnpackedExperts):
         return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
 
     def _dense(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, output: torch.Tensor) -> None:
+        # With ``calibration_chunk_size`` set, calibration takes the routed + unrouted path instead: the
+        # routed rows are computed as with calibration off and the unrouted rows run in chunks of at most
+        # that many tokens, bounding activation memory with the same output.
         """Calibration with the weight applied last: each expert once on every token, the combine masked.
 
         A token an expert was not routed to gets weight 1 (its rows are seen
@@ -202,8 +206,8 @@ class CalibrationExperts(UnpackedExperts):
         unrouted = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         unrouted[routed] = False
         rows = unrouted.nonzero().squeeze(-1)
-        if rows.numel():
-            self._call(expert, hidden[rows], torch.ones(rows.numel(), 1, dtype=dtype, device=hidden.device))
+        for chunk in rows.split(self.calibration_chunk_size or max(rows.numel(), 1)):
+            self._call(expert, hidden[chunk], torch.ones(chunk.numel(), 1, dtype=dtype, device=hidden.device))
 
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None

@@ -62,6 +62,17 @@ class SynthesizedMoE(MoECalibrationModule):
     def calibrate_all_experts(self, enabled: bool) -> None:
         self._modules[self.structure.experts.module_path].calibrate_all_experts = bool(enabled)
 
+    @property
+    def calibration_chunk_size(self) -> int | None:
+        """At most this many tokens per expert call in calibration mode (None: all at once)."""
+        return self._modules[self.structure.experts.module_path].calibration_chunk_size
+
+    @calibration_chunk_size.setter
+    def calibration_chunk_size(self, tokens: int | None) -> None:
+        if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"calibration_chunk_size must be a positive int or None, got {tokens!r}")
+        self._modules[self.structure.experts.module_path].calibration_chunk_size = tokens
+
     def restore(self, original: nn.Module | None = None) -> nn.Module:
         """The original block, whose packed parameters share storage with the unpacked experts."""
         return original if original is not None else self.__dict__["_original"]
