@@ -7,13 +7,18 @@ reaches every expert while the block's output stays the original's.
 
 from . import errors
 from .api import calibration_context, convert, restore, synthesize
-from .coverage import coverage
+from .coverage import Coverage, coverage
 from .errors import AutocalError
-from .explain import explain
+from .explain import BlockReport, Report, explain
 from .registry import MoECalibrationModule
+from .verify import Verification
 
 __all__ = [
     "AutocalError",
+    "BlockReport",
+    "Coverage",
+    "Report",
+    "Verification",
     "MoECalibrationModule",
     "calibration_context",
     "convert",

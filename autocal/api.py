@@ -75,19 +75,22 @@ class Converter:
               twin: nn.Module | None = None) -> MoECalibrationModule:
         analysis = self.analyse(block, call, twin)
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
-        for expert in getattr(module, "expert_modules", list)():
-            count_tokens(expert)
-        if self.verify and analysis.verification is None and analysis.structure is not None and not on_meta(block):
+        module.__dict__.setdefault("_original", block)  # what restore() puts back, for overrides too
+        if self.verify and analysis.verification is None and not on_meta(block):
             args, kwargs = _verification_inputs(block, call, analysis.structure)
-            analysis.verification = verify(block, module, args, kwargs)
+            if args is not None:
+                analysis.verification = verify(block, module, args, kwargs)
+        for expert in getattr(module, "expert_modules", list)():
+            count_tokens(expert)  # after verification, so coverage counts the user's tokens only
         return module
 
 
-def _verification_inputs(block: nn.Module, call: BlockCall | None, structure: MoEStructure) -> tuple[tuple, dict]:
+def _verification_inputs(block: nn.Module, call: BlockCall | None,
+                         structure: MoEStructure | None) -> tuple[tuple | None, dict]:
     """The caller's inputs, or fresh random hidden states (another seed than detection used)."""
     if call is not None:
         return call.args, call.kwargs
-    experts = block.get_submodule(structure.experts.module_path)
+    experts = block.get_submodule(structure.experts.module_path) if structure is not None else block
     return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1), {}
 
 

@@ -32,10 +32,52 @@ def test_registered_override_is_used_instead_of_synthesis():
         model = nn.Sequential(make_toy_block(ToyMoEConfig()))
         autocal.convert(model)
         assert isinstance(model[0], HandWritten)
+        assert calls, "the override is verified against the original before it is swapped in"
+        calls.clear()
         model(example_hidden_states(ToyMoEConfig()))
         assert calls == [True]
         report = autocal.explain(nn.Sequential(make_toy_block(ToyMoEConfig())))
         assert report.blocks[0].path == "registered override"
+    finally:
+        autocal.MoECalibrationModule.unregister("ToyConcatMoeBlock")
+
+
+def test_override_that_changes_the_output_is_refused_at_use():
+    @autocal.MoECalibrationModule.register("ToyConcatMoeBlock")
+    class Wrong(autocal.MoECalibrationModule):
+        def __init__(self, original, config, calibrate_all_experts=True):
+            super().__init__()
+            self.inner = original
+            self.calibrate_all_experts = calibrate_all_experts
+
+        def forward(self, hidden_states):
+            return self.inner(hidden_states) * 1.5
+
+    try:
+        with pytest.raises(autocal.AutocalError) as error:
+            autocal.convert(nn.Sequential(make_toy_block(ToyMoEConfig())))
+        assert error.value.kind == autocal.errors.VERIFICATION_FAILED
+    finally:
+        autocal.MoECalibrationModule.unregister("ToyConcatMoeBlock")
+
+
+def test_restore_puts_an_overrides_original_back():
+    @autocal.MoECalibrationModule.register("ToyConcatMoeBlock")
+    class Passthrough(autocal.MoECalibrationModule):
+        def __init__(self, original, config, calibrate_all_experts=True):
+            super().__init__()
+            self.inner = original
+            self.calibrate_all_experts = calibrate_all_experts
+
+        def forward(self, hidden_states):
+            return self.inner(hidden_states)
+
+    try:
+        block = make_toy_block(ToyMoEConfig())
+        model = nn.Sequential(block)
+        with autocal.calibration_context(model):
+            assert isinstance(model[0], Passthrough)
+        assert model[0] is block
     finally:
         autocal.MoECalibrationModule.unregister("ToyConcatMoeBlock")
 

@@ -681,8 +681,8 @@ def _check_name_or_path(model: nn.Module) -> None:
 
 
 def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True, quantize_gates: bool = False,
-            check: bool = True, output_dir: str | None = None, save_compressed: bool = True,
-            **oneshot_kwargs: Any) -> Coverage:
+            check: bool = True, require_all_tokens: bool = True, output_dir: str | None = None,
+            save_compressed: bool = True, **oneshot_kwargs: Any) -> Coverage:
     """``llmcompressor.oneshot`` on an autocal-converted model; returns the per-expert ``Coverage``.
 
     Converts first (``prepare``) if the model has no calibration module. Every
@@ -696,6 +696,8 @@ def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True
         model: a transformers model (``from_pretrained``).
         recipe: LLM Compressor modifiers (or a recipe LLM Compressor accepts).
         check: raise ``CoverageError`` if an expert Linear missed tokens or quantization parameters.
+        require_all_tokens: count it a problem when an expert Linear saw fewer tokens than its block
+            (with ``calibrate_all_experts=False`` experts see only their routed tokens).
         output_dir: if given, save with ``save_pretrained`` below (checked) rather than LLM Compressor's save.
         **oneshot_kwargs: passed to ``llmcompressor.oneshot`` (dataset, processor, num_calibration_samples, …).
     """
@@ -712,7 +714,7 @@ def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True
         stack.enter_context(_calibrating(model, calibrate_all_experts))
         tracker = stack.enter_context(CoverageTracker(model))
         llmcompressor.oneshot(model=model, recipe=recipe, **oneshot_kwargs)
-    report = coverage(model, tracker, require_all_tokens=calibrate_all_experts)
+    report = coverage(model, tracker, require_all_tokens=require_all_tokens)
     if check:
         report.check()
     if output_dir is not None:

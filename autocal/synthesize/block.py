@@ -19,30 +19,16 @@ from typing import Any
 from torch import fx, nn
 
 from ..detect.structure import ExpertCall, MoEStructure
-from ..registry import MoECalibrationModule
-from .module import adopt
+from .module import AdoptedMoE
 from .ops import run_unrouted
 
 __all__ = ["BlockRewriteMoE", "build_block_rewrite"]
 
 
-class BlockRewriteMoE(MoECalibrationModule):
-    """Base of generated block-level calibration classes: ``Calibration<Block>(BlockRewriteMoE, <Block>)``."""
+class BlockRewriteMoE(AdoptedMoE):
+    """Block-level rewrite: the block's forward is the generated graph; the experts are the original modules."""
 
     is_permanent = False
-    structure: MoEStructure
-    code: str
-
-    def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
-        adopt(self, original)
-        self.calibrate_all_experts = calibrate_all_experts
-
-    def restore(self, original: nn.Module | None = None) -> nn.Module:
-        return original if original is not None else self.__dict__["_original"]
-
-    def expert_modules(self) -> list[nn.Module]:
-        experts = self.get_submodule(self.structure.experts.module_path)
-        return experts.experts() if hasattr(experts, "experts") else list(experts.children())
 
 
 def _insert_unrouted(graph: fx.Graph, calls: list[ExpertCall]) -> None:
@@ -78,5 +64,6 @@ def build_block_rewrite(structure: MoEStructure, block: nn.Module) -> type[Block
     return type(
         f"Calibration{block_cls.__name__}",
         (BlockRewriteMoE, block_cls),
-        {"forward": type(generated).forward, "structure": structure, "code": generated.code, "__module__": __name__},
+        {"forward": type(generated).forward, "structure": structure, "generated_code": generated.code,
+         "__module__": __name__},
     )

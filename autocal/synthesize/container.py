@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..detect.structure import MoEStructure
-from ..registry import MoECalibrationModule
 from ..detect.block import identical_entries
-from .module import adopt
+from .module import AdoptedMoE, adopt
 from .ops import run_unrouted
 
 __all__ = ["ContainerCalibrationMoE", "build_container_calibration"]
@@ -49,30 +48,13 @@ class _CalibrationContainer(nn.Module):
         return [self._modules[name] for name in self.entries]
 
 
-class ContainerCalibrationMoE(MoECalibrationModule):
-    """Base of ``Calibration<Block>(ContainerCalibrationMoE, <Block>)``: the block, with its container wrapped."""
+class ContainerCalibrationMoE(AdoptedMoE):
+    """The block as it is, with its experts container wrapped (nothing unpacked, so not permanent)."""
 
     is_permanent = False
-    structure: MoEStructure
 
-    def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
-        adopt(self, original)
-        name = self.structure.experts.module_path
-        self._modules[name] = self._container_cls(original._modules[name], calibrate_all_experts)
-
-    @property
-    def calibrate_all_experts(self) -> bool:
-        return self._modules[self.structure.experts.module_path].calibrate_all_experts
-
-    @calibrate_all_experts.setter
-    def calibrate_all_experts(self, enabled: bool) -> None:
-        self._modules[self.structure.experts.module_path].calibrate_all_experts = bool(enabled)
-
-    def restore(self, original: nn.Module | None = None) -> nn.Module:
-        return original if original is not None else self.__dict__["_original"]
-
-    def expert_modules(self) -> list[nn.Module]:
-        return self._modules[self.structure.experts.module_path].experts()
+    def _experts_for(self, experts: nn.Module, calibrate_all_experts: bool) -> nn.Module:
+        return self._container_cls(experts, calibrate_all_experts)
 
 
 def build_container_calibration(structure: MoEStructure, block: nn.Module) -> type[ContainerCalibrationMoE]:

@@ -80,26 +80,12 @@ class DenseCalibrationExperts(UnpackedExperts):
 
 
 class DenseRewriteMoE(BlockRewriteMoE):
-    """Base of generated classes for dense, input-scaled experts."""
+    """Block-level rewrite whose packed, dense experts container is unpacked (so: permanent)."""
 
     is_permanent = True
 
-    def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
-        super().__init__(original, config, calibrate_all_experts)
-        name = self.structure.experts.module_path
-        self._modules[name] = DenseCalibrationExperts(original._modules[name], self.structure, self._expert_cls,
-                                                      calibrate_all_experts)
-
-    @property
-    def calibrate_all_experts(self) -> bool:
-        return self.__dict__.get("_calibrate_all_experts", True)
-
-    @calibrate_all_experts.setter
-    def calibrate_all_experts(self, enabled: bool) -> None:
-        self.__dict__["_calibrate_all_experts"] = bool(enabled)
-        experts = self._modules.get(self.structure.experts.module_path)
-        if isinstance(experts, DenseCalibrationExperts):
-            experts.calibrate_all_experts = bool(enabled)
+    def _experts_for(self, experts: nn.Module, calibrate_all_experts: bool) -> nn.Module:
+        return DenseCalibrationExperts(experts, self.structure, self._expert_cls, calibrate_all_experts)
 
 
 def build_dense_rewrite(structure: MoEStructure, block: nn.Module) -> type[DenseRewriteMoE]:
@@ -114,5 +100,5 @@ def build_dense_rewrite(structure: MoEStructure, block: nn.Module) -> type[Dense
         f"Calibration{block_cls.__name__}",
         (DenseRewriteMoE, block_cls),
         {"forward": type(generated).forward, "structure": structure, "_expert_cls": expert_cls,
-         "code": generated.code + "\n# one expert:\n" + expert_cls.template_code, "__module__": __name__},
+         "generated_code": generated.code, "__module__": __name__},
     )

@@ -17,7 +17,7 @@ from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
 from .experts import CalibrationExperts, expert_class
 
-__all__ = ["SynthesizedMoE", "adopt", "build_calibration_module"]
+__all__ = ["AdoptedMoE", "SynthesizedMoE", "adopt", "build_calibration_module"]
 
 # nn.Module's own bookkeeping: fresh for the new module, never shared with the original.
 _MODULE_INTERNALS = ("hooks", "_parameters", "_buffers", "_modules", "_hooks_with_kwargs", "_always_called",
@@ -37,53 +37,77 @@ def adopt(module: nn.Module, original: nn.Module) -> None:
     module.__dict__["_original"] = original
 
 
-class SynthesizedMoE(MoECalibrationModule):
-    """Base of the generated calibration classes: ``Calibration<Block>(SynthesizedMoE, <Block>)``.
+class AdoptedMoE(MoECalibrationModule):
+    """A calibration module holding the original block's members (the same objects).
 
-    Inheriting from the original block class keeps its forward and helper
-    methods, and keeps ``isinstance`` checks in model code true.
+    Generated classes are ``Calibration<Block>(<one of the subclasses>, <Block>)``:
+    inheriting from the original block class keeps its forward and helper
+    methods, and keeps ``isinstance`` checks in model code true. Subclasses say
+    what replaces the experts (``_experts_for``) and whether that is permanent.
     """
 
-    is_permanent = True
     structure: MoEStructure
-    source = "synthesized"
 
     def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
         name = self.structure.experts.module_path
-        experts = CalibrationExperts(original._modules[name], self.structure, self._expert_cls, calibrate_all_experts)
-        self._modules[name] = experts
+        replacement = self._experts_for(original._modules[name], calibrate_all_experts)
+        if replacement is not None:
+            self._modules[name] = replacement
+        self.calibrate_all_experts = calibrate_all_experts
+
+    def _experts_for(self, experts: nn.Module, calibrate_all_experts: bool) -> nn.Module | None:
+        """The module that replaces the experts container (None: keep it)."""
+        return None
+
+    @property
+    def experts_container(self) -> nn.Module:
+        return self._modules[self.structure.experts.module_path]
 
     @property
     def calibrate_all_experts(self) -> bool:
-        return self._modules[self.structure.experts.module_path].calibrate_all_experts
+        return self.__dict__.get("_calibrate_all_experts", True)
 
     @calibrate_all_experts.setter
     def calibrate_all_experts(self, enabled: bool) -> None:
-        self._modules[self.structure.experts.module_path].calibrate_all_experts = bool(enabled)
+        self.__dict__["_calibrate_all_experts"] = bool(enabled)
+        if hasattr(self.experts_container, "calibrate_all_experts"):
+            self.experts_container.calibrate_all_experts = bool(enabled)
+
+    def restore(self, original: nn.Module | None = None) -> nn.Module:
+        """The original block (whose packed parameters share storage with any unpacked experts)."""
+        return original if original is not None else self.__dict__["_original"]
+
+    def expert_modules(self) -> list[nn.Module]:
+        container = self.experts_container
+        return container.experts() if hasattr(container, "experts") else list(container.children())
+
+    @property
+    def code(self) -> str:
+        """The generated code: the block's new forward where there is one, and one expert's forward."""
+        parts = [type(self).__dict__.get("generated_code", "")]
+        parts.append(getattr(self.experts_container, "code", ""))
+        return "\n# one expert:\n".join(p for p in parts if p)
+
+
+class SynthesizedMoE(AdoptedMoE):
+    """Experts-level rewrite: the packed container becomes per-expert Linear modules; all else is the original."""
+
+    is_permanent = True
+
+    def _experts_for(self, experts: nn.Module, calibrate_all_experts: bool) -> nn.Module:
+        return CalibrationExperts(experts, self.structure, self._expert_cls, calibrate_all_experts)
 
     @property
     def calibration_chunk_size(self) -> int | None:
         """At most this many tokens per expert call in calibration mode (None: all at once)."""
-        return self._modules[self.structure.experts.module_path].calibration_chunk_size
+        return self.experts_container.calibration_chunk_size
 
     @calibration_chunk_size.setter
     def calibration_chunk_size(self, tokens: int | None) -> None:
         if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"calibration_chunk_size must be a positive int or None, got {tokens!r}")
-        self._modules[self.structure.experts.module_path].calibration_chunk_size = tokens
-
-    def restore(self, original: nn.Module | None = None) -> nn.Module:
-        """The original block, whose packed parameters share storage with the unpacked experts."""
-        return original if original is not None else self.__dict__["_original"]
-
-    def expert_modules(self) -> list[nn.Module]:
-        return self._modules[self.structure.experts.module_path].experts()
-
-    @property
-    def code(self) -> str:
-        """The generated per-expert forward."""
-        return self._modules[self.structure.experts.module_path].code
+        self.experts_container.calibration_chunk_size = tokens
 
 
 def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[SynthesizedMoE]:
