@@ -178,9 +178,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                   block_class=type(model).__name__,
                                   hints=["autocal looks for a child module storing weights per expert, "
                                          "called with the indices of a top-k"])
-    twin = cpu_twin(model) if example_inputs and on_meta(model) else None
-    runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
-    calls = _capture_calls(twin or model, [p for p, _ in blocks], example_inputs, runner) if example_inputs else {}
+    calls, twin = capture_calls(model, [p for p, _ in blocks], example_inputs, forward)
     config = getattr(model, "config", None)
     built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
     for path, block in _progress(blocks):
@@ -192,6 +190,16 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                 raise error.with_context(module_path=path, block_class=type(block).__name__) from None
         _set_submodule(model, path, built[id(block)])
     return model
+
+
+def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None,
+                  forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
+    """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta)."""
+    if not example_inputs:
+        return {}, None
+    twin = cpu_twin(model) if on_meta(model) else None
+    runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
+    return _capture_calls(twin or model, paths, example_inputs, runner), twin
 
 
 def _twin_of(forward: Any, model: nn.Module, twin: nn.Module) -> Any:

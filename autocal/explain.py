@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from . import errors
-from .api import Converter, analysis_key
+from .api import Converter, analysis_key, capture_calls
 from .detect.detector import find_moe_blocks
 from .registry import MoECalibrationModule, registered_override
 from .trace.twin import on_meta
@@ -111,8 +111,15 @@ def _format_block(block: BlockReport) -> str:
     return "\n".join(lines)
 
 
-def explain(model_or_block: nn.Module, *, verify: bool = True) -> Report:
+def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: dict | None = None,
+            forward: Any = None) -> Report:
     """Report what autocal detects in a model or a block, without changing it.
+
+    Args:
+        model_or_block: a model, or one MoE block.
+        verify: also check each block class's calibration module against the original.
+        example_inputs, forward: as for ``autocal.convert``: model inputs that show each
+            block the inputs it really gets (needed for blocks that take more than hidden states).
 
     Example:
         >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
@@ -122,7 +129,9 @@ def explain(model_or_block: nn.Module, *, verify: bool = True) -> Report:
     """
     converter = Converter(verify=verify)
     by_class: dict[tuple, BlockReport] = {}
-    for path, block in find_moe_blocks(model_or_block):
+    blocks = list(find_moe_blocks(model_or_block))
+    calls, twin = capture_calls(model_or_block, [p for p, _ in blocks], example_inputs, forward)
+    for path, block in blocks:
         if isinstance(block, MoECalibrationModule):
             continue
         cls = analysis_key(block)
@@ -132,7 +141,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True) -> Report:
         report = BlockReport(type(block).__name__, [path or "<root>"], on_meta=on_meta(block))
         by_class[cls] = report
         try:
-            module = converter.build(block)
+            module = converter.build(block, None, calls.get(path), twin.get_submodule(path) if twin else None)
         except errors.AutocalError as error:
             report.failure = {"kind": error.kind, "explanation": error.explanation, "source": error.source,
                               "hints": error.hints}

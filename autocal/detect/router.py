@@ -39,6 +39,20 @@ def _k_of(node: fx.Node) -> int:
     return 1
 
 
+def _slots(index: fx.Node, choices: int) -> int | None:
+    """k as the experts receive it (two top-1 passes make k=2).
+
+    The last size of a ``[tokens, k]`` index tensor, or, for a 0/1 dispatch mask
+    over the ``choices`` experts, the most experts one token is sent to.
+    """
+    v = value(index)
+    if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.is_floating_point():
+        return None
+    if v.shape[-1] == choices and v.numel() and int(v.min()) >= 0 and int(v.max()) <= 1:
+        return int(v.reshape(-1, choices).sum(-1).max())
+    return int(v.shape[-1])
+
+
 def _logits(selection: fx.Node, ancestry: Ancestry) -> fx.Node | None:
     candidates = [n for n in ancestry.of(selection) + [selection] if target_name(n) in _MATMUL_OPS or n.op == "call_module"]
     return candidates[-1] if candidates else None
@@ -48,8 +62,12 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     """Router facts from the nodes that produce the experts' ``index`` and ``weights`` inputs."""
     ancestry = Ancestry(graph)
     selections = _selection_nodes(index, ancestry)
-    if not selections:
-        return RouterInfo(None, None, value(index).shape[-1], 0, False, None, False, None, selection="lookup")
+    if not selections:  # indices from a lookup (hash routing): the weights still come from scores
+        logits = _logits(weights, ancestry)
+        path = ancestry.between(logits, weights) if logits is not None else []
+        scoring = next((target_name(n) for n in path if target_name(n) not in _PLUMBING and n is not logits), None)
+        return RouterInfo(_router_path(weights, logits), scoring, value(index).shape[-1], 0,
+                          _renormalized(path, ancestry), None, False, _scaling(path), selection="lookup")
     final = selections[-1]
     logits = _logits(final, ancestry)
     scored = final.args[0]
@@ -63,7 +81,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
-        top_k=_k_of(final),
+        top_k=_slots(index, value(scored).shape[-1]) or _k_of(final),
         num_choices=value(scored).shape[-1],
         renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
