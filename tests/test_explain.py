@@ -55,7 +55,7 @@ def _zoo_params():
         yield pytest.param(name, marks=marks, id=name)
 
 
-@pytest.mark.parametrize("name", _zoo_params())
+@pytest.mark.parametrize("name", list(_zoo_params()))
 def test_reports_the_configs_experts_and_k(name):
     model = zoo.build_model(name)
     report = autocal.explain(model, verify=False, example_inputs=zoo.example_inputs(model),

@@ -45,7 +45,7 @@ def _saved_row(name):
     return next((r for r in json.loads(SAVED.read_text()) if r["architecture"] == name), None)
 
 
-@pytest.mark.parametrize("name", _params())
+@pytest.mark.parametrize("name", list(_params()))
 def test_zoo_architecture(name):
     result = run_architecture(name)
     saved = _saved_row(name)
