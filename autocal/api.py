@@ -16,7 +16,7 @@ from torch import nn
 
 from . import errors
 from .coverage import count_tokens
-from .detect.detector import detect, find_moe_blocks
+from .detect.detector import detect, find_moe_blocks, unrecognized_experts
 from .trace.inputs import BlockCall
 from .trace.twin import cpu_twin, on_meta
 from .detect.structure import MoEStructure
@@ -173,6 +173,15 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
     """
     converter = converter or Converter(calibrate_all_experts, verify)
     blocks = [(p, b) for p, b in find_moe_blocks(model) if not isinstance(b, MoECalibrationModule)]
+    converted = [p for p, m in model.named_modules() if isinstance(m, MoECalibrationModule)]
+    for path, what in unrecognized_experts(model, [p for p, _ in blocks] + converted):
+        raise errors.AutocalError(
+            errors.UNSUPPORTED_DISPATCH,
+            f"{what}, but no block that routes tokens to it was recognised; nothing was converted",
+            block_class=type(model.get_submodule(path.rpartition(".")[0]) if "." in path else model).__name__,
+            module_path=path, hints=[errors.override_hint(type(model.get_submodule(path.rpartition(".")[0])).__name__
+                                                          if "." in path else type(model).__name__)],
+        )
     if not blocks and not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
         raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block",
                                   block_class=type(model).__name__,

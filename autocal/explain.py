@@ -11,7 +11,7 @@ from torch import nn
 
 from . import errors
 from .api import Converter, analysis_key, capture_calls
-from .detect.detector import find_moe_blocks
+from .detect.detector import find_moe_blocks, unrecognized_experts
 from .registry import MoECalibrationModule, registered_override
 from .trace.twin import on_meta
 
@@ -153,4 +153,9 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             report.code = getattr(module, "code", None)
         if analysis.verification is not None:
             report.verification = analysis.verification.to_dict()
+    for path, what in unrecognized_experts(model_or_block, [p for p, _ in blocks]):
+        owner = model_or_block.get_submodule(path.rpartition(".")[0]) if "." in path else model_or_block
+        by_class[(path,)] = BlockReport(type(owner).__name__, [path.rpartition(".")[0] or "<root>"], failure={
+            "kind": errors.UNSUPPORTED_DISPATCH, "source": None, "hints": [errors.override_hint(type(owner).__name__)],
+            "explanation": f"{what} ({path}), but no block that routes tokens to it was recognised"})
     return Report(list(by_class.values()))

@@ -28,7 +28,7 @@ from .graph_utils import Ancestry, is_int_tensor, target_name, value
 from .router import analyze_router
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["find_moe_blocks", "experts_container", "detect"]
+__all__ = ["find_moe_blocks", "experts_container", "detect", "unrecognized_experts"]
 
 
 def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -47,6 +47,29 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for path, module in model.named_modules(remove_duplicate=False):  # a block reached twice is listed twice
         if experts_container(module) is not None or expert_lists(module):
             yield path, module
+
+
+def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str]]:
+    """``(path, what)`` for weights stored per expert outside every recognised block.
+
+    A parameter of 3 or more dimensions whose leading size is the row count of
+    a router-shaped weight beside it looks like experts; if no block that routes
+    tokens to it was found, it must not be skipped silently.
+    """
+    found = []
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, module in modules.items():
+        if type(module).__module__.startswith("torch.nn.") or any(path == b or path.startswith(b + ".") for b in blocks):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() < 3 or param.shape[0] < 2:
+                continue
+            parent = path.rpartition(".")[0]
+            owner = modules.get(parent, model) if path else model
+            if param.shape[0] in router_rows(owner, module):
+                found.append((path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
+                break
+    return found
 
 
 def _container_call(rec: Recording, name: str) -> fx.Node | None:

@@ -48,10 +48,12 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from transformers.core_model_loading import WeightRenaming
 
 from ..registry import MoECalibrationModule
 
 __all__ = [
+    "AutocalExpertRenaming",
     "CheckpointLayout",
     "CheckpointLayoutError",
     "Coverage",
@@ -60,8 +62,11 @@ __all__ = [
     "ExpertLinear",
     "LinearCoverage",
     "LinearizationConflict",
+    "Preparation",
+    "SavedCheckpoint",
     "calibration_blocks",
     "check_coverage",
+    "check_linearization",
     "check_state_dict",
     "checkpoint_layout",
     "checkpoint_names",
@@ -69,11 +74,14 @@ __all__ = [
     "default_ignore",
     "expert_linears",
     "gate_modules",
+    "install_checkpoint_names",
+    "llmcompressor_moe_targets",
     "load_saved_state_dict",
     "oneshot",
     "prepare",
-    "saved_names",
     "save_pretrained",
+    "saved_names",
+    "set_calibration",
     "shared_storage_groups",
     "unshare",
     "verify_saved",
@@ -133,11 +141,6 @@ def calibration_blocks(model: nn.Module) -> list[tuple[str, MoECalibrationModule
 
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
-
-
-def _container_path(block: nn.Module) -> str | None:
-    structure = getattr(block, "structure", None)
-    return structure.experts.module_path if structure is not None else None
 
 
 def expert_linears(model: nn.Module) -> list[ExpertLinear]:
@@ -213,9 +216,11 @@ def default_ignore(model: nn.Module, *, lm_head: bool = True) -> list[str]:
 def llmcompressor_moe_targets(model: nn.Module) -> list[str]:
     """Modules ``llmcompressor.oneshot`` would linearize (replace) in ``model``, as 0.14.0.1 decides it:
     ``get_non_linearized_moes`` (packed containers of ``@use_experts_implementation`` classes, and
-    classes registered with ``LinearExperts2D``)."""
-    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
-
+    classes registered with ``LinearExperts2D``). Empty when llmcompressor is not installed."""
+    try:
+        from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+    except ImportError:
+        return []
     return [name for name, _ in get_non_linearized_moes(model)]
 
 
@@ -311,7 +316,7 @@ def checkpoint_names(model: nn.Module) -> dict[str, dict[str, str]]:
         packed = _packed_state(block, block_path)
         if not packed:
             continue
-        mapping = _match_names(model, block, block_path, by_block[block_path], _revert(model, packed))
+        mapping = _match_names(model, by_block[block_path], _revert(model, packed))
         if not mapping:
             continue  # the checkpoint stores these experts packed, or no unique match: autocal's names
         leaf = by_block[block_path][0].container.rpartition(".")[2]
@@ -326,10 +331,9 @@ def checkpoint_names(model: nn.Module) -> dict[str, dict[str, str]]:
             if any(k != v for k, v in m.items())}
 
 
-def _match_names(model: nn.Module, block: nn.Module, block_path: str, linears: list[ExpertLinear],
-                 reverted: dict[str, torch.Tensor]) -> dict[str, str]:
+def _match_names(model: nn.Module, linears: list[ExpertLinear], reverted: dict[str, torch.Tensor]) -> dict[str, str]:
     """``{linear_name: checkpoint_name}`` from matching every expert's Linear weight to a reverted tensor."""
-    plain = saved_names(model, [_join(l.path, "weight") for l in linears], with_autocal=False)
+    plain = saved_names(model, [_join(lin.path, "weight") for lin in linears], with_autocal=False)
     mapping: dict[str, str] = {}
     for linear in linears:
         weight = model.get_submodule(linear.path).weight
@@ -346,21 +350,15 @@ def _match_names(model: nn.Module, block: nn.Module, block_path: str, linears: l
     return mapping
 
 
-_RENAMING_CLASS: list[type] = []
+class AutocalExpertRenaming(WeightRenaming):
+    """A transformers ``WeightRenaming`` that autocal added (its reverse is one too)."""
 
-
-def _renaming_class() -> type:
-    """A ``WeightRenaming`` subclass marking the renamings autocal added (its reverse stays one too)."""
-    if not _RENAMING_CLASS:
-        from transformers.core_model_loading import WeightRenaming
-
-        _RENAMING_CLASS.append(type("AutocalExpertRenaming", (WeightRenaming,), {"_autocal": True}))
-    return _RENAMING_CLASS[0]
+    _autocal = True
 
 
 def _renamings(names: dict[str, dict[str, str]]) -> list:
     """transformers ``WeightRenaming``s (checkpoint name → model name) for ``checkpoint_names``' output."""
-    renaming = _renaming_class()
+    renaming = AutocalExpertRenaming
     renamings = []
     for leaf, mapping in names.items():
         for ours, theirs in mapping.items():
@@ -399,8 +397,9 @@ class Preparation:
     linearized_by_llmcompressor: list[str]
 
     def __str__(self) -> str:
+        shown = ", ".join(self.gates[:2]) + (", …" if len(self.gates) > 2 else "")
         lines = [f"autocal: {len(self.blocks)} MoE block(s) converted, {self.expert_linears} expert Linears",
-                 f"  gates kept out of quantization: {len(self.gates)} ({', '.join(self.gates[:2])}{', …' if len(self.gates) > 2 else ''})"]
+                 f"  gates kept out of quantization: {len(self.gates)} ({shown})"]
         for leaf, mapping in self.checkpoint_names.items():
             lines.append(f"  checkpoint names under '{leaf}': " + ", ".join(f"{a}→{b}" for a, b in mapping.items()))
         if self.linearized_by_llmcompressor:
@@ -581,6 +580,18 @@ class Coverage:
         return {"block_tokens": self.block_tokens, "linears": [lc.__dict__ for lc in self.linears],
                 "problems": self.problems()}
 
+    def table(self, block: str) -> str:
+        """Tokens seen per expert (rows) and Linear (columns) of one block, with the qparams present."""
+        rows = self.tokens_per_expert(block)
+        names = sorted({n for r in rows.values() for n in r})
+        qparams = {lc.expert: sorted(lc.qparams) for lc in self.linears if lc.block == block}
+        lines = [f"{block} (block saw {self.block_tokens.get(block, '?')} tokens)",
+                 "  expert  " + "  ".join(f"{n:>10}" for n in names) + "  qparams"]
+        for expert in sorted(rows):
+            cells = "  ".join(f"{str(rows[expert].get(n, '-')):>10}" for n in names)
+            lines.append(f"  {expert:>6}  {cells}  {','.join(qparams.get(expert, []))}")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         blocks = list(dict.fromkeys(lc.block for lc in self.linears))
         lines = [f"coverage: {len(self.linears)} expert Linears in {len(blocks)} block(s): "
@@ -602,6 +613,7 @@ def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
              require_all_tokens: bool = True) -> Coverage:
     """Quantization parameters of every expert Linear (and, with a tracker, the tokens each saw)."""
     result = []
+    tracked = tracker is not None and any(tracker.block_tokens.values())  # data-free recipes run no forward
     for linear in expert_linears(model):
         module = model.get_submodule(linear.path)
         scheme = getattr(module, "quantization_scheme", None)
@@ -610,8 +622,8 @@ def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
         required = _required_qparams(scheme) if scheme is not None else []
         entry = LinearCoverage(
             path=linear.path, block=linear.block, expert=linear.expert, name=linear.name,
-            tokens=tracker.linear_tokens.get(linear.path) if tracker else None,
-            block_tokens=tracker.block_tokens.get(linear.block) if tracker else None,
+            tokens=tracker.linear_tokens.get(linear.path) if tracked else None,
+            block_tokens=tracker.block_tokens.get(linear.block) if tracked else None,
             scheme=scheme is not None,
             qparams={n: tuple(t.shape) for n, t in tensors.items()},
             missing=[n for n in required if n not in tensors],
@@ -707,6 +719,8 @@ def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True
     if not calibration_blocks(model):
         prepare(model)
     check_linearization(model)
+    if not hasattr(model, _RENAMINGS_ATTR):  # converted with autocal.convert rather than prepare
+        install_checkpoint_names(model)
     if not quantize_gates:
         recipe = _with_ignore(recipe, gate_modules(model))
     oneshot_kwargs.setdefault("moe_calibrate_all_experts", calibrate_all_experts)
@@ -746,7 +760,7 @@ class CheckpointLayout:
 def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
     """The layout ``save_pretrained`` must produce for ``model`` (uses its save-time conversions)."""
     linears = expert_linears(model)
-    saved = saved_names(model, [_join(l.path, "weight") for l in linears])
+    saved = saved_names(model, [_join(lin.path, "weight") for lin in linears])
     experts: dict[str, str] = {}
     containers: dict[str, tuple[int, set[str]]] = {}
     counts: dict[str, int] = {}
@@ -796,9 +810,16 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], layout: CheckpointL
     for prefix, path in layout.experts.items():
         if not any(f"{prefix}.{w}" in keys for w in ("weight", "weight_packed")):
             problems.append(f"no weight for expert Linear {path} (expected {prefix}.weight or {prefix}.weight_packed)")
+    under: dict[str, list[str]] = {}
+    for key in sorted(keys):  # keys grouped by the experts container above them, in one pass
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            prefix = ".".join(parts[:depth])
+            if prefix in layout.containers:
+                under.setdefault(prefix, []).append(key)
     for container, (num, names) in layout.containers.items():
         start = container + "."
-        for key in sorted(k for k in keys if k.startswith(start)):
+        for key in under.get(container, []):
             rest = key[len(start):]
             head, _, tail = rest.partition(".")
             if head.isdigit():
@@ -886,12 +907,18 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, save_compre
     3. ``check_state_dict`` against ``checkpoint_layout(model)``: on failure nothing is written;
     4. ``model.save_pretrained`` (LLM Compressor's wrapper: config, recipe, quantization config);
     5. with ``verify``, reload every safetensors file and compare each tensor bitwise.
-    """
-    from compressed_tensors import ModelCompressor
-    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
 
-    modify_save_pretrained(model)
-    if save_compressed:
+    Without the extra installed, steps 1 and 4 are transformers' own dense save.
+    """
+    try:
+        from compressed_tensors import ModelCompressor
+        from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+    except ImportError:  # without the extra: transformers' own save, dense (nothing was quantized)
+        ModelCompressor = modify_save_pretrained = None
+    if modify_save_pretrained is not None:
+        modify_save_pretrained(model)
+        kwargs["save_compressed"] = save_compressed
+    if save_compressed and ModelCompressor is not None:
         compressor = ModelCompressor.from_pretrained_model(model)
         if compressor is not None:
             compressor.compress_model(model, skip_compressed=True)
@@ -899,11 +926,10 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, save_compre
     state, to_write = _state_dict_to_write(model, layout)
     check_state_dict(to_write, layout)
     save_directory = Path(save_directory)
-    model.save_pretrained(str(save_directory), save_compressed=save_compressed, state_dict=state, **kwargs)
+    model.save_pretrained(str(save_directory), state_dict=state, **kwargs)
     if verify:
         verify_saved(save_directory, to_write)
-    config = json.loads((save_directory / "config.json").read_text()) if (save_directory / "config.json").exists() \
-        else {}
-    return SavedCheckpoint(save_directory, sorted(to_write), sum(1 for k in to_write
-                                                                 if any(k.startswith(p + ".") for p in layout.experts)),
-                           config.get("quantization_config"))
+    config_file = save_directory / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    expert_keys = sum(1 for k in to_write if k.rsplit(".", 1)[0] in layout.experts)
+    return SavedCheckpoint(save_directory, sorted(to_write), expert_keys, config.get("quantization_config"))
