@@ -59,7 +59,7 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
     found = []
     modules = dict(model.named_modules(remove_duplicate=False))
     for path, module in modules.items():
-        if type(module).__module__.startswith("torch.nn.") or any(path == b or path.startswith(b + ".") for b in blocks):
+        if type(module).__module__.startswith("torch.nn.") or any(_within(path, b) for b in blocks):
             continue
         for name, param in module.named_parameters(recurse=False):
             if param.dim() < 3 or param.shape[0] < 2:
@@ -70,6 +70,10 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
                 found.append((path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
                 break
     return found
+
+
+def _within(path: str, block: str) -> bool:
+    return block == "" or path == block or path.startswith(block + ".")
 
 
 def _container_call(rec: Recording, name: str) -> fx.Node | None:
