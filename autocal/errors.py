@@ -20,6 +20,9 @@ __all__ = [
     "BAD_OVERRIDE",
     "NOT_RESTORABLE",
     "HOOKED_MODULE",
+    "CHECKPOINT_LAYOUT",
+    "CALIBRATION_COVERAGE",
+    "LINEARIZATION_CONFLICT",
     "KINDS",
 ]
 
@@ -31,6 +34,9 @@ VERIFICATION_FAILED = "verification-failed"
 BAD_OVERRIDE = "bad-override"
 NOT_RESTORABLE = "not-restorable"
 HOOKED_MODULE = "hooked-module"
+CHECKPOINT_LAYOUT = "checkpoint-layout"
+CALIBRATION_COVERAGE = "calibration-coverage"
+LINEARIZATION_CONFLICT = "linearization-conflict"
 
 KINDS = {
     NO_MOE_BLOCK: "the module holds no block that routes tokens to experts",
@@ -41,6 +47,9 @@ KINDS = {
     BAD_OVERRIDE: "a registered calibration module breaks the contract",
     NOT_RESTORABLE: "the module was converted permanently and cannot be restored",
     HOOKED_MODULE: "the block's forward was replaced by a dispatch or offload hook",
+    CHECKPOINT_LAYOUT: "a state dict lacks the per-expert layout vLLM and transformers load; nothing was written",
+    CALIBRATION_COVERAGE: "an expert Linear was not fully calibrated (tokens, missing or non-finite scales)",
+    LINEARIZATION_CONFLICT: "LLM Compressor would replace modules inside a block autocal converted",
 }
 
 OVERRIDE_HINT = (

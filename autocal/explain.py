@@ -118,8 +118,9 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
     Args:
         model_or_block: a model, or one MoE block.
         verify: also check each block class's calibration module against the original.
-        example_inputs, forward: as for ``autocal.convert``: model inputs that show each
-            block the inputs it really gets (needed for blocks that take more than hidden states).
+        example_inputs: as for ``autocal.convert``: model inputs that show each block the
+            inputs it really gets (needed for blocks that take more than hidden states).
+        forward: as for ``autocal.convert``: what to call with ``example_inputs``.
 
     Example:
         >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block

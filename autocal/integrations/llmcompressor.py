@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import WeightRenaming
 
+from .. import errors
 from ..registry import MoECalibrationModule
 
 __all__ = [
@@ -90,28 +91,33 @@ __all__ = [
 SAFETENSORS_GLOB = "*.safetensors"
 
 
-class LinearizationConflict(RuntimeError):
+def _listing(what: str, problems: list[str]) -> str:
+    shown = "\n  - ".join(problems[:20])
+    more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"{len(problems)} {what} problem(s):\n  - {shown}{more}"
+
+
+class LinearizationConflict(errors.AutocalError, RuntimeError):
     """LLM Compressor would linearize (replace) modules inside a block autocal converted."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(errors.LINEARIZATION_CONFLICT, message)
 
-class CheckpointLayoutError(ValueError):
+
+class CheckpointLayoutError(errors.AutocalError, ValueError):
     """A state dict does not have the per-expert layout vLLM and transformers expect; nothing was written."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        shown = "\n  - ".join(problems[:20])
-        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} checkpoint layout problem(s):\n  - {shown}{more}")
+        super().__init__(errors.CHECKPOINT_LAYOUT, _listing("checkpoint layout", problems))
 
 
-class CoverageError(AssertionError):
+class CoverageError(errors.AutocalError, AssertionError):
     """An expert Linear was not fully calibrated."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        shown = "\n  - ".join(problems[:20])
-        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} coverage problem(s):\n  - {shown}{more}")
+        super().__init__(errors.CALIBRATION_COVERAGE, _listing("coverage", problems))
 
 
 # --------------------------------------------------------------------------------------------------
