@@ -66,10 +66,19 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
                 continue
             parent = path.rpartition(".")[0]
             owner = modules.get(parent, model) if path else model
-            if param.shape[0] in router_rows(owner, module):
+            if _scored_by_router(owner, module, param):
                 found.append((path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
                 break
     return found
+
+
+def _scored_by_router(owner: nn.Module, module: nn.Module, param: torch.Tensor) -> bool:
+    """Is there, beside ``module``, a router-shaped weight ``[E, H]`` for these ``[E, …, H, …]`` weights?"""
+    inside = {id(p) for p in module.parameters()}
+    return any(
+        w.dim() == 2 and w.shape[0] == param.shape[0] and w.shape[1] in param.shape[1:]
+        for w in owner.parameters() if id(w) not in inside
+    )
 
 
 def _within(path: str, block: str) -> bool:
