@@ -80,8 +80,9 @@ class Converter:
             args, kwargs = _verification_inputs(block, call, analysis.structure)
             if args is not None:
                 analysis.verification = verify(block, module, args, kwargs)
+        counts_itself = getattr(getattr(module, "experts_container", None), "counts_tokens", False)
         for expert in getattr(module, "expert_modules", list)():
-            count_tokens(expert)  # after verification, so coverage counts the user's tokens only
+            count_tokens(expert, hook=not counts_itself)  # after verification: coverage counts the user's tokens
         return module
 
 

@@ -13,16 +13,27 @@ from torch import nn
 
 from .registry import MoECalibrationModule
 
-__all__ = ["Coverage", "coverage", "count_tokens"]
+__all__ = ["Coverage", "coverage", "count_tokens", "add_tokens"]
 
 _COUNTER = "_autocal_tokens_seen"
 
 
-def count_tokens(expert: nn.Module) -> None:
-    """Start counting the rows ``expert`` receives (idempotent)."""
+def add_tokens(expert: nn.Module, rows: int) -> None:
+    """Count ``rows`` more tokens for ``expert`` (for dispatch code that counts itself)."""
+    expert.__dict__[_COUNTER] = expert.__dict__.get(_COUNTER, 0) + rows
+
+
+def count_tokens(expert: nn.Module, *, hook: bool = True) -> None:
+    """Start counting the rows ``expert`` receives (idempotent).
+
+    With ``hook=False`` the caller's dispatch counts (``add_tokens``): a module
+    with no hook keeps PyTorch's fast call path.
+    """
     if _COUNTER in expert.__dict__:
         return
     expert.__dict__[_COUNTER] = 0
+    if not hook:
+        return
 
     def hook(module, args):
         rows = args[0] if args else None

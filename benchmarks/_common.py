@@ -127,7 +127,7 @@ def import_incumbent() -> tuple[types.SimpleNamespace, str]:
             module.__path__ = [str(root.joinpath(*package.split(".")[1:]))]
             sys.modules[package] = module
         stubbed = []
-        if importlib.util.find_spec("datasets") is None:
+        if not _importable("datasets"):
             stub = types.ModuleType("datasets")
             for cls in ("Dataset", "DatasetDict", "IterableDataset"):
                 setattr(stub, cls, type(cls, (), {}))
@@ -139,6 +139,14 @@ def import_incumbent() -> tuple[types.SimpleNamespace, str]:
     return types.SimpleNamespace(LinearExperts2D=linear_experts.LinearExperts2D,
                                  moe_calibration_context=context.moe_calibration_context,
                                  linearize_moe=linearize_module.linearize_moe), how
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
 
 
 def linearize(incumbent: types.SimpleNamespace, experts: torch.nn.Module, config) -> torch.nn.Module:

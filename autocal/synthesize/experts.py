@@ -29,6 +29,7 @@ import inspect
 import torch
 from torch import fx, nn
 
+from ..coverage import _COUNTER
 from ..detect.experts import CONTAINER_ATTR
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .ops import ProjectionLayout, geometry
@@ -80,6 +81,8 @@ def projection_layout(projection: Projection, expert_module: nn.Module, containe
         bias_in_op=projection.bias_in_op,
         weights=tuple(geometry(linear.weight) for linear in linears),
         biases=tuple(geometry(linear.bias) if linear.bias is not None else None for linear in linears),
+        addresses=tuple((linear.weight.data_ptr(), linear.bias.data_ptr() if linear.bias is not None else None)
+                        for linear in linears),
     )
 
 
@@ -156,7 +159,7 @@ class CalibrationExperts(UnpackedExperts):
         self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
         self.output_dtype = _dtype(structure.experts.output_dtype)
         self._signature = inspect.signature(original.forward)
-        self.tokens_seen = [0] * self.num_experts
+        self.counts_tokens = True  # _call counts rows for autocal.coverage; no hook needed
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(*args, **kwargs).arguments
@@ -189,16 +192,21 @@ class CalibrationExperts(UnpackedExperts):
         call per expert. The routed rows come from a larger matmul than the
         original's, so they equal it within rounding.
         """
+        # One pass over the routing for all experts: per token, each expert's summed weight and whether it
+        # was routed at all (index E and above, e.g. an expert-parallel sentinel, falls into a spare column).
+        columns = index.clamp(max=self.num_experts)
+        dense = weights.new_zeros(index.shape[0], self.num_experts + 1).scatter_add_(1, columns, weights)
+        routed = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, columns, True)
+        weight = torch.where(routed, dense, torch.ones_like(dense))
+        unrouted = ~routed
         for expert in range(self.num_experts):
-            hit = index == expert
-            routed = hit.any(dim=-1, keepdim=True)
-            weight = torch.where(routed, (weights * hit).sum(dim=-1, keepdim=True), torch.ones_like(weights[:, :1]))
-            contribution = self._call(expert, hidden, weight)
-            output.add_(torch.where(routed, contribution.to(output.dtype), torch.zeros_like(output)))
+            contribution = self._call(expert, hidden, weight[:, expert, None])
+            output.add_(contribution.to(output.dtype).masked_fill(unrouted[:, expert, None], 0))
 
     def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
         module = self._modules[str(expert)]
-        self.tokens_seen[expert] += int(rows.shape[0])
+        if _COUNTER in module.__dict__:
+            module.__dict__[_COUNTER] += rows.shape[0]
         return module(rows, routing_weight) if self.uses_routing_weight else module(rows)
 
     def _run_unrouted(self, expert: int, hidden: torch.Tensor, routed: torch.Tensor, dtype: torch.dtype) -> None:

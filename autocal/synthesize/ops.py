@@ -48,6 +48,7 @@ class ProjectionLayout:
     bias_in_op: bool
     weights: tuple[Geometry, ...]
     biases: tuple[Geometry | None, ...]
+    addresses: tuple[tuple[int, int | None], ...] = ()  # (weight, bias) data pointers as unpacked
 
 
 def assemble_columns(pieces: tuple[torch.Tensor, ...], columns: tuple[slice, ...], features: int) -> torch.Tensor:
@@ -76,14 +77,19 @@ def untouched(linears: tuple[nn.Linear, ...], layout: ProjectionLayout | None) -
 
 
 def _same_geometry(linears: tuple[nn.Linear, ...], layout: ProjectionLayout) -> bool:
-    """Do the Linears still view the packed storage exactly as they were unpacked?"""
-    weight_storage = linears[0].weight.untyped_storage().data_ptr()
-    for linear, weight, bias in zip(linears, layout.weights, layout.biases):
-        if geometry(linear.weight) != weight or linear.weight.untyped_storage().data_ptr() != weight_storage:
+    """Do the Linears still view the packed storage exactly as they were unpacked?
+
+    Same address and strides as when unpacked: replaced or moved weights (``.to``,
+    ``weight.data = …``) fail this; weights updated in place pass, and the packed
+    storage they view holds the update.
+    """
+    for linear, (weight, bias), (size, stride, _) in zip(linears, layout.addresses, layout.weights):
+        tensor = linear.weight
+        if tensor.data_ptr() != weight or tensor.stride() != stride or tensor.shape != size:
             return False
-        if (linear.bias is None) != (bias is None) or (bias is not None and geometry(linear.bias) != bias):
+        if (linear.bias is None) != (bias is None) or (bias is not None and linear.bias.data_ptr() != bias):
             return False
-    return True
+    return bool(layout.addresses)
 
 
 def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slice, ...], features: int,

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The calibration-forward benchmark on the GPU machine: full shapes, bfloat16, results in $OUT.
+#
+# That machine has torch but no network (and maybe no transformers or llmcompressor), so the
+# packages come as wheels carried in benchmarks/wheels/ (bash benchmarks/fetch_wheels.sh here;
+# carry the folder, it is git-ignored) and are installed --no-deps into a folder on PYTHONPATH.
+#
+#   bash benchmarks/gpu_run.sh                          # all shapes at 512 and 2048 tokens, on cuda
+#   bash benchmarks/gpu_run.sh --shapes qwen3-30b-a3b   # extra arguments go to calibration_forward.py
+#   DEVICE=cpu bash benchmarks/gpu_run.sh --scale 16 --tokens 64 --repeats 2   # test the script on a CPU
+#
+# Writes $OUT/calibration_forward_<device>.json and .log, and $OUT/environment.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/autocal-bench}
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/autocal-site}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+
+[ -d benchmarks/wheels ] || { echo "gpu_run.sh: benchmarks/wheels/ is missing: run benchmarks/fetch_wheels.sh and carry it" >&2; exit 2; }
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+  --find-links benchmarks/wheels -r benchmarks/requirements-gpu.txt
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+
+{
+  "$PY" - <<'PY'
+import platform, torch, transformers
+print("python", platform.python_version(), "| torch", torch.__version__, "| transformers", transformers.__version__,
+      "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+PY
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
+} | tee "$OUT/environment.txt"
+
+if [ "$DEVICE" = cuda ]; then
+  args=(--device cuda --dtype bfloat16 --scale 1)
+else
+  args=(--device "$DEVICE" --dtype float32)
+fi
+set -o pipefail
+"$PY" benchmarks/calibration_forward.py "${args[@]}" --json "$OUT/calibration_forward_$DEVICE.json" "$@" 2>&1 \
+  | grep --line-buffered -v "No accelerator available" | tee "$OUT/calibration_forward_$DEVICE.log"
