@@ -26,7 +26,7 @@ from .graph_utils import is_int_tensor, source_of, target_name, value
 from .router import analyze_router
 from .structure import BlockRewrite, ExpertCall, ExpertsInfo, MoEStructure
 
-__all__ = ["expert_lists", "expert_calls", "row_gather", "detect_block_level"]
+__all__ = ["expert_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
 
 _VIEW_OPS = {"reshape", "view", "squeeze", "unsqueeze", "flatten", "contiguous", "to"}
 
@@ -152,6 +152,25 @@ def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
     return describe(rec.graph) if linears else type(expert).__name__
 
 
+def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module], call: fx.Node,
+                        weights_applied: str, call_roles: dict[str, str] | None = None) -> ExpertsInfo:
+    """Facts about experts that are modules of their own, from one recorded call of the first."""
+    return ExpertsInfo(
+        module_path=name,
+        num_experts=len(entries),
+        storage=type(container).__name__,
+        layout={"expert_class": type(entries[0]).__name__,
+                "linears": [n for n, m in entries[0].named_modules() if isinstance(m, nn.Linear)]},
+        computation=_expert_computation(entries[0], value(call.args[0])),
+        weights_applied=weights_applied,
+        call_roles=call_roles or {},
+        output_features=value(call).shape[-1],
+        accumulate_dtype=None,
+        output_dtype=None,
+        sources={"expert_call": source_of(call)} if source_of(call) else {},
+    )
+
+
 def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call: BlockCall | None,
                        num_tokens: int | None) -> MoEStructure:
     """Block-level detection: the block gathers each expert's rows and calls it."""
@@ -182,21 +201,8 @@ def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call
     if router.num_choices < 2:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, "no top-k over two or more experts selects the expert rows",
                                   block_class=type(block).__name__, source=source_of(calls[0]))
-    first = value(calls[0].args[0])
-    experts = ExpertsInfo(
-        module_path=name,
-        num_experts=len(entries),
-        storage=type(container).__name__,
-        layout={"expert_class": type(entries[0]).__name__,
-                "linears": [n for n, m in entries[0].named_modules() if isinstance(m, nn.Linear)]},
-        computation=_expert_computation(entries[0], first),
-        weights_applied="on the expert output, in the block" if weight is not None else "not found",
-        call_roles={},
-        output_features=value(calls[0]).shape[-1],
-        accumulate_dtype=None,
-        output_dtype=None,
-        sources={"expert_call": source_of(calls[0])} if source_of(calls[0]) else {},
-    )
+    experts = module_experts_info(name, container, entries, calls[0],
+                                  "on the expert output, in the block" if weight is not None else "not found")
     for node in graph.nodes:  # the graph becomes the new forward: drop the example values
         node.meta.pop("value", None)
     return MoEStructure(

@@ -12,7 +12,7 @@ while the original forward computes the output unchanged.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -20,10 +20,10 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
-from .block import _expert_computation, _routing_weight, row_gather
-from .graph_utils import Ancestry, is_int_tensor, source_of, target_name, value
+from .block import _routing_weight, module_experts_info, row_gather
+from .graph_utils import Ancestry, source_of, target_name, value
 from .router import analyze_router
-from .structure import ExpertsInfo, MoEStructure
+from .structure import MoEStructure
 
 __all__ = ["detect_module_container", "TokenRecipe"]
 
@@ -115,22 +115,12 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
     recipe = TokenRecipe(rec.graph, tokens, _selectors(tokens, expert, ancestry))
     _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
     routing = [a for a in container_call.all_input_nodes if a is not container_call.args[0]]
-    weights = _routing_weight(first)
-    router = analyze_router(block_rec.graph, routing[0], routing[-1]) if routing else None
-    experts = ExpertsInfo(
-        module_path=name,
-        num_experts=len(entries),
-        storage=type(container).__name__,
-        layout={"expert_class": type(entries[0]).__name__,
-                "linears": [n for n, m in entries[0].named_modules() if isinstance(m, nn.Linear)]},
-        computation=_expert_computation(entries[0], value(first.args[0])),
-        weights_applied="on the expert output, in the experts' loop" if weights is not None else "not found",
-        call_roles={"hidden": hidden[0].target},
-        output_features=value(first).shape[-1],
-        accumulate_dtype=None,
-        output_dtype=None,
-        sources={"expert_call": source_of(first)} if source_of(first) else {},
-    )
+    if not routing:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"`{name}` is called without routing inputs",
+                                  block_class=type(block).__name__, source=source_of(container_call))
+    router = analyze_router(block_rec.graph, routing[0], routing[-1])
+    applied = "on the expert output, in the experts' loop" if _routing_weight(first) is not None else "not found"
+    experts = module_experts_info(name, container, entries, first, applied, {"hidden": hidden[0].target})
     structure = MoEStructure(
         block_class=type(block).__name__,
         level="container",

@@ -9,7 +9,6 @@ container's call. Nothing here reads class names or config attributes.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -24,7 +23,7 @@ from .block import detect_block_level, expert_lists, has_own_forward
 from .container import detect_module_container
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
-from .graph_utils import Ancestry, is_int_tensor, target_name, value
+from .graph_utils import Ancestry, value
 from .router import analyze_router
 from .structure import ExpertsInfo, MoEStructure
 

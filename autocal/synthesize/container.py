@@ -10,9 +10,7 @@ original block back.
 from __future__ import annotations
 
 import inspect
-from typing import Any
 
-import torch
 from torch import nn
 
 from ..detect.structure import MoEStructure

@@ -12,7 +12,6 @@ being observed.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import fx, nn
