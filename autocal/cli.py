@@ -47,7 +47,7 @@ def demo(architecture: str) -> int:
     print(f"  {'calibrate_all_experts':<22}{'bitwise equal':<15}max |diff|")
     for mode, bitwise, diff in rows:
         print(f"  {str(mode):<22}{str(bitwise):<15}{diff:.3g}")
-    print("\nexample expert code:\n" + calibration[0].code)
+    print("\nexample expert code:\n" + calibration[0].code.strip())
     return 0 if all(diff < 1e-4 for _, _, diff in rows) else 1
 
 
