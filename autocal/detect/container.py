@@ -11,7 +11,6 @@ while the original forward computes the output unchanged.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
 from .block import _routing_weight, module_experts_info, row_gather
-from .graph_utils import Ancestry, source_of, target_name, value
+from .graph_utils import Ancestry, bound_inputs, source_of, target_name, value
 from .router import analyze_router
 from .structure import MoEStructure
 
@@ -93,11 +92,9 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
     if container_call is None:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls `{name}`",
                                   block_class=type(block).__name__)
-    args = tuple(value(a) if isinstance(a, fx.Node) else a for a in container_call.args)
-    kwargs = {k: value(v) if isinstance(v, fx.Node) else v for k, v in container_call.kwargs.items()}
-    bound = inspect.signature(container.forward).bind(*args, **kwargs).arguments
+    bound = bound_inputs(container, container_call)
     with torch.no_grad():
-        rec = record(container, (), dict(bound), leaves=entries)
+        rec = record(container, (), bound, leaves=entries)
     paths = {id(m): p for p, m in container.named_modules()}
     expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
     calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]

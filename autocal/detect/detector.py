@@ -23,7 +23,7 @@ from .block import detect_block_level, expert_lists, has_own_forward
 from .container import detect_module_container
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
-from .graph_utils import Ancestry, value
+from .graph_utils import Ancestry, bound_inputs, value
 from .router import analyze_router
 from .structure import ExpertsInfo, MoEStructure
 
@@ -89,11 +89,8 @@ def _container_call(rec: Recording, name: str) -> fx.Node | None:
     return calls[0] if calls else None
 
 
-def _roles(container: nn.Module, call: fx.Node) -> dict[str, str]:
+def _roles(bound: dict[str, Any], call: fx.Node) -> dict[str, str]:
     """Which of the container's forward parameters holds hidden states, indices and weights."""
-    args = tuple(value(a) if isinstance(a, fx.Node) else a for a in call.args)
-    kwargs = {k: value(v) if isinstance(v, fx.Node) else v for k, v in call.kwargs.items()}
-    bound = inspect.signature(container.forward).bind(*args, **kwargs).arguments
     tensors = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
     index = [k for k, v in tensors.items() if not v.is_floating_point()]
     floats = [k for k, v in tensors.items() if v.is_floating_point()]
@@ -115,12 +112,9 @@ def _roles(container: nn.Module, call: fx.Node) -> dict[str, str]:
     return {"hidden": hidden[0], "index": index[0], "weights": weights[0]}
 
 
-def _record_container(container: nn.Module, call: fx.Node, roles: dict[str, str]) -> ExpertsRecording:
-    args = tuple(value(a) if isinstance(a, fx.Node) else a for a in call.args)
-    kwargs = {k: value(v) if isinstance(v, fx.Node) else v for k, v in call.kwargs.items()}
-    bound = inspect.signature(container.forward).bind(*args, **kwargs).arguments
+def _record_container(container: nn.Module, bound: dict[str, Any], roles: dict[str, str]) -> ExpertsRecording:
     with torch.no_grad():
-        rec = record(container, (), dict(bound))
+        rec = record(container, (), bound)
     return ExpertsRecording(rec.graph, container, *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
 
 
@@ -182,13 +176,14 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
                                       block_class=type(block).__name__)
         if sum(isinstance(value(a), torch.Tensor) for a in (*container_call.args, *container_call.kwargs.values())) == 1:
             return detect_dense(block, name, container, call, container_call, packed, num_experts)
-        roles = _roles(container, container_call)
+        bound = bound_inputs(container, container_call)
+        roles = _roles(bound, container_call)
         index_node = _arg_node(container, container_call, roles["index"])
         weights_node = _arg_node(container, container_call, roles["weights"])
         router = analyze_router(block_rec.graph, index_node, weights_node)
         if router.num_choices < 2:  # indices from a lookup (hash routing), not a top-k over scores
             router.num_choices = num_experts
-        experts_rec = _record_container(container, container_call, roles)
+        experts_rec = _record_container(container, bound, roles)
     template, layout, sources = analyze_experts(experts_rec, packed)
     hidden_dtype = value(experts_rec.hidden).dtype
     experts = ExpertsInfo(

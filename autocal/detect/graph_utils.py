@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import fx
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
-__all__ = ["source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "is_int_tensor", "value"]
+__all__ = ["bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "is_int_tensor", "value"]
 
 
 def target_name(node: fx.Node) -> str:
@@ -30,6 +31,13 @@ def source_of(node: fx.Node) -> str | None:
     trace = node.meta.get("stack_trace") or ""
     frames = [f for f in re.findall(r'File "([^"]+)", line (\d+)', trace) if not f[0].startswith(_TORCH_DIR)]
     return f"{frames[-1][0]}:{frames[-1][1]}" if frames else None
+
+
+def bound_inputs(module: Any, call: fx.Node) -> dict[str, Any]:
+    """The recorded values a ``call_module`` node passed, by ``module.forward``'s parameter names."""
+    args = tuple(value(a) for a in call.args)
+    kwargs = {k: value(v) for k, v in call.kwargs.items()}
+    return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
 
 
 def value(node: Any) -> Any:
@@ -79,5 +87,3 @@ class Ancestry:
         """Nodes on some path from ``start`` to ``end`` (both included), in graph order."""
         return [n for n in self.of(end) + [end] if n is start or self.is_ancestor(start, n)]
 
-    def order(self, nodes: Iterable[fx.Node]) -> list[fx.Node]:
-        return sorted(nodes, key=self._index.__getitem__)

@@ -63,7 +63,7 @@ def build_container_calibration(structure: MoEStructure, block: nn.Module) -> ty
     calibration_container = type(
         f"Calibration{container_cls.__name__}",
         (_CalibrationContainer, container_cls),
-        {"structure": structure, "entries": entries, "_container_forward": _bound_forward(container_cls),
+        {"structure": structure, "entries": entries, "_container_forward": container_cls.forward,
          "__module__": __name__},
     )
     return type(
@@ -71,12 +71,3 @@ def build_container_calibration(structure: MoEStructure, block: nn.Module) -> ty
         (ContainerCalibrationMoE, type(block)),
         {"structure": structure, "_container_cls": calibration_container, "__module__": __name__},
     )
-
-
-def _bound_forward(container_cls: type):
-    original = container_cls.forward
-
-    def forward(self, *args, **kwargs):
-        return original(self, *args, **kwargs)
-
-    return forward

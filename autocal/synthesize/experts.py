@@ -80,7 +80,6 @@ def projection_layout(projection: Projection, expert_module: nn.Module, containe
         bias=geometry(bias) if bias is not None else None,
         bias_in_op=projection.bias_in_op,
         weights=tuple(geometry(linear.weight) for linear in linears),
-        biases=tuple(geometry(linear.bias) if linear.bias is not None else None for linear in linears),
         addresses=tuple((linear.weight.data_ptr(), linear.bias.data_ptr() if linear.bias is not None else None)
                         for linear in linears),
     )

@@ -47,7 +47,6 @@ class ProjectionLayout:
     bias: Geometry | None
     bias_in_op: bool
     weights: tuple[Geometry, ...]
-    biases: tuple[Geometry | None, ...]
     addresses: tuple[tuple[int, int | None], ...] = ()  # (weight, bias) data pointers as unpacked
 
 

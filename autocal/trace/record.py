@@ -48,12 +48,6 @@ class Recording:
     inputs: dict[str, fx.Node]
     output: Any
 
-    def value(self, node: fx.Node) -> Any:
-        return node.meta.get("value")
-
-    def module_calls(self) -> list[fx.Node]:
-        return [n for n in self.graph.nodes if n.op == "call_module"]
-
 
 def _user_source() -> str | None:
     """``file:line`` of the innermost frame outside torch and autocal."""
@@ -77,7 +71,6 @@ class _Recorder(TorchFunctionMode):
         self.leaf_depth = 0
         self._names = {id(t): name for name, t in root.named_parameters(remove_duplicate=False)}
         self._names.update({id(t): name for name, t in root.named_buffers(remove_duplicate=False)})
-        self._root = root
 
     # -- provenance -------------------------------------------------------
     def bind(self, value: Any, node: fx.Node) -> None:
