@@ -56,18 +56,26 @@ class Converter:
     calibrate_all_experts: bool = True
     verify: bool = True
     classes: dict[tuple, ClassAnalysis] = field(default_factory=dict)
+    not_moe: set[tuple] = field(default_factory=set)  # candidate classes detection ruled out
 
     def analyse(self, block: nn.Module, call: BlockCall | None = None, twin: nn.Module | None = None) -> ClassAnalysis:
         """Analyse ``block``'s class once (on ``twin``, a runnable copy, when ``block`` is on the meta device)."""
         cls = analysis_key(block)
+        if cls in self.not_moe:
+            raise errors.NotAnMoE(type(block).__name__)
         if cls not in self.classes:
             override = registered_override(type(block).__name__)
             if override is not None:
                 self.classes[cls] = ClassAnalysis(override, None)
             else:
-                structure = detect(twin if twin is not None else block, call)
+                try:
+                    structure = detect(twin if twin is not None else block, call)
+                except errors.NotAnMoE:
+                    self.not_moe.add(cls)
+                    raise
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
-                         "block-dense": build_dense_rewrite, "container": build_container_calibration}[structure.level]
+                         "block-dense": build_dense_rewrite, "container": build_container_calibration,
+                         "gated": build_container_calibration}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 
@@ -175,19 +183,13 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
     converter = converter or Converter(calibrate_all_experts, verify)
     blocks = [(p, b) for p, b in find_moe_blocks(model) if not isinstance(b, MoECalibrationModule)]
     converted = [p for p, m in model.named_modules() if isinstance(m, MoECalibrationModule)]
-    for path, what in unrecognized_experts(model, [p for p, _ in blocks] + converted):
+    for block_path, path, what in unrecognized_experts(model, [p for p, _ in blocks] + converted):
+        block_class = type(model.get_submodule(block_path)).__name__
         raise errors.AutocalError(
             errors.UNSUPPORTED_DISPATCH,
             f"{what}, but no block that routes tokens to it was recognised; nothing was converted",
-            block_class=type(model.get_submodule(path.rpartition(".")[0]) if "." in path else model).__name__,
-            module_path=path, hints=[errors.override_hint(type(model.get_submodule(path.rpartition(".")[0])).__name__
-                                                          if "." in path else type(model).__name__)],
+            block_class=block_class, module_path=path, hints=[errors.override_hint(block_class)],
         )
-    if not blocks and not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block",
-                                  block_class=type(model).__name__,
-                                  hints=["autocal looks for a child module storing weights per expert, "
-                                         "called with the indices of a top-k"])
     calls, twin = capture_calls(model, [p for p, _ in blocks], example_inputs, forward)
     config = getattr(model, "config", None)
     built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
@@ -196,9 +198,17 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             try:
                 built[id(block)] = converter.build(block, config, calls.get(path),
                                                    twin.get_submodule(path) if twin else None)
+            except errors.NotAnMoE:
+                built[id(block)] = None
             except errors.AutocalError as error:
                 raise error.with_context(module_path=path, block_class=type(block).__name__) from None
-        _set_submodule(model, path, built[id(block)])
+        if built[id(block)] is not None:
+            _set_submodule(model, path, built[id(block)])
+    if not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block",
+                                  block_class=type(model).__name__,
+                                  hints=["autocal looks for a child module storing weights per expert, "
+                                         "called with the indices of a top-k"])
     return model
 
 

@@ -32,7 +32,7 @@ def demo(architecture: str) -> int:
     inputs = zoo.example_inputs(model)
     with torch.no_grad():
         reference = _logits(model(**inputs))
-    print(autocal.explain(model))
+    print(autocal.explain(model).render())
     autocal.convert(model)
     calibration = [m for m in model.modules() if isinstance(m, autocal.MoECalibrationModule)]
     rows = []
@@ -67,7 +67,7 @@ def explain_config(path: str, as_json: bool, show_code: bool) -> int:
     if as_json:
         print(report.to_json())
     else:
-        print(report)
+        print(report.render())  # a table in a terminal, plain lines when piped
         if show_code:
             for block in report.blocks:
                 if block.code:

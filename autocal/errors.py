@@ -107,5 +107,12 @@ class AutocalError(Exception):
         return self
 
 
+class NotAnMoE(Exception):
+    """A candidate with no router turned out not to gate experts per row: not an MoE, so nothing to report.
+
+    Internal to detection; ``convert`` and ``explain`` skip such candidates.
+    """
+
+
 def override_hint(block_class: str) -> str:
     return OVERRIDE_HINT.format(cls=block_class)

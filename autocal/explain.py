@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +66,15 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def __str__(self) -> str:
+        return self.render(table=False)
+
+    def render(self, table: bool | None = None) -> str:
+        """The report as text: a table when ``table`` (default: when stdout is a terminal), else plain lines."""
         if not self.blocks:
             return "No MoE block found."
-        return "\n\n".join(_format_block(b) for b in self.blocks)
+        if table is None:
+            table = sys.stdout.isatty()
+        return "\n\n".join(_format_table(b) if table else _format_plain(b) for b in self.blocks)
 
 
 def short_path(location: str | None) -> str | None:
@@ -76,39 +85,87 @@ def short_path(location: str | None) -> str | None:
     return location.rsplit(marker, 1)[-1] if marker in location else os.path.relpath(location)
 
 
-def _format_block(block: BlockReport) -> str:
-    lines = [f"{block.block_class}  ×{len(block.paths)}  ({block.paths[0]}{', …' if len(block.paths) > 1 else ''})"]
+def _title(block: BlockReport) -> str:
+    return f"{block.block_class}  ×{len(block.paths)}  ({block.paths[0]}{', …' if len(block.paths) > 1 else ''})"
+
+
+def _layout(layout: dict[str, Any]) -> str:
+    parts = []
+    for key, fact in layout.items():
+        if isinstance(fact, dict):
+            fact = ", ".join(f"{name} {list(shape) if isinstance(shape, (list, tuple)) else shape}"
+                             for name, shape in fact.items())
+        parts.append(f"{key}={fact}")
+    return "  ".join(parts)
+
+
+def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
+    """``(fact, what was found, source file:line)`` for one block class, in reading order."""
     if block.failure:
-        lines.append(f"  FAILED [{block.failure['kind']}] {block.failure['explanation']}")
-        if block.failure.get("source"):
-            lines.append(f"  stopped at {short_path(block.failure['source'])}")
-        lines.append(f"  next: {errors.override_hint(block.block_class)}")
-        return "\n".join(lines)
-    lines.append(f"  path: {block.path}")
+        return [("FAILED", f"[{block.failure['kind']}] {block.failure['explanation']}", block.failure.get("source")),
+                ("next", errors.override_hint(block.block_class), None)]
+    rows: list[tuple[str, str, str | None]] = [("path", block.path, None)]
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
-        order = f"{router['selection']} → {router['scoring']}" if router.get("scored_after_selection") else (
-            f"{router['scoring']} → {router['selection']}")
-        lines.append(
-            f"  router: {router['module_path']}  {order}  top_k={router['top_k']} of "
-            f"{router['num_choices']}  renormalized={router['renormalized']}  "
-            f"correction_bias={router['correction_bias']}  grouped={router['grouped']}  scaling={router['scaling']}"
-        )
-        lines.append(f"  experts: {experts['module_path']}  {experts['num_experts']} × {experts['storage']}  "
-                     f"layout={experts['layout']}")
-        lines.append(f"  one expert: {experts['computation']}")
-        lines.append(f"  routing weights: {experts['weights_applied']}")
-        lines.append(f"  shared: {', '.join(block.structure['shared_modules']) or 'none'}   "
-                     f"returns: {block.structure['returns']}")
-        for fact, where in {**router["sources"], **experts["sources"]}.items():
-            lines.append(f"    {fact:<12} {short_path(where)}")
-    if not block.verification:
-        lines.append("  verified: not run (meta device: no data)" if block.on_meta else "  verified: not run")
-    else:
+        sources = {**router["sources"], **experts["sources"]}
+        order = [router["selection"], router["scoring"]]
+        if not router.get("scored_after_selection"):
+            order.reverse()
+        rows += [
+            ("router", router["module_path"] or "none (no router module)", sources.pop("logits", None)),
+            ("scoring", " → ".join(str(o) for o in order), sources.pop("scoring", None)),
+            ("top_k", f"{router['top_k']} of {router['num_choices']}", sources.pop("top_k", None)),
+            ("renormalized", str(router["renormalized"]), None),
+            ("correction bias", str(router["correction_bias"]), None),
+            ("groups", str(router["grouped"]), None),
+            ("scaling", str(router["scaling"]), None),
+            ("experts", f"{experts['module_path']}  {experts['num_experts']} × {experts['storage']}", None),
+            ("layout", _layout(experts["layout"]), None),
+            ("one expert", experts["computation"], sources.pop("down_proj", sources.pop("expert_call", None))),
+            ("routing weights", experts["weights_applied"], sources.pop("contribution", sources.pop("gating", None))),
+            ("shared", ", ".join(block.structure["shared_modules"]) or "none", None),
+            ("returns", block.structure["returns"], None),
+        ]
+        rows += [(f"  {fact}", "", where) for fact, where in sources.items()]
+    if block.verification:
         v = block.verification
-        lines.append(f"  verified: max |diff| off={v['max_abs_diff_off']:.3g} on={v['max_abs_diff_on']:.3g}  "
-                     f"bitwise(off)={v['bitwise_off']}  experts covered {v['experts_covered']}/{v['num_experts']}")
+        rows.append(("verified", f"max |diff| off={v['max_abs_diff_off']:.3g} on={v['max_abs_diff_on']:.3g}  "
+                                 f"bitwise(off)={v['bitwise_off']}  experts covered "
+                                 f"{v['experts_covered']}/{v['num_experts']}", None))
+    else:
+        rows.append(("verified", "not run (meta device: no data)" if block.on_meta else "not run", None))
+    return rows
+
+
+def _format_plain(block: BlockReport) -> str:
+    lines = [_title(block)]
+    for fact, found, where in _rows(block):
+        where = f"  ({short_path(where)})" if where else ""
+        lines.append(f"  {fact + ':':<17}{found}{where}".rstrip())
     return "\n".join(lines)
+
+
+def _format_table(block: BlockReport, width: int | None = None) -> str:
+    """Box-drawn table, its middle column wrapped to fit ``width`` (default: the terminal's)."""
+    header = ("fact", "detected", "source")
+    rows = [(fact, found, os.path.basename(where or "")) for fact, found, where in _rows(block)]  # JSON: full path
+    fact_w, source_w = (max(len(r[i]) for r in [*rows, header]) for i in (0, 2))
+    width = width or shutil.get_terminal_size().columns
+    found_w = max(24, min(max(len(r[1]) for r in [*rows, header]), width - fact_w - source_w - 10))
+    widths = (fact_w, found_w, source_w)
+
+    def lines(cells: tuple[str, str, str]) -> list[str]:
+        wrapped = textwrap.wrap(cells[1], found_w, break_on_hyphens=False, break_long_words=False) or [""]
+        return ["│ " + " │ ".join(c.ljust(w) for c, w in zip(
+            (cells[0] if i == 0 else "", part, cells[2] if i == 0 else ""), widths)) + " │"
+            for i, part in enumerate(wrapped)]
+
+    def rule(left: str, middle: str, right: str) -> str:
+        return left + middle.join("─" * (w + 2) for w in widths) + right
+
+    body = [line for row in rows for line in lines(row)]
+    return "\n".join([_title(block), rule("┌", "┬", "┐"), *lines(header), rule("├", "┼", "┤"), *body,
+                      rule("└", "┴", "┘")])
 
 
 def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: dict | None = None,
@@ -143,6 +200,9 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         by_class[cls] = report
         try:
             module = converter.build(block, None, calls.get(path), twin.get_submodule(path) if twin else None)
+        except errors.NotAnMoE:
+            del by_class[cls]
+            continue
         except errors.AutocalError as error:
             report.failure = {"kind": error.kind, "explanation": error.explanation, "source": error.source,
                               "hints": error.hints}
@@ -154,9 +214,10 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             report.code = getattr(module, "code", None)
         if analysis.verification is not None:
             report.verification = analysis.verification.to_dict()
-    for path, what in unrecognized_experts(model_or_block, [p for p, _ in blocks]):
-        owner = model_or_block.get_submodule(path.rpartition(".")[0]) if "." in path else model_or_block
-        by_class[(path,)] = BlockReport(type(owner).__name__, [path.rpartition(".")[0] or "<root>"], failure={
-            "kind": errors.UNSUPPORTED_DISPATCH, "source": None, "hints": [errors.override_hint(type(owner).__name__)],
-            "explanation": f"{what} ({path}), but no block that routes tokens to it was recognised"})
+    for block_path, path, what in unrecognized_experts(model_or_block, [p for p, _ in blocks]):
+        owner = type(model_or_block.get_submodule(block_path)).__name__
+        entry = by_class.setdefault((owner, "unrecognized"), BlockReport(owner, [], failure={
+            "kind": errors.UNSUPPORTED_DISPATCH, "source": None, "hints": [errors.override_hint(owner)],
+            "explanation": f"{what} ({path}), but no block that routes tokens to it was recognised"}))
+        entry.paths.append(block_path or "<root>")
     return Report(list(by_class.values()))

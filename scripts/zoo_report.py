@@ -33,22 +33,28 @@ def run(names: list[str]) -> None:
     for name in names:
         result = run_architecture(name)
         rows.append(result.to_dict())
-        detail = result.failure or f"coverage {result.experts_covered}, on-diff {result.max_diff_on:.2g}"
-        print(f"{name:<26}{'pass' if result.passed else 'FAIL':<7}{result.converted:>7}  {result.seconds:>7.2f}  {detail}",
+        detail = result.unbuildable or result.failure or (
+            f"coverage {result.experts_covered}, on-diff {result.max_diff_on:.2g}")
+        print(f"{name:<26}{_status(result.to_dict()):<7}{result.converted:>7}  {result.seconds:>7.2f}  {detail}",
               flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"transformers-{transformers.__version__}.json"
     previous = {r["architecture"]: r for r in json.loads(path.read_text())} if path.exists() and len(names) < 5 else {}
     previous.update({r["architecture"]: r for r in rows})
     path.write_text(json.dumps(sorted(previous.values(), key=lambda r: r["architecture"]), indent=1) + "\n")
-    passed = sum(r["passed"] for r in rows)
-    print(f"{passed} passed, {len(rows) - passed} failed")
+    counts = {status: sum(_status(r) == status for r in rows) for status in ("pass", "FAIL", "cannot run")}
+    print(", ".join(f"{n} {status}" for status, n in counts.items()))
+
+
+def _status(row: dict) -> str:
+    return "pass" if row["passed"] else "cannot run" if row.get("unbuildable") else "FAIL"
 
 
 def _cell(row: dict | None) -> str:
     if row is None:
         return "—"
-    return "pass" if row["passed"] else f"FAIL: {row['failure']}"
+    status = _status(row)
+    return status if status == "pass" else f"{status}: {row.get('unbuildable') or row['failure']}"
 
 
 def render() -> str:
@@ -71,7 +77,10 @@ def render() -> str:
     for version in versions:
         rows = results[version]
         passed = sum(r["passed"] for r in rows.values())
-        lines.append(f"- transformers {version}: **{passed} of {len(rows)}** architectures pass.")
+        unbuildable = [n for n, r in rows.items() if r.get("unbuildable")]
+        listed = f" ({', '.join(unbuildable)}: the original model itself fails to run, see its row)" if unbuildable else ""
+        lines.append(f"- transformers {version}: **{passed} of {len(rows) - len(unbuildable)}** architectures pass"
+                     f"{listed}.")
     lines += ["", "| architecture | block | level | routing | experts | one expert | shared | "
               + " | ".join(f"transformers {v}" for v in versions) + " |",
               "|---|---|---|---|---|---|---|" + "---|" * len(versions)]

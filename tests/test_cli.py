@@ -16,7 +16,8 @@ def test_explain_full_size_deepseek_v3_config_on_meta():
     result = _run("explain", "fixtures/configs/deepseek_v3_full.json")
     assert result.returncode == 0, result.stderr
     assert "DeepseekV3MoE  ×58" in result.stdout
-    assert "top_k=8 of 256" in result.stdout and "sigmoid → topk" in result.stdout
+    assert "top_k:           8 of 256" in result.stdout and "sigmoid → topk" in result.stdout
+    assert "┌" not in result.stdout, "piped output is plain text, not a table"
     assert "meta device" in result.stdout
 
 

@@ -135,3 +135,118 @@ def test_coverage_flags_experts_that_saw_no_token():
     with torch.no_grad():
         model(example_hidden_states(config, seq=3))
     assert autocal.coverage(model).tokens["0"] == [3] * 8 and not autocal.coverage(model).unseen()
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _PerSampleExperts(nn.ModuleList):
+    """Each expert on every token, its output zeroed for the samples that did not pick it."""
+
+    def forward(self, hidden, choice):
+        out = torch.zeros_like(hidden)
+        for i, expert in enumerate(self):
+            out = out + expert(hidden) * (choice.view(-1, 1, 1) == i)
+        return out
+
+
+class _PerSampleBlock(nn.Module):
+    def __init__(self, hidden=8, experts=3):
+        super().__init__()
+        self.shared = nn.Linear(hidden, hidden)
+        self.experts = _PerSampleExperts(_MLP(hidden) for _ in range(experts))
+
+    def forward(self, hidden, choice):
+        return self.shared(hidden) + self.experts(hidden, choice)
+
+
+class _PerSampleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _PerSampleBlock()
+
+    def forward(self, hidden, choice):
+        return self.block(hidden, choice)
+
+
+def test_experts_already_run_on_every_token_are_recognised_not_skipped():
+    """Gated experts (each on the whole input, output masked per sample): converted as such, nothing re-run."""
+    model = _PerSampleModel()
+    inputs = {"hidden": torch.randn(2, 5, 8), "choice": torch.tensor([2, 0])}
+    with torch.no_grad():
+        expected = model(**inputs)
+    report = autocal.explain(model, example_inputs=inputs)
+    block = report.blocks[0]
+    assert (block.level, block.num_experts, block.top_k, block.scoring) == ("gated", 3, 1, "mask")
+    autocal.convert(model, example_inputs=inputs)
+    assert isinstance(model.block, autocal.MoECalibrationModule)
+    autocal.coverage(model).reset(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), expected)
+    assert autocal.coverage(model).tokens["block"] == [10, 10, 10], "every expert saw every token once"
+    autocal.restore(model)
+    assert type(model.block) is _PerSampleBlock
+
+
+class _Chained(nn.ModuleList):
+    def forward(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def test_a_list_of_identical_layers_called_in_sequence_is_not_an_moe():
+    holder = _ChainHolder()
+    assert autocal.explain(holder).blocks == []
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(holder)
+    assert raised.value.kind == autocal.errors.NO_MOE_BLOCK
+
+
+class _ChainHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = _Chained(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, hidden_states):
+        return self.layers(hidden_states)
+
+
+class _UnknownRouting(nn.Module):
+    """An MoE autocal cannot read (experts are rows of a table), declared by its model as giving router logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.table = nn.Embedding(16, 8)
+
+    def forward(self, hidden_states):
+        logits = self.router(hidden_states)
+        return hidden_states + self.table(logits.topk(2).indices).sum(-2), logits
+
+
+class _DeclaringModel(nn.Module):
+    _can_record_outputs = {"router_logits": _UnknownRouting}
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = _UnknownRouting()
+
+    def forward(self, hidden_states):
+        return self.mlp(hidden_states)[0]
+
+
+def test_a_block_the_model_declares_as_routing_is_never_skipped_silently():
+    model = _DeclaringModel()
+    entry = autocal.explain(model).blocks[0]
+    assert entry.block_class == "_UnknownRouting" and entry.failure["kind"] == autocal.errors.UNSUPPORTED_DISPATCH
+    assert "produces router logits" in entry.failure["explanation"]
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(model)
+    assert raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH and raised.value.module_path == "mlp"

@@ -26,7 +26,7 @@ from .graph_utils import is_int_tensor, source_of, target_name, value
 from .router import analyze_router
 from .structure import BlockRewrite, ExpertCall, ExpertsInfo, MoEStructure
 
-__all__ = ["expert_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
+__all__ = ["expert_lists", "unrouted_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
 
 _VIEW_OPS = {"reshape", "view", "squeeze", "unsqueeze", "flatten", "contiguous", "to"}
 
@@ -65,6 +65,22 @@ def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             entries = identical_entries(child)
             if len(entries) >= 2 and _linear_only(entries[0]) and _scores_experts(block, child, len(entries)):
+                found[name] = entries
+    return found
+
+
+def unrouted_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
+    """Containers with a forward of their own over identical Linear-only entries, with no router beside them.
+
+    Candidates only: such a container is an MoE when detection finds each entry
+    run on the whole input and its output gated per row (experts chosen by an
+    input index, or soft-weighted); otherwise it is left alone.
+    """
+    found = {}
+    for name, child in block.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and has_own_forward(child):
+            entries = identical_entries(child)
+            if len(entries) >= 2 and _linear_only(entries[0]) and not _scores_experts(block, child, len(entries)):
                 found[name] = entries
     return found
 

@@ -20,9 +20,9 @@ from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
 from .block import _routing_weight, module_experts_info, row_gather
-from .graph_utils import Ancestry, bound_inputs, source_of, target_name, value
+from .graph_utils import Ancestry, bound_inputs, is_int_tensor, source_of, target_name, value
 from .router import analyze_router
-from .structure import MoEStructure
+from .structure import MoEStructure, RouterInfo
 
 __all__ = ["detect_module_container", "TokenRecipe"]
 
@@ -84,8 +84,12 @@ def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node
 
 
 def detect_module_container(block: nn.Module, name: str, container: nn.Module, entries: list[nn.Module],
-                            call: BlockCall) -> MoEStructure:
-    """Container-level detection: keep the container's forward, learn each expert's token rows."""
+                            call: BlockCall, unrouted: bool = False) -> MoEStructure:
+    """Container-level detection: keep the container's forward, learn each expert's token rows.
+
+    ``unrouted``: no router weight sits beside the container, so it is an MoE
+    only if its experts turn out to be gated per row (``errors.NotAnMoE`` otherwise).
+    """
     with torch.no_grad():
         block_rec = record(block, call.args, call.kwargs, leaves=[container])
     container_call = next((n for n in block_rec.graph.nodes if n.op == "call_module" and n.target == name), None)
@@ -102,6 +106,10 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"`{name}` never calls its experts",
                                   block_class=type(block).__name__)
     first = calls[0]
+    if _whole_input(first) is not None:
+        return _detect_gated(block, name, container, entries, calls, block_rec, rec)
+    if unrouted:
+        raise errors.NotAnMoE(name)
     source, tokens = row_gather(first)
     hidden = [n for n in rec.graph.nodes if n.op == "placeholder" and (n is source or _views(source, n))]
     if not hidden:
@@ -128,6 +136,62 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
         tokens=recipe,
     )
     return structure
+
+
+def _whole_input(call: fx.Node) -> fx.Node | None:
+    """The container input an expert call receives whole (up to views), if it does."""
+    node = call.args[0] if call.args else None
+    while isinstance(node, fx.Node) and target_name(node) in ("view", "reshape", "contiguous", "to"):
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
+
+
+def _gated_rows(call: fx.Node) -> torch.Tensor | None:
+    """Per output row: does the factor the expert's output is multiplied by keep it (is non-zero)?"""
+    factor = _routing_weight(call)
+    if factor is None or not isinstance(value(factor), torch.Tensor):
+        return None
+    output = value(call)
+    try:
+        kept = torch.broadcast_to(value(factor), output.shape) != 0
+    except RuntimeError:
+        return None
+    return kept.reshape(-1, output.shape[-1]).any(-1)
+
+
+def _detect_gated(block: nn.Module, name: str, container: nn.Module, entries: list[nn.Module],
+                  calls: list[fx.Node], block_rec, rec) -> MoEStructure:
+    """Every expert already runs on the whole input and a per-row factor gates its output.
+
+    The experts then see every token in the original forward: calibration needs
+    no extra calls, and the module only wraps the container (for coverage and
+    the report). ``k`` is the most experts any row keeps.
+    """
+    gated = [_gated_rows(c) for c in calls]
+    whole = {_whole_input(c) for c in calls}
+    if len(calls) != len(entries) or len(whole) != 1 or any(g is None for g in gated):
+        raise errors.NotAnMoE(name)
+    factors = [_routing_weight(c) for c in calls]
+    index_inputs = [p.target for p in Ancestry(rec.graph).of(factors[0]) if p.op == "placeholder" and is_int_tensor(p)]
+    router = RouterInfo(
+        module_path=None,
+        scoring="mask" if value(factors[0]).dtype == torch.bool else "weights",
+        top_k=int(torch.stack(gated).sum(0).max()),
+        num_choices=len(entries),
+        renormalized=False, correction_bias=None, grouped=False, scaling=None,
+        sources={"gating": source_of(next(iter(calls[0].users)))},
+        selection=f"input `{index_inputs[0]}`" if index_inputs else "per-row factor",
+    )
+    experts = module_experts_info(name, container, entries, calls[0], "on the expert output (a per-row factor)",
+                                  {"hidden": next(iter(whole)).target})
+    return MoEStructure(
+        block_class=type(block).__name__,
+        level="gated",
+        router=router,
+        experts=experts,
+        shared_modules=[c for c in dict(block.named_children()) if c != name],
+        returns="tensor" if isinstance(block_rec.output, torch.Tensor) else f"tuple of {len(block_rec.output)}",
+    )
 
 
 def _views(source: fx.Node, placeholder: fx.Node) -> bool:

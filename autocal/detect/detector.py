@@ -15,11 +15,11 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..integrations.transformers import eager_experts
+from ..integrations.transformers import declared_routers, eager_experts
 from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import Recording, record
 from ..trace.twin import cpu_twin, on_meta
-from .block import detect_block_level, expert_lists, has_own_forward
+from .block import detect_block_level, expert_lists, has_own_forward, unrouted_lists
 from .container import detect_module_container
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
@@ -44,16 +44,17 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     Candidates only: ``detect`` confirms that the forward routes tokens to them.
     """
     for path, module in model.named_modules(remove_duplicate=False):  # a block reached twice is listed twice
-        if experts_container(module) is not None or expert_lists(module):
+        if experts_container(module) is not None or expert_lists(module) or unrouted_lists(module):
             yield path, module
 
 
-def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str]]:
-    """``(path, what)`` for weights stored per expert outside every recognised block.
+def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str, str]]:
+    """``(block path, module path, what)`` for experts outside every recognised block.
 
-    A parameter of 3 or more dimensions whose leading size is the row count of
-    a router-shaped weight beside it looks like experts; if no block that routes
-    tokens to it was found, it must not be skipped silently.
+    Two signs of experts, so that none is skipped silently: a parameter of 3 or
+    more dimensions whose leading size is the row count of a router-shaped
+    weight beside it, and a module the model itself declares as producing
+    router logits (transformers' output recorders).
     """
     found = []
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -66,8 +67,15 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
             parent = path.rpartition(".")[0]
             owner = modules.get(parent, model) if path else model
             if _scored_by_router(owner, module, param):
-                found.append((path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
+                found.append((parent, path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
                 break
+    flagged = [b for b, _, _ in found]
+    for path in declared_routers(model):
+        module = modules[path]
+        block = path if any(any(True for _ in c.parameters()) for c in module.children()) else path.rpartition(".")[0]
+        if not any(_within(path, b) or _within(b, path) for b in blocks + flagged):  # a block inside counts
+            found.append((block, path, f"`{type(module).__name__}` produces router logits (the model declares it)"))
+            flagged.append(block)
     return found
 
 
@@ -148,13 +156,13 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
     found = experts_container(block)
     if found is not None:
         return _detect_packed(block, *found, call, num_tokens)
-    lists = expert_lists(block)
+    lists = expert_lists(block) or unrouted_lists(block)
     if lists:
         name, entries = next(iter(lists.items()))
         container = block.get_submodule(name)
         if has_own_forward(container):
             call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
-            return detect_module_container(block, name, container, entries, call)
+            return detect_module_container(block, name, container, entries, call, unrouted=not expert_lists(block))
         return detect_block_level(block, lists, call, num_tokens)
     raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
                               block_class=type(block).__name__)

@@ -78,6 +78,8 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     sources = {"top_k": source_of(final)}
     if logits is not None:
         sources["logits"] = source_of(logits)
+    if scoring_nodes:
+        sources["scoring"] = source_of(scoring_nodes[0])
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,

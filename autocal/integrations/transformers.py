@@ -15,7 +15,7 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ["eager_experts", "EXPERTS_IMPLEMENTATION_ATTR", "load_config", "meta_model"]
+__all__ = ["eager_experts", "EXPERTS_IMPLEMENTATION_ATTR", "declared_routers", "load_config", "meta_model"]
 
 EXPERTS_IMPLEMENTATION_ATTR = "_experts_implementation"
 
@@ -41,6 +41,30 @@ def eager_experts(module: nn.Module) -> Iterator[None]:
     finally:
         for config, implementation in saved:
             setattr(config, EXPERTS_IMPLEMENTATION_ATTR, implementation)
+
+
+def declared_routers(model: nn.Module) -> list[str]:
+    """Paths of the modules a transformers model declares as producing router logits.
+
+    Models list, in ``_can_record_outputs["router_logits"]``, the module class
+    whose output holds the router logits (for ``output_router_logits``). It is
+    not used to find structure, only so that a declared MoE autocal does not
+    recognise is reported instead of skipped.
+    """
+    recorders = []
+    for module in model.modules():
+        declared = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
+        recorders += declared if isinstance(declared, (list, tuple)) else [declared] if declared else []
+    return [path for path, module in model.named_modules() if any(_records(r, path, module) for r in recorders)]
+
+
+def _records(recorder, path: str, module: nn.Module) -> bool:
+    """Does a transformers output recorder (a class, a path suffix, or an ``OutputRecorder``) hook ``module``?"""
+    target = getattr(recorder, "target_class", recorder)
+    suffix = recorder if isinstance(recorder, str) else getattr(recorder, "class_name", None)
+    matches = (isinstance(target, type) and isinstance(module, target)) or bool(suffix and path.endswith(suffix))
+    layer = getattr(recorder, "layer_name", None)  # e.g. nn.Linear, but only the one named "router"
+    return matches and (not layer or f".{layer.strip('.')}." in f".{path}.")
 
 
 # Auto classes tried, in order, to build a model from a config (composite

@@ -3,7 +3,9 @@
 The container keeps its forward, so the output is the original's by
 construction; with calibration on, each expert then also runs on the tokens
 the original did not route to it (``TokenRecipe`` recomputes which those are),
-and those outputs are discarded. Nothing is unpacked: ``restore()`` gives the
+and those outputs are discarded. Gated experts (each already run on the whole
+input, its output zeroed where not routed) need no extra calls at all: the
+module then only counts their tokens. Nothing is unpacked: ``restore()`` gives the
 original block back.
 """
 
@@ -34,7 +36,7 @@ class _CalibrationContainer(nn.Module):
 
     def forward(self, *args, **kwargs):
         output = self._container_forward(*args, **kwargs)
-        if self.calibrate_all_experts:
+        if self.calibrate_all_experts and self.structure.tokens is not None:  # None: experts already see every row
             bound = self._signature.bind(*args, **kwargs).arguments
             hidden = bound[self.structure.experts.call_roles["hidden"]]
             for expert, name in enumerate(self.entries):

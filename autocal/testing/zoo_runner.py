@@ -42,6 +42,7 @@ class ZooResult:
     meta: bool | None = None
     seconds: float = 0.0
     failure: str = ""
+    unbuildable: str = ""  # the original model itself cannot be built or run: listed with the reason
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +116,12 @@ def run_architecture(name: str) -> ZooResult:
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         with torch.no_grad():
             reference = _logits(forward(**inputs))
-        result.blocks = _block_facts(explain(model, verify=False))
+    except Exception as error:  # before autocal runs: the architecture cannot be built or run here
+        result.unbuildable = f"the original model fails: {_where(error)}"
+        result.seconds = round(time.perf_counter() - start, 2)
+        return result
+    try:
+        result.blocks = _block_facts(explain(model, verify=False, example_inputs=inputs, forward=forward))
         convert(model, example_inputs=inputs, forward=forward)
         converted = [m for m in model.modules() if isinstance(m, MoECalibrationModule)]
         result.converted = len(converted)
@@ -139,10 +145,14 @@ def run_architecture(name: str) -> ZooResult:
     except errors.AutocalError as error:
         result.failure = f"[{error.kind}] {error.explanation}" + (f" at {error.module_path}" if error.module_path else "")
     except Exception as error:  # a zoo row records any failure
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        result.failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200]} ({frame.filename}:{frame.lineno})"
+        result.failure = _where(error)
     result.seconds = round(time.perf_counter() - start, 2)
     return result
+
+
+def _where(error: Exception) -> str:
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200]} ({frame.filename}:{frame.lineno})"
 
 
 def _converts_on_meta(name: str, inputs: dict, expected: int) -> bool:
