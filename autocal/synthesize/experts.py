@@ -28,11 +28,20 @@ import inspect
 
 import torch
 from torch import fx, nn
+from torch.nn.modules import module as module_globals
 
 from ..coverage import _COUNTER
 from ..detect.experts import CONTAINER_ATTR
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
+from .grouped import GroupedTemplate
 from .ops import ProjectionLayout, geometry
+
+# Elements of one stacked activation when experts run in groups (GPU, CPU): a few such tensors are
+# alive at a time; on CPU small enough to stay in cache. Grouping pays where per-expert launches
+# and Python dominate (many experts, few tokens); below MIN_GROUP experts a group, experts run one
+# at a time.
+GROUP_ELEMENTS = {False: 1 << 26, True: 1 << 18}
+MIN_GROUP = 4
 
 __all__ = ["SynthesizedExpert", "UnpackedExperts", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
 
@@ -159,6 +168,9 @@ class CalibrationExperts(UnpackedExperts):
         self.output_dtype = _dtype(structure.experts.output_dtype)
         self._signature = inspect.signature(original.forward)
         self.counts_tokens = True  # _call counts rows for autocal.coverage; no hook needed
+        self._grouped = GroupedTemplate(structure.template.graph)
+        self._widest = max([p.features for p in structure.template.projections]
+                           + [r.out_features for r in structure.template.linears])
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(*args, **kwargs).arguments
@@ -197,6 +209,10 @@ class CalibrationExperts(UnpackedExperts):
         dense = weights.new_zeros(index.shape[0], self.num_experts + 1).scatter_add_(1, columns, weights)
         routed = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, columns, True)
         weight = torch.where(routed, dense, torch.ones_like(dense))
+        size = self._group_size(hidden)
+        if size >= MIN_GROUP and self._groupable(hidden):
+            self._dense_grouped(hidden, dense, routed, output, size)
+            return
         if hidden.device.type == "cpu":  # no host synchronisation to avoid: add the routed rows only
             rows = [routed[:, expert].nonzero().squeeze(-1) for expert in range(self.num_experts)]
             for expert in range(self.num_experts):
@@ -207,6 +223,42 @@ class CalibrationExperts(UnpackedExperts):
         for expert in range(self.num_experts):
             contribution = self._call(expert, hidden, weight[:, expert, None])
             output.add_(contribution.to(output.dtype).masked_fill(unrouted[:, expert, None], 0))
+
+    def _groupable(self, hidden: torch.Tensor) -> bool:
+        """Can the experts run in groups: nothing hooked on the expert modules, and the grouped run checked?"""
+        experts = self.experts()
+        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks or any(
+                e._forward_hooks or e._forward_pre_hooks or "forward" in e.__dict__ for e in experts):
+            return False
+        return self._grouped.check(experts[:2], hidden[:4])
+
+    def _group_size(self, hidden: torch.Tensor) -> int:
+        """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS``."""
+        budget = GROUP_ELEMENTS[hidden.device.type == "cpu"]
+        return min(self.num_experts, budget // max(1, hidden.shape[0] * self._widest))
+
+    def _dense_grouped(self, hidden: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor,
+                       output: torch.Tensor, size: int) -> None:
+        """``_dense`` with the experts run ``size`` at a time (see ``grouped.py``).
+
+        Each group's unweighted outputs on all tokens are computed at once; only
+        the routed rows are then weighted, cast and added, found once for all
+        groups (one host synchronisation per forward).
+        """
+        experts, tokens = self.experts(), hidden.shape[0]
+        expert_of_pair, token_of_pair = routed[:, :self.num_experts].T.nonzero().unbind(-1)  # by expert, then token
+        bounds = [0, *torch.bincount(expert_of_pair, minlength=self.num_experts).cumsum(0).tolist()]
+        weight_of_pair = dense[token_of_pair, expert_of_pair, None]
+        for start in range(0, self.num_experts, size):
+            members = experts[start:start + size]
+            for module in members:
+                if _COUNTER in module.__dict__:
+                    module.__dict__[_COUNTER] += tokens
+            unweighted = self._grouped(members, hidden)
+            pairs = slice(bounds[start], bounds[start + len(members)])
+            token = token_of_pair[pairs]
+            rows = unweighted[expert_of_pair[pairs] - start, token] * weight_of_pair[pairs]
+            output.index_add_(0, token, rows.to(output.dtype))
 
     def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
         module = self._modules[str(expert)]
