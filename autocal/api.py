@@ -22,7 +22,7 @@ from .trace.twin import cpu_twin, on_meta
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
-from .synthesize.container import build_container_calibration
+from .synthesize.container import build_container_calibration, build_recorded_block
 from .synthesize.dense import build_dense_rewrite
 from .synthesize.module import build_calibration_module
 from .trace.inputs import synthesize_inputs
@@ -75,7 +75,7 @@ class Converter:
                     raise
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
                          "block-dense": build_dense_rewrite, "container": build_container_calibration,
-                         "gated": build_container_calibration}[structure.level]
+                         "gated": build_container_calibration, "recorded-block": build_recorded_block}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 

@@ -219,5 +219,6 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         entry = by_class.setdefault((owner, "unrecognized"), BlockReport(owner, [], failure={
             "kind": errors.UNSUPPORTED_DISPATCH, "source": None, "hints": [errors.override_hint(owner)],
             "explanation": f"{what} ({path}), but no block that routes tokens to it was recognised"}))
-        entry.paths.append(block_path or "<root>")
+        if (block_path or "<root>") not in entry.paths:
+            entry.paths.append(block_path or "<root>")
     return Report(list(by_class.values()))

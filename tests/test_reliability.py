@@ -250,3 +250,170 @@ def test_a_block_the_model_declares_as_routing_is_never_skipped_silently():
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.convert(model)
     assert raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH and raised.value.module_path == "mlp"
+
+
+class _ExpertsWithWeightlessChoices(nn.Module):
+    """Packed experts plus choices that have no weights: ``E`` MLPs, then ``Z`` choices that scale the input."""
+
+    def __init__(self, experts=4, weightless=3, hidden=8, width=6):
+        super().__init__()
+        self.experts, self.weightless = experts, weightless
+        self.w_in = nn.Parameter(torch.randn(experts + weightless, width, hidden) / 3)  # extra entries unused
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, width) / 3)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.experts + self.weightless):
+            slot, token = torch.where(top_k_index.transpose(0, 1) == expert)
+            if token.numel() == 0:
+                continue
+            rows = hidden_states[token]
+            if expert < self.experts:
+                rows = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(rows, self.w_in[expert])),
+                                                  self.w_out[expert])
+            else:
+                rows = 0.5 * rows
+            out.index_add_(0, token, rows * top_k_weights[token, slot, None])
+        return out
+
+
+class _WeightlessChoicesBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 7, bias=False)
+        self.experts = _ExpertsWithWeightlessChoices()
+
+    def forward(self, hidden_states):
+        weights, index = self.gate(hidden_states).softmax(-1).topk(3, dim=-1)
+        return self.experts(hidden_states, index, weights)
+
+
+def test_router_choices_without_weights_run_as_the_original_runs_them():
+    torch.manual_seed(0)
+    block = _WeightlessChoicesBlock()
+    x = torch.randn(40, 8)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.experts.num_experts == 4 and module.structure.router.num_choices == 7
+    assert module.structure.experts.layout["choices_without_weights"] == 3
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad():
+            out = module(x)
+        assert torch.equal(out, expected) if not calibrate else compare_outputs(expected, out)[2]
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, hidden=16, width=24):
+        super().__init__()
+        self.w1, self.w2, self.w3 = (nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden, bias=False),
+                                     nn.Linear(hidden, width, bias=False))
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class _MaskedLoop(nn.Module):
+    """Rows picked with a boolean mask, a data-dependent ``if``: code fx cannot trace."""
+
+    def __init__(self, experts=6, k=2):
+        super().__init__()
+        self.k, self.gate = k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.view(-1, 16)
+        weights, index = self.gate(flat).softmax(-1).topk(self.k, -1)
+        out = torch.zeros_like(flat)
+        for i, expert in enumerate(self.experts):
+            chosen = index == i
+            rows = chosen.any(-1)
+            if rows.any():
+                out[rows] += expert(flat[rows]) * (weights * chosen).sum(-1, keepdim=True)[rows]
+        return out.view_as(x)
+
+
+class _ItemAssignment(nn.Module):
+    """``y[token] += expert(x[token]) * w``, and a shared expert: item assignment fx cannot trace."""
+
+    def __init__(self, experts=5, k=2):
+        super().__init__()
+        self.k, self.router = k, nn.Linear(16, experts)
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(experts))
+        self.shared = _SwiGLU()
+
+    def forward(self, x):
+        weights, index = self.router(x).softmax(-1).topk(self.k)
+        flat, index, weights = x.reshape(-1, 16), index.reshape(-1, self.k), weights.reshape(-1, self.k)
+        y = torch.zeros_like(flat)
+        for e in range(len(self.experts)):
+            token, slot = (index == e).nonzero(as_tuple=True)
+            y[token] += self.experts[e](flat[token]) * weights[token, slot, None]
+        return y.view_as(x) + self.shared(x)
+
+
+@pytest.mark.parametrize("block_cls", [_MaskedLoop, _ItemAssignment])
+def test_dispatch_loops_fx_cannot_trace_are_recorded(block_cls):
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = block_cls()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "recorded-block" and module.structure.experts.num_experts == len(block.experts)
+    assert module.structure.router.top_k == block.k
+    experts = dict(enumerate(module.expert_modules()))
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad(), count_rows(experts) as rows:
+            assert torch.equal(module(x), expected)  # the block's own forward computes the output
+        assert sum(rows.values()) == 15 * block.k if not calibrate else all(n == 15 for n in rows.values()), rows
+    assert autocal.restore(nn.Sequential(module))[0] is block
+
+
+class _WeightBank(nn.Module):
+    def __init__(self, experts, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, n_in, n_out))
+
+    def forward(self, x, counts):  # rows sorted by expert, ``counts`` rows each
+        return torch.cat([part @ w for part, w in zip(x.split(counts), self.weight)])
+
+
+class _SortedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = _WeightBank(4, 8, 12), _WeightBank(4, 12, 8)
+
+    def forward(self, x, counts):
+        return self.fc2(torch.relu(self.fc1(x, counts)), counts)
+
+
+class _SortedDispatch(nn.Module):
+    """Experts one level down in two weight banks; the router two levels above the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4, bias=False)
+        self.experts = _SortedExperts()
+
+    def forward(self, x):
+        expert = self.router(x).argmax(-1)
+        order = expert.argsort()
+        counts = torch.bincount(expert, minlength=4).tolist()
+        out = torch.empty_like(x)
+        out[order] = self.experts(x[order], counts)
+        return out
+
+
+def test_experts_weights_further_down_than_their_router_are_reported_not_skipped():
+    model = nn.Sequential(_SortedDispatch())
+    entry = autocal.explain(model).blocks[0]
+    assert entry.block_class == "_SortedDispatch" and entry.paths == ["0"]
+    assert entry.failure["kind"] == autocal.errors.UNSUPPORTED_DISPATCH and "stores weights per expert" in str(
+        entry.failure)
+    with pytest.raises(autocal.AutocalError):
+        autocal.convert(model)

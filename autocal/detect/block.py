@@ -26,9 +26,13 @@ from .graph_utils import is_int_tensor, source_of, target_name, value
 from .router import analyze_router
 from .structure import BlockRewrite, ExpertCall, ExpertsInfo, MoEStructure
 
-__all__ = ["expert_lists", "unrouted_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
+__all__ = ["Untraceable", "expert_lists", "unrouted_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
 
 _VIEW_OPS = {"reshape", "view", "squeeze", "unsqueeze", "flatten", "contiguous", "to"}
+
+
+class Untraceable(errors.AutocalError):
+    """fx cannot trace the block's dispatch; the caller may record it instead (``detect_recorded_block``)."""
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -196,9 +200,10 @@ def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call
     try:
         graph = trace_block(block)
     except Exception as error:  # fx raises many kinds; each means the same thing here
-        raise errors.AutocalError(
+        raise Untraceable(
             errors.UNSUPPORTED_DISPATCH,
-            f"the block dispatches to its experts in code fx cannot trace ({type(error).__name__}: {error})",
+            f"the block dispatches to its experts in code fx cannot trace ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]})",
             block_class=type(block).__name__, hints=[errors.override_hint(type(block).__name__)],
         ) from error
     output = annotate(block, graph, call.args, call.kwargs)

@@ -11,6 +11,7 @@ while the original forward computes the output unchanged.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -28,20 +29,40 @@ __all__ = ["detect_module_container", "TokenRecipe"]
 
 
 class TokenRecipe:
-    """Replays, for any expert, how the original picks that expert's token rows from the container inputs."""
+    """Replays, for any expert, how the original picks that expert's token rows from the recorded inputs.
 
-    def __init__(self, graph: fx.Graph, tokens: fx.Node, selectors: dict[fx.Node, int]) -> None:
+    ``source`` (optional) is the node the rows are gathered from: ``rows(bound)``
+    recomputes it. Nodes that do not depend on the expert (the router, say) are
+    computed once per ``bound`` when ``memo`` is shared across experts.
+    """
+
+    def __init__(self, graph: fx.Graph, tokens: fx.Node, selectors: dict[fx.Node, int],
+                 source: fx.Node | None = None) -> None:
         self.graph = graph
         self.tokens = tokens
+        self.source = source
         self.selectors = selectors  # node -> position of the expert index in its args
         self.inputs = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+        ancestry = Ancestry(graph)
+        self.per_expert = {n for n in ancestry.of(tokens) + [tokens]
+                           if n in selectors or any(ancestry.is_ancestor(sel, n) for sel in selectors)}
 
-    def __call__(self, bound: dict[str, Any], expert: int) -> torch.Tensor:
+    def __call__(self, bound: dict[str, Any], expert: int, shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
+        """Expert ``expert``'s row indices (a boolean row mask is turned into indices)."""
+        rows = self._evaluate(self.tokens, bound, expert, {} if shared is None else shared)
+        return rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
+
+    def rows(self, bound: dict[str, Any], shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
+        """The 2-D token rows the experts' inputs are gathered from."""
+        return self._evaluate(self.source, bound, None, {} if shared is None else shared)
+
+    def _evaluate(self, node: fx.Node, bound: dict[str, Any], expert: int | None, shared: dict) -> Any:
         memo: dict[fx.Node, Any] = {}
 
         def evaluate(n: fx.Node):
-            if n in memo:
-                return memo[n]
+            cache = memo if n in self.per_expert else shared
+            if n in cache:
+                return cache[n]
             if n.op == "placeholder":
                 result = bound[n.target]
             elif n.op == "get_attr":
@@ -52,10 +73,10 @@ class TokenRecipe:
                     args[self.selectors[n]] = _like(value(n.args[self.selectors[n]]) if isinstance(
                         n.args[self.selectors[n]], fx.Node) else n.args[self.selectors[n]], expert)
                 result = n.target(*args, **fx.node.map_arg(n.kwargs, evaluate))
-            memo[n] = result
+            cache[n] = result
             return result
 
-        return evaluate(self.tokens)
+        return evaluate(node)
 
 
 def _like(index: Any, expert: int) -> Any:
@@ -66,11 +87,11 @@ def _like(index: Any, expert: int) -> Any:
 
 
 def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node, int]:
-    """Indexing ops on the way to ``tokens`` whose index is the expert being dispatched."""
+    """Indexing ops and comparisons on the way to ``tokens`` whose operand is the expert being dispatched."""
     found = {}
     for node in ancestry.of(tokens):
-        if target_name(node) not in ("getitem", "__getitem__", "select") or len(node.args) < 2:
-            continue
+        if target_name(node) not in ("getitem", "__getitem__", "select", "eq", "__eq__") or len(node.args) < 2:
+            continue  # an index, or a comparison with the expert's number (``index == e``)
         position = len(node.args) - 1
         index = node.args[position]
         index_value = value(index) if isinstance(index, fx.Node) else index
@@ -207,8 +228,62 @@ def _check_recipe(recipe: TokenRecipe, calls: list[fx.Node], expert_paths: dict[
     """The recipe must give back, for every recorded expert call, the rows that expert received."""
     for call in calls:
         _, tokens = row_gather(call)
-        replayed = recipe(bound, expert_paths[call.target])
-        if not torch.equal(replayed, value(tokens)):
+        replayed, recorded = recipe(bound, expert_paths[call.target]), value(tokens)
+        if recorded.dtype == torch.bool:
+            recorded = recorded.nonzero().squeeze(-1)
+        if replayed.shape != recorded.shape or not torch.equal(replayed, recorded):
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH,
                                       "which tokens an expert receives could not be recomputed for every expert",
                                       block_class=cls, source=source_of(call))
+
+
+def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module], call: BlockCall) -> MoEStructure:
+    """Block-level dispatch that fx cannot trace (data-dependent ``if``, item assignment): record it instead.
+
+    As at container level, the block keeps its forward (so the output is the
+    original's, and the expert modules it calls see their routed rows); each
+    expert's token rows are learnt as a recipe replayed on the block's inputs,
+    so calibration can run the expert on the rest.
+    """
+    bound = _keyword_inputs(block, call)
+    with torch.no_grad():
+        rec = record(block, (), bound, leaves=entries)
+    paths = {id(m): p for p, m in block.named_modules()}
+    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
+    calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
+    if not calls:
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls the modules in `{name}`",
+                                  block_class=type(block).__name__)
+    source, tokens = row_gather(calls[0])
+    latest = max(calls, key=lambda c: expert_paths[c.target])  # a high expert number is unlike other constants
+    _, latest_tokens = row_gather(latest)
+    ancestry = Ancestry(rec.graph)
+    recipe = TokenRecipe(rec.graph, latest_tokens, _selectors(latest_tokens, expert_paths[latest.target], ancestry),
+                         source=source)
+    _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
+    weight = _routing_weight(calls[0])
+    router = analyze_router(rec.graph, tokens, weight if weight is not None else tokens)
+    applied = "on the expert output, in the block's loop" if weight is not None else "not found"
+    experts = module_experts_info(name, block.get_submodule(name), entries, calls[0], applied)
+    return MoEStructure(
+        block_class=type(block).__name__,
+        level="recorded-block",
+        router=router,
+        experts=experts,
+        shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
+        returns="tensor" if isinstance(rec.output, torch.Tensor) else f"tuple of {len(rec.output)}",
+        tokens=recipe,
+    )
+
+
+def _keyword_inputs(module: nn.Module, call: BlockCall) -> dict[str, Any]:
+    """The call's inputs by parameter name (``**kwargs`` spread out), as the recording and the recipe take them."""
+    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments
+    spread = {}
+    for parameter, argument in bound.items():
+        kind = inspect.signature(module.forward).parameters[parameter].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the block takes *args; it cannot be recorded by name",
+                                      block_class=type(module).__name__)
+        spread.update(argument if kind is inspect.Parameter.VAR_KEYWORD else {parameter: argument})
+    return spread

@@ -19,8 +19,8 @@ from ..integrations.transformers import declared_routers, eager_experts
 from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import Recording, record
 from ..trace.twin import cpu_twin, on_meta
-from .block import detect_block_level, expert_lists, has_own_forward, unrouted_lists
-from .container import detect_module_container
+from .block import Untraceable, detect_block_level, expert_lists, has_own_forward, unrouted_lists
+from .container import detect_module_container, detect_recorded_block
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, bound_inputs, value
@@ -64,10 +64,10 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
         for name, param in module.named_parameters(recurse=False):
             if param.dim() < 3 or param.shape[0] < 2:
                 continue
-            parent = path.rpartition(".")[0]
-            owner = modules.get(parent, model) if path else model
-            if _scored_by_router(owner, module, param):
-                found.append((parent, path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
+            owner = next((a for a in _ancestors(path, 2) if _scored_by_router(modules.get(a, model), module, param)),
+                         None)  # the router may sit one level further up (experts split into fc1/fc2 containers)
+            if owner is not None:
+                found.append((owner, path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
                 break
     flagged = [b for b, _, _ in found]
     for path in declared_routers(model):
@@ -76,6 +76,15 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
         if not any(_within(path, b) or _within(b, path) for b in blocks + flagged):  # a block inside counts
             found.append((block, path, f"`{type(module).__name__}` produces router logits (the model declares it)"))
             flagged.append(block)
+    return found
+
+
+def _ancestors(path: str, levels: int) -> list[str]:
+    """The paths of the ``levels`` modules above ``path``, nearest first (``""``: the model)."""
+    found = []
+    while path and len(found) < levels:
+        path = path.rpartition(".")[0]
+        found.append(path)
     return found
 
 
@@ -163,7 +172,15 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         if has_own_forward(container):
             call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
             return detect_module_container(block, name, container, entries, call, unrouted=not expert_lists(block))
-        return detect_block_level(block, lists, call, num_tokens)
+        call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
+        try:
+            return detect_block_level(block, lists, call, num_tokens)
+        except Untraceable as untraceable:
+            try:
+                return detect_recorded_block(block, name, entries, call)
+            except errors.AutocalError as error:
+                error.explanation = f"{error.explanation} (recorded, since {untraceable.explanation})"
+                raise error.with_context(block_class=type(block).__name__)
     raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
                               block_class=type(block).__name__)
 
@@ -193,6 +210,8 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
             router.num_choices = num_experts
         experts_rec = _record_container(container, bound, roles)
     template, layout, sources = analyze_experts(experts_rec, packed)
+    if router.num_choices > num_experts:  # run by the original container (see CalibrationExperts._weightless)
+        layout["choices_without_weights"] = router.num_choices - num_experts
     hidden_dtype = value(experts_rec.hidden).dtype
     experts = ExpertsInfo(
         module_path=name,

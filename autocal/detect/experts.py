@@ -80,7 +80,9 @@ def packed_parameters(container: nn.Module, router_rows: Iterable[int] = ()) -> 
     - *stacked*: at least two parameters of the container itself, of 3 or more
       dimensions, share a leading size E >= 2 (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``);
       their 2-D companions with the same leading size (biases) belong too. A lone
-      3-D weight is a convolution, not experts.
+      3-D weight is a convolution, not experts. Leading sizes may differ when the
+      largest is the router's choice count: choices past the smallest size have no
+      weights of their own (LongCat's identity "zero experts"), see ``count_experts``.
     - *flat*: the container holds nothing but two or more raw 2-D parameters
       (possibly one module down) of one shape ``[E * m, H]`` (m >= 2),
       where E is the row count of a router weight beside the container
@@ -89,9 +91,9 @@ def packed_parameters(container: nn.Module, router_rows: Iterable[int] = ()) -> 
     own = dict(container.named_parameters(recurse=False))
     stacked = [p for p in own.values() if p.dim() >= 3]
     leading = {p.shape[0] for p in stacked}
-    if len(stacked) >= 2 and len(leading) == 1 and min(leading) >= 2:
-        num_experts = leading.pop()
-        return {name: p for name, p in own.items() if p.dim() >= 2 and p.shape[0] == num_experts}
+    if len(stacked) >= 2 and min(leading, default=0) >= 2 and (len(leading) == 1 or max(leading) in router_rows):
+        sizes = {name: p.shape[0] for name, p in own.items() if p.dim() >= 2}
+        return {name: own[name] for name, size in sizes.items() if size in leading}
     raw = _raw_parameters(container)
     if len(raw) != len(list(container.parameters())):  # flat experts hold nothing but their weights
         return {}
@@ -109,8 +111,8 @@ def packed_parameters(container: nn.Module, router_rows: Iterable[int] = ()) -> 
 def count_experts(packed: dict[str, nn.Parameter], router_rows: Iterable[int] = ()) -> int:
     """E: the shared leading size of stacked parameters, or the router rows that divide flat ones."""
     stacked = [p for p in packed.values() if p.dim() >= 3]
-    if stacked:
-        return stacked[0].shape[0]
+    if stacked:  # entries past the smallest size (a weight some choices lack) are not experts' weights
+        return min(p.shape[0] for p in stacked)
     first = next(iter(packed.values()))
     return max(r for r in router_rows if r >= 2 and first.shape[0] % r == 0)
 

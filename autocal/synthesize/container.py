@@ -20,7 +20,7 @@ from ..detect.block import identical_entries
 from .module import AdoptedMoE, adopt
 from .ops import run_unrouted
 
-__all__ = ["ContainerCalibrationMoE", "build_container_calibration"]
+__all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "build_container_calibration", "build_recorded_block"]
 
 
 class _CalibrationContainer(nn.Module):
@@ -72,4 +72,44 @@ def build_container_calibration(structure: MoEStructure, block: nn.Module) -> ty
         f"Calibration{type(block).__name__}",
         (ContainerCalibrationMoE, type(block)),
         {"structure": structure, "_container_cls": calibration_container, "__module__": __name__},
+    )
+
+
+class RecordedBlockMoE(AdoptedMoE):
+    """A block whose own loop calls its expert modules, kept as it is; calibration adds each expert's other rows.
+
+    The block's forward runs unchanged (its output is the original's, and the
+    experts see their routed rows through it); with calibration on, each expert
+    then runs on the rows the block did not route to it, recomputed by the
+    recorded ``TokenRecipe`` from the same inputs, and those outputs are discarded.
+    """
+
+    is_permanent = False
+
+    def forward(self, *args, **kwargs):
+        output = self._block_forward(*args, **kwargs)
+        if self.calibrate_all_experts:
+            bound = _keyword_arguments(self._signature, args, kwargs)
+            shared: dict = {}  # the router and all else the experts share, computed once
+            rows = self.structure.tokens.rows(bound, shared)
+            for expert, module in enumerate(self.expert_modules()):
+                run_unrouted(module, rows, self.structure.tokens(bound, expert, shared), True)
+        return output
+
+
+def _keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    bound = signature.bind(*args, **kwargs).arguments
+    spread = {}
+    for name, argument in bound.items():
+        var_keyword = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+        spread.update(argument if var_keyword else {name: argument})
+    return spread
+
+
+def build_recorded_block(structure: MoEStructure, block: nn.Module) -> type[RecordedBlockMoE]:
+    return type(
+        f"Calibration{type(block).__name__}",
+        (RecordedBlockMoE, type(block)),
+        {"structure": structure, "_block_forward": type(block).forward,
+         "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": __name__},
     )

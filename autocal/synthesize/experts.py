@@ -32,6 +32,7 @@ from torch.nn.modules import module as module_globals
 
 from ..coverage import _COUNTER
 from ..detect.experts import CONTAINER_ATTR
+from ..integrations.transformers import eager_experts
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .grouped import GroupedTemplate
 from .ops import ProjectionLayout, geometry
@@ -168,6 +169,9 @@ class CalibrationExperts(UnpackedExperts):
         self.output_dtype = _dtype(structure.experts.output_dtype)
         self._signature = inspect.signature(original.forward)
         self.counts_tokens = True  # _call counts rows for autocal.coverage; no hook needed
+        # Router choices past the packed experts (weightless "zero experts") run through the original container.
+        self.num_choices = max(structure.router.num_choices, self.num_experts)
+        self.__dict__["_packed_container"] = original
         self._grouped = GroupedTemplate(structure.template.graph)
         self._widest = max([p.features for p in structure.template.projections]
                            + [r.out_features for r in structure.template.linears])
@@ -179,18 +183,38 @@ class CalibrationExperts(UnpackedExperts):
         hidden = hidden.reshape(-1, hidden.shape[-1])
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
         output = hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
+        slot_major = index.transpose(0, 1)
         if self.calibrate_all_experts and self.dense_calibration and self.calibration_chunk_size is None:
             self._dense(hidden, index, weights, output)
-            return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
-        slot_major = index.transpose(0, 1)
-        for expert in range(self.num_experts):
-            slot, token = torch.where(slot_major == expert)
+        else:
+            for expert in range(self.num_experts):
+                slot, token = torch.where(slot_major == expert)
+                if token.numel():
+                    contribution = self._call(expert, hidden[token], weights[token, slot, None])
+                    output.index_add_(0, token, contribution.to(output.dtype))
+                if self.calibrate_all_experts:
+                    self._run_unrouted(expert, hidden, token, weights.dtype)
+        for choice in range(self.num_experts, self.num_choices):  # after every expert, as in ascending order
+            slot, token = torch.where(slot_major == choice)
             if token.numel():
-                contribution = self._call(expert, hidden[token], weights[token, slot, None])
+                contribution = self._weightless(choice, hidden[token], index, weights[token, slot, None])
                 output.index_add_(0, token, contribution.to(output.dtype))
-            if self.calibrate_all_experts:
-                self._run_unrouted(expert, hidden, token, weights.dtype)
         return output.to(self.output_dtype or hidden.dtype).reshape(*leading, self.output_features)
+
+    def _weightless(self, choice: int, rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A routed choice with no weights in the packed storage (an identity "zero expert"), as the original runs it.
+
+        The original container is called on the choice's rows alone, every slot
+        holding that choice and all but the first weighted 0 (a container may
+        assume its usual number of slots), so its contribution is the original's
+        and is added at the original's place in the expert order.
+        """
+        slots = torch.full((rows.shape[0], index.shape[-1]), choice, dtype=index.dtype, device=index.device)
+        slot_weights = weight.new_zeros(rows.shape[0], index.shape[-1])
+        slot_weights[:, :1] = weight
+        inputs = {self.roles["hidden"]: rows, self.roles["index"]: slots, self.roles["weights"]: slot_weights}
+        with eager_experts(self.__dict__["_packed_container"]):
+            return self.__dict__["_packed_container"](**inputs)
 
     def _dense(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, output: torch.Tensor) -> None:
         # With ``calibration_chunk_size`` set, calibration takes the routed + unrouted path instead: the
