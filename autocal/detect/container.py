@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..trace.inputs import BlockCall
+from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, module_experts_info, row_gather
 from .graph_utils import Ancestry, bound_inputs, is_int_tensor, source_of, target_name, value
@@ -245,7 +245,7 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
     expert's token rows are learnt as a recipe replayed on the block's inputs,
     so calibration can run the expert on the rest.
     """
-    bound = _keyword_inputs(block, call)
+    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound, leaves=entries)
     paths = {id(m): p for p, m in block.named_modules()}
@@ -274,16 +274,3 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
         returns="tensor" if isinstance(rec.output, torch.Tensor) else f"tuple of {len(rec.output)}",
         tokens=recipe,
     )
-
-
-def _keyword_inputs(module: nn.Module, call: BlockCall) -> dict[str, Any]:
-    """The call's inputs by parameter name (``**kwargs`` spread out), as the recording and the recipe take them."""
-    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments
-    spread = {}
-    for parameter, argument in bound.items():
-        kind = inspect.signature(module.forward).parameters[parameter].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the block takes *args; it cannot be recorded by name",
-                                      block_class=type(module).__name__)
-        spread.update(argument if kind is inspect.Parameter.VAR_KEYWORD else {parameter: argument})
-    return spread

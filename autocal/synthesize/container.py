@@ -18,6 +18,7 @@ from torch import nn
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
 from .module import AdoptedMoE, adopt
+from ..trace.inputs import keyword_arguments
 from .ops import run_unrouted
 
 __all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "build_container_calibration", "build_recorded_block"]
@@ -89,21 +90,12 @@ class RecordedBlockMoE(AdoptedMoE):
     def forward(self, *args, **kwargs):
         output = self._block_forward(*args, **kwargs)
         if self.calibrate_all_experts:
-            bound = _keyword_arguments(self._signature, args, kwargs)
+            bound = keyword_arguments(self._signature, args, kwargs)
             shared: dict = {}  # the router and all else the experts share, computed once
             rows = self.structure.tokens.rows(bound, shared)
             for expert, module in enumerate(self.expert_modules()):
                 run_unrouted(module, rows, self.structure.tokens(bound, expert, shared), True)
         return output
-
-
-def _keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    bound = signature.bind(*args, **kwargs).arguments
-    spread = {}
-    for name, argument in bound.items():
-        var_keyword = signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
-        spread.update(argument if var_keyword else {name: argument})
-    return spread
 
 
 def build_recorded_block(structure: MoEStructure, block: nn.Module) -> type[RecordedBlockMoE]:

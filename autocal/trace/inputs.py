@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import errors
 
-__all__ = ["BlockCall", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs"]
+__all__ = ["BlockCall", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs"]
 
 
 @dataclass
@@ -26,6 +26,17 @@ class BlockCall:
 
     args: tuple
     kwargs: dict
+
+
+def keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """A call's inputs by parameter name, ``**kwargs`` spread out: how recordings and recipes take them."""
+    spread = {}
+    for name, argument in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the forward takes *args: its inputs have no names")
+        spread.update(argument if kind is inspect.Parameter.VAR_KEYWORD else {name: argument})
+    return spread
 
 
 def hidden_size_candidates(block: nn.Module, container: nn.Module) -> list[int]:
