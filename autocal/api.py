@@ -25,6 +25,7 @@ from .synthesize.block import build_block_rewrite
 from .synthesize.container import build_container_calibration, build_recorded_block
 from .synthesize.dense import build_dense_rewrite
 from .synthesize.module import build_calibration_module
+from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import synthesize_inputs
 from .verify import Verification, verify
 
@@ -75,7 +76,8 @@ class Converter:
                     raise
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
                          "block-dense": build_dense_rewrite, "container": build_container_calibration,
-                         "gated": build_container_calibration, "recorded-block": build_recorded_block}[structure.level]
+                         "gated": build_container_calibration, "recorded-block": build_recorded_block,
+                         "sorted": build_sorted_calibration}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 
@@ -201,7 +203,8 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             except errors.NotAnMoE:
                 built[id(block)] = None
             except errors.AutocalError as error:
-                raise error.with_context(module_path=path, block_class=type(block).__name__) from None
+                raise unreached(error, example_inputs, calls, path).with_context(
+                    module_path=path, block_class=type(block).__name__) from None
         if built[id(block)] is not None:
             _set_submodule(model, path, built[id(block)])
     if not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
@@ -210,6 +213,14 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                   hints=["autocal looks for a child module storing weights per expert, "
                                          "called with the indices of a top-k"])
     return model
+
+
+def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: dict, path: str) -> errors.AutocalError:
+    """``error``, saying so when the example inputs ran the model without ever calling this block's forward."""
+    if example_inputs and path not in calls and "never calls this block" not in error.explanation:
+        error.explanation += ("; the example inputs ran the model without calling this block's forward "
+                              "(its experts are used through other methods?)")
+    return error
 
 
 def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None,

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from . import errors
-from .api import Converter, analysis_key, capture_calls
+from .api import Converter, analysis_key, capture_calls, unreached
 from .detect.detector import find_moe_blocks, unrecognized_experts
 from .registry import MoECalibrationModule, registered_override
 from .trace.twin import on_meta
@@ -204,6 +204,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             del by_class[cls]
             continue
         except errors.AutocalError as error:
+            error = unreached(error, example_inputs, calls, path)
             report.failure = {"kind": error.kind, "explanation": error.explanation, "source": error.source,
                               "hints": error.hints}
             continue

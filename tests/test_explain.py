@@ -52,10 +52,12 @@ def _expected_experts_and_k(name, config):
 def _zoo_params():
     from test_zoo import KNOWN_FAILURES, UNBUILDABLE
 
+    # JetMoE's MLP experts are detected and reported (its attention experts are a failure entry).
+    failures = {name: reason for name, reason in KNOWN_FAILURES.items() if name != "jetmoe"}
     for name in zoo.moe_architectures():
         if name in UNBUILDABLE:
             continue
-        marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=True)] if name in KNOWN_FAILURES else []
+        marks = [pytest.mark.xfail(reason=failures[name], strict=True)] if name in failures else []
         yield pytest.param(name, marks=marks, id=name)
 
 

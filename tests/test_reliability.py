@@ -375,25 +375,27 @@ def test_dispatch_loops_fx_cannot_trace_are_recorded(block_cls):
 
 
 class _WeightBank(nn.Module):
-    def __init__(self, experts, n_in, n_out):
+    def __init__(self, experts, n_in, n_out, scaled=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(experts, n_in, n_out))
+        self.weight = nn.Parameter(torch.randn(experts, n_in, n_out) / n_in ** 0.5)
+        self.scale = nn.Parameter(torch.ones(())) if scaled else None
 
     def forward(self, x, counts):  # rows sorted by expert, ``counts`` rows each
-        return torch.cat([part @ w for part, w in zip(x.split(counts), self.weight)])
+        out = torch.cat([part @ w for part, w in zip(x.split(counts), self.weight)])
+        return out if self.scale is None else out * self.scale
 
 
 class _SortedExperts(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2 = _WeightBank(4, 8, 12), _WeightBank(4, 12, 8)
+        self.fc1, self.fc2 = _WeightBank(4, 8, 12, scaled=True), _WeightBank(4, 12, 8, scaled=True)
 
     def forward(self, x, counts):
         return self.fc2(torch.relu(self.fc1(x, counts)), counts)
 
 
 class _SortedDispatch(nn.Module):
-    """Experts one level down in two weight banks; the router two levels above the weights."""
+    """Experts one level down in two scaled weight banks (not recognised); the router two levels above."""
 
     def __init__(self):
         super().__init__()
@@ -417,3 +419,51 @@ def test_experts_weights_further_down_than_their_router_are_reported_not_skipped
         entry.failure)
     with pytest.raises(autocal.AutocalError):
         autocal.convert(model)
+
+
+class _GroupedGemmBlock(nn.Module):
+    """Megablocks-style: rows sorted by expert, weight banks called with the row count of each expert."""
+
+    def __init__(self, experts=5, k=2):
+        super().__init__()
+        self.k, self.router = k, nn.Linear(8, experts, bias=False)
+        self.up, self.down = _WeightBank(experts, 8, 12), _WeightBank(experts, 12, 8)
+
+    def forward(self, x):
+        flat = x.reshape(-1, 8)
+        weights, index = self.router(flat).softmax(-1).topk(self.k)
+        order = index.flatten().argsort(stable=True)
+        counts = torch.bincount(index.flatten(), minlength=self.router.out_features).tolist()
+        rows = flat[order // self.k]
+        out = self.down(torch.nn.functional.gelu(self.up(rows, counts)), counts)
+        out = out * weights.flatten()[order, None]
+        return torch.zeros_like(flat).index_add(0, order // self.k, out).view_as(x)
+
+
+def test_sorted_dispatch_through_weight_banks():
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _GroupedGemmBlock()
+    x = torch.randn(2, 9, 8)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "sorted" and module.structure.router.top_k == 2
+    assert module.structure.experts.num_experts == 5 and module.structure.router.scoring == "softmax"
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad():
+            assert torch.equal(module(x), expected), "unobserved: the banks themselves run"
+    ups = {e: linear for e, linear in enumerate(module.up.experts())}
+    downs = {e: linear for e, linear in enumerate(module.down.experts())}
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad(), count_rows(ups) as up_rows, count_rows(downs) as down_rows:
+            out = module(x)
+        assert compare_outputs(expected, out)[2]
+        if calibrate:
+            assert set(up_rows.values()) == set(down_rows.values()) == {18}, "every expert saw every token once"
+        else:
+            assert sum(up_rows.values()) == sum(down_rows.values()) == 18 * 2
+    assert autocal.restore(nn.Sequential(module))[0] is block

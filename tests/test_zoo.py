@@ -22,12 +22,12 @@ from autocal.testing.zoo_runner import run_architecture
 
 KNOWN_FAILURES = {
     "doge": "product-key single-neuron experts (embeddings), not token-routed Linear experts",
-    "jetmoe": "two single-weight experts modules called with a Python list of expert sizes",
+    "jetmoe": "mixture of attention heads: JetMoeMoA's experts are called through map() and reduce() from the "
+              "attention code, never through forward (its MLP experts, JetMoeMoE, convert)",
 }
 # Architectures whose original model cannot run here: listed with the reason, checked to still fail.
 UNBUILDABLE = {}
 if zoo.transformers_version() < (5, 18):
-    KNOWN_FAILURES["aria"] = "transformers 5.17: experts called with router logits, not (indices, weights)"
     del KNOWN_FAILURES["doge"]
     UNBUILDABLE["doge"] = "transformers 5.17: the model's own forward fails (a tuple passed to dropout)"
 

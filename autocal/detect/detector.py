@@ -25,6 +25,7 @@ from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, bound_inputs, value
 from .router import analyze_router
+from .sorted import detect_sorted, weight_banks
 from .structure import ExpertsInfo, MoEStructure
 
 __all__ = ["find_moe_blocks", "experts_container", "detect", "unrecognized_experts"]
@@ -43,9 +44,22 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
     Candidates only: ``detect`` confirms that the forward routes tokens to them.
     """
-    for path, module in model.named_modules(remove_duplicate=False):  # a block reached twice is listed twice
-        if experts_container(module) is not None or expert_lists(module) or unrouted_lists(module):
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, module in modules.items():  # a block reached twice is listed twice
+        if experts_container(module) is not None or expert_lists(module) or unrouted_lists(module) or (
+                _routed_banks(module, modules.get(path.rpartition(".")[0], model) if path else None)):
             yield path, module
+
+
+def _routed_banks(block: nn.Module, parent: nn.Module | None) -> bool:
+    """Weight banks (``detect/sorted.py``) with a router of as many rows beside them, in the block or its parent."""
+    banks = weight_banks(block)
+    if not banks:
+        return False
+    inside = {id(p) for p in banks.values()}
+    rows = {p.shape[0] for p in block.parameters() if p.dim() == 2 and id(p) not in inside}
+    rows |= router_rows(parent, block) if parent is not None else set()
+    return next(iter(banks.values())).shape[0] in rows
 
 
 def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str, str]]:
@@ -165,6 +179,11 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
     found = experts_container(block)
     if found is not None:
         return _detect_packed(block, *found, call, num_tokens)
+    banks = weight_banks(block)
+    if banks:
+        first = block.get_submodule(next(iter(banks)))
+        call = call or capture_block_inputs(block, first, num_tokens=num_tokens or 16)
+        return detect_sorted(block, banks, call)
     lists = expert_lists(block) or unrouted_lists(block)
     if lists:
         name, entries = next(iter(lists.items()))

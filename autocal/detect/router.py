@@ -54,8 +54,13 @@ def _slots(index: fx.Node, choices: int) -> int | None:
 
 
 def _logits(selection: fx.Node, ancestry: Ancestry) -> fx.Node | None:
+    """The router's matmul behind ``selection``; or the input it starts from, when the logits come in as one."""
     candidates = [n for n in ancestry.of(selection) + [selection] if target_name(n) in _MATMUL_OPS or n.op == "call_module"]
-    return candidates[-1] if candidates else None
+    if candidates:
+        return candidates[-1]
+    inputs = [n for n in ancestry.of(selection) if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
+              and value(n).is_floating_point()]
+    return inputs[-1] if len(inputs) == 1 else None
 
 
 def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterInfo:

@@ -38,11 +38,9 @@ from .grouped import GroupedTemplate
 from .ops import ProjectionLayout, geometry
 
 # Elements of one stacked activation when experts run in groups (GPU, CPU): a few such tensors are
-# alive at a time; on CPU small enough to stay in cache. Grouping pays where per-expert launches
-# and Python dominate (many experts, few tokens); below MIN_GROUP experts a group, experts run one
-# at a time.
+# alive at a time; on CPU small enough to stay in cache. Larger experts run in groups of one, which
+# still weights and casts only their routed rows and keeps gate and up apart (no copy into one tensor).
 GROUP_ELEMENTS = {False: 1 << 26, True: 1 << 18}
-MIN_GROUP = 4
 
 __all__ = ["SynthesizedExpert", "UnpackedExperts", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
 
@@ -234,7 +232,7 @@ class CalibrationExperts(UnpackedExperts):
         routed = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, columns, True)
         weight = torch.where(routed, dense, torch.ones_like(dense))
         size = self._group_size(hidden)
-        if size >= MIN_GROUP and self._groupable(hidden):
+        if self._groupable(hidden):
             self._dense_grouped(hidden, dense, routed, output, size)
             return
         if hidden.device.type == "cpu":  # no host synchronisation to avoid: add the routed rows only
@@ -259,7 +257,7 @@ class CalibrationExperts(UnpackedExperts):
     def _group_size(self, hidden: torch.Tensor) -> int:
         """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS``."""
         budget = GROUP_ELEMENTS[hidden.device.type == "cpu"]
-        return min(self.num_experts, budget // max(1, hidden.shape[0] * self._widest))
+        return max(1, min(self.num_experts, budget // max(1, hidden.shape[0] * self._widest)))
 
     def _dense_grouped(self, hidden: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor,
                        output: torch.Tensor, size: int) -> None:

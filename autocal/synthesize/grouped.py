@@ -187,9 +187,14 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
             return out if bias is None else out + bias.unsqueeze(-2)
     rows = [x.value] * group if isinstance(x, Shared) else list(x)
     if all(untouched(per_expert[g], layouts[g]) for g in range(group)):
-        return torch.stack([project(rows[g], per_expert[g], columns, features, layouts[g]) for g in range(group)])
-    pieces = tuple(torch.stack([per_expert[g][i](rows[g]) for g in range(group)]) for i in range(len(linears)))
+        return _stack([project(rows[g], per_expert[g], columns, features, layouts[g]) for g in range(group)])
+    pieces = tuple(_stack([per_expert[g][i](rows[g]) for g in range(group)]) for i in range(len(linears)))
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, without a copy for a group of one."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _packed_operands(per_expert: list[tuple[nn.Linear, ...]], layouts: list) -> tuple | None:

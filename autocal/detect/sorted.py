@@ -1,0 +1,233 @@
+"""Sorted dispatch: tokens grouped by expert and run through *weight banks* (grouped GEMM).
+
+Some blocks sort the routed rows by expert and call one module per projection
+that holds every expert's weight ``[E, a, b]`` and takes the rows with each
+expert's row count (``bank(rows, counts)``: Aria, Megablocks-style code). The
+experts are then slices of several banks with ops of the block between them.
+
+The block is recorded with the banks as leaves, and three things are taken
+from the recording, each checked against it:
+
+1. ``row_gather`` on the first bank's input: the token rows and the index that
+   sorts them, replayed from the block inputs at run time (expert ``e``'s tokens
+   are that index's ``e``-th segment, by the counts the first bank was given);
+2. how each bank applies ``W[e]`` (checked numerically);
+3. the ops between consecutive banks, replayed on any rows (checked row-wise).
+
+With calibration on, each expert's chain (bank slices and the ops between them)
+then runs on the tokens it was not routed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .. import errors
+from ..trace.inputs import BlockCall, keyword_arguments
+from ..trace.record import record
+from .block import _routing_weight, row_gather
+from .graph_utils import Ancestry, source_of, target_name, value
+from .router import analyze_router
+from .structure import ExpertsInfo, MoEStructure
+
+__all__ = ["weight_banks", "Replay", "SortedDispatch", "detect_sorted"]
+
+
+def weight_banks(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Children holding one ``[E, a, b]`` weight each (a, b >= 2) and called with two required inputs.
+
+    Candidates only (the router beside them is checked by the caller): the
+    recording then shows whether the second input is a row count per expert.
+    """
+    banks = {}
+    for name, child in block.named_children():
+        params = list(child.parameters())
+        if type(child).__module__.startswith("torch.nn.") or len(params) != 1 or params[0].dim() != 3:
+            continue
+        if min(params[0].shape[1:]) >= 2 and _required_inputs(child) >= 2:
+            banks[name] = params[0]
+    sizes = {p.shape[0] for p in banks.values()}
+    if not banks or len(sizes) != 1 or min(sizes) < 2:
+        return {}
+    return banks
+
+
+def _required_inputs(module: nn.Module) -> int:
+    parameters = inspect.signature(module.forward).parameters.values()
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in parameters)
+
+
+class Replay:
+    """Evaluates nodes of a recorded graph again, on new block inputs, with some node values given."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+
+    def __call__(self, node: Any, bound: dict[str, Any], given: dict[fx.Node, Any], shared: dict) -> Any:
+        memo = dict(given)
+        depends = _descendants(self.graph, given)
+
+        def evaluate(n: fx.Node):
+            cache = memo if n in depends or n in given else shared
+            if n in cache:
+                return cache[n]
+            if n.op == "placeholder":
+                result = bound[n.target]
+            elif n.op == "get_attr":
+                result = value(n)
+            elif n.op == "call_module":
+                raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "a bank call between two banks")
+            else:
+                result = n.target(*fx.node.map_arg(n.args, evaluate), **fx.node.map_arg(n.kwargs, evaluate))
+            cache[n] = result
+            return result
+
+        return fx.node.map_arg(node, evaluate) if not isinstance(node, fx.Node) else evaluate(node)
+
+
+def _descendants(graph: fx.Graph, roots: dict[fx.Node, Any]) -> set[fx.Node]:
+    found = set(roots)
+    for node in graph.nodes:
+        if any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+class SortedDispatch:
+    """What calibration replays: the token rows, the index that sorts them, and the ops between banks."""
+
+    def __init__(self, graph: fx.Graph, banks: list[str], calls: list[fx.Node], source: fx.Node, tokens: fx.Node,
+                 orientation: dict[str, str]) -> None:
+        self.replay = Replay(graph)
+        self.banks, self.calls, self.source, self.tokens = banks, calls, source, tokens
+        self.orientation = orientation  # bank -> "linear" (rows @ W[e].T) or "matmul" (rows @ W[e])
+
+    def routing(self, bound: dict[str, Any], shared: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, sorting index)`` for these block inputs (the counts per expert are what the first bank got)."""
+        return self.replay(self.source, bound, {}, shared), self.replay(self.tokens, bound, {}, shared)
+
+    def between(self, step: int, rows: torch.Tensor, bound: dict[str, Any], shared: dict) -> torch.Tensor:
+        """The ops from bank ``step - 1``'s output to bank ``step``'s input, on ``rows``."""
+        return self.replay(self.calls[step].args[0], bound, {self.calls[step - 1]: rows}, shared)
+
+
+def _orientation(bank: nn.Module, weight: torch.Tensor, counts: Any) -> str:
+    """How the bank applies ``W[e]``: ``F.linear`` (``[out, in]``) or a matmul (``[in, out]``); checked numerically."""
+    for orientation, features in (("linear", weight.shape[2]), ("matmul", weight.shape[1])):
+        x = torch.randn(3, features, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            try:
+                out = bank(x, _only_expert(counts, 1, 3))
+            except (RuntimeError, IndexError, ValueError):
+                continue
+            expected = torch.nn.functional.linear(x, weight[1]) if orientation == "linear" else x @ weight[1]
+        if out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
+            return orientation
+    raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "a weight bank is neither rows @ W[e].T nor rows @ W[e]")
+
+
+def _counts(call: fx.Node) -> Any:
+    """The recorded second input of a bank call (the row count per expert, if it is one)."""
+    if len(call.args) < 2:
+        return None
+    return value(call.args[1]) if isinstance(call.args[1], fx.Node) else call.args[1]
+
+
+def _only_expert(counts: Any, expert: int, rows: int) -> Any:
+    """Counts like the recorded ones (list or tensor) giving all ``rows`` to ``expert``."""
+    if isinstance(counts, torch.Tensor):
+        only = torch.zeros_like(counts)
+        only[expert] = rows
+        return only
+    return type(counts)(rows if e == expert else 0 for e in range(len(counts)))
+
+
+def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockCall) -> MoEStructure:
+    """Detection for sorted dispatch through weight banks (see the module docstring)."""
+    cls = type(block).__name__
+    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
+    modules = [block.get_submodule(name) for name in banks]
+    with torch.no_grad():
+        rec = record(block, (), bound, leaves=modules)
+    calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in banks]
+    if sorted(c.target for c in calls) != sorted(banks):
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "each weight bank must be called once", block_class=cls)
+    num_experts = next(iter(banks.values())).shape[0]
+    for node in calls:
+        counts = _counts(node)
+        listed = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+        if not isinstance(listed, (list, tuple)) or len(listed) != num_experts or sum(listed) != len(value(node.args[0])):
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"`{node.target}` is not called with (rows, a row "
+                                      "count per expert)", block_class=cls, source=source_of(node))
+    source, tokens = row_gather(calls[0])
+    orientation = {n: _orientation(block.get_submodule(n), banks[n], _counts(calls[0])) for n in banks}
+    dispatch = SortedDispatch(rec.graph, [c.target for c in calls], calls, source, tokens, orientation)
+    _check_rowwise(dispatch, bound, cls)
+    weight = _routing_weight(calls[-1])
+    index, weights = _routing_choice(rec.graph, tokens)
+    router = analyze_router(rec.graph, index, weight if weight is not None else weights)
+    router.num_choices = max(router.num_choices, num_experts)
+    experts = ExpertsInfo(
+        module_path=dispatch.banks[0],
+        num_experts=num_experts,
+        storage="weight banks",
+        layout={"banks": {n: list(banks[n].shape) for n in dispatch.banks}, "applied as": dispatch.orientation},
+        computation=" → ".join(dispatch.banks),
+        weights_applied="after the last bank" if weight is not None else "after the experts' rows are put back",
+        call_roles={},
+        output_features=value(calls[-1]).shape[-1],
+        accumulate_dtype=None,
+        output_dtype=None,
+        sources={n.target: source_of(n) for n in calls if source_of(n)},
+    )
+    return MoEStructure(
+        block_class=cls,
+        level="sorted",
+        router=router,
+        experts=experts,
+        shared_modules=[c for c in dict(block.named_children()) if c not in banks and c != router.module_path],
+        returns="tensor" if isinstance(rec.output, torch.Tensor) else f"tuple of {len(rec.output)}",
+        tokens=dispatch,
+    )
+
+
+def _routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The top-k indices behind the sorting index (the sort is dispatch, not routing) and the weights beside them.
+
+    The weights are the last float tensor of the indices' shape computed from the
+    top-k values; without a top-k, the sorting index stands for both.
+    """
+    ancestry = Ancestry(graph)
+    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max")]
+    if not choices:
+        return tokens, tokens
+    choice = choices[-1]
+    parts = {user.args[1]: user for user in choice.users if target_name(user) in ("getitem", "__getitem__")}
+    index = parts.get(1)
+    if index is None:
+        return tokens, tokens
+    shape = value(index).shape
+    weights = [n for n in graph.nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
+               and value(n).shape == shape and ancestry.is_ancestor(choice, n)]
+    return index, (weights[-1] if weights else index)
+
+
+def _check_rowwise(dispatch: SortedDispatch, bound: dict[str, Any], cls: str) -> None:
+    """Replaying the ops between banks on half the rows must give those rows of the recorded values."""
+    for step in range(1, len(dispatch.calls)):
+        previous, recorded = value(dispatch.calls[step - 1]), value(dispatch.calls[step].args[0])
+        half = max(1, previous.shape[0] // 2)
+        try:
+            replayed = dispatch.between(step, previous[:half], bound, {})
+        except (RuntimeError, IndexError, errors.AutocalError):
+            replayed = None
+        if replayed is None or replayed.shape[0] != half or not torch.equal(replayed, recorded[:half]):
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"the ops between `{dispatch.banks[step - 1]}` and "
+                                      f"`{dispatch.banks[step]}` are not row by row", block_class=cls,
+                                      source=source_of(dispatch.calls[step]))
+
