@@ -43,7 +43,10 @@ def _check_output(out: torch.Tensor, x: torch.Tensor, config: ToyMoEConfig) -> N
 def _zero_expert_(block: nn.Module, config: ToyMoEConfig, expert: int) -> None:
     """Zero every weight / bias of one routed expert (router and shared experts untouched)."""
     with torch.no_grad():
-        if isinstance(block.experts, nn.ModuleList):
+        if not hasattr(block, "experts"):  # sorted_banks: weight banks fc1, fc2 [E, in, out]
+            for p in (block.fc1.weight, block.fc2.weight):
+                p[expert].zero_()
+        elif isinstance(block.experts, nn.ModuleList):
             for p in block.experts[expert].parameters():
                 p.zero_()
         else:
@@ -70,7 +73,7 @@ def _influential_experts(config: ToyMoEConfig, x: torch.Tensor) -> set[int]:
 
 
 def test_kinds_and_tuple_kinds():
-    assert len(KINDS) == len(set(KINDS)) == 9
+    assert len(KINDS) == len(set(KINDS)) == 11
     assert TUPLE_RETURN_KINDS <= set(KINDS)
 
 

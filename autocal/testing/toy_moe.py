@@ -16,6 +16,8 @@ kind                        modelled on
 ``"tuple_return"``          Qwen3-MoE block that also returns the router logits
 ``"modulelist_loop"``       transformers-v4 Mixtral: ``nn.ModuleList`` of w1/w2/w3 experts, loop in the block
 ``"scores_on_inputs"``      Llama4 (``Llama4TextMoe``): router scores multiply the *inputs*, dense bmm experts
+``"masked_loop"``           hand-written code: boolean row masks, ``if rows.any()``, ``out[rows] +=`` (no fx)
+``"sorted_banks"``          Megablocks / Aria on transformers 5.17: rows sorted by expert, weight banks
 ==========================  ====================================================================================
 
 State-dict keys match the real transformers blocks where one exists (concat, interleaved, no_gate,
@@ -54,6 +56,8 @@ KINDS: tuple[str, ...] = (
     "tuple_return",
     "modulelist_loop",
     "scores_on_inputs",
+    "masked_loop",
+    "sorted_banks",
 )
 
 # Kinds whose block forward returns a tuple ``(hidden_states, router_something)``; all others return a tensor.
@@ -737,6 +741,67 @@ class ToyMixtralSparseMoeBlock(nn.Module):
         return final_hidden_states, router_logits
 
 
+class ToyMaskedLoopMoeBlock(nn.Module):
+    """kind "masked_loop": hand-written style fx cannot trace: boolean row masks, ``if rows.any()``, ``out[rows] +=``."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            [ToyMixtralBlockSparseTop2MLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)]
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, index = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for expert_idx, expert in enumerate(self.experts):
+            chosen = index == expert_idx
+            rows = chosen.any(-1)
+            if rows.any():
+                out[rows] += expert(flat[rows]) * (weights * chosen).sum(-1, keepdim=True)[rows]
+        return out.view_as(hidden_states)
+
+
+class ToyWeightBank(nn.Module):
+    """One projection of every expert, ``weight [E, in, out]``, applied to rows sorted by expert (grouped GEMM)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+
+    def _toy_reset(self, generator: torch.Generator) -> None:
+        _normal_(self.weight, 1 / math.sqrt(self.weight.shape[1]), generator)
+
+    def forward(self, rows: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
+        parts = rows.split(rows_per_expert.tolist())
+        return torch.cat([part @ weight for part, weight in zip(parts, self.weight)])
+
+
+class ToySortedBanksMoeBlock(nn.Module):
+    """kind "sorted_banks": Megablocks/Aria-style: rows sorted by expert through two weight banks, SwiGLU between."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.top_k, self.num_experts = config.top_k, config.num_experts
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.fc1 = ToyWeightBank(config.num_experts, config.hidden_size, 2 * config.intermediate_size)
+        self.fc2 = ToyWeightBank(config.num_experts, config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits, index = self.router(flat).topk(self.top_k, dim=-1)
+        weights = logits.softmax(-1)
+        order = index.flatten().argsort(stable=True)
+        rows_per_expert = torch.bincount(index.flatten(), minlength=self.num_experts)
+        gate, up = self.fc1(flat[order // self.top_k], rows_per_expert).chunk(2, dim=-1)
+        out = self.fc2(F.silu(gate) * up, rows_per_expert) * weights.flatten()[order, None]
+        return torch.zeros_like(flat).index_add(0, order // self.top_k, out).view_as(hidden_states)
+
+
 class ToyLlama4TextMoe(nn.Module):
     """kind "scores_on_inputs": Llama4TextMoe; returns ``(hidden_states, router_logits)``.
 
@@ -774,6 +839,8 @@ _BLOCK_CLASSES: dict[str, type[nn.Module]] = {
     "tuple_return": ToyTupleReturnMoeBlock,
     "modulelist_loop": ToyMixtralSparseMoeBlock,
     "scores_on_inputs": ToyLlama4TextMoe,
+    "masked_loop": ToyMaskedLoopMoeBlock,
+    "sorted_banks": ToySortedBanksMoeBlock,
 }
 assert tuple(_BLOCK_CLASSES) == KINDS
 
