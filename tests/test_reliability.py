@@ -353,7 +353,24 @@ class _ItemAssignment(nn.Module):
         return y.view_as(x) + self.shared(x)
 
 
-@pytest.mark.parametrize("block_cls", [_MaskedLoop, _ItemAssignment])
+class _DictOfExperts(nn.Module):
+    """Top-1 over a ``ModuleDict`` keyed by name; rows picked from ``[batch, seq, hidden]`` with a 2-D mask."""
+
+    def __init__(self, experts=4):
+        super().__init__()
+        self.k, self.classifier = 1, nn.Linear(16, experts)
+        self.experts = nn.ModuleDict({f"expert_{i}": _SwiGLU() for i in range(experts)})
+
+    def forward(self, x):
+        weight, index = self.classifier(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for i in range(len(self.experts)):
+            chosen = index == i
+            out[chosen] = self.experts[f"expert_{i}"](x[chosen]) * weight[chosen].unsqueeze(-1)
+        return out
+
+
+@pytest.mark.parametrize("block_cls", [_MaskedLoop, _ItemAssignment, _DictOfExperts])
 def test_dispatch_loops_fx_cannot_trace_are_recorded(block_cls):
     from autocal.testing.assertions import count_rows
 
@@ -467,3 +484,32 @@ def test_sorted_dispatch_through_weight_banks():
         else:
             assert sum(up_rows.values()) == sum(down_rows.values()) == 18 * 2
     assert autocal.restore(nn.Sequential(module))[0] is block
+
+
+class _SoftMixture(nn.Module):
+    """Every expert on every token, weighted by a softmax over all of them (no top-k)."""
+
+    def __init__(self, experts=3):
+        super().__init__()
+        self.gate = nn.Linear(16, experts)
+        self.experts = nn.ModuleList(_SwiGLU() for _ in range(experts))
+
+    def forward(self, x):
+        weights = self.gate(x).softmax(-1)
+        return sum(weights[..., i:i + 1] * expert(x) for i, expert in enumerate(self.experts))
+
+
+def test_a_soft_mixture_already_calibrates_every_expert():
+    torch.manual_seed(0)
+    model = nn.Sequential(_SoftMixture())
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(x)
+    report = autocal.explain(model)
+    block = report.blocks[0]
+    assert (block.level, block.num_experts, block.top_k, block.scoring) == ("gated", 3, 3, "weights")
+    autocal.convert(model)
+    autocal.coverage(model).reset(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert autocal.coverage(model).tokens["0"] == [10, 10, 10]

@@ -114,8 +114,13 @@ def _index_position(index) -> tuple[int, fx.Node] | None:
     return None
 
 
-def row_gather(call: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """``(source, tokens)``: the expert's input is ``source[tokens]`` (up to views)."""
+def row_gather(call: fx.Node, masks: bool = False) -> tuple[fx.Node, fx.Node]:
+    """``(source, tokens)``: the expert's input is ``source[tokens]`` (up to views).
+
+    ``tokens`` indexes the rows of a 2-D ``source``; with ``masks``, it may also be a
+    boolean mask over all leading dimensions of ``source`` (``x[mask]`` on
+    ``[batch, seq, hidden]``), which the callers flatten.
+    """
     node = call.args[0]
     while isinstance(node, fx.Node) and target_name(node) in _VIEW_OPS:
         node = node.args[0]
@@ -123,7 +128,8 @@ def row_gather(call: fx.Node) -> tuple[fx.Node, fx.Node]:
         source = node.args[0]
         found = (0, node.args[2]) if target_name(node) == "index_select" else _index_position(node.args[1])
         src = value(source) if isinstance(source, fx.Node) else None
-        if found and found[0] == 0 and isinstance(src, torch.Tensor) and src.dim() == 2:
+        if found and found[0] == 0 and isinstance(src, torch.Tensor) and (src.dim() == 2 or masks and _mask_of(
+                found[1], src)):
             tokens = found[1]
             if torch.equal(value(call.args[0]).reshape(-1, src.shape[-1]), src[value(tokens)]):
                 return source, tokens
@@ -132,6 +138,12 @@ def row_gather(call: fx.Node) -> tuple[fx.Node, fx.Node]:
         "an expert's input is not a set of rows gathered from the token hidden states",
         source=source_of(call),
     )
+
+
+def _mask_of(index: fx.Node, source: torch.Tensor) -> bool:
+    """Is ``index`` a boolean mask over every dimension of ``source`` but the last?"""
+    mask = value(index)
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == tuple(source.shape[:-1])
 
 
 def _routing_weight(call: fx.Node) -> fx.Node | None:

@@ -22,7 +22,7 @@ from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, module_experts_info, row_gather
 from .graph_utils import Ancestry, bound_inputs, is_int_tensor, source_of, target_name, value
-from .router import analyze_router
+from .router import analyze_router, routing_choice
 from .structure import MoEStructure, RouterInfo
 
 __all__ = ["detect_module_container", "TokenRecipe"]
@@ -50,11 +50,12 @@ class TokenRecipe:
     def __call__(self, bound: dict[str, Any], expert: int, shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
         """Expert ``expert``'s row indices (a boolean row mask is turned into indices)."""
         rows = self._evaluate(self.tokens, bound, expert, {} if shared is None else shared)
-        return rows.nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
+        return rows.reshape(-1).nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
 
     def rows(self, bound: dict[str, Any], shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
         """The 2-D token rows the experts' inputs are gathered from."""
-        return self._evaluate(self.source, bound, None, {} if shared is None else shared)
+        source = self._evaluate(self.source, bound, None, {} if shared is None else shared)
+        return source.reshape(-1, source.shape[-1])
 
     def _evaluate(self, node: fx.Node, bound: dict[str, Any], expert: int | None, shared: dict) -> Any:
         memo: dict[fx.Node, Any] = {}
@@ -89,7 +90,7 @@ def _like(index: Any, expert: int) -> Any:
 def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node, int]:
     """Indexing ops and comparisons on the way to ``tokens`` whose operand is the expert being dispatched."""
     found = {}
-    for node in ancestry.of(tokens):
+    for node in ancestry.of(tokens) + [tokens]:
         if target_name(node) not in ("getitem", "__getitem__", "select", "eq", "__eq__") or len(node.args) < 2:
             continue  # an index, or a comparison with the expert's number (``index == e``)
         position = len(node.args) - 1
@@ -131,7 +132,7 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
         return _detect_gated(block, name, container, entries, calls, block_rec, rec)
     if unrouted:
         raise errors.NotAnMoE(name)
-    source, tokens = row_gather(first)
+    source, tokens = row_gather(first, masks=True)
     hidden = [n for n in rec.graph.nodes if n.op == "placeholder" and (n is source or _views(source, n))]
     if not hidden:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' rows are not gathered from an input",
@@ -227,10 +228,10 @@ def _views(source: fx.Node, placeholder: fx.Node) -> bool:
 def _check_recipe(recipe: TokenRecipe, calls: list[fx.Node], expert_paths: dict[str, int], rec, bound, cls) -> None:
     """The recipe must give back, for every recorded expert call, the rows that expert received."""
     for call in calls:
-        _, tokens = row_gather(call)
+        _, tokens = row_gather(call, masks=True)
         replayed, recorded = recipe(bound, expert_paths[call.target]), value(tokens)
         if recorded.dtype == torch.bool:
-            recorded = recorded.nonzero().squeeze(-1)
+            recorded = recorded.reshape(-1).nonzero().squeeze(-1)
         if replayed.shape != recorded.shape or not torch.equal(replayed, recorded):
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH,
                                       "which tokens an expert receives could not be recomputed for every expert",
@@ -254,15 +255,18 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
     if not calls:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls the modules in `{name}`",
                                   block_class=type(block).__name__)
-    source, tokens = row_gather(calls[0])
+    if _whole_input(calls[0]) is not None:  # every expert on every token already (soft or masked mixtures)
+        return _detect_gated(block, name, block.get_submodule(name), entries, calls, rec, rec)
+    source, tokens = row_gather(calls[0], masks=True)
     latest = max(calls, key=lambda c: expert_paths[c.target])  # a high expert number is unlike other constants
-    _, latest_tokens = row_gather(latest)
+    _, latest_tokens = row_gather(latest, masks=True)
     ancestry = Ancestry(rec.graph)
     recipe = TokenRecipe(rec.graph, latest_tokens, _selectors(latest_tokens, expert_paths[latest.target], ancestry),
                          source=source)
     _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
     weight = _routing_weight(calls[0])
-    router = analyze_router(rec.graph, tokens, weight if weight is not None else tokens)
+    index, weights = routing_choice(rec.graph, tokens)
+    router = analyze_router(rec.graph, index, weight if weight is not None else weights)
     applied = "on the expert output, in the block's loop" if weight is not None else "not found"
     experts = module_experts_info(name, block.get_submodule(name), entries, calls[0], applied)
     return MoEStructure(

@@ -194,11 +194,12 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
         try:
             return detect_block_level(block, lists, call, num_tokens)
-        except Untraceable as untraceable:
+        except errors.AutocalError as symbolic:  # fx could not trace it, or its graph is not a row dispatch
             try:
                 return detect_recorded_block(block, name, entries, call)
             except errors.AutocalError as error:
-                error.explanation = f"{error.explanation} (recorded, since {untraceable.explanation})"
+                if isinstance(symbolic, Untraceable):
+                    error.explanation = f"{error.explanation} (recorded, since {symbolic.explanation})"
                 raise error.with_context(block_class=type(block).__name__)
     raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
                               block_class=type(block).__name__)

@@ -14,7 +14,7 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["analyze_router"]
+__all__ = ["analyze_router", "routing_choice"]
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
 _DIVISIONS = {"div", "div_", "truediv", "itruediv", "__truediv__", "__itruediv__"}
@@ -39,7 +39,7 @@ def _k_of(node: fx.Node) -> int:
     return 1
 
 
-def _slots(index: fx.Node, choices: int) -> int | None:
+def _slots(index: fx.Node, choices: int, scored_shape: tuple | None = None) -> int | None:
     """k as the experts receive it (two top-1 passes make k=2).
 
     The last size of a ``[tokens, k]`` index tensor, or, for a 0/1 dispatch mask
@@ -47,6 +47,8 @@ def _slots(index: fx.Node, choices: int) -> int | None:
     """
     v = value(index)
     if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.is_floating_point():
+        return None
+    if scored_shape is not None and tuple(v.shape) == tuple(scored_shape[:-1]):  # one choice per row (max, argmax)
         return None
     if v.shape[-1] == choices and v.numel() and int(v.min()) >= 0 and int(v.max()) <= 1:
         return int(v.reshape(-1, choices).sum(-1).max())
@@ -88,7 +90,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
-        top_k=_slots(index, value(scored).shape[-1]) or _k_of(final),
+        top_k=_slots(index, value(scored).shape[-1], value(scored).shape) or _k_of(final),
         num_choices=value(scored).shape[-1],
         renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
@@ -140,3 +142,27 @@ def _correction_bias(graph: fx.Graph, scored: fx.Node, weights: fx.Node, ancestr
                 if any(u is not n and (u is weights or ancestry.is_ancestor(u, weights)) for u in scores.users):
                     return bias.target
     return None
+
+
+def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The top-k (or max) indices behind ``tokens`` and the weights beside them.
+
+    For dispatch code that turns the routing choice into something else first
+    (a sorting index, a row mask), whose own ops are dispatch, not routing.
+
+    The weights are the last float tensor of the indices' shape computed from the
+    top-k values; without a top-k, the sorting index stands for both.
+    """
+    ancestry = Ancestry(graph)
+    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max")]
+    if not choices:
+        return tokens, tokens
+    choice = choices[-1]
+    parts = {user.args[1]: user for user in choice.users if target_name(user) in ("getitem", "__getitem__")}
+    index = parts.get(1)
+    if index is None:
+        return tokens, tokens
+    shape = value(index).shape
+    weights = [n for n in graph.nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
+               and value(n).shape == shape and ancestry.is_ancestor(choice, n)]
+    return index, (weights[-1] if weights else index)

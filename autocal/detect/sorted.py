@@ -30,8 +30,8 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, row_gather
-from .graph_utils import Ancestry, source_of, target_name, value
-from .router import analyze_router
+from .graph_utils import source_of, value
+from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
 __all__ = ["weight_banks", "Replay", "SortedDispatch", "detect_sorted"]
@@ -169,7 +169,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
     dispatch = SortedDispatch(rec.graph, [c.target for c in calls], calls, source, tokens, orientation)
     _check_rowwise(dispatch, bound, cls)
     weight = _routing_weight(calls[-1])
-    index, weights = _routing_choice(rec.graph, tokens)
+    index, weights = routing_choice(rec.graph, tokens)
     router = analyze_router(rec.graph, index, weight if weight is not None else weights)
     router.num_choices = max(router.num_choices, num_experts)
     experts = ExpertsInfo(
@@ -194,27 +194,6 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         returns="tensor" if isinstance(rec.output, torch.Tensor) else f"tuple of {len(rec.output)}",
         tokens=dispatch,
     )
-
-
-def _routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """The top-k indices behind the sorting index (the sort is dispatch, not routing) and the weights beside them.
-
-    The weights are the last float tensor of the indices' shape computed from the
-    top-k values; without a top-k, the sorting index stands for both.
-    """
-    ancestry = Ancestry(graph)
-    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max")]
-    if not choices:
-        return tokens, tokens
-    choice = choices[-1]
-    parts = {user.args[1]: user for user in choice.users if target_name(user) in ("getitem", "__getitem__")}
-    index = parts.get(1)
-    if index is None:
-        return tokens, tokens
-    shape = value(index).shape
-    weights = [n for n in graph.nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
-               and value(n).shape == shape and ancestry.is_ancestor(choice, n)]
-    return index, (weights[-1] if weights else index)
 
 
 def _check_rowwise(dispatch: SortedDispatch, bound: dict[str, Any], cls: str) -> None:

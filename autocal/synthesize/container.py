@@ -40,6 +40,7 @@ class _CalibrationContainer(nn.Module):
         if self.calibrate_all_experts and self.structure.tokens is not None:  # None: experts already see every row
             bound = self._signature.bind(*args, **kwargs).arguments
             hidden = bound[self.structure.experts.call_roles["hidden"]]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
             for expert, name in enumerate(self.entries):
                 routed = self.structure.tokens(bound, expert)
                 run_unrouted(self._modules[name], hidden, routed, True)
