@@ -21,7 +21,7 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, module_experts_info, row_gather
-from .graph_utils import Ancestry, bound_inputs, is_int_tensor, source_of, target_name, value
+from .graph_utils import Ancestry, Replay, bound_inputs, is_int_tensor, source_of, target_name, value
 from .router import analyze_router, routing_choice
 from .structure import MoEStructure, RouterInfo
 
@@ -31,53 +31,33 @@ __all__ = ["detect_module_container", "TokenRecipe"]
 class TokenRecipe:
     """Replays, for any expert, how the original picks that expert's token rows from the recorded inputs.
 
-    ``source`` (optional) is the node the rows are gathered from: ``rows(bound)``
-    recomputes it. Nodes that do not depend on the expert (the router, say) are
-    computed once per ``bound`` when ``memo`` is shared across experts.
+    ``selectors`` are the ops whose argument is the expert's number (an index,
+    an ``== e``); replaying with another number there gives that expert's rows.
+    ``source`` (optional) is the node the rows are gathered from. Pass one
+    ``shared`` dict for the calls on the same inputs: what does not depend on
+    the expert (the router, say) is then computed once.
     """
 
     def __init__(self, graph: fx.Graph, tokens: fx.Node, selectors: dict[fx.Node, int],
                  source: fx.Node | None = None) -> None:
-        self.graph = graph
+        self.replay = Replay(graph)
         self.tokens = tokens
         self.source = source
         self.selectors = selectors  # node -> position of the expert index in its args
-        self.inputs = {n.target: n for n in graph.nodes if n.op == "placeholder"}
-        ancestry = Ancestry(graph)
-        self.per_expert = {n for n in ancestry.of(tokens) + [tokens]
-                           if n in selectors or any(ancestry.is_ancestor(sel, n) for sel in selectors)}
 
     def __call__(self, bound: dict[str, Any], expert: int, shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
         """Expert ``expert``'s row indices (a boolean row mask is turned into indices)."""
-        rows = self._evaluate(self.tokens, bound, expert, {} if shared is None else shared)
+        substitute = {}
+        for node, position in self.selectors.items():
+            recorded = node.args[position]
+            substitute[node] = (position, _like(value(recorded) if isinstance(recorded, fx.Node) else recorded, expert))
+        rows = self.replay(self.tokens, bound, {} if shared is None else shared, substitute=substitute)
         return rows.reshape(-1).nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
 
     def rows(self, bound: dict[str, Any], shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
         """The 2-D token rows the experts' inputs are gathered from."""
-        source = self._evaluate(self.source, bound, None, {} if shared is None else shared)
+        source = self.replay(self.source, bound, {} if shared is None else shared)
         return source.reshape(-1, source.shape[-1])
-
-    def _evaluate(self, node: fx.Node, bound: dict[str, Any], expert: int | None, shared: dict) -> Any:
-        memo: dict[fx.Node, Any] = {}
-
-        def evaluate(n: fx.Node):
-            cache = memo if n in self.per_expert else shared
-            if n in cache:
-                return cache[n]
-            if n.op == "placeholder":
-                result = bound[n.target]
-            elif n.op == "get_attr":
-                result = value(n)
-            else:
-                args = list(fx.node.map_arg(n.args, evaluate))
-                if n in self.selectors:
-                    args[self.selectors[n]] = _like(value(n.args[self.selectors[n]]) if isinstance(
-                        n.args[self.selectors[n]], fx.Node) else n.args[self.selectors[n]], expert)
-                result = n.target(*args, **fx.node.map_arg(n.kwargs, evaluate))
-            cache[n] = result
-            return result
-
-        return evaluate(node)
 
 
 def _like(index: Any, expert: int) -> Any:

@@ -30,11 +30,11 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, row_gather
-from .graph_utils import source_of, value
+from .graph_utils import Replay, source_of, value
 from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["weight_banks", "Replay", "SortedDispatch", "detect_sorted"]
+__all__ = ["weight_banks", "SortedDispatch", "detect_sorted"]
 
 
 def weight_banks(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -62,42 +62,6 @@ def _required_inputs(module: nn.Module) -> int:
                for p in parameters)
 
 
-class Replay:
-    """Evaluates nodes of a recorded graph again, on new block inputs, with some node values given."""
-
-    def __init__(self, graph: fx.Graph) -> None:
-        self.graph = graph
-
-    def __call__(self, node: Any, bound: dict[str, Any], given: dict[fx.Node, Any], shared: dict) -> Any:
-        memo = dict(given)
-        depends = _descendants(self.graph, given)
-
-        def evaluate(n: fx.Node):
-            cache = memo if n in depends or n in given else shared
-            if n in cache:
-                return cache[n]
-            if n.op == "placeholder":
-                result = bound[n.target]
-            elif n.op == "get_attr":
-                result = value(n)
-            elif n.op == "call_module":
-                raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "a bank call between two banks")
-            else:
-                result = n.target(*fx.node.map_arg(n.args, evaluate), **fx.node.map_arg(n.kwargs, evaluate))
-            cache[n] = result
-            return result
-
-        return fx.node.map_arg(node, evaluate) if not isinstance(node, fx.Node) else evaluate(node)
-
-
-def _descendants(graph: fx.Graph, roots: dict[fx.Node, Any]) -> set[fx.Node]:
-    found = set(roots)
-    for node in graph.nodes:
-        if any(a in found for a in node.all_input_nodes):
-            found.add(node)
-    return found
-
-
 class SortedDispatch:
     """What calibration replays: the token rows, the index that sorts them, and the ops between banks."""
 
@@ -109,11 +73,11 @@ class SortedDispatch:
 
     def routing(self, bound: dict[str, Any], shared: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, sorting index)`` for these block inputs (the counts per expert are what the first bank got)."""
-        return self.replay(self.source, bound, {}, shared), self.replay(self.tokens, bound, {}, shared)
+        return self.replay(self.source, bound, shared), self.replay(self.tokens, bound, shared)
 
     def between(self, step: int, rows: torch.Tensor, bound: dict[str, Any], shared: dict) -> torch.Tensor:
         """The ops from bank ``step - 1``'s output to bank ``step``'s input, on ``rows``."""
-        return self.replay(self.calls[step].args[0], bound, {self.calls[step - 1]: rows}, shared)
+        return self.replay(self.calls[step].args[0], bound, shared, given={self.calls[step - 1]: rows})
 
 
 def _orientation(bank: nn.Module, weight: torch.Tensor, counts: Any) -> str:
