@@ -7,15 +7,18 @@ import os
 import shutil
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import errors
 from .api import Converter, analysis_key, capture_calls, unreached
 from .detect.detector import find_moe_blocks, unrecognized_experts
+from .detect.router import router_of
 from .registry import MoECalibrationModule, registered_override
+from .trace.record import record
 from .trace.twin import on_meta
 
 __all__ = ["explain", "Report", "BlockReport"]
@@ -102,8 +105,15 @@ def _layout(layout: dict[str, Any]) -> str:
 def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     """``(fact, what was found, source file:line)`` for one block class, in reading order."""
     if block.failure:
-        return [("FAILED", f"[{block.failure['kind']}] {block.failure['explanation']}", block.failure.get("source")),
-                ("next", errors.override_hint(block.block_class), None)]
+        rows = [("FAILED", f"[{block.failure['kind']}] {block.failure['explanation']}", block.failure.get("source"))]
+        router = (block.structure or {}).get("router")
+        if router:  # what the recording still showed
+            order = [router["selection"], router["scoring"]]
+            steps = [o for o in order[::1 if router["scored_after_selection"] else -1] if o]
+            rows.append(("router", f"{' → '.join(steps)}"
+                                   f"  top_k {router['top_k']} of {router['num_choices']} choices",
+                         router["sources"].get("top_k")))
+        return rows + [("next", errors.override_hint(block.block_class), None)]
     rows: list[tuple[str, str, str | None]] = [("path", block.path, None)]
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
@@ -188,7 +198,9 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
     converter = Converter(verify=verify)
     by_class: dict[tuple, BlockReport] = {}
     blocks = list(find_moe_blocks(model_or_block))
-    calls, twin = capture_calls(model_or_block, [p for p, _ in blocks], example_inputs, forward)
+    unrecognized = unrecognized_experts(model_or_block, [p for p, _ in blocks])
+    calls, twin = capture_calls(model_or_block, [p for p, _ in blocks] + [b for b, _, _ in unrecognized],
+                                example_inputs, forward)
     for path, block in blocks:
         if isinstance(block, MoECalibrationModule):
             continue
@@ -215,11 +227,26 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             report.code = getattr(module, "code", None)
         if analysis.verification is not None:
             report.verification = analysis.verification.to_dict()
-    for block_path, path, what in unrecognized_experts(model_or_block, [p for p, _ in blocks]):
+    for block_path, path, what in unrecognized:
         owner = type(model_or_block.get_submodule(block_path)).__name__
         entry = by_class.setdefault((owner, "unrecognized"), BlockReport(owner, [], failure={
             "kind": errors.UNSUPPORTED_DISPATCH, "source": None, "hints": [errors.override_hint(owner)],
             "explanation": f"{what} ({path}), but no block that routes tokens to it was recognised"}))
         if (block_path or "<root>") not in entry.paths:
             entry.paths.append(block_path or "<root>")
+        if entry.structure is None and block_path in calls:
+            entry.structure = _router_only(model_or_block.get_submodule(block_path), calls[block_path])
     return Report(list(by_class.values()))
+
+
+def _router_only(block: nn.Module, call) -> dict[str, Any] | None:
+    """What the recording of an unconverted block still shows: its router (k, choices, scoring)."""
+    try:
+        with torch.no_grad():
+            router = router_of(record(block, call.args, call.kwargs).graph)
+    except Exception:  # a report entry must not raise; the failure above already says what went wrong
+        return None
+    if router is None:
+        return None
+    return {"level": "not converted", "router": asdict(router),
+            "experts": {"num_experts": router.num_choices, "storage": "not recognised"}}

@@ -250,6 +250,8 @@ def test_a_block_the_model_declares_as_routing_is_never_skipped_silently():
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.convert(model)
     assert raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH and raised.value.module_path == "mlp"
+    shown = autocal.explain(model, example_inputs={"hidden_states": torch.randn(2, 3, 8)}).blocks[0]
+    assert shown.failure and (shown.top_k, shown.num_experts) == (2, 4), "what the recording shows of the router"
 
 
 class _ExpertsWithWeightlessChoices(nn.Module):

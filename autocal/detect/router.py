@@ -14,7 +14,7 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["analyze_router", "routing_choice"]
+__all__ = ["analyze_router", "routing_choice", "router_of"]
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
 _DIVISIONS = {"div", "div_", "truediv", "itruediv", "__truediv__", "__itruediv__"}
@@ -26,6 +26,7 @@ _PLUMBING = {
     "masked_fill", "unsqueeze", "squeeze", "expand", "contiguous", "clamp", "clamp_min", "div_", "mul_",
     "sub", "__sub__", "where", "ones_like", "zeros_like", "new_zeros", "flatten", "permute", "transpose",
     "full_like", "full", "new_full", "fill_", "masked_fill_", "index_select", "repeat", "expand_as",
+    "unbind", "split", "chunk", "stack", "cat",
 }
 
 
@@ -166,3 +167,18 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
     weights = [n for n in graph.nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
                and value(n).shape == shape and ancestry.is_ancestor(choice, n)]
     return index, (weights[-1] if weights else index)
+
+
+def router_of(graph: fx.Graph) -> RouterInfo | None:
+    """The router facts of a recorded block whose experts were not recognised: its last top-k (or max)."""
+    choices = [n for n in graph.nodes if target_name(n) in ("topk", "max", "argmax")]
+    if not choices:
+        return None
+    last = choices[-1]
+    index = last if target_name(last) == "argmax" else next(
+        (u for u in last.users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
+    if index is None:
+        return None
+    _, weights = routing_choice(graph, index)
+    return analyze_router(graph, index, weights)
+

@@ -61,7 +61,7 @@ def _logits(output: Any) -> torch.Tensor:
 def _block_facts(report) -> list[dict[str, Any]]:
     facts = []
     for block in report.blocks:
-        if block.structure is None:
+        if block.failure is not None or block.structure is None:
             facts.append({"class": block.block_class, "path": block.path, "failure": block.failure})
             continue
         router, experts = block.structure["router"], block.structure["experts"]
