@@ -102,14 +102,19 @@ def _layout(layout: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _routing_steps(router: dict[str, Any]) -> list[str | None]:
+    """Selection and scoring in the order the router applies them."""
+    steps = [router["selection"], router["scoring"]]
+    return steps if router.get("scored_after_selection") else steps[::-1]
+
+
 def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     """``(fact, what was found, source file:line)`` for one block class, in reading order."""
     if block.failure:
         rows = [("FAILED", f"[{block.failure['kind']}] {block.failure['explanation']}", block.failure.get("source"))]
         router = (block.structure or {}).get("router")
         if router:  # what the recording still showed
-            order = [router["selection"], router["scoring"]]
-            steps = [o for o in order[::1 if router["scored_after_selection"] else -1] if o]
+            steps = [step for step in _routing_steps(router) if step]
             rows.append(("router", f"{' → '.join(steps)}"
                                    f"  top_k {router['top_k']} of {router['num_choices']} choices",
                          router["sources"].get("top_k")))
@@ -118,9 +123,7 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
         sources = {**router["sources"], **experts["sources"]}
-        order = [router["selection"], router["scoring"]]
-        if not router.get("scored_after_selection"):
-            order.reverse()
+        order = _routing_steps(router)
         rows += [
             ("router", router["module_path"] or "none (no router module)", sources.pop("logits", None)),
             ("scoring", " → ".join(str(o) for o in order), sources.pop("scoring", None)),

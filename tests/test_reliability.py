@@ -316,38 +316,18 @@ class _SwiGLU(nn.Module):
         return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
-class _MaskedLoop(nn.Module):
-    """Rows picked with a boolean mask, a data-dependent ``if``: code fx cannot trace."""
-
-    def __init__(self, experts=6, k=2):
-        super().__init__()
-        self.k, self.gate = k, nn.Linear(16, experts, bias=False)
-        self.experts = nn.ModuleList(_SwiGLU() for _ in range(experts))
-
-    def forward(self, x):
-        flat = x.view(-1, 16)
-        weights, index = self.gate(flat).softmax(-1).topk(self.k, -1)
-        out = torch.zeros_like(flat)
-        for i, expert in enumerate(self.experts):
-            chosen = index == i
-            rows = chosen.any(-1)
-            if rows.any():
-                out[rows] += expert(flat[rows]) * (weights * chosen).sum(-1, keepdim=True)[rows]
-        return out.view_as(x)
-
-
 class _ItemAssignment(nn.Module):
     """``y[token] += expert(x[token]) * w``, and a shared expert: item assignment fx cannot trace."""
 
     def __init__(self, experts=5, k=2):
         super().__init__()
-        self.k, self.router = k, nn.Linear(16, experts)
+        self.top_k, self.router = k, nn.Linear(16, experts)
         self.experts = nn.ModuleList(_SwiGLU() for _ in range(experts))
         self.shared = _SwiGLU()
 
     def forward(self, x):
-        weights, index = self.router(x).softmax(-1).topk(self.k)
-        flat, index, weights = x.reshape(-1, 16), index.reshape(-1, self.k), weights.reshape(-1, self.k)
+        weights, index = self.router(x).softmax(-1).topk(self.top_k)
+        flat, index, weights = x.reshape(-1, 16), index.reshape(-1, self.top_k), weights.reshape(-1, self.top_k)
         y = torch.zeros_like(flat)
         for e in range(len(self.experts)):
             token, slot = (index == e).nonzero(as_tuple=True)
@@ -360,7 +340,7 @@ class _DictOfExperts(nn.Module):
 
     def __init__(self, experts=4):
         super().__init__()
-        self.k, self.classifier = 1, nn.Linear(16, experts)
+        self.top_k, self.classifier = 1, nn.Linear(16, experts)
         self.experts = nn.ModuleDict({f"expert_{i}": _SwiGLU() for i in range(experts)})
 
     def forward(self, x):
@@ -372,7 +352,12 @@ class _DictOfExperts(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("block_cls", [_MaskedLoop, _ItemAssignment, _DictOfExperts])
+def _masked_loop():
+    """Rows picked with a boolean mask, a data-dependent ``if``: the toy kind ``masked_loop``."""
+    return make_toy_block(ToyMoEConfig(kind="masked_loop", hidden_size=16, num_experts=6, top_k=2))
+
+
+@pytest.mark.parametrize("block_cls", [_masked_loop, _ItemAssignment, _DictOfExperts])
 def test_dispatch_loops_fx_cannot_trace_are_recorded(block_cls):
     from autocal.testing.assertions import count_rows
 
@@ -383,13 +368,13 @@ def test_dispatch_loops_fx_cannot_trace_are_recorded(block_cls):
         expected = block(x)
     module = autocal.synthesize(block)
     assert module.structure.level == "recorded-block" and module.structure.experts.num_experts == len(block.experts)
-    assert module.structure.router.top_k == block.k
+    assert module.structure.router.top_k == block.top_k
     experts = dict(enumerate(module.expert_modules()))
     for calibrate in (False, True):
         module.calibrate_all_experts = calibrate
         with torch.no_grad(), count_rows(experts) as rows:
             assert torch.equal(module(x), expected)  # the block's own forward computes the output
-        assert sum(rows.values()) == 15 * block.k if not calibrate else all(n == 15 for n in rows.values()), rows
+        assert sum(rows.values()) == 15 * block.top_k if not calibrate else all(n == 15 for n in rows.values()), rows
     assert autocal.restore(nn.Sequential(module))[0] is block
 
 

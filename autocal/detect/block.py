@@ -22,7 +22,7 @@ from ..trace.inputs import BlockCall, capture_block_inputs
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
 from .experts import describe
-from .graph_utils import is_int_tensor, source_of, target_name, value
+from .graph_utils import is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router
 from .structure import BlockRewrite, ExpertCall, ExpertsInfo, MoEStructure
 
@@ -244,12 +244,6 @@ def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call
         router=router,
         experts=experts,
         shared_modules=[c for c in dict(block.named_children()) if c not in lists and c != router.module_path],
-        returns=_returns(output),
+        returns=returns_of(output),
         rewrite=BlockRewrite(graph, gathered),
     )
-
-
-def _returns(output) -> str:
-    if isinstance(output, torch.Tensor):
-        return "tensor"
-    return f"tuple of {len(output)}" if isinstance(output, (tuple, list)) else type(output).__name__

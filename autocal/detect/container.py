@@ -21,7 +21,7 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, module_experts_info, row_gather
-from .graph_utils import Ancestry, Replay, bound_inputs, is_int_tensor, source_of, target_name, value
+from .graph_utils import Ancestry, Replay, bound_inputs, is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router, routing_choice
 from .structure import MoEStructure, RouterInfo
 
@@ -99,11 +99,7 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls `{name}`",
                                   block_class=type(block).__name__)
     bound = bound_inputs(container, container_call)
-    with torch.no_grad():
-        rec = record(container, (), bound, leaves=entries)
-    paths = {id(m): p for p, m in container.named_modules()}
-    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
-    calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
+    rec, expert_paths, calls = _record_expert_calls(container, bound, entries)
     if not calls:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"`{name}` never calls its experts",
                                   block_class=type(block).__name__)
@@ -134,10 +130,19 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
         router=router,
         experts=experts,
         shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
-        returns="tensor" if isinstance(block_rec.output, torch.Tensor) else f"tuple of {len(block_rec.output)}",
+        returns=returns_of(block_rec.output),
         tokens=recipe,
     )
     return structure
+
+
+def _record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[nn.Module]):
+    """``module`` recorded on ``bound`` with its experts as leaves; each expert's path (to its number); their calls."""
+    with torch.no_grad():
+        rec = record(module, (), bound, leaves=entries)
+    paths = {id(m): p for p, m in module.named_modules()}
+    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
+    return rec, expert_paths, [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
 
 
 def _whole_input(call: fx.Node) -> fx.Node | None:
@@ -192,7 +197,7 @@ def _detect_gated(block: nn.Module, name: str, container: nn.Module, entries: li
         router=router,
         experts=experts,
         shared_modules=[c for c in dict(block.named_children()) if c != name],
-        returns="tensor" if isinstance(block_rec.output, torch.Tensor) else f"tuple of {len(block_rec.output)}",
+        returns=returns_of(block_rec.output),
     )
 
 
@@ -227,11 +232,7 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
     so calibration can run the expert on the rest.
     """
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
-    with torch.no_grad():
-        rec = record(block, (), bound, leaves=entries)
-    paths = {id(m): p for p, m in block.named_modules()}
-    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
-    calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
+    rec, expert_paths, calls = _record_expert_calls(block, bound, entries)
     if not calls:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls the modules in `{name}`",
                                   block_class=type(block).__name__)
@@ -255,6 +256,6 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
         router=router,
         experts=experts,
         shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
-        returns="tensor" if isinstance(rec.output, torch.Tensor) else f"tuple of {len(rec.output)}",
+        returns=returns_of(rec.output),
         tokens=recipe,
     )

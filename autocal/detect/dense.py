@@ -19,7 +19,7 @@ from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
 from .experts import ExpertsRecording, analyze_experts
-from .graph_utils import source_of, target_name, tensor_inputs, value
+from .graph_utils import returns_of, source_of, target_name, tensor_inputs, value
 from .router import _SELECTION_OPS, analyze_router
 from .structure import BlockRewrite, ExpertsInfo, MoEStructure
 
@@ -104,7 +104,7 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
         router=router,
         experts=experts,
         shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
-        returns="tensor" if isinstance(output, torch.Tensor) else f"tuple of {len(output)}",
+        returns=returns_of(output),
         template=template,
         rewrite=BlockRewrite(graph, []),
     )

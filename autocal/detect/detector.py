@@ -23,7 +23,7 @@ from .block import Untraceable, detect_block_level, expert_lists, has_own_forwar
 from .container import detect_module_container, detect_recorded_block
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
-from .graph_utils import Ancestry, bound_inputs, value
+from .graph_utils import Ancestry, bound_inputs, returns_of, value
 from .router import analyze_router
 from .sorted import detect_sorted, weight_banks
 from .structure import ExpertsInfo, MoEStructure
@@ -149,14 +149,6 @@ def _record_container(container: nn.Module, bound: dict[str, Any], roles: dict[s
     return ExpertsRecording(rec.graph, container, *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
 
 
-def _returns(output: Any) -> str:
-    if isinstance(output, torch.Tensor):
-        return "tensor"
-    if isinstance(output, (tuple, list)):
-        return f"tuple of {len(output)}"
-    return type(output).__name__
-
-
 def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int | None = None) -> MoEStructure:
     """Run every detection pass on ``block``; raises ``AutocalError`` when it cannot.
 
@@ -253,7 +245,7 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         router=router,
         experts=experts,
         shared_modules=shared,
-        returns=_returns(block_rec.output),
+        returns=returns_of(block_rec.output),
         template=template,
     )
 

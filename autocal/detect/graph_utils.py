@@ -15,7 +15,7 @@ from .. import errors
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 __all__ = ["bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "Replay",
-           "is_int_tensor", "value"]
+           "is_int_tensor", "returns_of", "value"]
 
 
 def target_name(node: fx.Node) -> str:
@@ -139,4 +139,13 @@ class Replay:
                     found.add(node)
             self._varying[roots] = found
         return self._varying[roots]
+
+
+def returns_of(output: Any) -> str:
+    """What a block returns, as the report says it: ``tensor``, ``tuple of 2``, or the type's name."""
+    if isinstance(output, torch.Tensor):
+        return "tensor"
+    if isinstance(output, (tuple, list)):
+        return f"tuple of {len(output)}"
+    return type(output).__name__
 

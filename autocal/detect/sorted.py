@@ -30,7 +30,7 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, row_gather
-from .graph_utils import Replay, source_of, value
+from .graph_utils import Replay, returns_of, source_of, value
 from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
@@ -65,11 +65,16 @@ def _required_inputs(module: nn.Module) -> int:
 class SortedDispatch:
     """What calibration replays: the token rows, the index that sorts them, and the ops between banks."""
 
-    def __init__(self, graph: fx.Graph, banks: list[str], calls: list[fx.Node], source: fx.Node, tokens: fx.Node,
+    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node, tokens: fx.Node,
                  orientation: dict[str, str]) -> None:
         self.replay = Replay(graph)
-        self.banks, self.calls, self.source, self.tokens = banks, calls, source, tokens
+        self.calls, self.source, self.tokens = calls, source, tokens
         self.orientation = orientation  # bank -> "linear" (rows @ W[e].T) or "matmul" (rows @ W[e])
+
+    @property
+    def banks(self) -> list[str]:
+        """The banks' names, in the order the block calls them."""
+        return [call.target for call in self.calls]
 
     def routing(self, bound: dict[str, Any], shared: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, sorting index)`` for these block inputs (the counts per expert are what the first bank got)."""
@@ -130,7 +135,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
                                       "count per expert)", block_class=cls, source=source_of(node))
     source, tokens = row_gather(calls[0])
     orientation = {n: _orientation(block.get_submodule(n), banks[n], _counts(calls[0])) for n in banks}
-    dispatch = SortedDispatch(rec.graph, [c.target for c in calls], calls, source, tokens, orientation)
+    dispatch = SortedDispatch(rec.graph, calls, source, tokens, orientation)
     _check_rowwise(dispatch, bound, cls)
     weight = _routing_weight(calls[-1])
     index, weights = routing_choice(rec.graph, tokens)
@@ -155,7 +160,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         router=router,
         experts=experts,
         shared_modules=[c for c in dict(block.named_children()) if c not in banks and c != router.module_path],
-        returns="tensor" if isinstance(rec.output, torch.Tensor) else f"tuple of {len(rec.output)}",
+        returns=returns_of(rec.output),
         tokens=dispatch,
     )
 

@@ -17,8 +17,7 @@ from torch import nn
 
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
-from .module import AdoptedMoE, adopt
-from ..trace.inputs import keyword_arguments
+from .module import AdoptedMoE, KeptForwardMoE, adopt, kept_forward_class
 from .ops import run_unrouted
 
 __all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "build_container_calibration", "build_recorded_block"]
@@ -77,32 +76,16 @@ def build_container_calibration(structure: MoEStructure, block: nn.Module) -> ty
     )
 
 
-class RecordedBlockMoE(AdoptedMoE):
-    """A block whose own loop calls its expert modules, kept as it is; calibration adds each expert's other rows.
+class RecordedBlockMoE(KeptForwardMoE):
+    """A block whose own loop calls its expert modules, kept as it is; calibration adds each expert's other rows,
+    recomputed by the recorded ``TokenRecipe`` from the same inputs."""
 
-    The block's forward runs unchanged (its output is the original's, and the
-    experts see their routed rows through it); with calibration on, each expert
-    then runs on the rows the block did not route to it, recomputed by the
-    recorded ``TokenRecipe`` from the same inputs, and those outputs are discarded.
-    """
-
-    is_permanent = False
-
-    def forward(self, *args, **kwargs):
-        output = self._block_forward(*args, **kwargs)
-        if self.calibrate_all_experts:
-            bound = keyword_arguments(self._signature, args, kwargs)
-            shared: dict = {}  # the router and all else the experts share, computed once
-            rows = self.structure.tokens.rows(bound, shared)
-            for expert, module in enumerate(self.expert_modules()):
-                run_unrouted(module, rows, self.structure.tokens(bound, expert, shared), True)
-        return output
+    def run_unrouted(self, bound: dict) -> None:
+        shared: dict = {}  # the router and all else the experts share, computed once
+        rows = self.structure.tokens.rows(bound, shared)
+        for expert, module in enumerate(self.expert_modules()):
+            run_unrouted(module, rows, self.structure.tokens(bound, expert, shared), True)
 
 
 def build_recorded_block(structure: MoEStructure, block: nn.Module) -> type[RecordedBlockMoE]:
-    return type(
-        f"Calibration{type(block).__name__}",
-        (RecordedBlockMoE, type(block)),
-        {"structure": structure, "_block_forward": type(block).forward,
-         "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": __name__},
-    )
+    return kept_forward_class(RecordedBlockMoE, structure, block)

@@ -9,15 +9,18 @@ experts as ``experts.{i}.gate_proj.weight`` and so on.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
 
 from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
+from ..trace.inputs import keyword_arguments
 from .experts import CalibrationExperts, expert_class
 
-__all__ = ["AdoptedMoE", "SynthesizedMoE", "adopt", "build_calibration_module"]
+__all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
+           "kept_forward_class"]
 
 # nn.Module's own bookkeeping: fresh for the new module, never shared with the original.
 _MODULE_INTERNALS = ("hooks", "_parameters", "_buffers", "_modules", "_hooks_with_kwargs", "_always_called",
@@ -88,6 +91,36 @@ class AdoptedMoE(MoECalibrationModule):
         parts = [type(self).__dict__.get("generated_code", "")]
         parts.append(getattr(self.experts_container, "code", ""))
         return "\n# one expert:\n".join(p for p in parts if p)
+
+
+class KeptForwardMoE(AdoptedMoE):
+    """The block's own forward, unchanged (output the original's, routed rows seen through it).
+
+    With calibration on, ``run_unrouted(bound)`` then runs each expert on the
+    tokens the forward did not route to it, from the same inputs by name;
+    those outputs are discarded. Nothing is unpacked for good.
+    """
+
+    is_permanent = False
+
+    def forward(self, *args, **kwargs):
+        output = self._block_forward(*args, **kwargs)
+        if self.calibrate_all_experts:
+            self.run_unrouted(keyword_arguments(self._signature, args, kwargs))
+        return output
+
+    def run_unrouted(self, bound: dict) -> None:
+        raise NotImplementedError
+
+
+def kept_forward_class(base: type[KeptForwardMoE], structure: MoEStructure, block: nn.Module) -> type[KeptForwardMoE]:
+    """``Calibration<Block>(base, <Block>)``, keeping the block's forward to call first."""
+    return type(
+        f"Calibration{type(block).__name__}",
+        (base, type(block)),
+        {"structure": structure, "_block_forward": type(block).forward,
+         "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": base.__module__},
+    )
 
 
 class SynthesizedMoE(AdoptedMoE):

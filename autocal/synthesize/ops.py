@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project", "run_unrouted", "unobserved",
+__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project", "run_unrouted", "unrouted_rows", "unobserved",
            "untouched"]
 
 _UNOBSERVED: ContextVar[bool] = ContextVar("autocal_unobserved", default=False)
@@ -114,12 +114,17 @@ def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slic
     return pieces[0] if len(pieces) == 1 else assemble_columns(pieces, columns, features)
 
 
+def unrouted_rows(source: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """The rows of ``source`` whose index is not in ``routed``."""
+    unrouted = torch.ones(source.shape[0], dtype=torch.bool, device=source.device)
+    unrouted[routed] = False
+    return source[unrouted]
+
+
 def run_unrouted(expert: nn.Module, source: torch.Tensor, routed: torch.Tensor, enabled: bool) -> None:
     """With ``enabled``, run ``expert`` on the rows of ``source`` not in ``routed``; the result is discarded."""
     if not enabled:
         return
-    unrouted = torch.ones(source.shape[0], dtype=torch.bool, device=source.device)
-    unrouted[routed] = False
-    rows = unrouted.nonzero().squeeze(-1)
-    if rows.numel():
-        expert(source[rows])
+    rows = unrouted_rows(source, routed)
+    if rows.shape[0]:
+        expert(rows)

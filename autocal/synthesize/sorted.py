@@ -10,15 +10,13 @@ block's ops between them replayed, runs on the tokens it was not routed.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 from torch.nn.modules import module as module_globals
 
 from ..detect.structure import MoEStructure
-from ..trace.inputs import keyword_arguments
-from .module import AdoptedMoE, adopt
+from .module import KeptForwardMoE, adopt, kept_forward_class
+from .ops import unrouted_rows
 
 __all__ = ["SegmentBank", "SortedCalibrationMoE", "build_sorted_calibration"]
 
@@ -54,10 +52,8 @@ class SegmentBank(nn.Module):
                    and m.weight.data_ptr() == address for m, address in zip(self.children(), self._addresses))
 
 
-class SortedCalibrationMoE(AdoptedMoE):
+class SortedCalibrationMoE(KeptForwardMoE):
     """The block with its banks as ``SegmentBank``s; calibration runs each expert chain on its other tokens."""
-
-    is_permanent = False
 
     def __init__(self, original: nn.Module, config=None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
@@ -71,13 +67,7 @@ class SortedCalibrationMoE(AdoptedMoE):
     def experts_container(self) -> nn.Module:
         return self._modules[self.structure.tokens.banks[0]]
 
-    def forward(self, *args, **kwargs):
-        output = self._block_forward(*args, **kwargs)
-        if self.calibrate_all_experts:
-            self._run_unrouted(keyword_arguments(self._signature, args, kwargs))
-        return output
-
-    def _run_unrouted(self, bound: dict) -> None:
+    def run_unrouted(self, bound: dict) -> None:
         dispatch, shared = self.structure.tokens, {}
         banks = [self._modules[name] for name in dispatch.banks]
         rows, tokens = dispatch.routing(bound, shared)
@@ -85,10 +75,8 @@ class SortedCalibrationMoE(AdoptedMoE):
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         start = 0
         for expert, count in enumerate(counts):
-            unrouted = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
-            unrouted[tokens[start:start + count]] = False
+            x = unrouted_rows(rows, tokens[start:start + count])
             start += count
-            x = rows[unrouted]
             if not x.shape[0]:
                 continue
             for step, bank in enumerate(banks):
@@ -98,9 +86,4 @@ class SortedCalibrationMoE(AdoptedMoE):
 
 
 def build_sorted_calibration(structure: MoEStructure, block: nn.Module) -> type[SortedCalibrationMoE]:
-    return type(
-        f"Calibration{type(block).__name__}",
-        (SortedCalibrationMoE, type(block)),
-        {"structure": structure, "_block_forward": type(block).forward,
-         "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": __name__},
-    )
+    return kept_forward_class(SortedCalibrationMoE, structure, block)
