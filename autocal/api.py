@@ -24,6 +24,7 @@ from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
 from .synthesize.container import build_container_calibration, build_recorded_block
 from .synthesize.dense import build_dense_rewrite
+from .synthesize.gathered import build_gathered_calibration
 from .synthesize.module import build_calibration_module
 from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import synthesize_inputs
@@ -77,7 +78,7 @@ class Converter:
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
                          "block-dense": build_dense_rewrite, "container": build_container_calibration,
                          "gated": build_container_calibration, "recorded-block": build_recorded_block,
-                         "sorted": build_sorted_calibration}[structure.level]
+                         "sorted": build_sorted_calibration, "gathered": build_gathered_calibration}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 
@@ -192,7 +193,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             f"{what}, but no block that routes tokens to it was recognised; nothing was converted",
             block_class=block_class, module_path=path, hints=[errors.override_hint(block_class)],
         )
-    calls, twin = capture_calls(model, [p for p, _ in blocks], example_inputs, forward)
+    blocks, calls, twin = locate_blocks(model, blocks, example_inputs, forward)
     config = getattr(model, "config", None)
     built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
     for path, block in _progress(blocks):
@@ -231,6 +232,39 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
     twin = cpu_twin(model) if on_meta(model) else None
     runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
     return _capture_calls(twin or model, paths, example_inputs, runner), twin
+
+
+def locate_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_inputs: dict | None,
+                  forward: Any = None, also: list[str] = ()) -> tuple[list[tuple[str, nn.Module]],
+                                                                   dict[str, BlockCall], nn.Module | None]:
+    """The blocks, each block's inputs from the example (``capture_calls``), and the twin they ran on.
+
+    A block whose forward the example never calls while its children are called
+    is used through other methods (``experts.map(x)`` in an attention forward):
+    it is replaced by its nearest ancestor whose forward the example calls.
+    """
+    paths = [p for p, _ in blocks]
+    around = {a for p in paths for a in _ancestors(p)}
+    children = {p: [f"{p}.{c}" if p else c for c, _ in model.get_submodule(p).named_children()] for p in paths}
+    watched = list(dict.fromkeys([*paths, *also, *around, *(c for p in paths for c in children[p])]))
+    calls, twin = capture_calls(model, watched, example_inputs, forward)
+    located = []
+    for path, block in blocks:
+        if path not in calls and any(c in calls for c in children[path]):
+            path = next((a for a in _ancestors(path) if a in calls), path)
+            block = model.get_submodule(path)
+        if (path, block) not in located:
+            located.append((path, block))
+    return located, calls, twin
+
+
+def _ancestors(path: str) -> list[str]:
+    """The paths above ``path``, nearest first, the model (``""``) last."""
+    found = []
+    while path:
+        path = path.rpartition(".")[0]
+        found.append(path)
+    return found
 
 
 def _twin_of(forward: Any, model: nn.Module, twin: nn.Module) -> Any:

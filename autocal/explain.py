@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import errors
-from .api import Converter, analysis_key, capture_calls, unreached
+from .api import Converter, analysis_key, locate_blocks, unreached
 from .detect.detector import find_moe_blocks, unrecognized_experts
 from .detect.router import router_of
 from .registry import MoECalibrationModule, registered_override
@@ -202,8 +202,8 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
     by_class: dict[tuple, BlockReport] = {}
     blocks = list(find_moe_blocks(model_or_block))
     unrecognized = unrecognized_experts(model_or_block, [p for p, _ in blocks])
-    calls, twin = capture_calls(model_or_block, [p for p, _ in blocks] + [b for b, _, _ in unrecognized],
-                                example_inputs, forward)
+    blocks, calls, twin = locate_blocks(model_or_block, blocks, example_inputs, forward,
+                                        also=[b for b, _, _ in unrecognized])
     for path, block in blocks:
         if isinstance(block, MoECalibrationModule):
             continue

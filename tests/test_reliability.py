@@ -500,3 +500,202 @@ def test_a_soft_mixture_already_calibrates_every_expert():
     with torch.no_grad():
         assert torch.equal(model(x), expected)
     assert autocal.coverage(model).tokens["0"] == [10, 10, 10]
+
+
+class _HeadBank(nn.Module):
+    """One projection per expert, ``[E, out, in]``, taking rows sorted by expert and a tensor of counts."""
+
+    def __init__(self, experts, features_in, features_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, features_out, features_in) / features_in ** 0.5)
+
+    def forward(self, rows, counts):
+        return torch.cat([torch.nn.functional.linear(part, w) for part, w in zip(rows.split(counts.tolist()), self.w)])
+
+
+class _HeadExperts(nn.Module):
+    """Mixture of attention heads: a query and an output projection per expert, used through two methods."""
+
+    def __init__(self, experts=6, k=2, hidden=8, head=4):
+        super().__init__()
+        self.k, self.head = k, head
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.query, self.out = _HeadBank(experts, hidden, head), _HeadBank(experts, head, hidden)
+
+    def forward(self, x):
+        raise NotImplementedError("called through project() and combine()")
+
+    def project(self, x):  # [T, hidden] -> queries [T, k, head]
+        scores, chosen = torch.topk(self.gate(x).sigmoid(), self.k, dim=-1)
+        order = chosen.flatten().argsort(stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=self.gate.out_features)
+        queries = torch.zeros(x.shape[0] * self.k, self.head).index_copy(
+            0, order, self.query(x[order // self.k], counts))
+        return queries.view(x.shape[0], self.k, self.head), (order, counts, scores / scores.sum(-1, keepdim=True))
+
+    def combine(self, attended, topology):  # [T, k, head] -> [T, hidden]
+        order, counts, weights = topology
+        rows = self.out(attended.reshape(-1, self.head)[order], counts)
+        slots = torch.zeros(attended.shape[0] * self.k, rows.shape[-1]).index_copy(0, order, rows)
+        return (slots.view(attended.shape[0], self.k, -1) * weights[..., None]).sum(1)
+
+
+class _MixtureOfHeadsAttention(nn.Module):
+    """Causal attention whose queries and output projections are routed experts; keys and values are shared."""
+
+    def __init__(self, **sizes):
+        super().__init__()
+        self.heads = _HeadExperts(**sizes)
+        self.kv = nn.Linear(8, 2 * self.heads.head, bias=False)
+
+    def attend(self, queries, keys, values):  # queries [T, k, head]; every slot attends over all earlier tokens
+        scores = torch.einsum("tkd,sd->kts", queries, keys) / keys.shape[-1] ** 0.5
+        causal = torch.ones(keys.shape[0], keys.shape[0], dtype=torch.bool).tril()
+        return torch.einsum("kts,sd->tkd", scores.masked_fill(~causal, float("-inf")).softmax(-1), values)
+
+    def forward(self, x):
+        queries, topology = self.heads.project(x)
+        keys, values = self.kv(x).chunk(2, dim=-1)
+        return self.heads.combine(self.attend(queries, keys, values), topology)
+
+    def what_expert_sees(self, x, expert):
+        """The output projection input of ``expert`` for every token, had the router chosen it (written out)."""
+        keys, values = self.kv(x).chunk(2, dim=-1)
+        queries = torch.nn.functional.linear(x, self.heads.query.w[expert])
+        return self.attend(queries[:, None], keys, values)[:, 0]
+
+
+def test_attention_experts_are_calibrated_by_forcing_the_routing():
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    attention = _MixtureOfHeadsAttention(experts=5, k=2)
+    model = nn.Sequential(attention)
+    x = torch.randn(7, 8)
+    with torch.no_grad():
+        expected = model(x)
+    autocal.convert(model, example_inputs={"input": x})  # the experts' forward is never called: their user is
+    module = model[0]
+    assert isinstance(module, autocal.MoECalibrationModule) and module.structure.level == "sorted"
+    assert module.structure.experts.num_experts == 5 and module.structure.router.top_k == 2
+    assert "forced" in module.structure.experts.layout["unrouted tokens"]
+    kv_calls = []
+    attention.kv.register_forward_hook(lambda *_: kv_calls.append(1))
+    queries = dict(enumerate(module.heads.query.experts()))
+    outs = dict(enumerate(module.heads.out.experts()))
+    seen = {}
+    for e, linear in outs.items():
+        linear.register_forward_pre_hook(lambda m, a, e=e: seen.setdefault(e, []).append(a[0].detach().clone()))
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        kv_calls.clear(), seen.clear()
+        with torch.no_grad(), count_rows(queries) as query_rows, count_rows(outs) as out_rows:
+            out = module(x)
+        assert torch.equal(out, expected), "the output is the original forward's"
+        assert len(kv_calls) == 1, "modules other than the experts see the real forward only"
+        if not calibrate:
+            assert sum(query_rows.values()) == sum(out_rows.values()) == 7 * 2
+            continue
+        assert set(query_rows.values()) == set(out_rows.values()) == {7}, "every expert saw every token once"
+        for e in range(5):
+            with torch.no_grad():
+                reference = attention.what_expert_sees(x, e)
+            got = torch.cat(seen[e])
+            assert got.shape == reference.shape
+            assert all(torch.isclose(row, got, atol=1e-6).all(-1).any() for row in reference), \
+                f"expert {e} saw what it would have seen, had it been chosen"
+    assert autocal.restore(model)[0] is attention
+    assert type(attention.heads.query) is _HeadBank, "the original block keeps its own banks"
+
+
+def test_forcing_the_routing_needs_example_inputs_to_find_the_user_of_the_experts():
+    model = nn.Sequential(_MixtureOfHeadsAttention())
+    with pytest.raises(autocal.AutocalError, match="never called|example inputs"):
+        autocal.convert(model)
+
+
+class _GatheredFFN(nn.Module):
+    """gpt-fast's pattern: per token, the chosen experts' weights are gathered and contracted in one einsum."""
+
+    def __init__(self, experts, hidden, width):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x, expert_indices):  # -> one output per slot, [T, k, hidden]
+        x1 = torch.nn.functional.silu(torch.einsum("ti,taoi->tao", x, self.w1[expert_indices]))
+        x3 = torch.einsum("ti,taoi->tao", x, self.w3[expert_indices])
+        return torch.einsum("tao,taio->tai", x1 * x3, self.w2[expert_indices])
+
+
+class _GatheredMoE(nn.Module):
+    def __init__(self, experts=6, hidden=16, width=24, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.cond_ffn = _GatheredFFN(experts, hidden, width)
+        self.hidden, self.k = hidden, k
+
+    def forward(self, x):
+        flat = x.view(-1, self.hidden)
+        weights, indices = torch.topk(self.gate(flat).softmax(-1), self.k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return torch.einsum("tai,ta->ti", self.cond_ffn(flat, indices), weights).view_as(x)
+
+
+class _OwnWeightsMoE(nn.Module):
+    """Expert weights on the block itself, ``[E, in, out]``, gathered with index_select and applied by matmul."""
+
+    def __init__(self, experts=5, hidden=8, width=12, k=3):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(experts, hidden))
+        self.up = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
+        self.k = k
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores, chosen = (x @ self.router.T).sigmoid().topk(self.k)
+        flat = chosen.reshape(-1)
+        h = torch.relu(torch.matmul(x.repeat_interleave(self.k, 0)[:, None], self.up.index_select(0, flat)))
+        out = torch.matmul(h, self.down.index_select(0, flat)).view(x.shape[0], self.k, -1)
+        return (out * scores[..., None]).sum(1).view_as(hidden_states)
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: _GatheredMoE(), torch.randn(2, 5, 16)),
+    (lambda: _OwnWeightsMoE(), torch.randn(9, 8)),
+], ids=["gpt-fast", "on-the-block"])
+def test_expert_weights_gathered_by_the_routing_indices(make, x):
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = make()
+    with torch.no_grad():
+        expected = block(x)
+    tokens = x.numel() // x.shape[-1]
+    model = nn.Sequential(block)
+    autocal.convert(model)
+    module = model[0]
+    assert module.structure.level == "gathered" and module.structure.router.top_k == block.k
+    num_experts = module.structure.experts.num_experts
+    linears = {(name, e): linear for name, m in module.named_modules() if name.endswith("_experts")
+               for e, linear in enumerate(m.experts())}
+    assert len(linears) == 3 * num_experts if isinstance(block, _GatheredMoE) else 2 * num_experts
+    assert len({id(p) for p in module.parameters()}) == len(list(module.parameters())), "nothing listed twice"
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad():
+            assert torch.equal(module(x), expected), "plain and unobserved: the original ops"
+        with torch.no_grad(), count_rows(linears) as rows:
+            out = module(x)
+        assert compare_outputs(expected, out)[2]
+        if calibrate:
+            assert set(rows.values()) == {tokens}, "every expert saw every token once"
+        else:
+            assert sum(rows.values()) == tokens * block.k * len(linears) // num_experts
+    weight = next(iter(linears.values())).weight
+    with torch.no_grad():
+        weight.mul_(0.5)  # what a quantizer does in place: the original's forward sees it too
+        assert not torch.equal(module(x), expected)
+    assert autocal.restore(model)[0] is block

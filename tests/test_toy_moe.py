@@ -43,17 +43,16 @@ def _check_output(out: torch.Tensor, x: torch.Tensor, config: ToyMoEConfig) -> N
 def _zero_expert_(block: nn.Module, config: ToyMoEConfig, expert: int) -> None:
     """Zero every weight / bias of one routed expert (router and shared experts untouched)."""
     with torch.no_grad():
-        if not hasattr(block, "experts"):  # sorted_banks: weight banks fc1, fc2 [E, in, out]
-            for p in (block.fc1.weight, block.fc2.weight):
-                p[expert].zero_()
-        elif isinstance(block.experts, nn.ModuleList):
+        if isinstance(getattr(block, "experts", None), nn.ModuleList):
             for p in block.experts[expert].parameters():
                 p.zero_()
-        else:
-            params = list(block.experts.parameters())
-            assert params and all(p.shape[0] == config.num_experts for p in params)
-            for p in params:
-                p[expert].zero_()
+            return
+        params = list(block.experts.parameters()) if hasattr(block, "experts") else []
+        if not params or any(p.shape[0] != config.num_experts for p in params):  # weight banks, gathered weights
+            params = [p for p in block.parameters() if p.dim() == 3]  # [E, a, b]; the router is 2-D
+        assert params and all(p.shape[0] == config.num_experts for p in params)
+        for p in params:
+            p[expert].zero_()
 
 
 def _influential_experts(config: ToyMoEConfig, x: torch.Tensor) -> set[int]:
@@ -73,7 +72,7 @@ def _influential_experts(config: ToyMoEConfig, x: torch.Tensor) -> set[int]:
 
 
 def test_kinds_and_tuple_kinds():
-    assert len(KINDS) == len(set(KINDS)) == 11
+    assert len(KINDS) == len(set(KINDS)) == 13
     assert TUPLE_RETURN_KINDS <= set(KINDS)
 
 

@@ -21,9 +21,9 @@ from autocal.testing import zoo
 from autocal.testing.zoo_runner import run_architecture
 
 KNOWN_FAILURES = {
-    "doge": "product-key single-neuron experts (embeddings), not token-routed Linear experts",
-    "jetmoe": "mixture of attention heads: JetMoeMoA's experts are called through map() and reduce() from the "
-              "attention code, never through forward (its MLP experts, JetMoeMoE, convert)",
+    "doge": "product-key experts: each expert is one row of two nn.Embedding tables (a single neuron), mixed by "
+            "matmuls that contract over the k slots with the routing weights inside; no per-expert linear map "
+            "autocal can recognise",
 }
 # Architectures whose original model cannot run here: listed with the reason, checked to still fail.
 UNBUILDABLE = {}

@@ -22,19 +22,26 @@ from ..trace.twin import cpu_twin, on_meta
 from .block import Untraceable, detect_block_level, expert_lists, has_own_forward, unrouted_lists
 from .container import detect_module_container, detect_recorded_block
 from .dense import detect_dense
+from .gathered import detect_gathered, own_expert_weights
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, bound_inputs, returns_of, value
 from .router import analyze_router
-from .sorted import detect_sorted, weight_banks
+from .sorted import banks_of_a_child, detect_sorted, weight_banks
 from .structure import ExpertsInfo, MoEStructure
 
 __all__ = ["find_moe_blocks", "experts_container", "detect", "unrecognized_experts"]
 
 
 def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
-    """The block's child that stores expert weights packed, if any."""
+    """The block's child that stores expert weights packed, if any.
+
+    A child with a router-shaped weight of its own, in a module holding nothing
+    beside it, is a block (``own_expert_weights``) that the module only wraps.
+    """
     for name, child in block.named_children():
-        if packed_parameters(child, router_rows(block, child)):
+        inside = {id(t) for t in (*child.parameters(), *child.buffers())}
+        wraps = not any(id(t) not in inside for t in (*block.parameters(), *block.buffers()))
+        if packed_parameters(child, router_rows(block, child)) and not (wraps and own_expert_weights(child)):
             return name, child
     return None
 
@@ -46,9 +53,15 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     for path, module in modules.items():  # a block reached twice is listed twice
+        parent = modules.get(path.rpartition(".")[0], model) if path else None
         if experts_container(module) is not None or expert_lists(module) or unrouted_lists(module) or (
-                _routed_banks(module, modules.get(path.rpartition(".")[0], model) if path else None)):
+                _routed_banks(module, parent)) or (own_expert_weights(module) and not _container_of(parent, module)):
             yield path, module
+
+
+def _container_of(parent: nn.Module | None, module: nn.Module) -> bool:
+    found = experts_container(parent) if parent is not None else None
+    return found is not None and found[1] is module
 
 
 def _routed_banks(block: nn.Module, parent: nn.Module | None) -> bool:
@@ -173,9 +186,7 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         return _detect_packed(block, *found, call, num_tokens)
     banks = weight_banks(block)
     if banks:
-        first = block.get_submodule(next(iter(banks)))
-        call = call or capture_block_inputs(block, first, num_tokens=num_tokens or 16)
-        return detect_sorted(block, banks, call)
+        return _detect_banks(block, banks, call, num_tokens)
     lists = expert_lists(block) or unrouted_lists(block)
     if lists:
         name, entries = next(iter(lists.items()))
@@ -193,8 +204,19 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
                 if isinstance(symbolic, Untraceable):
                     error.explanation = f"{error.explanation} (recorded, since {symbolic.explanation})"
                 raise error.with_context(block_class=type(block).__name__)
+    banks = banks_of_a_child(block)  # a block that uses its experts through a child's other methods
+    if banks:
+        return _detect_banks(block, banks, call, num_tokens)
+    if own_expert_weights(block):
+        return detect_gathered(block, call or capture_block_inputs(block, block, num_tokens=num_tokens or 32))
     raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
                               block_class=type(block).__name__)
+
+
+def _detect_banks(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockCall | None,
+                  num_tokens: int | None) -> MoEStructure:
+    first = block.get_submodule(next(iter(banks)))
+    return detect_sorted(block, banks, call or capture_block_inputs(block, first, num_tokens=num_tokens or 16))
 
 
 def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: BlockCall | None,
@@ -214,7 +236,10 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         if sum(isinstance(value(a), torch.Tensor) for a in (*container_call.args, *container_call.kwargs.values())) == 1:
             return detect_dense(block, name, container, call, container_call, packed, num_experts)
         bound = bound_inputs(container, container_call)
-        roles = _roles(bound, container_call)
+        try:
+            roles = _roles(bound, container_call)
+        except errors.AutocalError as not_weighted:  # perhaps (hidden, indices): weights gathered per token
+            return _gathered_or(not_weighted, block, call)
         index_node = _arg_node(container, container_call, roles["index"])
         weights_node = _arg_node(container, container_call, roles["weights"])
         router = analyze_router(block_rec.graph, index_node, weights_node)
@@ -248,6 +273,14 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         returns=returns_of(block_rec.output),
         template=template,
     )
+
+
+def _gathered_or(error: errors.AutocalError, block: nn.Module, call: BlockCall) -> MoEStructure:
+    """Detection for gathered expert weights; ``error`` if the block gathers none."""
+    try:
+        return detect_gathered(block, call)
+    except errors.AutocalError as gathered:
+        raise (error if "no expert weights are gathered" in gathered.explanation else gathered)
 
 
 def _relative_dtype(dtype: torch.dtype, hidden: torch.dtype) -> str | None:

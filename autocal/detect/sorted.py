@@ -16,12 +16,17 @@ from the recording, each checked against it:
 
 With calibration on, each expert's chain (bank slices and the ops between them)
 then runs on the tokens it was not routed.
+
+Where the ops between banks mix rows (attention experts: a query projection per
+expert, attention, an output projection per expert), step 3 cannot hold; the
+block is then re-run with the routing choice forced (``detect/reroute.py``).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -31,10 +36,11 @@ from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, row_gather
 from .graph_utils import Replay, returns_of, source_of, value
+from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["weight_banks", "SortedDispatch", "detect_sorted"]
+__all__ = ["weight_banks", "banks_of_a_child", "SortedDispatch", "detect_sorted"]
 
 
 def weight_banks(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -56,6 +62,19 @@ def weight_banks(block: nn.Module) -> dict[str, nn.Parameter]:
     return banks
 
 
+def banks_of_a_child(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Weight banks one level further down, named from ``block`` (``experts.input_linear``).
+
+    For experts the block uses through methods of a child other than its
+    forward (``self.experts.map(x)`` … ``self.experts.reduce(y)``).
+    """
+    for name, child in block.named_children():
+        banks = weight_banks(child)
+        if banks:
+            return {f"{name}.{bank}": weight for bank, weight in banks.items()}
+    return {}
+
+
 def _required_inputs(module: nn.Module) -> int:
     parameters = inspect.signature(module.forward).parameters.values()
     return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -65,11 +84,12 @@ def _required_inputs(module: nn.Module) -> int:
 class SortedDispatch:
     """What calibration replays: the token rows, the index that sorts them, and the ops between banks."""
 
-    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node, tokens: fx.Node,
-                 orientation: dict[str, str]) -> None:
+    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node | None, tokens: fx.Node | None,
+                 orientation: dict[str, str], choice: ChoiceCall | None = None) -> None:
         self.replay = Replay(graph)
         self.calls, self.source, self.tokens = calls, source, tokens
         self.orientation = orientation  # bank -> "linear" (rows @ W[e].T) or "matmul" (rows @ W[e])
+        self.choice = choice  # set when the ops between banks mix rows: calibration forces the routing instead
 
     @property
     def banks(self) -> list[str]:
@@ -133,19 +153,29 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         if not isinstance(listed, (list, tuple)) or len(listed) != num_experts or sum(listed) != len(value(node.args[0])):
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"`{node.target}` is not called with (rows, a row "
                                       "count per expert)", block_class=cls, source=source_of(node))
-    source, tokens = row_gather(calls[0])
     orientation = {n: _orientation(block.get_submodule(n), banks[n], _counts(calls[0])) for n in banks}
-    dispatch = SortedDispatch(rec.graph, calls, source, tokens, orientation)
-    _check_rowwise(dispatch, bound, cls)
+    try:
+        source, tokens = row_gather(calls[0])
+        dispatch = SortedDispatch(rec.graph, calls, source, tokens, orientation)
+        _check_rowwise(dispatch, bound, cls)
+        index, weights = routing_choice(rec.graph, tokens)
+    except errors.AutocalError as not_rowwise:
+        index, weights = routing_choice(rec.graph, calls[0])
+        choice = choice_call(rec.graph, index)
+        if choice is None:
+            raise not_rowwise.with_context(block_class=cls)
+        check_forced_routing(block, choice, (), bound, rec.output, value(index), lambda: _counts_of(modules[0]), index)
+        dispatch = SortedDispatch(rec.graph, calls, None, None, orientation, choice)
     weight = _routing_weight(calls[-1])
-    index, weights = routing_choice(rec.graph, tokens)
     router = analyze_router(rec.graph, index, weight if weight is not None else weights)
     router.num_choices = max(router.num_choices, num_experts)
     experts = ExpertsInfo(
         module_path=dispatch.banks[0],
         num_experts=num_experts,
         storage="weight banks",
-        layout={"banks": {n: list(banks[n].shape) for n in dispatch.banks}, "applied as": dispatch.orientation},
+        layout={"banks": {n: list(banks[n].shape) for n in dispatch.banks}, "applied as": dispatch.orientation,
+                **({"unrouted tokens": "the block re-run with the top-k forced to each group of k experts"}
+                   if dispatch.choice else {})},
         computation=" → ".join(dispatch.banks),
         weights_applied="after the last bank" if weight is not None else "after the experts' rows are put back",
         call_roles={},
@@ -159,10 +189,24 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         level="sorted",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c not in banks and c != router.module_path],
+        shared_modules=[c for c in dict(block.named_children())
+                        if c not in {b.split(".")[0] for b in banks} and c != router.module_path],
         returns=returns_of(rec.output),
         tokens=dispatch,
     )
+
+
+@contextmanager
+def _counts_of(bank: nn.Module) -> Iterator[list]:
+    """Within, the row count per expert of each call of ``bank``."""
+    counts: list = []
+    handle = bank.register_forward_pre_hook(
+        lambda module, inputs: counts.append(inputs[1].tolist() if isinstance(inputs[1], torch.Tensor)
+                                             else list(inputs[1])))
+    try:
+        yield counts
+    finally:
+        handle.remove()
 
 
 def _check_rowwise(dispatch: SortedDispatch, bound: dict[str, Any], cls: str) -> None:

@@ -20,7 +20,7 @@ from ..trace.inputs import keyword_arguments
 from .experts import CalibrationExperts, expert_class
 
 __all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
-           "kept_forward_class"]
+           "kept_forward_class", "owned"]
 
 # nn.Module's own bookkeeping: fresh for the new module, never shared with the original.
 _MODULE_INTERNALS = ("hooks", "_parameters", "_buffers", "_modules", "_hooks_with_kwargs", "_always_called",
@@ -38,6 +38,21 @@ def adopt(module: nn.Module, original: nn.Module) -> None:
     module._buffers.update(original._buffers)
     module._modules.update(original._modules)
     module.__dict__["_original"] = original
+
+
+def owned(module: nn.Module, original: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` under ``module``, made its own copy of the original's, as is each one on the way.
+
+    For changing a child deeper than the block's own children without touching the original.
+    """
+    for part in path.split(".") if path else ():
+        child, original = module._modules[part], original._modules[part]
+        if child is original:
+            child = type(original).__new__(type(original))
+            adopt(child, original)
+            module._modules[part] = child
+        module = child
+    return module
 
 
 class AdoptedMoE(MoECalibrationModule):

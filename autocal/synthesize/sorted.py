@@ -6,50 +6,43 @@ hooks and observers see every routed row. While nothing is attached to those
 Linears, the original bank runs instead (bitwise the original). With calibration
 on, after the block's own forward, each expert's chain of bank slices, with the
 block's ops between them replayed, runs on the tokens it was not routed.
+
+Where those ops mix rows (attention experts), the block's forward instead runs
+again once per group of ``k`` experts with the top-k forced to that group for
+every token (``detect/reroute.py``): each expert is observed in its group's run,
+on every token, and nowhere else (``synthesize/forced.py``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_globals
 
+from ..coverage import add_tokens
 from ..detect.structure import MoEStructure
-from .module import KeptForwardMoE, adopt, kept_forward_class
+from .forced import ExpertViews, forced_forward
+from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 from .ops import unrouted_rows
 
 __all__ = ["SegmentBank", "SortedCalibrationMoE", "build_sorted_calibration"]
 
 
-class SegmentBank(nn.Module):
+class SegmentBank(ExpertViews):
     """A weight bank ``[E, a, b]`` as ``E`` Linears (views), called like the bank: ``(rows, counts)``."""
 
     def __init__(self, bank: nn.Module, weight: nn.Parameter, orientation: str) -> None:
-        super().__init__()
+        super().__init__(weight, orientation)
         self.__dict__["_bank"] = bank
-        for expert in range(weight.shape[0]):
-            view = weight[expert] if orientation == "linear" else weight[expert].T
-            linear = nn.Linear(view.shape[1], view.shape[0], bias=False, device="meta")
-            linear.weight = nn.Parameter(view.detach(), requires_grad=weight.requires_grad)
-            self.add_module(str(expert), linear)
-        self.__dict__["_addresses"] = [m.weight.data_ptr() for m in self.children()]
-
-    def experts(self) -> list[nn.Linear]:
-        return list(self.children())
 
     def forward(self, rows: torch.Tensor, counts, *args, **kwargs) -> torch.Tensor:
         self.__dict__["last_counts"] = counts  # the block may compute them on the host: kept, not replayed
-        if self._untouched():
-            return self._bank(rows, counts, *args, **kwargs)
         sizes = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-        return torch.cat([linear(part) for linear, part in zip(self.children(), rows.split(sizes))])
-
-    def _untouched(self) -> bool:
-        """Plain Linears still viewing the bank, with no hook: the bank itself computes the same, bitwise."""
-        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-            return False
-        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
-                   and m.weight.data_ptr() == address for m, address in zip(self.children(), self._addresses))
+        quiet = self.__dict__.get("observed") == set()
+        if self.plain() and (quiet or not self.hooked()):
+            for linear, size in zip(self.children(), sizes if not quiet else ()):
+                add_tokens(linear, size)
+            return self._bank(rows, counts, *args, **kwargs)
+        return torch.cat([self.call(expert, part) for expert, part in enumerate(rows.split(sizes))])
 
 
 class SortedCalibrationMoE(KeptForwardMoE):
@@ -59,13 +52,24 @@ class SortedCalibrationMoE(KeptForwardMoE):
         adopt(self, original)
         dispatch = self.structure.tokens
         for name in dispatch.banks:
-            bank = original._modules[name]
-            self._modules[name] = SegmentBank(bank, next(bank.parameters()), dispatch.orientation[name])
+            bank = original.get_submodule(name)
+            parent, _, child = name.rpartition(".")
+            owned(self, original, parent)._modules[child] = SegmentBank(bank, next(bank.parameters()),
+                                                                        dispatch.orientation[name])
         self.calibrate_all_experts = calibrate_all_experts
 
     @property
     def experts_container(self) -> nn.Module:
-        return self._modules[self.structure.tokens.banks[0]]
+        return self.get_submodule(self.structure.tokens.banks[0])
+
+    def _banks(self) -> list[SegmentBank]:
+        return [self.get_submodule(name) for name in self.structure.tokens.banks]
+
+    def forward(self, *args, **kwargs):
+        choice = self.structure.tokens.choice
+        if choice is None or not self.calibrate_all_experts:
+            return super().forward(*args, **kwargs)
+        return forced_forward(self, choice, self._banks(), args, kwargs)
 
     def run_unrouted(self, bound: dict) -> None:
         dispatch, shared = self.structure.tokens, {}
@@ -82,7 +86,7 @@ class SortedCalibrationMoE(KeptForwardMoE):
             for step, bank in enumerate(banks):
                 if step:
                     x = dispatch.between(step, x, bound, shared)
-                x = bank._modules[str(expert)](x)
+                x = bank.call(expert, x)
 
 
 def build_sorted_calibration(structure: MoEStructure, block: nn.Module) -> type[SortedCalibrationMoE]:

@@ -18,7 +18,7 @@ def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
     found = {}
     for path, module in model.named_modules():
         if isinstance(module, MoECalibrationModule):
-            experts = module._modules[module.structure.experts.module_path]
+            experts = module.get_submodule(module.structure.experts.module_path)
             for name, sub in experts.named_modules():
                 if isinstance(sub, nn.Linear):
                     found[f"{path}.{module.structure.experts.module_path}.{name}".lstrip(".")] = sub

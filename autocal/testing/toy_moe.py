@@ -18,6 +18,9 @@ kind                        modelled on
 ``"scores_on_inputs"``      Llama4 (``Llama4TextMoe``): router scores multiply the *inputs*, dense bmm experts
 ``"masked_loop"``           hand-written code: boolean row masks, ``if rows.any()``, ``out[rows] +=`` (no fx)
 ``"sorted_banks"``          Megablocks / Aria on transformers 5.17: rows sorted by expert, weight banks
+``"gathered"``              gpt-fast ``MOEFeedForward``: ``w1[expert_indices]`` contracted per slot by einsum
+``"attention_heads"``       JetMoE ``JetMoeMoA``: query/output projections per expert around causal attention,
+                            used through ``map()`` and ``reduce()``, never through the experts' forward
 ==========================  ====================================================================================
 
 State-dict keys match the real transformers blocks where one exists (concat, interleaved, no_gate,
@@ -58,6 +61,8 @@ KINDS: tuple[str, ...] = (
     "scores_on_inputs",
     "masked_loop",
     "sorted_banks",
+    "gathered",
+    "attention_heads",
 )
 
 # Kinds whose block forward returns a tuple ``(hidden_states, router_something)``; all others return a tensor.
@@ -802,6 +807,89 @@ class ToySortedBanksMoeBlock(nn.Module):
         return torch.zeros_like(flat).index_add(0, order // self.top_k, out).view_as(hidden_states)
 
 
+class ToyGatheredExperts(nn.Module):
+    """Each projection of every expert as one ``[E, out, in]`` parameter, gathered per token and slot."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        experts, hidden, width = config.num_experts, config.hidden_size, config.intermediate_size
+        self.w1 = nn.Parameter(torch.empty(experts, width, hidden))
+        self.w3 = nn.Parameter(torch.empty(experts, width, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, width))
+
+    def _toy_reset(self, generator: torch.Generator) -> None:
+        for weight in (self.w1, self.w3, self.w2):
+            _normal_(weight, 1 / math.sqrt(weight.shape[2]), generator)
+
+    def forward(self, x: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:  # -> [T, k, hidden]
+        x1 = F.silu(torch.einsum("ti,taoi->tao", x, self.w1[expert_indices]))
+        x3 = torch.einsum("ti,taoi->tao", x, self.w3[expert_indices])
+        return torch.einsum("tao,taio->tai", x1 * x3, self.w2[expert_indices])
+
+
+class ToyGatheredMoeBlock(nn.Module):
+    """kind "gathered": gpt-fast's ``MOEFeedForward``: the block weights the per-slot expert outputs."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.hidden_size, self.top_k = config.hidden_size, config.top_k
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.cond_ffn = ToyGatheredExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, self.hidden_size)
+        weights, indices = torch.topk(F.softmax(self.gate(x), dim=-1), self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return torch.einsum("tai,ta->ti", self.cond_ffn(x, indices), weights).view_as(hidden_states)
+
+
+class ToyHeadExperts(nn.Module):
+    """JetMoE's ``JetMoeMoA``: a query and an output projection per expert, used through two methods."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.top_k, self.num_experts, self.head_size = config.top_k, config.num_experts, config.intermediate_size
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.query = ToyWeightBank(config.num_experts, config.hidden_size, config.intermediate_size)
+        self.output = ToyWeightBank(config.num_experts, config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("used through map() and reduce()")
+
+    def map(self, flat: torch.Tensor):
+        """Each token's query from each of its experts: ``[T, k, head]``, and how to put rows back."""
+        logits, index = self.router(flat).topk(self.top_k, dim=-1)
+        order = index.flatten().argsort(stable=True)
+        rows_per_expert = torch.bincount(index.flatten(), minlength=self.num_experts)
+        queries = self.query(flat[order // self.top_k], rows_per_expert)
+        slots = torch.zeros(order.shape[0], self.head_size, dtype=queries.dtype).index_copy(0, order, queries)
+        return slots.view(flat.shape[0], self.top_k, -1), (order, rows_per_expert, logits.softmax(-1))
+
+    def reduce(self, attended: torch.Tensor, topology) -> torch.Tensor:
+        order, rows_per_expert, weights = topology
+        rows = self.output(attended.reshape(-1, self.head_size)[order], rows_per_expert)
+        rows = rows * weights.flatten()[order, None].to(rows.dtype)
+        return torch.zeros(attended.shape[0], rows.shape[-1], dtype=rows.dtype).index_add(0, order // self.top_k, rows)
+
+
+class ToyMixtureOfHeadsAttention(nn.Module):
+    """kind "attention_heads": causal attention whose per-slot queries and output projections are experts."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.experts = ToyHeadExperts(config)
+        self.kv_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = hidden_states.shape
+        queries, topology = self.experts.map(hidden_states.reshape(-1, hidden))
+        keys, values = self.kv_proj(hidden_states)[:, None].chunk(2, dim=-1)  # one head shared by every slot
+        queries = queries.view(batch, seq, self.experts.top_k, -1).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
+        attended = attended.transpose(1, 2).reshape(batch * seq, self.experts.top_k, -1)
+        return self.experts.reduce(attended, topology).view_as(hidden_states)
+
+
 class ToyLlama4TextMoe(nn.Module):
     """kind "scores_on_inputs": Llama4TextMoe; returns ``(hidden_states, router_logits)``.
 
@@ -841,6 +929,8 @@ _BLOCK_CLASSES: dict[str, type[nn.Module]] = {
     "scores_on_inputs": ToyLlama4TextMoe,
     "masked_loop": ToyMaskedLoopMoeBlock,
     "sorted_banks": ToySortedBanksMoeBlock,
+    "gathered": ToyGatheredMoeBlock,
+    "attention_heads": ToyMixtureOfHeadsAttention,
 }
 assert tuple(_BLOCK_CLASSES) == KINDS
 

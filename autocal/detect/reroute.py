@@ -1,0 +1,130 @@
+"""Forced routing: run a block's own forward with the top-k's choice replaced.
+
+Where the ops between an expert's projections mix tokens (attention experts:
+the query projection is an expert, the attention runs, then the output
+projection is an expert), no replay of the expert alone can say what an
+unrouted expert would have seen. Running the block's forward again with the
+router's top-k made to choose that expert for every token can: the code that
+mixes tokens runs as written, on the chosen expert's outputs.
+
+The pass finds the top-k call behind the routing choice (which function, which
+call of it during the forward, along which dimension), and checks on the
+recorded inputs that replacing its result (a) with the recorded choice gives the
+recorded output and (b) with a fixed set of experts sends every token to exactly
+those experts.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .. import errors
+from .graph_utils import source_of, target_name, value
+
+__all__ = ["ChoiceCall", "choice_call", "check_forced_routing", "fresh_inputs"]
+
+
+@dataclass(frozen=True)
+class ChoiceCall:
+    """The top-k call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward."""
+
+    function: Callable
+    ordinal: int
+    dim: int
+    k: int
+
+    @contextmanager
+    def forced(self, experts: torch.Tensor) -> Iterator[None]:
+        """Within, that call returns ``experts`` and their scores.
+
+        ``experts``: ``k`` expert numbers chosen for every token, or indices of the choice's own shape.
+        """
+        with _Forcing(self, experts):
+            yield
+
+
+class _Forcing(TorchFunctionMode):
+    def __init__(self, choice: ChoiceCall, experts: torch.Tensor) -> None:
+        super().__init__()
+        self.choice, self.experts, self.seen = choice, experts, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not self.choice.function or self.seen > self.choice.ordinal:
+            return out
+        self.seen += 1
+        if self.seen <= self.choice.ordinal:
+            return out
+        indices = out[1]
+        dim = self.choice.dim % indices.dim()
+        forced = self.experts.to(indices.device)
+        if forced.shape != indices.shape:
+            shape = [1] * indices.dim()
+            shape[dim] = self.choice.k
+            forced = forced.view(shape).expand_as(indices).contiguous()
+        return type(out)((args[0].gather(dim, forced), forced))
+
+
+def choice_call(graph: fx.Graph, index: fx.Node) -> ChoiceCall | None:
+    """The top-k call whose indices are ``index`` (None: the choice is not a top-k's output)."""
+    if target_name(index) not in ("getitem", "__getitem__") or index.args[1] != 1:
+        return None
+    topk = index.args[0]
+    if not isinstance(topk, fx.Node) or target_name(topk) != "topk":
+        return None
+    same = [n for n in graph.nodes if n.op == "call_function" and n.target is topk.target]
+    dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
+    return ChoiceCall(topk.target, same.index(topk), dim, value(index).shape[dim])
+
+
+def fresh_inputs(inputs: Any) -> Any:
+    """``inputs`` with every object that is not a tensor, number or string copied (a cache a forward updates)."""
+    if isinstance(inputs, (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return inputs
+    if isinstance(inputs, (tuple, list)) and type(inputs) in (tuple, list):
+        return type(inputs)(fresh_inputs(i) for i in inputs)
+    if type(inputs) is dict:
+        return {k: fresh_inputs(v) for k, v in inputs.items()}
+    return copy.deepcopy(inputs)
+
+
+def check_forced_routing(block: nn.Module, call: ChoiceCall, args: tuple, kwargs: dict, recorded_output: Any,
+                         recorded_index: torch.Tensor, rows_per_expert: Callable[[], ContextManager[list]],
+                         node: fx.Node) -> None:
+    """Forcing the recorded choice gives the recorded output; forcing experts ``0..k-1`` sends all rows there.
+
+    ``rows_per_expert()`` is a context in which the experts' first projection
+    lists, per call, the rows it got for each expert.
+    """
+    where = {"block_class": type(block).__name__, "source": source_of(node)}
+    with torch.no_grad():
+        if not _equal(_run_forced(block, call, args, kwargs, recorded_index), recorded_output):
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "forcing the router's own choice changes the "
+                                      "block's output", **where)
+        with rows_per_expert() as counts:
+            _run_forced(block, call, args, kwargs, torch.arange(call.k))
+    rows = recorded_index.numel() // call.k
+    if not counts or any(c[:call.k] != [rows] * call.k or any(c[call.k:]) for c in counts) or len(counts) != 1:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "replacing the top-k's choice does not decide which "
+                                  "expert gets which token", **where)
+
+
+def _run_forced(block: nn.Module, call: ChoiceCall, args: tuple, kwargs: dict, experts: torch.Tensor) -> Any:
+    with call.forced(experts):
+        return block(*fresh_inputs(args), **fresh_inputs(kwargs))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    left, right = tree_flatten(a)[0], tree_flatten(b)[0]
+    return len(left) == len(right) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else True
+        for x, y in zip(left, right))

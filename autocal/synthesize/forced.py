@@ -1,0 +1,118 @@
+"""Calibration by forced routing: the block's forward again, once per group of ``k`` experts.
+
+Used where an unrouted expert's input cannot be replayed on its own (attention
+experts, weights gathered inside batched ops; see ``detect/reroute.py``). The
+real forward runs with every expert quiet; then, for each group of ``k``
+experts, the forward runs with the top-k forced to that group for every token,
+and only that group's experts are observed. Each expert thus sees every token
+exactly once; no other module's hooks see the forced runs, whose outputs are
+discarded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+from ..coverage import add_tokens
+from ..detect.reroute import ChoiceCall, fresh_inputs
+
+__all__ = ["ExpertViews", "observing", "forced_forward"]
+
+
+class ExpertViews(nn.Module):
+    """``[E, a, b]`` as ``E`` Linears (children ``"0"``, ``"1"``, …) whose weights view its entries.
+
+    Rows are counted for ``autocal.coverage`` where the Linears are called
+    (no counting hook: a hook would turn the plain, bitwise path off).
+    """
+
+    counts_tokens = True
+
+    def __init__(self, weight: torch.Tensor, orientation: str) -> None:
+        super().__init__()
+        for expert in range(weight.shape[0]):
+            view = weight[expert] if orientation == "linear" else weight[expert].T
+            linear = nn.Linear(view.shape[1], view.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(view.detach(), requires_grad=weight.requires_grad)
+            self.add_module(str(expert), linear)
+        self.__dict__["_addresses"] = [m.weight.data_ptr() for m in self.children()]
+
+    def experts(self) -> list[nn.Linear]:
+        return list(self.children())
+
+    def plain(self) -> bool:
+        """Plain Linears still viewing the weight: the original op computes the same, bitwise."""
+        return all(type(m) is nn.Linear and "forward" not in m.__dict__ and m.weight.data_ptr() == address
+                   for m, address in zip(self.children(), self._addresses))
+
+    def hooked(self) -> bool:
+        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.children())
+
+    def call(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert ``expert``'s Linear on ``rows``: through its hooks unless ``observed`` leaves it out."""
+        linear = self._modules[str(expert)]
+        observed = self.__dict__.get("observed")  # None: every call is seen, else only these experts'
+        if observed is not None and expert not in observed:
+            return linear.forward(rows)
+        add_tokens(linear, rows.shape[0])
+        return linear(rows)
+
+
+@contextmanager
+def observing(views: list[ExpertViews], experts: set[int]) -> Iterator[None]:
+    """Within, only these experts' Linears are called through their hooks."""
+    for view in views:
+        view.__dict__["observed"] = experts
+    try:
+        yield
+    finally:
+        for view in views:
+            view.__dict__.pop("observed", None)
+
+
+def forced_forward(module: nn.Module, choice: ChoiceCall, views: list[ExpertViews], args: tuple, kwargs: dict,
+                   run: Callable[[], ContextManager] | None = None) -> Any:
+    """The block's output from its real forward, then every expert observed on every token (module docstring).
+
+    ``run()``, if given, is a context entered around every forward (the real one and the forced ones).
+    """
+    run = run or _nothing
+    with observing(views, set()), run():
+        output = module._block_forward(*args, **kwargs)
+    experts = {id(linear) for view in views for linear in view.experts()}
+    quiet = [m for m in module.modules() if m is not module and id(m) not in experts]
+    num_experts = len(views[0].experts())
+    with torch.no_grad(), _hooks_held(quiet):
+        for start in range(0, num_experts, choice.k):
+            first = min(start, num_experts - choice.k)  # the last group ends at the last expert
+            with observing(views, set(range(start, first + choice.k))), choice.forced(
+                    torch.arange(first, first + choice.k)), run():
+                module._block_forward(*fresh_inputs(args), **fresh_inputs(kwargs))
+    return output
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _hooks_held(modules: list[nn.Module]) -> Iterator[None]:
+    """Within, these modules run without their forward hooks (forced runs are not theirs to observe)."""
+    held = [(m, m._forward_pre_hooks, m._forward_hooks) for m in modules]
+    for module, _, _ in held:
+        module._forward_pre_hooks, module._forward_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for module, pre, post in held:
+            module._forward_pre_hooks, module._forward_hooks = pre, post
+
