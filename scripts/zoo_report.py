@@ -86,21 +86,23 @@ def render() -> str:
               "|---|---|---|---|---|---|---|" + "---|" * len(versions)]
     for name in names:
         latest = next(results[v][name] for v in reversed(versions) if name in results[v])
-        facts = next((b for b in latest["blocks"] if "level" in b), None)
-        if facts:
-            block = f"`{facts['class']}` ×{facts['count']}"
-            steps = [facts["selection"], facts["scoring"]] if facts.get("scored_after_selection") else [
-                facts["scoring"], facts["selection"]]
-            routing = " → ".join(str(s) for s in steps if s) + f" k={facts['top_k']}"
-            experts = f"{facts['num_experts']} × {facts['storage']}" + (f", {facts['gate_up']}" if facts["gate_up"] else "")
-            expert = f"`{facts['computation']}`".replace("|", "\\|")
-            shared = ", ".join(facts["shared"]) or "—"
-            level = facts["level"]
-        else:
-            block = routing = experts = expert = shared = level = "—"
+        described = [b for b in latest["blocks"] if "level" in b]
+        columns = [_columns(facts) for facts in described] or [("—",) * 6]
+        block, level, routing, experts, expert, shared = ("<br>".join(c[i] for c in columns) for i in range(6))
         cells = " | ".join(_cell(results[v].get(name)).replace("|", "\\|") for v in versions)
         lines.append(f"| {name} | {block} | {level} | {routing} | {experts} | {expert} | {shared} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _columns(facts: dict) -> tuple[str, ...]:
+    """One block's cells: class, level, routing, experts, one expert, shared."""
+    steps = [facts["selection"], facts["scoring"]] if facts.get("scored_after_selection") else [
+        facts["scoring"], facts["selection"]]
+    routing = " → ".join(str(s) for s in steps if s) + f" k={facts['top_k']}"
+    experts = f"{facts['num_experts']} × {facts['storage']}" + (f", {facts['gate_up']}" if facts["gate_up"] else "")
+    expert = f"`{facts['computation']}`".replace("|", "\\|")
+    return (f"`{facts['class']}` ×{facts['count']}", facts["level"], routing, experts, expert,
+            ", ".join(facts["shared"]) or "—")
 
 
 if __name__ == "__main__":

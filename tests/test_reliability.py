@@ -699,3 +699,75 @@ def test_expert_weights_gathered_by_the_routing_indices(make, x):
         weight.mul_(0.5)  # what a quantizer does in place: the original's forward sees it too
         assert not torch.equal(module(x), expected)
     assert autocal.restore(model)[0] is block
+
+
+class _NeuronExperts(nn.Module):
+    """Experts of one neuron each, rows of two embedding tables, chosen over a product of two key sets."""
+
+    def __init__(self, keys=3, hidden=8, k=2):
+        super().__init__()
+        self.k = k
+        self.keys = nn.Linear(hidden, 2 * keys, bias=False)
+        self.down, self.up = nn.Embedding(keys * keys, hidden), nn.Embedding(keys * keys, hidden)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        rows, columns = self.keys(flat).chunk(2, dim=-1)
+        scores, chosen = (rows[:, :, None] + columns[:, None, :]).flatten(1).topk(self.k)
+        h = torch.einsum("th,tkh->tk", flat, self.down(chosen)).relu() * scores.softmax(-1)
+        return torch.einsum("tk,tkh->th", h, self.up(chosen)).view_as(x)
+
+
+def test_experts_that_are_rows_of_embedding_tables():
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _NeuronExperts()
+    x = torch.randn(2, 6, 8)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "gathered" and module.structure.experts.num_experts == 9
+    assert module.structure.experts.layout["applied as"] == {"down.weight": "row", "up.weight": "slot-sum"}
+    downs = dict(enumerate(module.down.weight_experts.experts()))
+    ups = dict(enumerate(module.up.weight_experts.experts()))
+    assert downs[0].weight.shape == (1, 8) and ups[0].weight.shape == (8, 1)
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad(), count_rows(downs) as down_rows, count_rows(ups) as up_rows:
+            out = module(x)
+        assert compare_outputs(expected, out)[2]
+        if calibrate:
+            assert set(down_rows.values()) == set(up_rows.values()) == {12}, "every expert saw every token once"
+        else:
+            assert sum(down_rows.values()) == sum(up_rows.values()) == 12 * 2
+
+
+class _TwoPositionTables(nn.Module):
+    """Not an MoE: two position tables of one shape (as in layout models), looked up by coordinates."""
+
+    def __init__(self):
+        super().__init__()
+        self.x_position, self.y_position = nn.Embedding(16, 8), nn.Embedding(16, 8)
+
+    def forward(self, coordinates):
+        return self.x_position(coordinates[..., 0]) + self.y_position(coordinates[..., 1])
+
+
+class _LayoutThenMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layout = _TwoPositionTables()
+        self.moe = make_toy_block(ToyMoEConfig(hidden_size=8))
+
+    def forward(self, coordinates):
+        return self.moe(self.layout(coordinates))
+
+
+@pytest.mark.parametrize("with_example", [False, True])
+def test_two_tables_of_one_shape_that_no_router_picks_from_are_not_an_moe(with_example):
+    model = _LayoutThenMoE()
+    coordinates = torch.randint(0, 16, (1, 5, 2))
+    autocal.convert(model, example_inputs={"coordinates": coordinates} if with_example else None)
+    assert isinstance(model.moe, autocal.MoECalibrationModule)
+    assert type(model.layout) is _TwoPositionTables

@@ -20,15 +20,10 @@ import transformers
 from autocal.testing import zoo
 from autocal.testing.zoo_runner import run_architecture
 
-KNOWN_FAILURES = {
-    "doge": "product-key experts: each expert is one row of two nn.Embedding tables (a single neuron), mixed by "
-            "matmuls that contract over the k slots with the routing weights inside; no per-expert linear map "
-            "autocal can recognise",
-}
+KNOWN_FAILURES = {}
 # Architectures whose original model cannot run here: listed with the reason, checked to still fail.
 UNBUILDABLE = {}
 if zoo.transformers_version() < (5, 18):
-    del KNOWN_FAILURES["doge"]
     UNBUILDABLE["doge"] = "transformers 5.17: the model's own forward fails (a tuple passed to dropout)"
 
 SAVED = Path(__file__).resolve().parents[1] / "docs" / "zoo" / f"transformers-{transformers.__version__}.json"

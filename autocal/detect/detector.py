@@ -22,7 +22,7 @@ from ..trace.twin import cpu_twin, on_meta
 from .block import Untraceable, detect_block_level, expert_lists, has_own_forward, unrouted_lists
 from .container import detect_module_container, detect_recorded_block
 from .dense import detect_dense
-from .gathered import detect_gathered, own_expert_weights
+from .gathered import detect_gathered, expert_tables, own_expert_weights
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, bound_inputs, returns_of, value
 from .router import analyze_router
@@ -55,7 +55,8 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for path, module in modules.items():  # a block reached twice is listed twice
         parent = modules.get(path.rpartition(".")[0], model) if path else None
         if experts_container(module) is not None or expert_lists(module) or unrouted_lists(module) or (
-                _routed_banks(module, parent)) or (own_expert_weights(module) and not _container_of(parent, module)):
+                _routed_banks(module, parent)) or (own_expert_weights(module) and not _container_of(parent, module)) or (
+                expert_tables(module)):
             yield path, module
 
 
@@ -209,6 +210,8 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         return _detect_banks(block, banks, call, num_tokens)
     if own_expert_weights(block):
         return detect_gathered(block, call or capture_block_inputs(block, block, num_tokens=num_tokens or 32))
+    if expert_tables(block):
+        return _detect_tables(block, call, num_tokens)
     raise errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of identical MLPs)",
                               block_class=type(block).__name__)
 
@@ -273,6 +276,18 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         returns=returns_of(block_rec.output),
         template=template,
     )
+
+
+def _detect_tables(block: nn.Module, call: BlockCall | None, num_tokens: int | None) -> MoEStructure:
+    """Embedding tables as experts; a block whose routing does not gather them is not an MoE."""
+    try:
+        call = call or capture_block_inputs(block, block, num_tokens=num_tokens or 32)
+        return detect_gathered(block, call)
+    except errors.AutocalError as error:
+        if error.kind == errors.TRACE_FAILED or "no expert weights are gathered" in error.explanation or (
+                "not chosen by a top-k" in error.explanation):
+            raise errors.NotAnMoE(type(block).__name__) from error
+        raise
 
 
 def _gathered_or(error: errors.AutocalError, block: nn.Module, call: BlockCall) -> MoEStructure:

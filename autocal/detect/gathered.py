@@ -15,6 +15,11 @@ features. It checks on the recorded values that the op gives, for every token
 and slot, ``features @ W[e].T`` (or ``features @ W[e]``), the features being
 the other operand, per slot or the same for all of a token's slots.
 
+Tables of one vector per expert (``nn.Embedding`` rows ``[E, d]``, experts of a
+single neuron, as in product-key layers) are recognised the same way, in two
+contractions: a *row* (``x · W[e]``, one number per slot: ``Linear(d, 1)``) and a
+*slot sum* (``Σ_slots y · W[e]``, ``Linear(1, d)`` per slot, summed over the slots).
+
 Calibration (``synthesize/gathered.py``) then computes those ops with one
 ``nn.Linear`` per expert and runs the block again with the routing forced to
 every group of ``k`` experts (``detect/reroute.py``).
@@ -23,6 +28,7 @@ every group of ``k`` experts (``detect/reroute.py``).
 from __future__ import annotations
 
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -39,10 +45,10 @@ from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "own_expert_weights", "detect_gathered", "slot_features",
-           "output_shape", "gathered_index"]
+__all__ = ["GatheredWeight", "GatheredDispatch", "own_expert_weights", "expert_tables", "detect_gathered",
+           "slot_inputs", "per_slot", "gathered_index"]
 
-_GATHERS = ("getitem", "__getitem__", "index_select")
+_GATHERS = ("getitem", "__getitem__", "index_select", "embedding")
 _CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")
 
 
@@ -51,7 +57,7 @@ class GatheredWeight:
     """One ``[E, a, b]`` parameter whose per-token gather is contracted with features."""
 
     param: str  # its path in the block
-    orientation: str  # "linear": features @ W[e].T, "matmul": features @ W[e]
+    orientation: str  # "linear": f @ W[e].T, "matmul": f @ W[e], "row": f · W[e], "slot-sum": Σ_slots f * W[e]
     contraction: Callable  # the op that contracts it
 
 
@@ -72,9 +78,23 @@ def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in own.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
 
 
+def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Two or more embedding tables of one shape ``[E, d]`` among the block's children: one vector per expert.
+
+    Weaker evidence than ``own_expert_weights`` (no router beside them by
+    shape): detection decides, and a block whose tables the routing does not
+    gather is not an MoE.
+    """
+    tables = {f"{n}.weight": m.weight for n, m in block.named_children() if isinstance(m, nn.Embedding)}
+    shapes = [p.shape for p in tables.values()]
+    return {n: p for n, p in tables.items() if shapes.count(p.shape) >= 2 and p.shape[0] >= 2}
+
+
 def gathered_index(func: Callable, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(weight, index)`` when ``func(*args)`` gathers entries of a weight along its first dimension."""
     name = getattr(func, "__name__", "")
+    if name == "embedding" and len(args) >= 2 and isinstance(args[0], torch.Tensor):
+        return args[1], args[0]
     if name in ("__getitem__", "getitem") and len(args) == 2 and isinstance(args[1], torch.Tensor):
         return (args[0], args[1]) if not (args[1].is_floating_point() or args[1].dtype == torch.bool) else None
     if name == "index_select" and len(args) == 3 and args[1] == 0:
@@ -98,42 +118,59 @@ def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | N
     return None
 
 
-def output_shape(features: torch.Tensor, slots: torch.Size, out_features: int) -> tuple[int, ...]:
-    """The contraction's output shape: the slots', or the features' with their size-1 dimensions."""
-    leading = tuple(features.shape[:-1])
-    kept = leading if tuple(d for d in leading if d != 1) == tuple(slots) else tuple(slots)
-    return (*kept, out_features)
+def slot_inputs(orientation: str, features: torch.Tensor, slots: torch.Size, width: int) -> torch.Tensor | None:
+    """Each slot's input to its expert's Linear, ``[*slots, in]``, from the contraction's other operand."""
+    if orientation in ("linear", "matmul"):
+        return slot_features(features, slots)
+    if orientation == "row":  # the features of each slot or of each token, in any layout of that size
+        for leading in (tuple(slots), tuple(slots[:-1])):
+            if features.numel() == math.prod(leading) * width:
+                return slot_features(features.reshape(*leading, width), slots)
+    if orientation == "slot-sum" and features.numel() == math.prod(slots):
+        return features.reshape(*slots, 1)
+    return None
+
+
+def per_slot(orientation: str, inputs: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+    """What the contraction computes from each slot's inputs and gathered weights (slot sums done)."""
+    if orientation == "linear":
+        return torch.einsum("...i,...oi->...o", inputs, gathered)
+    if orientation == "matmul":
+        return torch.einsum("...i,...io->...o", inputs, gathered)
+    if orientation == "row":
+        return (inputs * gathered).sum(-1, keepdim=True)
+    return (inputs * gathered).sum(-2)
 
 
 def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size) -> str | None:
-    """How the recorded contraction applied each slot's weight (checked on the recorded values), or None."""
-    rows = slot_features(features, slots)
-    if rows is None:
-        return None
-    for orientation, equation in (("linear", "...i,...oi->...o"), ("matmul", "...i,...io->...o")):
+    """How the recorded contraction applied each slot's weights (checked on the recorded values), or None."""
+    vectors = gathered.dim() == len(slots) + 1
+    for orientation in (("row", "slot-sum") if vectors else ("linear", "matmul")):
+        inputs = slot_inputs(orientation, features, slots, gathered.shape[-1])
+        if inputs is None:
+            continue
         try:
-            expected = torch.einsum(equation, rows.to(gathered.dtype), gathered)
+            expected = per_slot(orientation, inputs.to(gathered.dtype), gathered)
         except RuntimeError:
             continue
-        if output_shape(features, slots, expected.shape[-1]) != tuple(out.shape):
-            continue
-        if torch.allclose(expected.reshape(out.shape), out.to(expected.dtype), rtol=1e-3, atol=1e-4):
+        if expected.numel() == out.numel() and torch.allclose(expected.reshape(out.shape), out.to(expected.dtype),
+                                                              rtol=1e-3, atol=1e-4):
             return orientation
     return None
 
 
 def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.Node]]:
     """``(gather node, parameter path, index node)`` for each gathered ``[E, a, b]`` parameter."""
-    params = {n: p for n, p in block.named_parameters() if p.dim() == 3}
+    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block)
     found = []
     for node in graph.nodes:
         if node.op != "call_function" or target_name(node) not in _GATHERS:
             continue
         found_index = gathered_index(node.target, tuple(value(a) for a in node.args))
-        source = node.args[0]
+        position = {"index_select": (0, 2), "embedding": (1, 0)}.get(target_name(node), (0, 1))
+        source, index = (node.args[i] if i < len(node.args) else None for i in position)
         if found_index is None or not (isinstance(source, fx.Node) and source.op == "get_attr"):
             continue
-        index = node.args[2] if target_name(node) == "index_select" else node.args[1]
         if source.target in params and isinstance(index, fx.Node) and is_int_tensor(index):
             found.append((node, source.target, index))
     return found
@@ -163,8 +200,8 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "no expert weights are gathered by the routing "
                                   "indices", block_class=cls)
     index, weights = routing_choice(rec.graph, gathers[0][2])
-    choice = choice_call(rec.graph, index)
-    if choice is None:
+    found_choice = choice_call(rec.graph, gathers[0][2], unscored=True)  # forced where the indices are made
+    if found_choice is None or any(i is not gathers[0][2] for _, _, i in gathers):
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the gathered expert weights are not chosen by a "
                                   "top-k", block_class=cls, source=source_of(gathers[0][0]))
     found = []
@@ -172,7 +209,7 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         weight = _contraction(gather, value(gather_index).shape)
         if weight is None:
             raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by "
-                                      "slot with features (features @ W[e])", block_class=cls,
+                                      "slot with features (features @ W[e], or a vector's dot product)", block_class=cls,
                                       source=source_of(gather))
         found.append(GatheredWeight(param, weight.orientation, weight.contraction))
     num_experts = {block.get_parameter(w.param).shape[0] for w in found}
@@ -180,7 +217,8 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
                                   "experts", block_class=cls)
     num_experts = num_experts.pop()
-    check_forced_routing(block, choice, (), bound, rec.output, value(index),
+    choice, chosen = found_choice
+    check_forced_routing(block, choice, (), bound, rec.output, value(chosen),
                          lambda: _rows_per_expert(block, found, num_experts), index)
     router = analyze_router(rec.graph, index, weights)
     router.num_choices = max(router.num_choices, num_experts)
@@ -190,9 +228,9 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         num_experts=num_experts,
         storage="gathered by index",
         layout={"weights": params, "applied as": {w.param: w.orientation for w in found},
-                "unrouted tokens": "the block re-run with the top-k forced to each group of k experts"},
+                "unrouted tokens": _forcing(choice)},
         computation=" → ".join(params),
-        weights_applied="outside experts",
+        weights_applied="by the block's own ops",
         call_roles={},
         output_features=None,
         accumulate_dtype=None,
@@ -209,6 +247,13 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         returns=returns_of(rec.output),
         tokens=GatheredDispatch(found, choice),
     )
+
+
+def _forcing(choice: ChoiceCall) -> str:
+    if choice.scored:
+        return "the block re-run with the top-k forced to each group of k experts"
+    return ("the block re-run with its expert indices forced to each group of k experts (routing weights stay "
+            "those of the slots replaced)")
 
 
 @contextmanager

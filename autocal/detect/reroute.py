@@ -27,19 +27,27 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .. import errors
-from .graph_utils import source_of, target_name, value
+from .graph_utils import is_int_tensor, source_of, target_name, value
 
 __all__ = ["ChoiceCall", "choice_call", "check_forced_routing", "fresh_inputs"]
 
 
 @dataclass(frozen=True)
 class ChoiceCall:
-    """The top-k call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward."""
+    """The call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward.
+
+    ``scored``: a top-k, returning ``(values, indices)``; forced, it returns the
+    forced experts' scores with them. Otherwise the call returns the expert
+    indices themselves (picked through a product-key grid, say) and only they
+    are replaced: weights computed from scores beside them stay those of the
+    slots they replace.
+    """
 
     function: Callable
     ordinal: int
     dim: int
     k: int
+    scored: bool = True
 
     @contextmanager
     def forced(self, experts: torch.Tensor) -> Iterator[None]:
@@ -64,26 +72,37 @@ class _Forcing(TorchFunctionMode):
         self.seen += 1
         if self.seen <= self.choice.ordinal:
             return out
-        indices = out[1]
+        indices = out[1] if self.choice.scored else out
         dim = self.choice.dim % indices.dim()
         forced = self.experts.to(indices.device)
         if forced.shape != indices.shape:
             shape = [1] * indices.dim()
             shape[dim] = self.choice.k
             forced = forced.view(shape).expand_as(indices).contiguous()
-        return type(out)((args[0].gather(dim, forced), forced))
+        return type(out)((args[0].gather(dim, forced), forced)) if self.choice.scored else forced
 
 
-def choice_call(graph: fx.Graph, index: fx.Node) -> ChoiceCall | None:
-    """The top-k call whose indices are ``index`` (None: the choice is not a top-k's output)."""
-    if target_name(index) not in ("getitem", "__getitem__") or index.args[1] != 1:
-        return None
-    topk = index.args[0]
-    if not isinstance(topk, fx.Node) or target_name(topk) != "topk":
-        return None
-    same = [n for n in graph.nodes if n.op == "call_function" and n.target is topk.target]
-    dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
-    return ChoiceCall(topk.target, same.index(topk), dim, value(index).shape[dim])
+def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> tuple[ChoiceCall, fx.Node] | None:
+    """The top-k call whose indices are ``index`` (up to views), and the node of those indices.
+
+    None: ``index`` is not a top-k's output. With ``unscored``, such an
+    ``index`` is forced where it is made: the op computing it, its last
+    dimension the ``k`` slots.
+    """
+    source = index
+    while target_name(source) in ("view", "reshape", "flatten", "contiguous") and isinstance(source.args[0], fx.Node):
+        source = source.args[0]
+    topk = source.args[0] if target_name(source) in ("getitem", "__getitem__") and source.args[1] == 1 else None
+    if isinstance(topk, fx.Node) and target_name(topk) == "topk":
+        dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
+        return ChoiceCall(topk.target, _ordinal(graph, topk), dim, value(source).shape[dim]), source
+    if unscored and index.op == "call_function" and is_int_tensor(index) and value(index).dim() >= 1:
+        return ChoiceCall(index.target, _ordinal(graph, index), -1, value(index).shape[-1], scored=False), index
+    return None
+
+
+def _ordinal(graph: fx.Graph, node: fx.Node) -> int:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is node.target].index(node)
 
 
 def fresh_inputs(inputs: Any) -> Any:

@@ -161,10 +161,11 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         index, weights = routing_choice(rec.graph, tokens)
     except errors.AutocalError as not_rowwise:
         index, weights = routing_choice(rec.graph, calls[0])
-        choice = choice_call(rec.graph, index)
-        if choice is None:
+        found_choice = choice_call(rec.graph, index)
+        if found_choice is None:
             raise not_rowwise.with_context(block_class=cls)
-        check_forced_routing(block, choice, (), bound, rec.output, value(index), lambda: _counts_of(modules[0]), index)
+        choice, chosen = found_choice
+        check_forced_routing(block, choice, (), bound, rec.output, value(chosen), lambda: _counts_of(modules[0]), index)
         dispatch = SortedDispatch(rec.graph, calls, None, None, orientation, choice)
     weight = _routing_weight(calls[-1])
     router = analyze_router(rec.graph, index, weight if weight is not None else weights)

@@ -28,6 +28,10 @@ __all__ = ["ExpertViews", "observing", "forced_forward"]
 class ExpertViews(nn.Module):
     """``[E, a, b]`` as ``E`` Linears (children ``"0"``, ``"1"``, …) whose weights view its entries.
 
+    ``orientation``: ``"linear"`` (``W[e]`` is ``[out, in]``), ``"matmul"``
+    (``[in, out]``); for tables ``[E, d]``, ``"row"`` (``Linear(d, 1)``) or
+    ``"slot-sum"`` (``Linear(1, d)``).
+
     Rows are counted for ``autocal.coverage`` where the Linears are called
     (no counting hook: a hook would turn the plain, bitwise path off).
     """
@@ -37,7 +41,8 @@ class ExpertViews(nn.Module):
     def __init__(self, weight: torch.Tensor, orientation: str) -> None:
         super().__init__()
         for expert in range(weight.shape[0]):
-            view = weight[expert] if orientation == "linear" else weight[expert].T
+            view = {"linear": lambda w: w, "matmul": lambda w: w.T, "row": lambda w: w[None, :],
+                    "slot-sum": lambda w: w[:, None]}[orientation](weight[expert])
             linear = nn.Linear(view.shape[1], view.shape[0], bias=False, device="meta")
             linear.weight = nn.Parameter(view.detach(), requires_grad=weight.requires_grad)
             self.add_module(str(expert), linear)

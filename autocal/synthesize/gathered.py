@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..detect.gathered import GatheredWeight, gathered_index, output_shape, slot_features
+from ..detect.gathered import GatheredWeight, gathered_index, slot_inputs
 from ..detect.structure import MoEStructure
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
@@ -89,11 +89,23 @@ class _Dispatch(TorchFunctionMode):
         operands = [a for a in _flat(args) if isinstance(a, torch.Tensor)]
         hits = [a for a in operands if id(a) in self.gathered]
         if len(hits) == 1 and len(operands) == 2 and func is self.gathered[id(hits[0])][2].contraction:
-            _, views, _, index = self.gathered.pop(id(hits[0]))
+            gathered, views, weight, index = self.gathered.pop(id(hits[0]))
             features = operands[1] if operands[0] is hits[0] else operands[0]
-            out = _by_expert(views, slot_features(features, index.shape), index)
-            return out.view(output_shape(features, index.shape, out.shape[-1]))
+            inputs = slot_inputs(weight.orientation, features, index.shape, gathered.shape[-1])
+            out = _by_expert(views, inputs, index)
+            if weight.orientation == "slot-sum":
+                out = out.sum(-2)
+            return out.reshape(_shape_of(func, args, kwargs))
         return func(*args, **kwargs)
+
+
+def _shape_of(func, args: tuple, kwargs: dict) -> torch.Size:
+    """The shape ``func(*args, **kwargs)`` returns, computed on the meta device."""
+    def meta(a):
+        if isinstance(a, torch.Tensor):
+            return torch.empty_like(a, device="meta")
+        return type(a)(meta(i) for i in a) if isinstance(a, (list, tuple)) else a
+    return func(*meta(args), **{k: meta(v) for k, v in kwargs.items()}).shape
 
 
 def _flat(args: tuple) -> list[Any]:
