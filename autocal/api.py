@@ -22,7 +22,7 @@ from .trace.twin import cpu_twin, on_meta
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
-from .synthesize.container import build_container_calibration, build_recorded_block
+from .synthesize.container import build_container_calibration, build_mask_dispatch, build_recorded_block
 from .synthesize.dense import build_dense_rewrite
 from .synthesize.gathered import build_gathered_calibration
 from .synthesize.module import build_calibration_module
@@ -78,7 +78,8 @@ class Converter:
                 build = {"experts": build_calibration_module, "block": build_block_rewrite,
                          "block-dense": build_dense_rewrite, "container": build_container_calibration,
                          "gated": build_container_calibration, "recorded-block": build_recorded_block,
-                         "sorted": build_sorted_calibration, "gathered": build_gathered_calibration}[structure.level]
+                         "sorted": build_sorted_calibration, "gathered": build_gathered_calibration,
+                         "mask-dispatch": build_mask_dispatch}[structure.level]
                 self.classes[cls] = ClassAnalysis(build(structure, block), structure)
         return self.classes[cls]
 

@@ -13,6 +13,8 @@ Covered elsewhere, and part of the catalogue:
 """
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -771,3 +773,146 @@ def test_two_tables_of_one_shape_that_no_router_picks_from_are_not_an_moe(with_e
     autocal.convert(model, example_inputs={"coordinates": coordinates} if with_example else None)
     assert isinstance(model.moe, autocal.MoECalibrationModule)
     assert type(model.layout) is _TwoPositionTables
+
+
+class _CapacityExpert(nn.Module):
+    def __init__(self, hidden=16, width=32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, width), nn.Linear(width, hidden)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class _CapacityMoE(nn.Module):
+    """GShard / DeepSpeed-MoE style: top-k gating with a capacity per expert, einsum dispatch and combine."""
+
+    def __init__(self, hidden=16, experts=4, k=1, capacity_factor=1.0):
+        super().__init__()
+        self.wg = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList([_CapacityExpert(hidden) for _ in range(experts)])
+        self.k, self.capacity_factor = k, capacity_factor
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        tokens, experts = flat.shape[0], len(self.experts)
+        gates = self.wg(flat).softmax(-1)
+        capacity = max(1, int(self.capacity_factor * self.k * tokens / experts))
+        weights, chosen = gates.topk(self.k, dim=-1)
+        combine = torch.zeros(tokens, experts, capacity)
+        filled = torch.zeros(experts, dtype=torch.long)
+        for slot in range(self.k):  # first come, first served; tokens past an expert's capacity are dropped
+            mask = torch.nn.functional.one_hot(chosen[:, slot], experts)
+            position = filled + torch.cumsum(mask, 0) - 1
+            kept = mask * (position < capacity)
+            filled = filled + kept.sum(0)
+            where = torch.nn.functional.one_hot((position * kept).sum(-1), capacity)
+            combine = combine + weights[:, slot, None, None] * kept[:, :, None] * where[:, None, :]
+        dispatched = torch.einsum("sec,sm->ecm", (combine > 0).to(flat.dtype), flat)
+        outputs = torch.stack([expert(rows) for expert, rows in zip(self.experts, dispatched)])
+        return torch.einsum("sec,ecm->sm", combine, outputs).view_as(x)
+
+
+@pytest.mark.parametrize("k, capacity_factor", [(1, 1.0), (2, 1.25), (2, 8.0)])
+def test_dispatch_by_a_mask_contraction_with_capacity(k, capacity_factor):
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _CapacityMoE(k=k, capacity_factor=capacity_factor)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "mask-dispatch" and module.structure.router.top_k == k
+    assert module.structure.router.num_choices == 4
+    fc1 = {e: expert.fc1 for e, expert in enumerate(module.experts)}
+    seen = {}
+    for e, linear in fc1.items():
+        linear.register_forward_pre_hook(lambda m, a, e=e: seen.setdefault(e, []).append(a[0].detach().clone()))
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        seen.clear()
+        with torch.no_grad(), count_rows(fc1) as rows:
+            out = module(x)
+        assert torch.equal(out, expected), "the block's own forward gives the output"
+        if calibrate:  # capacity rows (some padding) plus every token the mask left out, dropped ones included
+            for e, inputs in seen.items():
+                got = torch.cat(inputs)
+                filled = got[(got != 0).any(-1)]
+                assert filled.shape[0] == 18, f"expert {e} saw every token once"
+                assert all((row == filled).all(-1).any() for row in x.reshape(-1, 16))
+
+
+@given(experts=st.integers(2, 6), k=st.integers(1, 3), tokens=st.integers(1, 17),
+       capacity_factor=st.sampled_from([0.5, 1.0, 2.0]), seed=st.integers(0, 2**16))
+def test_mask_dispatch_calibrates_every_expert_on_every_token(experts, k, tokens, capacity_factor, seed):
+    from autocal.testing.assertions import count_rows
+
+    k = min(k, experts)
+    torch.manual_seed(seed)
+    block = _CapacityMoE(experts=experts, k=k, capacity_factor=capacity_factor)
+    x = torch.randn(1, tokens, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block, verify=False)
+    capacity_rows = max(1, int(capacity_factor * k * tokens / experts))
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad(), count_rows({e: m.fc2 for e, m in enumerate(module.experts)}) as rows:
+            assert torch.equal(module(x), expected)
+        if calibrate:  # capacity rows, then the tokens each mask left out: at least every token
+            assert all(n >= tokens for n in rows.values()) and all(n <= tokens + capacity_rows for n in rows.values())
+
+
+class _ExpertChoiceMoE(nn.Module):
+    """Experts choose their tokens (top-C over the tokens per expert, C from the number of tokens)."""
+
+    def __init__(self, hidden=16, experts=6, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList([_CapacityExpert(hidden) for _ in range(experts)])
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        capacity = max(1, flat.shape[0] * self.k // len(self.experts))  # a Python number a recording bakes in
+        weights, tokens = self.gate(flat).softmax(-1).t().topk(capacity, dim=-1)
+        out = torch.zeros_like(flat)
+        for expert, module in enumerate(self.experts):
+            out.index_add_(0, tokens[expert], module(flat[tokens[expert]]) * weights[expert, :, None])
+        return out.view_as(x)
+
+
+@pytest.mark.parametrize("tokens", [5, 14, 40])
+def test_recipes_recorded_at_another_number_of_tokens_still_cover_every_token(tokens):
+    """Detection runs on made-up inputs; the capacity it records is not the one of the calibration batch."""
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _ExpertChoiceMoE()
+    x = torch.randn(1, tokens, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "recorded-block"
+    seen = {}
+    for e, expert in enumerate(module.experts):
+        expert.fc1.register_forward_pre_hook(lambda m, a, e=e: seen.setdefault(e, []).append(a[0].detach().clone()))
+    with torch.no_grad(), count_rows({e: m.fc1 for e, m in enumerate(module.experts)}) as rows:
+        assert torch.equal(module(x), expected)
+    assert set(rows.values()) == {tokens}, "every expert saw every token once"
+    for e, inputs in seen.items():
+        got = torch.cat(inputs)
+        assert all((row == got).all(-1).any() for row in x.reshape(-1, 16))
+
+
+def test_rows_not_taken_is_a_multiset_difference():
+    from autocal.synthesize.ops import rows_not_taken
+
+    source = torch.randn(9, 4, dtype=torch.bfloat16)
+    source[6] = source[1]  # two equal rows: taking one leaves the other
+    left = rows_not_taken(source, source[[1, 3, 8]])
+    assert left.shape == (6, 4)
+    assert sorted(map(tuple, left.float().tolist())) == sorted(
+        map(tuple, source[[0, 2, 4, 5, 6, 7]].float().tolist()))
+    assert rows_not_taken(source, source[:0]).shape == (9, 4) and rows_not_taken(source, source).shape == (0, 4)

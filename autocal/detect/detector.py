@@ -23,6 +23,7 @@ from .block import Untraceable, detect_block_level, expert_lists, has_own_forwar
 from .container import detect_module_container, detect_recorded_block
 from .dense import detect_dense
 from .gathered import detect_gathered, expert_tables, own_expert_weights
+from .masked import detect_mask_dispatch
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, bound_inputs, returns_of, value
 from .router import analyze_router
@@ -202,6 +203,10 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
             try:
                 return detect_recorded_block(block, name, entries, call)
             except errors.AutocalError as error:
+                try:
+                    return detect_mask_dispatch(block, name, entries, call)
+                except errors.AutocalError:
+                    pass  # not a mask dispatch either: the row-dispatch error says more
                 if isinstance(symbolic, Untraceable):
                     error.explanation = f"{error.explanation} (recorded, since {symbolic.explanation})"
                 raise error.with_context(block_class=type(block).__name__)

@@ -31,7 +31,7 @@ _PLUMBING = {
 
 
 def _selection_nodes(index: fx.Node, ancestry: Ancestry) -> list[fx.Node]:
-    return [n for n in ancestry.of(index) if target_name(n) in _SELECTION_OPS]
+    return [n for n in [*ancestry.of(index), index] if target_name(n) in _SELECTION_OPS]
 
 
 def _k_of(node: fx.Node) -> int:
@@ -155,12 +155,12 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
     top-k values; without a top-k, the sorting index stands for both.
     """
     ancestry = Ancestry(graph)
-    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max")]
+    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max", "argmax")]
     if not choices:
         return tokens, tokens
     choice = choices[-1]
     parts = {user.args[1]: user for user in choice.users if target_name(user) in ("getitem", "__getitem__")}
-    index = parts.get(1)
+    index = choice if target_name(choice) == "argmax" else parts.get(1)
     if index is None:
         return tokens, tokens
     shape = value(index).shape

@@ -12,15 +12,19 @@ original block back.
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 from torch import nn
 
+from .. import errors
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
 from .module import AdoptedMoE, KeptForwardMoE, adopt, kept_forward_class
-from .ops import run_unrouted
+from ..trace.inputs import keyword_arguments
+from .ops import inputs_seen, run_on_the_rest
 
-__all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "build_container_calibration", "build_recorded_block"]
+__all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "MaskDispatchMoE", "build_container_calibration",
+           "build_recorded_block", "build_mask_dispatch"]
 
 
 class _CalibrationContainer(nn.Module):
@@ -35,14 +39,15 @@ class _CalibrationContainer(nn.Module):
         self.__dict__["_signature"] = inspect.signature(original.forward)
 
     def forward(self, *args, **kwargs):
-        output = self._container_forward(*args, **kwargs)
-        if self.calibrate_all_experts and self.structure.tokens is not None:  # None: experts already see every row
-            bound = self._signature.bind(*args, **kwargs).arguments
-            hidden = bound[self.structure.experts.call_roles["hidden"]]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            for expert, name in enumerate(self.entries):
-                routed = self.structure.tokens(bound, expert)
-                run_unrouted(self._modules[name], hidden, routed, True)
+        if not (self.calibrate_all_experts and self.structure.tokens is not None):  # None: experts see every row
+            return self._container_forward(*args, **kwargs)
+        with inputs_seen(self.experts()) as seen:
+            output = self._container_forward(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs).arguments
+        hidden = bound[self.structure.experts.call_roles["hidden"]]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        for expert, module in enumerate(self.experts()):
+            run_on_the_rest(module, hidden, partial(self.structure.tokens, bound, expert), seen[expert])
         return output
 
     def experts(self) -> list[nn.Module]:
@@ -80,12 +85,43 @@ class RecordedBlockMoE(KeptForwardMoE):
     """A block whose own loop calls its expert modules, kept as it is; calibration adds each expert's other rows,
     recomputed by the recorded ``TokenRecipe`` from the same inputs."""
 
-    def run_unrouted(self, bound: dict) -> None:
+    def forward(self, *args, **kwargs):
+        if not self.calibrate_all_experts:
+            return self._block_forward(*args, **kwargs)
+        with inputs_seen(self.expert_modules()) as seen:
+            output = self._block_forward(*args, **kwargs)
+        bound = keyword_arguments(self._signature, args, kwargs)
         shared: dict = {}  # the router and all else the experts share, computed once
         rows = self.structure.tokens.rows(bound, shared)
         for expert, module in enumerate(self.expert_modules()):
-            run_unrouted(module, rows, self.structure.tokens(bound, expert, shared), True)
+            run_on_the_rest(module, rows, partial(self.structure.tokens, bound, expert, shared), seen[expert])
+        return output
 
 
 def build_recorded_block(structure: MoEStructure, block: nn.Module) -> type[RecordedBlockMoE]:
     return kept_forward_class(RecordedBlockMoE, structure, block)
+
+
+class MaskDispatchMoE(KeptForwardMoE):
+    """A block dispatching by a mask contraction (``detect/masked.py``), kept as it is; calibration keeps that
+    contraction's operands and runs each expert on the tokens its mask left out."""
+
+    def forward(self, *args, **kwargs):
+        if not self.calibrate_all_experts:
+            return self._block_forward(*args, **kwargs)
+        dispatch = self.structure.tokens
+        with dispatch.capture() as capture:
+            output = self._block_forward(*args, **kwargs)
+        if capture.found is None:
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the dispatch contraction found at detection did "
+                                      "not run in this forward", block_class=type(self).__name__)
+        mask, tokens = capture.found
+        for expert, module in enumerate(self.expert_modules()):
+            rows = tokens[dispatch.unrouted(mask, expert)]
+            if rows.shape[0]:
+                module(rows)
+        return output
+
+
+def build_mask_dispatch(structure: MoEStructure, block: nn.Module) -> type[MaskDispatchMoE]:
+    return kept_forward_class(MaskDispatchMoE, structure, block)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -126,5 +128,78 @@ def run_unrouted(expert: nn.Module, source: torch.Tensor, routed: torch.Tensor, 
     if not enabled:
         return
     rows = unrouted_rows(source, routed)
+    if rows.shape[0]:
+        expert(rows)
+
+
+def rows_not_taken(source: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """The rows of ``source`` left once each row of ``taken`` has claimed one equal row (a multiset difference).
+
+    Rows are compared by their bits, through an exact integer hash: equal rows
+    are interchangeable for calibration, so which of two equal rows is left
+    does not matter.
+    """
+    if not taken.shape[0]:
+        return source
+    source_keys, taken_keys = _row_keys(source), _row_keys(taken.to(source.dtype))
+    order = torch.argsort(source_keys, stable=True)
+    ordered = source_keys[order]
+    rank = torch.arange(ordered.numel(), device=source.device) - torch.searchsorted(ordered, ordered)  # among equals
+    keys, counts = torch.unique(taken_keys, return_counts=True)
+    slot = torch.searchsorted(keys, ordered).clamp(max=max(keys.numel() - 1, 0))
+    claimed = counts[slot] if keys.numel() else torch.zeros_like(rank)
+    claimed = torch.where(keys[slot] == ordered, claimed, 0) if keys.numel() else claimed
+    left = torch.empty_like(rank, dtype=torch.bool)
+    left[order] = rank >= claimed
+    return source[left]
+
+
+def _row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """One int64 per row from its bits (wrapping sums are exact, so equal rows get equal keys)."""
+    bits = rows.reshape(rows.shape[0], math.prod(rows.shape[1:])).contiguous()
+    integers = bits.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
+    generator = torch.Generator().manual_seed(0)
+    multipliers = torch.randint(1, 2 ** 62, (bits.shape[1],), generator=generator).to(rows.device) | 1
+    return (integers.to(torch.int64) * multipliers).sum(-1)
+
+
+@contextmanager
+def inputs_seen(modules: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Within, the first tensor input of every call of each module, per module."""
+    seen: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def keep(index: int):
+        def hook(module, args, kwargs):
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is not None:
+                seen[index].append(first.reshape(-1, first.shape[-1]))
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(i), with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_on_the_rest(expert: nn.Module, source: torch.Tensor, routed: Callable[[], torch.Tensor],
+                    seen: list[torch.Tensor]) -> None:
+    """Run ``expert`` on the rows of ``source`` it did not get.
+
+    ``routed()`` replays the recorded recipe of the rows it got; where that fails
+    or disagrees with the rows it was really called with (``seen``: a recipe whose
+    recorded constants depend on the number of tokens, say), the rows it really
+    got are taken out of ``source`` by value instead.
+    """
+    taken = sum(rows.shape[0] for rows in seen)
+    try:
+        replayed = routed()
+    except (RuntimeError, IndexError):
+        replayed = None
+    if replayed is not None and replayed.numel() == taken:
+        run_unrouted(expert, source, replayed, True)
+        return
+    rows = rows_not_taken(source, torch.cat(seen)) if seen else source
     if rows.shape[0]:
         expert(rows)

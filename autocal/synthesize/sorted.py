@@ -22,7 +22,7 @@ from ..coverage import add_tokens
 from ..detect.structure import MoEStructure
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
-from .ops import unrouted_rows
+from .ops import rows_not_taken, unrouted_rows
 
 __all__ = ["SegmentBank", "SortedCalibrationMoE", "build_sorted_calibration"]
 
@@ -36,6 +36,7 @@ class SegmentBank(ExpertViews):
 
     def forward(self, rows: torch.Tensor, counts, *args, **kwargs) -> torch.Tensor:
         self.__dict__["last_counts"] = counts  # the block may compute them on the host: kept, not replayed
+        self.__dict__["last_rows"] = rows
         sizes = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
         quiet = self.__dict__.get("observed") == set()
         if self.plain() and (quiet or not self.hooked()):
@@ -67,19 +68,28 @@ class SortedCalibrationMoE(KeptForwardMoE):
 
     def forward(self, *args, **kwargs):
         choice = self.structure.tokens.choice
-        if choice is None or not self.calibrate_all_experts:
-            return super().forward(*args, **kwargs)
-        return forced_forward(self, choice, self._banks(), args, kwargs)
+        try:
+            if choice is None or not self.calibrate_all_experts:
+                return super().forward(*args, **kwargs)
+            return forced_forward(self, choice, self._banks(), args, kwargs)
+        finally:
+            for bank in self._banks():  # what the banks last got is for this forward only
+                bank.__dict__.pop("last_counts", None)
+                bank.__dict__.pop("last_rows", None)
 
     def run_unrouted(self, bound: dict) -> None:
         dispatch, shared = self.structure.tokens, {}
         banks = [self._modules[name] for name in dispatch.banks]
         rows, tokens = dispatch.routing(bound, shared)
-        counts = banks[0].__dict__.pop("last_counts")
+        counts = banks[0].__dict__["last_counts"]
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        given = banks[0].__dict__["last_rows"].split(counts)
         start = 0
         for expert, count in enumerate(counts):
-            x = unrouted_rows(rows, tokens[start:start + count])
+            if tokens.shape[0] == sum(counts):
+                x = unrouted_rows(rows, tokens[start:start + count])
+            else:  # the replayed sorting index disagrees with the rows the bank got: take those out by value
+                x = rows_not_taken(rows, given[expert])
             start += count
             if not x.shape[0]:
                 continue

@@ -1,0 +1,169 @@
+"""Dispatch by a 0/1 mask contraction (GShard, Switch, DeepSpeed-MoE, fairseq, Tutel)::
+
+    dispatched = torch.einsum("sec,sm->ecm", dispatch_mask, tokens)  # [E, capacity, M]
+    outputs = torch.stack([expert(d) for expert, d in zip(self.experts, dispatched)])
+    combined = torch.einsum("sec,ecm->sm", combine_weights, outputs)
+
+Each expert gets ``capacity`` rows, each one token's row or zeros (an unfilled
+slot); tokens past an expert's capacity are dropped. The pass finds the
+contraction whose output the expert inputs are slices of: one operand the token
+rows ``[S, M]``, the other a 0/1 mask with a dimension of the tokens and one of
+the experts. It checks that each expert's non-zero input rows are exactly the
+rows of the tokens its slice of the mask marks.
+
+At run time the calibration module keeps that contraction's operands (the
+``ordinal``-th call of its function that fits) and, after the block's forward,
+runs each expert on the tokens its mask left out (dropped ones included).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+from .. import errors
+from ..trace.inputs import BlockCall, keyword_arguments
+from .block import module_experts_info
+from .graph_utils import Ancestry, returns_of, source_of, target_name, value
+from .router import analyze_router, router_of, routing_choice
+from .structure import MoEStructure
+
+__all__ = ["MaskDispatch", "detect_mask_dispatch"]
+
+_CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")
+_SLICING = ("getitem", "__getitem__", "unbind", "chunk", "split", "select", "view", "reshape", "squeeze",
+            "contiguous", "to", "type_as", "narrow")
+
+
+@dataclass(frozen=True)
+class MaskDispatch:
+    """Where the dispatch contraction is, and which of its mask's dimensions are tokens and experts."""
+
+    function: Callable
+    ordinal: int
+    token_dim: int
+    expert_dim: int
+    num_experts: int
+
+    def unrouted(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
+        """The tokens (a bool per row) ``expert``'s slice of the mask leaves out."""
+        part = mask.movedim((self.token_dim, self.expert_dim), (0, 1))[:, expert]
+        return ~(part.reshape(part.shape[0], -1) != 0).any(-1)
+
+    def operands(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(mask, tokens)`` if a call's operands fit this dispatch."""
+        tensors = [a for a in _flat(args) if isinstance(a, torch.Tensor)]
+        if len(tensors) != 2:
+            return None
+        for mask, tokens in (tensors, tensors[::-1]):
+            if tokens.dim() == 2 and mask.dim() > max(self.token_dim, self.expert_dim) and (
+                    mask.shape[self.token_dim] == tokens.shape[0] and mask.shape[self.expert_dim] == self.num_experts):
+                return mask, tokens
+        return None
+
+    def capture(self) -> "_Capture":
+        """A mode that keeps ``(mask, tokens)`` of this dispatch while a forward runs."""
+        return _Capture(self)
+
+
+class _Capture(TorchFunctionMode):
+    def __init__(self, dispatch: MaskDispatch) -> None:
+        super().__init__()
+        self.dispatch, self.seen, self.found = dispatch, 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is self.dispatch.function and self.found is None:
+            operands = self.dispatch.operands(args)
+            if operands is not None:
+                if self.seen == self.dispatch.ordinal:
+                    self.found = operands
+                self.seen += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _flat(args: tuple) -> list:
+    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
+
+
+def _dispatch_node(call: fx.Node) -> fx.Node | None:
+    """The contraction an expert's input is a slice of (through indexing and views), if any."""
+    node = call.args[0] if call.args else None
+    while isinstance(node, fx.Node) and target_name(node) in _SLICING:
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) and target_name(node) in _CONTRACTIONS else None
+
+
+def _check(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor, calls: list[fx.Node],
+           expert_paths: dict[str, int]) -> bool:
+    """Is every expert's non-zero input exactly the rows of the tokens its slice of the mask marks?"""
+    for call in calls:
+        expert = expert_paths[call.target]
+        rows = value(call.args[0]).reshape(-1, tokens.shape[-1])
+        filled = rows[(rows != 0).any(-1)]
+        marked = tokens[~dispatch.unrouted(mask, expert)]
+        if filled.shape != marked.shape or not (filled[:, None] == marked[None]).all(-1).any(1).all():
+            return False
+    return True
+
+
+def detect_mask_dispatch(block: nn.Module, name: str, entries: list[nn.Module], call: BlockCall) -> MoEStructure:
+    """Detection for dispatch by a mask contraction (see the module docstring)."""
+    from .container import _record_expert_calls  # the recorded levels' shared step
+
+    cls = type(block).__name__
+    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
+    rec, expert_paths, calls = _record_expert_calls(block, bound, entries)
+    nodes = {_dispatch_node(c) for c in calls}
+    node = nodes.pop() if len(nodes) == 1 else None
+    if node is None or not calls:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are not slices of one "
+                                  "contraction of the tokens with a mask", block_class=cls)
+    tensors = [a for a in _flat(node.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+    same = [n for n in rec.graph.nodes if n.op == "call_function" and n.target is node.target]
+    for mask_node, token_node in (tensors, tensors[::-1]) if len(tensors) == 2 else ():
+        mask, tokens = value(mask_node), value(token_node)
+        if tokens.dim() != 2 or not ((mask == 0) | (mask == 1)).all():
+            continue
+        for token_dim, expert_dim in itertools.permutations(range(mask.dim()), 2):
+            if mask.shape[token_dim] != tokens.shape[0] or mask.shape[expert_dim] != len(entries):
+                continue
+            dispatch = MaskDispatch(node.target, 0, token_dim, expert_dim, len(entries))
+            ordinal = [n for n in same if dispatch.operands(tuple(value(a) for a in n.args))].index(node)
+            dispatch = MaskDispatch(node.target, ordinal, token_dim, expert_dim, len(entries))
+            if _check(dispatch, mask, tokens, calls, expert_paths):
+                return _structure(block, name, entries, rec, calls, dispatch, mask_node)
+    raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are a contraction, but not of the "
+                              "token rows with a 0/1 mask that marks each expert's tokens", block_class=cls,
+                              source=source_of(node))
+
+
+def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls: list[fx.Node],
+               dispatch: MaskDispatch, mask_node: fx.Node) -> MoEStructure:
+    index, weights = routing_choice(rec.graph, mask_node)
+    try:
+        router = analyze_router(rec.graph, index, weights) if index is not mask_node else router_of(rec.graph)
+    except errors.AutocalError:
+        router = router_of(rec.graph)
+    if router is None:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "no top-k or argmax chooses the experts of the mask",
+                                  block_class=type(block).__name__)
+    router.num_choices = max(router.num_choices, len(entries))
+    experts = module_experts_info(name, block.get_submodule(name), entries, calls[0], "in the combine contraction")
+    experts.layout["unrouted tokens"] = "the tokens the dispatch mask leaves out (dropped ones included)"
+    ancestry = Ancestry(rec.graph)
+    routing = {n.meta.get("module_path", "").split(".")[0] for n in ancestry.of(mask_node)}
+    return MoEStructure(
+        block_class=type(block).__name__,
+        level="mask-dispatch",
+        router=router,
+        experts=experts,
+        shared_modules=[c for c in dict(block.named_children()) if c not in {name, router.module_path} | routing],
+        returns=returns_of(rec.output),
+        tokens=dispatch,
+    )
