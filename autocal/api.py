@@ -207,6 +207,11 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             except errors.AutocalError as error:
                 raise unreached(error, example_inputs, calls, path).with_context(
                     module_path=path, block_class=type(block).__name__) from None
+        if built[id(block)] is not None and not path:
+            raise errors.AutocalError(
+                errors.NO_MOE_BLOCK, "the model itself is the MoE block, so there is no parent to put its "
+                "calibration module in", block_class=type(block).__name__,
+                hints=["use autocal.synthesize(block) for one block, or convert a model that holds it"])
         if built[id(block)] is not None:
             _set_submodule(model, path, built[id(block)])
     if not any(isinstance(m, MoECalibrationModule) for m in model.modules()):

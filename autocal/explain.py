@@ -132,7 +132,8 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
             ("correction bias", str(router["correction_bias"]), None),
             ("groups", str(router["grouped"]), None),
             ("scaling", str(router["scaling"]), None),
-            ("experts", f"{experts['module_path']}  {experts['num_experts']} × {experts['storage']}", None),
+            ("experts", f"{experts['module_path'] or '(the block itself)'}  {experts['num_experts']} × "
+                        f"{experts['storage']}", None),
             ("layout", _layout(experts["layout"]), None),
             ("one expert", experts["computation"], sources.pop("down_proj", sources.pop("expert_call", None))),
             ("routing weights", experts["weights_applied"], sources.pop("contribution", sources.pop("gating", None))),

@@ -155,3 +155,9 @@ def test_permanent_unpacking_reproduces_the_packed_tensors():
     down = torch.stack([e.down_proj.weight.T for e in experts])
     assert torch.equal(gate_up, packed["gate_up_proj"]) and torch.equal(down, packed["down_proj"])
     assert main_output(module(example_hidden_states(ToyMoEConfig(kind="interleaved")))).isfinite().all()
+
+
+def test_converting_a_block_itself_says_what_to_do_instead():
+    block = make_toy_block(ToyMoEConfig())
+    with pytest.raises(autocal.AutocalError, match="synthesize"):
+        autocal.convert(block)

@@ -916,3 +916,90 @@ def test_rows_not_taken_is_a_multiset_difference():
     assert sorted(map(tuple, left.float().tolist())) == sorted(
         map(tuple, source[[0, 2, 4, 5, 6, 7]].float().tolist()))
     assert rows_not_taken(source, source[:0]).shape == (9, 4) and rows_not_taken(source, source).shape == (0, 4)
+
+
+class _LoopOverOwnWeights(nn.Module):
+    """Expert weights on the block itself, sliced per expert in a Python loop (three ways of applying them)."""
+
+    def __init__(self, style, experts=6, hidden=16, width=24, k=2):
+        super().__init__()
+        self.style, self.k = style, k
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        up_shape = (experts, hidden, width) if style == "matmul" else (experts, width, hidden)
+        down_shape = (experts, width, hidden) if style == "matmul" else (experts, hidden, width)
+        self.up = nn.Parameter(torch.randn(up_shape) / hidden ** 0.5)
+        self.down = nn.Parameter(torch.randn(down_shape) / width ** 0.5)
+
+    def _apply(self, rows, weight):
+        if self.style == "linear":
+            return torch.nn.functional.linear(rows, weight)
+        return rows @ weight.T if self.style == "transposed" else rows @ weight
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(flat).softmax(-1).topk(self.k)
+        out = torch.zeros_like(flat)
+        for expert in chosen.unique():  # a 0-d tensor per expert hit
+            token, slot = torch.where(chosen == expert)
+            h = self._apply(torch.nn.functional.silu(self._apply(flat[token], self.up[expert])), self.down[expert])
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return out.view_as(x)
+
+
+@pytest.mark.parametrize("style", ["linear", "transposed", "matmul"])
+def test_expert_weights_sliced_per_expert_in_a_loop(style):
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _LoopOverOwnWeights(style)
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "gathered" and module.structure.router.top_k == 2
+    orientation = "matmul" if style == "matmul" else "linear"
+    assert module.structure.experts.layout["applied as"] == {"up": orientation, "down": orientation}
+    linears = {(name, e): linear for name in ("up_experts", "down_experts")
+               for e, linear in enumerate(module.get_submodule(name).experts())}
+    assert linears[("up_experts", 0)].weight.shape == (24, 16)
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad():
+            assert torch.equal(module(x), expected), "plain and unobserved: the original ops"
+        with torch.no_grad(), count_rows(linears) as rows:
+            assert compare_outputs(expected, module(x))[2]
+        assert set(rows.values()) == {14} if calibrate else sum(rows.values()) == 14 * 2 * 2
+
+
+class _SummedHeads(nn.ModuleList):
+    """A list of identical projections with a forward of its own."""
+
+    def forward(self, x):
+        return sum(layer(x) for layer in self)
+
+
+class _Encoder(nn.Module):
+    """Not an MoE: the heads' user needs a mask autocal cannot make up."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = _SummedHeads([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x, keep):
+        return self.heads(x) * keep[..., None]
+
+
+class _HeadsThenMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = _Encoder()
+        self.moe = make_toy_block(ToyMoEConfig(hidden_size=8))
+
+    def forward(self, x):
+        return self.moe(self.encoder(x, torch.ones(x.shape[:-1])))
+
+
+def test_identical_layers_whose_inputs_cannot_be_made_up_are_not_an_moe():
+    model = _HeadsThenMoE()
+    autocal.convert(model)  # no example inputs: the heads' forward cannot be run alone, and nothing routes them
+    assert isinstance(model.moe, autocal.MoECalibrationModule) and type(model.encoder) is _Encoder

@@ -194,8 +194,14 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
         name, entries = next(iter(lists.items()))
         container = block.get_submodule(name)
         if has_own_forward(container):
-            call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
-            return detect_module_container(block, name, container, entries, call, unrouted=not expert_lists(block))
+            unrouted = not expert_lists(block)
+            try:
+                call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
+            except errors.AutocalError as error:  # identical layers with no router beside them prove no MoE
+                if unrouted and error.kind == errors.TRACE_FAILED:
+                    raise errors.NotAnMoE(type(block).__name__) from error
+                raise
+            return detect_module_container(block, name, container, entries, call, unrouted=unrouted)
         call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
         try:
             return detect_block_level(block, lists, call, num_tokens)

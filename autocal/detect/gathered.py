@@ -40,16 +40,16 @@ from torch.overrides import TorchFunctionMode
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
-from .graph_utils import is_int_tensor, returns_of, source_of, target_name, value
+from .graph_utils import Ancestry, is_int_tensor, returns_of, source_of, target_name, value
 from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "own_expert_weights", "expert_tables", "detect_gathered",
-           "slot_inputs", "per_slot", "gathered_index"]
+__all__ = ["GatheredWeight", "GatheredDispatch", "GatherTracker", "own_expert_weights", "expert_tables",
+           "detect_gathered", "slot_inputs", "per_slot", "gathered_index"]
 
 _GATHERS = ("getitem", "__getitem__", "index_select", "embedding")
-_CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")
+_CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm", "linear")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ def gathered_index(func: Callable, args: tuple) -> tuple[torch.Tensor, torch.Ten
         return args[1], args[0]
     if name in ("__getitem__", "getitem") and len(args) == 2 and isinstance(args[1], torch.Tensor):
         return (args[0], args[1]) if not (args[1].is_floating_point() or args[1].dtype == torch.bool) else None
+    if name in ("__getitem__", "getitem") and len(args) == 2 and isinstance(args[1], int) and not isinstance(
+            args[1], bool):
+        return args[0], args[1]  # one expert's slice, in a loop over the experts
     if name == "index_select" and len(args) == 3 and args[1] == 0:
         return args[0], args[2]
     return None
@@ -159,8 +162,12 @@ def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tens
     return None
 
 
-def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.Node]]:
-    """``(gather node, parameter path, index node)`` for each gathered ``[E, a, b]`` parameter."""
+def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.Node | int]]:
+    """``(gather node, parameter path, index)`` for each gather of an ``[E, a, b]`` parameter (or table).
+
+    The index is a node (the experts of every token and slot) or an expert's
+    number (a loop over the experts slicing ``w[e]``).
+    """
     params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block)
     found = []
     for node in graph.nodes:
@@ -171,22 +178,53 @@ def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.N
         source, index = (node.args[i] if i < len(node.args) else None for i in position)
         if found_index is None or not (isinstance(source, fx.Node) and source.op == "get_attr"):
             continue
-        if source.target in params and isinstance(index, fx.Node) and is_int_tensor(index):
+        if source.target not in params:
+            continue
+        if isinstance(index, fx.Node) and is_int_tensor(index):
+            found.append((node, source.target, int(value(index)) if value(index).dim() == 0 else index))
+        elif isinstance(index, int) and params[source.target].dim() == 3:
             found.append((node, source.target, index))
     return found
 
 
-def _contraction(gather: fx.Node, slots: torch.Size) -> GatheredWeight | None:
-    users = [u for u in gather.users if target_name(u) in _CONTRACTIONS]
-    if len(users) != 1 or len(gather.users) != 1:
+def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None:
+    """How the gathered weights are contracted with features, checked on the recorded values (None: not so)."""
+    node = gather
+    while len(node.users) == 1 and target_name(next(iter(node.users))) not in _CONTRACTIONS:
+        view = next(iter(node.users))  # .T, .t(), transpose, contiguous: one tensor in, as many elements out
+        tensors = [a for a in view.all_input_nodes if isinstance(value(a), torch.Tensor)]
+        if tensors != [node] or not isinstance(value(view), torch.Tensor) or value(view).numel() != value(node).numel():
+            return None
+        node = view
+    if len(node.users) != 1:
         return None
-    op = users[0]
-    operands = [a for a in op.args if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
-    others = [a for a in operands if a is not gather]
+    op = next(iter(node.users))
+    operands = [a for a in _flat(op.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+    others = [a for a in operands if a is not node]
     if len(operands) != 2 or len(others) != 1:
         return None
-    orientation = _orientation(value(op), value(others[0]), value(gather), slots)
+    if isinstance(index, int):
+        orientation = _slice_orientation(value(op), value(others[0]), value(gather))
+    else:
+        orientation = _orientation(value(op), value(others[0]), value(gather), value(index).shape)
     return None if orientation is None else GatheredWeight("", orientation, op.target)
+
+
+def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """``features @ W[e].T`` or ``features @ W[e]`` for one expert's slice (checked on the recorded values)."""
+    for orientation, expected in (("linear", lambda: torch.nn.functional.linear(features, weight)),
+                                  ("matmul", lambda: features @ weight)):
+        try:
+            result = expected()
+        except RuntimeError:
+            continue
+        if result.shape == out.shape and torch.allclose(result, out, rtol=1e-3, atol=1e-4):
+            return orientation
+    return None
+
+
+def _flat(args: tuple) -> list:
+    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
@@ -199,19 +237,19 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
     if not gathers:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "no expert weights are gathered by the routing "
                                   "indices", block_class=cls)
-    index, weights = routing_choice(rec.graph, gathers[0][2])
-    found_choice = choice_call(rec.graph, gathers[0][2], unscored=True)  # forced where the indices are made
-    if found_choice is None or any(i is not gathers[0][2] for _, _, i in gathers):
+    found_choice, index, weights = _choice(rec.graph, gathers)
+    if found_choice is None:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the gathered expert weights are not chosen by a "
                                   "top-k", block_class=cls, source=source_of(gathers[0][0]))
-    found = []
+    by_param: dict[str, GatheredWeight] = {}
     for gather, param, gather_index in gathers:
-        weight = _contraction(gather, value(gather_index).shape)
-        if weight is None:
+        weight = _contraction(gather, gather_index)
+        weight = weight and GatheredWeight(param, weight.orientation, weight.contraction)
+        if weight is None or by_param.setdefault(param, weight) != weight:
             raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by "
                                       "slot with features (features @ W[e], or a vector's dot product)", block_class=cls,
                                       source=source_of(gather))
-        found.append(GatheredWeight(param, weight.orientation, weight.contraction))
+    found = list(by_param.values())
     num_experts = {block.get_parameter(w.param).shape[0] for w in found}
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
@@ -249,6 +287,36 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
     )
 
 
+def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] | None, fx.Node, fx.Node]:
+    """The routing choice to force, and the router's ``(index, weights)`` nodes for the report.
+
+    Gathers by an index tensor are forced where that tensor is made; slices in a
+    loop over the experts (``w[e]``) by the top-k behind the rows each expert gets.
+    """
+    indices = [i for _, _, i in gathers if isinstance(i, fx.Node)]
+    if indices:
+        index, weights = routing_choice(graph, indices[0])
+        same = all(i is indices[0] for i in indices) and len(indices) == len(gathers)
+        found = choice_call(graph, indices[0], unscored=True) if same else None
+    else:
+        contractions = [next(iter(g.users)) for g, _, _ in gathers]
+        index, weights = routing_choice(graph, max(contractions, key=list(graph.nodes).index))
+        found = choice_call(graph, index)
+    return found, index, _router_weights(graph, index, weights, [g for g, _, _ in gathers])
+
+
+def _router_weights(graph: fx.Graph, index: fx.Node, weights: fx.Node, gathers: list[fx.Node]) -> fx.Node:
+    """The routing weights: ``weights``, or, where those already mix in the experts' outputs, the last tensor
+    of the index's shape computed before any expert weight is used."""
+    ancestry = Ancestry(graph)
+    if not any(ancestry.is_ancestor(g, weights) for g in gathers):
+        return weights
+    shape = value(index).shape
+    before = [n for n in graph.nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
+              and value(n).shape == shape and not any(ancestry.is_ancestor(g, n) for g in gathers)]
+    return before[-1] if before else weights
+
+
 def _forcing(choice: ChoiceCall) -> str:
     if choice.scored:
         return "the block re-run with the top-k forced to each group of k experts"
@@ -256,19 +324,56 @@ def _forcing(choice: ChoiceCall) -> str:
             "those of the slots replaced)")
 
 
+class GatherTracker(TorchFunctionMode):
+    """Follows expert weights gathered from known parameters, through views, to the op that contracts them.
+
+    ``contract(key, index, features, func, args, kwargs)`` is called there (``key``
+    as given for the parameter, ``index`` the expert indices or number); what it
+    returns replaces the op's result, None keeps the op.
+    """
+
+    def __init__(self, params: dict[int, object], contract: Callable) -> None:
+        super().__init__()
+        self.params, self.contract = params, contract
+        self.marks: dict[int, tuple] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = gathered_index(func, args)
+        if found is not None and id(found[0]) in self.params:
+            out = func(*args, **kwargs)
+            index = found[1]
+            index = int(index) if isinstance(index, torch.Tensor) and index.dim() == 0 else index  # one expert
+            self.marks[id(out)] = (out, self.params[id(found[0])], index)
+            return out
+        tensors = [a for a in _flat(args) if isinstance(a, torch.Tensor)]
+        marked = [a for a in tensors if id(a) in self.marks]
+        if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.numel() == marked[0].numel():
+                self.marks[id(out)] = (out, *self.marks[id(marked[0])][1:])
+            return out
+        if len(marked) == 1 and len(tensors) == 2:
+            _, key, index = self.marks.pop(id(marked[0]))
+            features = tensors[1] if tensors[0] is marked[0] else tensors[0]
+            result = self.contract(key, index, features, func, args, kwargs)
+            if result is not None:
+                return result
+        return func(*args, **kwargs)
+
+
 @contextmanager
 def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_experts: int) -> Iterator[list]:
-    """Within, the rows per expert that the first gathered weight is gathered for, per call."""
-    first = block.get_parameter(weights[0].param)
-    counts: list = []
+    """Within, the rows per expert that the first gathered weight is contracted with, summed over the forward."""
+    counts = [0] * num_experts
 
-    class Count(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            found = gathered_index(func, args)
-            if found is not None and found[0] is first:
-                counts.append(torch.bincount(found[1].flatten(), minlength=num_experts).tolist())
-            return func(*args, **(kwargs or {}))
+    def count(key, index, features, func, args, kwargs):
+        if isinstance(index, int):
+            counts[index] += features.numel() // features.shape[-1]
+        else:
+            for expert, rows in enumerate(torch.bincount(index.flatten(), minlength=num_experts).tolist()):
+                counts[expert] += rows
+        return None
 
-    with Count():
-        yield counts
-
+    with GatherTracker({id(block.get_parameter(weights[0].param)): None}, count):
+        yield [counts]

@@ -12,13 +12,10 @@ every group of ``k`` experts (``synthesize/forced.py``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from ..detect.gathered import GatheredWeight, gathered_index, slot_inputs
+from ..detect.gathered import GatherTracker, GatheredWeight, slot_inputs
 from ..detect.structure import MoEStructure
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
@@ -58,10 +55,10 @@ class GatheredCalibrationMoE(KeptForwardMoE):
             return self._block_forward(*args, **kwargs)
         by_weight = {id(_gathered_from(self, w)): (v, w) for v, w in views}
         if not self.calibrate_all_experts:
-            with _Dispatch(by_weight):
+            with _dispatch(by_weight):
                 return self._block_forward(*args, **kwargs)
         return forced_forward(self, self.structure.tokens.choice, [v for v, _ in views], args, kwargs,
-                              run=lambda: _Dispatch(by_weight))
+                              run=lambda: _dispatch(by_weight))
 
 
 def _gathered_from(module: nn.Module, weight: GatheredWeight) -> torch.Tensor:
@@ -69,34 +66,28 @@ def _gathered_from(module: nn.Module, weight: GatheredWeight) -> torch.Tensor:
     return module.get_submodule(owner_path).__dict__[name]
 
 
-class _Dispatch(TorchFunctionMode):
-    """Contractions of gathered expert weights computed by the chosen experts' Linears."""
+def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight]]) -> GatherTracker:
+    """A mode computing each contraction of gathered expert weights by the chosen experts' Linears."""
 
-    def __init__(self, weights: dict[int, tuple[ExpertViews, GatheredWeight]]) -> None:
-        super().__init__()
-        self.weights = weights
-        self.gathered: dict[int, tuple[torch.Tensor, ExpertViews, GatheredWeight, torch.Tensor]] = {}
+    def contract(key, index, features, func, args, kwargs):
+        views, weight = key
+        if func is not weight.contraction or (views.plain() and views.__dict__.get("observed") == set()):
+            return None  # quiet and plain: the op itself, bitwise
+        if isinstance(index, int):  # one expert's slice, in the block's loop over the experts
+            out = views.call(index, features.reshape(-1, features.shape[-1]))
+        else:
+            out = _by_expert(views, slot_inputs(weight.orientation, features, index.shape, _width(views, weight)),
+                             index)
+            out = out.sum(-2) if weight.orientation == "slot-sum" else out
+        return out.reshape(_shape_of(func, args, kwargs))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        found = gathered_index(func, args)
-        if found is not None and id(found[0]) in self.weights:
-            out = func(*args, **kwargs)
-            views, weight = self.weights[id(found[0])]
-            if not (views.plain() and views.__dict__.get("observed") == set()):  # quiet and plain: the op itself
-                self.gathered[id(out)] = (out, views, weight, found[1])
-            return out
-        operands = [a for a in _flat(args) if isinstance(a, torch.Tensor)]
-        hits = [a for a in operands if id(a) in self.gathered]
-        if len(hits) == 1 and len(operands) == 2 and func is self.gathered[id(hits[0])][2].contraction:
-            gathered, views, weight, index = self.gathered.pop(id(hits[0]))
-            features = operands[1] if operands[0] is hits[0] else operands[0]
-            inputs = slot_inputs(weight.orientation, features, index.shape, gathered.shape[-1])
-            out = _by_expert(views, inputs, index)
-            if weight.orientation == "slot-sum":
-                out = out.sum(-2)
-            return out.reshape(_shape_of(func, args, kwargs))
-        return func(*args, **kwargs)
+    return GatherTracker(weights, contract)
+
+
+def _width(views: ExpertViews, weight: GatheredWeight) -> int:
+    """The length of one expert's gathered vector (tables) or its input features."""
+    linear = views.experts()[0]
+    return linear.out_features if weight.orientation == "slot-sum" else linear.in_features
 
 
 def _shape_of(func, args: tuple, kwargs: dict) -> torch.Size:
@@ -106,10 +97,6 @@ def _shape_of(func, args: tuple, kwargs: dict) -> torch.Size:
             return torch.empty_like(a, device="meta")
         return type(a)(meta(i) for i in a) if isinstance(a, (list, tuple)) else a
     return func(*meta(args), **{k: meta(v) for k, v in kwargs.items()}).shape
-
-
-def _flat(args: tuple) -> list[Any]:
-    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def _by_expert(views: ExpertViews, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
