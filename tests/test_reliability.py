@@ -835,7 +835,10 @@ def test_dispatch_by_a_mask_contraction_with_capacity(k, capacity_factor):
         with torch.no_grad(), count_rows(fc1) as rows:
             out = module(x)
         assert torch.equal(out, expected), "the block's own forward gives the output"
-        if calibrate:  # capacity rows (some padding) plus every token the mask left out, dropped ones included
+        if not calibrate:
+            assert set(rows.values()) == {max(1, int(capacity_factor * k * 18 / 4))}, "the capacity rows only"
+        else:  # capacity rows (some padding) plus every token the mask left out, dropped ones included
+            assert len(seen) == 4
             for e, inputs in seen.items():
                 got = torch.cat(inputs)
                 filled = got[(got != 0).any(-1)]
@@ -930,7 +933,7 @@ class _LoopOverOwnWeights(nn.Module):
         self.up = nn.Parameter(torch.randn(up_shape) / hidden ** 0.5)
         self.down = nn.Parameter(torch.randn(down_shape) / width ** 0.5)
 
-    def _apply(self, rows, weight):
+    def _project(self, rows, weight):
         if self.style == "linear":
             return torch.nn.functional.linear(rows, weight)
         return rows @ weight.T if self.style == "transposed" else rows @ weight
@@ -941,7 +944,7 @@ class _LoopOverOwnWeights(nn.Module):
         out = torch.zeros_like(flat)
         for expert in chosen.unique():  # a 0-d tensor per expert hit
             token, slot = torch.where(chosen == expert)
-            h = self._apply(torch.nn.functional.silu(self._apply(flat[token], self.up[expert])), self.down[expert])
+            h = self._project(torch.nn.functional.silu(self._project(flat[token], self.up[expert])), self.down[expert])
             out.index_add_(0, token, h * weights[token, slot, None])
         return out.view_as(x)
 

@@ -89,6 +89,12 @@ def unrouted_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
     return found
 
 
+def other_children(block: nn.Module, *taken: str | None) -> list[str]:
+    """The block's children that hold none of ``taken`` (the router, the experts): its shared modules."""
+    tops = {path.split(".")[0] for path in taken if path}
+    return [name for name in dict(block.named_children()) if name not in tops]
+
+
 def has_own_forward(container: nn.Module) -> bool:
     """Is this list of experts also called, with a dispatch loop of its own?"""
     return type(container).forward not in (nn.ModuleList.forward, nn.ModuleDict.forward, nn.Module.forward)
@@ -243,7 +249,7 @@ def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call
         level="block",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c not in lists and c != router.module_path],
+        shared_modules=other_children(block, *lists, router.module_path),
         returns=returns_of(output),
         rewrite=BlockRewrite(graph, gathered),
     )

@@ -20,7 +20,7 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
-from .block import _routing_weight, module_experts_info, row_gather
+from .block import _routing_weight, module_experts_info, other_children, row_gather
 from .graph_utils import Ancestry, Replay, bound_inputs, is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router, routing_choice
 from .structure import MoEStructure, RouterInfo
@@ -129,7 +129,7 @@ def detect_module_container(block: nn.Module, name: str, container: nn.Module, e
         level="container",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
+        shared_modules=other_children(block, name, router.module_path),
         returns=returns_of(block_rec.output),
         tokens=recipe,
     )
@@ -196,7 +196,7 @@ def _detect_gated(block: nn.Module, name: str, container: nn.Module, entries: li
         level="gated",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c != name],
+        shared_modules=other_children(block, name),
         returns=returns_of(block_rec.output),
     )
 
@@ -255,7 +255,7 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
         level="recorded-block",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
+        shared_modules=other_children(block, name, router.module_path),
         returns=returns_of(rec.output),
         tokens=recipe,
     )

@@ -18,6 +18,7 @@ from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
+from .block import other_children
 from .experts import ExpertsRecording, analyze_experts
 from .graph_utils import returns_of, source_of, target_name, tensor_inputs, value
 from .router import _SELECTION_OPS, analyze_router
@@ -103,7 +104,7 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
         level="block-dense",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c not in (name, router.module_path)],
+        shared_modules=other_children(block, name, router.module_path),
         returns=returns_of(output),
         template=template,
         rewrite=BlockRewrite(graph, []),

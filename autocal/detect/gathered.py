@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
+from .block import other_children
 from .graph_utils import Ancestry, is_int_tensor, returns_of, source_of, target_name, value
 from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
@@ -280,8 +281,7 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         level="gathered",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children())
-                        if c != router.module_path and c not in {p.split(".")[0] for p in params}],
+        shared_modules=other_children(block, router.module_path, *params),
         returns=returns_of(rec.output),
         tokens=GatheredDispatch(found, choice),
     )

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
-from .block import module_experts_info
+from .block import module_experts_info, other_children
 from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .router import analyze_router, router_of, routing_choice
 from .structure import MoEStructure
@@ -163,7 +163,7 @@ def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls
         level="mask-dispatch",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children()) if c not in {name, router.module_path} | routing],
+        shared_modules=other_children(block, name, router.module_path, *routing),
         returns=returns_of(rec.output),
         tokens=dispatch,
     )

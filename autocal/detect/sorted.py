@@ -34,7 +34,7 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
-from .block import _routing_weight, row_gather
+from .block import _routing_weight, other_children, row_gather
 from .graph_utils import Replay, returns_of, source_of, value
 from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
@@ -171,7 +171,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
     router = analyze_router(rec.graph, index, weight if weight is not None else weights)
     router.num_choices = max(router.num_choices, num_experts)
     experts = ExpertsInfo(
-        module_path=dispatch.banks[0],
+        module_path=_common_parent(dispatch.banks),
         num_experts=num_experts,
         storage="weight banks",
         layout={"banks": {n: list(banks[n].shape) for n in dispatch.banks}, "applied as": dispatch.orientation,
@@ -190,11 +190,21 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         level="sorted",
         router=router,
         experts=experts,
-        shared_modules=[c for c in dict(block.named_children())
-                        if c not in {b.split(".")[0] for b in banks} and c != router.module_path],
+        shared_modules=other_children(block, router.module_path, *banks),
         returns=returns_of(rec.output),
         tokens=dispatch,
     )
+
+
+def _common_parent(paths: list[str]) -> str:
+    """The deepest module holding every one of ``paths`` (``""``: the block)."""
+    parts = [p.split(".")[:-1] for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 @contextmanager

@@ -18,10 +18,12 @@ def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
     found = {}
     for path, module in model.named_modules():
         if isinstance(module, MoECalibrationModule):
-            experts = module.get_submodule(module.structure.experts.module_path)
-            for name, sub in experts.named_modules():
-                if isinstance(sub, nn.Linear):
-                    found[f"{path}.{module.structure.experts.module_path}.{name}".lstrip(".")] = sub
+            within = module.structure.experts.module_path
+            router = module.structure.router.module_path or None
+            for name, sub in module.get_submodule(within).named_modules():
+                inner = f"{within}.{name}".strip(".")
+                if isinstance(sub, nn.Linear) and not (router and (inner + ".").startswith(router + ".")):
+                    found[f"{path}.{inner}".lstrip(".")] = sub
     return found
 
 

@@ -19,6 +19,7 @@ kind                        modelled on
 ``"masked_loop"``           hand-written code: boolean row masks, ``if rows.any()``, ``out[rows] +=`` (no fx)
 ``"sorted_banks"``          Megablocks / Aria on transformers 5.17: rows sorted by expert, weight banks
 ``"gathered"``              gpt-fast ``MOEFeedForward``: ``w1[expert_indices]`` contracted per slot by einsum
+``"sliced_loop"``           hand-written code: ``w1 [E, I, H]`` on the block, ``F.linear(x[rows], self.w1[e])`` per expert
 ``"attention_heads"``       JetMoE ``JetMoeMoA``: query/output projections per expert around causal attention,
                             used through ``map()`` and ``reduce()``, never through the experts' forward
 ==========================  ====================================================================================
@@ -62,6 +63,7 @@ KINDS: tuple[str, ...] = (
     "masked_loop",
     "sorted_banks",
     "gathered",
+    "sliced_loop",
     "attention_heads",
 )
 
@@ -843,6 +845,38 @@ class ToyGatheredMoeBlock(nn.Module):
         return torch.einsum("tai,ta->ti", self.cond_ffn(x, indices), weights).view_as(hidden_states)
 
 
+class ToySlicedLoopMoeBlock(nn.Module):
+    """kind "sliced_loop": expert weights on the block itself, one expert's slice at a time in a Python loop."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        experts, hidden, width = config.num_experts, config.hidden_size, config.intermediate_size
+        self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(experts, width, hidden))
+        self.w3 = nn.Parameter(torch.empty(experts, width, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, width))
+
+    def _toy_reset(self, generator: torch.Generator) -> None:
+        for weight in (self.w1, self.w3, self.w2):
+            _normal_(weight, 1 / math.sqrt(weight.shape[2]), generator)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, chosen = F.softmax(self.gate(flat), dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        for expert in range(self.w1.shape[0]):
+            token, slot = torch.where(chosen == expert)
+            if token.numel() == 0:
+                continue
+            rows = flat[token]
+            h = F.linear(F.silu(F.linear(rows, self.w1[expert])) * F.linear(rows, self.w3[expert]), self.w2[expert])
+            out.index_add_(0, token, (h * weights[token, slot, None]).to(flat.dtype))
+        return out.view_as(hidden_states)
+
+
 class ToyHeadExperts(nn.Module):
     """JetMoE's ``JetMoeMoA``: a query and an output projection per expert, used through two methods."""
 
@@ -930,6 +964,7 @@ _BLOCK_CLASSES: dict[str, type[nn.Module]] = {
     "masked_loop": ToyMaskedLoopMoeBlock,
     "sorted_banks": ToySortedBanksMoeBlock,
     "gathered": ToyGatheredMoeBlock,
+    "sliced_loop": ToySlicedLoopMoeBlock,
     "attention_heads": ToyMixtureOfHeadsAttention,
 }
 assert tuple(_BLOCK_CLASSES) == KINDS
