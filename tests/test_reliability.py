@@ -1006,3 +1006,100 @@ def test_identical_layers_whose_inputs_cannot_be_made_up_are_not_an_moe():
     model = _HeadsThenMoE()
     autocal.convert(model)  # no example inputs: the heads' forward cannot be run alone, and nothing routes them
     assert isinstance(model.moe, autocal.MoECalibrationModule) and type(model.encoder) is _Encoder
+
+
+class _RemoteCodeExpert(nn.Module):
+    def __init__(self, hidden=16, width=24):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _RemoteCodeMoE(nn.Module):
+    """The pattern of DeepSeek-V2/V3's remote code (``moe_infer``): rows sorted by expert, counts taken to numpy
+    on the host, each expert given its slice of the sorted rows."""
+
+    def __init__(self, hidden=16, experts=8, k=2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, hidden) / 4)
+        self.experts = nn.ModuleList([_RemoteCodeExpert(hidden) for _ in range(experts)])
+        self.k = k
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(-1, hidden_states.shape[-1])
+        scores = torch.nn.functional.linear(x.float(), self.weight.float()).sigmoid()
+        topk_idx = torch.topk(scores, k=self.k, dim=-1, sorted=False)[1]
+        topk_weight = scores.gather(1, topk_idx)
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        counts = topk_idx.new_zeros((topk_idx.shape[0], len(self.experts))).scatter_(1, topk_idx, 1).sum(0)
+        idxs = topk_idx.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_idx.shape[1]]
+        outputs, start = [], 0
+        for i, num_tokens in enumerate(counts.cpu().numpy()):
+            end = start + num_tokens
+            if num_tokens == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start:end]))
+            start = end
+        outs = torch.cat(outputs, dim=0)
+        new_x = torch.empty_like(outs)
+        new_x[idxs] = outs
+        y = new_x.view(*topk_idx.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(-1)).sum(1)
+        return y.type(new_x.dtype).view_as(hidden_states)
+
+
+@pytest.mark.parametrize("tokens", [3, 14, 40])
+def test_rows_sorted_by_expert_and_sliced_on_the_host(tokens):
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _RemoteCodeMoE()
+    x = torch.randn(1, tokens, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "recorded-block"
+    assert module.structure.router.top_k == 2 and module.structure.router.scoring == "sigmoid"
+    downs = {e: m.down_proj for e, m in enumerate(module.experts)}
+    for calibrate in (False, True):
+        module.calibrate_all_experts = calibrate
+        with torch.no_grad(), count_rows(downs) as rows:
+            assert torch.equal(module(x), expected)
+        assert set(rows.values()) == {tokens} if calibrate else sum(rows.values()) == tokens * 2
+
+
+class _TokenByTokenMoE(nn.Module):
+    """A naive reference: every token's every slot, one expert call at a time, expert numbers read on the host."""
+
+    def __init__(self, hidden=16, experts=5, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList([_RemoteCodeExpert(hidden) for _ in range(experts)])
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(self.gate(flat).softmax(-1), self.k)
+        out = torch.zeros_like(flat)
+        for token in range(flat.shape[0]):
+            for slot in range(self.k):
+                out[token] += weights[token, slot] * self.experts[int(chosen[token, slot])](flat[token:token + 1])[0]
+        return out.view_as(x)
+
+
+def test_experts_called_one_token_at_a_time():
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _TokenByTokenMoE()
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.level == "recorded-block" and module.structure.router.top_k == 2
+    with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts)}) as rows:
+        assert torch.equal(module(x), expected)
+    assert set(rows.values()) == {9}

@@ -14,6 +14,8 @@ The passes read the block's symbolic graph, annotated with values:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx, nn
 
@@ -127,7 +129,19 @@ def row_gather(call: fx.Node, masks: bool = False) -> tuple[fx.Node, fx.Node]:
     boolean mask over all leading dimensions of ``source`` (``x[mask]`` on
     ``[batch, seq, hidden]``), which the callers flatten.
     """
-    node = call.args[0]
+    found = gathered_rows(call.args[0], masks)
+    if found is not None:
+        return found
+    raise errors.AutocalError(
+        errors.UNSUPPORTED_DISPATCH,
+        "an expert's input is not a set of rows gathered from the token hidden states",
+        source=source_of(call),
+    )
+
+
+def gathered_rows(rows: Any, masks: bool = False) -> tuple[fx.Node, fx.Node] | None:
+    """``(source, tokens)`` if the tensor of node ``rows`` is ``source[tokens]`` (up to views), else None."""
+    node = rows
     while isinstance(node, fx.Node) and target_name(node) in _VIEW_OPS:
         node = node.args[0]
     if isinstance(node, fx.Node) and target_name(node) in ("getitem", "__getitem__", "index_select"):
@@ -137,13 +151,9 @@ def row_gather(call: fx.Node, masks: bool = False) -> tuple[fx.Node, fx.Node]:
         if found and found[0] == 0 and isinstance(src, torch.Tensor) and (src.dim() == 2 or masks and _mask_of(
                 found[1], src)):
             tokens = found[1]
-            if torch.equal(value(call.args[0]).reshape(-1, src.shape[-1]), src[value(tokens)]):
+            if torch.equal(value(rows).reshape(-1, src.shape[-1]), src[value(tokens)]):
                 return source, tokens
-    raise errors.AutocalError(
-        errors.UNSUPPORTED_DISPATCH,
-        "an expert's input is not a set of rows gathered from the token hidden states",
-        source=source_of(call),
-    )
+    return None
 
 
 def _mask_of(index: fx.Node, source: torch.Tensor) -> bool:

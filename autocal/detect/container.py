@@ -20,9 +20,9 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
-from .block import _routing_weight, module_experts_info, other_children, row_gather
+from .block import _VIEW_OPS, _routing_weight, gathered_rows, module_experts_info, other_children, row_gather
 from .graph_utils import Ancestry, Replay, bound_inputs, is_int_tensor, returns_of, source_of, target_name, value
-from .router import analyze_router, routing_choice
+from .router import analyze_router, router_of, routing_choice
 from .structure import MoEStructure, RouterInfo
 
 __all__ = ["detect_module_container", "TokenRecipe"]
@@ -38,7 +38,7 @@ class TokenRecipe:
     the expert (the router, say) is then computed once.
     """
 
-    def __init__(self, graph: fx.Graph, tokens: fx.Node, selectors: dict[fx.Node, int],
+    def __init__(self, graph: fx.Graph, tokens: fx.Node | None, selectors: dict[fx.Node, int],
                  source: fx.Node | None = None) -> None:
         self.replay = Replay(graph)
         self.tokens = tokens
@@ -223,6 +223,31 @@ def _check_recipe(recipe: TokenRecipe, calls: list[fx.Node], expert_paths: dict[
                                       block_class=cls, source=source_of(call))
 
 
+def _sorted_segments(calls: list[fx.Node]) -> tuple[fx.Node, fx.Node | None] | None:
+    """``(source, tokens)`` when every expert's rows are a slice of one ``source[tokens]`` (rows sorted by expert).
+
+    DeepSeek's remote code sorts the routed rows by expert, counts them on the
+    host and gives expert ``e`` the slice ``sorted[start:end]``. Slices of the
+    2-D token rows themselves (one token at a time) give ``(source, None)``.
+    """
+    sorted_rows = set()
+    for call in calls:
+        node = call.args[0] if call.args else None
+        while isinstance(node, fx.Node) and target_name(node) in _VIEW_OPS:
+            node = node.args[0]
+        if not (isinstance(node, fx.Node) and target_name(node) in ("getitem", "__getitem__")
+                and isinstance(node.args[1], slice) and isinstance(node.args[0], fx.Node)):
+            return None
+        sorted_rows.add(node.args[0])
+    if len(sorted_rows) != 1:
+        return None
+    rows = sorted_rows.pop()
+    if gathered_rows(rows) is not None:
+        return gathered_rows(rows)
+    is_source = isinstance(value(rows), torch.Tensor) and value(rows).dim() == 2
+    return (rows, None) if is_source else None  # slices of the token rows themselves (one token at a time)
+
+
 def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module], call: BlockCall) -> MoEStructure:
     """Block-level dispatch that fx cannot trace (data-dependent ``if``, item assignment): record it instead.
 
@@ -238,16 +263,26 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
                                   block_class=type(block).__name__)
     if _whole_input(calls[0]) is not None:  # every expert on every token already (soft or masked mixtures)
         return _detect_gated(block, name, block.get_submodule(name), entries, calls, rec, rec)
-    source, tokens = row_gather(calls[0], masks=True)
-    latest = max(calls, key=lambda c: expert_paths[c.target])  # a high expert number is unlike other constants
-    _, latest_tokens = row_gather(latest, masks=True)
-    ancestry = Ancestry(rec.graph)
-    recipe = TokenRecipe(rec.graph, latest_tokens, _selectors(latest_tokens, expert_paths[latest.target], ancestry),
-                         source=source)
-    _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
+    segments = _sorted_segments(calls)
+    if segments is not None:  # rows sorted by expert, each expert given its slice (counts on the host)
+        source, tokens = segments
+        recipe = TokenRecipe(rec.graph, tokens, {}, source=source)
+    else:
+        source, tokens = row_gather(calls[0], masks=True)
+        latest = max(calls, key=lambda c: expert_paths[c.target])  # a high expert number is unlike other constants
+        _, latest_tokens = row_gather(latest, masks=True)
+        recipe = TokenRecipe(rec.graph, latest_tokens,
+                             _selectors(latest_tokens, expert_paths[latest.target], Ancestry(rec.graph)), source=source)
+        _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
     weight = _routing_weight(calls[0])
-    index, weights = routing_choice(rec.graph, tokens)
-    router = analyze_router(rec.graph, index, weight if weight is not None else weights)
+    if tokens is not None:
+        index, weights = routing_choice(rec.graph, tokens)
+        router = analyze_router(rec.graph, index, weight if weight is not None else weights)
+    else:  # experts picked by numbers read on the host: the router is the block's last top-k
+        router = router_of(rec.graph)
+        if router is None:
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "no top-k or argmax picks the experts",
+                                      block_class=type(block).__name__, source=source_of(calls[0]))
     applied = "on the expert output, in the block's loop" if weight is not None else "not found"
     experts = module_experts_info(name, block.get_submodule(name), entries, calls[0], applied)
     return MoEStructure(

@@ -12,7 +12,6 @@ original block back.
 from __future__ import annotations
 
 import inspect
-from functools import partial
 
 from torch import nn
 
@@ -21,7 +20,7 @@ from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
 from .module import AdoptedMoE, KeptForwardMoE, adopt, kept_forward_class
 from ..trace.inputs import keyword_arguments
-from .ops import inputs_seen, run_on_the_rest
+from .ops import RowComplement, inputs_seen, run_on_the_rest
 
 __all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "MaskDispatchMoE", "build_container_calibration",
            "build_recorded_block", "build_mask_dispatch"]
@@ -45,9 +44,9 @@ class _CalibrationContainer(nn.Module):
             output = self._container_forward(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs).arguments
         hidden = bound[self.structure.experts.call_roles["hidden"]]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
+        rows = RowComplement(hidden.reshape(-1, hidden.shape[-1]))
         for expert, module in enumerate(self.experts()):
-            run_on_the_rest(module, hidden, partial(self.structure.tokens, bound, expert), seen[expert])
+            run_on_the_rest(module, rows, seen[expert])
         return output
 
     def experts(self) -> list[nn.Module]:
@@ -91,10 +90,9 @@ class RecordedBlockMoE(KeptForwardMoE):
         with inputs_seen(self.expert_modules()) as seen:
             output = self._block_forward(*args, **kwargs)
         bound = keyword_arguments(self._signature, args, kwargs)
-        shared: dict = {}  # the router and all else the experts share, computed once
-        rows = self.structure.tokens.rows(bound, shared)
+        rows = RowComplement(self.structure.tokens.rows(bound))
         for expert, module in enumerate(self.expert_modules()):
-            run_on_the_rest(module, rows, partial(self.structure.tokens, bound, expert, shared), seen[expert])
+            run_on_the_rest(module, rows, seen[expert])
         return output
 
 

@@ -7,7 +7,7 @@ import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,26 +132,37 @@ def run_unrouted(expert: nn.Module, source: torch.Tensor, routed: torch.Tensor, 
         expert(rows)
 
 
-def rows_not_taken(source: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
-    """The rows of ``source`` left once each row of ``taken`` has claimed one equal row (a multiset difference).
+class RowComplement:
+    """The rows of ``source`` that an expert was not given, from the rows it was given (compared by value).
 
-    Rows are compared by their bits, through an exact integer hash: equal rows
-    are interchangeable for calibration, so which of two equal rows is left
-    does not matter.
+    Each given row claims one equal row of ``source`` (a multiset difference):
+    equal rows are interchangeable for calibration, so which of two equal rows
+    is left does not matter. Rows are compared by their bits, through an exact
+    integer hash computed once for ``source``.
     """
-    if not taken.shape[0]:
-        return source
-    source_keys, taken_keys = _row_keys(source), _row_keys(taken.to(source.dtype))
-    order = torch.argsort(source_keys, stable=True)
-    ordered = source_keys[order]
-    rank = torch.arange(ordered.numel(), device=source.device) - torch.searchsorted(ordered, ordered)  # among equals
-    keys, counts = torch.unique(taken_keys, return_counts=True)
-    slot = torch.searchsorted(keys, ordered).clamp(max=max(keys.numel() - 1, 0))
-    claimed = counts[slot] if keys.numel() else torch.zeros_like(rank)
-    claimed = torch.where(keys[slot] == ordered, claimed, 0) if keys.numel() else claimed
-    left = torch.empty_like(rank, dtype=torch.bool)
-    left[order] = rank >= claimed
-    return source[left]
+
+    def __init__(self, source: torch.Tensor) -> None:
+        self.source = source
+        keys = _row_keys(source)
+        self.order = torch.argsort(keys, stable=True)
+        self.keys = keys[self.order]
+        self.rank = torch.arange(self.keys.numel(), device=source.device) - torch.searchsorted(self.keys, self.keys)
+
+    def rest(self, given: list[torch.Tensor]) -> torch.Tensor:
+        given = [rows for rows in given if rows.shape[0]]
+        if not given or not self.keys.numel():
+            return self.source
+        keys, counts = torch.unique(_row_keys(torch.cat(given).to(self.source.dtype)), return_counts=True)
+        slot = torch.searchsorted(keys, self.keys).clamp(max=keys.numel() - 1)
+        claimed = torch.where(keys[slot] == self.keys, counts[slot], 0)
+        left = torch.empty_like(self.rank, dtype=torch.bool)
+        left[self.order] = self.rank >= claimed
+        return self.source[left]
+
+
+def rows_not_taken(source: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """The rows of ``source`` left once each row of ``taken`` has claimed one equal row (``RowComplement``)."""
+    return RowComplement(source).rest([taken])
 
 
 def _row_keys(rows: torch.Tensor) -> torch.Tensor:
@@ -183,23 +194,14 @@ def inputs_seen(modules: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
             handle.remove()
 
 
-def run_on_the_rest(expert: nn.Module, source: torch.Tensor, routed: Callable[[], torch.Tensor],
-                    seen: list[torch.Tensor]) -> None:
-    """Run ``expert`` on the rows of ``source`` it did not get.
+def run_on_the_rest(expert: nn.Module, rows: RowComplement, seen: list[torch.Tensor]) -> None:
+    """Run ``expert`` on the rows it was not given in the block's own forward (``seen``), output discarded.
 
-    ``routed()`` replays the recorded recipe of the rows it got; where that fails
-    or disagrees with the rows it was really called with (``seen``: a recipe whose
-    recorded constants depend on the number of tokens, say), the rows it really
-    got are taken out of ``source`` by value instead.
+    By value rather than by a recorded recipe of which rows go where: a recipe
+    replays constants recorded at one number of tokens (a capacity, the counts
+    behind slices of rows sorted by expert), the rows an expert was really given
+    are what they are.
     """
-    taken = sum(rows.shape[0] for rows in seen)
-    try:
-        replayed = routed()
-    except (RuntimeError, IndexError):
-        replayed = None
-    if replayed is not None and replayed.numel() == taken:
-        run_unrouted(expert, source, replayed, True)
-        return
-    rows = rows_not_taken(source, torch.cat(seen)) if seen else source
-    if rows.shape[0]:
-        expert(rows)
+    rest = rows.rest(seen)
+    if rest.shape[0]:
+        expert(rest)

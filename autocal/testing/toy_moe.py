@@ -809,8 +809,8 @@ class ToySortedBanksMoeBlock(nn.Module):
         return torch.zeros_like(flat).index_add(0, order // self.top_k, out).view_as(hidden_states)
 
 
-class ToyGatheredExperts(nn.Module):
-    """Each projection of every expert as one ``[E, out, in]`` parameter, gathered per token and slot."""
+class _PackedSwiGLU(nn.Module):
+    """Every expert's SwiGLU projections as three ``[E, out, in]`` parameters of this module: w1, w3, w2."""
 
     def __init__(self, config: ToyMoEConfig):
         super().__init__()
@@ -822,6 +822,10 @@ class ToyGatheredExperts(nn.Module):
     def _toy_reset(self, generator: torch.Generator) -> None:
         for weight in (self.w1, self.w3, self.w2):
             _normal_(weight, 1 / math.sqrt(weight.shape[2]), generator)
+
+
+class ToyGatheredExperts(_PackedSwiGLU):
+    """Each projection of every expert as one ``[E, out, in]`` parameter, gathered per token and slot."""
 
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor) -> torch.Tensor:  # -> [T, k, hidden]
         x1 = F.silu(torch.einsum("ti,taoi->tao", x, self.w1[expert_indices]))
@@ -845,21 +849,13 @@ class ToyGatheredMoeBlock(nn.Module):
         return torch.einsum("tai,ta->ti", self.cond_ffn(x, indices), weights).view_as(hidden_states)
 
 
-class ToySlicedLoopMoeBlock(nn.Module):
+class ToySlicedLoopMoeBlock(_PackedSwiGLU):
     """kind "sliced_loop": expert weights on the block itself, one expert's slice at a time in a Python loop."""
 
     def __init__(self, config: ToyMoEConfig):
-        super().__init__()
-        experts, hidden, width = config.num_experts, config.hidden_size, config.intermediate_size
+        super().__init__(config)
         self.top_k, self.norm_topk_prob = config.top_k, config.norm_topk_prob
-        self.gate = nn.Linear(hidden, experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(experts, width, hidden))
-        self.w3 = nn.Parameter(torch.empty(experts, width, hidden))
-        self.w2 = nn.Parameter(torch.empty(experts, hidden, width))
-
-    def _toy_reset(self, generator: torch.Generator) -> None:
-        for weight in (self.w1, self.w3, self.w2):
-            _normal_(weight, 1 / math.sqrt(weight.shape[2]), generator)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
