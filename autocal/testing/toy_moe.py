@@ -892,14 +892,16 @@ class ToyHeadExperts(nn.Module):
         order = index.flatten().argsort(stable=True)
         rows_per_expert = torch.bincount(index.flatten(), minlength=self.num_experts)
         queries = self.query(flat[order // self.top_k], rows_per_expert)
-        slots = torch.zeros(order.shape[0], self.head_size, dtype=queries.dtype).index_copy(0, order, queries)
+        slots = torch.zeros(order.shape[0], self.head_size, dtype=queries.dtype, device=queries.device)
+        slots = slots.index_copy(0, order, queries)
         return slots.view(flat.shape[0], self.top_k, -1), (order, rows_per_expert, logits.softmax(-1))
 
     def reduce(self, attended: torch.Tensor, topology) -> torch.Tensor:
         order, rows_per_expert, weights = topology
         rows = self.output(attended.reshape(-1, self.head_size)[order], rows_per_expert)
         rows = rows * weights.flatten()[order, None].to(rows.dtype)
-        return torch.zeros(attended.shape[0], rows.shape[-1], dtype=rows.dtype).index_add(0, order // self.top_k, rows)
+        out = torch.zeros(attended.shape[0], rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        return out.index_add(0, order // self.top_k, rows)
 
 
 class ToyMixtureOfHeadsAttention(nn.Module):
