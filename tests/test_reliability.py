@@ -1103,3 +1103,40 @@ def test_experts_called_one_token_at_a_time():
     with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts)}) as rows:
         assert torch.equal(module(x), expected)
     assert set(rows.values()) == {9}
+
+
+class _SortedChoiceMoE(nn.Module):
+    """Experts in a ModuleDict; the choice is a full sort of the scores, then the first k."""
+
+    def __init__(self, hidden=16, experts=5, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleDict({f"e{i}": _RemoteCodeExpert(hidden) for i in range(experts)})
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        scores, order = self.gate(flat).softmax(-1).sort(dim=-1, descending=True)
+        weights, chosen = scores[:, :self.k], order[:, :self.k]
+        out = torch.zeros_like(flat)
+        for e in range(len(self.experts)):
+            mask = chosen == e
+            rows = mask.any(-1)
+            if rows.any():
+                out[rows] += self.experts[f"e{e}"](flat[rows]) * (weights * mask).sum(-1, keepdim=True)[rows]
+        return out.view_as(x)
+
+
+def test_a_sort_then_the_first_k_is_a_top_k():
+    from autocal.testing.assertions import count_rows
+
+    torch.manual_seed(0)
+    block = _SortedChoiceMoE()
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    assert module.structure.router.top_k == 2 and module.structure.router.selection == "sort"
+    with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts.values())}) as rows:
+        assert torch.equal(module(x), expected)
+    assert set(rows.values()) == {9}

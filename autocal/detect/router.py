@@ -37,7 +37,24 @@ def _selection_nodes(index: fx.Node, ancestry: Ancestry) -> list[fx.Node]:
 def _k_of(node: fx.Node) -> int:
     if target_name(node) == "topk":
         return int(node.kwargs.get("k", node.args[1] if len(node.args) > 1 else 1))
+    if target_name(node) in ("sort", "argsort"):  # a full sort, then the first k of the last dimension kept
+        return _leading_slice(node) or 1
     return 1
+
+
+def _leading_slice(sort: fx.Node) -> int | None:
+    """The ``k`` of ``indices[..., :k]`` taken from a sort's indices, if the sort's indices are sliced so."""
+    indices = [sort] if target_name(sort) == "argsort" else [
+        u for u in sort.users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1]
+    for node in indices:
+        for user in node.users:
+            if target_name(user) not in ("getitem", "__getitem__"):
+                continue
+            index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+            last = index[-1] if index and index[-1] is not Ellipsis else None
+            if isinstance(last, slice) and last.start in (None, 0) and isinstance(last.stop, int) and last.step is None:
+                return last.stop
+    return None
 
 
 def _slots(index: fx.Node, choices: int, scored_shape: tuple | None = None) -> int | None:
