@@ -909,8 +909,11 @@ def test_recipes_recorded_at_another_number_of_tokens_still_cover_every_token(to
         assert all((row == got).all(-1).any() for row in x.reshape(-1, 16))
 
 
-def test_rows_not_taken_is_a_multiset_difference():
-    from autocal.synthesize.ops import rows_not_taken
+def test_the_rows_an_expert_was_not_given_are_a_multiset_difference():
+    from autocal.synthesize.ops import RowComplement
+
+    def rows_not_taken(source, taken):
+        return RowComplement(source).rest([taken])
 
     source = torch.randn(9, 4, dtype=torch.bfloat16)
     source[6] = source[1]  # two equal rows: taking one leaves the other

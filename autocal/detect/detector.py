@@ -22,7 +22,7 @@ from ..trace.twin import cpu_twin, on_meta
 from .block import Untraceable, detect_block_level, expert_lists, has_own_forward, unrouted_lists
 from .container import detect_module_container, detect_recorded_block
 from .dense import detect_dense
-from .gathered import detect_gathered, expert_tables, own_expert_weights
+from .gathered import NoRoutedGathers, detect_gathered, expert_tables, own_expert_weights
 from .masked import detect_mask_dispatch
 from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
 from .graph_utils import Ancestry, bound_inputs, returns_of, value
@@ -295,8 +295,7 @@ def _detect_tables(block: nn.Module, call: BlockCall | None, num_tokens: int | N
         call = call or capture_block_inputs(block, block, num_tokens=num_tokens or 32)
         return detect_gathered(block, call)
     except errors.AutocalError as error:
-        if error.kind == errors.TRACE_FAILED or "no expert weights are gathered" in error.explanation or (
-                "not chosen by a top-k" in error.explanation):
+        if error.kind == errors.TRACE_FAILED or isinstance(error, NoRoutedGathers):
             raise errors.NotAnMoE(type(block).__name__) from error
         raise
 
@@ -305,8 +304,8 @@ def _gathered_or(error: errors.AutocalError, block: nn.Module, call: BlockCall) 
     """Detection for gathered expert weights; ``error`` if the block gathers none."""
     try:
         return detect_gathered(block, call)
-    except errors.AutocalError as gathered:
-        raise (error if "no expert weights are gathered" in gathered.explanation else gathered)
+    except NoRoutedGathers as gathered:
+        raise (gathered if gathered.gathered else error) from None
 
 
 def _relative_dtype(dtype: torch.dtype, hidden: torch.dtype) -> str | None:

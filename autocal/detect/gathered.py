@@ -41,16 +41,16 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import other_children
-from .graph_utils import Ancestry, is_int_tensor, returns_of, source_of, target_name, value
+from .graph_utils import CONTRACTIONS, Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
 from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "GatherTracker", "own_expert_weights", "expert_tables",
+__all__ = ["GatheredWeight", "GatheredDispatch", "GatherTracker", "NoRoutedGathers", "own_expert_weights", "expert_tables",
            "detect_gathered", "slot_inputs", "per_slot", "gathered_index"]
 
 _GATHERS = ("getitem", "__getitem__", "index_select", "embedding")
-_CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm", "linear")
+_CONTRACTIONS = (*CONTRACTIONS, "linear")  # an expert's slice ``w[e]`` may go to ``F.linear``
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,13 @@ class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
 
-    @property
-    def params(self) -> list[str]:
-        return [w.param for w in self.weights]
+
+class NoRoutedGathers(errors.AutocalError):
+    """The block gathers no expert weights by routing indices (``gathered``: it gathers some, not chosen by a top-k)."""
+
+    def __init__(self, explanation: str, *, gathered: bool, **context) -> None:
+        super().__init__(errors.UNSUPPORTED_DISPATCH, explanation, **context)
+        self.gathered = gathered
 
 
 def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -200,7 +204,7 @@ def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None
     if len(node.users) != 1:
         return None
     op = next(iter(node.users))
-    operands = [a for a in _flat(op.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+    operands = [a for a in flat_args(op.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     others = [a for a in operands if a is not node]
     if len(operands) != 2 or len(others) != 1:
         return None
@@ -224,10 +228,6 @@ def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.
     return None
 
 
-def _flat(args: tuple) -> list:
-    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
-
-
 def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
     """Detection for gathered expert weights (see the module docstring)."""
     cls = type(block).__name__
@@ -236,12 +236,12 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         rec = record(block, (), bound)
     gathers = _gathers(rec.graph, block)
     if not gathers:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "no expert weights are gathered by the routing "
-                                  "indices", block_class=cls)
+        raise NoRoutedGathers("no expert weights are gathered by the routing indices", gathered=False,
+                              block_class=cls)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the gathered expert weights are not chosen by a "
-                                  "top-k", block_class=cls, source=source_of(gathers[0][0]))
+        raise NoRoutedGathers("the gathered expert weights are not chosen by a top-k", gathered=True,
+                              block_class=cls, source=source_of(gathers[0][0]))
     by_param: dict[str, GatheredWeight] = {}
     for gather, param, gather_index in gathers:
         weight = _contraction(gather, gather_index)
@@ -346,7 +346,7 @@ class GatherTracker(TorchFunctionMode):
             index = int(index) if isinstance(index, torch.Tensor) and index.dim() == 0 else index  # one expert
             self.marks[id(out)] = (out, self.params[id(found[0])], index)
             return out
-        tensors = [a for a in _flat(args) if isinstance(a, torch.Tensor)]
+        tensors = [a for a in flat_args(args) if isinstance(a, torch.Tensor)]
         marked = [a for a in tensors if id(a) in self.marks]
         if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
             out = func(*args, **kwargs)

@@ -14,7 +14,9 @@ from .. import errors
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
-__all__ = ["bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "Replay",
+CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
+
+__all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "Replay",
            "is_int_tensor", "returns_of", "value"]
 
 
@@ -41,6 +43,11 @@ def bound_inputs(module: Any, call: fx.Node) -> dict[str, Any]:
     args = tuple(value(a) for a in call.args)
     kwargs = {k: value(v) for k, v in call.kwargs.items()}
     return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+
+
+def flat_args(args: tuple) -> list[Any]:
+    """An op's arguments, with those passed as one list or tuple (``einsum(eq, [a, b])``) spread out."""
+    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 def value(node: Any) -> Any:

@@ -30,13 +30,12 @@ from torch.overrides import TorchFunctionMode
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from .block import module_experts_info, other_children
-from .graph_utils import Ancestry, returns_of, source_of, target_name, value
+from .graph_utils import CONTRACTIONS, Ancestry, flat_args, returns_of, source_of, target_name, value
 from .router import analyze_router, router_of, routing_choice
 from .structure import MoEStructure
 
 __all__ = ["MaskDispatch", "detect_mask_dispatch"]
 
-_CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")
 _SLICING = ("getitem", "__getitem__", "unbind", "chunk", "split", "select", "view", "reshape", "squeeze",
             "contiguous", "to", "type_as", "narrow")
 
@@ -58,7 +57,7 @@ class MaskDispatch:
 
     def operands(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(mask, tokens)`` if a call's operands fit this dispatch."""
-        tensors = [a for a in _flat(args) if isinstance(a, torch.Tensor)]
+        tensors = [a for a in flat_args(args) if isinstance(a, torch.Tensor)]
         if len(tensors) != 2:
             return None
         for mask, tokens in (tensors, tensors[::-1]):
@@ -87,16 +86,12 @@ class _Capture(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _flat(args: tuple) -> list:
-    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
-
-
 def _dispatch_node(call: fx.Node) -> fx.Node | None:
     """The contraction an expert's input is a slice of (through indexing and views), if any."""
     node = call.args[0] if call.args else None
     while isinstance(node, fx.Node) and target_name(node) in _SLICING:
         node = node.args[0]
-    return node if isinstance(node, fx.Node) and target_name(node) in _CONTRACTIONS else None
+    return node if isinstance(node, fx.Node) and target_name(node) in CONTRACTIONS else None
 
 
 def _check(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor, calls: list[fx.Node],
@@ -124,7 +119,7 @@ def detect_mask_dispatch(block: nn.Module, name: str, entries: list[nn.Module], 
     if node is None or not calls:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are not slices of one "
                                   "contraction of the tokens with a mask", block_class=cls)
-    tensors = [a for a in _flat(node.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+    tensors = [a for a in flat_args(node.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     same = [n for n in rec.graph.nodes if n.op == "call_function" and n.target is node.target]
     for mask_node, token_node in (tensors, tensors[::-1]) if len(tensors) == 2 else ():
         mask, tokens = value(mask_node), value(token_node)

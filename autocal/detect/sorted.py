@@ -8,9 +8,9 @@ experts are then slices of several banks with ops of the block between them.
 The block is recorded with the banks as leaves, and three things are taken
 from the recording, each checked against it:
 
-1. ``row_gather`` on the first bank's input: the token rows and the index that
-   sorts them, replayed from the block inputs at run time (expert ``e``'s tokens
-   are that index's ``e``-th segment, by the counts the first bank was given);
+1. ``row_gather`` on the first bank's input: the token rows, replayed from the
+   block inputs at run time (each expert's own rows are its segment of what the
+   first bank was given; the rest of the token rows is what it was not);
 2. how each bank applies ``W[e]`` (checked numerically);
 3. the ops between consecutive banks, replayed on any rows (checked row-wise).
 
@@ -82,12 +82,12 @@ def _required_inputs(module: nn.Module) -> int:
 
 
 class SortedDispatch:
-    """What calibration replays: the token rows, the index that sorts them, and the ops between banks."""
+    """What calibration replays: the token rows and the ops between banks."""
 
-    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node | None, tokens: fx.Node | None,
+    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node | None,
                  orientation: dict[str, str], choice: ChoiceCall | None = None) -> None:
         self.replay = Replay(graph)
-        self.calls, self.source, self.tokens = calls, source, tokens
+        self.calls, self.source = calls, source
         self.orientation = orientation  # bank -> "linear" (rows @ W[e].T) or "matmul" (rows @ W[e])
         self.choice = choice  # set when the ops between banks mix rows: calibration forces the routing instead
 
@@ -96,9 +96,9 @@ class SortedDispatch:
         """The banks' names, in the order the block calls them."""
         return [call.target for call in self.calls]
 
-    def routing(self, bound: dict[str, Any], shared: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, sorting index)`` for these block inputs (the counts per expert are what the first bank got)."""
-        return self.replay(self.source, bound, shared), self.replay(self.tokens, bound, shared)
+    def rows(self, bound: dict[str, Any], shared: dict) -> torch.Tensor:
+        """The token rows the first bank's input is gathered from, for these block inputs."""
+        return self.replay(self.source, bound, shared)
 
     def between(self, step: int, rows: torch.Tensor, bound: dict[str, Any], shared: dict) -> torch.Tensor:
         """The ops from bank ``step - 1``'s output to bank ``step``'s input, on ``rows``."""
@@ -156,7 +156,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
     orientation = {n: _orientation(block.get_submodule(n), banks[n], _counts(calls[0])) for n in banks}
     try:
         source, tokens = row_gather(calls[0])
-        dispatch = SortedDispatch(rec.graph, calls, source, tokens, orientation)
+        dispatch = SortedDispatch(rec.graph, calls, source, orientation)
         _check_rowwise(dispatch, bound, cls)
         index, weights = routing_choice(rec.graph, tokens)
     except errors.AutocalError as not_rowwise:
@@ -166,7 +166,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
             raise not_rowwise.with_context(block_class=cls)
         choice, chosen = found_choice
         check_forced_routing(block, choice, (), bound, rec.output, value(chosen), lambda: _counts_of(modules[0]), index)
-        dispatch = SortedDispatch(rec.graph, calls, None, None, orientation, choice)
+        dispatch = SortedDispatch(rec.graph, calls, None, orientation, choice)
     weight = _routing_weight(calls[-1])
     router = analyze_router(rec.graph, index, weight if weight is not None else weights)
     router.num_choices = max(router.num_choices, num_experts)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 
 from .. import errors
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
 from .module import AdoptedMoE, KeptForwardMoE, adopt, kept_forward_class
-from ..trace.inputs import keyword_arguments
 from .ops import RowComplement, inputs_seen, run_on_the_rest
 
 __all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "MaskDispatchMoE", "build_container_calibration",
@@ -84,16 +84,13 @@ class RecordedBlockMoE(KeptForwardMoE):
     """A block whose own loop calls its expert modules, kept as it is; calibration adds each expert's other rows,
     recomputed by the recorded ``TokenRecipe`` from the same inputs."""
 
-    def forward(self, *args, **kwargs):
-        if not self.calibrate_all_experts:
-            return self._block_forward(*args, **kwargs)
-        with inputs_seen(self.expert_modules()) as seen:
-            output = self._block_forward(*args, **kwargs)
-        bound = keyword_arguments(self._signature, args, kwargs)
+    def watching(self):
+        return inputs_seen(self.expert_modules())
+
+    def run_unrouted(self, bound: dict, seen: list[list[torch.Tensor]]) -> None:
         rows = RowComplement(self.structure.tokens.rows(bound))
         for expert, module in enumerate(self.expert_modules()):
             run_on_the_rest(module, rows, seen[expert])
-        return output
 
 
 def build_recorded_block(structure: MoEStructure, block: nn.Module) -> type[RecordedBlockMoE]:
@@ -104,12 +101,11 @@ class MaskDispatchMoE(KeptForwardMoE):
     """A block dispatching by a mask contraction (``detect/masked.py``), kept as it is; calibration keeps that
     contraction's operands and runs each expert on the tokens its mask left out."""
 
-    def forward(self, *args, **kwargs):
-        if not self.calibrate_all_experts:
-            return self._block_forward(*args, **kwargs)
+    def watching(self):
+        return self.structure.tokens.capture()
+
+    def run_unrouted(self, bound: dict, capture) -> None:
         dispatch = self.structure.tokens
-        with dispatch.capture() as capture:
-            output = self._block_forward(*args, **kwargs)
         if capture.found is None:
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the dispatch contraction found at detection did "
                                       "not run in this forward", block_class=type(self).__name__)
@@ -118,7 +114,6 @@ class MaskDispatchMoE(KeptForwardMoE):
             rows = tokens[dispatch.unrouted(mask, expert)]
             if rows.shape[0]:
                 module(rows)
-        return output
 
 
 def build_mask_dispatch(structure: MoEStructure, block: nn.Module) -> type[MaskDispatchMoE]:

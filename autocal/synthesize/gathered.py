@@ -36,34 +36,29 @@ class GatheredCalibrationMoE(KeptForwardMoE):
             owner._modules[f"{name}_experts"] = ExpertViews(param, weight.orientation)
         self.calibrate_all_experts = calibrate_all_experts
 
-    def _views(self) -> list[tuple[ExpertViews, GatheredWeight]]:
-        found = []
+    def _views(self) -> dict[int, tuple[ExpertViews, GatheredWeight]]:
+        """By the identity of each gathered parameter: its Linears and how it is gathered."""
+        found = {}
         for weight in self.structure.tokens.weights:
             owner_path, _, name = weight.param.rpartition(".")
-            found.append((self.get_submodule(f"{owner_path}.{name}_experts" if owner_path else f"{name}_experts"),
-                          weight))
+            owner = self.get_submodule(owner_path)
+            found[id(owner.__dict__[name])] = (owner._modules[f"{name}_experts"], weight)
         return found
 
     @property
     def experts_container(self) -> nn.Module:
-        return self._views()[0][0]
+        return next(iter(self._views().values()))[0]
 
     def forward(self, *args, **kwargs):
-        views = self._views()
-        plain = all(v.plain() and not v.hooked() for v, _ in views)
-        if not self.calibrate_all_experts and plain:
+        by_weight = self._views()
+        views = [v for v, _ in by_weight.values()]
+        if not self.calibrate_all_experts and all(v.plain() and not v.hooked() for v in views):
             return self._block_forward(*args, **kwargs)
-        by_weight = {id(_gathered_from(self, w)): (v, w) for v, w in views}
         if not self.calibrate_all_experts:
             with _dispatch(by_weight):
                 return self._block_forward(*args, **kwargs)
-        return forced_forward(self, self.structure.tokens.choice, [v for v, _ in views], args, kwargs,
+        return forced_forward(self, self.structure.tokens.choice, views, args, kwargs,
                               run=lambda: _dispatch(by_weight))
-
-
-def _gathered_from(module: nn.Module, weight: GatheredWeight) -> torch.Tensor:
-    owner_path, _, name = weight.param.rpartition(".")
-    return module.get_submodule(owner_path).__dict__[name]
 
 
 def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight]]) -> GatherTracker:

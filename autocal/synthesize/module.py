@@ -10,7 +10,8 @@ experts as ``experts.{i}.gate_proj.weight`` and so on.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 from torch import nn
 
@@ -111,20 +112,26 @@ class AdoptedMoE(MoECalibrationModule):
 class KeptForwardMoE(AdoptedMoE):
     """The block's own forward, unchanged (output the original's, routed rows seen through it).
 
-    With calibration on, ``run_unrouted(bound)`` then runs each expert on the
-    tokens the forward did not route to it, from the same inputs by name;
-    those outputs are discarded. Nothing is unpacked for good.
+    With calibration on, the forward runs inside ``watching()`` (a context that
+    notes what the experts were given), then ``run_unrouted(bound, seen)`` runs
+    each expert on the tokens the forward did not give it, from the same inputs
+    by name; those outputs are discarded. Nothing is unpacked for good.
     """
 
     is_permanent = False
 
     def forward(self, *args, **kwargs):
-        output = self._block_forward(*args, **kwargs)
-        if self.calibrate_all_experts:
-            self.run_unrouted(keyword_arguments(self._signature, args, kwargs))
+        if not self.calibrate_all_experts:
+            return self._block_forward(*args, **kwargs)
+        with self.watching() as seen:
+            output = self._block_forward(*args, **kwargs)
+        self.run_unrouted(keyword_arguments(self._signature, args, kwargs), seen)
         return output
 
-    def run_unrouted(self, bound: dict) -> None:
+    def watching(self) -> ContextManager:
+        return nullcontext()
+
+    def run_unrouted(self, bound: dict, seen: Any) -> None:
         raise NotImplementedError
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-__all__ = ["Geometry", "ProjectionLayout", "geometry", "assemble_columns", "project", "run_unrouted", "unrouted_rows", "unobserved",
-           "untouched"]
+__all__ = ["Geometry", "ProjectionLayout", "RowComplement", "geometry", "assemble_columns", "inputs_seen", "project",
+           "run_on_the_rest", "run_unrouted", "unrouted_rows", "unobserved", "untouched"]
 
 _UNOBSERVED: ContextVar[bool] = ContextVar("autocal_unobserved", default=False)
 
@@ -158,11 +158,6 @@ class RowComplement:
         left = torch.empty_like(self.rank, dtype=torch.bool)
         left[self.order] = self.rank >= claimed
         return self.source[left]
-
-
-def rows_not_taken(source: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
-    """The rows of ``source`` left once each row of ``taken`` has claimed one equal row (``RowComplement``)."""
-    return RowComplement(source).rest([taken])
 
 
 def _row_keys(rows: torch.Tensor) -> torch.Tensor:

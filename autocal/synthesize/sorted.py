@@ -5,7 +5,8 @@ bank's weight, applied to that expert's segment of the sorted rows, so that
 hooks and observers see every routed row. While nothing is attached to those
 Linears, the original bank runs instead (bitwise the original). With calibration
 on, after the block's own forward, each expert's chain of bank slices, with the
-block's ops between them replayed, runs on the tokens it was not routed.
+block's ops between them replayed, runs on the token rows it was not given
+(compared by value, as at the recorded level).
 
 Where those ops mix rows (attention experts), the block's forward instead runs
 again once per group of ``k`` experts with the top-k forced to that group for
@@ -22,7 +23,7 @@ from ..coverage import add_tokens
 from ..detect.structure import MoEStructure
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
-from .ops import rows_not_taken, unrouted_rows
+from .ops import RowComplement
 
 __all__ = ["SegmentBank", "SortedCalibrationMoE", "build_sorted_calibration"]
 
@@ -77,20 +78,15 @@ class SortedCalibrationMoE(KeptForwardMoE):
                 bank.__dict__.pop("last_counts", None)
                 bank.__dict__.pop("last_rows", None)
 
-    def run_unrouted(self, bound: dict) -> None:
+    def run_unrouted(self, bound: dict, seen: None) -> None:
         dispatch, shared = self.structure.tokens, {}
-        banks = [self._modules[name] for name in dispatch.banks]
-        rows, tokens = dispatch.routing(bound, shared)
+        banks = self._banks()
         counts = banks[0].__dict__["last_counts"]
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
-        given = banks[0].__dict__["last_rows"].split(counts)
-        start = 0
-        for expert, count in enumerate(counts):
-            if tokens.shape[0] == sum(counts):
-                x = unrouted_rows(rows, tokens[start:start + count])
-            else:  # the replayed sorting index disagrees with the rows the bank got: take those out by value
-                x = rows_not_taken(rows, given[expert])
-            start += count
+        given = banks[0].__dict__["last_rows"].split(counts)  # each expert's segment of the first bank's rows
+        rows = RowComplement(dispatch.rows(bound, shared))
+        for expert in range(len(counts)):
+            x = rows.rest([given[expert]])
             if not x.shape[0]:
                 continue
             for step, bank in enumerate(banks):
