@@ -5,16 +5,21 @@
 For each kind, three (experts, k) and two dtypes: calibration off bitwise the
 original's (within rounding where the original itself is not deterministic on
 the GPU: atomic adds), on within rounding, and every expert Linear seeing every
-token once. Prints the failures and a count; exit status 1 if any.
+token once. Everything runs twice: with the default grouping of experts, and
+with every expert on its own (``GROUP_WORK = 0``, as large experts run on a GPU).
+Prints the failures and a count; exit status 1 if any.
 """
 
+import itertools
 import torch, autocal
+from autocal.synthesize import experts as experts_module
 from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block, example_hidden_states, KINDS, main_output
 from autocal.testing.assertions import expert_linears, count_rows
 from autocal.verify import compare_outputs
 dev = torch.device("cuda")
 bad = 0
-for dtype in (torch.float32, torch.bfloat16):
+for work, dtype in itertools.product((experts_module.GROUP_WORK, 0), (torch.float32, torch.bfloat16)):
+    experts_module.GROUP_WORK = work
     for kind in KINDS:
         for E, k in ((8, 2), (6, 6), (5, 1)):
             try:
@@ -38,9 +43,9 @@ for dtype in (torch.float32, torch.bfloat16):
                 ok = (compare_outputs(ref, off)[1] or not deterministic and compare_outputs(ref, off)[2]) and compare_outputs(ref, on)[2] and set(rows.values()) == {22}
                 if not ok:
                     bad += 1
-                    print("BAD", kind, E, k, dtype, compare_outputs(ref, off)[:2], compare_outputs(ref, on)[2], sorted(set(rows.values())))
+                    print("BAD", kind, E, k, dtype, work, compare_outputs(ref, off)[:2], compare_outputs(ref, on)[2], sorted(set(rows.values())))
             except Exception as e:
                 bad += 1
-                print("ERR", kind, E, k, dtype, repr(e)[:300])
+                print("ERR", kind, E, k, dtype, work, repr(e)[:300])
 print("cuda checks done, bad =", bad, torch.cuda.get_device_name(0))
 raise SystemExit(1 if bad else 0)

@@ -14,6 +14,8 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import autocal
+from autocal.synthesize import experts as experts_module
+from autocal.synthesize.experts import RoutedSlots
 from autocal.testing.assertions import count_rows, expert_linears
 from autocal.testing.strategies import token_counts, toy_configs
 from autocal.testing.toy_moe import KINDS, ToyMoEConfig, example_hidden_states, main_output, make_toy_block
@@ -90,9 +92,9 @@ def test_token_chunks_bound_calibration_calls_with_the_same_output(config, token
         assert all(size <= chunk for size in sizes[1 if routed else 0:]), (expert, sizes, chunk)
 
 
-@given(config=toy_configs(kinds=SPARSE), tokens=token_counts(), seed=st.integers(0, 2**16))
-def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, seed):
-    """The grouped calibration forward (synthesize/grouped.py) against the same experts run one at a time."""
+@given(config=toy_configs(kinds=SPARSE), tokens=token_counts(), group=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, group, seed):
+    """The grouped calibration forward (synthesize/grouped.py), ``group`` experts at a time, against one at a time."""
     block = make_toy_block(config, seed=seed)
     x = example_hidden_states(config, seq=tokens, seed=seed + 1)
     module = autocal.synthesize(block)
@@ -105,8 +107,14 @@ def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, seed):
         seen.setdefault(id(linear), []).append(args[0].clone())
 
     hooks = [linear.register_forward_pre_hook(observe) for linear in expert_linears(module).values()]
+    budget = experts_module.GROUP_ELEMENTS[True]
+    experts_module.GROUP_ELEMENTS[True] = group * x.shape[:-1].numel() * container._widest
+    try:
+        with torch.no_grad():
+            grouped = module(x)
+    finally:
+        experts_module.GROUP_ELEMENTS[True] = budget
     with torch.no_grad():
-        grouped = module(x)
         note(f"grouped path usable: {container._grouped.usable}")
         grouped_inputs, seen = seen, {}
         container._grouped.usable = False
@@ -129,3 +137,20 @@ def test_a_hook_on_an_expert_module_runs_experts_one_by_one():
     with torch.no_grad():
         module(example_hidden_states(config, seq=5))
     assert sorted(map(id, calls)) == sorted(map(id, module.expert_modules())), "each expert module called once"
+
+
+@given(tokens=st.integers(1, 9), k=st.integers(1, 4), experts=st.integers(1, 9), size=st.integers(1, 9),
+       seed=st.integers(0, 2**16))
+def test_routed_slots_are_every_slot_of_the_group_sorted(tokens, k, experts, size, seed):
+    """Sentinels (-1, ``experts`` and above) fall in no group; a token routed twice to one expert keeps both slots."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(-1, experts + 2, (tokens, k), generator=generator)
+    weights = torch.rand(tokens, k, generator=generator)
+    slots = RoutedSlots(index, weights, experts, size)
+    for number, start in enumerate(range(0, experts, size)):
+        expected = sorted((int(index[t, s]) - start, t, float(weights[t, s])) for t in range(tokens) for s in range(k)
+                          if start <= index[t, s] < min(start + size, experts))
+        local, token, weight = slots.group(number)
+        found = list(zip(local.tolist(), token.tolist(), weight.squeeze(-1).tolist()))
+        assert sorted(found) == expected
+        assert found == sorted(found, key=lambda slot: slot[:2]), "by expert, then token"

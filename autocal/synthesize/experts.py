@@ -37,10 +37,14 @@ from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Proje
 from .grouped import GroupedTemplate
 from .ops import ProjectionLayout, geometry
 
-# Elements of one stacked activation when experts run in groups (GPU, CPU): a few such tensors are
-# alive at a time; on CPU small enough to stay in cache. Larger experts run in groups of one, which
-# still weights and casts only their routed rows and keeps gate and up apart (no copy into one tensor).
-GROUP_ELEMENTS = {False: 1 << 26, True: 1 << 18}
+# How many experts run in one group (see grouped.py). Grouping saves the host the element-wise launches of
+# each expert and costs the device one copy of each Linear's outputs into the group's stack. On a GPU an
+# expert whose Linears do more than GROUP_WORK multiply-adds on all tokens keeps the device busy for longer
+# than the host takes to launch it, so it runs on its own (nothing stacked); smaller experts run together,
+# within GROUP_ELEMENTS elements per stacked activation (GPU, CPU; two groups' outputs are alive at a time).
+# On CPU the budget is small enough to stay in cache.
+GROUP_ELEMENTS = {False: 1 << 27, True: 1 << 18}
+GROUP_WORK = 1 << 35
 
 __all__ = ["SynthesizedExpert", "UnpackedExperts", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
 
@@ -105,6 +109,7 @@ class UnpackedExperts(nn.Module):
                  calibrate_all_experts: bool) -> None:
         super().__init__()
         self.num_experts = structure.experts.num_experts
+        self._expert_names = [str(e) for e in range(self.num_experts)]
         self.calibrate_all_experts = calibrate_all_experts
         build_experts(self, original, structure.template, self.num_experts, expert_cls,
                       set(structure.experts.layout["packed_params"]))
@@ -116,7 +121,8 @@ class UnpackedExperts(nn.Module):
         return self._modules[str(expert)]
 
     def experts(self) -> list[nn.Module]:
-        return [self._modules[str(e)] for e in range(self.num_experts)]
+        modules = self._modules
+        return [modules[name] for name in self._expert_names]
 
     @property
     def code(self) -> str:
@@ -173,6 +179,7 @@ class CalibrationExperts(UnpackedExperts):
         self._grouped = GroupedTemplate(structure.template.graph)
         self._widest = max([p.features for p in structure.template.projections]
                            + [r.out_features for r in structure.template.linears])
+        self._work_per_token = sum(r.in_features * r.out_features for r in structure.template.linears)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(*args, **kwargs).arguments
@@ -218,23 +225,22 @@ class CalibrationExperts(UnpackedExperts):
         # With ``calibration_chunk_size`` set, calibration takes the routed + unrouted path instead: the
         # routed rows are computed as with calibration off and the unrouted rows run in chunks of at most
         # that many tokens, bounding activation memory with the same output.
-        """Calibration with the weight applied last: each expert once on every token, the combine masked.
+        """Calibration with the weight applied last: each expert once on every token, only routed rows kept.
 
         A token an expert was not routed to gets weight 1 (its rows are seen
-        unscaled) and its output is masked out; no host synchronisation, one
-        call per expert. The routed rows come from a larger matmul than the
-        original's, so they equal it within rounding.
+        unscaled) and its output is dropped. The routed rows come from a larger
+        matmul than the original's, so they equal it within rounding.
         """
+        experts = self.experts()
+        if self._groupable(experts, hidden):
+            self._dense_grouped(experts, hidden, index, weights, output)
+            return
         # One pass over the routing for all experts: per token, each expert's summed weight and whether it
         # was routed at all (index E and above, e.g. an expert-parallel sentinel, falls into a spare column).
         columns = index.clamp(max=self.num_experts)
         dense = weights.new_zeros(index.shape[0], self.num_experts + 1).scatter_add_(1, columns, weights)
         routed = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, columns, True)
         weight = torch.where(routed, dense, torch.ones_like(dense))
-        size = self._group_size(hidden)
-        if self._groupable(hidden):
-            self._dense_grouped(hidden, dense, routed, output, size)
-            return
         if hidden.device.type == "cpu":  # no host synchronisation to avoid: add the routed rows only
             rows = [routed[:, expert].nonzero().squeeze(-1) for expert in range(self.num_experts)]
             for expert in range(self.num_experts):
@@ -246,41 +252,51 @@ class CalibrationExperts(UnpackedExperts):
             contribution = self._call(expert, hidden, weight[:, expert, None])
             output.add_(contribution.to(output.dtype).masked_fill(unrouted[:, expert, None], 0))
 
-    def _groupable(self, hidden: torch.Tensor) -> bool:
+    def _groupable(self, experts: list[nn.Module], hidden: torch.Tensor) -> bool:
         """Can the experts run in groups: nothing hooked on the expert modules, and the grouped run checked?"""
-        experts = self.experts()
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks or any(
                 e._forward_hooks or e._forward_pre_hooks or "forward" in e.__dict__ for e in experts):
             return False
         return self._grouped.check(experts[:2], hidden[:4])
 
     def _group_size(self, hidden: torch.Tensor) -> int:
-        """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS``."""
-        budget = GROUP_ELEMENTS[hidden.device.type == "cpu"]
-        return max(1, min(self.num_experts, budget // max(1, hidden.shape[0] * self._widest)))
+        """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS`` (see there)."""
+        on_cpu, tokens = hidden.device.type == "cpu", hidden.shape[0]
+        if not on_cpu and tokens * self._work_per_token > GROUP_WORK:
+            return 1
+        return max(1, min(self.num_experts, GROUP_ELEMENTS[on_cpu] // max(1, tokens * self._widest)))
 
-    def _dense_grouped(self, hidden: torch.Tensor, dense: torch.Tensor, routed: torch.Tensor,
-                       output: torch.Tensor, size: int) -> None:
+    def _dense_grouped(self, experts: list[nn.Module], hidden: torch.Tensor, index: torch.Tensor,
+                       weights: torch.Tensor, output: torch.Tensor) -> None:
         """``_dense`` with the experts run ``size`` at a time (see ``grouped.py``).
 
         Each group's unweighted outputs on all tokens are computed at once; only
-        the routed rows are then weighted, cast and added, found once for all
-        groups (one host synchronisation per forward).
+        the routed rows are then weighted, cast and added. A group is combined
+        once the next one is queued, and which rows are routed is worked out
+        (``RoutedSlots``) once the first is: the host never waits for the
+        device while the device has nothing queued.
         """
-        experts, tokens = self.experts(), hidden.shape[0]
-        expert_of_pair, token_of_pair = routed[:, :self.num_experts].T.nonzero().unbind(-1)  # by expert, then token
-        bounds = [0, *torch.bincount(expert_of_pair, minlength=self.num_experts).cumsum(0).tolist()]
-        weight_of_pair = dense[token_of_pair, expert_of_pair, None]
-        for start in range(0, self.num_experts, size):
+        size, tokens = self._group_size(hidden), hidden.shape[0]
+        slots: RoutedSlots | None = None
+        queued: list[tuple[int, torch.Tensor]] = []
+        for number, start in enumerate(range(0, self.num_experts, size)):
             members = experts[start:start + size]
             for module in members:
                 if _COUNTER in module.__dict__:
                     module.__dict__[_COUNTER] += tokens
-            unweighted = self._grouped(members, hidden)
-            pairs = slice(bounds[start], bounds[start + len(members)])
-            token = token_of_pair[pairs]
-            rows = unweighted[expert_of_pair[pairs] - start, token] * weight_of_pair[pairs]
-            output.index_add_(0, token, rows.to(output.dtype))
+            queued.append((number, self._grouped(members, hidden)))
+            if slots is None:
+                slots = RoutedSlots(index, weights, self.num_experts, size)
+            if len(queued) == 2:
+                self._combine(*queued.pop(0), slots, output)
+        self._combine(*queued.pop(0), slots, output)
+
+    @staticmethod
+    def _combine(number: int, unweighted: torch.Tensor, slots: "RoutedSlots", output: torch.Tensor) -> None:
+        """Add group ``number``'s routed rows, weighted, to ``output`` (``unweighted``: ``[G, T, H]``, or ``[T, H]``)."""
+        expert, token, weight = slots.group(number)
+        rows = (unweighted[expert, token] if unweighted.dim() == 3 else unweighted.index_select(0, token)) * weight
+        output.index_add_(0, token, rows.to(output.dtype))
 
     def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
         module = self._modules[str(expert)]
@@ -298,3 +314,49 @@ class CalibrationExperts(UnpackedExperts):
 
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
+
+
+class RoutedSlots:
+    """Every routing slot (expert, token, weight), sorted by expert then token, split into groups of experts.
+
+    Made without a host synchronisation: the slots are sorted on the device, and
+    the group boundaries are copied to the host asynchronously and read when the
+    first group is combined. Slots whose index is not an expert (a sentinel of
+    ``num_experts`` or more, or a negative one) fall in no group. A token routed
+    twice to one expert has two slots, each added with its own weight, as the
+    original sums over slots.
+    """
+
+    def __init__(self, index: torch.Tensor, weights: torch.Tensor, num_experts: int, size: int) -> None:
+        flat = index.reshape(-1).long()  # token-major: slot s of token t at t * k + s
+        order = torch.argsort(flat, stable=True)  # by expert, then (stable) by token
+        expert = flat[order]
+        self.local, self.token, self.weight = expert % size, order // index.shape[1], weights.reshape(-1, 1)[order]
+        firsts = torch.arange(0, num_experts + size, size, device=index.device).clamp(max=num_experts)
+        self._bounds = _on_host_later(torch.searchsorted(expert, firsts.to(expert.dtype)))
+        self._split: list[tuple[torch.Tensor, ...]] | None = None
+
+    def group(self, number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The slots of group ``number``: each one's expert within the group, its token and its weight."""
+        if self._split is None:
+            bounds = self._bounds()
+            sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+            start = bounds[0]
+            parts = (t[start:bounds[-1]].split(sizes) for t in (self.local, self.token, self.weight))
+            self._split = list(zip(*parts))
+        return self._split[number]
+
+
+def _on_host_later(tensor: torch.Tensor):
+    """A function returning ``tensor.tolist()``, with the copy to the host started now and awaited on first call."""
+    if tensor.device.type == "cpu":
+        values = tensor.tolist()
+        return lambda: values
+    host = tensor.to("cpu", non_blocking=True)
+    copied = torch.Event(tensor.device)
+    copied.record()
+
+    def values() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+    return values

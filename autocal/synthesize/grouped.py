@@ -20,12 +20,12 @@ container falls back to one expert at a time where they differ.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
-from .ops import assemble_columns, project, unobserved, untouched
+from .ops import assemble_columns, call_linear, project, unobserved, untouched
 
 __all__ = ["GroupedTemplate"]
 
@@ -62,24 +62,42 @@ class GroupedTemplate:
         others = [a for a in product.all_input_nodes if a is not weight] if product is not None else []
         self.unweighted: fx.Node | None = others[0] if len(others) == 1 else None
         self.usable: bool | None = False if self.unweighted is None else None  # None: not checked yet
+        self._alone: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, experts: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-        """``[G, rows, out]``: each expert's output on all rows ``x``, before the routing weight."""
-        env: dict[fx.Node, Any] = {}
+        """``[G, rows, out]``: each expert's output on all rows ``x``, before the routing weight.
+
+        One expert alone runs ``alone`` instead and gives ``[rows, out]``.
+        """
+        if len(experts) == 1:
+            return self.alone(experts[0], x)
+        group, env = len(experts), {}
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 env[node] = Shared(x) if node.target == "x" else _Unused()
             elif node.op == "get_attr":
-                env[node] = [_member(expert, node.target) for expert in experts]
+                env[node] = _members(experts, node.target)
             elif node.op == "output":
                 break
             elif node.target is project:
-                env[node] = _project(*fx.node.map_arg(node.args, env.__getitem__), len(experts))
+                env[node] = _project(*fx.node.map_arg(node.args, env.__getitem__), group)
             else:
                 env[node] = _apply(node, env)
             if node is self.unweighted:
-                return _stacked(_materialized(env[node]), len(experts))
+                result = _materialized(env[node])
+                return result.value.expand(group, *result.value.shape) if isinstance(result, Shared) else result
         raise _NotGroupable()
+
+    def alone(self, expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One expert's output on all rows ``x`` before the routing weight, by generated code (no interpreter).
+
+        The template up to the unweighted output, with each projection's
+        Linears called as modules and a fused projection's columns taken from
+        the Linear that computes them (``_alone_graph``).
+        """
+        if self._alone is None:
+            self._alone = _compile(_alone_graph(self.graph, self.unweighted), expert)
+        return self._alone(expert, x)
 
     def check(self, experts: list[nn.Module], x: torch.Tensor) -> bool:
         """Does the grouped run give each expert's own forward? Checked once, unobserved (no hook sees it)."""
@@ -88,10 +106,12 @@ class GroupedTemplate:
             try:
                 with unobserved(), torch.no_grad():
                     grouped = (self(experts, x) * weight).float()
+                    alone = (self.alone(experts[0], x) * weight[0]).float()
                     one_by_one = torch.stack([e(x, weight[i]) for i, e in enumerate(experts)]).float()
                 tolerance = dict(rtol=1e-5, atol=1e-6) if x.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-                self.usable = grouped.shape == one_by_one.shape and torch.allclose(grouped, one_by_one, **tolerance)
-            except (_NotGroupable, RuntimeError, TypeError, IndexError):
+                self.usable = grouped.shape == one_by_one.shape and alone.shape == one_by_one.shape[1:] and \
+                    torch.allclose(grouped, one_by_one, **tolerance) and torch.allclose(alone, one_by_one[0], **tolerance)
+            except (_NotGroupable, RuntimeError, TypeError, IndexError, KeyError, AttributeError):
                 self.usable = False
         return self.usable
 
@@ -101,7 +121,7 @@ class _Unused:
 
 
 class _Columns:
-    """A projection's Linears' outputs, each stacked ``[G, rows, f]``, not yet written into one tensor.
+    """A projection's Linears' outputs (each stacked ``[G, rows, f]``, or one expert's), not yet written into one tensor.
 
     Slicing out exactly one Linear's columns (gate or up of a fused gate_up
     matmul) gives that Linear's stack with no copy; any other use assembles them.
@@ -111,10 +131,16 @@ class _Columns:
         self.pieces, self.columns, self.features = pieces, columns, features
 
     def piece(self, index: Any) -> torch.Tensor | None:
-        for piece, cols in zip(self.pieces, self.columns):
-            if index == (Ellipsis, cols):
-                return piece
-        return None
+        number = _piece_of(index, self.columns)
+        return None if number is None else self.pieces[number]
+
+
+def _piece_of(index: Any, columns: tuple[slice, ...]) -> int | None:
+    """The Linear whose columns ``[..., index]`` takes, exactly, if any."""
+    for number, cols in enumerate(columns):
+        if isinstance(index, tuple) and index == (Ellipsis, cols):
+            return number
+    return None
 
 
 def _materialized(value: Any) -> Any:
@@ -123,21 +149,16 @@ def _materialized(value: Any) -> Any:
     return value
 
 
-def _member(module: nn.Module, name: str) -> Any:
-    """``getattr(module, name)`` without ``nn.Module.__getattr__``'s cost for children and plain attributes."""
-    found = module._modules.get(name, _MISSING)
-    if found is _MISSING:
-        found = module.__dict__.get(name, _MISSING)
-    return getattr(module, name) if found is _MISSING else found
-
-
-_MISSING = object()
-
-
-def _stacked(value: Any, group: int) -> torch.Tensor:
-    if isinstance(value, Shared):
-        return value.value.expand(group, *value.value.shape)
-    return value
+def _members(experts: list[nn.Module], name: str) -> list[Any]:
+    """``[getattr(e, name) for e in experts]``, without ``nn.Module.__getattr__``'s cost for children and attributes."""
+    try:
+        if name in experts[0]._modules:
+            return [e._modules[name] for e in experts]
+        if name in experts[0].__dict__:
+            return [e.__dict__[name] for e in experts]
+    except KeyError:  # not held the same way by every expert
+        pass
+    return [getattr(e, name) for e in experts]
 
 
 def _unwrap(value: Any) -> Any:
@@ -157,7 +178,7 @@ def _apply(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
     shared = all(isinstance(v, Shared) for v in values)
     args = fx.node.map_arg(node.args, lambda n: _unwrap(env[n]))
     kwargs = fx.node.map_arg(node.kwargs, lambda n: _unwrap(env[n]))
-    if node.op == "call_method" and node.target in _SHAPED and not shared:  # a per-expert shape: keep the group
+    if node.op == "call_method" and node.target in _SHAPED and not shared:  # one expert's shape: keep the group
         shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
         result = getattr(args[0], node.target)(args[0].shape[0], *shape)
     elif node.op == "call_method":
@@ -170,41 +191,42 @@ def _apply(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
 
 
 def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice, ...], features: int,
-             layouts: list, group: int) -> torch.Tensor:
+             layouts: list, group: int) -> Any:
     """``ops.project`` for every expert of the group, stacked ``[G, rows, features]``.
 
     Observed Linears are called one by one and each Linear's outputs stacked
     once for the group, so writing them into their columns costs one copy per
-    Linear per group, not per expert.
+    Linear per group, not per expert; a fused projection's Linears stay apart
+    (``_Columns``) until something needs them as one tensor.
     """
-    per_expert = [tuple(linear[g] for linear in linears) for g in range(group)]
-    if all(untouched(per_expert[g], layouts[g]) for g in range(group)):
-        packed = _packed_operands(per_expert, layouts)
+    x = _materialized(x)
+    inputs = x.value if isinstance(x, Shared) else x
+    rows = [inputs] * group if isinstance(x, Shared) else inputs.unbind(0)
+    if _all_untouched(linears, layouts, group):
+        packed = _packed_operands(linears, layouts)
         if packed is not None:  # nothing observes the Linears: one batched matmul on the packed storage
             operand, bias = packed
-            inputs = x.value if isinstance(x, Shared) else x
             out = torch.matmul(inputs, operand.transpose(-1, -2) if layouts[0].op == "linear" else operand)
             return out if bias is None else out + bias.unsqueeze(-2)
-    rows = [x.value] * group if isinstance(x, Shared) else list(x)
-    if all(untouched(per_expert[g], layouts[g]) for g in range(group)):
-        return _stack([project(rows[g], per_expert[g], columns, features, layouts[g]) for g in range(group)])
-    pieces = tuple(_stack([per_expert[g][i](rows[g]) for g in range(group)]) for i in range(len(linears)))
+        return torch.stack([project(rows[g], tuple(linear[g] for linear in linears), columns, features, layouts[g])
+                            for g in range(group)])
+    pieces = tuple(torch.stack([linear(row) for linear, row in zip(per_linear, rows)]) for per_linear in linears)
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``, without a copy for a group of one."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _all_untouched(linears: tuple[list[nn.Linear], ...], layouts: list, group: int) -> bool:
+    """``ops.untouched`` for every expert of the group (observed groups stop at the first expert)."""
+    return all(untouched(tuple(linear[g] for linear in linears), layouts[g]) for g in range(group))
 
 
-def _packed_operands(per_expert: list[tuple[nn.Linear, ...]], layouts: list) -> tuple | None:
+def _packed_operands(linears: tuple[list[nn.Linear], ...], layouts: list) -> tuple | None:
     """The group's matmul operands (and biases) as one strided view ``[G, ...]``, if evenly spaced in storage."""
-    operand = _stacked_view([linears[0].weight for linears in per_expert], [layout.operand for layout in layouts])
+    operand = _stacked_view([linear.weight for linear in linears[0]], [layout.operand for layout in layouts])
     if operand is None:
         return None
     if layouts[0].bias is None:
         return operand, None
-    bias = _stacked_view([linears[0].bias for linears in per_expert], [layout.bias for layout in layouts])
+    bias = _stacked_view([linear.bias for linear in linears[0]], [layout.bias for layout in layouts])
     return (operand, bias) if bias is not None else None
 
 
@@ -218,3 +240,47 @@ def _stacked_view(tensors: list[torch.Tensor], geometries: list) -> torch.Tensor
             b - a != step for a, b in zip(offsets, offsets[1:])):
         return None
     return base.as_strided((len(tensors), *sizes[0]), (step, *strides[0]), offsets[0])
+
+
+def _alone_graph(template: fx.Graph, unweighted: fx.Node) -> fx.Graph:
+    """The template's graph up to ``unweighted``, each ``project`` replaced by calls of its Linears.
+
+    An exact column slice of a fused projection (gate or up of ``gate_up``)
+    becomes the output of the Linear that computes those columns; any other
+    use of a fused projection gets its Linears' outputs written into one tensor.
+    """
+    graph, env, pieces = fx.Graph(), {}, {}
+
+    def value(node: fx.Node) -> fx.Node:
+        if node in pieces and node not in env:
+            outputs, columns, features = pieces[node]
+            env[node] = graph.call_function(assemble_columns, (outputs, columns, features))
+        return env[node]
+
+    for node in template.nodes:
+        if node.op == "placeholder" and node.target != "x":
+            continue
+        if node.target is project:
+            x, linears, columns, features = node.args[:4]
+            outputs = tuple(graph.call_function(call_linear, (value(linear), value(x))) for linear in linears)
+            if len(outputs) == 1:
+                env[node] = outputs[0]
+            else:
+                pieces[node] = (outputs, columns, features)
+        elif node.target in (operator.getitem, "__getitem__") and node.args[0] in pieces and \
+                _piece_of(node.args[1], pieces[node.args[0]][1]) is not None:
+            outputs, columns, _ = pieces[node.args[0]]
+            env[node] = outputs[_piece_of(node.args[1], columns)]
+        else:
+            env[node] = graph.node_copy(node, value)
+        if node is unweighted:
+            graph.output(value(node))
+            graph.eliminate_dead_code()  # the layouts ``project`` took
+            return graph
+    raise _NotGroupable()
+
+
+def _compile(graph: fx.Graph, expert: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """``graph``'s generated forward, to be called with any expert of the template as ``self``."""
+    attributes = {node.target: operator.attrgetter(node.target)(expert) for node in graph.nodes if node.op == "get_attr"}
+    return type(fx.GraphModule(attributes, graph)).forward

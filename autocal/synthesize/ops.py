@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_globals
 
-__all__ = ["Geometry", "ProjectionLayout", "RowComplement", "geometry", "assemble_columns", "inputs_seen", "project",
+__all__ = ["Geometry", "ProjectionLayout", "RowComplement", "geometry", "assemble_columns", "call_linear", "inputs_seen", "project",
            "run_on_the_rest", "run_unrouted", "unrouted_rows", "unobserved", "untouched"]
 
 _UNOBSERVED: ContextVar[bool] = ContextVar("autocal_unobserved", default=False)
@@ -32,6 +32,13 @@ def unobserved() -> Iterator[None]:
         yield
     finally:
         _UNOBSERVED.reset(token)
+
+def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; under ``unobserved()`` its matmul alone, which no hook sees."""
+    if _UNOBSERVED.get():
+        return F.linear(x, linear.weight, linear.bias)
+    return linear(x)
+
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset
 
