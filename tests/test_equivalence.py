@@ -148,9 +148,9 @@ def test_routed_slots_are_every_slot_of_the_group_sorted(tokens, k, experts, siz
     weights = torch.rand(tokens, k, generator=generator)
     slots = RoutedSlots(index, weights, experts, size)
     for number, start in enumerate(range(0, experts, size)):
-        expected = sorted((int(index[t, s]) - start, t, float(weights[t, s])) for t in range(tokens) for s in range(k)
-                          if start <= index[t, s] < min(start + size, experts))
-        local, token, weight = slots.group(number)
-        found = list(zip(local.tolist(), token.tolist(), weight.squeeze(-1).tolist()))
+        expected = sorted(((int(index[t, s]) - start) * tokens + t, t, float(weights[t, s]))
+                          for t in range(tokens) for s in range(k) if start <= index[t, s] < min(start + size, experts))
+        row, token, weight = slots.group(number)
+        found = list(zip(row.tolist(), token.tolist(), weight.squeeze(-1).tolist()))
         assert sorted(found) == expected
-        assert found == sorted(found, key=lambda slot: slot[:2]), "by expert, then token"
+        assert found == sorted(found, key=lambda slot: slot[0]), "by expert, then token: rows of [G * T, H]"

@@ -294,8 +294,8 @@ class CalibrationExperts(UnpackedExperts):
     @staticmethod
     def _combine(number: int, unweighted: torch.Tensor, slots: "RoutedSlots", output: torch.Tensor) -> None:
         """Add group ``number``'s routed rows, weighted, to ``output`` (``unweighted``: ``[G, T, H]``, or ``[T, H]``)."""
-        expert, token, weight = slots.group(number)
-        rows = (unweighted[expert, token] if unweighted.dim() == 3 else unweighted.index_select(0, token)) * weight
+        row, token, weight = slots.group(number)
+        rows = unweighted.reshape(-1, unweighted.shape[-1]).index_select(0, row) * weight
         output.index_add_(0, token, rows.to(output.dtype))
 
     def _call(self, expert: int, rows: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
@@ -330,19 +330,19 @@ class RoutedSlots:
     def __init__(self, index: torch.Tensor, weights: torch.Tensor, num_experts: int, size: int) -> None:
         flat = index.reshape(-1).long()  # token-major: slot s of token t at t * k + s
         order = torch.argsort(flat, stable=True)  # by expert, then (stable) by token
-        expert = flat[order]
-        self.local, self.token, self.weight = expert % size, order // index.shape[1], weights.reshape(-1, 1)[order]
+        expert, self.token, self.weight = flat[order], order // index.shape[1], weights.reshape(-1, 1)[order]
+        self.row = self.token if size == 1 else expert % size * index.shape[0] + self.token  # in [G * T, H]
         firsts = torch.arange(0, num_experts + size, size, device=index.device).clamp(max=num_experts)
         self._bounds = _on_host_later(torch.searchsorted(expert, firsts.to(expert.dtype)))
         self._split: list[tuple[torch.Tensor, ...]] | None = None
 
     def group(self, number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The slots of group ``number``: each one's expert within the group, its token and its weight."""
+        """The slots of group ``number``: each one's row in the group's ``[G * T, H]`` outputs, token and weight."""
         if self._split is None:
             bounds = self._bounds()
             sizes = [b - a for a, b in zip(bounds, bounds[1:])]
             start = bounds[0]
-            parts = (t[start:bounds[-1]].split(sizes) for t in (self.local, self.token, self.weight))
+            parts = (t[start:bounds[-1]].split(sizes) for t in (self.row, self.token, self.weight))
             self._split = list(zip(*parts))
         return self._split[number]
 

@@ -63,6 +63,7 @@ class GroupedTemplate:
         self.unweighted: fx.Node | None = others[0] if len(others) == 1 else None
         self.usable: bool | None = False if self.unweighted is None else None  # None: not checked yet
         self._alone: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+        self._dead_after = _dead_after(graph)
 
     def __call__(self, experts: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
         """``[G, rows, out]``: each expert's output on all rows ``x``, before the routing weight.
@@ -83,6 +84,8 @@ class GroupedTemplate:
                 env[node] = _project(*fx.node.map_arg(node.args, env.__getitem__), group)
             else:
                 env[node] = _apply(node, env)
+            for dead in self._dead_after.get(node, ()):  # free a group's activations as soon as they are used up
+                del env[dead]
             if node is self.unweighted:
                 result = _materialized(env[node])
                 return result.value.expand(group, *result.value.shape) if isinstance(result, Shared) else result
@@ -240,6 +243,18 @@ def _stacked_view(tensors: list[torch.Tensor], geometries: list) -> torch.Tensor
             b - a != step for a, b in zip(offsets, offsets[1:])):
         return None
     return base.as_strided((len(tensors), *sizes[0]), (step, *strides[0]), offsets[0])
+
+
+def _dead_after(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values whose last use it is (as ``fx.Interpreter`` frees them)."""
+    dead_after: dict[fx.Node, list[fx.Node]] = {}
+    seen: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        for used in node.all_input_nodes:
+            if used not in seen:
+                seen.add(used)
+                dead_after.setdefault(node, []).append(used)
+    return dead_after
 
 
 def _alone_graph(template: fx.Graph, unweighted: fx.Node) -> fx.Graph:
