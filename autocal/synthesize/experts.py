@@ -25,6 +25,7 @@ calibration off.
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -347,16 +348,25 @@ class RoutedSlots:
         return self._split[number]
 
 
-def _on_host_later(tensor: torch.Tensor):
+def _on_host_later(tensor: torch.Tensor) -> Callable[[], list[int]]:
     """A function returning ``tensor.tolist()``, with the copy to the host started now and awaited on first call."""
-    if tensor.device.type == "cpu":
+    copied = _event(tensor.device)
+    if copied is None:  # on the host already, or a device without events: copy now
         values = tensor.tolist()
         return lambda: values
     host = tensor.to("cpu", non_blocking=True)
-    copied = torch.Event(tensor.device)
     copied.record()
 
     def values() -> list[int]:
         copied.synchronize()
         return host.tolist()
     return values
+
+
+def _event(device: torch.device) -> torch.Event | None:
+    if device.type == "cpu":
+        return None
+    try:
+        return torch.Event(device)
+    except RuntimeError:
+        return None

@@ -14,7 +14,12 @@ per-expert list (module attributes: Linears, layouts). Ops other than
 ``project`` see shared values as they are and stacked ones whole, so they must
 broadcast over the leading dimension; ``GroupedTemplate.check`` compares the
 result with the expert-at-a-time forward before the path is used, and the
-container falls back to one expert at a time where they differ.
+container falls back to one expert at a time where they differ. Each value is
+dropped after its last use, as ``fx.Interpreter`` does.
+
+Experts large enough to keep the device busy on their own run alone, and a
+group of one needs no stacking and no interpreter: ``GroupedTemplate.alone``
+runs code generated once from the same template, up to the unweighted output.
 """
 
 from __future__ import annotations
@@ -204,13 +209,13 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
     """
     x = _materialized(x)
     inputs = x.value if isinstance(x, Shared) else x
+    untouched_group = _all_untouched(linears, layouts, group)
+    if untouched_group and (packed := _packed_operands(linears, layouts)) is not None:
+        operand, bias = packed  # nothing observes the Linears: one batched matmul on the packed storage
+        out = torch.matmul(inputs, operand.transpose(-1, -2) if layouts[0].op == "linear" else operand)
+        return out if bias is None else out + bias.unsqueeze(-2)
     rows = [inputs] * group if isinstance(x, Shared) else inputs.unbind(0)
-    if _all_untouched(linears, layouts, group):
-        packed = _packed_operands(linears, layouts)
-        if packed is not None:  # nothing observes the Linears: one batched matmul on the packed storage
-            operand, bias = packed
-            out = torch.matmul(inputs, operand.transpose(-1, -2) if layouts[0].op == "linear" else operand)
-            return out if bias is None else out + bias.unsqueeze(-2)
+    if untouched_group:
         return torch.stack([project(rows[g], tuple(linear[g] for linear in linears), columns, features, layouts[g])
                             for g in range(group)])
     pieces = tuple(torch.stack([linear(row) for linear, row in zip(per_linear, rows)]) for per_linear in linears)
