@@ -154,3 +154,55 @@ def test_routed_slots_are_every_slot_of_the_group_sorted(tokens, k, experts, siz
         found = list(zip(row.tolist(), token.tolist(), weight.squeeze(-1).tolist()))
         assert sorted(found) == expected
         assert found == sorted(found, key=lambda slot: slot[0]), "by expert, then token: rows of [G * T, H]"
+
+
+class _ScaledExperts(torch.nn.Module):
+    """Packed experts whose every expert multiplies its output by a weight of the container itself."""
+
+    def __init__(self, experts: int, hidden: int, width: int) -> None:
+        super().__init__()
+        self.num_experts = experts
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(experts, 2 * width, hidden) * 0.2)
+        self.down_proj = torch.nn.Parameter(torch.randn(experts, hidden, width) * 0.2)
+        self.post_scale = torch.nn.Parameter(torch.rand(hidden) + 0.5)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+        for expert in range(self.num_experts):
+            slot, token = torch.where(mask[expert])
+            gate, up = torch.nn.functional.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, self.down_proj[expert]) * self.post_scale
+            out.index_add_(0, token, y * top_k_weights[token, slot, None])
+        return out
+
+
+class _ScaledBlock(torch.nn.Module):
+    def __init__(self, experts: int = 6, hidden: int = 16, width: int = 8, k: int = 2) -> None:
+        super().__init__()
+        self.k = k
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = _ScaledExperts(experts, hidden, width)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        weights, index = self.gate(rows).softmax(-1).topk(self.k, dim=-1)
+        return self.experts(rows, index, weights / weights.sum(-1, keepdim=True)).reshape(x.shape)
+
+
+def test_experts_reading_a_weight_of_their_container_run_in_groups():
+    """Found on a zoo model (a norm of the experts container applied in each expert): the grouped
+    run read the container's weight once per expert, failed, and the calibration forward raised."""
+    torch.manual_seed(0)
+    block = _ScaledBlock()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        expected = block(x)
+    module = autocal.synthesize(block)
+    module.calibrate_all_experts = True
+    linears = expert_linears(module)
+    with torch.no_grad(), count_rows(linears) as rows:
+        on = module(x)
+    assert compare_outputs(expected, on)[2]
+    assert set(rows.values()) == {14}
+    assert module.experts_container._grouped.usable, "the container's weight is shared by the group, not per expert"

@@ -9,8 +9,8 @@ and hooks see exactly what they would), but every other op runs once on the
 group's outputs stacked along a new leading dimension.
 
 Values in the interpreter are one of three kinds: ``Shared`` (the same for every
-expert of the group, e.g. the token rows), a stacked ``[G, ...]`` tensor, or a
-per-expert list (module attributes: Linears, layouts). Ops other than
+expert of the group, e.g. the token rows, or a weight of the experts' container), a
+stacked ``[G, ...]`` tensor, or a per-expert list (module attributes: Linears, layouts). Ops other than
 ``project`` see shared values as they are and stacked ones whole, so they must
 broadcast over the leading dimension; ``GroupedTemplate.check`` compares the
 result with the expert-at-a-time forward before the path is used, and the
@@ -82,7 +82,8 @@ class GroupedTemplate:
             if node.op == "placeholder":
                 env[node] = Shared(x) if node.target == "x" else _Unused()
             elif node.op == "get_attr":
-                env[node] = _members(experts, node.target)
+                members = _members(experts, node.target)
+                env[node] = Shared(members[0]) if all(m is members[0] for m in members) else members
             elif node.op == "output":
                 break
             elif node.target is project:
@@ -166,7 +167,7 @@ def _members(experts: list[nn.Module], name: str) -> list[Any]:
             return [e.__dict__[name] for e in experts]
     except KeyError:  # not held the same way by every expert
         pass
-    return [getattr(e, name) for e in experts]
+    return [operator.attrgetter(name)(e) for e in experts]  # also a dotted path (a container's norm weight)
 
 
 def _unwrap(value: Any) -> Any:
@@ -209,6 +210,7 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
     """
     x = _materialized(x)
     inputs = x.value if isinstance(x, Shared) else x
+    linears, layouts = tuple(_per_expert(linear, group) for linear in linears), _per_expert(layouts, group)
     untouched_group = _all_untouched(linears, layouts, group)
     if untouched_group and (packed := _packed_operands(linears, layouts)) is not None:
         operand, bias = packed  # nothing observes the Linears: one batched matmul on the packed storage
@@ -220,6 +222,11 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
                             for g in range(group)])
     pieces = tuple(torch.stack([linear(row) for linear, row in zip(per_linear, rows)]) for per_linear in linears)
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
+
+
+def _per_expert(value: Any, group: int) -> list:
+    """A module attribute per expert of the group, also where every expert holds the same one."""
+    return [value.value] * group if isinstance(value, Shared) else value
 
 
 def _all_untouched(linears: tuple[list[nn.Linear], ...], layouts: list, group: int) -> bool:
