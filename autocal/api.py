@@ -28,7 +28,7 @@ from .synthesize.gathered import build_gathered_calibration
 from .synthesize.module import build_calibration_module
 from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import synthesize_inputs
-from .verify import Verification, verify
+from .verify import Verification, counts_itself, verify
 
 __all__ = ["synthesize", "convert", "calibration_context", "Converter"]
 
@@ -92,9 +92,9 @@ class Converter:
             args, kwargs = _verification_inputs(block, call, analysis.structure)
             if args is not None:
                 analysis.verification = verify(block, module, args, kwargs)
-        counts_itself = getattr(getattr(module, "experts_container", None), "counts_tokens", False)
+        hook = not counts_itself(module)
         for expert in getattr(module, "expert_modules", list)():
-            count_tokens(expert, hook=not counts_itself)  # after verification: coverage counts the user's tokens
+            count_tokens(expert, hook=hook)  # after verification: coverage counts the user's tokens
         return module
 
 

@@ -1,8 +1,10 @@
 """``autocal.coverage(model)``: tokens each expert saw since conversion (or since ``reset``).
 
-Every calibration module counts the rows each of its experts receives with a
-forward pre-hook on the expert module (the Linears inside stay hook-free). An
-expert that saw no token would get no calibration data: it is flagged.
+Every calibration module counts the rows each of its experts receives: the
+experts containers autocal synthesizes count in their own dispatch (no hook, so
+the calibration forward keeps its grouped path), other modules through a forward
+pre-hook on the expert module. The Linears inside stay hook-free. An expert that
+saw no token would get no calibration data: it is flagged.
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import errors
+from .coverage import _COUNTER
 
-__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen"]
+__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
 # experts compute gate and up as two matmuls where the original did one, and a
@@ -82,9 +83,28 @@ def _fresh(kwargs: dict) -> dict:
 
 
 @contextmanager
-def rows_seen(modules: list[nn.Module]) -> Iterator[list[int]]:
-    """Count the input rows each module receives while the context is open."""
+def rows_seen(modules: list[nn.Module], counting_themselves: bool = False) -> Iterator[list[int]]:
+    """Count the input rows each module receives while the context is open.
+
+    With ``counting_themselves`` the modules' dispatch counts their rows (the
+    counter of ``autocal.coverage``): it is read, not hooked, so the dispatch
+    keeps the path it takes when nothing is hooked (a hook on an expert module
+    makes the calibration forward run experts one at a time). The counter is
+    left as it was.
+    """
     seen = [0] * len(modules)
+    if counting_themselves:
+        before = [module.__dict__.get(_COUNTER) for module in modules]
+        for module in modules:
+            module.__dict__[_COUNTER] = 0
+        try:
+            yield seen
+        finally:
+            for i, (module, count) in enumerate(zip(modules, before)):
+                seen[i] = module.__dict__.pop(_COUNTER)
+                if count is not None:
+                    module.__dict__[_COUNTER] = count
+        return
     handles = []
     for i, module in enumerate(modules):
         def hook(_, args, i=i):
@@ -97,11 +117,17 @@ def rows_seen(modules: list[nn.Module]) -> Iterator[list[int]]:
             handle.remove()
 
 
+def counts_itself(calibration: nn.Module) -> bool:
+    """Does the calibration module's dispatch count its experts' rows (no hook needed)?"""
+    return getattr(getattr(calibration, "experts_container", None), "counts_tokens", False)
+
+
 def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
     """Run both modules on ``args`` and raise ``verification-failed`` if they disagree.
 
-    Coverage is counted with hooks on ``calibration.expert_modules()`` (a
-    hand-written module without that method is checked for equality only).
+    Coverage is counted on ``calibration.expert_modules()``, by the module's own
+    counter where it has one, so the calibration forward runs as it will for the
+    user (a hand-written module without that method is checked for equality only).
     """
     kwargs = kwargs or {}
     mode = calibration.calibrate_all_experts
@@ -111,7 +137,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             calibration.calibrate_all_experts = False
             off = calibration(*args, **_fresh(kwargs))
             calibration.calibrate_all_experts = True
-            with rows_seen(getattr(calibration, "expert_modules", list)()) as seen:
+            with rows_seen(getattr(calibration, "expert_modules", list)(), counts_itself(calibration)) as seen:
                 on = calibration(*args, **_fresh(kwargs))
     finally:
         calibration.calibrate_all_experts = mode

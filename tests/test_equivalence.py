@@ -206,3 +206,11 @@ def test_experts_reading_a_weight_of_their_container_run_in_groups():
     assert compare_outputs(expected, on)[2]
     assert set(rows.values()) == {14}
     assert module.experts_container._grouped.usable, "the container's weight is shared by the group, not per expert"
+
+
+def test_verification_runs_the_calibration_forward_users_run():
+    """Verification counts coverage without hooking the expert modules (a hook there turns the grouped run
+    off), so the grouped run is what it checks against the original."""
+    config = ToyMoEConfig(kind="concat", num_experts=6, top_k=2)
+    module = autocal.synthesize(make_toy_block(config))
+    assert module.experts_container._grouped.usable is True

@@ -21,7 +21,7 @@ from .. import errors
 from ..api import convert, restore
 from ..explain import explain
 from ..registry import MoECalibrationModule
-from ..verify import compare_outputs, rows_seen
+from ..verify import compare_outputs, counts_itself, rows_seen
 from . import zoo
 
 __all__ = ["ZooResult", "run_architecture"]
@@ -94,13 +94,16 @@ def _coverage(model: nn.Module, run) -> tuple[str, bool]:
 
     handles = [m.register_forward_pre_hook(count_block, with_kwargs=True) for m in modules]
     experts = [(m, e) for m in modules for e in m.expert_modules()]
+    counting = [(m, e) for m, e in experts if counts_itself(m)]  # read their own counter: no hook on them
+    hooked = [(m, e) for m, e in experts if not counts_itself(m)]
     try:
-        with rows_seen([e for _, e in experts]) as seen:
+        with rows_seen([e for _, e in counting], counting_themselves=True) as counted, \
+                rows_seen([e for _, e in hooked]) as seen:
             run()
     finally:
         for handle in handles:
             handle.remove()
-    reached = [(m, n) for (m, _), n in zip(experts, seen) if id(m) in block_rows]
+    reached = [(m, n) for (m, _), n in zip(counting + hooked, counted + seen) if id(m) in block_rows]
     covered = sum(1 for m, n in reached if n >= block_rows[id(m)])
     return f"{covered}/{len(reached)}", covered == len(reached)
 
