@@ -20,8 +20,16 @@ from torch import nn
 
 import autocal
 from autocal.testing import zoo
+from autocal.testing.assertions import count_rows
 from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
 from autocal.verify import compare_outputs
+
+
+def _original_and_synthesized(block, x):
+    """The block's own output on ``x``, and its synthesized calibration module."""
+    with torch.no_grad():
+        expected = block(x)
+    return expected, autocal.synthesize(block)
 
 
 def _outputs(module, x, calibrate):
@@ -68,9 +76,7 @@ def test_zero_tokens(kind):
     config = ToyMoEConfig(kind=kind)
     block = make_toy_block(config)
     x = example_hidden_states(config, seq=1)[:, :0]
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     for calibrate in (False, True):
         out = _outputs(module, x, calibrate)
         assert main_output(out).shape == main_output(expected).shape == (1, 0, config.hidden_size)
@@ -80,9 +86,7 @@ def test_float16_weights():
     config = ToyMoEConfig(kind="concat", dtype=torch.float16)
     block = make_toy_block(config)
     x = example_hidden_states(config, seq=7)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert torch.equal(_outputs(module, x, False), expected)
     assert compare_outputs(expected, _outputs(module, x, True))[2]
 
@@ -296,9 +300,7 @@ def test_router_choices_without_weights_run_as_the_original_runs_them():
     torch.manual_seed(0)
     block = _WeightlessChoicesBlock()
     x = torch.randn(40, 8)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.experts.num_experts == 4 and module.structure.router.num_choices == 7
     assert module.structure.experts.layout["choices_without_weights"] == 3
     for calibrate in (False, True):
@@ -361,14 +363,10 @@ def _masked_loop():
 
 @pytest.mark.parametrize("block_cls", [_masked_loop, _ItemAssignment, _DictOfExperts])
 def test_dispatch_loops_fx_cannot_trace_are_recorded(block_cls):
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = block_cls()
     x = torch.randn(3, 5, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "recorded-block" and module.structure.experts.num_experts == len(block.experts)
     assert module.structure.router.top_k == block.top_k
     experts = dict(enumerate(module.expert_modules()))
@@ -447,14 +445,10 @@ class _GroupedGemmBlock(nn.Module):
 
 
 def test_sorted_dispatch_through_weight_banks():
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _GroupedGemmBlock()
     x = torch.randn(2, 9, 8)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "sorted" and module.structure.router.top_k == 2
     assert module.structure.experts.num_experts == 5 and module.structure.router.scoring == "softmax"
     for calibrate in (False, True):
@@ -568,8 +562,6 @@ class _MixtureOfHeadsAttention(nn.Module):
 
 
 def test_attention_experts_are_calibrated_by_forcing_the_routing():
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     attention = _MixtureOfHeadsAttention(experts=5, k=2)
     model = nn.Sequential(attention)
@@ -669,8 +661,6 @@ class _OwnWeightsMoE(nn.Module):
     (lambda: _OwnWeightsMoE(), (9, 8)),
 ], ids=["gpt-fast", "on-the-block"])
 def test_expert_weights_gathered_by_the_routing_indices(make, shape):
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = make()
     x = torch.randn(shape)
@@ -722,14 +712,10 @@ class _NeuronExperts(nn.Module):
 
 
 def test_experts_that_are_rows_of_embedding_tables():
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _NeuronExperts()
     x = torch.randn(2, 6, 8)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "gathered" and module.structure.experts.num_experts == 9
     assert module.structure.experts.layout["applied as"] == {"down.weight": "row", "up.weight": "slot-sum"}
     downs = dict(enumerate(module.down.weight_experts.experts()))
@@ -816,14 +802,10 @@ class _CapacityMoE(nn.Module):
 
 @pytest.mark.parametrize("k, capacity_factor", [(1, 1.0), (2, 1.25), (2, 8.0)])
 def test_dispatch_by_a_mask_contraction_with_capacity(k, capacity_factor):
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _CapacityMoE(k=k, capacity_factor=capacity_factor)
     x = torch.randn(2, 9, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "mask-dispatch" and module.structure.router.top_k == k
     assert module.structure.router.num_choices == 4
     fc1 = {e: expert.fc1 for e, expert in enumerate(module.experts)}
@@ -850,8 +832,6 @@ def test_dispatch_by_a_mask_contraction_with_capacity(k, capacity_factor):
 @given(experts=st.integers(2, 6), k=st.integers(1, 3), tokens=st.integers(1, 17),
        capacity_factor=st.sampled_from([0.5, 1.0, 2.0]), seed=st.integers(0, 2**16))
 def test_mask_dispatch_calibrates_every_expert_on_every_token(experts, k, tokens, capacity_factor, seed):
-    from autocal.testing.assertions import count_rows
-
     k = min(k, experts)
     torch.manual_seed(seed)
     block = _CapacityMoE(experts=experts, k=k, capacity_factor=capacity_factor)
@@ -890,14 +870,10 @@ class _ExpertChoiceMoE(nn.Module):
 @pytest.mark.parametrize("tokens", [5, 14, 40])
 def test_recipes_recorded_at_another_number_of_tokens_still_cover_every_token(tokens):
     """Detection runs on made-up inputs; the capacity it records is not the one of the calibration batch."""
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _ExpertChoiceMoE()
     x = torch.randn(1, tokens, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "recorded-block"
     seen = {}
     for e, expert in enumerate(module.experts):
@@ -955,14 +931,10 @@ class _LoopOverOwnWeights(nn.Module):
 
 @pytest.mark.parametrize("style", ["linear", "transposed", "matmul"])
 def test_expert_weights_sliced_per_expert_in_a_loop(style):
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _LoopOverOwnWeights(style)
     x = torch.randn(2, 7, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "gathered" and module.structure.router.top_k == 2
     orientation = "matmul" if style == "matmul" else "linear"
     assert module.structure.experts.layout["applied as"] == {"up": orientation, "down": orientation}
@@ -1057,14 +1029,10 @@ class _RemoteCodeMoE(nn.Module):
 
 @pytest.mark.parametrize("tokens", [3, 14, 40])
 def test_rows_sorted_by_expert_and_sliced_on_the_host(tokens):
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _RemoteCodeMoE()
     x = torch.randn(1, tokens, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "recorded-block"
     assert module.structure.router.top_k == 2 and module.structure.router.scoring == "sigmoid"
     downs = {e: m.down_proj for e, m in enumerate(module.experts)}
@@ -1095,14 +1063,10 @@ class _TokenByTokenMoE(nn.Module):
 
 
 def test_experts_called_one_token_at_a_time():
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _TokenByTokenMoE()
     x = torch.randn(1, 9, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.level == "recorded-block" and module.structure.router.top_k == 2
     with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts)}) as rows:
         assert torch.equal(module(x), expected)
@@ -1132,14 +1096,10 @@ class _SortedChoiceMoE(nn.Module):
 
 
 def test_a_sort_then_the_first_k_is_a_top_k():
-    from autocal.testing.assertions import count_rows
-
     torch.manual_seed(0)
     block = _SortedChoiceMoE()
     x = torch.randn(1, 9, 16)
-    with torch.no_grad():
-        expected = block(x)
-    module = autocal.synthesize(block)
+    expected, module = _original_and_synthesized(block, x)
     assert module.structure.router.top_k == 2 and module.structure.router.selection == "sort"
     with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts.values())}) as rows:
         assert torch.equal(module(x), expected)

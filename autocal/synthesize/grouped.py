@@ -82,8 +82,7 @@ class GroupedTemplate:
             if node.op == "placeholder":
                 env[node] = Shared(x) if node.target == "x" else _Unused()
             elif node.op == "get_attr":
-                members = _members(experts, node.target)
-                env[node] = Shared(members[0]) if all(m is members[0] for m in members) else members
+                env[node] = _members(experts, node.target)
             elif node.op == "output":
                 break
             elif node.target is project:
@@ -158,16 +157,21 @@ def _materialized(value: Any) -> Any:
     return value
 
 
-def _members(experts: list[nn.Module], name: str) -> list[Any]:
-    """``[getattr(e, name) for e in experts]``, without ``nn.Module.__getattr__``'s cost for children and attributes."""
+def _members(experts: list[nn.Module], name: str) -> list[Any] | Shared:
+    """``getattr(e, name)`` for every expert (also a dotted path); ``Shared`` where all hold the same object.
+
+    Children and plain attributes are read without ``nn.Module.__getattr__``'s cost.
+    """
     try:
         if name in experts[0]._modules:
-            return [e._modules[name] for e in experts]
-        if name in experts[0].__dict__:
-            return [e.__dict__[name] for e in experts]
-    except KeyError:  # not held the same way by every expert
-        pass
-    return [operator.attrgetter(name)(e) for e in experts]  # also a dotted path (a container's norm weight)
+            members = [e._modules[name] for e in experts]
+        elif name in experts[0].__dict__:
+            members = [e.__dict__[name] for e in experts]
+        else:
+            raise KeyError(name)
+    except KeyError:  # not held the same way by every expert, or a dotted path (a container's norm weight)
+        members = [operator.attrgetter(name)(e) for e in experts]
+    return Shared(members[0]) if all(m is members[0] for m in members) else members
 
 
 def _unwrap(value: Any) -> Any:
