@@ -8,8 +8,10 @@
 #   bash benchmarks/gpu_run.sh                          # all shapes at 512 and 2048 tokens, on cuda
 #   bash benchmarks/gpu_run.sh --shapes qwen3-30b-a3b   # extra arguments go to calibration_forward.py
 #   DEVICE=cpu bash benchmarks/gpu_run.sh --scale 16 --tokens 64 --repeats 2   # test the script on a CPU
+#   RUNS=3 bash benchmarks/gpu_run.sh --repeats 10      # three fresh processes, and the median of their ratios
 #
-# Writes $OUT/calibration_forward_<device>.json and .log, and $OUT/environment.txt.
+# Writes $OUT/calibration_forward_<device>.json and .log (with RUNS: _run<i>.json and .log each, and
+# _summary.json and .log), and $OUT/environment.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/autocal-bench}
@@ -39,5 +41,14 @@ else
   args=(--device "$DEVICE" --dtype float32)
 fi
 set -o pipefail
-"$PY" benchmarks/calibration_forward.py "${args[@]}" --json "$OUT/calibration_forward_$DEVICE.json" "$@" 2>&1 \
-  | grep --line-buffered -v "No accelerator available" | tee "$OUT/calibration_forward_$DEVICE.log"
+# RUNS=n: n runs, each a fresh process (the host's speed varies between processes), and their summary.
+RUNS=${RUNS:-1}
+for run in $(seq "$RUNS"); do
+  name="calibration_forward_$DEVICE"; [ "$RUNS" = 1 ] || name+="_run$run"
+  "$PY" benchmarks/calibration_forward.py "${args[@]}" --json "$OUT/$name.json" "$@" 2>&1 \
+    | grep --line-buffered -v "No accelerator available" | tee "$OUT/$name.log"
+done
+if [ "$RUNS" != 1 ]; then
+  "$PY" benchmarks/runs_summary.py "$OUT"/calibration_forward_"$DEVICE"_run*.json \
+    --json "$OUT/calibration_forward_${DEVICE}_summary.json" | tee "$OUT/calibration_forward_${DEVICE}_summary.log"
+fi

@@ -5,8 +5,10 @@
 For each kind, three (experts, k) and two dtypes: calibration off bitwise the
 original's (within rounding where the original itself is not deterministic on
 the GPU: atomic adds), on within rounding, and every expert Linear seeing every
-token once. Everything runs twice: with the default grouping of experts, and
-with every expert on its own (``GROUP_WORK = 0``, as large experts run on a GPU).
+token once. Everything runs three times: with the default grouping of experts,
+with every expert on its own (``GROUP_WORK = 0``, as large experts run on a GPU)
+and the lone experts combined several at a time (the default ``COMBINE_ELEMENTS``),
+and with every expert on its own and combined on its own (``COMBINE_ELEMENTS = 0``).
 Prints the failures and a count; exit status 1 if any.
 """
 
@@ -18,8 +20,10 @@ from autocal.testing.assertions import expert_linears, count_rows
 from autocal.verify import compare_outputs
 dev = torch.device("cuda")
 bad = 0
-for work, dtype in itertools.product((experts_module.GROUP_WORK, 0), (torch.float32, torch.bfloat16)):
-    experts_module.GROUP_WORK = work
+groupings = ((experts_module.GROUP_WORK, experts_module.COMBINE_ELEMENTS[False]), (0, experts_module.COMBINE_ELEMENTS[False]),
+             (0, 0))
+for (work, combine), dtype in itertools.product(groupings, (torch.float32, torch.bfloat16)):
+    experts_module.GROUP_WORK, experts_module.COMBINE_ELEMENTS[False] = work, combine
     for kind in KINDS:
         for E, k in ((8, 2), (6, 6), (5, 1)):
             try:
@@ -43,9 +47,9 @@ for work, dtype in itertools.product((experts_module.GROUP_WORK, 0), (torch.floa
                 ok = (compare_outputs(ref, off)[1] or not deterministic and compare_outputs(ref, off)[2]) and compare_outputs(ref, on)[2] and set(rows.values()) == {22}
                 if not ok:
                     bad += 1
-                    print("BAD", kind, E, k, dtype, work, compare_outputs(ref, off)[:2], compare_outputs(ref, on)[2], sorted(set(rows.values())))
+                    print("BAD", kind, E, k, dtype, work, combine, compare_outputs(ref, off)[:2], compare_outputs(ref, on)[2], sorted(set(rows.values())))
             except Exception as e:
                 bad += 1
-                print("ERR", kind, E, k, dtype, work, repr(e)[:300])
+                print("ERR", kind, E, k, dtype, work, combine, repr(e)[:300])
 print("cuda checks done, bad =", bad, torch.cuda.get_device_name(0))
 raise SystemExit(1 if bad else 0)

@@ -3,16 +3,24 @@
 The results of each run are kept in benchmarks/results/*.json (written by
 benchmarks/calibration_forward.py --json); each of their rows must appear in a
 table of the page with the same times, so the page cannot drift from the runs.
+Summaries of several runs (benchmarks/runs_summary.py --json) must appear with
+the same medians and ranges.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = (ROOT / "docs" / "benchmarks.md").read_text()
-RESULTS = sorted((ROOT / "benchmarks" / "results").glob("calibration_forward_*.json"))
+SAVED = sorted((ROOT / "benchmarks" / "results").glob("calibration_forward_*.json"))
+RESULTS = [p for p in SAVED if not p.stem.endswith("_summary")]
+SUMMARIES = [p for p in SAVED if p.stem.endswith("_summary")]
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import runs_summary  # noqa: E402
 
 
 def _table_rows():
@@ -36,3 +44,28 @@ def test_every_measured_row_is_on_the_page(path):
 
 def test_results_exist_for_cpu_and_gpu():
     assert {p.stem for p in RESULTS} >= {"calibration_forward_cpu", "calibration_forward_cuda"}
+
+
+@pytest.mark.parametrize("path", SUMMARIES, ids=[p.stem for p in SUMMARIES])
+def test_every_summarized_row_is_on_the_page(path):
+    summary = json.loads(path.read_text())
+    lines = set(PAGE.splitlines())
+    for line in runs_summary.markdown_table(summary["rows"]).splitlines()[2:]:
+        assert line in lines, f"{path.name}: {line}"
+    for run in summary["runs"]:  # each run summarised is kept, and so on the page (above)
+        assert (ROOT / "benchmarks" / "results" / Path(run).name) in RESULTS, run
+
+
+def _run(rows):
+    return {"rows": [{"shape": s, "tokens": t, "mode": m, "speedup_vs_incumbent_paired": i, "autocal_over_floor": f}
+                     for s, t, m, i, f in rows]}
+
+
+def test_a_summary_takes_each_ratio_across_runs_and_keeps_rows_every_run_has():
+    runs = [_run([("a", 512, "plain", 2.0, 1.3), ("b", 512, "plain", 9.0, 9.0)]),
+            _run([("a", 512, "plain", 4.0, 1.1)]),
+            _run([("a", 512, "plain", 3.0, 1.2), ("b", 512, "plain", 9.0, 9.0)])]
+    (row,) = runs_summary.summarize(runs)
+    assert (row["shape"], row["runs"]) == ("a", 3)
+    assert row["speedup_vs_incumbent_paired"] == {"median": 3.0, "min": 2.0, "max": 4.0}
+    assert row["autocal_over_floor"] == {"median": 1.2, "min": 1.1, "max": 1.3}

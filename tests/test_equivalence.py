@@ -92,9 +92,13 @@ def test_token_chunks_bound_calibration_calls_with_the_same_output(config, token
         assert all(size <= chunk for size in sizes[1 if routed else 0:]), (expert, sizes, chunk)
 
 
-@given(config=toy_configs(kinds=SPARSE), tokens=token_counts(), group=st.integers(1, 8), seed=st.integers(0, 2**16))
-def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, group, seed):
-    """The grouped calibration forward (synthesize/grouped.py), ``group`` experts at a time, against one at a time."""
+@given(config=toy_configs(kinds=SPARSE), tokens=token_counts(), group=st.integers(1, 8), span=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, group, span, seed):
+    """The grouped calibration forward (synthesize/grouped.py), ``group`` experts at a time, against one at a time.
+
+    Experts that run alone (a group of one) are combined ``span`` at a time.
+    """
     block = make_toy_block(config, seed=seed)
     x = example_hidden_states(config, seq=tokens, seed=seed + 1)
     module = autocal.synthesize(block)
@@ -107,13 +111,14 @@ def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, group, see
         seen.setdefault(id(linear), []).append(args[0].clone())
 
     hooks = [linear.register_forward_pre_hook(observe) for linear in expert_linears(module).values()]
-    budget = experts_module.GROUP_ELEMENTS[True]
+    budgets = experts_module.GROUP_ELEMENTS[True], experts_module.COMBINE_ELEMENTS[True]
     experts_module.GROUP_ELEMENTS[True] = group * x.shape[:-1].numel() * container._widest
+    experts_module.COMBINE_ELEMENTS[True] = span * x.shape[:-1].numel() * container.output_features
     try:
         with torch.no_grad():
             grouped = module(x)
     finally:
-        experts_module.GROUP_ELEMENTS[True] = budget
+        experts_module.GROUP_ELEMENTS[True], experts_module.COMBINE_ELEMENTS[True] = budgets
     with torch.no_grad():
         note(f"grouped path usable: {container._grouped.usable}")
         grouped_inputs, seen = seen, {}

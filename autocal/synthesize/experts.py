@@ -46,6 +46,10 @@ from .ops import ProjectionLayout, geometry
 # On CPU the budget is small enough to stay in cache.
 GROUP_ELEMENTS = {False: 1 << 27, True: 1 << 18}
 GROUP_WORK = 1 << 35
+# Experts that run alone are combined several at a time: their outputs, up to COMBINE_ELEMENTS elements, are
+# stacked (one copy) and weighted and added by one gather, product and index_add_, not three launches each.
+# On CPU a launch costs less than the copy, so each is combined on its own.
+COMBINE_ELEMENTS = {False: 1 << 24, True: 0}
 
 __all__ = ["SynthesizedExpert", "UnpackedExperts", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
 
@@ -173,6 +177,7 @@ class CalibrationExperts(UnpackedExperts):
         self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
         self.output_dtype = _dtype(structure.experts.output_dtype)
         self._signature = inspect.signature(original.forward)
+        self._positions = _positions(self._signature, [self.roles[r] for r in _ROLES])
         self.counts_tokens = True  # _call counts rows for autocal.coverage; no hook needed
         # Router choices past the packed experts (weightless "zero experts") run through the original container.
         self.num_choices = max(structure.router.num_choices, self.num_experts)
@@ -181,18 +186,22 @@ class CalibrationExperts(UnpackedExperts):
         self._widest = max([p.features for p in structure.template.projections]
                            + [r.out_features for r in structure.template.linears])
         self._work_per_token = sum(r.in_features * r.out_features for r in structure.template.linears)
+        self._span_firsts: dict[tuple, torch.Tensor] = {}
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        bound = self._signature.bind(*args, **kwargs).arguments
-        hidden, index, weights = (bound[self.roles[r]] for r in ("hidden", "index", "weights"))
+        if not kwargs and self._positions is not None and len(args) == self._positions[0]:  # the usual call
+            hidden, index, weights = (args[p] for p in self._positions[1])
+        else:
+            bound = self._signature.bind(*args, **kwargs).arguments
+            hidden, index, weights = (bound[self.roles[r]] for r in _ROLES)
         leading = hidden.shape[:-1]
         hidden = hidden.reshape(-1, hidden.shape[-1])
         index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
-        output = hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
         slot_major = index.transpose(0, 1)
         if self.calibrate_all_experts and self.dense_calibration and self.calibration_chunk_size is None:
-            self._dense(hidden, index, weights, output)
+            output = self._dense(hidden, index, weights)
         else:
+            output = self._zeros(hidden)
             for expert in range(self.num_experts):
                 slot, token = torch.where(slot_major == expert)
                 if token.numel():
@@ -222,7 +231,11 @@ class CalibrationExperts(UnpackedExperts):
         with eager_experts(self.__dict__["_packed_container"]):
             return self.__dict__["_packed_container"](**inputs)
 
-    def _dense(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, output: torch.Tensor) -> None:
+    def _zeros(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output the routed rows are added to."""
+        return hidden.new_zeros(hidden.shape[0], self.output_features, dtype=self.accumulate_dtype or hidden.dtype)
+
+    def _dense(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # With ``calibration_chunk_size`` set, calibration takes the routed + unrouted path instead: the
         # routed rows are computed as with calibration off and the unrouted rows run in chunks of at most
         # that many tokens, bounding activation memory with the same output.
@@ -234,8 +247,8 @@ class CalibrationExperts(UnpackedExperts):
         """
         experts = self.experts()
         if self._groupable(experts, hidden):
-            self._dense_grouped(experts, hidden, index, weights, output)
-            return
+            return self._dense_grouped(experts, hidden, index, weights)
+        output = self._zeros(hidden)
         # One pass over the routing for all experts: per token, each expert's summed weight and whether it
         # was routed at all (index E and above, e.g. an expert-parallel sentinel, falls into a spare column).
         columns = index.clamp(max=self.num_experts)
@@ -247,50 +260,76 @@ class CalibrationExperts(UnpackedExperts):
             for expert in range(self.num_experts):
                 contribution = self._call(expert, hidden, weight[:, expert, None])
                 output.index_add_(0, rows[expert], contribution[rows[expert]].to(output.dtype))
-            return
+            return output
         unrouted = ~routed
         for expert in range(self.num_experts):
             contribution = self._call(expert, hidden, weight[:, expert, None])
             output.add_(contribution.to(output.dtype).masked_fill(unrouted[:, expert, None], 0))
+        return output
 
     def _groupable(self, experts: list[nn.Module], hidden: torch.Tensor) -> bool:
         """Can the experts run in groups: nothing hooked on the expert modules, and the grouped run checked?"""
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks or any(
                 e._forward_hooks or e._forward_pre_hooks or "forward" in e.__dict__ for e in experts):
             return False
-        return self._grouped.check(experts[:2], hidden[:4])
+        usable = self._grouped.usable  # checked once (check() caches it); no slicing per call
+        return usable if usable is not None else self._grouped.check(experts[:2], hidden[:4])
 
-    def _group_size(self, hidden: torch.Tensor) -> int:
+    def _group_size(self, tokens: int, on_cpu: bool) -> int:
         """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS`` (see there)."""
-        on_cpu, tokens = hidden.device.type == "cpu", hidden.shape[0]
         if not on_cpu and tokens * self._work_per_token > GROUP_WORK:
             return 1
         return max(1, min(self.num_experts, GROUP_ELEMENTS[on_cpu] // max(1, tokens * self._widest)))
 
+    def _span(self, size: int, tokens: int, on_cpu: bool) -> int:
+        """Experts combined at once: one group, or lone experts within ``COMBINE_ELEMENTS`` (see there)."""
+        if size > 1:
+            return size
+        return max(1, min(self.num_experts, COMBINE_ELEMENTS[on_cpu] // max(1, tokens * self.output_features)))
+
     def _dense_grouped(self, experts: list[nn.Module], hidden: torch.Tensor, index: torch.Tensor,
-                       weights: torch.Tensor, output: torch.Tensor) -> None:
-        """``_dense`` with the experts run ``size`` at a time (see ``grouped.py``).
+                       weights: torch.Tensor) -> torch.Tensor:
+        """``_dense`` with the experts run ``size`` at a time (see ``grouped.py``) and combined ``span`` at a time.
 
         Each group's unweighted outputs on all tokens are computed at once; only
-        the routed rows are then weighted, cast and added. A group is combined
-        once the next one is queued, and which rows are routed is worked out
-        (``RoutedSlots``) once the first is: the host never waits for the
-        device while the device has nothing queued.
+        the routed rows are then weighted, cast and added. A span is combined
+        once the next one is queued. The host never waits for the device while
+        the device has nothing queued: the first expert Linear is launched
+        before anything else, and which rows are routed is worked out
+        (``RoutedSlots``) once the device has a group to run meanwhile, and
+        copied to the host while it runs the next.
         """
-        size, tokens = self._group_size(hidden), hidden.shape[0]
-        slots: RoutedSlots | None = None
-        queued: list[tuple[int, torch.Tensor]] = []
-        for number, start in enumerate(range(0, self.num_experts, size)):
+        tokens, on_cpu = hidden.shape[0], hidden.device.type == "cpu"
+        size = self._group_size(tokens, on_cpu)
+        span = self._span(size, tokens, on_cpu)
+        output, slots = None, None
+        running: list[torch.Tensor] = []  # outputs of the span being run
+        queued: list[tuple[int, torch.Tensor]] = []  # (number, outputs) of a span run and not yet combined
+        for start in range(0, self.num_experts, size):
             members = experts[start:start + size]
             for module in members:
                 if _COUNTER in module.__dict__:
                     module.__dict__[_COUNTER] += tokens
-            queued.append((number, self._grouped(members, hidden)))
-            if slots is None:
-                slots = RoutedSlots(index, weights, self.num_experts, size)
-            if len(queued) == 2:
-                self._combine(*queued.pop(0), slots, output)
+            running.append(self._grouped(members, hidden))
+            last = start + size >= self.num_experts
+            if slots is None and (len(running) == 2 or span == size or last):  # lone experts of a span: after the second
+                output = self._zeros(hidden)
+                slots = RoutedSlots(index, weights, self.num_experts, span, self._firsts(span, index))
+            if last or (start + size) % span == 0:
+                queued.append((start // span, running[0] if len(running) == 1 else torch.stack(running)))
+                running = []
+                if len(queued) == 2:
+                    self._combine(*queued.pop(0), slots, output)
         self._combine(*queued.pop(0), slots, output)
+        return output
+
+    def _firsts(self, span: int, index: torch.Tensor) -> torch.Tensor:
+        """The first expert of every span and ``num_experts`` after the last, on ``index``'s device (made once)."""
+        key = (span, index.device, index.dtype)
+        if key not in self._span_firsts:
+            firsts = torch.arange(0, self.num_experts + span, span, dtype=index.dtype).clamp(max=self.num_experts)
+            self._span_firsts[key] = firsts.to(index.device)
+        return self._span_firsts[key]
 
     @staticmethod
     def _combine(number: int, unweighted: torch.Tensor, slots: "RoutedSlots", output: torch.Tensor) -> None:
@@ -313,6 +352,23 @@ class CalibrationExperts(UnpackedExperts):
         for chunk in rows.split(self.calibration_chunk_size or max(rows.numel(), 1)):
             self._call(expert, hidden[chunk], torch.ones(chunk.numel(), 1, dtype=dtype, device=hidden.device))
 
+_ROLES = ("hidden", "index", "weights")
+
+
+def _positions(signature: inspect.Signature, names: list[str]) -> tuple[int, tuple[int, ...]] | None:
+    """For a call passing every positional parameter and nothing else: how many, and where ``names`` are.
+
+    Such a call binds as ``signature.bind`` would, without its cost on every forward. None where it may
+    not (a name that is not positional, a keyword-only parameter without default).
+    """
+    parameters = list(signature.parameters.values())
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters) or \
+            not all(name in positional for name in names):
+        return None
+    return len(positional), tuple(positional.index(name) for name in names)
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
 
@@ -328,12 +384,14 @@ class RoutedSlots:
     original sums over slots.
     """
 
-    def __init__(self, index: torch.Tensor, weights: torch.Tensor, num_experts: int, size: int) -> None:
-        flat = index.reshape(-1).long()  # token-major: slot s of token t at t * k + s
-        order = torch.argsort(flat, stable=True)  # by expert, then (stable) by token
-        expert, self.token, self.weight = flat[order], order // index.shape[1], weights.reshape(-1, 1)[order]
-        self.row = self.token if size == 1 else expert % size * index.shape[0] + self.token  # in [G * T, H]
-        firsts = torch.arange(0, num_experts + size, size, device=index.device).clamp(max=num_experts)
+    def __init__(self, index: torch.Tensor, weights: torch.Tensor, num_experts: int, size: int,
+                 firsts: torch.Tensor | None = None) -> None:
+        flat = index.reshape(-1)  # token-major: slot s of token t at t * k + s
+        expert, order = torch.sort(flat, stable=True)  # by expert, then (stable) by token
+        self.token, self.weight = order // index.shape[1], weights.reshape(-1, 1).index_select(0, order)
+        self.row = self.token if size == 1 else torch.add(self.token, expert % size, alpha=index.shape[0])  # [G * T, H]
+        if firsts is None:  # the first expert of each group, and num_experts
+            firsts = torch.arange(0, num_experts + size, size, device=index.device).clamp(max=num_experts)
         self._bounds = _on_host_later(torch.searchsorted(expert, firsts.to(expert.dtype)))
         self._split: list[tuple[torch.Tensor, ...]] | None = None
 
@@ -342,8 +400,8 @@ class RoutedSlots:
         if self._split is None:
             bounds = self._bounds()
             sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-            start = bounds[0]
-            parts = (t[start:bounds[-1]].split(sizes) for t in (self.row, self.token, self.weight))
+            parts = [t.narrow(0, bounds[0], bounds[-1] - bounds[0]).split_with_sizes(sizes)  # not Tensor.split's
+                     for t in (self.row, self.token, self.weight)]                          # Python wrapper
             self._split = list(zip(*parts))
         return self._split[number]
 
