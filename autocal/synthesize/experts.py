@@ -307,10 +307,10 @@ class CalibrationExperts(UnpackedExperts):
         queued: list[tuple[int, torch.Tensor]] = []  # (number, outputs) of a span run and not yet combined
         for start in range(0, self.num_experts, size):
             members = experts[start:start + size]
-            for module in members:
+            running.append(self._grouped(members, hidden))
+            for module in members:  # counted once the group is queued: the device is busy meanwhile
                 if _COUNTER in module.__dict__:
                     module.__dict__[_COUNTER] += tokens
-            running.append(self._grouped(members, hidden))
             last = start + size >= self.num_experts
             if slots is None and (len(running) == 2 or span == size or last):  # lone experts of a span: after the second
                 output = self._zeros(hidden)
