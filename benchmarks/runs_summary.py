@@ -1,4 +1,4 @@
-"""Several runs of ``calibration_forward.py``, one fresh process each: per row, the median of the runs' ratios and their range.
+"""Several runs of ``calibration_forward.py`` (a fresh process each): per row, the median and range of each ratio.
 
     python benchmarks/runs_summary.py run1.json run2.json run3.json [--json summary.json]
 

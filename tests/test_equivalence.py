@@ -145,13 +145,14 @@ def test_a_hook_on_an_expert_module_runs_experts_one_by_one():
 
 
 @given(tokens=st.integers(1, 9), k=st.integers(1, 4), experts=st.integers(1, 9), size=st.integers(1, 9),
-       seed=st.integers(0, 2**16))
-def test_routed_slots_are_every_slot_of_the_group_sorted(tokens, k, experts, size, seed):
+       dtype=st.sampled_from([torch.int64, torch.int32]), firsts_given=st.booleans(), seed=st.integers(0, 2**16))
+def test_routed_slots_are_every_slot_of_the_group_sorted(tokens, k, experts, size, dtype, firsts_given, seed):
     """Sentinels (-1, ``experts`` and above) fall in no group; a token routed twice to one expert keeps both slots."""
     generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(-1, experts + 2, (tokens, k), generator=generator)
+    index = torch.randint(-1, experts + 2, (tokens, k), generator=generator).to(dtype)
     weights = torch.rand(tokens, k, generator=generator)
-    slots = RoutedSlots(index, weights, experts, size)
+    firsts = torch.arange(0, experts + size, size, dtype=dtype).clamp(max=experts) if firsts_given else None
+    slots = RoutedSlots(index, weights, experts, size, firsts)
     for number, start in enumerate(range(0, experts, size)):
         expected = sorted(((int(index[t, s]) - start) * tokens + t, t, float(weights[t, s]))
                           for t in range(tokens) for s in range(k) if start <= index[t, s] < min(start + size, experts))

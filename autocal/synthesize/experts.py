@@ -312,7 +312,7 @@ class CalibrationExperts(UnpackedExperts):
                 if _COUNTER in module.__dict__:
                     module.__dict__[_COUNTER] += tokens
             last = start + size >= self.num_experts
-            if slots is None and (len(running) == 2 or span == size or last):  # lone experts of a span: after the second
+            if slots is None and (len(running) == 2 or span == size or last):  # a span of lone experts: the second
                 output = self._zeros(hidden)
                 slots = RoutedSlots(index, weights, self.num_experts, span, self._firsts(span, index))
             if last or (start + size) % span == 0:
@@ -333,7 +333,7 @@ class CalibrationExperts(UnpackedExperts):
 
     @staticmethod
     def _combine(number: int, unweighted: torch.Tensor, slots: "RoutedSlots", output: torch.Tensor) -> None:
-        """Add group ``number``'s routed rows, weighted, to ``output`` (``unweighted``: ``[G, T, H]``, or ``[T, H]``)."""
+        """Add span ``number``'s routed rows, weighted, to ``output`` (``unweighted``: ``[G, T, H]``, or ``[T, H]``)."""
         row, token, weight = slots.group(number)
         rows = unweighted.reshape(-1, unweighted.shape[-1]).index_select(0, row) * weight
         output.index_add_(0, token, rows.to(output.dtype))
