@@ -9,6 +9,10 @@ may round a matmul split in two differently: the output is then within
 rtol 1e-5, atol 1e-6; bfloat16: rtol 1.6e-2, atol 1e-2).
 """
 
+import functools
+import warnings
+
+import pytest
 import torch
 from hypothesis import example, given, note
 from hypothesis import strategies as st
@@ -139,9 +143,75 @@ def test_a_hook_on_an_expert_module_runs_experts_one_by_one():
     calls = []
     for expert in module.expert_modules():
         expert.register_forward_hook(lambda m, a, out: calls.append(m))
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match="expert 0 .* has a forward hook"):
         module(example_hidden_states(config, seq=5))
     assert sorted(map(id, calls)) == sorted(map(id, module.expert_modules())), "each expert module called once"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per container
+        module(example_hidden_states(config, seq=5))
+
+
+def _run_with_expert_forwards(replace, calls: list) -> tuple[torch.Tensor, torch.Tensor, dict, list, int]:
+    """A toy block's calibration output with each expert's forward replaced by ``replace(expert)`` (measured
+    after one call, which may check the grouped run against the experts' own forwards), the output with
+    grouping off, the rows each expert Linear saw, the warnings, and how many ``calls`` the measured run made."""
+    config = ToyMoEConfig(num_experts=6, top_k=2)
+    module = autocal.synthesize(make_toy_block(config, seed=3))
+    x = example_hidden_states(config, seq=7, seed=4)
+    for expert in module.expert_modules():
+        expert.forward = replace(expert)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        module(x)
+    calls.clear()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, count_rows(expert_linears(module)) as rows:
+        warnings.simplefilter("always")
+        out = module(x)
+    measured_calls = len(calls)
+    module.experts_container._grouped.usable = False
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one_by_one = module(x)
+    return out, one_by_one, rows, [str(w.message) for w in [*first, *caught]], measured_calls
+
+
+def test_experts_wrapped_for_offloading_still_run_in_groups():
+    """A ``functools.wraps`` wrapper of the expert's own forward (offloading, as compressed-tensors and accelerate
+    install on every module) does not stop the grouped run; the expert Linears are called, not the wrapper."""
+    calls = []
+
+    def offload_like(expert):
+        own = expert.forward
+
+        @functools.wraps(own)
+        def forward(*args, **kwargs):
+            calls.append(expert)
+            return own(*args, **kwargs)
+        return forward
+
+    out, one_by_one, rows, said, wrapper_calls = _run_with_expert_forwards(offload_like, calls)
+    assert not said and wrapper_calls == 0, "grouped: no warning, the experts' wrappers not called"
+    assert set(rows.values()) == {7}, "every expert Linear saw every token once"
+    assert compare_outputs(one_by_one, out)[2]
+    assert calls, "one by one, each expert's (wrapped) forward ran"
+
+
+def test_an_expert_forward_replaced_otherwise_runs_experts_one_by_one():
+    calls = []
+
+    def replaced(expert):
+        own = expert.forward
+
+        def forward(*args, **kwargs):  # not a functools.wraps wrapper: may do anything
+            calls.append(expert)
+            return own(*args, **kwargs)
+        return forward
+
+    out, one_by_one, rows, said, replaced_calls = _run_with_expert_forwards(replaced, calls)
+    assert len(said) == 1 and "not by a wrapper of its own forward" in said[0], "said once, when first met"
+    assert replaced_calls >= 6, "each expert's replaced forward ran"
+    assert set(rows.values()) == {7}
+    assert compare_outputs(one_by_one, out)[2]
 
 
 @given(tokens=st.integers(1, 9), k=st.integers(1, 4), experts=st.integers(1, 9), size=st.integers(1, 9),

@@ -25,6 +25,7 @@ calibration off.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Callable
 
 import torch
@@ -187,6 +188,7 @@ class CalibrationExperts(UnpackedExperts):
                            + [r.out_features for r in structure.template.linears])
         self._work_per_token = sum(r.in_features * r.out_features for r in structure.template.linears)
         self._span_firsts: dict[tuple, torch.Tensor] = {}
+        self._wrapped_forwards: dict[int, Callable] = {}  # see _own_forwards
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if not kwargs and self._positions is not None and len(args) == self._positions[0]:  # the usual call
@@ -270,10 +272,52 @@ class CalibrationExperts(UnpackedExperts):
     def _groupable(self, experts: list[nn.Module], hidden: torch.Tensor) -> bool:
         """Can the experts run in groups: nothing hooked on the expert modules, and the grouped run checked?"""
         if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks or any(
-                e._forward_hooks or e._forward_pre_hooks or "forward" in e.__dict__ for e in experts):
+                e._forward_hooks or e._forward_pre_hooks for e in experts) or not self._own_forwards(experts):
+            self._warn_ungrouped(experts)
             return False
         usable = self._grouped.usable  # checked once (check() caches it); no slicing per call
         return usable if usable is not None else self._grouped.check(experts[:2], hidden[:4])
+
+    def _own_forwards(self, experts: list[nn.Module]) -> bool:
+        """Does every expert run its class's forward, as is or through a wrapper of it?
+
+        Offloading (compressed-tensors, which LLM Compressor's pipelines apply
+        to every module; accelerate) replaces each module's forward on the
+        instance by a ``functools.wraps`` wrapper that places the arguments on
+        the device the module's parameters are brought to, then calls the
+        forward it wraps. The grouped run calls the experts' Linears, whose own
+        wrappers do that, so such a wrapper does not stop it; any other
+        replaced forward does. Wrappers seen are remembered per expert, so the
+        walk runs once, not on every forward.
+        """
+        seen = self._wrapped_forwards
+        for number, expert in enumerate(experts):
+            forward = expert.__dict__.get("forward")
+            if forward is None or seen.get(number) is forward:
+                continue
+            if not _runs_own_forward(expert):
+                return False
+            seen[number] = forward
+        return True
+
+    def _warn_ungrouped(self, experts: list[nn.Module]) -> None:
+        """Say once why this container's experts run one at a time (each call of each expert must be seen)."""
+        if self.__dict__.get("_warned_ungrouped"):
+            return
+        self.__dict__["_warned_ungrouped"] = True
+        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+            reason = "a global module hook is registered (torch.nn.modules.module.register_module_forward_*hook)"
+        else:
+            number, expert = next(((i, e) for i, e in enumerate(experts) if e._forward_hooks or e._forward_pre_hooks
+                                   or not _runs_own_forward(e)), (0, experts[0]))
+            what = "a forward hook" if expert._forward_hooks or expert._forward_pre_hooks else \
+                "its forward replaced on the instance (not by a wrapper of its own forward)"
+            reason = f"expert {number} ({type(expert).__name__}) has {what}"
+        warnings.warn(
+            f"autocal: the calibration forward of the experts replacing a "
+            f"{type(self.__dict__['_packed_container']).__name__} calls each expert module on its own, not in "
+            f"groups, because {reason}; on a GPU this is several times slower. Hooks on the expert Linears "
+            f"(quantization observers) keep the grouped run.", stacklevel=4)
 
     def _group_size(self, tokens: int, on_cpu: bool) -> int:
         """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS`` (see there)."""
@@ -353,6 +397,25 @@ class CalibrationExperts(UnpackedExperts):
             self._call(expert, hidden[chunk], torch.ones(chunk.numel(), 1, dtype=dtype, device=hidden.device))
 
 _ROLES = ("hidden", "index", "weights")
+
+
+def _runs_own_forward(module: nn.Module) -> bool:
+    """Is ``module``'s forward its class's, as is or behind ``functools.wraps`` wrappers (see ``_own_forwards``)?"""
+    forward = module.__dict__.get("forward")
+    return forward is None or _wraps(forward, type(module).forward)
+
+
+def _wraps(replaced: Callable, own: Callable) -> bool:
+    """Is ``replaced`` the function ``own`` behind ``functools.wraps`` wrappers (bound methods or partials)?"""
+    inner = getattr(replaced, "__func__", replaced)
+    for _ in range(8):  # wrappers of wrappers; a cycle of __wrapped__ ends here
+        wrapped = getattr(inner, "__wrapped__", None)
+        if wrapped is None:
+            return False
+        inner = getattr(wrapped, "__func__", wrapped)
+        if inner is own:
+            return True
+    return False
 
 
 def _positions(signature: inspect.Signature, names: list[str]) -> tuple[int, tuple[int, ...]] | None:

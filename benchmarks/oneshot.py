@@ -1,0 +1,155 @@
+"""LLM Compressor's ``oneshot`` end to end: autocal's calibration modules against LLM Compressor's own.
+
+The flow users run: a random Qwen3-MoE model saved to disk and loaded with
+``from_pretrained``, then quantized by ``oneshot`` with a static FP8 recipe
+(every expert Linear observed on every calibration token), each run in a fresh
+subprocess:
+
+- ``autocal``: ``autocal.integrations.llmcompressor.oneshot`` (converts, then
+  calls ``llmcompressor.oneshot`` with every expert calibrated);
+- ``autocal-one-by-one``: the same, with every expert module called on its own,
+  as autocal did before it recognised the offloading wrappers LLM Compressor's
+  pipeline puts on every module (the rule of commit 5270eda, patched in here);
+- ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
+  on the unconverted model (LLM Compressor linearizes the experts itself).
+
+Reported: the wall time of the ``oneshot`` call (median over the rounds, the
+methods alternating), and that every expert Linear got an FP8 input scale.
+
+Usage (from the repository root, with llmcompressor installed)::
+
+    python benchmarks/oneshot.py --rounds 3 --json /tmp/oneshot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Shape, machine, qwen3_moe_config  # noqa: E402
+
+__all__ = ["main"]
+
+METHODS = ("autocal", "autocal-one-by-one", "incumbent")
+
+
+def save_model(args, path: Path) -> None:
+    """A random Qwen3-MoE model and a word-level tokenizer, saved where ``from_pretrained`` reads them."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    shape = Shape("oneshot", args.experts, args.hidden, args.width, args.top_k)
+    config = qwen3_moe_config(shape, torch.float32, num_layers=args.layers, vocab_size=args.vocab,
+                              intermediate_size=args.hidden * 2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=args.hidden // 4)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    vocabulary = {f"t{i}": i for i in range(args.vocab)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
+                            unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(path)
+
+
+def child(args) -> dict:
+    """One oneshot run of ``args.method`` on the saved model (this process)."""
+    from compressed_tensors.quantization import QuantizationStatus  # noqa: F401  (llmcompressor's stack)
+    from datasets import Dataset
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    ids = torch.randint(2, args.vocab, (args.samples, args.tokens), generator=torch.Generator().manual_seed(1))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    kwargs = dict(dataset=dataset, num_calibration_samples=args.samples, max_seq_length=args.tokens,
+                  shuffle_calibration_samples=False)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head", "re:.*mlp.gate$"])
+    if args.method == "incumbent":
+        import llmcompressor
+
+        started = time.perf_counter()
+        llmcompressor.oneshot(model=model, recipe=recipe, moe_calibrate_all_experts=True, **kwargs)
+        seconds = time.perf_counter() - started
+    else:
+        from autocal.integrations import llmcompressor as alc
+        from autocal.synthesize import experts as experts_module
+
+        if args.method == "autocal-one-by-one":  # the rule before: any forward set on an expert instance
+            experts_module._runs_own_forward = lambda module: "forward" not in module.__dict__
+        alc.prepare(model)
+        started = time.perf_counter()
+        alc.oneshot(model, recipe=recipe, **kwargs)
+        seconds = time.perf_counter() - started
+    experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
+    scaled = sum(hasattr(m, "input_scale") and bool(torch.isfinite(m.input_scale).all()) for m in experts)
+    return {"method": args.method, "oneshot_s": seconds, "expert_linears": len(experts),
+            "expert_linears_with_input_scale": scaled}
+
+
+def run_child(method: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", method, "--model", str(args.model)] + [
+        f"--{k}={getattr(args, k)}" for k in ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples",
+                                               "tokens", "threads") if getattr(args, k) is not None]
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if out.returncode:
+        raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--top_k", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=16, help="calibration sequences")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads in each subprocess")
+    parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.method = args.child
+        print(json.dumps(child(args)))
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        args.model = Path(folder) / "model"
+        save_model(args, args.model)
+        runs = []
+        for round_ in range(args.rounds):
+            for method in METHODS:
+                runs.append(run_child(method, args))
+                print(f"round {round_ + 1}: {method:<20} oneshot {runs[-1]['oneshot_s']:.2f} s", flush=True)
+    medians = {m: statistics.median(r["oneshot_s"] for r in runs if r["method"] == m) for m in METHODS}
+    print()
+    print("| method | oneshot s (median) | every expert Linear has an FP8 input scale |")
+    print("|---|---|---|")
+    for method in METHODS:
+        complete = all(r["expert_linears_with_input_scale"] == r["expert_linears"] > 0
+                       for r in runs if r["method"] == method)
+        print(f"| {method} | {medians[method]:.2f} | {'yes' if complete else 'no'} |")
+    result = {"benchmark": "oneshot", "command": " ".join(["python", *sys.argv]), "machine": machine(torch.device("cpu")),
+              "settings": {k: getattr(args, k) for k in ("layers", "experts", "hidden", "width", "top_k", "vocab",
+                                                         "samples", "tokens", "threads", "rounds")},
+              "medians_s": medians, "runs": runs}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
