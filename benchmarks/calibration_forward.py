@@ -82,7 +82,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def measure_shape(shape, tokens_list, device, dtype, repeats, warmup, modes, incumbent, seed=0) -> list[dict]:
+def measure_shape(shape, tokens_list, device, dtype, repeats, warmup, modes, incumbent, seed=0,
+                  offloaded=False) -> list[dict]:
     """Rows of results (one per token count and mode) for one shape."""
     started = time.perf_counter()
     block, config = build_block(shape, device, dtype, seed)
@@ -97,6 +98,8 @@ def measure_shape(shape, tokens_list, device, dtype, repeats, warmup, modes, inc
     started = time.perf_counter()
     theirs = linearize(incumbent, block.experts, config)
     linearize_s = time.perf_counter() - started
+    if offloaded:
+        _offload_in_place(ours, theirs)
     print(f"  {shape.name}: built {built_s:.1f}s, autocal.synthesize {synthesize_s:.1f}s, "
           f"LinearExperts2D {linearize_s:.1f}s", flush=True)
 
@@ -140,6 +143,15 @@ def measure_shape(shape, tokens_list, device, dtype, repeats, warmup, modes, inc
         rows[0]["cuda_max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         torch.cuda.reset_peak_memory_stats(device)
     return rows
+
+
+def _offload_in_place(*containers: nn.Module) -> None:
+    """Every module's forward wrapped as LLM Compressor's pipeline wraps it (compressed-tensors offloading),
+    each module offloaded to the device it is on and onloaded there: the wrappers' cost, no copies."""
+    from compressed_tensors.offload import set_onload_device
+
+    for container in containers:
+        set_onload_device(container, next(container.parameters()).device)
 
 
 def _row(shape, tokens, mode, times, diffs, coverage, expected) -> dict:
@@ -192,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--offloaded", action="store_true",
+                        help="wrap every module of both experts containers as LLM Compressor's pipeline does "
+                             "(compressed-tensors offloading, onloaded where it is)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -211,14 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in args.shapes:
         rows += measure_shape(SHAPES[name].scaled(scale), args.tokens, device, dtype, repeats, args.warmup,
-                              args.modes, incumbent)
+                              args.modes, incumbent, offloaded=args.offloaded)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     result = {"benchmark": "calibration_forward", "command": " ".join(["python", *sys.argv]),
               "machine": info, "dtype": str(dtype).removeprefix("torch."), "scale": scale, "repeats": repeats,
-              "warmup": args.warmup, "incumbent_import": imported, "rows": rows}
+              "warmup": args.warmup, "incumbent_import": imported, "offloaded": args.offloaded, "rows": rows}
     print()
     print(markdown_table(rows))
     if args.json:
