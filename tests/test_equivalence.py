@@ -196,6 +196,19 @@ def test_experts_wrapped_for_offloading_still_run_in_groups():
     assert calls, "one by one, each expert's (wrapped) forward ran"
 
 
+def test_an_expert_forward_set_back_to_its_own_still_runs_in_groups():
+    """Removing offloading sets the class's forward, bound, on the instance; another expert's is not its own."""
+    calls = []
+    own_bound = lambda expert: type(expert).forward.__get__(expert)  # noqa: E731
+    out, one_by_one, rows, said, _ = _run_with_expert_forwards(own_bound, calls)
+    assert not said and set(rows.values()) == {7}
+    assert compare_outputs(one_by_one, out)[2]
+    others = {}
+    out, one_by_one, rows, said, _ = _run_with_expert_forwards(
+        lambda expert: others.setdefault("first", type(expert).forward.__get__(expert)), calls)
+    assert len(said) == 1 and "not by a wrapper of its own forward" in said[0]
+
+
 def test_an_expert_forward_replaced_otherwise_runs_experts_one_by_one():
     calls = []
 

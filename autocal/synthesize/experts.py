@@ -400,21 +400,28 @@ _ROLES = ("hidden", "index", "weights")
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
-    """Is ``module``'s forward its class's, as is or behind ``functools.wraps`` wrappers (see ``_own_forwards``)?"""
+    """Is ``module``'s forward its class's, as is or behind ``functools.wraps`` wrappers (see ``_own_forwards``)?
+
+    Also a bound method of the class's forward set on the instance, as removing offloading leaves it.
+    """
     forward = module.__dict__.get("forward")
-    return forward is None or _wraps(forward, type(module).forward)
+    if forward is None:
+        return True
+    if getattr(forward, "__self__", module) is not module:  # bound to another module
+        return False
+    return _wraps(forward, type(module).forward)
 
 
 def _wraps(replaced: Callable, own: Callable) -> bool:
-    """Is ``replaced`` the function ``own`` behind ``functools.wraps`` wrappers (bound methods or partials)?"""
+    """Is ``replaced`` the function ``own``, itself or behind ``functools.wraps`` wrappers (bound or partial)?"""
     inner = getattr(replaced, "__func__", replaced)
     for _ in range(8):  # wrappers of wrappers; a cycle of __wrapped__ ends here
+        if inner is own:
+            return True
         wrapped = getattr(inner, "__wrapped__", None)
         if wrapped is None:
             return False
         inner = getattr(wrapped, "__func__", wrapped)
-        if inner is own:
-            return True
     return False
 
 
