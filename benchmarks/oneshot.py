@@ -6,7 +6,10 @@ The flow users run: a random Qwen3-MoE model saved to disk and loaded with
 subprocess:
 
 - ``autocal``: ``autocal.integrations.llmcompressor.oneshot`` (converts, then
-  calls ``llmcompressor.oneshot`` with every expert calibrated);
+  calls ``llmcompressor.oneshot`` with every expert calibrated; in the
+  propagation passes, with every hook disabled, only the routed experts run);
+- ``autocal-propagate-all``: the same with ``propagate_routed=False``: every
+  expert runs in the propagation passes too, as LLM Compressor's own path does;
 - ``autocal-one-by-one``: the same, with every expert module called on its own,
   as autocal did before it recognised the offloading wrappers LLM Compressor's
   pipeline puts on every module (the rule of commit 5270eda, patched in here);
@@ -40,7 +43,7 @@ from _common import Shape, machine, qwen3_moe_config  # noqa: E402
 
 __all__ = ["main"]
 
-METHODS = ("autocal", "autocal-one-by-one", "incumbent")
+METHODS = ("autocal", "autocal-propagate-all", "autocal-one-by-one", "incumbent")
 
 
 def save_model(args, path: Path) -> None:
@@ -87,7 +90,7 @@ def child(args) -> dict:
             experts_module._runs_own_forward = lambda module: "forward" not in module.__dict__
         alc.prepare(model)
         started = time.perf_counter()
-        alc.oneshot(model, recipe=recipe, **kwargs)
+        alc.oneshot(model, recipe=recipe, propagate_routed=args.method == "autocal", **kwargs)
         seconds = time.perf_counter() - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
     scaled = sum(hasattr(m, "input_scale") and bool(torch.isfinite(m.input_scale).all()) for m in experts)
