@@ -436,22 +436,16 @@ def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: An
 # --------------------------------------------------------------------------------------------------
 
 
-def _lc_hooks_live() -> bool:
-    """Are LLM Compressor's calibration hooks enabled now (not a propagation pass)?"""
+def _lc_hooks_live(or_kept: bool = False) -> bool:
+    """Are LLM Compressor's calibration hooks enabled now (not a propagation pass)?
+
+    With ``or_kept``: could any of its hooks run (some kept enabled by ``disable_hooks(keep=…)``)?
+    """
     try:
         from llmcompressor.modifiers.utils.hooks import HooksMixin
     except ImportError:  # pragma: no cover - without the extra every pass counts
         return True
-    return not HooksMixin._HOOKS_DISABLED
-
-
-def _lc_any_hook_live() -> bool:
-    """Could any of LLM Compressor's hooks run now: not disabled, or some kept enabled (``disable_hooks(keep=…)``)?"""
-    try:
-        from llmcompressor.modifiers.utils.hooks import HooksMixin
-    except ImportError:  # pragma: no cover
-        return True
-    return not HooksMixin._HOOKS_DISABLED or bool(HooksMixin._HOOKS_KEEP_ENABLED)
+    return not HooksMixin._HOOKS_DISABLED or (or_kept and bool(HooksMixin._HOOKS_KEEP_ENABLED))
 
 
 def _rows(value: Any) -> int | None:
@@ -700,7 +694,7 @@ def _calibrating(model: nn.Module, enabled: bool, propagate_routed: bool = False
     handles = []
     if enabled and propagate_routed:
         def follow_hooks(block: nn.Module, args: Any) -> None:
-            observed = _lc_any_hook_live()
+            observed = _lc_hooks_live(or_kept=True)
             if block.calibrate_all_experts != observed:
                 block.calibrate_all_experts = observed
         handles = [block.register_forward_pre_hook(follow_hooks) for _, block in calibration_blocks(model)]

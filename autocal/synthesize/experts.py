@@ -188,7 +188,7 @@ class CalibrationExperts(UnpackedExperts):
                            + [r.out_features for r in structure.template.linears])
         self._work_per_token = sum(r.in_features * r.out_features for r in structure.template.linears)
         self._span_firsts: dict[tuple, torch.Tensor] = {}
-        self._wrapped_forwards: dict[int, Callable] = {}  # see _own_forwards
+        self._wrapped_forwards: dict[int, Callable] = {}  # see _why_called
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if not kwargs and self._positions is not None and len(args) == self._positions[0]:  # the usual call
@@ -270,54 +270,45 @@ class CalibrationExperts(UnpackedExperts):
         return output
 
     def _groupable(self, experts: list[nn.Module], hidden: torch.Tensor) -> bool:
-        """Can the experts run in groups: nothing hooked on the expert modules, and the grouped run checked?"""
-        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks or any(
-                e._forward_hooks or e._forward_pre_hooks for e in experts) or not self._own_forwards(experts):
-            self._warn_ungrouped(experts)
+        """Can the experts run in groups: nothing needs the expert modules called, and the grouped run checked?"""
+        reason = self._why_called(experts)
+        if reason is not None:
+            if not self.__dict__.get("_warned_ungrouped"):  # said once per container
+                self.__dict__["_warned_ungrouped"] = True
+                warnings.warn(
+                    f"autocal: the calibration forward of the experts replacing a "
+                    f"{type(self.__dict__['_packed_container']).__name__} calls each expert module on its own, "
+                    f"not in groups, because {reason}; on a GPU this is several times slower. Hooks on the expert "
+                    f"Linears (quantization observers) keep the grouped run.", stacklevel=4)
             return False
         usable = self._grouped.usable  # checked once (check() caches it); no slicing per call
         return usable if usable is not None else self._grouped.check(experts[:2], hidden[:4])
 
-    def _own_forwards(self, experts: list[nn.Module]) -> bool:
-        """Does every expert run its class's forward, as is or through a wrapper of it?
+    def _why_called(self, experts: list[nn.Module]) -> str | None:
+        """Why each expert module must be called itself (the grouped run calls their Linears), or None.
 
-        Offloading (compressed-tensors, which LLM Compressor's pipelines apply
-        to every module; accelerate) replaces each module's forward on the
-        instance by a ``functools.wraps`` wrapper that places the arguments on
-        the device the module's parameters are brought to, then calls the
-        forward it wraps. The grouped run calls the experts' Linears, whose own
-        wrappers do that, so such a wrapper does not stop it; any other
-        replaced forward does. Wrappers seen are remembered per expert, so the
-        walk runs once, not on every forward.
+        A hook on it does, and a forward replaced on the instance, except a
+        ``functools.wraps`` wrapper of its own forward: offloading
+        (compressed-tensors, which LLM Compressor's pipelines apply to every
+        module; accelerate) installs one that places the arguments on the device
+        the module's parameters are brought to, then calls the forward it wraps,
+        and in the grouped run the Linears' own wrappers do that. Wrappers seen
+        are remembered per expert, so the walk runs once, not on every forward.
         """
+        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+            return "a global module hook is registered (torch.nn.modules.module.register_module_forward_*hook)"
         seen = self._wrapped_forwards
         for number, expert in enumerate(experts):
+            if expert._forward_hooks or expert._forward_pre_hooks:
+                return f"expert {number} ({type(expert).__name__}) has a forward hook"
             forward = expert.__dict__.get("forward")
             if forward is None or seen.get(number) is forward:
                 continue
             if not _runs_own_forward(expert):
-                return False
+                return (f"expert {number} ({type(expert).__name__}) has its forward replaced on the instance "
+                        f"(not by a wrapper of its own forward)")
             seen[number] = forward
-        return True
-
-    def _warn_ungrouped(self, experts: list[nn.Module]) -> None:
-        """Say once why this container's experts run one at a time (each call of each expert must be seen)."""
-        if self.__dict__.get("_warned_ungrouped"):
-            return
-        self.__dict__["_warned_ungrouped"] = True
-        if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-            reason = "a global module hook is registered (torch.nn.modules.module.register_module_forward_*hook)"
-        else:
-            number, expert = next(((i, e) for i, e in enumerate(experts) if e._forward_hooks or e._forward_pre_hooks
-                                   or not _runs_own_forward(e)), (0, experts[0]))
-            what = "a forward hook" if expert._forward_hooks or expert._forward_pre_hooks else \
-                "its forward replaced on the instance (not by a wrapper of its own forward)"
-            reason = f"expert {number} ({type(expert).__name__}) has {what}"
-        warnings.warn(
-            f"autocal: the calibration forward of the experts replacing a "
-            f"{type(self.__dict__['_packed_container']).__name__} calls each expert module on its own, not in "
-            f"groups, because {reason}; on a GPU this is several times slower. Hooks on the expert Linears "
-            f"(quantization observers) keep the grouped run.", stacklevel=4)
+        return None
 
     def _group_size(self, tokens: int, on_cpu: bool) -> int:
         """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS`` (see there)."""
@@ -368,11 +359,10 @@ class CalibrationExperts(UnpackedExperts):
         return output
 
     def _firsts(self, span: int, index: torch.Tensor) -> torch.Tensor:
-        """The first expert of every span and ``num_experts`` after the last, on ``index``'s device (made once)."""
+        """``_group_firsts`` for ``index``, made once per span, device and dtype."""
         key = (span, index.device, index.dtype)
         if key not in self._span_firsts:
-            firsts = torch.arange(0, self.num_experts + span, span, dtype=index.dtype).clamp(max=self.num_experts)
-            self._span_firsts[key] = firsts.to(index.device)
+            self._span_firsts[key] = _group_firsts(self.num_experts, span, index)
         return self._span_firsts[key]
 
     @staticmethod
@@ -400,7 +390,7 @@ _ROLES = ("hidden", "index", "weights")
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
-    """Is ``module``'s forward its class's, as is or behind ``functools.wraps`` wrappers (see ``_own_forwards``)?
+    """Is ``module``'s forward its class's, as is or behind ``functools.wraps`` wrappers (see ``_why_called``)?
 
     Also a bound method of the class's forward set on the instance, as removing offloading leaves it.
     """
@@ -460,9 +450,8 @@ class RoutedSlots:
         expert, order = torch.sort(flat, stable=True)  # by expert, then (stable) by token
         self.token, self.weight = order // index.shape[1], weights.reshape(-1, 1).index_select(0, order)
         self.row = self.token if size == 1 else torch.add(self.token, expert % size, alpha=index.shape[0])  # [G * T, H]
-        if firsts is None:  # the first expert of each group, and num_experts
-            firsts = torch.arange(0, num_experts + size, size, device=index.device).clamp(max=num_experts)
-        self._bounds = _on_host_later(torch.searchsorted(expert, firsts.to(expert.dtype)))
+        firsts = _group_firsts(num_experts, size, index) if firsts is None else firsts
+        self._bounds = _on_host_later(torch.searchsorted(expert, firsts))
         self._split: list[tuple[torch.Tensor, ...]] | None = None
 
     def group(self, number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -474,6 +463,12 @@ class RoutedSlots:
                      for t in (self.row, self.token, self.weight)]                          # Python wrapper
             self._split = list(zip(*parts))
         return self._split[number]
+
+
+def _group_firsts(num_experts: int, size: int, index: torch.Tensor) -> torch.Tensor:
+    """The first expert of every group of ``size``, and ``num_experts`` after the last (``index``'s dtype and device)."""
+    firsts = torch.arange(0, num_experts + size, size, dtype=index.dtype).clamp(max=num_experts)
+    return firsts.to(index.device)
 
 
 def _on_host_later(tensor: torch.Tensor) -> Callable[[], list[int]]:
