@@ -466,7 +466,7 @@ class RoutedSlots:
 
 
 def _group_firsts(num_experts: int, size: int, index: torch.Tensor) -> torch.Tensor:
-    """The first expert of every group of ``size``, and ``num_experts`` after the last (``index``'s dtype and device)."""
+    """The first expert of every group of ``size``, and ``num_experts`` after the last (dtype, device: ``index``'s)."""
     firsts = torch.arange(0, num_experts + size, size, dtype=index.dtype).clamp(max=num_experts)
     return firsts.to(index.device)
 
