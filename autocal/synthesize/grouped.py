@@ -224,7 +224,8 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
     if untouched_group:
         return torch.stack([project(rows[g], tuple(linear[g] for linear in linears), columns, features, layouts[g])
                             for g in range(group)])
-    pieces = tuple(torch.stack([linear(row) for linear, row in zip(per_linear, rows)]) for per_linear in linears)
+    pieces = tuple(torch.stack([call_linear(linear, row) for linear, row in zip(per_linear, rows)])
+                   for per_linear in linears)
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
 
 

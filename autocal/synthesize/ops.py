@@ -107,7 +107,9 @@ def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slic
     While the Linears are untouched, the original matmul runs on the packed
     storage they view, so the result is bitwise the original's (BLAS may round
     a matmul split into Linears differently). Otherwise (a hook, a quantization
-    wrapper, replaced weights, autograd) each Linear is called and the pieces are
+    wrapper, replaced weights, autograd) each Linear is called (under
+    ``unobserved()``, its matmul alone: moved weights, as offloading leaves
+    them, must not let hooks see what calibration must not) and the pieces are
     written into one tensor, so that slicing it the way the original sliced its
     matmul output gives views with the original's strides: the elementwise ops
     that follow then vectorize, and round, as they did in the original.
@@ -119,7 +121,7 @@ def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slic
             return F.linear(x, operand, bias)
         out = F.linear(x, operand) if layout.op == "linear" else torch.matmul(x, operand)
         return out if bias is None else out + bias
-    pieces = tuple(linear(x) for linear in linears)
+    pieces = tuple(call_linear(linear, x) for linear in linears)
     return pieces[0] if len(pieces) == 1 else assemble_columns(pieces, columns, features)
 
 
