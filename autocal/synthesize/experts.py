@@ -204,8 +204,7 @@ class CalibrationExperts(UnpackedExperts):
             output = self._dense(hidden, index, weights)
         else:
             output = self._zeros(hidden)
-            for expert in range(self.num_experts):
-                slot, token = torch.where(slot_major == expert)
+            for expert, (slot, token) in enumerate(_routed_rows(slot_major, self.num_experts)):
                 if token.numel():
                     contribution = self._call(expert, hidden[token], weights[token, slot, None])
                     output.index_add_(0, token, contribution.to(output.dtype))
@@ -387,6 +386,20 @@ class CalibrationExperts(UnpackedExperts):
             self._call(expert, hidden[chunk], torch.ones(chunk.numel(), 1, dtype=dtype, device=hidden.device))
 
 _ROLES = ("hidden", "index", "weights")
+
+
+def _routed_rows(slot_major: torch.Tensor, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert, ``torch.where(slot_major == expert)``: its (slot, token) pairs in slot-major order.
+
+    From one stable sort and one copy of the experts' boundaries to the host,
+    not a ``torch.where`` per expert, each of which waits for the device.
+    """
+    tokens = slot_major.shape[1]
+    expert, position = torch.sort(slot_major.reshape(-1), stable=True)  # by expert, then slot-major position
+    firsts = torch.arange(num_experts + 1, dtype=expert.dtype, device=expert.device)
+    bounds = torch.searchsorted(expert, firsts).tolist()
+    slot, token = position // tokens, position % tokens
+    return [(slot[a:b], token[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
