@@ -16,12 +16,19 @@ subprocess:
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
   on the unconverted model (LLM Compressor linearizes the experts itself).
 
-Reported: the wall time of the ``oneshot`` call (median over the rounds, the
-methods alternating), and that every expert Linear got an FP8 input scale.
+Reported, as medians over the rounds (the methods alternating): the wall time
+of the ``oneshot`` call; for autocal also of ``prepare`` (trace, detect, convert
+and verify), which runs before it, so that "prepare + oneshot" compares with the
+incumbent's ``oneshot``, which linearizes the experts inside; and that every
+expert Linear got an FP8 input scale. On a machine with a GPU, LLM Compressor's
+pipeline runs each layer there (the model is loaded on the CPU); use
+``--dtype bfloat16``.
 
 Usage (from the repository root, with llmcompressor installed)::
 
     python benchmarks/oneshot.py --rounds 3 --json /tmp/oneshot.json
+    python benchmarks/oneshot.py --dtype bfloat16 --layers 4 --experts 128 --hidden 2048 --width 768 \
+        --samples 32 --tokens 512     # on a GPU: Qwen3-30B-A3B's layer shape
 """
 
 from __future__ import annotations
@@ -73,35 +80,38 @@ def child(args) -> dict:
     ids = torch.randint(2, args.vocab, (args.samples, args.tokens), generator=torch.Generator().manual_seed(1))
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     kwargs = dict(dataset=dataset, num_calibration_samples=args.samples, max_seq_length=args.tokens,
-                  shuffle_calibration_samples=False)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+                  shuffle_calibration_samples=False, batch_size=args.batch_size)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head", "re:.*mlp.gate$"])
     if args.method == "incumbent":
         import llmcompressor
 
         started = time.perf_counter()
         llmcompressor.oneshot(model=model, recipe=recipe, moe_calibrate_all_experts=True, **kwargs)
-        seconds = time.perf_counter() - started
+        seconds, prepare_seconds = time.perf_counter() - started, 0.0
     else:
         from autocal.integrations import llmcompressor as alc
         from autocal.synthesize import experts as experts_module
 
         if args.method == "autocal-one-by-one":  # the rule before: any forward set on an expert instance
             experts_module._runs_own_forward = lambda module: "forward" not in module.__dict__
-        alc.prepare(model)
         started = time.perf_counter()
+        alc.prepare(model)
+        prepared = time.perf_counter()
         alc.oneshot(model, recipe=recipe, propagate_routed=args.method == "autocal", **kwargs)
-        seconds = time.perf_counter() - started
+        seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
     scaled = sum(hasattr(m, "input_scale") and bool(torch.isfinite(m.input_scale).all()) for m in experts)
-    return {"method": args.method, "oneshot_s": seconds, "expert_linears": len(experts),
+    return {"method": args.method, "oneshot_s": seconds, "prepare_s": prepare_seconds,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "expert_linears": len(experts),
             "expert_linears_with_input_scale": scaled}
 
 
 def run_child(method: str, args) -> dict:
     command = [sys.executable, __file__, "--child", method, "--model", str(args.model)] + [
         f"--{k}={getattr(args, k)}" for k in ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples",
-                                               "tokens", "threads") if getattr(args, k) is not None]
+                                               "tokens", "threads", "dtype", "batch_size") if getattr(args, k) is not None]
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -119,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--samples", type=int, default=16, help="calibration sequences")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each subprocess")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--batch_size", type=int, default=1, help="oneshot's calibration batch size (sequences)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
@@ -133,21 +146,29 @@ def main(argv: list[str] | None = None) -> dict | None:
         save_model(args, args.model)
         runs = []
         for round_ in range(args.rounds):
-            for method in METHODS:
+            for method in args.methods:
                 runs.append(run_child(method, args))
-                print(f"round {round_ + 1}: {method:<20} oneshot {runs[-1]['oneshot_s']:.2f} s", flush=True)
-    medians = {m: statistics.median(r["oneshot_s"] for r in runs if r["method"] == m) for m in METHODS}
+                print(f"round {round_ + 1}: {method:<22} prepare {runs[-1]['prepare_s']:6.2f} s, "
+                      f"oneshot {runs[-1]['oneshot_s']:6.2f} s", flush=True)
+    medians = {m: statistics.median(r["oneshot_s"] for r in runs if r["method"] == m) for m in args.methods}
+    prepare_medians = {m: statistics.median(r["prepare_s"] for r in runs if r["method"] == m) for m in args.methods}
+    total_medians = {m: statistics.median(r["prepare_s"] + r["oneshot_s"] for r in runs if r["method"] == m)
+                     for m in args.methods}
     print()
-    print("| method | oneshot s (median) | every expert Linear has an FP8 input scale |")
-    print("|---|---|---|")
-    for method in METHODS:
+    print("| method | prepare s | oneshot s | prepare + oneshot s | every expert Linear has an FP8 input scale |")
+    print("|---|---|---|---|---|")
+    for method in args.methods:
         complete = all(r["expert_linears_with_input_scale"] == r["expert_linears"] > 0
                        for r in runs if r["method"] == method)
-        print(f"| {method} | {medians[method]:.2f} | {'yes' if complete else 'no'} |")
-    result = {"benchmark": "oneshot", "command": " ".join(["python", *sys.argv]), "machine": machine(torch.device("cpu")),
+        print(f"| {method} | {prepare_medians[method]:.2f} | {medians[method]:.2f} | {total_medians[method]:.2f} | "
+              f"{'yes' if complete else 'no'} |")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where LLM Compressor runs the layers
+    result = {"benchmark": "oneshot", "command": " ".join(["python", *sys.argv]), "machine": machine(device),
               "settings": {k: getattr(args, k) for k in ("layers", "experts", "hidden", "width", "top_k", "vocab",
-                                                         "samples", "tokens", "threads", "rounds")},
-              "medians_s": medians, "runs": runs}
+                                                         "samples", "tokens", "threads", "rounds", "dtype",
+                                                         "batch_size", "methods")},
+              "medians_s": medians, "prepare_medians_s": prepare_medians, "prepare_plus_oneshot_medians_s": total_medians,
+              "runs": runs}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {args.json}")
