@@ -6,7 +6,7 @@ reaches every expert while the block's output stays the original's.
 """
 
 from . import errors
-from .api import calibration_context, convert, restore, synthesize
+from .api import calibration_context, convert, restore, set_calibration_chunk_size, synthesize
 from .coverage import Coverage, coverage
 from .errors import AutocalError
 from .explain import BlockReport, Report, explain
@@ -26,6 +26,7 @@ __all__ = [
     "errors",
     "explain",
     "restore",
+    "set_calibration_chunk_size",
     "synthesize",
 ]
 

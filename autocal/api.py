@@ -7,6 +7,7 @@ verified against the original before anything is swapped.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -30,7 +31,7 @@ from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import synthesize_inputs
 from .verify import Verification, counts_itself, verify
 
-__all__ = ["synthesize", "convert", "calibration_context", "Converter"]
+__all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chunk_size", "Converter"]
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
 
 def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool = True, *,
             example_inputs: dict | None = None, forward: Any = None,
-            converter: Converter | None = None) -> nn.Module:
+            converter: Converter | None = None, calibration_chunk_size: int | None = None) -> nn.Module:
     """Swap every MoE block of ``model`` for its calibration module, in place.
 
     Args:
@@ -174,6 +175,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             example runs through a CPU twin with random weights.
         forward: what to call with ``example_inputs`` (default: ``model``), for
             composite models whose forward lives in a sub-model.
+        calibration_chunk_size: see ``set_calibration_chunk_size``.
 
     Returns:
         ``model``, converted. Raises ``AutocalError`` if a block cannot be converted.
@@ -219,7 +221,42 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                   block_class=type(model).__name__,
                                   hints=["autocal looks for a child module storing weights per expert, "
                                          "called with the indices of a top-k"])
+    if calibration_chunk_size is not None:
+        set_calibration_chunk_size(model, calibration_chunk_size)
     return model
+
+
+def set_calibration_chunk_size(model: nn.Module, tokens: int | None) -> list[str]:
+    """Bound calibration's activation memory: each expert's unrouted tokens in chunks of ``tokens`` (None: no bound).
+
+    In every calibration module that can chunk (experts unpacked from a packed
+    container, most transformers v5 models), calibration mode then runs each
+    expert on its routed tokens, as with calibration off, and on the rest in
+    chunks of at most ``tokens``. The output is the calibration-off output, bitwise,
+    and every expert Linear still sees every token once, over several calls.
+    It is slower than the grouped run (one call per chunk), which holds
+    several experts' outputs on all tokens at once.
+
+    Returns the paths of calibration modules that cannot chunk (their experts
+    run on all tokens at once), after a warning naming them.
+    """
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"calibration_chunk_size must be a positive int or None, got {tokens!r}")
+    unbounded = []
+    for path, module in model.named_modules():
+        if not isinstance(module, MoECalibrationModule):
+            continue
+        if isinstance(getattr(type(module), "calibration_chunk_size", None), property):
+            module.calibration_chunk_size = tokens
+        elif tokens is not None:
+            unbounded.append(path)
+    if unbounded:
+        classes = sorted({type(model.get_submodule(p)).__name__ for p in unbounded})
+        warnings.warn(f"autocal: {len(unbounded)} calibration module(s) ({', '.join(classes)}; first: "
+                      f"{unbounded[0] or '<model>'}) cannot run their experts in token chunks: they run each expert "
+                      f"on all tokens at once in calibration mode. Chunking needs experts that autocal unpacked "
+                      f"from a packed container (see autocal.explain).", stacklevel=2)
+    return unbounded
 
 
 def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: dict, path: str) -> errors.AutocalError:

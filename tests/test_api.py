@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 import autocal
+from autocal.testing.assertions import expert_linears
 from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
+from autocal.verify import compare_outputs
 
 
 def _checksums(module):
@@ -161,3 +163,44 @@ def test_converting_a_block_itself_says_what_to_do_instead():
     block = make_toy_block(ToyMoEConfig())
     with pytest.raises(autocal.AutocalError, match="synthesize"):
         autocal.convert(block)
+
+
+def test_convert_with_token_chunks_bounds_each_unrouted_call_and_keeps_the_output():
+    config = ToyMoEConfig(kind="concat", num_experts=4, top_k=2)
+    x = example_hidden_states(config, seq=13)
+    model = nn.Sequential(make_toy_block(config))
+    with torch.no_grad():
+        expected = model(x)
+    autocal.convert(model, calibration_chunk_size=3)
+    assert model[0].calibration_chunk_size == 3
+    calls: dict[str, list[int]] = {}
+    handles = [linear.register_forward_pre_hook(lambda m, a, name=name: calls.setdefault(name, []).append(a[0].shape[0]))
+               for name, linear in expert_linears(model).items()]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert compare_outputs(expected, out)[2]
+    assert len(calls) == len(expert_linears(model)) > 0
+    for name, sizes in calls.items():
+        assert sum(sizes) == 13, (name, sizes)  # every token, once
+        assert len(sizes) >= 2 and sum(size > 3 for size in sizes) <= 1, (name, sizes)  # only the routed call over 3
+
+
+def test_token_chunks_on_a_module_that_cannot_chunk_warn_and_name_it():
+    model = nn.Sequential(make_toy_block(ToyMoEConfig(kind="modulelist_loop")))
+    autocal.convert(model)
+    with pytest.warns(UserWarning, match="cannot run their experts in token chunks"):
+        assert autocal.set_calibration_chunk_size(model, 8) == ["0"]
+    assert autocal.set_calibration_chunk_size(model, None) == []  # no bound asked: nothing to warn about
+
+
+@pytest.mark.parametrize("tokens", [0, -1, 2.5, True, "8"])
+def test_token_chunks_must_be_a_positive_int(tokens):
+    model = nn.Sequential(make_toy_block(ToyMoEConfig()))
+    autocal.convert(model)
+    with pytest.raises(ValueError, match="positive int"):
+        autocal.set_calibration_chunk_size(model, tokens)
+    assert model[0].calibration_chunk_size is None

@@ -249,6 +249,38 @@ def test_oneshot_calibrates_every_expert(name, scheme, workdir):
     assert result.extra["grouped_runs"] > 0 and not result.extra["ungrouped"], result.extra
 
 
+def test_oneshot_with_token_chunks_calibrates_every_expert(workdir):
+    """``prepare(calibration_chunk_size=3)``: in the calibration passes each expert Linear gets its routed rows in
+    one call and the rest 3 at a time, sees every calibration token, and gets its FP8 scales."""
+    from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+    source = original("qwen3_moe", workdir)
+    model = load(source)
+    alc.prepare(model, calibration_chunk_size=3)
+    assert {block.calibration_chunk_size for _, block in alc.calibration_blocks(model)} == {3}
+    calls = {lin.path: [] for lin in alc.expert_linears(model)}
+
+    def record(path):
+        def hook(module, args):
+            if not HooksMixin._HOOKS_DISABLED:  # a calibration pass
+                calls[path].append(args[0].numel() // args[0].shape[-1])
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(record(path)) for path in calls]
+    try:
+        coverage = alc.oneshot(model, recipe=recipe("fp8"), **oneshot_kwargs(source.vocab))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert coverage.ok, str(coverage)
+    assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}
+    assert all({"weight_scale", "input_scale"} <= set(lc.qparams) for lc in coverage.linears)
+    for path, sizes in calls.items():
+        assert sum(sizes) == CALIBRATION_TOKENS, (path, sizes)
+        assert sum(size > 3 for size in sizes) <= CALIBRATION[0], (path, sizes)  # one routed call per sequence
+        assert any(size <= 3 for size in sizes), (path, sizes)  # the unrouted rest, in chunks
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_propagation_passes_run_only_the_routed_experts(name, workdir):
     """With every LLM Compressor hook disabled (the propagation pass after each layer's calibration pass), each
