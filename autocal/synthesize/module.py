@@ -155,7 +155,7 @@ class SynthesizedMoE(AdoptedMoE):
 
     @property
     def calibration_chunk_size(self) -> int | None:
-        """At most this many tokens per expert call in calibration mode (None: all at once)."""
+        """At most this many unrouted tokens per expert call in calibration mode (``set_calibration_chunk_size``)."""
         return self.experts_container.calibration_chunk_size
 
     @calibration_chunk_size.setter
