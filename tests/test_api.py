@@ -1,12 +1,15 @@
 """Public API behaviour: overrides, calibration_context, restore, errors."""
 
+import copy
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
 import autocal
-from autocal.testing.assertions import expert_linears
-from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
+from autocal.testing.assertions import count_rows, expert_linears
+from autocal.testing.toy_moe import KINDS, ToyMoEConfig, example_hidden_states, main_output, make_toy_block
 from autocal.verify import compare_outputs
 
 
@@ -204,3 +207,62 @@ def test_token_chunks_must_be_a_positive_int(tokens):
     with pytest.raises(ValueError, match="positive int"):
         autocal.set_calibration_chunk_size(model, tokens)
     assert model[0].calibration_chunk_size is None
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "attention_heads"])
+def test_every_module_can_be_called_again_by_parameter_name(kind):
+    """A tool may replay a module's call by parameter name, as LLM Compressor's AWQ replays the parent of the
+    Linears it balances: ``inspect.signature(module.forward).bind(*args, **kwargs)``, then ``module(**bound)``.
+    Every module of a calibration block, the block included, must declare its parameters for that."""
+    config = ToyMoEConfig(kind=kind)
+    model = nn.Sequential(make_toy_block(config))
+    autocal.convert(model)
+    x = example_hidden_states(config, seq=5)
+    calls = {}
+
+    def copy(value):  # the model may change a tensor in place after the call
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    def record(name):
+        def hook(module, args, kwargs, output):
+            calls.setdefault(name, (module, tuple(map(copy, args)), {k: copy(v) for k, v in kwargs.items()},
+                                    main_output(output).clone()))
+        return hook
+
+    handles = [m.register_forward_hook(record(n), with_kwargs=True) for n, m in model[0].named_modules()]
+    try:  # replayed with the hooks still on, so every call computes as the first did
+        with torch.no_grad():
+            model(x)
+        assert "" in calls and len(calls) > 1
+        for name, (module, args, kwargs, output) in calls.items():
+            arguments = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            arguments |= arguments.pop("kwargs", {})
+            with torch.no_grad():
+                again = module(**arguments)
+            assert torch.equal(main_output(again), output), f"{kind}: {name or 'the block'}"
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "attention_heads"])
+def test_a_deep_copy_of_a_converted_model_runs_as_the_model_does(kind):
+    """``copy.deepcopy`` (evaluation harnesses and quantizers copy models): the copy calibrates as the model
+    does, every expert Linear seeing every token once, and holds its own weights."""
+    config = ToyMoEConfig(kind=kind)
+    model = nn.Sequential(make_toy_block(config))
+    autocal.convert(model)
+    twin = copy.deepcopy(model)
+    x = example_hidden_states(config, seq=5)
+    linears = expert_linears(twin)
+    with torch.no_grad(), count_rows(linears) as rows:
+        copied = twin(x)
+    assert linears and set(rows.values()) == {5}, rows
+    with torch.no_grad(), count_rows(expert_linears(model)):
+        expected = model(x)
+    # within rounding: a copy's Linears are not at the addresses recorded at conversion, so where autocal
+    # would run the packed matmul (gathered weights) the copy calls its Linears one by one instead
+    assert compare_outputs(expected, copied)[2]
+    with torch.no_grad():
+        next(iter(linears.values())).weight.add_(1.0)
+    assert not torch.equal(next(iter(linears.values())).weight, next(iter(expert_linears(model).values())).weight)

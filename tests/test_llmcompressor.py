@@ -381,6 +381,54 @@ def test_side_by_side_with_llmcompressor_own_path(name, workdir):
     assert ours_as_theirs == theirs
 
 
+def awq_recipe():
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.awq import AWQModifier
+
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=GROUP_SIZE)
+    return AWQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                       ignore=["lm_head"])
+
+
+@pytest.fixture
+def awq_on_cpu():
+    """LLM Compressor 0.14's AWQ pins its cached activations (``IntermediatesCache.pin_memory``) so that they
+    copy to an accelerator without blocking, and pinning needs one. It is a transfer speed-up only, so on a
+    machine without an accelerator it is left out here."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    with mock.patch.object(IntermediatesCache, "pin_memory", lambda self, *args, **kwargs: None):
+        yield
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_awq_calibrates_every_expert_as_llmcompressor_own_path_does(name, workdir, awq_on_cpu):
+    """AWQ replays the parent module of the Linears it balances by parameter name (the experts container,
+    for Mixtral and GPT-OSS): every module autocal generates declares the original's parameters."""
+    from llmcompressor import oneshot
+
+    source = original(name, workdir)
+    held_out = tokens(HELD_OUT, 1, source.vocab)
+    ours = load(source)
+    coverage = alc.oneshot(ours, recipe=awq_recipe(), **oneshot_kwargs(source.vocab))
+    assert coverage.ok, str(coverage)
+    assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}, "every expert Linear saw every token"
+    assert all({"weight_scale", "weight_zero_point"} <= set(lc.qparams) for lc in coverage.linears)
+    alike = load(source)  # every expert in the propagation passes too, as LLM Compressor's own path does
+    alc.oneshot(alike, recipe=awq_recipe(), propagate_routed=False, **oneshot_kwargs(source.vocab))
+    theirs = load(source)
+    oneshot(model=theirs, recipe=awq_recipe(), **oneshot_kwargs(source.vocab))
+    with torch.no_grad():
+        logits, alike_logits, our_logits = (m(input_ids=held_out).logits for m in (theirs, alike, ours))
+    assert rel(alike_logits, logits) <= SIDE_BY_SIDE_TOL
+    assert rel(our_logits, logits) <= SIDE_BY_SIDE_TOL  # the routed-only propagation: the same within rounding
+    for lin in alc.expert_linears(alike):
+        for scale_name, scale in alike.get_submodule(lin.path).named_parameters():
+            if scale_name.endswith("scale"):
+                torch.testing.assert_close(scale, getattr(theirs.get_submodule(lin.path), scale_name),
+                                           rtol=1e-6, atol=0)
+
+
 def test_coverage_flags_starved_and_broken_experts(workdir):
     source = original("qwen3_moe", workdir)
     model = load(source)

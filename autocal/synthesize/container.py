@@ -19,7 +19,7 @@ from torch import nn
 from .. import errors
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
-from .module import AdoptedMoE, KeptForwardMoE, adopt, kept_forward_class
+from .module import AdoptedMoE, KeptForwardMoE, adopt, forward_declaring, kept_forward_class
 from .ops import RowComplement, inputs_seen, run_on_the_rest
 
 __all__ = ["ContainerCalibrationMoE", "RecordedBlockMoE", "MaskDispatchMoE", "build_container_calibration",
@@ -71,7 +71,7 @@ def build_container_calibration(structure: MoEStructure, block: nn.Module) -> ty
         f"Calibration{container_cls.__name__}",
         (_CalibrationContainer, container_cls),
         {"structure": structure, "entries": entries, "_container_forward": container_cls.forward,
-         "__module__": __name__},
+         "forward": forward_declaring(_CalibrationContainer.forward, container_cls.forward), "__module__": __name__},
     )
     return type(
         f"Calibration{type(block).__name__}",

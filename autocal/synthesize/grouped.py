@@ -24,6 +24,7 @@ runs code generated once from the same template, up to the unweighted output.
 
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Any, Callable
 
@@ -69,6 +70,13 @@ class GroupedTemplate:
         self.usable: bool | None = False if self.unweighted is None else None  # None: not checked yet
         self._alone: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
         self._dead_after = _dead_after(graph)
+
+    def __deepcopy__(self, memo: dict) -> "GroupedTemplate":
+        """A template made again from a copy of the graph: ``fx.Graph`` copies itself with new nodes of its
+        own, so the nodes held here (``unweighted``, ``_dead_after``) would no longer be the graph's."""
+        copied = GroupedTemplate(copy.deepcopy(self.graph, memo))
+        copied.usable = self.usable
+        return copied
 
     def __call__(self, experts: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
         """``[G, rows, out]``: each expert's output on all rows ``x``, before the routing weight.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 from torch import nn
 
@@ -21,11 +21,26 @@ from ..trace.inputs import keyword_arguments
 from .experts import CalibrationExperts, expert_class
 
 __all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
-           "kept_forward_class", "owned"]
+           "forward_declaring", "kept_forward_class", "owned"]
 
 # nn.Module's own bookkeeping: fresh for the new module, never shared with the original.
 _MODULE_INTERNALS = ("hooks", "_parameters", "_buffers", "_modules", "_hooks_with_kwargs", "_always_called",
                      "_is_full_backward_hook", "_non_persistent_buffers_set")
+
+
+def forward_declaring(forward: Callable, original_forward: Callable) -> Callable:
+    """``forward`` (taking ``*args, **kwargs``), declaring ``original_forward``'s parameters to ``inspect.signature``.
+
+    Generated modules bind their arguments to the original's parameters themselves,
+    but a tool may replay a module's call by parameter name: LLM Compressor's AWQ
+    caches a parent module's inputs with ``inspect.signature(module.forward).bind``
+    and calls it again with them as keywords. ``*args, **kwargs`` names nothing.
+    """
+    def declared(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    declared.__signature__ = inspect.signature(original_forward)  # with ``self``: a bound method drops it
+    declared.__name__, declared.__qualname__, declared.__doc__ = "forward", "forward", forward.__doc__
+    return declared
 
 
 def adopt(module: nn.Module, original: nn.Module) -> None:
@@ -141,7 +156,8 @@ def kept_forward_class(base: type[KeptForwardMoE], structure: MoEStructure, bloc
         f"Calibration{type(block).__name__}",
         (base, type(block)),
         {"structure": structure, "_block_forward": type(block).forward,
-         "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": base.__module__},
+         "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": base.__module__,
+         "forward": forward_declaring(base.forward, type(block).forward)},
     )
 
 
@@ -151,7 +167,7 @@ class SynthesizedMoE(AdoptedMoE):
     is_permanent = True
 
     def _experts_for(self, experts: nn.Module, calibrate_all_experts: bool) -> nn.Module:
-        return CalibrationExperts(experts, self.structure, self._expert_cls, calibrate_all_experts)
+        return self._experts_cls(experts, self.structure, self._expert_cls, calibrate_all_experts)
 
     @property
     def calibration_chunk_size(self) -> int | None:
@@ -170,8 +186,11 @@ def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[
     block_cls = type(block)
     container = block.get_submodule(structure.experts.module_path)
     expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert", container)
+    experts_cls = type(f"Calibration{type(container).__name__}", (CalibrationExperts,),
+                       {"forward": forward_declaring(CalibrationExperts.forward, type(container).forward),
+                        "__module__": CalibrationExperts.__module__})
     return type(
         f"Calibration{block_cls.__name__}",
         (SynthesizedMoE, block_cls),
-        {"structure": structure, "_expert_cls": expert_cls, "__module__": __name__},
+        {"structure": structure, "_expert_cls": expert_cls, "_experts_cls": experts_cls, "__module__": __name__},
     )
