@@ -429,6 +429,36 @@ def test_awq_calibrates_every_expert_as_llmcompressor_own_path_does(name, workdi
                                            rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_smoothquant_calibrates_every_expert_as_llmcompressor_own_path_does(name, workdir):
+    """SmoothQuant (then W8A8): the smoothed norms and the logits equal LLM Compressor's own path's, with every
+    expert in the propagation passes as that path does, and every expert Linear saw every token."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    def smoothquant():
+        return [SmoothQuantModifier(smoothing_strength=0.8),
+                QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+
+    source = original(name, workdir)
+    ours = load(source)
+    coverage = alc.oneshot(ours, recipe=smoothquant(), propagate_routed=False, **oneshot_kwargs(source.vocab))
+    assert coverage.ok, str(coverage)
+    assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}, "every expert Linear saw every token"
+    theirs = load(source)
+    oneshot(model=theirs, recipe=smoothquant(), **oneshot_kwargs(source.vocab))
+    held_out = tokens(HELD_OUT, 1, source.vocab)
+    with torch.no_grad():
+        assert rel(ours(input_ids=held_out).logits, theirs(input_ids=held_out).logits) <= SIDE_BY_SIDE_TOL
+    norms = {n: p for n, p in theirs.named_parameters() if "norm" in n}
+    smoothed = [n for n, p in load(source).named_parameters() if n in norms and not torch.equal(p, norms[n])]
+    assert smoothed, "SmoothQuant changed no norm: the comparison would not test it"
+    for n, p in ours.named_parameters():
+        if n in smoothed:
+            torch.testing.assert_close(p, norms[n], rtol=1e-6, atol=0)
+
+
 def test_coverage_flags_starved_and_broken_experts(workdir):
     source = original("qwen3_moe", workdir)
     model = load(source)
