@@ -260,8 +260,8 @@ def test_a_deep_copy_of_a_converted_model_runs_as_the_model_does(kind):
     assert linears and set(rows.values()) == {5}, rows
     with torch.no_grad(), count_rows(expert_linears(model)):
         expected = model(x)
-    # within rounding: a copy's Linears are not at the addresses recorded at conversion, so where autocal
-    # would run the packed matmul (gathered weights) the copy calls its Linears one by one instead
+    # within rounding: deep-copying a Parameter clones it, so a copy's Linears no longer view the packed
+    # weights, and the copy calls them one by one where the model runs the packed matmul
     assert compare_outputs(expected, copied)[2]
     with torch.no_grad():
         next(iter(linears.values())).weight.add_(1.0)
