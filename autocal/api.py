@@ -26,7 +26,7 @@ from .synthesize.block import build_block_rewrite
 from .synthesize.container import build_container_calibration, build_mask_dispatch, build_recorded_block
 from .synthesize.dense import build_dense_rewrite
 from .synthesize.gathered import build_gathered_calibration
-from .synthesize.module import build_calibration_module
+from .synthesize.module import build_calibration_module, checked_chunk_size
 from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import synthesize_inputs
 from .verify import Verification, counts_itself, verify
@@ -240,8 +240,7 @@ def set_calibration_chunk_size(model: nn.Module, tokens: int | None) -> list[str
     Returns the paths of calibration modules that cannot chunk (their experts
     run on all tokens at once), after a warning naming them.
     """
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"calibration_chunk_size must be a positive int or None, got {tokens!r}")
+    checked_chunk_size(tokens)  # before any module is set
     unbounded = []
     for path, module in model.named_modules():
         if not isinstance(module, MoECalibrationModule):

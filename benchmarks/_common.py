@@ -157,6 +157,14 @@ def linearize(incumbent: types.SimpleNamespace, experts: torch.nn.Module, config
         return cls.from_experts_module(experts, config).to(device)
 
 
+def proc_status(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 # -- timing -----------------------------------------------------------------------------------------------
 
 

@@ -39,24 +39,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHAPES, build_block, import_incumbent, linearize, machine  # noqa: E402
+from _common import SHAPES, build_block, import_incumbent, linearize, machine, proc_status, sync  # noqa: E402
 from calibration_forward import RowCounter, _linears  # noqa: E402
 
 import autocal  # noqa: E402  (the checkout's, via _common)
 
 __all__ = ["main"]
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def child(args) -> dict:
@@ -92,23 +80,23 @@ def child(args) -> dict:
                 return experts(hidden, index, weights)
 
     forward()  # warm-up: one-time work (checks, generated code) is not a calibration forward's memory
-    _sync(device)
+    sync(device)
     counter.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        before = _status("VmRSS")
+        before = proc_status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
     output = forward()
-    _sync(device)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status("VmHWM")) - before
+    sync(device)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status("VmHWM")) - before
     every_token_once = all(rows == args.tokens for rows in counter.rows)
     times = []
     for _ in range(args.repeats):
         started = time.perf_counter()
         forward()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - started)
     same = None
     if chunks:

@@ -41,20 +41,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, import_incumbent, machine, qwen3_moe_config  # noqa: E402
+from _common import Shape, import_incumbent, machine, proc_status, qwen3_moe_config  # noqa: E402
 
 __all__ = ["main"]
 
 METHODS = ("autocal", "incumbent")
 GB = 1e9
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def _reset_peak() -> bool:
@@ -99,7 +91,7 @@ def child(args) -> dict:
     incumbent = import_incumbent()[0] if args.child == "incumbent" else None
     import autocal  # noqa: F401  (imported before measuring, like the incumbent)
 
-    rss_start = _status("VmRSS")
+    rss_start = proc_status("VmRSS")
     started = time.perf_counter()
     model, config = build_model(args)
     build_s = time.perf_counter() - started
@@ -109,7 +101,7 @@ def child(args) -> dict:
     ids = torch.randint(0, args.vocab, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits
-    rss_before = _status("VmRSS")
+    rss_before = proc_status("VmRSS")
     reset = _reset_peak()
 
     cpu_started = time.process_time()
@@ -121,8 +113,8 @@ def child(args) -> dict:
     convert_s = time.perf_counter() - started
     convert_cpu_s = time.process_time() - cpu_started
 
-    peak = _status("VmHWM")
-    rss_after = _status("VmRSS")
+    peak = proc_status("VmHWM")
+    rss_after = proc_status("VmRSS")
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.no_grad():
         got = model(ids).logits

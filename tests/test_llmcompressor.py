@@ -73,6 +73,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def assert_same_expert_scales(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Every quantization scale of autocal's expert Linears equals LLM Compressor's own path's (its
+    ``LinearExperts2D`` uses the same module paths)."""
+    for lin in alc.expert_linears(ours):
+        for scale_name, scale in ours.get_submodule(lin.path).named_parameters():
+            if scale_name.endswith("scale"):
+                torch.testing.assert_close(scale, getattr(theirs.get_submodule(lin.path), scale_name),
+                                           rtol=1e-6, atol=0)
+
+
 def tokens(shape: tuple[int, int], seed: int, vocab: int) -> torch.Tensor:
     return torch.randint(2, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -365,11 +375,7 @@ def test_side_by_side_with_llmcompressor_own_path(name, workdir):
     with torch.no_grad():
         logits, our_logits = model(input_ids=held_out).logits, ours(input_ids=held_out).logits
     assert rel(logits, our_logits) <= SIDE_BY_SIDE_TOL
-    for lin in alc.expert_linears(ours):
-        theirs = model.get_submodule(lin.path)  # LLM Compressor's LinearExperts2D uses the same module paths
-        for scale_name, scale in ours.get_submodule(lin.path).named_parameters():
-            if scale_name.endswith("scale"):
-                torch.testing.assert_close(scale, getattr(theirs, scale_name), rtol=1e-6, atol=0)
+    assert_same_expert_scales(ours, model)
     save_dir = result.saved.path.parent / f"llmcompressor-{name}"
     model.save_pretrained(save_dir, save_compressed=True)
     theirs = set(alc.load_saved_state_dict(save_dir))
@@ -422,11 +428,7 @@ def test_awq_calibrates_every_expert_as_llmcompressor_own_path_does(name, workdi
         logits, alike_logits, our_logits = (m(input_ids=held_out).logits for m in (theirs, alike, ours))
     assert rel(alike_logits, logits) <= SIDE_BY_SIDE_TOL
     assert rel(our_logits, logits) <= SIDE_BY_SIDE_TOL  # the routed-only propagation: the same within rounding
-    for lin in alc.expert_linears(alike):
-        for scale_name, scale in alike.get_submodule(lin.path).named_parameters():
-            if scale_name.endswith("scale"):
-                torch.testing.assert_close(scale, getattr(theirs.get_submodule(lin.path), scale_name),
-                                           rtol=1e-6, atol=0)
+    assert_same_expert_scales(alike, theirs)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -396,8 +396,7 @@ def _routed_rows(slot_major: torch.Tensor, num_experts: int) -> list[tuple[torch
     """
     tokens = slot_major.shape[1]
     expert, position = torch.sort(slot_major.reshape(-1), stable=True)  # by expert, then slot-major position
-    firsts = torch.arange(num_experts + 1, dtype=expert.dtype, device=expert.device)
-    bounds = torch.searchsorted(expert, firsts).tolist()
+    bounds = torch.searchsorted(expert, _group_firsts(num_experts, 1, expert)).tolist()
     slot, token = position // tokens, position % tokens
     return [(slot[a:b], token[a:b]) for a, b in zip(bounds, bounds[1:])]
 

@@ -21,7 +21,7 @@ from ..trace.inputs import keyword_arguments
 from .experts import CalibrationExperts, expert_class
 
 __all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
-           "forward_declaring", "kept_forward_class", "owned"]
+           "checked_chunk_size", "forward_declaring", "kept_forward_class", "owned"]
 
 # nn.Module's own bookkeeping: fresh for the new module, never shared with the original.
 _MODULE_INTERNALS = ("hooks", "_parameters", "_buffers", "_modules", "_hooks_with_kwargs", "_always_called",
@@ -41,6 +41,13 @@ def forward_declaring(forward: Callable, original_forward: Callable) -> Callable
     declared.__signature__ = inspect.signature(original_forward)  # with ``self``: a bound method drops it
     declared.__name__, declared.__qualname__, declared.__doc__ = "forward", "forward", forward.__doc__
     return declared
+
+
+def checked_chunk_size(tokens: Any) -> int | None:
+    """``tokens`` if it can be ``calibration_chunk_size`` (a positive int, or None), else ``ValueError``."""
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"calibration_chunk_size must be a positive int or None, got {tokens!r}")
+    return tokens
 
 
 def adopt(module: nn.Module, original: nn.Module) -> None:
@@ -176,9 +183,7 @@ class SynthesizedMoE(AdoptedMoE):
 
     @calibration_chunk_size.setter
     def calibration_chunk_size(self, tokens: int | None) -> None:
-        if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
-            raise ValueError(f"calibration_chunk_size must be a positive int or None, got {tokens!r}")
-        self.experts_container.calibration_chunk_size = tokens
+        self.experts_container.calibration_chunk_size = checked_chunk_size(tokens)
 
 
 def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[SynthesizedMoE]:
