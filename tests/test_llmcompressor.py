@@ -461,6 +461,45 @@ def test_smoothquant_calibrates_every_expert_as_llmcompressor_own_path_does(name
             torch.testing.assert_close(p, norms[n], rtol=1e-6, atol=0)
 
 
+def autoround_recipe():
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=GROUP_SIZE)
+    return AutoRoundModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                             ignore=["lm_head"], iters=4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_autoround_calibrates_every_expert_as_well_as_llmcompressor_own_path(name, workdir):
+    """AutoRound (W4A16, 4 tuning steps per block). Its Linear wrappers call the Linears' pre-hooks as
+    ``hook(module, args)``, and its symmetric scales carry a sign; autocal's coverage took neither until now.
+
+    AutoRound's sign-based tuning turns rounding differences into different results. autocal's calibration
+    forward equals the original within rounding, as LLM Compressor's does, so the two paths are compared by
+    their error against the unquantized model, not by their scales. Measured: equal on Qwen3-MoE, and errors
+    within 0.005 of each other on the others.
+    """
+    from llmcompressor import oneshot
+
+    source = original(name, workdir)
+    ours = load(source)
+    coverage = alc.oneshot(ours, recipe=autoround_recipe(), **oneshot_kwargs(source.vocab))
+    assert coverage.ok, str(coverage)
+    # AutoRound's tuning passes run while LLM Compressor's hooks are live, so they are counted too, in each
+    # block and in each of its expert Linears alike
+    assert all(lc.tokens == lc.block_tokens >= CALIBRATION_TOKENS for lc in coverage.linears)
+    assert any((ours.get_submodule(lc.path).weight_scale < 0).any() for lc in coverage.linears), \
+        "no negative scale: the test would not show that they are accepted"
+    theirs = load(source)
+    oneshot(model=theirs, recipe=autoround_recipe(), **oneshot_kwargs(source.vocab))
+    held_out = tokens(HELD_OUT, 1, source.vocab)
+    with torch.no_grad():  # AutoRound leaves the weights in bfloat16
+        reference, ours_logits, their_logits = (m.float()(input_ids=held_out).logits
+                                                 for m in (load(source), ours, theirs))
+    assert abs(rel(ours_logits, reference) - rel(their_logits, reference)) <= 0.05
+
+
 def test_coverage_flags_starved_and_broken_experts(workdir):
     source = original("qwen3_moe", workdir)
     model = load(source)
@@ -475,13 +514,17 @@ def test_coverage_flags_starved_and_broken_experts(workdir):
     # with calibrate_all_experts=False the same routing-only counts are accepted
     report = alc.coverage(model)
     assert report.ok and all(lc.tokens is None for lc in report.linears)
-    first = alc.expert_linears(model)[0].path
+    first, signed, zero = (lin.path for lin in alc.expert_linears(model)[:3])
     module = model.get_submodule(first)
     module.weight_scale.data.fill_(float("nan"))
     del module.input_scale
+    model.get_submodule(signed).weight_scale.data.neg_()  # a negative scale is valid (AutoRound's carry a sign)
+    model.get_submodule(zero).weight_scale.data.zero_()
     problems = alc.coverage(model).problems()
     assert any(first in p and "NaN/inf" in p for p in problems)
     assert any(first in p and "missing quantization parameters ['input_scale']" in p for p in problems)
+    assert not any(signed in p for p in problems)
+    assert any(zero in p and "a scale of 0 in ['weight_scale']" in p for p in problems)
 
 
 def test_check_state_dict_rejects_bad_layouts():

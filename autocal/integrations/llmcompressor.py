@@ -473,10 +473,10 @@ class CoverageTracker:
         self._handles: list = []
 
     def _counter(self, table: dict[str, int], key: str):
-        def hook(module, args, kwargs):
+        def hook(module, args, kwargs=None):  # AutoRound's Linear wrappers call pre-hooks as hook(module, args)
             if self.only_live_hooks and not _lc_hooks_live():
                 return
-            first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+            first = next((v for v in (*args, *(kwargs or {}).values()) if isinstance(v, torch.Tensor)), None)
             rows = _rows(first)
             if rows is not None:
                 table[key] += rows
@@ -535,7 +535,8 @@ class LinearCoverage:
     qparams: dict[str, tuple[int, ...]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
-    nonpositive: list[str] = field(default_factory=list)
+    # Scales holding a 0. A negative scale is valid: AutoRound's symmetric scales carry a sign.
+    zero: list[str] = field(default_factory=list)
 
     def problems(self, require_all_tokens: bool = True) -> list[str]:
         out = []
@@ -545,8 +546,8 @@ class LinearCoverage:
             out.append(f"{self.path}: missing quantization parameters {self.missing}")
         if self.nonfinite:
             out.append(f"{self.path}: NaN/inf in {self.nonfinite}")
-        if self.nonpositive:
-            out.append(f"{self.path}: scale <= 0 in {self.nonpositive}")
+        if self.zero:
+            out.append(f"{self.path}: a scale of 0 in {self.zero}")
         if self.tokens is not None:
             if self.tokens == 0:
                 out.append(f"{self.path}: saw no calibration token")
@@ -645,8 +646,8 @@ def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
                 values = values.float()
             if values.is_floating_point() and not torch.isfinite(values).all():
                 entry.nonfinite.append(name)
-            elif name.endswith("scale") and values.numel() and (values.float() <= 0).any():
-                entry.nonpositive.append(name)
+            elif name.endswith("scale") and values.numel() and (values == 0).any():
+                entry.zero.append(name)
         result.append(entry)
     return Coverage(result, dict(tracker.block_tokens) if tracker else {}, require_all_tokens)
 
