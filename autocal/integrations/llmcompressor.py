@@ -531,7 +531,7 @@ class LinearCoverage:
     name: str
     tokens: int | None
     block_tokens: int | None
-    scheme: bool
+    scheme: bool | None  # None: nothing in the model has a scheme (a recipe that prunes, say), so none is expected
     qparams: dict[str, tuple[int, ...]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
@@ -540,7 +540,7 @@ class LinearCoverage:
 
     def problems(self, require_all_tokens: bool = True) -> list[str]:
         out = []
-        if not self.scheme:
+        if self.scheme is False:
             out.append(f"{self.path}: no quantization scheme (not targeted, or ignored)")
         if self.missing:
             out.append(f"{self.path}: missing quantization parameters {self.missing}")
@@ -626,6 +626,7 @@ def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
     """Quantization parameters of every expert Linear (and, with a tracker, the tokens each saw)."""
     result = []
     tracked = tracker is not None and any(tracker.block_tokens.values())  # data-free recipes run no forward
+    quantized = any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
     for linear in expert_linears(model):
         module = model.get_submodule(linear.path)
         scheme = getattr(module, "quantization_scheme", None)
@@ -636,7 +637,7 @@ def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
             path=linear.path, block=linear.block, expert=linear.expert, name=linear.name,
             tokens=tracker.linear_tokens.get(linear.path) if tracked else None,
             block_tokens=tracker.block_tokens.get(linear.block) if tracked else None,
-            scheme=scheme is not None,
+            scheme=scheme is not None if quantized else None,
             qparams={n: tuple(t.shape) for n, t in tensors.items()},
             missing=[n for n in required if n not in tensors],
         )
