@@ -7,6 +7,7 @@ repository root (``python benchmarks/<script>.py``).
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import os
 import platform
@@ -26,7 +27,7 @@ if str(ROOT) not in sys.path:  # import the autocal of this checkout, installed 
     sys.path.insert(0, str(ROOT))
 
 __all__ = ["Shape", "SHAPES", "build_block", "import_incumbent", "linearize", "interleaved", "machine",
-           "sync"]
+           "run_result", "sync", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,19 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def run_result(benchmark: str, machine_info: dict, **fields) -> dict:
+    """A run's JSON: the benchmark, the command that ran it and the machine (``machine``), then ``fields``."""
+    return {"benchmark": benchmark, "command": " ".join(["python", *sys.argv]), "machine": machine_info, **fields}
+
+
+def write_json(result: dict, path: Path | None) -> None:
+    """``result`` written to ``path``, its folder made if missing; nothing without a path."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str))
+        print(f"\nwrote {path}")
 
 
 def _cpu_model() -> str:

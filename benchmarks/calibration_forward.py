@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -44,11 +43,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHAPES, build_block, import_incumbent, interleaved, linearize, machine, median_ms  # noqa: E402
+from _common import (SHAPES, build_block, import_incumbent, interleaved, linearize, machine, median_ms,  # noqa: E402
+                     run_result, write_json)
 
 import autocal  # noqa: E402  (the checkout's, via _common)
 
-__all__ = ["measure_shape", "main"]
+__all__ = ["measure_shape", "observed_layer", "floor_of", "main"]
 
 MODES = ("plain", "observed")
 METHODS = ("incumbent", "autocal", "floor")
@@ -78,6 +78,30 @@ class RowCounter:
             handle.remove()
 
 
+def floor_of(linears: list[nn.Linear], hidden: torch.Tensor, intermediate: torch.Tensor):
+    """The floor: a function calling each Linear on all tokens, ``hidden`` or ``intermediate`` as its input takes."""
+    calls = [(linear, hidden if linear.in_features == hidden.shape[-1] else intermediate) for linear in linears]
+
+    def floor():
+        for linear, x in calls:
+            linear(x)
+    return floor
+
+
+def observed_layer(shape, tokens: int, device: torch.device, dtype: torch.dtype):
+    """What the GPU probes time: one block of ``shape`` converted by autocal, a ``RowCounter`` on every expert
+    Linear, random inputs of ``tokens`` tokens, and the floor on them.
+
+    Returns ``(block, experts container, counter, hidden, intermediate, floor)``.
+    """
+    block, _ = build_block(shape, device, dtype)
+    experts = autocal.synthesize(block).get_submodule("experts")
+    linears = _linears(experts)
+    hidden = torch.randn(tokens, shape.hidden, device=device, dtype=dtype)
+    intermediate = torch.randn(tokens, shape.width, device=device, dtype=dtype)
+    return block, experts, RowCounter(linears), hidden, intermediate, floor_of(linears, hidden, intermediate)
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -104,25 +128,18 @@ def measure_shape(shape, tokens_list, device, dtype, repeats, warmup, modes, inc
           f"LinearExperts2D {linearize_s:.1f}s", flush=True)
 
     our_linears = _linears(ours)
-    floor_calls = []  # (linear, input): the expert Linears of autocal, each on all tokens
     rows = []
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     for tokens in tokens_list:
         hidden = torch.randn(tokens, shape.hidden, device=device, dtype=dtype, generator=generator)
         intermediate = torch.randn(tokens, shape.width, device=device, dtype=dtype, generator=generator)
-        floor_calls = [(lin, hidden if lin.in_features == shape.hidden else intermediate) for lin in our_linears]
         with torch.no_grad():
             _, weights, index = block.gate(hidden)
             with incumbent.moe_calibration_context():
                 expected = block.experts(hidden, index, weights)  # the original packed experts, eager
-
-                def run_floor():
-                    for linear, x in floor_calls:
-                        linear(x)
-
                 fns = {"incumbent": lambda: theirs(hidden, index, weights),
                        "autocal": lambda: ours(hidden, index, weights),
-                       "floor": run_floor}
+                       "floor": floor_of(our_linears, hidden, intermediate)}  # autocal's expert Linears
                 for mode in modes:
                     counters = {}
                     if mode == "observed":
@@ -137,7 +154,7 @@ def measure_shape(shape, tokens_list, device, dtype, repeats, warmup, modes, inc
                         counter.remove()
                     rows.append(_row(shape, tokens, mode, times, diffs, coverage, expected))
                     print("    " + _format_row(rows[-1]), flush=True)
-        del hidden, intermediate, expected, floor_calls
+        del hidden, intermediate, expected, fns
     rows[0]["setup_s"] = {"build": built_s, "autocal_synthesize": synthesize_s, "incumbent_linearize": linearize_s}
     if device.type == "cuda":
         rows[0]["cuda_max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -231,15 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result = {"benchmark": "calibration_forward", "command": " ".join(["python", *sys.argv]),
-              "machine": info, "dtype": str(dtype).removeprefix("torch."), "scale": scale, "repeats": repeats,
-              "warmup": args.warmup, "incumbent_import": imported, "offloaded": args.offloaded, "rows": rows}
+    result = run_result("calibration_forward", info, dtype=str(dtype).removeprefix("torch."), scale=scale,
+                        repeats=repeats, warmup=args.warmup, incumbent_import=imported, offloaded=args.offloaded,
+                        rows=rows)
     print()
     print(markdown_table(rows))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.json}")
+    write_json(result, args.json)
     return result
 
 

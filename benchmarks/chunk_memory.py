@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHAPES, build_block, import_incumbent, linearize, machine, proc_status, sync  # noqa: E402
+from _common import (SHAPES, build_block, import_incumbent, linearize, machine, proc_status, run_result,  # noqa: E402
+                     sync, write_json)
 from calibration_forward import RowCounter, _linears  # noqa: E402
 
 import autocal  # noqa: E402  (the checkout's, via _common)
@@ -148,12 +149,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         same = "—" if row["bitwise_as_calibration_off"] is None else ("yes" if row["bitwise_as_calibration_off"] else "no")
         print(f"| {label} | {row['peak_bytes'] / unit:.0f} | {row['ms']:.1f} | "
               f"{'yes' if row['every_linear_saw_every_token_once'] else 'no'} | {same} |")
-    result = {"benchmark": "chunk_memory", "command": " ".join(["python", *sys.argv]),
-              "machine": machine(torch.device(args.device)), "shape": args.shape, "scale": args.scale,
-              "tokens": args.tokens, "dtype": args.dtype, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.json}")
+    result = run_result("chunk_memory", machine(torch.device(args.device)), shape=args.shape, scale=args.scale,
+                        tokens=args.tokens, dtype=args.dtype, rows=rows)
+    write_json(result, args.json)
     return result
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, import_incumbent, machine, proc_status, qwen3_moe_config  # noqa: E402
+from _common import Shape, import_incumbent, machine, proc_status, qwen3_moe_config, run_result, write_json  # noqa: E402
 
 __all__ = ["main"]
 
@@ -204,14 +204,9 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"k {args.top_k}, vocab {args.vocab}, float32: {first['model_bytes'] / GB:.2f} GB "
           f"({first['experts_bytes'] / GB:.2f} GB experts, {first['layer_experts_bytes'] / GB:.3f} GB per layer)")
     print(markdown_table(summary, first))
-    result = {"benchmark": "conversion", "command": " ".join(["python", *sys.argv]),
-              "machine": machine(torch.device("cpu")), "config": {k: v for k, v in vars(args).items()
-                                                                    if k not in ("json", "child")},
-              "summary": summary, "runs": runs}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-        print(f"\nwrote {args.json}")
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "child")}
+    result = run_result("conversion", machine(torch.device("cpu")), config=config, summary=summary, runs=runs)
+    write_json(result, args.json)
     return result
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, machine, qwen3_moe_config  # noqa: E402
+from _common import Shape, machine, qwen3_moe_config, run_result, write_json  # noqa: E402
 
 __all__ = ["main"]
 
@@ -163,15 +163,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(f"| {method} | {prepare_medians[method]:.2f} | {medians[method]:.2f} | {total_medians[method]:.2f} | "
               f"{'yes' if complete else 'no'} |")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where LLM Compressor runs the layers
-    result = {"benchmark": "oneshot", "command": " ".join(["python", *sys.argv]), "machine": machine(device),
-              "settings": {k: getattr(args, k) for k in ("layers", "experts", "hidden", "width", "top_k", "vocab",
-                                                         "samples", "tokens", "threads", "rounds", "dtype",
-                                                         "batch_size", "methods")},
-              "medians_s": medians, "prepare_medians_s": prepare_medians, "prepare_plus_oneshot_medians_s": total_medians,
-              "runs": runs}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.json}")
+    settings = {k: getattr(args, k) for k in ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples",
+                                              "tokens", "threads", "rounds", "dtype", "batch_size", "methods")}
+    result = run_result("oneshot", machine(device), settings=settings, medians_s=medians,
+                        prepare_medians_s=prepare_medians, prepare_plus_oneshot_medians_s=total_medians, runs=runs)
+    write_json(result, args.json)
     return result
 
 

@@ -431,11 +431,23 @@ def test_awq_calibrates_every_expert_as_llmcompressor_own_path_does(name, workdi
     assert_same_expert_scales(alike, theirs)
 
 
+def both_paths(name: str, make_recipe, workdir: Path, **ours_kwargs):
+    """Fixture ``name`` through autocal's ``oneshot`` and through LLM Compressor's own, each with a recipe of its
+    own from ``make_recipe``: ``(source, ours, our coverage, theirs)``."""
+    from llmcompressor import oneshot
+
+    source = original(name, workdir)
+    ours = load(source)
+    coverage = alc.oneshot(ours, recipe=make_recipe(), **ours_kwargs, **oneshot_kwargs(source.vocab))
+    theirs = load(source)
+    oneshot(model=theirs, recipe=make_recipe(), **oneshot_kwargs(source.vocab))
+    return source, ours, coverage, theirs
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_smoothquant_calibrates_every_expert_as_llmcompressor_own_path_does(name, workdir):
     """SmoothQuant (then W8A8): the smoothed norms and the logits equal LLM Compressor's own path's, with every
     expert in the propagation passes as that path does, and every expert Linear saw every token."""
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
@@ -443,13 +455,9 @@ def test_smoothquant_calibrates_every_expert_as_llmcompressor_own_path_does(name
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
 
-    source = original(name, workdir)
-    ours = load(source)
-    coverage = alc.oneshot(ours, recipe=smoothquant(), propagate_routed=False, **oneshot_kwargs(source.vocab))
+    source, ours, coverage, theirs = both_paths(name, smoothquant, workdir, propagate_routed=False)
     assert coverage.ok, str(coverage)
     assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}, "every expert Linear saw every token"
-    theirs = load(source)
-    oneshot(model=theirs, recipe=smoothquant(), **oneshot_kwargs(source.vocab))
     held_out = tokens(HELD_OUT, 1, source.vocab)
     with torch.no_grad():
         assert rel(ours(input_ids=held_out).logits, theirs(input_ids=held_out).logits) <= SIDE_BY_SIDE_TOL
@@ -475,16 +483,11 @@ def pruning_recipe(method: str):
 def test_pruning_sees_every_expert_as_llmcompressor_own_path_does(name, method, workdir):
     """SparseGPT and Wanda prune from the inputs each Linear saw. A recipe that quantizes nothing leaves no
     quantization scheme, and the coverage check asked every expert Linear for one until now."""
-    from llmcompressor import oneshot
-
-    source = original(name, workdir)
-    ours = load(source)
-    coverage = alc.oneshot(ours, recipe=pruning_recipe(method), propagate_routed=False, **oneshot_kwargs(source.vocab))
+    source, ours, coverage, theirs = both_paths(name, lambda: pruning_recipe(method), workdir,
+                                                propagate_routed=False)
     assert coverage.ok, str(coverage)
     assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}, "every expert Linear saw every token"
     assert {lc.scheme for lc in coverage.linears} == {None}
-    theirs = load(source)
-    oneshot(model=theirs, recipe=pruning_recipe(method), **oneshot_kwargs(source.vocab))
     for lc in coverage.linears:
         weight = ours.get_submodule(lc.path).weight
         assert (weight == 0).float().mean() >= 0.5, f"{lc.path} was not pruned"
@@ -508,16 +511,10 @@ def rotation_recipe(method: str):
 def test_rotations_then_quantization_as_llmcompressor_own_path(name, method, workdir):
     """QuIP and SpinQuant rotate the weights (the expert Linears' among them), then GPTQ quantizes them: the
     logits and scales equal LLM Compressor's own path's, and every expert Linear saw every token."""
-    from llmcompressor import oneshot
-
-    source = original(name, workdir)
-    ours = load(source)
-    coverage = alc.oneshot(ours, recipe=rotation_recipe(method), propagate_routed=False,
-                           **oneshot_kwargs(source.vocab))
+    source, ours, coverage, theirs = both_paths(name, lambda: rotation_recipe(method), workdir,
+                                                propagate_routed=False)
     assert coverage.ok, str(coverage)
     assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}, "every expert Linear saw every token"
-    theirs = load(source)
-    oneshot(model=theirs, recipe=rotation_recipe(method), **oneshot_kwargs(source.vocab))
     held_out = tokens(HELD_OUT, 1, source.vocab)
     with torch.no_grad():
         assert rel(ours(input_ids=held_out).logits, theirs(input_ids=held_out).logits) <= SIDE_BY_SIDE_TOL
@@ -543,19 +540,13 @@ def test_autoround_calibrates_every_expert_as_well_as_llmcompressor_own_path(nam
     their error against the unquantized model, not by their scales. Measured: equal on Qwen3-MoE, and errors
     within 0.005 of each other on the others.
     """
-    from llmcompressor import oneshot
-
-    source = original(name, workdir)
-    ours = load(source)
-    coverage = alc.oneshot(ours, recipe=autoround_recipe(), **oneshot_kwargs(source.vocab))
+    source, ours, coverage, theirs = both_paths(name, autoround_recipe, workdir)
     assert coverage.ok, str(coverage)
     # AutoRound's tuning passes run while LLM Compressor's hooks are live, so they are counted too, in each
     # block and in each of its expert Linears alike
     assert all(lc.tokens == lc.block_tokens >= CALIBRATION_TOKENS for lc in coverage.linears)
     assert any((ours.get_submodule(lc.path).weight_scale < 0).any() for lc in coverage.linears), \
         "no negative scale: the test would not show that they are accepted"
-    theirs = load(source)
-    oneshot(model=theirs, recipe=autoround_recipe(), **oneshot_kwargs(source.vocab))
     held_out = tokens(HELD_OUT, 1, source.vocab)
     with torch.no_grad():  # AutoRound leaves the weights in bfloat16
         reference, ours_logits, their_logits = (m.float()(input_ids=held_out).logits

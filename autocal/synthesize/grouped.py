@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .ops import assemble_columns, call_linear, project, unobserved, unobserved_now, untouched
+from .ops import assemble_columns, call_linear, project, unobserved, untouched
 
 __all__ = ["GroupedTemplate"]
 
@@ -232,11 +232,8 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
     if untouched_group:
         return torch.stack([project(rows[g], tuple(linear[g] for linear in linears), columns, features, layouts[g])
                             for g in range(group)])
-    if unobserved_now():
-        pieces = tuple(torch.stack([call_linear(linear, row) for linear, row in zip(per_linear, rows)])
-                       for per_linear in linears)
-    else:  # the usual case, and the calibration forward's hottest loop: each Linear called as a module
-        pieces = tuple(torch.stack([linear(row) for linear, row in zip(per_linear, rows)]) for per_linear in linears)
+    pieces = tuple(torch.stack([call_linear(linear, row) for linear, row in zip(per_linear, rows)])
+                   for per_linear in linears)
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
 
 

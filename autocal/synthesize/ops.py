@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 __all__ = ["Geometry", "ProjectionLayout", "RowComplement", "geometry", "assemble_columns", "call_linear", "inputs_seen", "project",
-           "run_on_the_rest", "run_unrouted", "unrouted_rows", "unobserved", "unobserved_now", "untouched"]
+           "run_on_the_rest", "run_unrouted", "unrouted_rows", "unobserved", "untouched"]
 
 _UNOBSERVED: ContextVar[bool] = ContextVar("autocal_unobserved", default=False)
 
@@ -32,12 +32,6 @@ def unobserved() -> Iterator[None]:
         yield
     finally:
         _UNOBSERVED.reset(token)
-
-
-def unobserved_now() -> bool:
-    """Is this under ``unobserved()``?"""
-    return _UNOBSERVED.get()
-
 
 def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``; under ``unobserved()`` its matmul alone, which no hook sees."""

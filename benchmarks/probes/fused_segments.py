@@ -12,7 +12,8 @@ hook (as the floor), and what runs between them is either
   output, so the stacks are never written.
 
 The routing (sorted slots) is computed once outside; times are medians of 30 interleaved calls, with
-the floor and autocal's own forward in the same process. Run on the GPU machine from the repository
+the floor and autocal's own forward in the same process (as run in session 7 the calls came in one
+order every round; ``_common.interleaved`` now rotates it). Run on the GPU machine from the repository
 root, with transformers on PYTHONPATH::
 
     python3 benchmarks/probes/fused_segments.py qwen3-30b-a3b:512 qwen3-30b-a3b:2048
@@ -28,10 +29,9 @@ sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import autocal  # noqa: E402
 from autocal.synthesize.experts import RoutedSlots  # noqa: E402
-from _common import SHAPES, build_block  # noqa: E402
-from calibration_forward import RowCounter, _linears  # noqa: E402
+from _common import SHAPES, interleaved  # noqa: E402
+from calibration_forward import observed_layer  # noqa: E402
 
 dev, dt = torch.device("cuda"), torch.bfloat16
 
@@ -51,24 +51,14 @@ compiled_combine = torch.compile(combine, dynamic=False, fullgraph=True)
 for item in sys.argv[1:]:
     name, tokens = item.split(":")
     shape, tokens = SHAPES[name], int(tokens)
-    block, _ = build_block(shape, dev, dt)
-    experts = autocal.synthesize(block).get_submodule("experts")
-    linears = _linears(experts)
-    RowCounter(linears)
+    block, experts, _, hidden, _, floor = observed_layer(shape, tokens, dev, dt)
     modules = experts.experts()
     gates, ups, downs = ([e._modules[n] for e in modules] for n in ("gate_proj", "up_proj", "down_proj"))
-    hidden = torch.randn(tokens, shape.hidden, device=dev, dtype=dt)
-    intermediate = torch.randn(tokens, shape.width, device=dev, dtype=dt)
-    calls = [(lin, hidden if lin.in_features == shape.hidden else intermediate) for lin in linears]
     with torch.no_grad():
         _, weights, index = block.gate(hidden)
         expected = experts(hidden, index, weights)
         slots = RoutedSlots(index, weights, len(modules), len(modules))
         row, token, weight = slots.group(0)
-
-        def floor():
-            for linear, x in calls:
-                linear(x)
 
         def run(act_fn, combine_fn):
             def forward():
@@ -84,20 +74,10 @@ for item in sys.argv[1:]:
             diff = (out.float() - expected.float()).abs().max().item()
             print(f"   {label}: max |diff| against the original experts {diff:.3g}")
         fns = {"floor": floor, "autocal": lambda: experts(hidden, index, weights), "eager": eager, "compiled": compiled}
-        times = {label: [] for label in fns}
-        for _ in range(3):
-            for fn in fns.values():
-                fn()
-        for _ in range(30):
-            for label, fn in fns.items():
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                times[label].append(time.perf_counter() - start)
+        times = interleaved(fns, dev, 30, warmup=3)
         floor_ms = statistics.median(times["floor"]) * 1e3
         print(f"== {name} {tokens} tokens (first compiled call {compile_s:.1f} s): ms, x floor")
         print("   " + "  ".join(f"{k} {statistics.median(v) * 1e3:.2f} ({statistics.median(v) * 1e3 / floor_ms:.3f}x)"
                                for k, v in times.items()))
-    del block, experts, modules, gates, ups, downs, linears, calls
+    del block, experts, modules, gates, ups, downs, floor, fns
     torch.cuda.empty_cache()

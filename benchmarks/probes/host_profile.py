@@ -32,10 +32,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import autocal  # noqa: E402
 from autocal.synthesize import experts as experts_stage  # noqa: E402
-from _common import SHAPES, build_block  # noqa: E402
-from calibration_forward import RowCounter, _linears  # noqa: E402
+from _common import SHAPES  # noqa: E402
+from calibration_forward import observed_layer  # noqa: E402
 
 dev, dt = torch.device("cuda"), torch.bfloat16
 
@@ -71,23 +70,13 @@ def busy_us(fn, calls: int = 5) -> float:
 for item in sys.argv[1:]:
     name, tokens = item.split(":")
     shape, tokens = SHAPES[name], int(tokens)
-    block, _ = build_block(shape, dev, dt)
-    experts = autocal.synthesize(block).get_submodule("experts")
-    linears = _linears(experts)
-    RowCounter(linears)
+    block, experts, _, hidden, intermediate, floor = observed_layer(shape, tokens, dev, dt)
     modules = experts.experts()
-    hidden = torch.randn(tokens, shape.hidden, device=dev, dtype=dt)
-    intermediate = torch.randn(tokens, shape.width, device=dev, dtype=dt)
-    calls = [(lin, hidden if lin.in_features == shape.hidden else intermediate) for lin in linears]
     size = experts._group_size(tokens, False)
     groups = [modules[i:i + size] for i in range(0, len(modules), size)]
     group_linears = [[[e._modules[n] for e in group] for n in ("gate_proj", "up_proj", "down_proj")] for group in groups]
     with torch.no_grad():
         _, weights, index = block.gate(hidden)
-
-        def floor():
-            for linear, x in calls:
-                linear(x)
 
         def template():
             for group in groups:
@@ -132,5 +121,5 @@ for item in sys.argv[1:]:
         for (file, line, function), (_, calls, own, cumulative, _) in rows:
             where = f"{os.path.basename(file)}:{line}({function})" if file != "~" else function
             print(f"   {own / 20 * 1e6:8.1f} {cumulative / 20 * 1e6:8.1f}  {calls / 20:7.1f}  {where}")
-    del block, experts, modules, groups, group_linears, linears, calls
+    del block, experts, modules, groups, group_linears, floor
     torch.cuda.empty_cache()
