@@ -1,6 +1,7 @@
 """explain(): reported facts against each zoo config, golden reports, and failures as report entries."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,10 +19,24 @@ GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "explain" / f"transf
 GOLDEN_ARCHITECTURES = ["qwen3_moe", "deepseek_v3", "gpt_oss", "llama4", "mixtral", "nllb-moe"]
 
 
+# The calibration-on difference is float rounding: its figure depends on which BLAS kernels the CPU
+# runs (0 with AVX-512, 7e-07 with AVX2 alone), so golden texts hold a placeholder and the figure is
+# checked against the verification's tolerance instead.
+ROUNDING = re.compile(r"(?<= on=)\S+")
+
+
+def rounding_free(report) -> str:
+    """The report's text, each calibration-on difference replaced by ``<rounding>`` once it is within tolerance."""
+    for block in report.blocks:
+        if block.verification:
+            assert block.verification["passed"], f"{block.block_class}: {block.verification}"
+    return ROUNDING.sub("<rounding>", str(report))
+
+
 @pytest.mark.parametrize("name", GOLDEN_ARCHITECTURES)
 def test_golden_report(name):
     """Regenerate with: AUTOCAL_ACCEPT=1 python -m pytest tests/test_explain.py -k golden"""
-    text = str(autocal.explain(zoo.build_model(name)))
+    text = rounding_free(autocal.explain(zoo.build_model(name)))
     path = GOLDEN / f"{name}.txt"
     if os.environ.get("AUTOCAL_ACCEPT"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +44,12 @@ def test_golden_report(name):
                         " -k golden\n" + text + "\n")
     assert path.exists(), f"no golden report for {name} with transformers {transformers.__version__}"
     assert text + "\n" == path.read_text().split("\n", 1)[1]
+
+
+def test_golden_texts_hold_no_rounding_figure():
+    """A golden text that held one CPU's rounding would fail on another CPU (AVX2 against AVX-512)."""
+    figures = [(path.name, figure) for path in GOLDEN.glob("*.txt") for figure in ROUNDING.findall(path.read_text())]
+    assert figures and all(figure == "<rounding>" for _, figure in figures), figures
 
 
 # Test-side knowledge of where each config keeps its expert count and k (autocal itself reads no config).
