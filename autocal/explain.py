@@ -36,10 +36,16 @@ class BlockReport:
     verification: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     on_meta: bool = False
+    calibration_class: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    @property
+    def converted(self) -> bool:
+        """The block was an autocal calibration module already (``block_class`` is its original's class)."""
+        return self.path == "already converted"
 
     def __getattr__(self, name: str) -> Any:
         """Shortcuts: ``num_experts``, ``top_k``, ``scoring`` and the other detected facts."""
@@ -118,8 +124,10 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
             rows.append(("router", f"{' → '.join(steps)}"
                                    f"  top_k {router['top_k']} of {router['num_choices']} choices",
                          router["sources"].get("top_k")))
-        return rows + [("next", errors.override_hint(block.block_class), None)]
-    rows: list[tuple[str, str, str | None]] = [("path", block.path, None)]
+        steps = errors.next_steps(block.failure["kind"], block.block_class, block.failure.get("hints"))
+        return rows + [("next", step, None) for step in steps]
+    how = f"{block.path} by autocal ({block.calibration_class})" if block.converted else block.path
+    rows: list[tuple[str, str, str | None]] = [("path", how, None)]
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
         sources = {**router["sources"], **experts["sources"]}
@@ -147,7 +155,8 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
                                  f"bitwise(off)={v['bitwise_off']}  experts covered "
                                  f"{v['experts_covered']}/{v['num_experts']}", None))
     else:
-        rows.append(("verified", "not run (meta device: no data)" if block.on_meta else "not run", None))
+        reason = "meta device: no data" if block.on_meta else "already converted" if block.converted else None
+        rows.append(("verified", f"not run ({reason})" if reason else "not run", None))
     return rows
 
 
@@ -201,13 +210,18 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
     """
     converter = Converter(verify=verify)
     by_class: dict[tuple, BlockReport] = {}
-    blocks = list(find_moe_blocks(model_or_block))
-    unrecognized = unrecognized_experts(model_or_block, [p for p, _ in blocks])
+    converted = _converted(model_or_block)
+    blocks = [(p, b) for p, b in find_moe_blocks(model_or_block)
+              if not any(p == c or p.startswith(f"{c}.") or not c for c in converted)]
+    unrecognized = unrecognized_experts(model_or_block, [p for p, _ in blocks] + list(converted))
     blocks, calls, twin = locate_blocks(model_or_block, blocks, example_inputs, forward,
                                         also=[b for b, _, _ in unrecognized])
+    for path, module in converted.items():
+        original = module.__dict__.get("_original")
+        owner = type(original).__name__ if original is not None else f"{type(module).__name__} (original not kept)"
+        by_class.setdefault((type(module), "converted"), BlockReport(
+            owner, [], path="already converted", calibration_class=type(module).__name__)).paths.append(path or "<root>")
     for path, block in blocks:
-        if isinstance(block, MoECalibrationModule):
-            continue
         cls = analysis_key(block)
         if cls in by_class:
             by_class[cls].paths.append(path or "<root>")
@@ -241,6 +255,16 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         if entry.structure is None and block_path in calls:
             entry.structure = _router_only(model_or_block.get_submodule(block_path), calls[block_path])
     return Report(list(by_class.values()))
+
+
+def _converted(model: nn.Module) -> dict[str, MoECalibrationModule]:
+    """autocal's calibration modules already in ``model`` (outermost only), by path."""
+    found: dict[str, MoECalibrationModule] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MoECalibrationModule) and not any(
+                path.startswith(f"{outer}.") or not outer for outer in found):
+            found[path] = module
+    return found
 
 
 def _router_only(block: nn.Module, call) -> dict[str, Any] | None:
