@@ -190,6 +190,10 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
         rows.append(("verified", f"max |diff| off={v['max_abs_diff_off']:.3g} on={v['max_abs_diff_on']:.3g}  "
                                  f"bitwise(off)={v['bitwise_off']}  experts covered "
                                  f"{v['experts_covered']}/{v['num_experts']}", None))
+        if v.get("experts_implementation") not in (None, "eager"):
+            impl = v["experts_implementation"]
+            rows.append(("experts impl", f"{impl}  bitwise(off) against eager={v['bitwise_off_eager']}: autocal "
+                                         f"computes each expert as the eager loop does, {impl} rounds otherwise", None))
     else:
         reason = "meta device: no data" if block.on_meta else "already converted" if block.converted else None
         rows.append(("verified", f"not run ({reason})" if reason else "not run", None))
