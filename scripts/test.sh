@@ -2,7 +2,8 @@
 # Set up one virtual environment per transformers version and run the tests.
 #   .venv       transformers 5.23.0 (newest): every test, then the docs build (warnings as errors)
 #   .venv-5.17  transformers 5.17.0 + llmcompressor 0.14.0.1 (what LLM Compressor users run):
-#               the real-model, zoo, explain-against-config and LLM Compressor tests
+#               the real-model, zoo, explain-against-config and LLM Compressor tests, and the docs
+#               examples (the LLM Compressor quick start runs only here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,4 +20,4 @@ PATH="$PWD/.venv/bin:$PATH" bash scripts/docs.sh
 
 setup .venv-5.17 dev,llmcompressor transformers==5.17.0
 .venv-5.17/bin/python -m pytest -q tests/test_models.py tests/test_zoo_fixtures.py tests/test_zoo.py \
-  tests/test_llmcompressor.py "tests/test_explain.py::test_reports_the_configs_experts_and_k"
+  tests/test_llmcompressor.py "tests/test_explain.py::test_reports_the_configs_experts_and_k" tests/test_docs.py
