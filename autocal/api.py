@@ -8,6 +8,7 @@ verified against the original before anything is swapped.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -208,7 +209,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                 built[id(block)] = None
             except errors.AutocalError as error:
                 raise unreached(error, example_inputs, calls, path).with_context(
-                    module_path=path, block_class=type(block).__name__) from None
+                    module_path=path, block_class=type(block).__name__) from error.__cause__
         if built[id(block)] is not None and not path:
             raise errors.AutocalError(
                 errors.NO_MOE_BLOCK, "the model itself is the MoE block, so there is no parent to put its "
@@ -269,6 +270,12 @@ def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: di
 def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None,
                   forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
     """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta)."""
+    if example_inputs is not None and not isinstance(example_inputs, Mapping):
+        raise errors.AutocalError(
+            errors.BAD_INPUT, f"example_inputs is a {type(example_inputs).__name__}: it must be a dict of the "
+            "model's keyword inputs, which autocal calls the model with as model(**example_inputs)",
+            hints=["autocal.convert(model, example_inputs={'input_ids': ids}), or a tokenizer's output: "
+                   "example_inputs=tokenizer(text, return_tensors='pt')"])
     if not example_inputs:
         return {}, None
     twin = cpu_twin(model) if on_meta(model) else None

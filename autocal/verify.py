@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import errors
 from .coverage import _COUNTER
+from .integrations.transformers import eager_experts, experts_implementation
 
 __all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself"]
 
@@ -45,6 +46,8 @@ class Verification:
     experts_covered: int
     num_experts: int
     passed: bool
+    experts_implementation: str | None = None  # transformers' experts implementation the original ran
+    bitwise_off_eager: bool | None = None  # calibration off against the original run with eager experts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,13 +144,19 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
                 on = calibration(*args, **_fresh(kwargs))
     finally:
         calibration.calibrate_all_experts = mode
+    implementation = experts_implementation(original)
+    bitwise_eager = None
+    if implementation not in (None, "eager"):  # the calibration module computes experts as the eager loop does
+        with torch.no_grad(), eager_experts(original):
+            bitwise_eager = compare_outputs(original(*args, **_fresh(kwargs)), off)[1]
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)
     tokens = _hidden_tokens(args, kwargs)
     covered = sum(1 for n in seen if n >= tokens)  # a token routed twice to one expert counts twice
     result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
-                          close_off and close_on and covered == len(seen))
+                          close_off and close_on and covered == len(seen), implementation,
+                          bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
     if not result.passed:
         problem = (
             f"outputs differ by up to {max(diff_off, diff_on):.3g}"

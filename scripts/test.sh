@@ -3,7 +3,8 @@
 #   .venv       transformers 5.23.0: every test, then the golden and docs tests again as an AVX2-only
 #               CPU runs them (other BLAS kernels, other rounding), then the docs build (warnings as errors)
 #   .venv-5.17  transformers 5.17.0 + llmcompressor 0.14.0.1 (what LLM Compressor users run):
-#               the real-model, zoo, explain-against-config and LLM Compressor tests
+#               the real-model, zoo, explain-against-config and LLM Compressor tests, and the docs
+#               examples (the LLM Compressor quick start runs only here)
 # Each phase prints how long it took, and a summary closes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +43,4 @@ phase "docs build" env PATH="$PWD/.venv/bin:$PATH" bash scripts/docs.sh
 phase "setup transformers 5.17.0 + llmcompressor" setup .venv-5.17 dev,llmcompressor transformers==5.17.0
 phase "tests, transformers 5.17.0 + llmcompressor" .venv-5.17/bin/python -m pytest -q tests/test_models.py \
   tests/test_zoo_fixtures.py tests/test_zoo.py tests/test_llmcompressor.py \
-  "tests/test_explain.py::test_reports_the_configs_experts_and_k"
+  "tests/test_explain.py::test_reports_the_configs_experts_and_k" tests/test_docs.py

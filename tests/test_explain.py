@@ -11,6 +11,7 @@ import transformers
 from torch import nn
 
 import autocal
+from autocal.integrations.transformers import eager_experts
 from autocal.testing import zoo
 from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
 
@@ -152,3 +153,28 @@ def test_table_wraps_to_the_terminal_width():
     narrow = _format_table(report.blocks[0], width=70).splitlines()
     assert all(len(line) <= 70 for line in narrow[1:])
     assert "down_proj" in "".join(narrow), "wrapping keeps every fact"
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_the_experts_implementation_is_named_and_bitwise_holds_against_eager(implementation):
+    """transformers' default experts implementation is grouped_mm (from_config and from_pretrained), whose
+    kernels round otherwise than the eager loop that autocal's modules compute as: explain says so."""
+    model = zoo.build_model("qwen3_moe", experts_implementation=implementation)
+    with torch.no_grad(), eager_experts(model):
+        eager_logits = model(**zoo.example_inputs(model)).logits
+    report = autocal.explain(model)
+    verification = report.blocks[0].verification
+    assert verification["experts_implementation"] == implementation
+    assert verification["bitwise_off_eager"] is True
+    assert f"experts impl:    {implementation}  bitwise(off) against eager=True" in str(report)
+    autocal.convert(model, calibrate_all_experts=False)
+    with torch.no_grad():  # the whole model, as the eager experts compute it
+        assert torch.equal(model(**zoo.example_inputs(model)).logits, eager_logits)
+
+
+def test_eager_experts_need_no_word_on_the_implementation():
+    report = autocal.explain(zoo.build_model("qwen3_moe"))
+    verification = report.blocks[0].verification
+    assert verification["experts_implementation"] == "eager"
+    assert verification["bitwise_off_eager"] == verification["bitwise_off"] is True
+    assert "experts impl" not in str(report)

@@ -945,6 +945,12 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, save_compre
 
     Without the extra installed, steps 1 and 4 are transformers' own dense save.
     """
+    if not calibration_blocks(model):
+        raise errors.AutocalError(errors.BAD_INPUT, "the model holds no autocal calibration module: "
+                                  "autocal_lc.save_pretrained saves a model autocal_lc.prepare converted; nothing "
+                                  "was written", block_class=type(model).__name__,
+                                  hints=["call autocal_lc.prepare(model) first (autocal_lc.oneshot calls it), then "
+                                         "oneshot, then save"])
     try:
         from compressed_tensors import ModelCompressor
         from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ["eager_experts", "EXPERTS_IMPLEMENTATION_ATTR", "declared_routers", "load_config", "meta_model"]
+__all__ = ["eager_experts", "experts_implementation", "EXPERTS_IMPLEMENTATION_ATTR", "declared_routers", "load_config", "meta_model"]
 
 EXPERTS_IMPLEMENTATION_ATTR = "_experts_implementation"
 
@@ -41,6 +41,11 @@ def eager_experts(module: nn.Module) -> Iterator[None]:
     finally:
         for config, implementation in saved:
             setattr(config, EXPERTS_IMPLEMENTATION_ATTR, implementation)
+
+
+def experts_implementation(module: nn.Module) -> str | None:
+    """The implementation decorated experts under ``module`` run (``"grouped_mm"``…); None: none applies."""
+    return next((getattr(config, EXPERTS_IMPLEMENTATION_ATTR) for config in _configs(module)), None)
 
 
 def declared_routers(model: nn.Module) -> list[str]:
