@@ -15,9 +15,11 @@ from torch import nn
 
 from . import errors
 from .api import Converter, analysis_key, locate_blocks, unreached
-from .detect.detector import find_moe_blocks, unrecognized_experts
+from .detect.detector import unrecognized_experts
 from .detect.router import router_of
-from .registry import MoECalibrationModule, registered_override
+from .registry import MoECalibrationModule
+from .detect.plans import OverridePlan
+from .rules import Decision, find_moe_blocks
 from .trace.record import record
 from .trace.twin import on_meta
 
@@ -37,6 +39,8 @@ class BlockReport:
     failure: dict[str, Any] | None = None
     on_meta: bool = False
     calibration_class: str | None = None
+    rule: str | None = None  # the rule that matched (``autocal/rules.py``)
+    rules: list[dict[str, Any]] = field(default_factory=list)  # every rule's verdict, in table order
 
     @property
     def ok(self) -> bool:
@@ -154,6 +158,7 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     """``(fact, what was found, source file:line)`` for one block class, in reading order."""
     if block.failure:
         rows = [("FAILED", f"[{block.failure['kind']}] {block.failure['explanation']}", block.failure.get("source"))]
+        rows += [(f"  rule {v['rule']}", v["reason"], v["source"]) for v in block.rules]
         router = (block.structure or {}).get("router")
         if router:  # what the recording still showed
             steps = [step for step in _routing_steps(router) if step]
@@ -164,6 +169,8 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
         return rows + [("next", step, None) for step in steps]
     how = f"{block.how} by autocal ({block.calibration_class})" if block.converted else block.how
     rows: list[tuple[str, str, str | None]] = [("path", how, None)]
+    if block.rule:
+        rows.append(("rule", block.rule, None))
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
         sources = {**router["sources"], **experts["sources"]}
@@ -278,8 +285,10 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             report.failure = {"kind": error.kind, "explanation": error.explanation, "source": error.source,
                               "hints": error.hints}
             continue
+        finally:
+            _verdicts(report, converter.decisions.get(cls))
         analysis = converter.classes[cls]
-        report.how = "registered override" if registered_override(type(block).__name__) else "synthesized"
+        report.how = "registered override" if isinstance(analysis.plan, OverridePlan) else "synthesized"
         report.calibration_class = type(module).__name__
         if analysis.structure is not None:
             report.structure = analysis.structure.to_dict()
@@ -306,6 +315,14 @@ def _converted(model: nn.Module) -> dict[str, MoECalibrationModule]:
                 path.startswith(f"{outer}.") or not outer for outer in found):
             found[path] = module
     return found
+
+
+def _verdicts(report: BlockReport, decision: Decision | None) -> None:
+    """The rule that matched and every rule's verdict (the rules tried before it, and why they did not match)."""
+    if decision is None:
+        return
+    report.rules = [v.to_dict() for v in decision.verdicts if v.result is not None]
+    report.rule = decision.rule.name if decision.rule is not None else None
 
 
 def _router_only(block: nn.Module, call) -> dict[str, Any] | None:

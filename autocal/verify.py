@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import errors
 from .coverage import _COUNTER
-from .integrations.transformers import eager_experts, experts_implementation
+from .trace.hf import eager_experts, experts_implementation
 
 __all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself"]
 

@@ -18,7 +18,6 @@ runs each expert on the tokens its mask left out (dropped ones included).
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -28,10 +27,12 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import errors
-from ..trace.inputs import BlockCall, keyword_arguments
 from .block import module_experts_info, other_children
 from .graph_utils import CONTRACTIONS, Ancestry, flat_args, returns_of, source_of, target_name, value
 from .router import analyze_router, router_of, routing_choice
+from .facts import Facts
+from .plans import MaskDispatchPlan, NoMatch
+from .recorded import block_recording
 from .structure import MoEStructure
 
 __all__ = ["MaskDispatch", "detect_mask_dispatch"]
@@ -107,18 +108,18 @@ def _check(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor, cal
     return True
 
 
-def detect_mask_dispatch(block: nn.Module, name: str, entries: list[nn.Module], call: BlockCall) -> MoEStructure:
-    """Detection for dispatch by a mask contraction (see the module docstring)."""
-    from .container import _record_expert_calls  # the recorded levels' shared step
-
-    cls = type(block).__name__
-    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
-    rec, expert_paths, calls = _record_expert_calls(block, bound, entries)
+def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
+    """``mask-dispatch``: dispatch by a mask contraction (see the module docstring)."""
+    found = block_recording(facts)
+    if not found:
+        return found
+    block, name, entries = facts.block, facts.list_name, facts.entries
+    rec, expert_paths, calls = found.rec, found.expert_paths, found.calls
     nodes = {_dispatch_node(c) for c in calls}
     node = nodes.pop() if len(nodes) == 1 else None
     if node is None or not calls:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are not slices of one "
-                                  "contraction of the tokens with a mask", block_class=cls)
+        return NoMatch("the experts' inputs are not slices of one contraction of the tokens with a mask",
+                       shallow=True)
     tensors = [a for a in flat_args(node.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     same = [n for n in rec.graph.nodes if n.op == "call_function" and n.target is node.target]
     for mask_node, token_node in (tensors, tensors[::-1]) if len(tensors) == 2 else ():
@@ -133,13 +134,12 @@ def detect_mask_dispatch(block: nn.Module, name: str, entries: list[nn.Module], 
             dispatch = MaskDispatch(node.target, ordinal, token_dim, expert_dim, len(entries))
             if _check(dispatch, mask, tokens, calls, expert_paths):
                 return _structure(block, name, entries, rec, calls, dispatch, mask_node)
-    raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are a contraction, but not of the "
-                              "token rows with a 0/1 mask that marks each expert's tokens", block_class=cls,
-                              source=source_of(node))
+    return NoMatch("the experts' inputs are a contraction, but not of the token rows with a 0/1 mask that marks "
+                   "each expert's tokens", source_of(node))
 
 
 def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls: list[fx.Node],
-               dispatch: MaskDispatch, mask_node: fx.Node) -> MoEStructure:
+               dispatch: MaskDispatch, mask_node: fx.Node) -> MaskDispatchPlan:
     index, weights = routing_choice(rec.graph, mask_node)
     try:
         router = analyze_router(rec.graph, index, weights) if index is not mask_node else router_of(rec.graph)
@@ -153,12 +153,11 @@ def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls
     experts.layout["unrouted tokens"] = "the tokens the dispatch mask leaves out (dropped ones included)"
     ancestry = Ancestry(rec.graph)
     routing = {n.meta.get("module_path", "").split(".")[0] for n in ancestry.of(mask_node)}
-    return MoEStructure(
+    structure = MoEStructure(
         block_class=type(block).__name__,
-        level="mask-dispatch",
         router=router,
         experts=experts,
         shared_modules=other_children(block, name, router.module_path, *routing),
         returns=returns_of(rec.output),
-        tokens=dispatch,
     )
+    return MaskDispatchPlan(structure, dispatch)

@@ -34,7 +34,7 @@ from torch.nn.modules import module as module_globals
 
 from ..coverage import _COUNTER
 from ..detect.experts import CONTAINER_ATTR
-from ..integrations.transformers import eager_experts
+from ..trace.hf import eager_experts
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .grouped import GroupedTemplate
 from .ops import ProjectionLayout, geometry
