@@ -227,8 +227,8 @@ def detect_block_level(facts: Facts) -> BlockRewritePlan | NoMatch:
     try:
         graph = trace_block(block)
     except Exception as error:  # fx raises many kinds; each means the same thing here
-        return NoMatch(lambda: f"the block dispatches to its experts in code fx cannot trace "
-                               f"({type(error).__name__}: {str(error).splitlines()[0]})", shallow=True)
+        return NoMatch(f"the block dispatches to its experts in code fx cannot trace "
+                       f"({type(error).__name__}: {str(error).splitlines()[0]})", shallow=True)
     output = annotate(block, graph, call.args, call.kwargs)
     calls = expert_calls(graph, {name: entries})
     if not calls:

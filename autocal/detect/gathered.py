@@ -235,7 +235,7 @@ def detect_gathered(facts: Facts) -> GatheredPlan | NoMatch:
         call = facts.inputs(facts.packed[1], 32) if facts.packed else facts.inputs(facts.block, 32)
     except errors.AutocalError as error:
         if tables_only and error.kind == errors.TRACE_FAILED:
-            return NoMatch(lambda: f"{error.explanation}; tables of one shape alone prove no MoE", not_moe=True)
+            return NoMatch(f"{error.explanation}; tables of one shape alone prove no MoE", not_moe=True)
         raise
     found = _detect(facts.block, call)
     if not found and tables_only:

@@ -56,8 +56,7 @@ def list_inputs(facts: Facts) -> BlockCall | NoMatch:
         return facts.inputs(facts.list_container, max(16, 4 * len(facts.entries)))
     except errors.AutocalError as error:  # identical layers with no router beside them prove no MoE
         if facts.unrouted and error.kind == errors.TRACE_FAILED:
-            return NoMatch(lambda: f"{error.explanation}, and no router sits beside `{facts.list_name}`",
-                           not_moe=True)
+            return NoMatch(f"{error.explanation}, and no router sits beside `{facts.list_name}`", not_moe=True)
         raise
 
 
