@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..synthesize.ops import project
+from ..numerics import project
 from .graph_utils import Ancestry, is_int_tensor, target_name, tensor_inputs, value
 from .structure import ExpertTemplate, LinearRecipe, Projection
 
@@ -460,7 +460,7 @@ def _as_slice(indices: torch.Tensor) -> slice | None:
 
 
 def route_projections(graph: fx.Graph, linears: dict[str, _Linear]) -> list[Projection]:
-    """Compute the Linears cut from one original matmul through ``autocal.synthesize.ops.project``.
+    """Compute the Linears cut from one original matmul through ``autocal.numerics.project``.
 
     ``project`` runs the original matmul on the packed storage while the
     Linears are untouched (bitwise the original), and the Linears themselves

@@ -11,8 +11,8 @@ rows ``[S, M]``, the other a 0/1 mask with a dimension of the tokens and one of
 the experts. It checks that each expert's non-zero input rows are exactly the
 rows of the tokens its slice of the mask marks.
 
-At run time the calibration module keeps that contraction's operands (the
-``ordinal``-th call of its function that fits) and, after the block's forward,
+At run time the calibration module (``synthesize/container.py``) keeps that
+contraction's operands (the ``ordinal``-th call of its function that fits) and, after the block's forward,
 runs each expert on the tokens its mask left out (dropped ones included).
 """
 
@@ -24,7 +24,6 @@ from typing import Callable
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 from .. import errors
 from .block import module_experts_info, other_children
@@ -66,25 +65,6 @@ class MaskDispatch:
                     mask.shape[self.token_dim] == tokens.shape[0] and mask.shape[self.expert_dim] == self.num_experts):
                 return mask, tokens
         return None
-
-    def capture(self) -> "_Capture":
-        """A mode that keeps ``(mask, tokens)`` of this dispatch while a forward runs."""
-        return _Capture(self)
-
-
-class _Capture(TorchFunctionMode):
-    def __init__(self, dispatch: MaskDispatch) -> None:
-        super().__init__()
-        self.dispatch, self.seen, self.found = dispatch, 0, None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is self.dispatch.function and self.found is None:
-            operands = self.dispatch.operands(args)
-            if operands is not None:
-                if self.seen == self.dispatch.ordinal:
-                    self.found = operands
-                self.seen += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _dispatch_node(call: fx.Node) -> fx.Node | None:

@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .. import errors
 from ..detect.plans import ContainerPlan, GatedPlan, MaskDispatchPlan, RecordedBlockPlan
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
+from ..detect.masked import MaskDispatch
 from .module import AdoptedMoE, KeptForwardMoE, adopt, forward_declaring, kept_forward_class
 from .ops import RowComplement, inputs_seen, run_on_the_rest
 
@@ -107,7 +109,7 @@ class MaskDispatchMoE(KeptForwardMoE):
     contraction's operands and runs each expert on the tokens its mask left out."""
 
     def watching(self):
-        return self.plan.dispatch.capture()
+        return _Capture(self.plan.dispatch)
 
     def run_unrouted(self, bound: dict, capture) -> None:
         dispatch = self.plan.dispatch
@@ -119,6 +121,23 @@ class MaskDispatchMoE(KeptForwardMoE):
             rows = tokens[dispatch.unrouted(mask, expert)]
             if rows.shape[0]:
                 module(rows)
+
+
+class _Capture(TorchFunctionMode):
+    """Keeps ``(mask, tokens)``, the operands of the dispatch contraction, while a forward runs."""
+
+    def __init__(self, dispatch: MaskDispatch) -> None:
+        super().__init__()
+        self.dispatch, self.seen, self.found = dispatch, 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is self.dispatch.function and self.found is None:
+            operands = self.dispatch.operands(args)
+            if operands is not None:
+                if self.seen == self.dispatch.ordinal:
+                    self.found = operands
+                self.seen += 1
+        return func(*args, **(kwargs or {}))
 
 
 def build_mask_dispatch(plan: MaskDispatchPlan, block: nn.Module) -> type[MaskDispatchMoE]:

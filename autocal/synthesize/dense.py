@@ -20,7 +20,7 @@ from ..detect.plans import DenseExpertsPlan
 from ..detect.structure import MoEStructure
 from .block import BlockRewriteMoE, _codegen_root
 from .experts import SynthesizedExpert, UnpackedExperts, expert_class
-from .ops import unobserved, untouched
+from ..numerics import unobserved, untouched
 
 __all__ = ["DenseCalibrationExperts", "build_dense_rewrite"]
 

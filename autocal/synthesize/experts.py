@@ -37,7 +37,7 @@ from ..detect.experts import CONTAINER_ATTR
 from ..trace.hf import eager_experts
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .grouped import GroupedTemplate
-from .ops import ProjectionLayout, geometry
+from ..numerics import ProjectionLayout, geometry
 
 # How many experts run in one group (see grouped.py). Grouping saves the host the element-wise launches of
 # each expert and costs the device one copy of each Linear's outputs into the group's stack. On a GPU an
