@@ -134,7 +134,9 @@ class Verdict:
             return "not tried: a rule before it matched"
         if self.matched:
             return self.result.describe()
-        return str(self.result) if self.result.candidate else f"not a candidate: no {self.rule.looks_for}"
+        if not self.result.candidate:
+            return f"not a candidate: it looks for {self.rule.looks_for}"
+        return str(self.result)
 
     def to_dict(self) -> dict:
         where = self.result.source if isinstance(self.result, NoMatch) else None

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import autocal
 from autocal.synthesize import experts as experts_module
-from autocal.synthesize.experts import RoutedSlots
+from autocal.synthesize.slots import RoutedSlots
 from autocal.testing.assertions import count_rows, expert_linears
 from autocal.testing.strategies import token_counts, toy_configs
 from autocal.testing.toy_moe import KINDS, ToyMoEConfig, example_hidden_states, main_output, make_toy_block

@@ -23,7 +23,7 @@ from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
-from .experts import describe
+from .linears import describe
 from .graph_utils import is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router
 from .plans import BlockRewritePlan, NoMatch

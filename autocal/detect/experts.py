@@ -12,28 +12,26 @@ passes here pick one expert's instance and cut it out:
 4. ``build_template`` — the region as a graph over Linear layers, with each
    Linear's weight a recipe that views the packed parameter for any expert.
 
-Then ``split_outputs`` turns slices of a Linear's output (``chunk``, ``[..., ::2]``)
-into Linears of their own, and ``label_linears`` names them gate/up/down by what
-the graph shows: the gate is the projection whose output goes through a
-non-affine function before it meets the other one.
+Then the passes of ``detect/linears.py`` split, label and route the Linears.
+Which parameters store the experts is read from shapes in ``detect/storage.py``.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
 from .. import errors
-from ..numerics import project
 from .graph_utils import Ancestry, is_int_tensor, target_name, tensor_inputs, value
-from .structure import ExpertTemplate, LinearRecipe, Projection
+from .linears import (CutLinear, Origin, describe, eliminate_dead_code, label_linears, route_projections,
+                      split_outputs, tensor_methods_as_calls, weight_applied_last)
+from .storage import resolve
+from .structure import ExpertTemplate, LinearRecipe
 
-__all__ = ["ExpertsRecording", "packed_parameters", "count_experts", "router_rows", "resolve", "analyze_experts",
-           "CONTAINER_ATTR"]
+__all__ = ["ExpertsRecording", "analyze_experts", "CONTAINER_ATTR"]
 
 # Generated expert code reaches parameters shared by all experts through this attribute.
 CONTAINER_ATTR = "_container"
@@ -42,15 +40,6 @@ _SELECT_OPS = {"__getitem__", "select", "index_select"}
 _MATMUL_OPS = {"matmul", "__matmul__", "mm"}
 _BATCHED_MATMUL_OPS = {"bmm", "matmul", "__matmul__"}
 _ADD_OPS = {"add", "__add__", "__radd__", "add_"}
-# Ops that keep a value affine in its input; a projection whose path to the join
-# holds any other op goes through a non-affine function: it is the gate.
-_AFFINE_OPS = {
-    "add", "__add__", "__radd__", "add_", "sub", "__sub__", "__rsub__", "mul", "__mul__", "__rmul__", "mul_",
-    "div", "__truediv__", "neg", "__neg__", "clamp", "clamp_", "clip", "to", "float", "type_as", "contiguous",
-    "view", "reshape", "getitem", "__getitem__",
-}
-
-
 @dataclass
 class ExpertsRecording:
     """The recorded container call and which of its inputs plays which role."""
@@ -60,73 +49,6 @@ class ExpertsRecording:
     hidden: fx.Node
     index: fx.Node | None = None
     weights: fx.Node | None = None
-
-
-def _raw_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of ``container`` not owned by a torch layer (``nn.Linear``, ``nn.Embedding``, …).
-
-    Packed experts store their weights as bare parameters of a model's own module.
-    """
-    layered = {id(p) for m in container.modules() if type(m).__module__.startswith("torch.nn.")
-               for p in m.parameters(recurse=False)}
-    return {name: p for name, p in container.named_parameters() if id(p) not in layered}
-
-
-def packed_parameters(container: nn.Module, router_rows: Iterable[int] = ()) -> dict[str, nn.Parameter]:
-    """Parameters that store the experts, by qualified name; empty if ``container`` holds no experts.
-
-    Two layouts are recognised by shape alone:
-
-    - *stacked*: at least two parameters of the container itself, of 3 or more
-      dimensions, share a leading size E >= 2 (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``);
-      their 2-D companions with the same leading size (biases) belong too. A lone
-      3-D weight is a convolution, not experts. Leading sizes may differ when the
-      largest is the router's choice count: choices past the smallest size have no
-      weights of their own (LongCat's identity "zero experts"), see ``count_experts``.
-    - *flat*: the container holds nothing but two or more raw 2-D parameters
-      (possibly one module down) of one shape ``[E * m, H]`` (m >= 2),
-      where E is the row count of a router weight beside the container
-      (``router_rows``), e.g. DBRX's ``w1``/``v1``/``w2``.
-    """
-    own = dict(container.named_parameters(recurse=False))
-    stacked = [p for p in own.values() if p.dim() >= 3]
-    leading = {p.shape[0] for p in stacked}
-    if len(stacked) >= 2 and min(leading, default=0) >= 2 and (len(leading) == 1 or max(leading) in router_rows):
-        sizes = {name: p.shape[0] for name, p in own.items() if p.dim() >= 2}
-        return {name: own[name] for name, size in sizes.items() if size in leading}
-    raw = _raw_parameters(container)
-    if len(raw) != len(list(container.parameters())):  # flat experts hold nothing but their weights
-        return {}
-    for rows in sorted(set(router_rows), reverse=True):
-        shapes: dict[tuple, list[str]] = {}
-        for name, p in raw.items():
-            if rows >= 2 and p.dim() == 2 and p.shape[0] % rows == 0 and p.shape[0] // rows >= 2:
-                shapes.setdefault(tuple(p.shape), []).append(name)
-        group = max(shapes.values(), key=len, default=[])
-        if len(group) >= 2 and len(group) == len(raw):
-            return {name: raw[name] for name in group}
-    return {}
-
-
-def count_experts(packed: dict[str, nn.Parameter], router_rows: Iterable[int] = ()) -> int:
-    """E: the shared leading size of stacked parameters, or the router rows that divide flat ones."""
-    stacked = [p for p in packed.values() if p.dim() >= 3]
-    if stacked:  # entries past the smallest size (a weight some choices lack) are not experts' weights
-        return min(p.shape[0] for p in stacked)
-    first = next(iter(packed.values()))
-    return max(r for r in router_rows if r >= 2 and first.shape[0] % r == 0)
-
-
-def router_rows(block: nn.Module, container: nn.Module) -> set[int]:
-    """Row counts of 2-D weights beside ``container`` in ``block``: candidates for the number of experts."""
-    inside = {id(p) for p in container.parameters()}
-    return {p.shape[0] for p in block.parameters() if p.dim() == 2 and id(p) not in inside}
-
-
-def resolve(module: nn.Module, dotted: str) -> Any:
-    for part in dotted.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _fail(kind: str, explanation: str, node: fx.Node | None = None, hints: list[str] | None = None):
@@ -265,45 +187,13 @@ def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> 
     return build
 
 
-def _last_dim(node: fx.Node) -> int:
-    return value(node).dim() - 1
-
-
-def _compose(recipe: Callable | None, step: Callable) -> Callable | None:
-    if recipe is None:
-        return None
-    return lambda container, expert: step(recipe(container, expert))
-
-
-@dataclass
-class _Origin:
-    """The original matmul a Linear was cut from: its weight operand, op and bias."""
-
-    operand: Callable
-    op: str
-    bias: Callable | None = None
-    bias_in_op: bool = False
-
-
-@dataclass
-class _Linear:
-    weight: Callable
-    bias: Callable | None
-    in_features: int
-    out_features: int
-    packed_param: str
-    note: str
-    origin: _Origin
-    columns: slice | None = None
-
-
-def build_template(rec, region, rows, contribution, routing, weights_side, slices) -> tuple[fx.Graph, dict[str, _Linear]]:
+def build_template(rec, region, rows, contribution, routing, weights_side, slices) -> tuple[fx.Graph, dict[str, CutLinear]]:
     """Copy the region into a new graph, turning matmuls with expert weights into Linear calls."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {rows: graph.placeholder("x")}
     if routing is not None:
         env[routing] = graph.placeholder("routing_weight")
-    linears: dict[str, _Linear] = {}
+    linears: dict[str, CutLinear] = {}
     slice_set = set(slices)
 
     def packed_name(n: fx.Node) -> str:
@@ -331,18 +221,18 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
             bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             weight = value(node.args[1])
             bias = _recipe(bias, slice_set, None) if isinstance(bias, fx.Node) else None
-            origin = _Origin(_recipe(node.args[1], slice_set, None), "linear", bias, bias_in_op=True)
-            lin = _Linear(origin.operand, bias, weight.shape[1], weight.shape[0], packed_name(node.args[1]),
+            origin = Origin(_recipe(node.args[1], slice_set, None), "linear", bias, bias_in_op=True)
+            lin = CutLinear(origin.operand, bias, weight.shape[1], weight.shape[0], packed_name(node.args[1]),
                           "F.linear(x, W)", origin)
         elif name in _BATCHED_MATMUL_OPS and node.args[1] in slice_set and value(node.args[1]).dim() == 3:
             weight = value(node.args[1])[0]
-            origin = _Origin(_recipe(node.args[1], slice_set, None), "matmul")
-            lin = _Linear(_recipe(node.args[1], slice_set, lambda w: w.t()), None, weight.shape[0], weight.shape[1],
+            origin = Origin(_recipe(node.args[1], slice_set, None), "matmul")
+            lin = CutLinear(_recipe(node.args[1], slice_set, lambda w: w.t()), None, weight.shape[0], weight.shape[1],
                           node.args[1].target, "batched x @ W[e] (transposed storage)", origin)
         elif name in _MATMUL_OPS and node.args[1] in weights_side and value(node.args[1]).dim() == 2:
             weight = value(node.args[1])
-            origin = _Origin(_recipe(node.args[1], slice_set, None), "matmul")
-            lin = _Linear(_recipe(node.args[1], slice_set, lambda w: w.t()), None, weight.shape[0], weight.shape[1],
+            origin = Origin(_recipe(node.args[1], slice_set, None), "matmul")
+            lin = CutLinear(_recipe(node.args[1], slice_set, lambda w: w.t()), None, weight.shape[0], weight.shape[1],
                           packed_name(node.args[1]), "x @ W (transposed storage)", origin)
         elif name in _ADD_OPS and activation is not None and activation.op == "call_module" and len(weights) == 1:
             lin = linears[activation.target]
@@ -371,240 +261,6 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _output_slices(node: fx.Node) -> list[tuple[fx.Node, Callable]] | None:
-    """How each user of a Linear output slices its last dimension, or None."""
-    last = _last_dim(node) if value(node) is not None else -1
-    pieces = []
-    for user in node.users:
-        name = target_name(user)
-        if name in ("chunk", "split", "tensor_split") and _is_last(user, last):
-            for getter in user.users:
-                if target_name(getter) != "getitem":
-                    return None
-                pieces.append((getter, _chunk_step(name, user, getter.args[1])))
-        elif name in ("__getitem__",) and _is_last_dim_slice(user.args[1], last):
-            step = user.args[1][-1]
-            pieces.append((user, lambda t, s=step: t[s]))
-        else:
-            return None
-    return pieces or None
-
-
-def _is_last(node: fx.Node, last: int) -> bool:
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    return dim in (-1, last)
-
-
-def _is_last_dim_slice(index: Any, last: int) -> bool:
-    if not isinstance(index, tuple) or not isinstance(index[-1], slice):
-        return False
-    leading = index[:-1]
-    return leading == (Ellipsis,) or (len(leading) == last and all(s == slice(None) for s in leading))
-
-
-def _chunk_step(name: str, node: fx.Node, piece: int) -> Callable:
-    arg = node.args[1]
-    if name == "chunk":
-        return lambda t: t.chunk(arg, 0)[piece]
-    if name == "split":
-        return lambda t: t.split(arg, 0)[piece]
-    return lambda t: t.tensor_split(arg, 0)[piece]
-
-
-def split_outputs(graph: fx.Graph, linears: dict[str, _Linear]) -> set[str]:
-    """Replace slices of a Linear's output by Linears over the matching weight rows.
-
-    Returns how outputs were split: ``"concatenated"`` for contiguous pieces,
-    ``"interleaved"`` for strided ones.
-    """
-    kinds: set[str] = set()
-    for node in list(graph.nodes):
-        if node.op != "call_module":
-            continue
-        pieces = _output_slices(node)
-        if not pieces:
-            continue
-        lin = linears.pop(node.target)
-        index = torch.arange(lin.out_features)
-        strided = any(not _is_contiguous_range(step(index)) for _, step in pieces)
-        kinds.add("interleaved" if strided else "concatenated")
-        for piece, step in pieces:
-            target = f"{node.target}_{len(linears)}"
-            probe = step(torch.arange(lin.out_features))
-            linears[target] = _Linear(
-                _compose(lin.weight, step), _compose(lin.bias, step), lin.in_features, probe.shape[0],
-                lin.packed_param, lin.note, lin.origin, _as_slice(probe),
-            )
-            with graph.inserting_before(piece):
-                new = graph.call_module(target, node.args)
-            piece.replace_all_uses_with(new)
-        for user in list(node.users):
-            for getter in list(user.users):
-                graph.erase_node(getter)
-            graph.erase_node(user)
-        graph.erase_node(node)
-    return kinds
-
-
-def _is_contiguous_range(index: torch.Tensor) -> bool:
-    return bool(index.numel() < 2 or (index.diff() == 1).all())
-
-
-def _as_slice(indices: torch.Tensor) -> slice | None:
-    """The slice selecting ``indices`` (an arithmetic progression), or None."""
-    start = int(indices[0])
-    step = int(indices[1] - indices[0]) if indices.numel() > 1 else 1
-    if step < 1 or not torch.equal(indices, torch.arange(start, start + step * indices.numel(), step)):
-        return None
-    return slice(start, start + step * (indices.numel() - 1) + 1, None if step == 1 else step)
-
-
-def route_projections(graph: fx.Graph, linears: dict[str, _Linear]) -> list[Projection]:
-    """Compute the Linears cut from one original matmul through ``autocal.numerics.project``.
-
-    ``project`` runs the original matmul on the packed storage while the
-    Linears are untouched (bitwise the original), and the Linears themselves
-    otherwise (hooks, quantization wrappers, replaced weights). Its output has
-    the original's layout either way, so later ops see the same strides.
-    """
-    calls = {n.target: n for n in graph.nodes if n.op == "call_module"}
-    groups: dict[int, list[str]] = {}
-    for name, lin in linears.items():
-        groups.setdefault(id(lin.origin), []).append(name)
-    projections = []
-    for names in groups.values():
-        origin = linears[names[0]].origin
-        features = sum(linears[n].out_features for n in names)
-        columns = tuple(linears[n].columns or slice(0, features) for n in names)
-        projection = Projection(tuple(names), columns, features, origin.operand, origin.op, origin.bias,
-                                origin.bias_in_op)
-        nodes = [calls[n] for n in names]
-        last = max(nodes, key=list(graph.nodes).index)
-        with graph.inserting_before(last.next):
-            modules = tuple(graph.get_attr(n) for n in names)
-            layout = graph.get_attr(f"_autocal_layout_{len(projections)}")
-            out = graph.call_function(project, (nodes[0].args[0], modules, columns, features, layout))
-            views = [out] if len(nodes) == 1 else [
-                graph.call_function(operator.getitem, (out, (Ellipsis, cols))) for cols in columns
-            ]
-        for node, view in zip(nodes, views):
-            node.replace_all_uses_with(view)
-            graph.erase_node(node)
-        projections.append(projection)
-    return projections
-
-
-def _eliminate_dead_code(graph: fx.Graph) -> None:
-    for node in reversed(list(graph.nodes)):
-        if node.op not in ("placeholder", "output") and not node.users and not target_name(node).endswith("_"):
-            graph.erase_node(node)
-
-
-def label_linears(graph: fx.Graph, linears: dict[str, _Linear]) -> dict[str, str]:
-    """Name Linears gate/up/down by their place in the graph; returns old -> new name."""
-    calls = [n for n in graph.nodes if n.op == "call_module"]
-    ancestry = Ancestry(graph)
-    first = [n for n in calls if not any(ancestry.is_ancestor(c, n) for c in calls)]
-    last = [n for n in calls if not any(ancestry.is_ancestor(n, c) for c in calls)]
-    names: dict[str, str] = {}
-    if len(calls) == 3 and len(first) == 2 and len(last) == 1:
-        gate = [n for n in first if _goes_through_activation(n, first, ancestry, graph)]
-        if len(gate) == 1:
-            up = [n for n in first if n is not gate[0]][0]
-            names = {gate[0].target: "gate_proj", up.target: "up_proj", last[0].target: "down_proj"}
-    elif len(calls) == 2 and len(first) == 1 and len(last) == 1 and first != last:
-        names = {first[0].target: "up_proj", last[0].target: "down_proj"}
-    if not names:
-        names = {n.target: f"linear_{i}" for i, n in enumerate(calls)}
-    for node in calls:
-        node.target = names[node.target]
-    renamed = {names[old]: lin for old, lin in linears.items()}
-    linears.clear()
-    linears.update(renamed)
-    return names
-
-
-def _goes_through_activation(node: fx.Node, first: list[fx.Node], ancestry: Ancestry, graph: fx.Graph) -> bool:
-    """Does ``node``'s output pass a non-affine op before it meets the other projection?"""
-    others = [n for n in first if n is not node]
-    join = next(
-        n for n in graph.nodes if ancestry.is_ancestor(node, n) and all(ancestry.is_ancestor(o, n) for o in others)
-    )
-    path = [n for n in ancestry.between(node, join) if n is not node and n is not join]
-    return any(target_name(n) not in _AFFINE_OPS for n in path if not any(ancestry.is_ancestor(o, n) for o in others))
-
-
-def describe(graph: fx.Graph) -> str:
-    """A one-line reading of a template graph, e.g. ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
-    infix = {"mul": "*", "__mul__": "*", "__rmul__": "*", "add": "+", "__add__": "+", "__radd__": "+",
-             "sub": "-", "__sub__": "-", "div": "/", "__truediv__": "/"}
-    text: dict[fx.Node, str] = {}
-
-    def show(arg):
-        if isinstance(arg, fx.Node):
-            return text[arg]
-        if isinstance(arg, torch.dtype):
-            return str(arg).removeprefix("torch.")
-        return repr(arg)
-
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            text[node] = node.target
-        elif node.op == "output":
-            return text[node.args[0]]
-        else:
-            name = target_name(node)
-            args = [show(a) for a in node.args]
-            kwargs = [f"{k}={show(v)}" for k, v in node.kwargs.items() if v is not None]
-            if name in ("to", "float", "type_as", "contiguous"):
-                text[node] = args[0]
-            elif name in infix and len(args) == 2 and not kwargs:
-                text[node] = f"({args[0]} {infix[name]} {args[1]})"
-            else:
-                text[node] = f"{name}({', '.join(args + kwargs)})"
-    return ""
-
-
-def _weight_applied_last(graph: fx.Graph) -> bool:
-    """Is the routing weight only a final factor (``expert(x) * w``, then at most a dtype cast)?
-
-    Then an expert's output for a token is linear in its weight, and calibration
-    can run every expert on all tokens at once and mask the combine.
-    """
-    weight = next((n for n in graph.nodes if n.op == "placeholder" and n.target == "routing_weight"), None)
-    if weight is None or len(weight.users) != 1:
-        return False
-    node = next(iter(weight.users))
-    if target_name(node) not in ("mul", "__mul__", "__rmul__", "mul_"):
-        return False
-    while node.op != "output":
-        if len(node.users) != 1:
-            return False
-        node = next(iter(node.users))
-        if node.op != "output" and target_name(node) not in ("to", "float", "type_as"):
-            return False
-    return True
-
-
-def _tensor_method_names() -> dict[int, str]:
-    names = {}
-    for name in dir(torch.Tensor):
-        member = getattr(torch.Tensor, name, None)
-        if callable(member):
-            names.setdefault(id(member), name)
-    return names
-
-
-_TENSOR_METHODS = _tensor_method_names()
-
-
-def _tensor_methods_as_calls(graph: fx.Graph) -> None:
-    """Turn ``torch.Tensor.<method>`` targets into ``call_method`` nodes, which fx prints as ``x.method(...)``."""
-    for node in graph.nodes:
-        if node.op == "call_function" and id(node.target) in _TENSOR_METHODS:
-            node.op, node.target = "call_method", _TENSOR_METHODS[id(node.target)]
-
-
 def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
     """The expert template of a packed container, its layout facts and their sources."""
     slices = expert_slices(rec.graph, packed)
@@ -619,10 +275,10 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
         check_gather(rec, min(slices), rows, routing)
     graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds)
     split_kinds = split_outputs(graph, linears)
-    _eliminate_dead_code(graph)
+    eliminate_dead_code(graph)
     label_linears(graph, linears)
     sources = {n.target: n.meta["source"] for n in graph.nodes if n.op == "call_module" and n.meta.get("source")}
-    _tensor_methods_as_calls(graph)
+    tensor_methods_as_calls(graph)
     computation = describe(graph)
     projections = route_projections(graph, linears)
     graph.lint()
@@ -639,7 +295,7 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
     }
     sources["contribution"] = contribution.meta.get("source")
     template = ExpertTemplate(graph=graph, linears=recipes, uses_routing_weight=routing is not None,
-                              weight_applied_last=_weight_applied_last(graph),
+                              weight_applied_last=weight_applied_last(graph),
                               output_dtype=value(contribution).dtype, computation=computation,
                               projections=projections)
     return template, layout, sources

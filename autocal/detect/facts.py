@@ -24,7 +24,7 @@ from torch import nn
 from .. import errors
 from ..trace.inputs import BlockCall, capture_block_inputs
 from .block import expert_lists, has_own_forward, unrouted_lists
-from .experts import packed_parameters, router_rows
+from .storage import packed_parameters, router_rows
 from .gathered import expert_tables, own_expert_weights
 from .sorted import banks_of_a_child, weight_banks
 

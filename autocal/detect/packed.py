@@ -24,7 +24,8 @@ from ..trace.hf import eager_experts
 from ..trace.inputs import BlockCall
 from ..trace.record import Recording, record
 from .dense import detect_dense
-from .experts import ExpertsRecording, analyze_experts, count_experts, packed_parameters, router_rows
+from .experts import ExpertsRecording, analyze_experts
+from .storage import count_experts, packed_parameters, router_rows
 from .facts import Facts
 from .graph_utils import Ancestry, bound_inputs, returns_of, value
 from .plans import DenseExpertsPlan, NoMatch, PackedExpertsPlan

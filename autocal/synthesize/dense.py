@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..detect.plans import DenseExpertsPlan
 from ..detect.structure import MoEStructure
 from .block import BlockRewriteMoE, _codegen_root
-from .experts import SynthesizedExpert, UnpackedExperts, expert_class
+from .unpack import SynthesizedExpert, UnpackedExperts, expert_class
 from ..numerics import unobserved, untouched
 
 __all__ = ["DenseCalibrationExperts", "build_dense_rewrite"]

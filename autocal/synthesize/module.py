@@ -19,7 +19,8 @@ from ..detect.plans import PackedExpertsPlan, Plan
 from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
 from ..trace.inputs import keyword_arguments
-from .experts import CalibrationExperts, expert_class
+from .experts import CalibrationExperts
+from .unpack import expert_class
 
 __all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
            "checked_chunk_size", "forward_declaring", "kept_forward_class", "owned"]

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from autocal.synthesize.experts import RoutedSlots  # noqa: E402
+from autocal.synthesize.slots import RoutedSlots  # noqa: E402
 from _common import SHAPES, interleaved  # noqa: E402
 from calibration_forward import observed_layer  # noqa: E402
 
