@@ -117,7 +117,8 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
             router.num_choices = found.num_experts
         with torch.no_grad():
             rec = record(container, (), bound)
-    experts_rec = ExpertsRecording(rec.graph, container, *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
+    experts_rec = ExpertsRecording(rec.graph, container,
+                                   *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
     template, layout, sources = analyze_experts(experts_rec, found.packed)
     if router.num_choices > found.num_experts:  # run by the original container (see CalibrationExperts._weightless)
         layout["choices_without_weights"] = router.num_choices - found.num_experts

@@ -65,6 +65,6 @@ def build_block_rewrite(plan: BlockRewritePlan, block: nn.Module) -> type[BlockR
     return type(
         f"Calibration{block_cls.__name__}",
         (BlockRewriteMoE, block_cls),
-        {"forward": type(generated).forward, "plan": plan, "structure": plan.structure, "generated_code": generated.code,
-         "__module__": __name__},
+        {"forward": type(generated).forward, "plan": plan, "structure": plan.structure,
+         "generated_code": generated.code, "__module__": __name__},
     )

@@ -1,4 +1,4 @@
-"""The pattern catalogue: one entry per way of writing an MoE block, with the rule of ``autocal/rules.py`` it must match.
+"""The pattern catalogue: each way of writing an MoE block, with the rule of ``autocal/rules.py`` it must match.
 
 Every toy kind of ``toy_moe.py`` is a pattern, and so are the blocks below,
 written the way other code bases write them (a soft mixture, GShard's
