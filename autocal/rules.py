@@ -179,8 +179,10 @@ class Decision:
         lead = next((v for v in tried if not v.result.shallow), tried[0])
         others = "; ".join(f"{v.rule.name}: {v.reason}" for v in tried if v is not lead)
         explanation = f"{lead.reason}" + (f" (rule {lead.rule.name}; also tried {others})" if others else "")
-        return errors.AutocalError(lead.result.kind, explanation, block_class=self.block_class,
-                                   source=lead.result.source, hints=list(lead.result.hints))
+        error = errors.AutocalError(lead.result.kind, explanation, block_class=self.block_class,
+                                    source=lead.result.source, hints=list(lead.result.hints))
+        error.__cause__ = lead.result.cause
+        return error
 
 
 def _debugging(block_class: str) -> bool:

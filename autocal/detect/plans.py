@@ -38,6 +38,7 @@ class NoMatch:
         not_moe: the rule shows that the candidate is no MoE at all (identical
             layers that no routing gates): ``convert`` and ``explain`` skip it.
         hints: what a user can do about it.
+        cause: what a deep pass raised, if anything (the error's ``__cause__``).
     """
 
     reason: str | Callable[[], str]
@@ -47,6 +48,7 @@ class NoMatch:
     shallow: bool = False
     not_moe: bool = False
     hints: tuple[str, ...] = ()
+    cause: BaseException | None = field(default=None, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return False
@@ -57,7 +59,8 @@ class NoMatch:
     @classmethod
     def of(cls, error: errors.AutocalError, *, shallow: bool = False) -> "NoMatch":
         """The verdict for a pass that raised ``error`` (deep passes report by exception; rules do not)."""
-        return cls(error.explanation, error.source, error.kind, shallow=shallow, hints=tuple(error.hints))
+        return cls(error.explanation, error.source, error.kind, shallow=shallow, hints=tuple(error.hints),
+                   cause=error.__cause__)
 
 
 @dataclass(frozen=True)
