@@ -114,7 +114,7 @@ class AutocalError(Exception):
 class NotAnMoE(Exception):
     """A candidate with no router turned out not to gate experts per row: not an MoE, so nothing to report.
 
-    Internal to detection; ``convert`` and ``explain`` skip such candidates.
+    Raised where the rules' verdicts say so (``autocal/rules.py``); ``convert`` and ``explain`` skip such candidates.
     """
 
 

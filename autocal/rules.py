@@ -94,7 +94,8 @@ def _override(facts: Facts) -> OverridePlan | NoMatch:
 OVERRIDE = rule(OverridePlan, "a module registered for the block's class", lambda f: True, _override,
                 lambda plan, block: plan.module)
 
-# Specialised rules first, in order; the first plan wins.
+# In order; the first plan wins. Rules that read one recording sit together (it is made once): the container's
+# loop (container, gated), the block with its experts as leaves (gated, recorded-block, mask-dispatch).
 RULES: tuple[Rule, ...] = (
     rule(PackedExpertsPlan, "a child storing the experts packed", lambda f: f.packed is not None,
          detect_packed_experts, build_calibration_module),
@@ -102,12 +103,12 @@ RULES: tuple[Rule, ...] = (
          detect_packed_dense, build_dense_rewrite),
     rule(SortedBanksPlan, "children holding one [E, a, b] weight bank each", lambda f: bool(f.banks),
          detect_banks, build_sorted_calibration),
-    rule(GatedPlan, "a list of identical Linear-only experts", lambda f: bool(f.lists),
-         detect_gated, build_container_calibration),
     rule(ContainerPlan, "a list of experts with a dispatch loop of its own", lambda f: f.own_loop,
          detect_module_container, build_container_calibration),
     rule(BlockRewritePlan, "a list of experts beside a router, called by the block", _routed_list,
          detect_block_level, build_block_rewrite),
+    rule(GatedPlan, "a list of identical Linear-only experts", lambda f: bool(f.lists),
+         detect_gated, build_container_calibration),
     rule(RecordedBlockPlan, "a list of experts beside a router, called by the block", _routed_list,
          detect_recorded_block, build_recorded_block),
     rule(MaskDispatchPlan, "a list of experts beside a router, called by the block", _routed_list,

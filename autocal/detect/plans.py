@@ -12,10 +12,16 @@ Its rewrite level is its type (``level`` is a class constant, never passed in);
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from .. import errors
 from .structure import BlockRewrite, MoEStructure
+
+if TYPE_CHECKING:  # the modules that make these plans import this one
+    from .container import TokenRecipe
+    from .gathered import GatheredDispatch
+    from .masked import MaskDispatch
+    from .sorted import SortedDispatch
 
 __all__ = ["NoMatch", "Plan", "PackedExpertsPlan", "DenseExpertsPlan", "SortedBanksPlan", "GatedPlan",
            "ContainerPlan", "BlockRewritePlan", "RecordedBlockPlan", "MaskDispatchPlan", "GatheredPlan",
@@ -84,7 +90,7 @@ class OverridePlan(Plan):
     """A hand-written module registered for the block's class (``MoECalibrationModule.register``)."""
 
     level: ClassVar[str] = "override"
-    module: type = None
+    module: type = None  # the registered MoECalibrationModule subclass
 
     def describe(self) -> str:
         return f"the registered {self.module.__name__} replaces the block"
@@ -117,7 +123,7 @@ class SortedBanksPlan(Plan):
     """Rows sorted by expert through weight banks (``detect/sorted.py``): replayed, or re-run with forced routing."""
 
     level: ClassVar[str] = "sorted"
-    dispatch: Any = field(default=None, repr=False)  # detect.sorted.SortedDispatch
+    dispatch: SortedDispatch = field(default=None, repr=False)
 
     def describe(self) -> str:
         if self.dispatch.choice is not None:
@@ -140,7 +146,7 @@ class ContainerPlan(Plan):
     """A list of experts with a dispatch loop of its own: kept, plus each expert on its other tokens."""
 
     level: ClassVar[str] = "container"
-    recipe: Any = field(default=None, repr=False)  # detect.container.TokenRecipe
+    recipe: TokenRecipe = field(default=None, repr=False)
 
     def describe(self) -> str:
         return (f"`{self.structure.experts.module_path}` keeps its loop; each expert then runs on the tokens "
@@ -163,7 +169,7 @@ class RecordedBlockPlan(Plan):
     """A block dispatching in code fx cannot trace: kept, each expert's rows learnt as a replayed recipe."""
 
     level: ClassVar[str] = "recorded-block"
-    recipe: Any = field(default=None, repr=False)  # detect.container.TokenRecipe
+    recipe: TokenRecipe = field(default=None, repr=False)
 
     def describe(self) -> str:
         return "the block keeps its forward; each expert then runs on the rows its recorded recipe did not give it"
@@ -174,7 +180,7 @@ class MaskDispatchPlan(Plan):
     """Dispatch by a 0/1 mask contraction (``detect/masked.py``): kept, plus each expert on the tokens left out."""
 
     level: ClassVar[str] = "mask-dispatch"
-    dispatch: Any = field(default=None, repr=False)  # detect.masked.MaskDispatch
+    dispatch: MaskDispatch = field(default=None, repr=False)
 
     def describe(self) -> str:
         return "the block keeps its forward; each expert then runs on the tokens its dispatch mask left out"
@@ -185,7 +191,7 @@ class GatheredPlan(Plan):
     """Expert weights gathered by the routing indices (``detect/gathered.py``): re-run with forced routing."""
 
     level: ClassVar[str] = "gathered"
-    dispatch: Any = field(default=None, repr=False)  # detect.gathered.GatheredDispatch
+    dispatch: GatheredDispatch = field(default=None, repr=False)
 
     def describe(self) -> str:
         return "the block is re-run with its routing forced to each group of k experts, one Linear per expert"
