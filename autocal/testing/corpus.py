@@ -19,7 +19,10 @@ Every block is a correct top-k MoE: experts see only the tokens routed to them,
 and the output is the routing-weighted sum of the chosen experts' outputs
 (``tests/test_corpus.py`` checks each against a dense reference written there).
 
-Public API: :data:`ENTRIES` (by name), :class:`CorpusEntry`.
+Public API: :data:`ENTRIES` (by name), :class:`CorpusEntry`, and the checks autocal is measured by (used by
+``tests/test_corpus.py`` and ``scripts/corpus_report.py``): :func:`check_synthesize`, :func:`check_convert`,
+:func:`check_mixed`, :func:`check_explain_k`, each raising :class:`Silent` or :class:`Mismatch` when autocal returns
+a wrong or missing result, and :func:`outcome`, which names what a check did.
 
 Example:
     >>> entry = ENTRIES["mixtral_reference"]
@@ -38,7 +41,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CorpusEntry", "ENTRIES", "HIDDEN"]
+from .. import errors
+from ..api import convert, synthesize
+from ..explain import explain
+from ..registry import MoECalibrationModule
+from ..verify import compare_outputs
+from .assertions import count_rows, expert_linears
+from .toy_moe import ToyMoEConfig, make_toy_block
+
+__all__ = [
+    "CHECKS",
+    "CorpusEntry",
+    "ENTRIES",
+    "HIDDEN",
+    "Mismatch",
+    "Silent",
+    "check_convert",
+    "check_explain_k",
+    "check_mixed",
+    "check_synthesize",
+    "equivalent",
+    "outcome",
+]
 
 HIDDEN = 16  # hidden size of every block
 INTER = 12  # intermediate size of one expert
@@ -934,3 +958,176 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("modulelist_model", "three such decoder layers in an nn.ModuleList model with a final norm", (),
                 LayersModel, blocks=("layers.0.moe", "layers.1.moe", "layers.2.moe")),
 )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Silent(AssertionError):
+    """autocal returned, but left a block unconverted (or unreported) without a word."""
+
+
+class Mismatch(AssertionError):
+    """autocal returned a result that is wrong: an output, a coverage or a reported k."""
+
+
+class Holder(nn.Module):
+    """A user's model around the entry's module, with an explicit signature (no ``**kwargs``)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states):
+        return self.block(hidden_states)
+
+
+class TypedHolder(Holder):
+    """A user's model around a module that also takes ``token_type_ids``."""
+
+    def forward(self, hidden_states, token_type_ids):
+        return self.block(hidden_states, token_type_ids=token_type_ids)
+
+
+class Mixed(nn.Module):
+    """A model holding a block autocal converts (a toy Qwen3-MoE block) before the entry's module."""
+
+    def __init__(self, block: nn.Module, seed: int):
+        super().__init__()
+        self.toy = make_toy_block(ToyMoEConfig(hidden_size=HIDDEN), seed=seed)
+        self.block = block
+
+    def forward(self, hidden_states):
+        return self.block(hidden_states + self.toy(hidden_states))
+
+
+class TypedMixed(Mixed):
+    def forward(self, hidden_states, token_type_ids):
+        return self.block(hidden_states + self.toy(hidden_states), token_type_ids=token_type_ids)
+
+
+def _holder(entry: CorpusEntry, seed: int) -> nn.Module:
+    return (TypedHolder if entry.extra_inputs else Holder)(entry.build(seed))
+
+
+def _mixed(entry: CorpusEntry, seed: int) -> nn.Module:
+    return (TypedMixed if entry.extra_inputs else Mixed)(entry.build(seed), seed)
+
+
+def _cases(entry: CorpusEntry) -> list[tuple[tuple, dict]]:
+    """Inputs the checks run: one token, and two sequences of several."""
+    return [entry.inputs(batch, seq, seed=7 + seq) for batch, seq in ((1, 1), (2, 5), (1, 9))]
+
+
+def _set_calibration(model: nn.Module, on: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, MoECalibrationModule):
+            module.calibrate_all_experts = on
+
+
+def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Calibration off: bitwise the original's output. On: within ``autocal.verify`` tolerances, and every
+    expert Linear of every calibration module sees every token once. Raises :class:`Mismatch` otherwise."""
+    tokens = args[0].numel() // args[0].shape[-1]
+    with torch.no_grad():
+        expected = original(*args, **kwargs)
+        _set_calibration(converted, False)
+        off = converted(*args, **kwargs)
+        diff, bitwise, _ = compare_outputs(expected, off)
+        if not bitwise:
+            raise Mismatch(f"calibration off differs from the original ({tokens} tokens): max |diff| {diff:.3g}")
+        _set_calibration(converted, True)
+        linears = expert_linears(converted)
+        with count_rows(linears) as rows:
+            on = converted(*args, **kwargs)
+    diff, _, close = compare_outputs(expected, on)
+    if not close:
+        raise Mismatch(f"calibration on differs from the original ({tokens} tokens): max |diff| {diff:.3g}")
+    if not linears:
+        raise Mismatch("no expert Linear to calibrate in the calibration module")
+    short = {name: n for name, n in rows.items() if n != tokens}
+    if short:
+        raise Mismatch(f"{len(short)} of {len(linears)} expert Linears did not see each of the {tokens} tokens "
+                       f"once, e.g. {next(iter(short))}: {next(iter(short.values()))}")
+
+
+def check_synthesize(entry: CorpusEntry, cases: list[tuple[tuple, dict]] | None = None, seed: int = 0) -> None:
+    """``synthesize`` of the (first) MoE block in the entry's module, checked on ``cases`` (default: 1, 10, 9 tokens)."""
+    path = entry.blocks[0]
+    original = entry.build(seed).get_submodule(path)
+    module = synthesize(entry.build(seed).get_submodule(path))
+    for args, kwargs in cases or _cases(entry):
+        equivalent(original, module, args, kwargs)
+
+
+def _converted(model: nn.Module, paths: list[str]) -> None:
+    left = [path for path in paths if not isinstance(model.get_submodule(path), MoECalibrationModule)]
+    if left:
+        raise Silent(f"convert returned without converting {', '.join(left)}")
+
+
+def _example(args: tuple, kwargs: dict) -> dict:
+    return {"hidden_states": args[0], **kwargs}
+
+
+def check_convert(entry: CorpusEntry, with_example: bool = False, seed: int = 0) -> None:
+    """``convert`` of a model holding the entry's module (with its example inputs, or without where it can)."""
+    model = _holder(entry, seed)
+    with_example = with_example or entry.extra_inputs is not None
+    convert(model, example_inputs=_example(*entry.inputs(seed=3)) if with_example else None)
+    _converted(model, [f"block.{p}".rstrip(".") for p in entry.blocks])
+    for args, kwargs in _cases(entry):
+        equivalent(_holder(entry, seed), model, args, kwargs)
+
+
+def check_mixed(entry: CorpusEntry, seed: int = 0) -> None:
+    """``convert`` of a model that also holds a block autocal converts; example inputs only where the entry
+    needs more than hidden states."""
+    model = _mixed(entry, seed)
+    example = _example(*entry.inputs(seed=3)) if entry.extra_inputs is not None else None
+    convert(model, example_inputs=example)
+    _converted(model, ["toy", *(f"block.{p}".rstrip(".") for p in entry.blocks)])
+    for args, kwargs in _cases(entry):
+        equivalent(_mixed(entry, seed), model, args, kwargs)
+
+
+def check_explain_k(entry: CorpusEntry, seed: int = 0) -> None:
+    """``explain`` (without verification) lists every MoE block of the entry with its true k."""
+    example = _example(*entry.inputs(seed=3)) if entry.extra_inputs is not None else None
+    report = explain(_holder(entry, seed), verify=False, example_inputs=example)
+    for path in (f"block.{p}".rstrip(".") for p in entry.blocks):
+        block = next((b for b in report.blocks if path in b.paths), None)
+        if block is None:
+            raise Silent(f"explain lists no block at {path} (it lists {[b.paths for b in report.blocks]})")
+        if block.failure:
+            raise errors.AutocalError(block.failure["kind"], block.failure["explanation"], block.block_class,
+                                      path, block.failure.get("source"))
+        if block.top_k != entry.top_k:
+            raise Mismatch(f"explain reports k = {block.top_k} at {path}; the block routes each token to "
+                           f"{entry.top_k} experts")
+
+
+CHECKS: dict[str, Callable[[CorpusEntry], None]] = {
+    "synthesize": check_synthesize,
+    "convert": check_convert,
+    "convert(example)": lambda entry: check_convert(entry, with_example=True),
+    "mixed model": check_mixed,
+    "explain k": check_explain_k,
+}
+
+
+def outcome(check: Callable[[CorpusEntry], None], entry: CorpusEntry) -> str:
+    """``pass``, an ``AutocalError`` kind, ``silent: ...``, ``wrong: ...`` or ``raw <exception type>: ...``."""
+    try:
+        check(entry)
+    except errors.AutocalError as error:
+        return error.kind
+    except Silent as error:
+        return f"silent: {error}"
+    except Mismatch as error:
+        return f"wrong: {error}"
+    except Exception as error:  # the measurement: a raw exception is a finding, named by its type
+        return f"raw {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return "pass"
