@@ -582,6 +582,34 @@ class DecodeBranchMoE(nn.Module):
         return _loop_experts(t, weights, indices, self.experts).view_as(x)
 
 
+class DecodeGatherMoE(nn.Module):
+    """Inference code with packed experts: many tokens run a where loop; one token (decode) gathers its k
+    experts' weights (``w1[indices[0]]``) and contracts them by einsum."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = EXPERTS, TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k)
+        if t.shape[0] == 1:
+            w1, w2, w3 = self.w1[indices[0]], self.w2[indices[0]], self.w3[indices[0]]
+            h = F.silu(torch.einsum("kih,h->ki", w1, t[0])) * torch.einsum("kih,h->ki", w3, t[0])
+            return (weights[0] @ torch.einsum("khi,ki->kh", w2, h)).reshape(x.shape)
+        out = torch.zeros_like(t)
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            rows = t[token]
+            h = F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e])
+            out.index_add_(0, token, F.linear(h, self.w2[e]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
 class NormedPackedExperts(nn.Module):
     """Packed experts, each with its own RMS norm after the down projection (before the weighting)."""
 
@@ -932,6 +960,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("hierarchical", f"{_RESEARCH}: two-level gating (top-1 group, then top-k in the group)", (5,),
                 HierarchicalMoE, num_experts=8),
     CorpusEntry("decode_branch", f"{_REFERENCE}: a separate single-token (decode) branch", (6,), DecodeBranchMoE),
+    CorpusEntry("decode_gather", f"{_REFERENCE}: packed experts; one token gathers its k experts' weights "
+                "(w1[indices[0]]) and contracts them by einsum, many tokens run a where loop", (2, 6), DecodeGatherMoE),
     CorpusEntry("expert_post_norm", f"{_REMOTE}: packed experts with a per-expert norm after the down "
                 "projection; returns (out, router_logits)", (7,), PostNormMoE),
     CorpusEntry("zero_identity_experts", f"{_REMOTE}: zero and identity experts in the expert list", (8,),
@@ -948,7 +978,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 SparseMixerMoE),
     CorpusEntry("param_matmul_experts", f"{_RESEARCH}: experts of raw nn.Parameter matmuls (x @ W)", (),
                 lambda: MixtralReferenceMoE(ParamExpert)),
-    CorpusEntry("conv1d_experts", f"{_RESEARCH}: experts of kernel-1 Conv1d", (), lambda: MixtralReferenceMoE(ConvExpert)),
+    CorpusEntry("conv1d_experts", f"{_RESEARCH}: experts of kernel-1 Conv1d", (),
+                lambda: MixtralReferenceMoE(ConvExpert)),
     CorpusEntry("packed_loop", "hand-written packed experts on the block, where loop (the block the decoder "
                 "layers below hold)", (), PackedLoopMoE),
     CorpusEntry("decoder_layer", "a pre-norm decoder layer holding the packed block (h + self.moe(self.norm(h)))",
@@ -1054,7 +1085,8 @@ def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: d
 
 
 def check_synthesize(entry: CorpusEntry, cases: list[tuple[tuple, dict]] | None = None, seed: int = 0) -> None:
-    """``synthesize`` of the (first) MoE block in the entry's module, checked on ``cases`` (default: 1, 10, 9 tokens)."""
+    """``synthesize`` of the (first) MoE block in the entry's module, checked on ``cases`` (default: 1, 10 and
+    9 tokens)."""
     path = entry.blocks[0]
     original = entry.build(seed).get_submodule(path)
     module = synthesize(entry.build(seed).get_submodule(path))
@@ -1119,11 +1151,11 @@ CHECKS: dict[str, Callable[[CorpusEntry], None]] = {
 
 
 def outcome(check: Callable[[CorpusEntry], None], entry: CorpusEntry) -> str:
-    """``pass``, an ``AutocalError`` kind, ``silent: ...``, ``wrong: ...`` or ``raw <exception type>: ...``."""
+    """``pass``, ``<AutocalError kind>: ...``, ``silent: ...``, ``wrong: ...`` or ``raw <exception type>: ...``."""
     try:
         check(entry)
     except errors.AutocalError as error:
-        return error.kind
+        return f"{error.kind}: {error.explanation}" + (f" ({error.source})" if error.source else "")
     except Silent as error:
         return f"silent: {error}"
     except Mismatch as error:
