@@ -211,7 +211,7 @@ def _format_plain(block: BlockReport) -> str:
     lines = [_title(block)]
     for fact, found, where in _rows(block):
         where = f"  ({short_path(where)})" if where else ""
-        lines.append(f"  {fact + ':':<17}{found}{where}".rstrip())
+        lines.append(f"  {fact + ':':<16} {found}{where}".rstrip())  # a label of 16 or more still gets its space
     return "\n".join(lines)
 
 
