@@ -606,7 +606,7 @@ def test_save_fails_before_writing(workdir, monkeypatch):
     alc.prepare(model)
     layout = alc.checkpoint_layout(model)
     layout.experts["model.layers.0.mlp.experts.0.w9"] = "model.layers.0.mlp.experts.0.w9"
-    monkeypatch.setattr(alc, "checkpoint_layout", lambda m: layout)
+    monkeypatch.setattr(alc.checkpoint, "checkpoint_layout", lambda m: layout)  # where save_pretrained looks it up
     target = workdir / "never-written"
     with pytest.raises(alc.CheckpointLayoutError, match="w9"):
         alc.save_pretrained(model, target, save_compressed=False)
