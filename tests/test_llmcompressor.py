@@ -313,13 +313,13 @@ def test_quantized_output_close_to_original(name, scheme, workdir):
     assert 1e-4 < error <= MODEL_TOL[scheme], error
 
 
-def expected_expert_prefixes(result: Run) -> set[str]:
+def expected_expert_prefixes(source: Original) -> set[str]:
     """Per-expert key prefixes the quantized checkpoint must use: the original checkpoint's own,
     or ``…experts.{i}.{gate,up,down}_proj`` where the original stores experts packed (GPT-OSS)."""
-    prefixes = {m["prefix"] for k in result.original.keys if (m := PER_EXPERT_KEY.match(k))}
+    prefixes = {m["prefix"] for k in source.keys if (m := PER_EXPERT_KEY.match(k))}
     if prefixes:
         return prefixes
-    containers = {k.rsplit(".", 1)[0] for k in result.original.keys if k.endswith(".experts.gate_up_proj")}
+    containers = {k.rsplit(".", 1)[0] for k in source.keys if k.endswith(".experts.gate_up_proj")}
     return {f"{c}.{i}.{n}" for c in containers for i in range(8) for n in ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -327,7 +327,7 @@ def expected_expert_prefixes(result: Run) -> set[str]:
 def test_checkpoint_keys_follow_original_naming(name, scheme, workdir):
     result = run(name, scheme, workdir)
     saved = alc.load_saved_state_dict(result.saved.path)
-    prefixes = expected_expert_prefixes(result)
+    prefixes = expected_expert_prefixes(result.original)
     assert len(prefixes) == 2 * 8 * 3
     weight = {"w4a16": "weight_packed", "fp8": "weight", "nvfp4": "weight_packed"}[scheme]
     for prefix in prefixes:
@@ -613,18 +613,52 @@ def test_save_fails_before_writing(workdir, monkeypatch):
     assert not target.exists() or not any(target.iterdir())
 
 
-def test_unpacked_views_saved_with_their_own_storage(workdir):
-    """GPT-OSS interleaves gate and up columns: their views overlap in memory and transformers refuses them."""
+@pytest.mark.parametrize("save", ["autocal", "plain"])
+def test_unpacked_views_saved_with_their_own_storage(save, workdir):
+    """GPT-OSS interleaves gate and up columns: their views overlap in memory, and transformers' own save raised
+    on them. After ``prepare`` the model's own ``save_pretrained`` gives them their own storage too."""
     model = zoo.build_model("gpt_oss")
     alc.prepare(model)
-    with pytest.raises(RuntimeError):
-        model.save_pretrained(workdir / "gpt-oss-plain")
-    saved = alc.save_pretrained(model, workdir / "gpt-oss-dense", save_compressed=False)
-    state = alc.load_saved_state_dict(saved.path)
+    target = workdir / f"gpt-oss-dense-{save}"
+    if save == "plain":
+        model.save_pretrained(target)
+    else:
+        alc.save_pretrained(model, target, save_compressed=False)
+    state = alc.load_saved_state_dict(target)
     for lin in alc.expert_linears(model):
         module = model.get_submodule(lin.path)
         assert torch.equal(state[f"{lin.path}.weight"], module.weight)
         assert torch.equal(state[f"{lin.path}.bias"], module.bias)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_plain_save_pretrained_after_prepare_writes_the_checked_checkpoint(name, workdir):
+    """The habit of LLM Compressor users: ``prepare``, LLM Compressor's ``oneshot``, then the model's own
+    ``model.save_pretrained(dir, save_compressed=True)``. ``oneshot`` wraps that method to compress first; ``prepare``
+    made the method it wraps the checked save, so the layout is checked before anything is written. Until then
+    GPT-OSS raised transformers' RuntimeError about shared tensors (its expert biases are views)."""
+    from llmcompressor import oneshot
+
+    source = original(name, workdir)
+    model = load(source)
+    alc.prepare(model)
+    oneshot(model=model, recipe=recipe("w4a16"), **oneshot_kwargs(source.vocab))
+    held_out = tokens(HELD_OUT, 1, source.vocab)
+    with torch.no_grad():
+        quantized = model(input_ids=held_out).logits
+    target = workdir / f"plain-{name}"
+    model.save_pretrained(target, save_compressed=True)
+    saved = alc.load_saved_state_dict(target)
+    prefixes = {k.rsplit(".", 1)[0] for k in saved if ".experts." in k}
+    assert prefixes == expected_expert_prefixes(source)
+    assert all(f"{prefix}.weight_packed" in saved for prefix in prefixes)
+    _, written = alc._state_dict_to_write(model, alc.checkpoint_layout(model))  # the model is compressed in memory
+    alc.verify_saved(target, written)
+    if name == "gpt_oss":
+        return  # its checkpoints store experts packed: transformers has no loader for per-expert keys
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel(reloaded(input_ids=held_out).logits, quantized) <= RELOAD_TOL
 
 
 def test_linearization_conflict_is_detected():

@@ -43,8 +43,8 @@ names), ``preparation`` (``prepare``), ``tracking`` (``Coverage``), ``checkpoint
 from .blocks import ExpertLinear, calibration_blocks, default_ignore, expert_linears, gate_modules
 from .calibration import oneshot, set_calibration
 from .checkpoint import (CheckpointLayout, CheckpointLayoutError, SavedCheckpoint, _state_dict_to_write,
-                         check_state_dict, checkpoint_layout, load_saved_state_dict, save_pretrained,
-                         shared_storage_groups, unshare, verify_saved)
+                         check_state_dict, checkpoint_layout, install_checked_save, load_saved_state_dict,
+                         save_pretrained, shared_storage_groups, unshare, verify_saved)
 from .naming import AutocalExpertRenaming, _revert, checkpoint_names, install_checkpoint_names, saved_names
 from .preparation import LinearizationConflict, Preparation, check_linearization, llmcompressor_moe_targets, prepare
 from .tracking import Coverage, CoverageError, CoverageTracker, LinearCoverage, check_coverage, coverage
@@ -71,6 +71,7 @@ __all__ = [
     "default_ignore",
     "expert_linears",
     "gate_modules",
+    "install_checked_save",
     "install_checkpoint_names",
     "llmcompressor_moe_targets",
     "load_saved_state_dict",

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from .blocks import calibration_blocks, gate_modules
-from .checkpoint import save_pretrained
+from .checkpoint import install_checked_save, save_pretrained
 from .naming import _RENAMINGS_ATTR, install_checkpoint_names
 from .preparation import check_linearization, prepare
 from .tracking import Coverage, CoverageTracker, _lc_hooks_live, coverage
@@ -114,6 +114,7 @@ def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True
     check_linearization(model)
     if not hasattr(model, _RENAMINGS_ATTR):  # converted with autocal.convert rather than prepare
         install_checkpoint_names(model)
+    install_checked_save(model)  # before LLM Compressor wraps model.save_pretrained, so that it wraps the checked save
     if not quantize_gates:
         recipe = _with_ignore(recipe, gate_modules(model))
     oneshot_kwargs.setdefault("moe_calibrate_all_experts", calibrate_all_experts)

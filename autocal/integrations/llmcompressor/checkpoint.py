@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "SavedCheckpoint",
     "check_state_dict",
     "checkpoint_layout",
+    "install_checked_save",
     "load_saved_state_dict",
     "save_pretrained",
     "shared_storage_groups",
@@ -143,12 +145,15 @@ def unshare(state_dict: dict[str, torch.Tensor], allowed: Iterable[frozenset[str
     return out
 
 
-def _state_dict_to_write(model: nn.Module, layout: CheckpointLayout) -> tuple[dict[str, torch.Tensor],
-                                                                               dict[str, torch.Tensor]]:
-    """(the state dict to hand ``save_pretrained``, the one it will write), mirroring transformers 5.17."""
+def _state_dict_to_write(model: nn.Module, layout: CheckpointLayout,
+                         state_dict: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                        dict[str, torch.Tensor]]:
+    """(the state dict to hand ``save_pretrained``, the one it will write), mirroring transformers 5.17.
+
+    ``state_dict``: the one the caller gave ``save_pretrained``, if any; the model's otherwise."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
         state.pop(key, None)
     state = unshare(state, layout.tied)
@@ -195,39 +200,84 @@ class SavedCheckpoint:
     quantization_config: dict | None
 
 
+def _checked_save_pretrained(model: nn.Module, save_directory: str | Path, *, state_dict: dict | None = None,
+                             verify: bool = False, **kwargs: Any) -> None:
+    """transformers' ``save_pretrained`` of what is in memory, with the state dict checked before anything is written.
+
+    The model's own ``save_pretrained`` once ``install_checked_save`` ran: unpacked views get their own
+    storage, the layout is checked (``check_state_dict``), then transformers writes. ``verify`` reads
+    every written tensor back; off by default here, since it loads the whole checkpoint at once.
+    """
+    layout = checkpoint_layout(model)
+    state, to_write = _state_dict_to_write(model, layout, state_dict)
+    check_state_dict(to_write, layout)
+    type(model).save_pretrained(model, str(save_directory), state_dict=state, **kwargs)
+    if verify:
+        verify_saved(save_directory, to_write)
+
+
+_CHECKED = "_autocal_checked_save"
+setattr(_checked_save_pretrained, _CHECKED, True)
+
+
+def install_checked_save(model: nn.Module) -> None:
+    """Make the model's own ``model.save_pretrained(...)`` the checked save (``_checked_save_pretrained``).
+
+    LLM Compressor's ``oneshot`` wraps ``model.save_pretrained`` (``modify_save_pretrained``: compress,
+    call the method it wrapped, then write the quantization config and recipe), and leaves a method it
+    already wrapped alone. Installed first, the checked save is what it wraps, so a plain
+    ``model.save_pretrained(dir, save_compressed=True)`` compresses, checks, and only then writes. A
+    wrapper of LLM Compressor's already in place is rebuilt around the checked save. Idempotent.
+    """
+    current = getattr(model, "save_pretrained", None)
+    if current is None or getattr(current, _CHECKED, False):  # not transformers', or checked already
+        return
+    model.save_pretrained = MethodType(_checked_save_pretrained, model)
+    if getattr(current, "_overridden", False):  # LLM Compressor's wrapper, around transformers' own save
+        from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+
+        modify_save_pretrained(model)
+
+
+def _saved_keys(save_directory: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for path in sorted(save_directory.glob(SAFETENSORS_GLOB)):
+        with safe_open(str(path), "pt") as handle:
+            keys += list(handle.keys())
+    return sorted(keys)
+
+
 def save_pretrained(model: nn.Module, save_directory: str | Path, *, save_compressed: bool = True,
                     verify: bool = True, **kwargs: Any) -> SavedCheckpoint:
     """Save like LLM Compressor does (compressed-tensors format), checked before and verified after writing.
 
-    1. compress in memory (``ModelCompressor.compress_model``), as LLM Compressor's save does;
+    Through ``model.save_pretrained``, with LLM Compressor's wrapper around the checked save
+    (``install_checked_save``):
+
+    1. compress in memory (``ModelCompressor.compress_model``, LLM Compressor's wrapper);
     2. build the state dict transformers will write (tied weights dropped, conversions reverted),
        with unpacked views given their own storage;
     3. ``check_state_dict`` against ``checkpoint_layout(model)``: on failure nothing is written;
-    4. ``model.save_pretrained`` (LLM Compressor's wrapper: config, recipe, quantization config);
+    4. transformers' ``save_pretrained``, then LLM Compressor's config, recipe and quantization config;
     5. with ``verify``, reload every safetensors file and compare each tensor bitwise.
 
     Without the extra installed, steps 1 and 4 are transformers' own dense save.
     """
+    install_checked_save(model)
     try:
-        from compressed_tensors import ModelCompressor
         from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
     except ImportError:  # without the extra: transformers' own save, dense (nothing was quantized)
-        ModelCompressor = modify_save_pretrained = None
+        modify_save_pretrained = None
     if modify_save_pretrained is not None:
         modify_save_pretrained(model)
         kwargs["save_compressed"] = save_compressed
-    if save_compressed and ModelCompressor is not None:
-        compressor = ModelCompressor.from_pretrained_model(model)
-        if compressor is not None:
-            compressor.compress_model(model, skip_compressed=True)
-    layout = checkpoint_layout(model)
-    state, to_write = _state_dict_to_write(model, layout)
-    check_state_dict(to_write, layout)
     save_directory = Path(save_directory)
-    model.save_pretrained(str(save_directory), state_dict=state, **kwargs)
-    if verify:
-        verify_saved(save_directory, to_write)
+    model.save_pretrained(str(save_directory), verify=verify, **kwargs)
     config_file = save_directory / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    expert_keys = sum(1 for k in to_write if k.rsplit(".", 1)[0] in layout.experts)
-    return SavedCheckpoint(save_directory, sorted(to_write), expert_keys, config.get("quantization_config"))
+    keys = _saved_keys(save_directory)
+    layout = checkpoint_layout(model)
+    expert_keys = sum(1 for k in keys if k.rsplit(".", 1)[0] in layout.experts)
+    return SavedCheckpoint(save_directory, keys, expert_keys, config.get("quantization_config"))

@@ -9,6 +9,7 @@ from torch import nn
 
 from ... import errors
 from .blocks import calibration_blocks, expert_linears, gate_modules
+from .checkpoint import install_checked_save
 from .naming import install_checkpoint_names
 
 __all__ = [
@@ -79,7 +80,8 @@ class Preparation:
 def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: Any = None, verify: bool = True,
             checkpoint_naming: bool = True, calibration_chunk_size: int | None = None) -> Preparation:
     """Convert ``model`` for ``oneshot``: autocal calibration modules, no LLM Compressor linearization inside them,
-    expert keys saved under the original checkpoint's names.
+    expert keys saved under the original checkpoint's names, and ``model.save_pretrained`` checked before it
+    writes (``install_checked_save``).
 
     Calibration modules are left with ``calibrate_all_experts=True``, so a plain
     ``llmcompressor.oneshot`` call calibrates every expert too; ``oneshot`` below
@@ -92,5 +94,6 @@ def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: An
                 calibration_chunk_size=calibration_chunk_size)
     linearized = check_linearization(model)
     names = install_checkpoint_names(model) if checkpoint_naming else {}
+    install_checked_save(model)
     return Preparation([p for p, _ in calibration_blocks(model)], len(expert_linears(model)), gate_modules(model),
                        names, linearized)
