@@ -81,15 +81,16 @@ def _check_name_or_path(model: nn.Module) -> None:
 
 def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True, quantize_gates: bool = False,
             check: bool = True, require_all_tokens: bool = True, output_dir: str | None = None,
-            save_compressed: bool = True, propagate_routed: bool = True, **oneshot_kwargs: Any) -> Coverage:
+            save_compressed: bool = True, propagate_routed: bool = False, **oneshot_kwargs: Any) -> Coverage:
     """``llmcompressor.oneshot`` on an autocal-converted model; returns the per-expert ``Coverage``.
 
     Converts first (``prepare``) if the model has no calibration module. Every
     quantization modifier's ``ignore`` gets the detected gates unless
     ``quantize_gates``. During the call every calibration module runs every token
     through every expert (``calibrate_all_experts``, also passed on as
-    ``moe_calibrate_all_experts`` for blocks LLM Compressor linearizes itself)
-    whenever a hook of LLM Compressor's could see it; afterwards calibration is
+    ``moe_calibrate_all_experts`` for blocks LLM Compressor linearizes itself),
+    in every pass, as LLM Compressor's own path does, so by default the quantized
+    model is the one that path gives on the same data. Afterwards calibration is
     off, so the model runs as the original would.
 
     Args:
@@ -99,11 +100,11 @@ def oneshot(model: nn.Module, *, recipe: Any, calibrate_all_experts: bool = True
         require_all_tokens: count it a problem when an expert Linear saw fewer tokens than its block
             (with ``calibrate_all_experts=False`` experts see only their routed tokens).
         output_dir: if given, save with ``save_pretrained`` below (checked) rather than LLM Compressor's save.
-        propagate_routed: in passes with every LLM Compressor hook disabled (the sequential pipeline's
-            propagation passes, which only carry a layer's output to the next), run the experts on their
-            routed tokens alone: the same output within rounding, for about half of ``oneshot``'s expert
-            work. ``False`` runs every expert there too, as LLM Compressor's own path does, which
-            reproduces that path's results to rounding.
+        propagate_routed: opt-in, faster, and not LLM Compressor's result. In passes with every LLM
+            Compressor hook disabled (the sequential pipeline's propagation passes, which only carry a
+            layer's output to the next), run the experts on their routed tokens alone: E/k times less
+            expert work there. That output equals the default's within rounding only, and the later
+            layers' calibration sees the difference (docs/llmcompressor.md gives the measured figures).
         **oneshot_kwargs: passed to ``llmcompressor.oneshot`` (dataset, processor, num_calibration_samples, …).
     """
     import llmcompressor
