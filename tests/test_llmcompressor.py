@@ -58,14 +58,14 @@ CALIBRATION_TOKENS = CALIBRATION[0] * CALIBRATION[1]
 PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts\.(?P<expert>\d+)\.(?P<name>[^.]+))\.weight$")
 
 
-def recipe(scheme: str):
+def recipe(scheme: str, gptq=None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     if scheme == "w4a16":
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=GROUP_SIZE)
-        return GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                            ignore=["lm_head"])
+        config_groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+        return (gptq or GPTQModifier)(config_groups=config_groups, ignore=["lm_head"])
     return QuantizationModifier(targets="Linear", scheme=scheme.upper(), ignore=["lm_head"])
 
 
@@ -409,6 +409,54 @@ def test_side_by_side_with_llmcompressor_own_path(name, workdir):
     ours_as_theirs = {re.sub(r"\.experts\.(\d+)\.([^.]+)\.", lambda m: f".experts.{m[1]}.{renames.get(m[2], m[2])}.",
                              k) for k in ours}
     assert ours_as_theirs == theirs
+
+
+def test_shared_hessian_gptq_gives_gptq_result(workdir):
+    """``SharedHessianGPTQModifier`` accumulates one Hessian per group of expert Linears that share an input (once
+    per calibration batch, under the group's first member) and gives every member that Hessian: the expert
+    scales and the logits are bitwise those of ``GPTQModifier`` through autocal, and equal LLM Compressor's own
+    path's as that does (``test_side_by_side_with_llmcompressor_own_path``)."""
+    from llmcompressor.modifiers.gptq import base
+
+    from autocal.integrations.llmcompressor.gptq import SharedHessianGPTQModifier
+
+    result = run("qwen3_moe", "w4a16", workdir)  # GPTQModifier through autocal
+    shared = load(result.original)
+    accumulated = {}
+    accumulate = base.accumulate_hessian
+
+    def counting(inp, module, *args):
+        accumulated[module] = accumulated.get(module, 0) + 1
+        return accumulate(inp, module, *args)
+
+    with mock.patch.object(base, "accumulate_hessian", counting):
+        alc.oneshot(shared, recipe=recipe("w4a16", SharedHessianGPTQModifier), **oneshot_kwargs(result.original.vocab))
+    groups = autocal.shared_input_groups(shared)
+    assert groups
+    for group in groups:
+        first, *rest = (shared.get_submodule(path) for path in group)
+        assert accumulated.get(first) == CALIBRATION[0] and not any(m in accumulated for m in rest), group
+    with torch.no_grad():
+        logits = shared(input_ids=tokens(HELD_OUT, 1, result.original.vocab)).logits
+    assert torch.equal(logits, result.quantized)
+    for path, scales in result.scales.items():
+        for name, scale in scales.items():
+            assert torch.equal(scale, getattr(shared.get_submodule(path), name)), (path, name)
+
+
+def test_shared_hessian_gptq_refuses_inputs_that_differ(workdir):
+    """Linears grouped as sharing an input but called on different tensors (here: experts given their own rows by
+    ``calibration_chunk_size``, with the groups of the default calibration forward) stop the run."""
+    from autocal.integrations.llmcompressor import gptq
+
+    source = original("qwen3_moe", workdir)
+    model = load(source)
+    alc.prepare(model)
+    dense_groups = autocal.shared_input_groups(model)
+    autocal.set_calibration_chunk_size(model, 3)
+    with mock.patch.object(gptq, "shared_input_groups", lambda m: dense_groups), \
+            pytest.raises(gptq.SharingError, match="inputs differ"):
+        alc.oneshot(model, recipe=recipe("w4a16", gptq.SharedHessianGPTQModifier), **oneshot_kwargs(source.vocab))
 
 
 def awq_recipe():

@@ -37,7 +37,9 @@ What each step guarantees:
 
 Modules, one per step: ``blocks`` (what autocal converted, gates), ``naming`` (checkpoint
 names), ``preparation`` (``prepare``), ``tracking`` (``Coverage``), ``checkpoint``
-(``save_pretrained``), ``calibration`` (``oneshot``). Everything is re-exported here.
+(``save_pretrained``), ``calibration`` (``oneshot``). Everything is re-exported here, but for
+``gptq`` (``SharedHessianGPTQModifier``: one GPTQ Hessian per group of expert Linears that share an
+input), which imports llmcompressor as it is imported.
 """
 
 from .blocks import ExpertLinear, calibration_blocks, default_ignore, expert_linears, gate_modules
