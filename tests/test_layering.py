@@ -1,7 +1,8 @@
 """The import contract between autocal's stages: each imports only the stages below it.
 
-trace < detect < synthesize < rules (the table) and sharing (facts of the synthesized graphs) < the api facade < explain, cli and integrations,
-with errors, numerics, the override registry and the token counters beneath them all. An
+trace < detect < synthesize < rules (the table) and sharing (facts of the synthesized graphs) < the api
+facade < explain, cli and integrations, with errors, numerics, the override registry and the token
+counters beneath them all. An
 import of a higher stage, at module level or inside a function, fails here, naming the file and line.
 """
 
