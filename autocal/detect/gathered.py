@@ -42,7 +42,8 @@ from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import other_children
 from .graph_utils import CONTRACTIONS, Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
-from .reroute import ChoiceCall, check_forced_routing, choice_call
+from ..trace.forcing import ChoiceCall
+from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .plans import GatheredPlan, NoMatch
 from .structure import ExpertsInfo, MoEStructure

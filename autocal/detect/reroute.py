@@ -7,7 +7,8 @@ unrouted expert would have seen. Running the block's forward again with the
 router's top-k made to choose that expert for every token can: the code that
 mixes tokens runs as written, on the chosen expert's outputs.
 
-The pass finds the top-k call behind the routing choice (which function, which
+The calls are forced by ``trace/forcing.py`` (which the calibration forward runs
+too). The pass finds the top-k call behind the routing choice (which function, which
 call of it during the forward, along which dimension), and checks on the
 recorded inputs that replacing its result (a) with the recorded choice gives the
 recorded output and (b) with a fixed set of experts sends every token to exactly
@@ -16,70 +17,17 @@ those experts.
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 from .. import errors
 from ..numerics import compare_outputs
+from ..trace.forcing import ChoiceCall, fresh_inputs
 from .graph_utils import is_int_tensor, source_of, target_name, value
 
-__all__ = ["ChoiceCall", "choice_call", "check_forced_routing", "fresh_inputs"]
-
-
-@dataclass(frozen=True)
-class ChoiceCall:
-    """The call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward.
-
-    ``scored``: a top-k, returning ``(values, indices)``; forced, it returns the
-    forced experts' scores with them. Otherwise the call returns the expert
-    indices themselves (picked through a product-key grid, say) and only they
-    are replaced: weights computed from scores beside them stay those of the
-    slots they replace.
-    """
-
-    function: Callable
-    ordinal: int
-    dim: int
-    k: int
-    scored: bool = True
-
-    @contextmanager
-    def forced(self, experts: torch.Tensor) -> Iterator[None]:
-        """Within, that call returns ``experts`` and their scores.
-
-        ``experts``: ``k`` expert numbers chosen for every token, or indices of the choice's own shape.
-        """
-        with _Forcing(self, experts):
-            yield
-
-
-class _Forcing(TorchFunctionMode):
-    def __init__(self, choice: ChoiceCall, experts: torch.Tensor) -> None:
-        super().__init__()
-        self.choice, self.experts, self.seen = choice, experts, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is not self.choice.function or self.seen > self.choice.ordinal:
-            return out
-        self.seen += 1
-        if self.seen <= self.choice.ordinal:
-            return out
-        indices = out[1] if self.choice.scored else out
-        dim = self.choice.dim % indices.dim()
-        forced = self.experts.to(indices.device)
-        if forced.shape != indices.shape:
-            shape = [1] * indices.dim()
-            shape[dim] = self.choice.k
-            forced = forced.view(shape).expand_as(indices).contiguous()
-        return type(out)((args[0].gather(dim, forced), forced)) if self.choice.scored else forced
+__all__ = ["choice_call", "check_forced_routing"]
 
 
 def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> tuple[ChoiceCall, fx.Node] | None:
@@ -103,17 +51,6 @@ def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> t
 
 def _ordinal(graph: fx.Graph, node: fx.Node) -> int:
     return [n for n in graph.nodes if n.op == "call_function" and n.target is node.target].index(node)
-
-
-def fresh_inputs(inputs: Any) -> Any:
-    """``inputs`` with every object that is not a tensor, number or string copied (a cache a forward updates)."""
-    if isinstance(inputs, (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)):
-        return inputs
-    if isinstance(inputs, (tuple, list)) and type(inputs) in (tuple, list):
-        return type(inputs)(fresh_inputs(i) for i in inputs)
-    if type(inputs) is dict:
-        return {k: fresh_inputs(v) for k, v in inputs.items()}
-    return copy.deepcopy(inputs)
 
 
 def check_forced_routing(block: nn.Module, call: ChoiceCall, args: tuple, kwargs: dict, recorded_output: Any,

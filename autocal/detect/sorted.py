@@ -36,7 +36,8 @@ from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from .block import _routing_weight, other_children, row_gather
 from .graph_utils import Replay, returns_of, source_of, value
-from .reroute import ChoiceCall, check_forced_routing, choice_call
+from ..trace.forcing import ChoiceCall
+from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .plans import NoMatch, SortedBanksPlan
 from .structure import ExpertsInfo, MoEStructure

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from ..coverage import add_tokens
-from ..detect.reroute import ChoiceCall, fresh_inputs
+from ..trace.forcing import ChoiceCall, fresh_inputs
 
 __all__ = ["ExpertViews", "observing", "forced_forward"]
 
