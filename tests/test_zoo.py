@@ -20,7 +20,9 @@ import transformers
 from autocal.testing import zoo
 from autocal.testing.zoo_runner import run_architecture
 
-KNOWN_FAILURES = {}
+KNOWN_FAILURES = {
+    "ergo": "per-expert norm after the down projection: the experts pass cuts the expert before it",
+}
 # Architectures whose original model cannot run here: listed with the reason, checked to still fail.
 UNBUILDABLE = {}
 if zoo.transformers_version() < (5, 18):

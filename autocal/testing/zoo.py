@@ -314,18 +314,57 @@ def folder_model_type(folder: str) -> str | None:
 
 
 def moe_architectures() -> list[str]:
-    """Model types of the installed transformers whose modeling code contains an MoE.
+    """Model types of the installed transformers whose model is an MoE.
 
-    Found by scanning ``transformers/models/*/modeling_*.py`` for MOE_MARKERS, minus NOT_MOE.
+    Two sources, both read from transformers' own tables:
+
+    * every modeling folder ``transformers/models/<folder>/modeling_*.py`` that matches MOE_MARKERS (minus NOT_MOE),
+      counted once, under its top-level model type;
+    * every model type of the auto mappings (``CONFIG_MAPPING_NAMES``) whose own folder has no modeling code and
+      whose model class (``MODEL_MAPPING_NAMES``) is defined in one of those MoE folders: config-only types that
+      reuse another architecture's classes (5.25's sarvam_moe builds a ``Glm4MoeModel``).
     """
-    models_dir = Path(transformers.__file__).resolve().parent / "models"
-    names = set()
-    for path in models_dir.glob("*/modeling_*.py"):
+    return sorted(set(_moe_folders().values()) | set(_config_only_moe_types()))
+
+
+@lru_cache(maxsize=None)
+def _moe_folders() -> dict[str, str]:
+    """{MoE modeling folder: its top-level model type}."""
+    folders = {}
+    for path in _models_dir().glob("*/modeling_*.py"):
         folder = path.parent.name
         if folder in NOT_MOE or not MOE_MARKERS.search(path.read_text(encoding="utf-8")):
             continue
         model_type = folder_model_type(folder)
         if model_type is None:
             raise RuntimeError(f"cannot map transformers/models/{folder} to a single model type")
-        names.add(model_type)
-    return sorted(names)
+        folders[folder] = model_type
+    return folders
+
+
+def _config_only_moe_types() -> list[str]:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    moe_classes = _classes_defined_in(_moe_folders())
+    found = []
+    for model_type in CONFIG_MAPPING_NAMES:
+        folder = _models_dir() / model_type_to_module_name(model_type)
+        if any(folder.glob("modeling_*.py")):
+            continue  # a folder with its own modeling code is judged by the scan of folders
+        model_class = MODEL_MAPPING_NAMES.get(model_type)
+        if isinstance(model_class, str) and model_class in moe_classes:
+            found.append(model_type)
+    return found
+
+
+def _classes_defined_in(folders) -> set[str]:
+    names = set()
+    for folder in folders:
+        for path in (_models_dir() / folder).glob("modeling_*.py"):
+            names.update(re.findall(r"^class (\w+)\(", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    return names
+
+
+def _models_dir() -> Path:
+    return Path(transformers.__file__).resolve().parent / "models"
