@@ -260,7 +260,7 @@ def _detect_packed(block: nn.Module, name: str, container: nn.Module, call: Bloc
         if router.num_choices < 2:  # indices from a lookup (hash routing), not a top-k over scores
             router.num_choices = num_experts
         experts_rec = _record_container(container, bound, roles)
-    template, layout, sources = analyze_experts(experts_rec, packed)
+    template, layout, sources = analyze_experts(experts_rec, packed, num_experts)
     if router.num_choices > num_experts:  # run by the original container (see CalibrationExperts._weightless)
         layout["choices_without_weights"] = router.num_choices - num_experts
     hidden_dtype = value(experts_rec.hidden).dtype

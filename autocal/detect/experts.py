@@ -9,8 +9,16 @@ passes here pick one expert's instance and cut it out:
 2. ``weight_side`` — what is computed from those slices alone (views, transposes);
 3. ``expert_region`` — everything computed from the expert's input rows up to the
    value scattered into the output (its *contribution*);
-4. ``build_template`` — the region as a graph over Linear layers, with each
-   Linear's weight a recipe that views the packed parameter for any expert.
+4. ``route_tail`` — where the container writes the contributions one row per route
+   into a buffer and only then weights and sums them, the per-row ops between (a
+   per-expert norm after the down projection): they belong to the expert too;
+5. ``build_template`` — the region (and its tail) as a graph over Linear layers, with
+   each Linear's weight a recipe that views the packed parameter for any expert.
+
+``check_template`` then replays the template through the dispatch the
+synthesized container performs, on the recorded inputs, and raises where it does
+not give the container's recorded output: nothing detection saw differ is left
+for verification alone to find.
 
 Then ``split_outputs`` turns slices of a Linear's output (``chunk``, ``[..., ::2]``)
 into Linears of their own, and ``label_linears`` names them gate/up/down by what
@@ -29,14 +37,19 @@ from torch import fx, nn
 
 from .. import errors
 from ..synthesize.ops import project
+from ..verify import compare_outputs
 from .graph_utils import Ancestry, is_int_tensor, target_name, tensor_inputs, value
 from .structure import ExpertTemplate, LinearRecipe, Projection
 
 __all__ = ["ExpertsRecording", "packed_parameters", "count_experts", "router_rows", "resolve", "analyze_experts",
-           "CONTAINER_ATTR"]
+           "CONTAINER_ATTR", "EXPERT_ATTR"]
 
 # Generated expert code reaches parameters shared by all experts through this attribute.
 CONTAINER_ATTR = "_container"
+# And its own expert number through this one (to take its entry of a per-expert parameter, see route_tail).
+EXPERT_ATTR = "_autocal_expert"
+# Ops that write an expert's rows into a buffer the container combines later.
+_SCATTER_OPS = {"__setitem__", "index_put_", "index_copy_"}
 
 _SELECT_OPS = {"__getitem__", "select", "index_select"}
 _MATMUL_OPS = {"matmul", "__matmul__", "mm"}
@@ -225,18 +238,93 @@ def expert_region(rec: ExpertsRecording, weights_side: set[fx.Node], ancestry: A
     return rows, leaving[0], (used_routing.pop() if used_routing else None), region
 
 
-def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.Node | None) -> None:
-    """The expert's rows are ``hidden[tokens]`` and its weights ``weights[tokens, slot, None]``.
+def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.Node | None) -> str:
+    """The expert's rows are ``hidden[tokens]`` and its weights ``weights[tokens, slot, None]``; returns their order.
 
     These are the gathers the synthesized dispatch performs, so they are checked
-    on the recorded values rather than read from the code.
+    on the recorded values rather than read from the code. The rows come slot by
+    slot (``"slot-major"``, transformers' experts contract) or token by token
+    (``"token-major"``, one row per route in token order); the dispatch keeps the
+    original's order, since a matmul's rows can round differently by position.
     """
-    slot, tokens = torch.where(value(rec.index).reshape(-1, value(rec.index).shape[-1]).T == expert)
+    index = value(rec.index).reshape(-1, value(rec.index).shape[-1])
     hidden = value(rec.hidden)
-    if not torch.equal(value(rows), hidden.reshape(-1, hidden.shape[-1])[tokens]):
-        _fail(errors.UNSUPPORTED_DISPATCH, "an expert's input rows are not the routed tokens of the hidden states", rows)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    slot, tokens = torch.where(index.T == expert)
+    order = "slot-major"
+    if not torch.equal(value(rows), hidden[tokens]):
+        tokens, slot = torch.where(index == expert)
+        order = "token-major"
+        if not torch.equal(value(rows), hidden[tokens]):
+            _fail(errors.UNSUPPORTED_DISPATCH, "an expert's input rows are not the routed tokens of the hidden states",
+                  rows)
     if routing is not None and not torch.equal(value(routing), value(rec.weights)[tokens, slot, None]):
         _fail(errors.UNSUPPORTED_DISPATCH, "an expert is weighted by something other than its routing weight", routing)
+    return order
+
+
+def route_tail(rec: ExpertsRecording, contribution: fx.Node, ancestry: Ancestry) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The per-row ops between a buffer of unweighted expert outputs, one row per route, and the routing weights.
+
+    A container may write each expert's output into a buffer (``buffer[rows] = out``),
+    then process every row (a norm with each expert's own scale, gathered by the
+    row's expert index) before it weights and sums the routes. Those ops are part
+    of each expert's computation up to the combine. Returns the buffer and the ops
+    in graph order, or ``(None, [])`` when the contribution is not written into such a buffer.
+    """
+    if rec.weights is None or rec.index is None:
+        return None, []
+    writes = [u for u in contribution.users if target_name(u) in _SCATTER_OPS and u.args[-1] is contribution]
+    if len(writes) != 1 or not isinstance(writes[0].args[0], fx.Node):
+        return None, []
+    buffer = writes[0].args[0]
+    shape = value(buffer).shape  # ops on whole rows keep it; a view to [tokens, k, features] ends the tail
+    nodes = list(rec.graph.nodes)
+    start = max(nodes.index(u) for u in buffer.users if target_name(u) in _SCATTER_OPS) + 1
+    data = {n for n in nodes if n is rec.hidden or n is rec.weights or ancestry.is_ancestor(rec.hidden, n)
+            or ancestry.is_ancestor(rec.weights, n)}
+    tail, members = [], {buffer}
+    for node in nodes[start:]:
+        out, inputs = value(node), tensor_inputs(node)
+        if node.op not in ("call_function", "call_method") or not any(n in members for n in inputs):
+            continue
+        if isinstance(out, torch.Tensor) and out.shape == shape and all(n in members or n not in data for n in inputs):
+            tail.append(node)
+            members.add(node)
+    leaving = [n for n in tail if any(u not in members for u in n.users)]
+    weighted = len(leaving) == 1 and any(n.op in ("call_function", "call_method") and ancestry.is_ancestor(leaving[0], n)
+                                         and ancestry.is_ancestor(rec.weights, n) for n in nodes)
+    return (buffer, tail[:tail.index(leaving[0]) + 1]) if weighted else (None, [])
+
+
+def sums_over_slots(rec: ExpertsRecording, tail_end: fx.Node, ancestry: Ancestry) -> bool:
+    """Does the container combine the weighted routes by a sum over the slot dimension (``[tokens, k, …].sum(1)``)?
+
+    The synthesized container then sums them the same way, not by adding one expert after another, so that
+    the combine rounds as the original's does.
+    """
+    index = value(rec.index)
+    tokens, slots = index.reshape(-1, index.shape[-1]).shape
+    for node in rec.graph.nodes:
+        if target_name(node) != "sum" or not ancestry.is_ancestor(tail_end, node):
+            continue
+        source = value(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(source, torch.Tensor) and source.dim() == 3 and tuple(source.shape[:2]) == (tokens, slots) \
+                and dim in (1, -2, (1,), [1], (-2,), [-2]):
+            return True
+    return False
+
+
+def _per_route_entry(node: fx.Node, rec: ExpertsRecording, ancestry: Ancestry) -> fx.Node | None:
+    """The parameter ``node`` takes one entry of per row by the row's expert index (``w[index]``), or None."""
+    if target_name(node) not in ("__getitem__", "index_select", "embedding") or len(node.args) < 2:
+        return None
+    table, ids = (node.args[0], node.args[-1]) if target_name(node) != "embedding" else node.args[1::-1]
+    from_index = isinstance(ids, fx.Node) and (ids is rec.index or ancestry.is_ancestor(rec.index, ids))
+    if not from_index or not isinstance(table, fx.Node) or table.op != "get_attr":
+        return None
+    return table
 
 
 def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> Callable:
@@ -297,12 +385,20 @@ class _Linear:
     columns: slice | None = None
 
 
-def build_template(rec, region, rows, contribution, routing, weights_side, slices) -> tuple[fx.Graph, dict[str, _Linear]]:
-    """Copy the region into a new graph, turning matmuls with expert weights into Linear calls."""
+def build_template(rec, region, rows, contribution, routing, weights_side, slices,
+                   tail: tuple[fx.Node | None, list[fx.Node]] = (None, []),
+                   ancestry: Ancestry | None = None) -> tuple[fx.Graph, dict[str, _Linear]]:
+    """Copy the region into a new graph, turning matmuls with expert weights into Linear calls.
+
+    A ``tail`` (``route_tail``) follows the region, then the routing weight's product.
+    """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {rows: graph.placeholder("x")}
-    if routing is not None:
-        env[routing] = graph.placeholder("routing_weight")
+    buffer, tail_nodes = tail
+    if routing is not None or tail_nodes:
+        route_weight = graph.placeholder("routing_weight")
+        if routing is not None:
+            env[routing] = route_weight
     linears: dict[str, _Linear] = {}
     slice_set = set(slices)
 
@@ -315,9 +411,18 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         return graph.get_attr(f"{CONTAINER_ATTR}.{n.target}")
 
     def outside(n: fx.Node) -> fx.Node:
-        """A value computed from container parameters and constants alone: copied into the template."""
+        """A value computed from container parameters and constants alone: copied into the template.
+
+        In a tail, a per-expert parameter's entry taken per route (``w[index]``) is the expert's own (``w[e]``).
+        """
         if n not in env:
-            env[n] = shared(n) if n.op == "get_attr" else graph.node_copy(n, outside)
+            table = _per_route_entry(n, rec, ancestry) if tail_nodes else None
+            if table is not None:
+                env[n] = graph.call_function(operator.getitem, (shared(table), graph.get_attr(EXPERT_ATTR)))
+            elif n.op == "placeholder":
+                _fail(errors.UNSUPPORTED_EXPERT, f"an expert's computation reads the experts' input `{n.target}`", n)
+            else:
+                env[n] = shared(n) if n.op == "get_attr" else graph.node_copy(n, outside)
         return env[n]
 
     for node in region[1:]:
@@ -357,7 +462,13 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         linears[target] = lin
         env[node] = graph.call_module(target, (activation,))
         env[node].meta["source"] = node.meta.get("source")
-    graph.output(env[contribution])
+    if not tail_nodes:
+        graph.output(env[contribution])
+        return graph, linears
+    env[buffer] = env[contribution]
+    for node in tail_nodes:
+        env[node] = graph.node_copy(node, outside)
+    graph.output(graph.call_function(operator.mul, (env[tail_nodes[-1]], route_weight)))
     return graph, linears
 
 
@@ -586,6 +697,57 @@ def _weight_applied_last(graph: fx.Graph) -> bool:
     return True
 
 
+def check_template(rec: ExpertsRecording, graph: fx.Graph, linears: dict[str, _Linear], num_experts: int) -> None:
+    """Raise if the template, dispatched as the synthesized container dispatches it, does not give the container's
+    recorded output on the recorded inputs (tokens routed only to packed experts; within rounding).
+
+    The dispatch: each expert on its routed rows, weighted by the route's weight when the template takes it,
+    summed per token. Detection has recorded both sides, so a difference is known here, verification or not.
+    """
+    output = value(next(n for n in rec.graph.nodes if n.op == "output").args[0])
+    if rec.index is None or rec.weights is None or not isinstance(output, torch.Tensor):
+        return
+    hidden, index, weights = (value(n) for n in (rec.hidden, rec.index, rec.weights))
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    index, weights = index.reshape(-1, index.shape[-1]), weights.reshape(-1, weights.shape[-1])
+    if output.numel() % hidden.shape[0] or index.shape[0] != hidden.shape[0]:
+        return
+    expected = output.reshape(hidden.shape[0], -1)
+    total = torch.zeros_like(expected)
+    for expert in range(num_experts):
+        slot, token = torch.where(index.T == expert)
+        if token.numel():
+            out = _run_template(graph, linears, rec.container, expert, hidden[token], weights[token, slot, None])
+            total.index_add_(0, token, out.reshape(token.numel(), -1).to(total.dtype))
+    packed_only = ((index >= 0) & (index < num_experts)).all(-1)
+    diff, _, close = compare_outputs(expected[packed_only], total[packed_only])
+    if not close:
+        _fail(errors.UNSUPPORTED_EXPERT, f"the expert computation found does not reproduce the experts' recorded "
+              f"output (differs by up to {diff:.3g}): the experts do more than autocal cut out")
+
+
+def _run_template(graph: fx.Graph, linears: dict[str, _Linear], container: nn.Module, expert: int,
+                  x: torch.Tensor, routing_weight: torch.Tensor) -> torch.Tensor:
+    """One expert's template on rows ``x``, its Linears computed from the packed weights."""
+    env: dict[fx.Node, Any] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            env[node] = x if node.target == "x" else routing_weight
+        elif node.op == "get_attr":
+            env[node] = expert if node.target == EXPERT_ATTR else resolve(container, node.target.split(".", 1)[1])
+        elif node.op == "call_module":
+            lin = linears[node.target]
+            bias = lin.bias(container, expert) if lin.bias is not None else None
+            env[node] = torch.nn.functional.linear(env[node.args[0]], lin.weight(container, expert), bias)
+        elif node.op == "output":
+            return env[node.args[0]]
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            env[node] = node.target(*args, **kwargs) if node.op == "call_function" else \
+                getattr(args[0], node.target)(*args[1:], **kwargs)
+    raise AssertionError("a template graph ends with its output")
+
+
 def _tensor_method_names() -> dict[int, str]:
     names = {}
     for name in dir(torch.Tensor):
@@ -605,8 +767,13 @@ def _tensor_methods_as_calls(graph: fx.Graph) -> None:
             node.op, node.target = "call_method", _TENSOR_METHODS[id(node.target)]
 
 
-def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
-    """The expert template of a packed container, its layout facts and their sources."""
+def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter],
+                    num_experts: int | None = None) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
+    """The expert template of a packed container, its layout facts and their sources.
+
+    With ``num_experts`` (and a recording with indices and weights), the template is checked against the
+    container's recorded output (``check_template``).
+    """
     slices = expert_slices(rec.graph, packed)
     seeds = slices[min(slices)] if slices else batched_parameters(rec.graph, packed)
     if not seeds:
@@ -615,12 +782,14 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
     side = weight_side(rec.graph, seeds)
     ancestry = Ancestry(rec.graph)
     rows, contribution, routing, region = expert_region(rec, side, ancestry)
-    if slices:
-        check_gather(rec, min(slices), rows, routing)
-    graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds)
+    tail = route_tail(rec, contribution, ancestry) if routing is None else (None, [])
+    order = check_gather(rec, min(slices), rows, routing) if slices else "slot-major"
+    graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds, tail, ancestry)
     split_kinds = split_outputs(graph, linears)
     _eliminate_dead_code(graph)
     label_linears(graph, linears)
+    if num_experts is not None:
+        check_template(rec, graph, linears, num_experts)
     sources = {n.target: n.meta["source"] for n in graph.nodes if n.op == "call_module" and n.meta.get("source")}
     _tensor_methods_as_calls(graph)
     computation = describe(graph)
@@ -637,9 +806,14 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
         "bias": any(r.bias is not None for r in recipes),
         "gated": any(r.name == "gate_proj" for r in recipes),
     }
-    sources["contribution"] = contribution.meta.get("source")
-    template = ExpertTemplate(graph=graph, linears=recipes, uses_routing_weight=routing is not None,
+    if order != "slot-major":
+        layout["rows"] = order
+    if tail[1] and sums_over_slots(rec, tail[1][-1], ancestry):
+        layout["combine"] = "sum over slots"
+    end = tail[1][-1] if tail[1] else contribution
+    sources["contribution"] = end.meta.get("source")
+    template = ExpertTemplate(graph=graph, linears=recipes, uses_routing_weight=routing is not None or bool(tail[1]),
                               weight_applied_last=_weight_applied_last(graph),
-                              output_dtype=value(contribution).dtype, computation=computation,
+                              output_dtype=value(end).dtype, computation=computation,
                               projections=projections)
     return template, layout, sources

@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.nn.modules import module as module_globals
 
 from ..coverage import _COUNTER
-from ..detect.experts import CONTAINER_ATTR
+from ..detect.experts import CONTAINER_ATTR, EXPERT_ATTR
 from ..integrations.transformers import eager_experts
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from .grouped import GroupedTemplate
@@ -65,6 +65,7 @@ def expert_class(template: ExpertTemplate, name: str, container: nn.Module) -> t
     """A module class whose forward is the template's generated code."""
     root = nn.Module()
     root.__dict__[CONTAINER_ATTR] = container
+    root.__dict__[EXPERT_ATTR] = 0  # each expert's own number (see build_experts)
     for recipe in template.linears:
         setattr(root, recipe.name, nn.Linear(1, 1, device="meta"))
     for index in range(len(template.projections)):
@@ -141,10 +142,13 @@ def build_experts(target: nn.Module, original: nn.Module, template: ExpertTempla
     """Fill ``target`` with one module per expert unpacked from ``original``, and the original's other members.
 
     ``packed`` names the parameters the experts are unpacked from; a child that
-    holds some of them (DBRX keeps them one level down) is not kept, the rest is.
+    holds some of them (DBRX keeps them one level down) is not kept, the rest is,
+    and so is a packed parameter the template reads whole (a per-expert norm scale).
     """
+    read = {n.target.partition(".")[2] for n in template.graph.nodes
+            if n.op == "get_attr" and n.target.startswith(CONTAINER_ATTR + ".")}
     for name, param in original.named_parameters(recurse=False):
-        if name not in packed:
+        if name not in packed or name in read:
             target.register_parameter(name, param)
     for name, buffer in original.named_buffers(recurse=False):
         target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
@@ -154,6 +158,7 @@ def build_experts(target: nn.Module, original: nn.Module, template: ExpertTempla
     for expert in range(num_experts):
         module = expert_cls()
         module.__dict__[CONTAINER_ATTR] = target
+        module.__dict__[EXPERT_ATTR] = expert
         for recipe in template.linears:
             module.add_module(recipe.name, unpack_linear(recipe, original, expert))
         for index, projection in enumerate(template.projections):
@@ -182,6 +187,8 @@ class CalibrationExperts(UnpackedExperts):
         self.counts_tokens = True  # _call counts rows for autocal.coverage; no hook needed
         # Router choices past the packed experts (weightless "zero experts") run through the original container.
         self.num_choices = max(structure.router.num_choices, self.num_experts)
+        self.token_major = structure.experts.layout.get("rows") == "token-major"  # each expert's rows' order
+        self.sum_over_slots = structure.experts.layout.get("combine") == "sum over slots"  # how routes are added
         self.__dict__["_packed_container"] = original
         self._grouped = GroupedTemplate(structure.template.graph)
         self._widest = max([p.features for p in structure.template.projections]
@@ -203,13 +210,20 @@ class CalibrationExperts(UnpackedExperts):
         if self.calibrate_all_experts and self.dense_calibration and self.calibration_chunk_size is None:
             output = self._dense(hidden, index, weights)
         else:
-            output = self._zeros(hidden)
-            for expert, (slot, token) in enumerate(_routed_rows(slot_major, self.num_experts)):
+            output, routes = None if self.sum_over_slots else self._zeros(hidden), None
+            for expert, (slot, token) in enumerate(_routed_rows(slot_major, self.num_experts, self.token_major)):
                 if token.numel():
                     contribution = self._call(expert, hidden[token], weights[token, slot, None])
-                    output.index_add_(0, token, contribution.to(output.dtype))
+                    if output is not None:
+                        output.index_add_(0, token, contribution.to(output.dtype))
+                    else:  # each route's output in its slot, summed over the slots at the end, as the original
+                        if routes is None:
+                            routes = contribution.new_zeros(*index.shape, contribution.shape[-1])
+                        routes[token, slot] = contribution
                 if self.calibrate_all_experts:
                     self._run_unrouted(expert, hidden, token, weights.dtype)
+            if output is None:
+                output = routes.sum(1) if routes is not None else self._zeros(hidden)
         for choice in range(self.num_experts, self.num_choices):  # after every expert, as in ascending order
             slot, token = torch.where(slot_major == choice)
             if token.numel():
@@ -388,16 +402,22 @@ class CalibrationExperts(UnpackedExperts):
 _ROLES = ("hidden", "index", "weights")
 
 
-def _routed_rows(slot_major: torch.Tensor, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per expert, ``torch.where(slot_major == expert)``: its (slot, token) pairs in slot-major order.
+def _routed_rows(slot_major: torch.Tensor, num_experts: int,
+                 token_major: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert, ``torch.where(slot_major == expert)``: its (slot, token) pairs in slot-major order
+    (in token-major order with ``token_major``).
 
     From one stable sort and one copy of the experts' boundaries to the host,
     not a ``torch.where`` per expert, each of which waits for the device.
     """
-    tokens = slot_major.shape[1]
-    expert, position = torch.sort(slot_major.reshape(-1), stable=True)  # by expert, then slot-major position
+    tokens, slots = slot_major.shape[1], slot_major.shape[0]
+    flat = slot_major.T.reshape(-1) if token_major else slot_major.reshape(-1)
+    expert, position = torch.sort(flat, stable=True)  # by expert, then position in that order
     bounds = torch.searchsorted(expert, _group_firsts(num_experts, 1, expert)).tolist()
-    slot, token = position // tokens, position % tokens
+    if token_major:
+        slot, token = position % slots, position // slots
+    else:
+        slot, token = position // tokens, position % tokens
     return [(slot[a:b], token[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
