@@ -263,7 +263,8 @@ def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.
     return order
 
 
-def route_tail(rec: ExpertsRecording, contribution: fx.Node, ancestry: Ancestry) -> tuple[fx.Node | None, list[fx.Node]]:
+def route_tail(rec: ExpertsRecording, contribution: fx.Node,
+               ancestry: Ancestry) -> tuple[fx.Node | None, list[fx.Node]]:
     """The per-row ops between a buffer of unweighted expert outputs, one row per route, and the routing weights.
 
     A container may write each expert's output into a buffer (``buffer[rows] = out``),
@@ -292,8 +293,9 @@ def route_tail(rec: ExpertsRecording, contribution: fx.Node, ancestry: Ancestry)
             tail.append(node)
             members.add(node)
     leaving = [n for n in tail if any(u not in members for u in n.users)]
-    weighted = len(leaving) == 1 and any(n.op in ("call_function", "call_method") and ancestry.is_ancestor(leaving[0], n)
-                                         and ancestry.is_ancestor(rec.weights, n) for n in nodes)
+    weighted = len(leaving) == 1 and any(
+        n.op in ("call_function", "call_method") and ancestry.is_ancestor(leaving[0], n)
+        and ancestry.is_ancestor(rec.weights, n) for n in nodes)
     return (buffer, tail[:tail.index(leaving[0]) + 1]) if weighted else (None, [])
 
 
