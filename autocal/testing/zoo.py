@@ -43,6 +43,7 @@ __all__ = [
     "folder_model_type",
     "forward_module",
     "load_fixture",
+    "modeling_sources",
     "moe_architectures",
     "transformers_version",
 ]
@@ -342,28 +343,37 @@ def _moe_folders() -> dict[str, str]:
     return folders
 
 
-def _config_only_moe_types() -> list[str]:
+def _config_only_moe_types() -> dict[str, str]:
+    """{config-only MoE model type: the MoE folder that defines its model class}."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-    moe_classes = _classes_defined_in(_moe_folders())
-    found = []
+    defined_in = {name: folder for folder in _moe_folders() for name in _classes_defined_in(folder)}
+    found = {}
     for model_type in CONFIG_MAPPING_NAMES:
         folder = _models_dir() / model_type_to_module_name(model_type)
         if any(folder.glob("modeling_*.py")):
             continue  # a folder with its own modeling code is judged by the scan of folders
         model_class = MODEL_MAPPING_NAMES.get(model_type)
-        if isinstance(model_class, str) and model_class in moe_classes:
-            found.append(model_type)
+        if isinstance(model_class, str) and model_class in defined_in:
+            found[model_type] = defined_in[model_class]
     return found
 
 
-def _classes_defined_in(folders) -> set[str]:
+def _classes_defined_in(folder: str) -> set[str]:
     names = set()
-    for folder in folders:
-        for path in (_models_dir() / folder).glob("modeling_*.py"):
-            names.update(re.findall(r"^class (\w+)\(", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    for path in (_models_dir() / folder).glob("modeling_*.py"):
+        names.update(re.findall(r"^class (\w+)\(", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
     return names
+
+
+def modeling_sources() -> dict[str, list[Path]]:
+    """For each MoE model type (``moe_architectures``), the modeling files its model is defined in: its own
+    folder's, or, for a config-only type, those of the folder whose classes it builds."""
+    sources = {t: sorted((_models_dir() / f).glob("modeling_*.py")) for f, t in _moe_folders().items()}
+    for model_type, folder in _config_only_moe_types().items():
+        sources[model_type] = sorted((_models_dir() / folder).glob("modeling_*.py"))
+    return dict(sorted(sources.items()))
 
 
 def _models_dir() -> Path:
