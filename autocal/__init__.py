@@ -11,6 +11,7 @@ from .coverage import Coverage, coverage
 from .errors import AutocalError
 from .explain import BlockReport, Report, explain
 from .registry import MoECalibrationModule
+from .sharing import shared_input_groups
 from .verify import Verification
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "explain",
     "restore",
     "set_calibration_chunk_size",
+    "shared_input_groups",
     "synthesize",
 ]
 

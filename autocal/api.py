@@ -8,6 +8,7 @@ verified against the original before anything is swapped.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -17,19 +18,15 @@ from torch import nn
 
 from . import errors
 from .coverage import count_tokens
-from .detect.detector import detect, find_moe_blocks, unrecognized_experts
-from .trace.inputs import BlockCall
-from .trace.twin import cpu_twin, on_meta
+from .detect.detector import unrecognized_experts
+from .detect.plans import Plan
 from .detect.structure import MoEStructure
-from .registry import MoECalibrationModule, registered_override
-from .synthesize.block import build_block_rewrite
-from .synthesize.container import build_container_calibration, build_mask_dispatch, build_recorded_block
-from .synthesize.dense import build_dense_rewrite
-from .synthesize.gathered import build_gathered_calibration
-from .synthesize.module import build_calibration_module, checked_chunk_size
-from .synthesize.sorted import build_sorted_calibration
-from .trace.inputs import synthesize_inputs
+from .registry import MoECalibrationModule
+from .rules import Decision, decide, find_moe_blocks
+from .synthesize.module import checked_chunk_size
+from .trace.inputs import BlockCall, synthesize_inputs
 from .trace.model_inputs import model_example
+from .trace.twin import cpu_twin, on_meta
 from .verify import Verification, counts_itself, verify
 
 __all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chunk_size", "Converter"]
@@ -37,11 +34,15 @@ __all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chun
 
 @dataclass
 class ClassAnalysis:
-    """What one block class turned into."""
+    """What one block class turned into: the plan of the rule that matched, and its module class."""
 
     calibration_cls: type[MoECalibrationModule]
-    structure: MoEStructure | None
+    plan: Plan
     verification: Verification | None = None
+
+    @property
+    def structure(self) -> MoEStructure | None:
+        return self.plan.structure
 
 
 def analysis_key(block: nn.Module) -> tuple:
@@ -60,7 +61,8 @@ class Converter:
     calibrate_all_experts: bool = True
     verify: bool = True
     classes: dict[tuple, ClassAnalysis] = field(default_factory=dict)
-    not_moe: set[tuple] = field(default_factory=set)  # candidate classes detection ruled out
+    decisions: dict[tuple, Decision] = field(default_factory=dict)  # every rule's verdict, per class
+    not_moe: set[tuple] = field(default_factory=set)  # candidate classes the rules ruled out
 
     def analyse(self, block: nn.Module, call: BlockCall | None = None, twin: nn.Module | None = None) -> ClassAnalysis:
         """Analyse ``block``'s class once (on ``twin``, a runnable copy, when ``block`` is on the meta device)."""
@@ -68,21 +70,13 @@ class Converter:
         if cls in self.not_moe:
             raise errors.NotAnMoE(type(block).__name__)
         if cls not in self.classes:
-            override = registered_override(type(block).__name__)
-            if override is not None:
-                self.classes[cls] = ClassAnalysis(override, None)
-            else:
-                try:
-                    structure = detect(twin if twin is not None else block, call)
-                except errors.NotAnMoE:
+            decision = self.decisions[cls] = decide(twin if twin is not None else block, call)
+            if decision.plan is None:
+                if decision.not_moe:
                     self.not_moe.add(cls)
-                    raise
-                build = {"experts": build_calibration_module, "block": build_block_rewrite,
-                         "block-dense": build_dense_rewrite, "container": build_container_calibration,
-                         "gated": build_container_calibration, "recorded-block": build_recorded_block,
-                         "sorted": build_sorted_calibration, "gathered": build_gathered_calibration,
-                         "mask-dispatch": build_mask_dispatch}[structure.level]
-                self.classes[cls] = ClassAnalysis(build(structure, block), structure)
+                    raise errors.NotAnMoE(type(block).__name__)
+                raise decision.error()
+            self.classes[cls] = ClassAnalysis(decision.rule.build(decision.plan, block), decision.plan)
         return self.classes[cls]
 
     def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None,
@@ -209,7 +203,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                 built[id(block)] = None
             except errors.AutocalError as error:
                 raise unreached(error, example_inputs, calls, path).with_context(
-                    module_path=path, block_class=type(block).__name__) from None
+                    module_path=path, block_class=type(block).__name__) from error.__cause__
         if built[id(block)] is not None and not path:
             raise errors.AutocalError(
                 errors.NO_MOE_BLOCK, "the model itself is the MoE block, so there is no parent to put its "
@@ -275,6 +269,12 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
     (``trace/model_inputs.py``); any other module, or a model those inputs do not run, gives no calls: its blocks
     get inputs made from their own parameters.
     """
+    if example_inputs is not None and not isinstance(example_inputs, Mapping):
+        raise errors.AutocalError(
+            errors.BAD_INPUT, f"example_inputs is a {type(example_inputs).__name__}: it must be a dict of the "
+            "model's keyword inputs, which autocal calls the model with as model(**example_inputs)",
+            hints=["autocal.convert(model, example_inputs={'input_ids': ids}), or a tokenizer's output: "
+                   "example_inputs=tokenizer(text, return_tensors='pt')"])
     if not example_inputs:
         made = model_example(model, forward)
         if made is None:

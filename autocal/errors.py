@@ -23,7 +23,9 @@ __all__ = [
     "CHECKPOINT_LAYOUT",
     "CALIBRATION_COVERAGE",
     "LINEARIZATION_CONFLICT",
+    "BAD_INPUT",
     "KINDS",
+    "next_steps",
 ]
 
 NO_MOE_BLOCK = "no-moe-block"
@@ -37,6 +39,7 @@ HOOKED_MODULE = "hooked-module"
 CHECKPOINT_LAYOUT = "checkpoint-layout"
 CALIBRATION_COVERAGE = "calibration-coverage"
 LINEARIZATION_CONFLICT = "linearization-conflict"
+BAD_INPUT = "bad-input"
 
 KINDS = {
     NO_MOE_BLOCK: "the module holds no block that routes tokens to experts",
@@ -50,6 +53,7 @@ KINDS = {
     CHECKPOINT_LAYOUT: "a state dict lacks the per-expert layout vLLM and transformers load; nothing was written",
     CALIBRATION_COVERAGE: "an expert Linear was not fully calibrated (tokens, missing or non-finite scales)",
     LINEARIZATION_CONFLICT: "LLM Compressor would replace modules inside a block autocal converted",
+    BAD_INPUT: "an argument is not what the function takes (example inputs not a dict, a model not prepared)",
 }
 
 OVERRIDE_HINT = (
@@ -110,9 +114,28 @@ class AutocalError(Exception):
 class NotAnMoE(Exception):
     """A candidate with no router turned out not to gate experts per row: not an MoE, so nothing to report.
 
-    Internal to detection; ``convert`` and ``explain`` skip such candidates.
+    Raised where the rules' verdicts say so (``autocal/rules.py``); ``convert`` and ``explain`` skip such candidates.
     """
 
 
 def override_hint(block_class: str) -> str:
     return OVERRIDE_HINT.format(cls=block_class)
+
+
+# What to do next when an error of a kind carries no hint of its own. A hand-written
+# module is the way out only where autocal's analysis is what stopped.
+_OVERRIDE_KINDS = (NO_MOE_BLOCK, UNSUPPORTED_DISPATCH, UNSUPPORTED_EXPERT, VERIFICATION_FAILED)
+_NEXT = {
+    TRACE_FAILED: "pass example inputs of the whole model: autocal.convert(model, example_inputs={...})",
+    HOOKED_MODULE: "convert the model before dispatching or offloading it",
+    BAD_OVERRIDE: "fix the registered module so that it keeps the contract (see docs/overrides.md)",
+}
+
+
+def next_steps(kind: str, block_class: str, hints: list[str] | None = None) -> list[str]:
+    """What to do next about an error of ``kind``: its own hints, else the step that fits the kind."""
+    if hints:
+        return list(hints)
+    if kind in _OVERRIDE_KINDS:
+        return [override_hint(block_class)]
+    return [_NEXT.get(kind, f"see docs/errors/{kind}.md")]

@@ -15,13 +15,15 @@ from torch import nn
 
 from . import errors
 from .api import Converter, analysis_key, locate_blocks, unreached
-from .detect.detector import find_moe_blocks, unrecognized_experts
+from .detect.detector import unrecognized_experts
 from .detect.router import router_of
-from .registry import MoECalibrationModule, registered_override
+from .registry import MoECalibrationModule
+from .detect.plans import OverridePlan
+from .rules import Decision, find_moe_blocks
 from .trace.record import record
 from .trace.twin import on_meta
 
-__all__ = ["explain", "Report", "BlockReport"]
+__all__ = ["explain", "Report", "BlockReport", "versions", "short_path"]
 
 
 @dataclass
@@ -30,16 +32,24 @@ class BlockReport:
 
     block_class: str
     paths: list[str]
-    path: str = "synthesized"
+    how: str = "synthesized"  # or "registered override", "already converted"
     structure: dict[str, Any] | None = None
     code: str | None = None
     verification: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     on_meta: bool = False
+    calibration_class: str | None = None
+    rule: str | None = None  # the rule that matched (``autocal/rules.py``)
+    rules: list[dict[str, Any]] = field(default_factory=list)  # every rule's verdict, in table order
 
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    @property
+    def converted(self) -> bool:
+        """The block was an autocal calibration module already (``block_class`` is its original's class)."""
+        return self.how == "already converted"
 
     def __getattr__(self, name: str) -> Any:
         """Shortcuts: ``num_experts``, ``top_k``, ``scoring`` and the other detected facts."""
@@ -50,7 +60,8 @@ class BlockReport:
         raise AttributeError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        """The report as plain data; source locations relative to their package (``transformers/...:line``)."""
+        return {k: _relative_sources(v) for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -63,7 +74,7 @@ class Report:
         return bool(self.blocks) and all(b.ok for b in self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"blocks": [b.to_dict() for b in self.blocks]}
+        return {"versions": versions(), "blocks": [b.to_dict() for b in self.blocks]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -80,12 +91,47 @@ class Report:
         return "\n\n".join(_format_table(b) if table else _format_plain(b) for b in self.blocks)
 
 
+def versions() -> dict[str, str | None]:
+    """The versions of autocal, torch and transformers (None: not installed) a report was made with."""
+    from . import __version__
+
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    return {"autocal": __version__, "torch": torch.__version__,
+            "transformers": getattr(transformers, "__version__", None)}
+
+
+def _import_roots() -> list[str]:
+    """Directories packages are imported from: ``sys.path``, and the parents of loaded top-level packages
+    (editable installs import from a directory not on ``sys.path``), longest first."""
+    roots = {os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." not in name and file and os.path.basename(file) == "__init__.py":
+            roots.add(os.path.dirname(os.path.dirname(os.path.abspath(file))))
+    return sorted(roots, key=len, reverse=True)
+
+
 def short_path(location: str | None) -> str | None:
-    """``file:line`` shown from the installed package down (``transformers/models/...``), not the full path."""
-    if not location:
+    """``file:line`` from its package down (``transformers/models/...:241``), not the machine's full path."""
+    if not location or not os.path.isabs(location):
         return location
-    marker = "site-packages" + os.sep
-    return location.rsplit(marker, 1)[-1] if marker in location else os.path.relpath(location)
+    root = next((r for r in _import_roots() if location.startswith(r.rstrip(os.sep) + os.sep)), None)
+    return location[len(root.rstrip(os.sep)) + 1:] if root else location
+
+
+def _relative_sources(value: Any) -> Any:
+    """``value`` with every ``source``/``sources`` location in it made package-relative (``short_path``)."""
+    if isinstance(value, dict):
+        return {k: (short_path(v) if k == "source" and isinstance(v, str) else
+                    {n: short_path(w) if isinstance(w, str) else w for n, w in v.items()}
+                    if k == "sources" and isinstance(v, dict) else _relative_sources(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_sources(v) for v in value]
+    return value
 
 
 def _title(block: BlockReport) -> str:
@@ -112,14 +158,19 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     """``(fact, what was found, source file:line)`` for one block class, in reading order."""
     if block.failure:
         rows = [("FAILED", f"[{block.failure['kind']}] {block.failure['explanation']}", block.failure.get("source"))]
+        rows += [(f"  rule {v['rule']}", v["reason"], v["source"]) for v in block.rules]
         router = (block.structure or {}).get("router")
         if router:  # what the recording still showed
             steps = [step for step in _routing_steps(router) if step]
             rows.append(("router", f"{' → '.join(steps)}"
                                    f"  top_k {router['top_k']} of {router['num_choices']} choices",
                          router["sources"].get("top_k")))
-        return rows + [("next", errors.override_hint(block.block_class), None)]
-    rows: list[tuple[str, str, str | None]] = [("path", block.path, None)]
+        steps = errors.next_steps(block.failure["kind"], block.block_class, block.failure.get("hints"))
+        return rows + [("next", step, None) for step in steps]
+    how = f"{block.how} by autocal ({block.calibration_class})" if block.converted else block.how
+    rows: list[tuple[str, str, str | None]] = [("path", how, None)]
+    if block.rule:
+        rows.append(("rule", block.rule, None))
     if block.structure:
         router, experts = block.structure["router"], block.structure["experts"]
         sources = {**router["sources"], **experts["sources"]}
@@ -146,8 +197,13 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
         rows.append(("verified", f"max |diff| off={v['max_abs_diff_off']:.3g} on={v['max_abs_diff_on']:.3g}  "
                                  f"bitwise(off)={v['bitwise_off']}  experts covered "
                                  f"{v['experts_covered']}/{v['num_experts']}", None))
+        if v.get("experts_implementation") not in (None, "eager"):
+            impl = v["experts_implementation"]
+            rows.append(("experts impl", f"{impl}  bitwise(off) against eager={v['bitwise_off_eager']}: autocal "
+                                         f"computes each expert as the eager loop does, {impl} rounds otherwise", None))
     else:
-        rows.append(("verified", "not run (meta device: no data)" if block.on_meta else "not run", None))
+        reason = "meta device: no data" if block.on_meta else "already converted" if block.converted else None
+        rows.append(("verified", f"not run ({reason})" if reason else "not run", None))
     return rows
 
 
@@ -155,14 +211,14 @@ def _format_plain(block: BlockReport) -> str:
     lines = [_title(block)]
     for fact, found, where in _rows(block):
         where = f"  ({short_path(where)})" if where else ""
-        lines.append(f"  {fact + ':':<17}{found}{where}".rstrip())
+        lines.append(f"  {fact + ':':<16} {found}{where}".rstrip())  # a label of 16 or more still gets its space
     return "\n".join(lines)
 
 
 def _format_table(block: BlockReport, width: int | None = None) -> str:
     """Box-drawn table, its middle column wrapped to fit ``width`` (default: the terminal's)."""
     header = ("fact", "detected", "source")
-    rows = [(fact, found, os.path.basename(where or "")) for fact, found, where in _rows(block)]  # JSON: full path
+    rows = [(fact, found, os.path.basename(where or "")) for fact, found, where in _rows(block)]
     fact_w, source_w = (max(len(r[i]) for r in [*rows, header]) for i in (0, 2))
     width = width or shutil.get_terminal_size().columns
     found_w = max(24, min(max(len(r[1]) for r in [*rows, header]), width - fact_w - source_w - 10))
@@ -201,13 +257,18 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
     """
     converter = Converter(verify=verify)
     by_class: dict[tuple, BlockReport] = {}
-    blocks = list(find_moe_blocks(model_or_block))
-    unrecognized = unrecognized_experts(model_or_block, [p for p, _ in blocks])
+    converted = _converted(model_or_block)
+    blocks = [(p, b) for p, b in find_moe_blocks(model_or_block)
+              if not any(p == c or p.startswith(f"{c}.") or not c for c in converted)]
+    unrecognized = unrecognized_experts(model_or_block, [p for p, _ in blocks] + list(converted))
     blocks, calls, twin = locate_blocks(model_or_block, blocks, example_inputs, forward,
                                         also=[b for b, _, _ in unrecognized])
+    for path, module in converted.items():
+        original = module.__dict__.get("_original")
+        owner = type(original).__name__ if original is not None else f"{type(module).__name__} (original not kept)"
+        by_class.setdefault((type(module), "converted"), BlockReport(
+            owner, [], how="already converted", calibration_class=type(module).__name__)).paths.append(path or "<root>")
     for path, block in blocks:
-        if isinstance(block, MoECalibrationModule):
-            continue
         cls = analysis_key(block)
         if cls in by_class:
             by_class[cls].paths.append(path or "<root>")
@@ -224,8 +285,11 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             report.failure = {"kind": error.kind, "explanation": error.explanation, "source": error.source,
                               "hints": error.hints}
             continue
+        finally:
+            _verdicts(report, converter.decisions.get(cls))
         analysis = converter.classes[cls]
-        report.path = "registered override" if registered_override(type(block).__name__) else "synthesized"
+        report.how = "registered override" if isinstance(analysis.plan, OverridePlan) else "synthesized"
+        report.calibration_class = type(module).__name__
         if analysis.structure is not None:
             report.structure = analysis.structure.to_dict()
             report.code = getattr(module, "code", None)
@@ -241,6 +305,24 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         if entry.structure is None and block_path in calls:
             entry.structure = _router_only(model_or_block.get_submodule(block_path), calls[block_path])
     return Report(list(by_class.values()))
+
+
+def _converted(model: nn.Module) -> dict[str, MoECalibrationModule]:
+    """autocal's calibration modules already in ``model`` (outermost only), by path."""
+    found: dict[str, MoECalibrationModule] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MoECalibrationModule) and not any(
+                path.startswith(f"{outer}.") or not outer for outer in found):
+            found[path] = module
+    return found
+
+
+def _verdicts(report: BlockReport, decision: Decision | None) -> None:
+    """The rule that matched and every rule's verdict (the rules tried before it, and why they did not match)."""
+    if decision is None:
+        return
+    report.rules = [v.to_dict() for v in decision.verdicts if v.result is not None]
+    report.rule = decision.rule.name if decision.rule is not None else None
 
 
 def _router_only(block: nn.Module, call) -> dict[str, Any] | None:

@@ -14,24 +14,13 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from . import errors
 from .coverage import _COUNTER
+from .numerics import TOLERANCES, compare_outputs
+from .trace.hf import eager_experts, experts_implementation
 
 __all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself"]
-
-# (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
-# experts compute gate and up as two matmuls where the original did one, and a
-# Linear adds its bias inside the matmul where some originals add it after;
-# results can then differ by a few units in the last place of the dtype.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-6),
-    torch.float64: (1e-12, 1e-12),
-    torch.bfloat16: (1.6e-2, 1e-2),
-    torch.float16: (1e-3, 1e-4),
-}
-
 
 @dataclass
 class Verification:
@@ -45,31 +34,11 @@ class Verification:
     experts_covered: int
     num_experts: int
     passed: bool
+    experts_implementation: str | None = None  # transformers' experts implementation the original ran
+    bitwise_off_eager: bool | None = None  # calibration off against the original run with eager experts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def compare_outputs(expected: Any, actual: Any) -> tuple[float, bool, bool]:
-    """``(max abs difference, bitwise equal, within tolerance)`` over all tensors of two outputs."""
-    left, _ = tree_flatten(expected)
-    right, _ = tree_flatten(actual)
-    left = [t for t in left if isinstance(t, torch.Tensor)]
-    right = [t for t in right if isinstance(t, torch.Tensor)]
-    if len(left) != len(right) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(left, right)):
-        return float("inf"), False, False
-    diff, bitwise, close = 0.0, True, True
-    for a, b in zip(left, right):
-        if a.numel():
-            diff = max(diff, (a.double() - b.double()).abs().max().item())
-        bitwise &= torch.equal(a, b)
-        rtol, atol = TOLERANCES.get(a.dtype, (0, 0))
-        if a.numel() and not torch.equal(a.isnan(), b.isnan()):
-            close = False
-        elif a.numel():
-            scale = a.double().nan_to_num().abs().max().item()
-            close &= (a.double() - b.double()).nan_to_num().abs().max().item() <= atol + rtol * scale
-    return diff, bitwise, close
 
 
 def _hidden_tokens(args: tuple, kwargs: dict) -> int:
@@ -141,13 +110,19 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
                 on = calibration(*args, **_fresh(kwargs))
     finally:
         calibration.calibrate_all_experts = mode
+    implementation = experts_implementation(original)
+    bitwise_eager = None
+    if implementation not in (None, "eager"):  # the calibration module computes experts as the eager loop does
+        with torch.no_grad(), eager_experts(original):
+            bitwise_eager = compare_outputs(original(*args, **_fresh(kwargs)), off)[1]
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)
     tokens = _hidden_tokens(args, kwargs)
     covered = sum(1 for n in seen if n >= tokens)  # a token routed twice to one expert counts twice
     result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
-                          close_off and close_on and covered == len(seen))
+                          close_off and close_on and covered == len(seen), implementation,
+                          bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
     if not result.passed:
         problem = (
             f"outputs differ by up to {max(diff_off, diff_on):.3g}"

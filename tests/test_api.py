@@ -42,7 +42,7 @@ def test_registered_override_is_used_instead_of_synthesis():
         model(example_hidden_states(ToyMoEConfig()))
         assert calls == [True]
         report = autocal.explain(nn.Sequential(make_toy_block(ToyMoEConfig())))
-        assert report.blocks[0].path == "registered override"
+        assert report.blocks[0].how == "registered override"
     finally:
         autocal.MoECalibrationModule.unregister("ToyConcatMoeBlock")
 

@@ -1,20 +1,22 @@
-"""docs/benchmarks.md shows what the benchmark runs measured: every row of the saved results.
+"""docs/benchmarks.md and its appendix, docs/benchmarks-log.md, show what the benchmark runs measured.
 
 The results of each run are kept in benchmarks/results/*.json (written by
 benchmarks/calibration_forward.py --json); each of their rows must appear in a
-table of the page with the same times, so the page cannot drift from the runs.
+table of the two pages with the same times, so the pages cannot drift from the runs.
 Summaries of several runs (benchmarks/runs_summary.py --json) must appear with
 the same medians and ranges.
 """
 
 import json
+import re
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = (ROOT / "docs" / "benchmarks.md").read_text()
+PAGE = "\n".join((ROOT / "docs" / name).read_text() for name in ("benchmarks.md", "benchmarks-log.md"))
 SAVED = sorted((ROOT / "benchmarks" / "results").glob("calibration_forward_*.json"))
 RESULTS = [p for p in SAVED if not p.stem.endswith("_summary")]
 SUMMARIES = [p for p in SAVED if p.stem.endswith("_summary")]
@@ -69,3 +71,28 @@ def test_a_summary_takes_each_ratio_across_runs_and_keeps_rows_every_run_has():
     assert (row["shape"], row["runs"]) == ("a", 3)
     assert row["speedup_vs_incumbent_paired"] == {"median": 3.0, "min": 2.0, "max": 4.0}
     assert row["autocal_over_floor"] == {"median": 1.2, "min": 1.1, "max": 1.3}
+
+
+def _slug(heading: str) -> str:
+    """The anchor mkdocs (Python-Markdown's toc) gives a heading."""
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode()
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", text).strip().lower())
+
+
+def _anchors(text: str) -> set[str]:
+    return {_slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+
+
+def test_the_page_opens_with_the_headline_figures_and_links_to_their_sections():
+    """One screen for users: what was compared, where, the headline ratios; the run-by-run logs in the appendix."""
+    main, log = ((ROOT / "docs" / name).read_text() for name in ("benchmarks.md", "benchmarks-log.md"))
+    opening = "\n".join(main.splitlines()[:40])
+    assert "**What was compared.**" in opening and "**On which machines.**" in opening
+    headline = [line for line in opening.splitlines() if line.startswith("| ") and "×" in line]
+    assert len(headline) >= 5, "a table of headline ratios"
+    for line in headline:
+        (page, anchor), = re.findall(r"\]\(([\w-]*\.md)?#([\w-]+)\)", line)
+        assert anchor in _anchors(log if page else main), f"{anchor} is not a heading of {page or 'benchmarks.md'}"
+    for page, anchor in re.findall(r"\]\((benchmarks-log\.md)?#([\w-]+)\)", main):
+        assert anchor in _anchors(log if page else main), anchor
+    assert not re.search(r"^#+ Session \d", main, re.M), "per-session logs belong in docs/benchmarks-log.md"

@@ -1,6 +1,7 @@
 """The command line: autocal explain CONFIG, autocal demo."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,22 @@ def test_explain_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": config["model_type"], **config["config"]}))
     result = _run("explain", str(tmp_path), "--json")
     assert result.returncode == 0, result.stderr
-    block = json.loads(result.stdout)["blocks"][0]
+    report = json.loads(result.stdout)
+    block = report["blocks"][0]
     assert block["structure"]["experts"]["num_experts"] == config["config"]["num_local_experts"]
+    import torch
+    import transformers
+
+    import autocal
+
+    assert report["versions"] == {"autocal": autocal.__version__, "torch": torch.__version__,
+                                  "transformers": transformers.__version__}
+    assert block["how"] == "synthesized" and "path" not in block, "how autocal built it, beside paths in the model"
+    assert block["paths"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    sources = [*block["structure"]["router"]["sources"].values(), *block["structure"]["experts"]["sources"].values()]
+    assert sources and all(re.fullmatch(r"transformers/models/qwen3_moe/modeling_qwen3_moe\.py:\d+", s)
+                           for s in sources), sources
+    assert "site-packages" not in result.stdout and str(Path(transformers.__file__).parent) not in result.stdout
 
 
 def test_explain_missing_and_malformed_config(tmp_path):

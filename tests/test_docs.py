@@ -6,7 +6,11 @@
   block runs as a script and checks itself with ``assert``.
 - A block that must not run has a ``<!-- skip -->`` line right before it; only
   shell blocks (install lines, commands) may be skipped, and every non-python
-  block under docs/ must be one of those.
+  block under docs/ must be one of those. A python block that needs an optional
+  extra has ``<!-- requires: MODULE -->`` before it and runs where MODULE imports
+  (scripts/test.sh runs the docs in the LLM Compressor environment too).
+- LLM Compressor's log lines go to stderr, not into the examples' output: they are
+  progress reports, not what an example shows.
 - The docstring examples of every object the reference renders (``::: dotted.path``)
   run too, in their module's namespace plus ``torch`` and ``autocal``; the reference
   renders every name in ``autocal.__all__``, and its error-kind table matches
@@ -23,10 +27,13 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import sys
 import textwrap
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 SKIP = "<!-- skip -->"
+REQUIRES = re.compile(r"^<!-- requires: ([\w.]+) -->$")
 SHELL = {"bash", "sh", "shell", "console"}
 # Pages written elsewhere that scripts/docs.sh drops from the nav while they do not exist.
 OPTIONAL_PAGES = {"llmcompressor.md", "benchmarks.md"}
@@ -57,6 +65,7 @@ class Block:
     lang: str
     code: str
     skipped: bool
+    requires: str | None = None  # a module the block needs (an optional extra)
 
     @property
     def where(self) -> str:
@@ -81,7 +90,8 @@ def code_blocks(page: Path) -> list[Block]:
         assert end is not None, f"{page.relative_to(ROOT)}:{i + 1}: code block never closed"
         before = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
         code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
-        blocks.append(Block(page, i + 2, indent, lang.lower(), code, before == SKIP))
+        requires = REQUIRES.match(before)
+        blocks.append(Block(page, i + 2, indent, lang.lower(), code, before == SKIP, requires and requires[1]))
         i = end + 1
     return blocks
 
@@ -135,6 +145,7 @@ def isolated():
     torch.manual_seed(0)
     os.chdir(ROOT)
     try:
+        _llmcompressor_logs_to_stderr()
         yield {"__name__": "__docs__"}
     finally:
         os.chdir(cwd)
@@ -142,11 +153,19 @@ def isolated():
         registry._OVERRIDES.update(overrides)
 
 
+def _llmcompressor_logs_to_stderr() -> None:
+    """LLM Compressor configures loguru when imported, to log to the ``sys.stdout`` of that moment: imported
+    inside an example, its log lines would be taken for the example's output. Imported here, they go to stderr."""
+    if "llmcompressor" not in sys.modules and importlib.util.find_spec("llmcompressor") is not None:
+        with redirect_stdout(sys.stderr):
+            importlib.import_module("llmcompressor")
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.lang == "python" for b in code_blocks(p))], ids=_page_id)
 def test_page_examples_run(page: Path, isolated: dict) -> None:
     mismatches = []
     for block in code_blocks(page):
-        if block.lang != "python" or block.skipped:
+        if block.lang != "python" or block.skipped or not _importable(block.requires):
             continue
         if block.is_doctest:
             mismatches += _run_doctest(block, isolated)
@@ -155,6 +174,10 @@ def test_page_examples_run(page: Path, isolated: dict) -> None:
     if mismatches:
         _accept(page, mismatches)
         pytest.skip(f"AUTOCAL_ACCEPT: rewrote {len(mismatches)} example output(s) in {_page_id(page)}")
+
+
+def _importable(module: str | None) -> bool:
+    return module is None or importlib.util.find_spec(module) is not None
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p.is_relative_to(DOCS)], ids=_page_id)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import autocal
 from autocal.synthesize import experts as experts_module
-from autocal.synthesize.experts import RoutedSlots
+from autocal.synthesize.slots import RoutedSlots
 from autocal.testing.assertions import count_rows, expert_linears
 from autocal.testing.strategies import token_counts, toy_configs
 from autocal.testing.toy_moe import KINDS, ToyMoEConfig, example_hidden_states, main_output, make_toy_block
@@ -356,12 +356,14 @@ def test_per_expert_ops_after_the_down_projection_belong_to_the_expert():
 
 
 def test_an_expert_cut_short_fails_detection_even_without_verification(monkeypatch):
-    """Detection records the experts' output; a template that does not reproduce it is an error there, so
-    ``verify=False`` cannot let it through (here the per-expert norm is cut off, as autocal once did)."""
+    """Detection records the experts' output; a template that does not reproduce it makes the experts rule
+    refuse the block there, so ``verify=False`` cannot let it through (here the per-expert norm is cut off, as
+    autocal once did): a later rule of the table, which does not cut the experts out, converts it."""
     from autocal.detect import experts as detect_experts
 
     monkeypatch.setattr(detect_experts, "route_tail", lambda *args: (None, []))
     block = make_toy_block(ToyMoEConfig(kind="post_norm", num_experts=8, top_k=2))
-    structure = autocal.explain(block, verify=False).blocks[0]
-    assert structure.failure is not None and "does not reproduce" in structure.failure["explanation"], \
-        structure.failure
+    report = autocal.explain(block, verify=False).blocks[0]
+    experts = next(v for v in report.rules if v["rule"] == "experts")
+    assert not experts["matched"] and "does not reproduce" in experts["reason"], experts
+    assert report.rule != "experts", report.rule

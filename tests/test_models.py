@@ -56,7 +56,7 @@ def test_whole_model_logits(architecture):
 def test_restore_gives_the_original_parameters_back(architecture):
     model = zoo.build_model(architecture)
     before = _checksums(model)
-    blocks = {path: block for path, block in autocal.detect.detector.find_moe_blocks(model)}
+    blocks = {path: block for path, block in autocal.rules.find_moe_blocks(model)}
     autocal.convert(model)
     for path, block in blocks.items():
         module = model.get_submodule(path)

@@ -21,6 +21,8 @@ from torch import nn
 import autocal
 from autocal.testing import zoo
 from autocal.testing.assertions import count_rows
+from autocal.testing.patterns import CapacityExpert as _CapacityExpert, CapacityMoE as _CapacityMoE
+from autocal.testing.patterns import SoftMixture as _SoftMixture, SwiGLU as _SwiGLU
 from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
 from autocal.verify import compare_outputs
 
@@ -310,16 +312,6 @@ def test_router_choices_without_weights_run_as_the_original_runs_them():
         assert torch.equal(out, expected) if not calibrate else compare_outputs(expected, out)[2]
 
 
-class _SwiGLU(nn.Module):
-    def __init__(self, hidden=16, width=24):
-        super().__init__()
-        self.w1, self.w2, self.w3 = (nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden, bias=False),
-                                     nn.Linear(hidden, width, bias=False))
-
-    def forward(self, x):
-        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
-
-
 class _ItemAssignment(nn.Module):
     """``y[token] += expert(x[token]) * w``, and a shared expert: item assignment fx cannot trace."""
 
@@ -467,19 +459,6 @@ def test_sorted_dispatch_through_weight_banks():
         else:
             assert sum(up_rows.values()) == sum(down_rows.values()) == 18 * 2
     assert autocal.restore(nn.Sequential(module))[0] is block
-
-
-class _SoftMixture(nn.Module):
-    """Every expert on every token, weighted by a softmax over all of them (no top-k)."""
-
-    def __init__(self, experts=3):
-        super().__init__()
-        self.gate = nn.Linear(16, experts)
-        self.experts = nn.ModuleList(_SwiGLU() for _ in range(experts))
-
-    def forward(self, x):
-        weights = self.gate(x).softmax(-1)
-        return sum(weights[..., i:i + 1] * expert(x) for i, expert in enumerate(self.experts))
 
 
 def test_a_soft_mixture_already_calibrates_every_expert():
@@ -760,44 +739,6 @@ def test_two_tables_of_one_shape_that_no_router_picks_from_are_not_an_moe(with_e
     autocal.convert(model, example_inputs={"coordinates": coordinates} if with_example else None)
     assert isinstance(model.moe, autocal.MoECalibrationModule)
     assert type(model.layout) is _TwoPositionTables
-
-
-class _CapacityExpert(nn.Module):
-    def __init__(self, hidden=16, width=32):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(hidden, width), nn.Linear(width, hidden)
-
-    def forward(self, x):
-        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-
-class _CapacityMoE(nn.Module):
-    """GShard / DeepSpeed-MoE style: top-k gating with a capacity per expert, einsum dispatch and combine."""
-
-    def __init__(self, hidden=16, experts=4, k=1, capacity_factor=1.0):
-        super().__init__()
-        self.wg = nn.Linear(hidden, experts, bias=False)
-        self.experts = nn.ModuleList([_CapacityExpert(hidden) for _ in range(experts)])
-        self.k, self.capacity_factor = k, capacity_factor
-
-    def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        tokens, experts = flat.shape[0], len(self.experts)
-        gates = self.wg(flat).softmax(-1)
-        capacity = max(1, int(self.capacity_factor * self.k * tokens / experts))
-        weights, chosen = gates.topk(self.k, dim=-1)
-        combine = torch.zeros(tokens, experts, capacity)
-        filled = torch.zeros(experts, dtype=torch.long)
-        for slot in range(self.k):  # first come, first served; tokens past an expert's capacity are dropped
-            mask = torch.nn.functional.one_hot(chosen[:, slot], experts)
-            position = filled + torch.cumsum(mask, 0) - 1
-            kept = mask * (position < capacity)
-            filled = filled + kept.sum(0)
-            where = torch.nn.functional.one_hot((position * kept).sum(-1), capacity)
-            combine = combine + weights[:, slot, None, None] * kept[:, :, None] * where[:, None, :]
-        dispatched = torch.einsum("sec,sm->ecm", (combine > 0).to(flat.dtype), flat)
-        outputs = torch.stack([expert(rows) for expert, rows in zip(self.experts, dispatched)])
-        return torch.einsum("sec,ecm->sm", combine, outputs).view_as(x)
 
 
 @pytest.mark.parametrize("k, capacity_factor", [(1, 1.0), (2, 1.25), (2, 8.0)])

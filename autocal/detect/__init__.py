@@ -1,1 +1,4 @@
-"""Detection passes: each takes a recorded graph and returns one fact about the MoE block."""
+"""Detection: the rules' ``match`` functions (a typed plan, or ``NoMatch`` with the reason) and the passes they run.
+
+The table that orders the rules is ``autocal/rules.py``.
+"""

@@ -14,27 +14,27 @@ The passes read the block's symbolic graph, annotated with values:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
 from .. import errors
-from ..trace.inputs import BlockCall, capture_block_inputs
+from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
-from .experts import describe
+from .linears import describe
 from .graph_utils import is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router
+from .plans import BlockRewritePlan, NoMatch
 from .structure import BlockRewrite, ExpertCall, ExpertsInfo, MoEStructure
 
-__all__ = ["Untraceable", "expert_lists", "unrouted_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
+if TYPE_CHECKING:  # facts.py reads this module's candidate tests
+    from .facts import Facts
+
+__all__ = ["expert_lists", "unrouted_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
 
 _VIEW_OPS = {"reshape", "view", "squeeze", "unsqueeze", "flatten", "contiguous", "to"}
-
-
-class Untraceable(errors.AutocalError):
-    """fx cannot trace the block's dispatch; the caller may record it instead (``detect_recorded_block``)."""
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -219,47 +219,43 @@ def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module
     )
 
 
-def detect_block_level(block: nn.Module, lists: dict[str, list[nn.Module]], call: BlockCall | None,
-                       num_tokens: int | None) -> MoEStructure:
-    """Block-level detection: the block gathers each expert's rows and calls it."""
-    name, entries = next(iter(lists.items()))
+def detect_block_level(facts: Facts) -> BlockRewritePlan | NoMatch:
+    """``block``: the block gathers each expert's rows and calls it, in code fx traces."""
+    block, name, entries = facts.block, facts.list_name, facts.entries
     container = block.get_submodule(name)
-    call = call or capture_block_inputs(block, container, num_tokens=num_tokens or max(16, 4 * len(entries)))
+    call = facts.inputs(container, max(16, 4 * len(entries)))
     try:
         graph = trace_block(block)
     except Exception as error:  # fx raises many kinds; each means the same thing here
-        raise Untraceable(
-            errors.UNSUPPORTED_DISPATCH,
-            f"the block dispatches to its experts in code fx cannot trace ({type(error).__name__}: "
-            f"{str(error).splitlines()[0]})",
-            block_class=type(block).__name__, hints=[errors.override_hint(type(block).__name__)],
-        ) from error
+        return NoMatch(f"the block dispatches to its experts in code fx cannot trace "
+                       f"({type(error).__name__}: {str(error).splitlines()[0]})", shallow=True)
     output = annotate(block, graph, call.args, call.kwargs)
-    calls = expert_calls(graph, lists)
+    calls = expert_calls(graph, {name: entries})
     if not calls:
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls the modules in `{name}`",
-                                  block_class=type(block).__name__)
+        return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK)
     names = [n for n, _ in container.named_children()]
     gathered = []
     for node in calls:
-        source, tokens = row_gather(node)
-        gathered.append(ExpertCall(node, names.index(node.target.rpartition(".")[2]), source, tokens))
+        found = gathered_rows(node.args[0])
+        if found is None:
+            return NoMatch("an expert's input is not a set of rows gathered from the token hidden states",
+                           source_of(node), shallow=True)
+        gathered.append(ExpertCall(node, names.index(node.target.rpartition(".")[2]), *found))
     weight = _routing_weight(calls[0])
     router = _router_from_recording(block, call, entries) or analyze_router(
         graph, gathered[0].tokens, weight if weight is not None else gathered[0].tokens)
     if router.num_choices < 2:
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, "no top-k over two or more experts selects the expert rows",
-                                  block_class=type(block).__name__, source=source_of(calls[0]))
+        return NoMatch("no top-k over two or more experts selects the expert rows", source_of(calls[0]),
+                       kind=errors.NO_MOE_BLOCK)
     experts = module_experts_info(name, container, entries, calls[0],
                                   "on the expert output, in the block" if weight is not None else "not found")
     for node in graph.nodes:  # the graph becomes the new forward: drop the example values
         node.meta.pop("value", None)
-    return MoEStructure(
+    structure = MoEStructure(
         block_class=type(block).__name__,
-        level="block",
         router=router,
         experts=experts,
-        shared_modules=other_children(block, *lists, router.module_path),
+        shared_modules=other_children(block, *facts.lists, router.module_path),
         returns=returns_of(output),
-        rewrite=BlockRewrite(graph, gathered),
     )
+    return BlockRewritePlan(structure, BlockRewrite(graph, gathered))

@@ -11,21 +11,21 @@ while the original forward computes the output unchanged.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from .. import errors
-from ..trace.inputs import BlockCall, keyword_arguments
-from ..trace.record import record
 from .block import _VIEW_OPS, _routing_weight, gathered_rows, module_experts_info, other_children, row_gather
-from .graph_utils import Ancestry, Replay, bound_inputs, is_int_tensor, returns_of, source_of, target_name, value
+from .facts import Facts
+from .graph_utils import Ancestry, Replay, returns_of, source_of, target_name, value
+from .plans import ContainerPlan, NoMatch, RecordedBlockPlan
+from .recorded import block_recording, loop_recording, whole_input
 from .router import analyze_router, router_of, routing_choice
-from .structure import MoEStructure, RouterInfo
+from .structure import MoEStructure
 
-__all__ = ["detect_module_container", "TokenRecipe"]
+__all__ = ["detect_module_container", "detect_recorded_block", "TokenRecipe"]
 
 
 class TokenRecipe:
@@ -85,120 +85,41 @@ def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node
     return found
 
 
-def detect_module_container(block: nn.Module, name: str, container: nn.Module, entries: list[nn.Module],
-                            call: BlockCall, unrouted: bool = False) -> MoEStructure:
-    """Container-level detection: keep the container's forward, learn each expert's token rows.
-
-    ``unrouted``: no router weight sits beside the container, so it is an MoE
-    only if its experts turn out to be gated per row (``errors.NotAnMoE`` otherwise).
-    """
-    with torch.no_grad():
-        block_rec = record(block, call.args, call.kwargs, leaves=[container])
-    container_call = next((n for n in block_rec.graph.nodes if n.op == "call_module" and n.target == name), None)
-    if container_call is None:
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls `{name}`",
-                                  block_class=type(block).__name__)
-    bound = bound_inputs(container, container_call)
-    rec, expert_paths, calls = _record_expert_calls(container, bound, entries)
-    if not calls:
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"`{name}` never calls its experts",
-                                  block_class=type(block).__name__)
-    first = calls[0]
-    if _whole_input(first) is not None:
-        return _detect_gated(block, name, container, entries, calls, block_rec, rec)
-    if unrouted:
-        raise errors.NotAnMoE(name)
+def detect_module_container(facts: Facts) -> ContainerPlan | NoMatch:
+    """``container``: keep the list's own dispatch loop, learn each expert's token rows from its recording."""
+    found = loop_recording(facts)
+    if not found:
+        return found
+    name, cls = facts.list_name, facts.block_class
+    if not found.calls:
+        return NoMatch(f"`{name}` never calls its experts", kind=errors.NO_MOE_BLOCK)
+    first, rec = found.calls[0], found.rec
+    if whole_input(first) is not None:
+        return NoMatch("every expert is given the whole input (the gated rule's kind)", source_of(first), shallow=True)
+    if facts.unrouted:
+        return NoMatch(lambda: f"no router sits beside `{name}`, and its experts are given rows: not an MoE",
+                       source_of(first), not_moe=True)
     source, tokens = row_gather(first, masks=True)
     hidden = [n for n in rec.graph.nodes if n.op == "placeholder" and (n is source or _views(source, n))]
     if not hidden:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' rows are not gathered from an input",
-                                  block_class=type(block).__name__, source=source_of(first))
-    ancestry = Ancestry(rec.graph)
-    expert = expert_paths[first.target]
-    recipe = TokenRecipe(rec.graph, tokens, _selectors(tokens, expert, ancestry))
-    _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
+        return NoMatch("the experts' rows are not gathered from an input", source_of(first))
+    recipe = TokenRecipe(rec.graph, tokens, _selectors(tokens, found.expert_paths[first.target], Ancestry(rec.graph)))
+    _check_recipe(recipe, found.calls, found.expert_paths, rec, found.bound, cls)
+    container_call = found.outer_call
     routing = [a for a in container_call.all_input_nodes if a is not container_call.args[0]]
     if not routing:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"`{name}` is called without routing inputs",
-                                  block_class=type(block).__name__, source=source_of(container_call))
-    router = analyze_router(block_rec.graph, routing[0], routing[-1])
+        return NoMatch(f"`{name}` is called without routing inputs", source_of(container_call))
+    router = analyze_router(found.outer.graph, routing[0], routing[-1])
     applied = "on the expert output, in the experts' loop" if _routing_weight(first) is not None else "not found"
-    experts = module_experts_info(name, container, entries, first, applied, {"hidden": hidden[0].target})
-    structure = MoEStructure(
-        block_class=type(block).__name__,
-        level="container",
+    experts = module_experts_info(name, facts.list_container, facts.entries, first, applied,
+                                  {"hidden": hidden[0].target})
+    return ContainerPlan(MoEStructure(
+        block_class=cls,
         router=router,
         experts=experts,
-        shared_modules=other_children(block, name, router.module_path),
-        returns=returns_of(block_rec.output),
-        tokens=recipe,
-    )
-    return structure
-
-
-def _record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[nn.Module]):
-    """``module`` recorded on ``bound`` with its experts as leaves; each expert's path (to its number); their calls."""
-    with torch.no_grad():
-        rec = record(module, (), bound, leaves=entries)
-    paths = {id(m): p for p, m in module.named_modules()}
-    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
-    return rec, expert_paths, [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
-
-
-def _whole_input(call: fx.Node) -> fx.Node | None:
-    """The container input an expert call receives whole (up to views), if it does."""
-    node = call.args[0] if call.args else None
-    while isinstance(node, fx.Node) and target_name(node) in ("view", "reshape", "contiguous", "to"):
-        node = node.args[0]
-    return node if isinstance(node, fx.Node) and node.op == "placeholder" else None
-
-
-def _gated_rows(call: fx.Node) -> torch.Tensor | None:
-    """Per output row: does the factor the expert's output is multiplied by keep it (is non-zero)?"""
-    factor = _routing_weight(call)
-    if factor is None or not isinstance(value(factor), torch.Tensor):
-        return None
-    output = value(call)
-    try:
-        kept = torch.broadcast_to(value(factor), output.shape) != 0
-    except RuntimeError:
-        return None
-    return kept.reshape(-1, output.shape[-1]).any(-1)
-
-
-def _detect_gated(block: nn.Module, name: str, container: nn.Module, entries: list[nn.Module],
-                  calls: list[fx.Node], block_rec, rec) -> MoEStructure:
-    """Every expert already runs on the whole input and a per-row factor gates its output.
-
-    The experts then see every token in the original forward: calibration needs
-    no extra calls, and the module only wraps the container (for coverage and
-    the report). ``k`` is the most experts any row keeps.
-    """
-    gated = [_gated_rows(c) for c in calls]
-    whole = {_whole_input(c) for c in calls}
-    if len(calls) != len(entries) or len(whole) != 1 or any(g is None for g in gated):
-        raise errors.NotAnMoE(name)
-    factors = [_routing_weight(c) for c in calls]
-    index_inputs = [p.target for p in Ancestry(rec.graph).of(factors[0]) if p.op == "placeholder" and is_int_tensor(p)]
-    router = RouterInfo(
-        module_path=None,
-        scoring="mask" if value(factors[0]).dtype == torch.bool else "weights",
-        top_k=int(torch.stack(gated).sum(0).max()),
-        num_choices=len(entries),
-        renormalized=False, correction_bias=None, grouped=False, scaling=None,
-        sources={"gating": source_of(next(iter(calls[0].users)))},
-        selection=f"input `{index_inputs[0]}`" if index_inputs else "per-row factor",
-    )
-    experts = module_experts_info(name, container, entries, calls[0], "on the expert output (a per-row factor)",
-                                  {"hidden": next(iter(whole)).target})
-    return MoEStructure(
-        block_class=type(block).__name__,
-        level="gated",
-        router=router,
-        experts=experts,
-        shared_modules=other_children(block, name),
-        returns=returns_of(block_rec.output),
-    )
+        shared_modules=other_children(facts.block, name, router.module_path),
+        returns=returns_of(found.outer.output),
+    ), recipe)
 
 
 def _views(source: fx.Node, placeholder: fx.Node) -> bool:
@@ -248,21 +169,23 @@ def _sorted_segments(calls: list[fx.Node]) -> tuple[fx.Node, fx.Node | None] | N
     return (rows, None) if is_source else None  # slices of the token rows themselves (one token at a time)
 
 
-def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module], call: BlockCall) -> MoEStructure:
-    """Block-level dispatch that fx cannot trace (data-dependent ``if``, item assignment): record it instead.
+def detect_recorded_block(facts: Facts) -> RecordedBlockPlan | NoMatch:
+    """``recorded-block``: dispatch that fx cannot trace (data-dependent ``if``, item assignment), recorded instead.
 
     As at container level, the block keeps its forward (so the output is the
     original's, and the expert modules it calls see their routed rows); each
     expert's token rows are learnt as a recipe replayed on the block's inputs,
     so calibration can run the expert on the rest.
     """
-    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
-    rec, expert_paths, calls = _record_expert_calls(block, bound, entries)
+    found = block_recording(facts)
+    if not found:
+        return found
+    name, cls, rec, calls, expert_paths = facts.list_name, facts.block_class, found.rec, found.calls, found.expert_paths
     if not calls:
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls the modules in `{name}`",
-                                  block_class=type(block).__name__)
-    if _whole_input(calls[0]) is not None:  # every expert on every token already (soft or masked mixtures)
-        return _detect_gated(block, name, block.get_submodule(name), entries, calls, rec, rec)
+        return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK)
+    if whole_input(calls[0]) is not None:
+        return NoMatch("every expert is given the whole input (the gated rule's kind)", source_of(calls[0]),
+                       shallow=True)
     segments = _sorted_segments(calls)
     if segments is not None:  # rows sorted by expert, each expert given its slice (counts on the host)
         source, tokens = segments
@@ -273,7 +196,7 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
         _, latest_tokens = row_gather(latest, masks=True)
         recipe = TokenRecipe(rec.graph, latest_tokens,
                              _selectors(latest_tokens, expert_paths[latest.target], Ancestry(rec.graph)), source=source)
-        _check_recipe(recipe, calls, expert_paths, rec, bound, type(block).__name__)
+        _check_recipe(recipe, calls, expert_paths, rec, found.bound, cls)
     weight = _routing_weight(calls[0])
     if tokens is not None:
         index, weights = routing_choice(rec.graph, tokens)
@@ -281,16 +204,13 @@ def detect_recorded_block(block: nn.Module, name: str, entries: list[nn.Module],
     else:  # experts picked by numbers read on the host: the router is the block's last top-k
         router = router_of(rec.graph)
         if router is None:
-            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "no top-k or argmax picks the experts",
-                                      block_class=type(block).__name__, source=source_of(calls[0]))
+            return NoMatch("no top-k or argmax picks the experts", source_of(calls[0]))
     applied = "on the expert output, in the block's loop" if weight is not None else "not found"
-    experts = module_experts_info(name, block.get_submodule(name), entries, calls[0], applied)
-    return MoEStructure(
-        block_class=type(block).__name__,
-        level="recorded-block",
+    experts = module_experts_info(name, facts.list_container, facts.entries, calls[0], applied)
+    return RecordedBlockPlan(MoEStructure(
+        block_class=cls,
         router=router,
         experts=experts,
-        shared_modules=other_children(block, name, router.module_path),
+        shared_modules=other_children(facts.block, name, router.module_path),
         returns=returns_of(rec.output),
-        tokens=recipe,
-    )
+    ), recipe)

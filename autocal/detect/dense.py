@@ -22,6 +22,7 @@ from .block import other_children
 from .experts import ExpertsRecording, analyze_experts
 from .graph_utils import returns_of, source_of, target_name, tensor_inputs, value
 from .router import _SELECTION_OPS, analyze_router
+from .plans import DenseExpertsPlan
 from .structure import BlockRewrite, ExpertsInfo, MoEStructure
 
 __all__ = ["detect_dense"]
@@ -56,7 +57,7 @@ def _data_ancestors(node: fx.Node) -> list[fx.Node]:
 
 
 def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockCall,
-                 recorded_call: fx.Node, packed: dict[str, nn.Parameter], num_experts: int) -> MoEStructure:
+                 recorded_call: fx.Node, packed: dict[str, nn.Parameter], num_experts: int) -> DenseExpertsPlan:
     """Block-level detection for a packed container called with one (routing-scaled) tensor.
 
     ``recorded_call`` is the container call in the block's concrete recording,
@@ -99,13 +100,12 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
         output_dtype=None,
         sources={"scale": source_of(scale), **sources},
     )
-    return MoEStructure(
+    structure = MoEStructure(
         block_class=type(block).__name__,
-        level="block-dense",
         router=router,
         experts=experts,
         shared_modules=other_children(block, name, router.module_path),
         returns=returns_of(output),
         template=template,
-        rewrite=BlockRewrite(graph, []),
     )
+    return DenseExpertsPlan(structure, BlockRewrite(graph, []))

@@ -31,7 +31,7 @@ import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -44,9 +44,13 @@ from .block import other_children
 from .graph_utils import CONTRACTIONS, Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
 from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
+from .plans import GatheredPlan, NoMatch
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "GatherTracker", "NoRoutedGathers", "own_expert_weights", "expert_tables",
+if TYPE_CHECKING:  # facts.py reads this module's candidate tests
+    from .facts import Facts
+
+__all__ = ["GatheredWeight", "GatheredDispatch", "GatherTracker", "own_expert_weights", "expert_tables",
            "detect_gathered", "slot_inputs", "per_slot", "gathered_index"]
 
 _GATHERS = ("getitem", "__getitem__", "index_select", "embedding")
@@ -66,14 +70,6 @@ class GatheredWeight:
 class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
-
-
-class NoRoutedGathers(errors.AutocalError):
-    """The block gathers no expert weights by routing indices (``gathered``: it gathers some, not chosen by a top-k)."""
-
-    def __init__(self, explanation: str, *, gathered: bool, **context) -> None:
-        super().__init__(errors.UNSUPPORTED_DISPATCH, explanation, **context)
-        self.gathered = gathered
 
 
 def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -228,20 +224,36 @@ def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.
     return None
 
 
-def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
-    """Detection for gathered expert weights (see the module docstring)."""
+def detect_gathered(facts: Facts) -> GatheredPlan | NoMatch:
+    """``gathered``: expert weights of a packed container or of the block itself, or embedding tables.
+
+    Tables are weaker evidence (no router beside them by shape): a block whose
+    routing does not gather them is no MoE.
+    """
+    tables_only = not (facts.packed or facts.own_weights)
+    try:
+        call = facts.inputs(facts.packed[1], 32) if facts.packed else facts.inputs(facts.block, 32)
+    except errors.AutocalError as error:
+        if tables_only and error.kind == errors.TRACE_FAILED:
+            return NoMatch(f"{error.explanation}; tables of one shape alone prove no MoE", not_moe=True)
+        raise
+    found = _detect(facts.block, call)
+    if not found and tables_only:
+        return NoMatch(lambda: f"{found}: the tables are not experts", found.source, not_moe=True)
+    return found
+
+
+def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     cls = type(block).__name__
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound)
     gathers = _gathers(rec.graph, block)
     if not gathers:
-        raise NoRoutedGathers("no expert weights are gathered by the routing indices", gathered=False,
-                              block_class=cls)
+        return NoMatch("no expert weights are gathered by the routing indices", shallow=True)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
-        raise NoRoutedGathers("the gathered expert weights are not chosen by a top-k", gathered=True,
-                              block_class=cls, source=source_of(gathers[0][0]))
+        return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))
     by_param: dict[str, GatheredWeight] = {}
     for gather, param, gather_index in gathers:
         weight = _contraction(gather, gather_index)
@@ -276,15 +288,14 @@ def detect_gathered(block: nn.Module, call: BlockCall) -> MoEStructure:
         output_dtype=None,
         sources={g[1]: source_of(g[0]) for g in gathers if source_of(g[0])},
     )
-    return MoEStructure(
+    structure = MoEStructure(
         block_class=cls,
-        level="gathered",
         router=router,
         experts=experts,
         shared_modules=other_children(block, router.module_path, *params),
         returns=returns_of(rec.output),
-        tokens=GatheredDispatch(found, choice),
     )
+    return GatheredPlan(structure, GatheredDispatch(found, choice))
 
 
 def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] | None, fx.Node, fx.Node]:

@@ -11,27 +11,27 @@ rows ``[S, M]``, the other a 0/1 mask with a dimension of the tokens and one of
 the experts. It checks that each expert's non-zero input rows are exactly the
 rows of the tokens its slice of the mask marks.
 
-At run time the calibration module keeps that contraction's operands (the
-``ordinal``-th call of its function that fits) and, after the block's forward,
+At run time the calibration module (``synthesize/container.py``) keeps that
+contraction's operands (the ``ordinal``-th call of its function that fits) and, after the block's forward,
 runs each expert on the tokens its mask left out (dropped ones included).
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 from .. import errors
-from ..trace.inputs import BlockCall, keyword_arguments
 from .block import module_experts_info, other_children
 from .graph_utils import CONTRACTIONS, Ancestry, flat_args, returns_of, source_of, target_name, value
 from .router import analyze_router, router_of, routing_choice
+from .facts import Facts
+from .plans import MaskDispatchPlan, NoMatch
+from .recorded import block_recording
 from .structure import MoEStructure
 
 __all__ = ["MaskDispatch", "detect_mask_dispatch"]
@@ -66,25 +66,6 @@ class MaskDispatch:
                 return mask, tokens
         return None
 
-    def capture(self) -> "_Capture":
-        """A mode that keeps ``(mask, tokens)`` of this dispatch while a forward runs."""
-        return _Capture(self)
-
-
-class _Capture(TorchFunctionMode):
-    def __init__(self, dispatch: MaskDispatch) -> None:
-        super().__init__()
-        self.dispatch, self.seen, self.found = dispatch, 0, None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is self.dispatch.function and self.found is None:
-            operands = self.dispatch.operands(args)
-            if operands is not None:
-                if self.seen == self.dispatch.ordinal:
-                    self.found = operands
-                self.seen += 1
-        return func(*args, **(kwargs or {}))
-
 
 def _dispatch_node(call: fx.Node) -> fx.Node | None:
     """The contraction an expert's input is a slice of (through indexing and views), if any."""
@@ -107,18 +88,18 @@ def _check(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor, cal
     return True
 
 
-def detect_mask_dispatch(block: nn.Module, name: str, entries: list[nn.Module], call: BlockCall) -> MoEStructure:
-    """Detection for dispatch by a mask contraction (see the module docstring)."""
-    from .container import _record_expert_calls  # the recorded levels' shared step
-
-    cls = type(block).__name__
-    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
-    rec, expert_paths, calls = _record_expert_calls(block, bound, entries)
+def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
+    """``mask-dispatch``: dispatch by a mask contraction (see the module docstring)."""
+    found = block_recording(facts)
+    if not found:
+        return found
+    block, name, entries = facts.block, facts.list_name, facts.entries
+    rec, expert_paths, calls = found.rec, found.expert_paths, found.calls
     nodes = {_dispatch_node(c) for c in calls}
     node = nodes.pop() if len(nodes) == 1 else None
     if node is None or not calls:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are not slices of one "
-                                  "contraction of the tokens with a mask", block_class=cls)
+        return NoMatch("the experts' inputs are not slices of one contraction of the tokens with a mask",
+                       shallow=True)
     tensors = [a for a in flat_args(node.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     same = [n for n in rec.graph.nodes if n.op == "call_function" and n.target is node.target]
     for mask_node, token_node in (tensors, tensors[::-1]) if len(tensors) == 2 else ():
@@ -133,13 +114,12 @@ def detect_mask_dispatch(block: nn.Module, name: str, entries: list[nn.Module], 
             dispatch = MaskDispatch(node.target, ordinal, token_dim, expert_dim, len(entries))
             if _check(dispatch, mask, tokens, calls, expert_paths):
                 return _structure(block, name, entries, rec, calls, dispatch, mask_node)
-    raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the experts' inputs are a contraction, but not of the "
-                              "token rows with a 0/1 mask that marks each expert's tokens", block_class=cls,
-                              source=source_of(node))
+    return NoMatch("the experts' inputs are a contraction, but not of the token rows with a 0/1 mask that marks "
+                   "each expert's tokens", source_of(node))
 
 
 def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls: list[fx.Node],
-               dispatch: MaskDispatch, mask_node: fx.Node) -> MoEStructure:
+               dispatch: MaskDispatch, mask_node: fx.Node) -> MaskDispatchPlan:
     index, weights = routing_choice(rec.graph, mask_node)
     try:
         router = analyze_router(rec.graph, index, weights) if index is not mask_node else router_of(rec.graph)
@@ -153,12 +133,11 @@ def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls
     experts.layout["unrouted tokens"] = "the tokens the dispatch mask leaves out (dropped ones included)"
     ancestry = Ancestry(rec.graph)
     routing = {n.meta.get("module_path", "").split(".")[0] for n in ancestry.of(mask_node)}
-    return MoEStructure(
+    structure = MoEStructure(
         block_class=type(block).__name__,
-        level="mask-dispatch",
         router=router,
         experts=experts,
         shared_modules=other_children(block, name, router.module_path, *routing),
         returns=returns_of(rec.output),
-        tokens=dispatch,
     )
+    return MaskDispatchPlan(structure, dispatch)

@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import errors
-from ..verify import compare_outputs
+from ..numerics import compare_outputs
 from .graph_utils import is_int_tensor, source_of, target_name, value
 
 __all__ = ["ChoiceCall", "choice_call", "check_forced_routing", "fresh_inputs"]

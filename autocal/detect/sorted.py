@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -38,9 +38,13 @@ from .block import _routing_weight, other_children, row_gather
 from .graph_utils import Replay, returns_of, source_of, value
 from .reroute import ChoiceCall, check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
+from .plans import NoMatch, SortedBanksPlan
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["weight_banks", "banks_of_a_child", "SortedDispatch", "detect_sorted"]
+if TYPE_CHECKING:  # facts.py reads this module's candidate tests
+    from .facts import Facts
+
+__all__ = ["weight_banks", "banks_of_a_child", "SortedDispatch", "detect_banks", "detect_sorted"]
 
 
 def weight_banks(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -136,7 +140,13 @@ def _only_expert(counts: Any, expert: int, rows: int) -> Any:
     return type(counts)(rows if e == expert else 0 for e in range(len(counts)))
 
 
-def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockCall) -> MoEStructure:
+def detect_banks(facts: Facts) -> SortedBanksPlan | NoMatch:
+    """``sorted``: rows sorted by expert through the block's weight banks (or a child's)."""
+    first = facts.block.get_submodule(next(iter(facts.banks)))
+    return detect_sorted(facts.block, facts.banks, facts.inputs(first, 16))
+
+
+def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockCall) -> SortedBanksPlan:
     """Detection for sorted dispatch through weight banks (see the module docstring)."""
     cls = type(block).__name__
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
@@ -185,15 +195,14 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
         output_dtype=None,
         sources={n.target: source_of(n) for n in calls if source_of(n)},
     )
-    return MoEStructure(
+    structure = MoEStructure(
         block_class=cls,
-        level="sorted",
         router=router,
         experts=experts,
         shared_modules=other_children(block, router.module_path, *banks),
         returns=returns_of(rec.output),
-        tokens=dispatch,
     )
+    return SortedBanksPlan(structure, dispatch)
 
 
 def _common_parent(paths: list[str]) -> str:

@@ -125,17 +125,16 @@ class MoEStructure:
     """What one MoE block class does, as detected from its recorded forward."""
 
     block_class: str
-    level: str
     router: RouterInfo
     experts: ExpertsInfo
     shared_modules: list[str]
     returns: str
     template: ExpertTemplate | None = field(default=None, repr=False, compare=False)
-    rewrite: BlockRewrite | None = field(default=None, repr=False, compare=False)
-    tokens: Any = field(default=None, repr=False, compare=False)
+    level: str = ""  # the rewrite level: set by the plan that carries this structure (``detect/plans.py``)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("template", "rewrite", "tokens")}
+        data = {"block_class": self.block_class, "level": self.level}  # in the order the report has always had
+        data.update((k, v) for k, v in self.__dict__.items() if k not in ("template", *data))
         return _plain(data)
 
 

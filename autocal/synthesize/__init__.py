@@ -1,1 +1,1 @@
-"""Build calibration modules from a detected ``MoEStructure``."""
+"""Build calibration modules from a rule's plan (``autocal/detect/plans.py``): one builder per rule."""

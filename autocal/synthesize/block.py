@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..detect.structure import ExpertCall, MoEStructure
+from ..detect.plans import BlockRewritePlan
+from ..detect.structure import ExpertCall
 from .module import AdoptedMoE
 from .ops import run_unrouted
 
@@ -51,19 +52,19 @@ def _codegen_root(block: nn.Module, graph: fx.Graph) -> dict[str, Any]:
     return root
 
 
-def build_block_rewrite(structure: MoEStructure, block: nn.Module) -> type[BlockRewriteMoE]:
+def build_block_rewrite(plan: BlockRewritePlan, block: nn.Module) -> type[BlockRewriteMoE]:
     """The calibration class for one block class, its forward generated from the rewritten graph."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    graph.output(graph.graph_copy(structure.rewrite.graph, env))
+    graph.output(graph.graph_copy(plan.rewrite.graph, env))
     _insert_unrouted(graph, [ExpertCall(env[c.node], c.expert, env[c.source], env[c.tokens])
-                             for c in structure.rewrite.calls])
+                             for c in plan.rewrite.calls])
     graph.lint()
     block_cls = type(block)
     generated = fx.GraphModule(_codegen_root(block, graph), graph, class_name=f"Calibration{block_cls.__name__}")
     return type(
         f"Calibration{block_cls.__name__}",
         (BlockRewriteMoE, block_cls),
-        {"forward": type(generated).forward, "structure": structure, "generated_code": generated.code,
-         "__module__": __name__},
+        {"forward": type(generated).forward, "plan": plan, "structure": plan.structure,
+         "generated_code": generated.code, "__module__": __name__},
     )

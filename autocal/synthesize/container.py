@@ -12,13 +12,17 @@ original block back.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .. import errors
+from ..detect.plans import ContainerPlan, GatedPlan, MaskDispatchPlan, RecordedBlockPlan
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
+from ..detect.masked import MaskDispatch
 from .module import AdoptedMoE, KeptForwardMoE, adopt, forward_declaring, kept_forward_class
 from .ops import RowComplement, inputs_seen, run_on_the_rest
 
@@ -30,6 +34,7 @@ class _CalibrationContainer(nn.Module):
     """Base of ``Calibration<Container>(_CalibrationContainer, <Container>)``: original forward, then the rest."""
 
     structure: MoEStructure
+    recipe: Any  # detect.container.TokenRecipe; None: every expert already sees every row
     entries: list[str]
 
     def __init__(self, original: nn.Module, calibrate_all_experts: bool) -> None:
@@ -38,7 +43,7 @@ class _CalibrationContainer(nn.Module):
         self.__dict__["_signature"] = inspect.signature(original.forward)
 
     def forward(self, *args, **kwargs):
-        if not (self.calibrate_all_experts and self.structure.tokens is not None):  # None: experts see every row
+        if not (self.calibrate_all_experts and self.recipe is not None):
             return self._container_forward(*args, **kwargs)
         with inputs_seen(self.experts()) as seen:
             output = self._container_forward(*args, **kwargs)
@@ -62,7 +67,8 @@ class ContainerCalibrationMoE(AdoptedMoE):
         return self._container_cls(experts, calibrate_all_experts)
 
 
-def build_container_calibration(structure: MoEStructure, block: nn.Module) -> type[ContainerCalibrationMoE]:
+def build_container_calibration(plan: ContainerPlan | GatedPlan, block: nn.Module) -> type[ContainerCalibrationMoE]:
+    structure = plan.structure
     container = block.get_submodule(structure.experts.module_path)
     container_cls = type(container)
     names = {id(m): n for n, m in container.named_children()}
@@ -70,13 +76,14 @@ def build_container_calibration(structure: MoEStructure, block: nn.Module) -> ty
     calibration_container = type(
         f"Calibration{container_cls.__name__}",
         (_CalibrationContainer, container_cls),
-        {"structure": structure, "entries": entries, "_container_forward": container_cls.forward,
+        {"structure": structure, "recipe": getattr(plan, "recipe", None), "entries": entries,
+         "_container_forward": container_cls.forward,
          "forward": forward_declaring(_CalibrationContainer.forward, container_cls.forward), "__module__": __name__},
     )
     return type(
         f"Calibration{type(block).__name__}",
         (ContainerCalibrationMoE, type(block)),
-        {"structure": structure, "_container_cls": calibration_container, "__module__": __name__},
+        {"plan": plan, "structure": structure, "_container_cls": calibration_container, "__module__": __name__},
     )
 
 
@@ -88,13 +95,13 @@ class RecordedBlockMoE(KeptForwardMoE):
         return inputs_seen(self.expert_modules())
 
     def run_unrouted(self, bound: dict, seen: list[list[torch.Tensor]]) -> None:
-        rows = RowComplement(self.structure.tokens.rows(bound))
+        rows = RowComplement(self.plan.recipe.rows(bound))
         for expert, module in enumerate(self.expert_modules()):
             run_on_the_rest(module, rows, seen[expert])
 
 
-def build_recorded_block(structure: MoEStructure, block: nn.Module) -> type[RecordedBlockMoE]:
-    return kept_forward_class(RecordedBlockMoE, structure, block)
+def build_recorded_block(plan: RecordedBlockPlan, block: nn.Module) -> type[RecordedBlockMoE]:
+    return kept_forward_class(RecordedBlockMoE, plan, block)
 
 
 class MaskDispatchMoE(KeptForwardMoE):
@@ -102,10 +109,10 @@ class MaskDispatchMoE(KeptForwardMoE):
     contraction's operands and runs each expert on the tokens its mask left out."""
 
     def watching(self):
-        return self.structure.tokens.capture()
+        return _Capture(self.plan.dispatch)
 
     def run_unrouted(self, bound: dict, capture) -> None:
-        dispatch = self.structure.tokens
+        dispatch = self.plan.dispatch
         if capture.found is None:
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the dispatch contraction found at detection did "
                                       "not run in this forward", block_class=type(self).__name__)
@@ -116,5 +123,22 @@ class MaskDispatchMoE(KeptForwardMoE):
                 module(rows)
 
 
-def build_mask_dispatch(structure: MoEStructure, block: nn.Module) -> type[MaskDispatchMoE]:
-    return kept_forward_class(MaskDispatchMoE, structure, block)
+class _Capture(TorchFunctionMode):
+    """Keeps ``(mask, tokens)``, the operands of the dispatch contraction, while a forward runs."""
+
+    def __init__(self, dispatch: MaskDispatch) -> None:
+        super().__init__()
+        self.dispatch, self.seen, self.found = dispatch, 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is self.dispatch.function and self.found is None:
+            operands = self.dispatch.operands(args)
+            if operands is not None:
+                if self.seen == self.dispatch.ordinal:
+                    self.found = operands
+                self.seen += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build_mask_dispatch(plan: MaskDispatchPlan, block: nn.Module) -> type[MaskDispatchMoE]:
+    return kept_forward_class(MaskDispatchMoE, plan, block)

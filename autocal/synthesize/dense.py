@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..detect.plans import DenseExpertsPlan
 from ..detect.structure import MoEStructure
 from .block import BlockRewriteMoE, _codegen_root
-from .experts import SynthesizedExpert, UnpackedExperts, expert_class
-from .ops import unobserved, untouched
+from .unpack import SynthesizedExpert, UnpackedExperts, expert_class
+from ..numerics import unobserved, untouched
 
 __all__ = ["DenseCalibrationExperts", "build_dense_rewrite"]
 
@@ -87,9 +88,10 @@ class DenseRewriteMoE(BlockRewriteMoE):
         return DenseCalibrationExperts(experts, self.structure, self._expert_cls, calibrate_all_experts)
 
 
-def build_dense_rewrite(structure: MoEStructure, block: nn.Module) -> type[DenseRewriteMoE]:
+def build_dense_rewrite(plan: DenseExpertsPlan, block: nn.Module) -> type[DenseRewriteMoE]:
+    structure = plan.structure
     graph = fx.Graph()
-    graph.output(graph.graph_copy(structure.rewrite.graph, {}))
+    graph.output(graph.graph_copy(plan.rewrite.graph, {}))
     graph.lint()
     block_cls = type(block)
     generated = fx.GraphModule(_codegen_root(block, graph), graph, class_name=f"Calibration{block_cls.__name__}")
@@ -98,6 +100,6 @@ def build_dense_rewrite(structure: MoEStructure, block: nn.Module) -> type[Dense
     return type(
         f"Calibration{block_cls.__name__}",
         (DenseRewriteMoE, block_cls),
-        {"forward": type(generated).forward, "structure": structure, "_expert_cls": expert_cls,
+        {"forward": type(generated).forward, "plan": plan, "structure": structure, "_expert_cls": expert_cls,
          "generated_code": generated.code, "__module__": __name__},
     )

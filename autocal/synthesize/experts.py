@@ -1,7 +1,6 @@
-"""Per-expert modules and the experts container that replaces a packed one.
+"""The experts container that replaces a packed one, and its dispatch.
 
-Each expert becomes a module whose children are real ``nn.Linear`` layers, their
-weights views of the packed parameters (no memory is doubled), and whose
+Each expert is a module of ``nn.Linear`` views (``synthesize/unpack.py``) whose
 forward is the code fx generates from the detected template, e.g.::
 
     def forward(self, x, routing_weight):
@@ -29,15 +28,15 @@ import warnings
 from typing import Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.modules import module as module_globals
 
 from ..coverage import _COUNTER
-from ..detect.experts import CONTAINER_ATTR, EXPERT_ATTR
-from ..integrations.transformers import eager_experts
-from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
+from ..detect.structure import MoEStructure
+from ..trace.hf import eager_experts
 from .grouped import GroupedTemplate
-from .ops import ProjectionLayout, geometry
+from .slots import RoutedSlots, group_firsts, routed_rows
+from .unpack import SynthesizedExpert, UnpackedExperts
 
 # How many experts run in one group (see grouped.py). Grouping saves the host the element-wise launches of
 # each expert and costs the device one copy of each Linear's outputs into the group's stack. On a GPU an
@@ -52,118 +51,7 @@ GROUP_WORK = 1 << 35
 # On CPU a launch costs less than the copy, so each is combined on its own.
 COMBINE_ELEMENTS = {False: 1 << 24, True: 0}
 
-__all__ = ["SynthesizedExpert", "UnpackedExperts", "CalibrationExperts", "expert_class", "unpack_linear", "build_experts"]
-
-
-class SynthesizedExpert(nn.Module):
-    """Base of the generated per-expert classes; ``forward`` comes from the template."""
-
-    template_code: str = ""
-
-
-def expert_class(template: ExpertTemplate, name: str, container: nn.Module) -> type[SynthesizedExpert]:
-    """A module class whose forward is the template's generated code."""
-    root = nn.Module()
-    root.__dict__[CONTAINER_ATTR] = container
-    root.__dict__[EXPERT_ATTR] = 0  # each expert's own number (see build_experts)
-    for recipe in template.linears:
-        setattr(root, recipe.name, nn.Linear(1, 1, device="meta"))
-    for index in range(len(template.projections)):
-        setattr(root, f"_autocal_layout_{index}", None)
-    generated = fx.GraphModule(root, template.graph, class_name=name)
-    return type(name, (SynthesizedExpert,), {"forward": type(generated).forward, "template_code": generated.code})
-
-
-def unpack_linear(recipe: LinearRecipe, container: nn.Module, expert: int) -> nn.Linear:
-    """An ``nn.Linear`` whose weight (and bias) view expert ``expert``'s packed entries."""
-    weight = recipe.weight(container, expert)
-    linear = nn.Linear(recipe.in_features, recipe.out_features, bias=recipe.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
-    if recipe.bias is not None:
-        bias = recipe.bias(container, expert)
-        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
-    return linear
-
-
-def projection_layout(projection: Projection, expert_module: nn.Module, container: nn.Module,
-                      expert: int) -> ProjectionLayout | None:
-    """Where expert ``expert``'s original operand lies relative to its unpacked Linears, or None."""
-    linears = [expert_module._modules[name] for name in projection.linears]
-    operand = projection.operand(container, expert)
-    bias = projection.bias(container, expert) if projection.bias is not None else None
-    if operand.untyped_storage().data_ptr() != linears[0].weight.untyped_storage().data_ptr():
-        return None
-    return ProjectionLayout(
-        op=projection.op,
-        operand=geometry(operand),
-        bias=geometry(bias) if bias is not None else None,
-        bias_in_op=projection.bias_in_op,
-        weights=tuple(geometry(linear.weight) for linear in linears),
-        addresses=tuple((linear.weight.data_ptr(), linear.bias.data_ptr() if linear.bias is not None else None)
-                        for linear in linears),
-    )
-
-
-class UnpackedExperts(nn.Module):
-    """A container of unpacked experts, children ``"0"``, ``"1"``, … (checkpoint keys ``experts.{i}.…``).
-
-    Everything else the original container holds (a shared norm, the
-    activation module, buffers) moves here under the same name, so nothing is
-    lost from the state dict and generated expert code finds it.
-    """
-
-    def __init__(self, original: nn.Module, structure: MoEStructure, expert_cls: type[SynthesizedExpert],
-                 calibrate_all_experts: bool) -> None:
-        super().__init__()
-        self.num_experts = structure.experts.num_experts
-        self._expert_names = [str(e) for e in range(self.num_experts)]
-        self.calibrate_all_experts = calibrate_all_experts
-        build_experts(self, original, structure.template, self.num_experts, expert_cls,
-                      set(structure.experts.layout["packed_params"]))
-
-    def __len__(self) -> int:
-        return self.num_experts
-
-    def __getitem__(self, expert: int) -> nn.Module:
-        return self._modules[str(expert)]
-
-    def experts(self) -> list[nn.Module]:
-        modules = self._modules
-        return [modules[name] for name in self._expert_names]
-
-    @property
-    def code(self) -> str:
-        """The generated per-expert forward."""
-        return type(self._modules["0"]).template_code
-
-
-def build_experts(target: nn.Module, original: nn.Module, template: ExpertTemplate, num_experts: int,
-                  expert_cls: type[SynthesizedExpert], packed: set[str]) -> None:
-    """Fill ``target`` with one module per expert unpacked from ``original``, and the original's other members.
-
-    ``packed`` names the parameters the experts are unpacked from; a child that
-    holds some of them (DBRX keeps them one level down) is not kept, the rest is,
-    and so is a packed parameter the template reads whole (a per-expert norm scale).
-    """
-    read = {n.target.partition(".")[2] for n in template.graph.nodes
-            if n.op == "get_attr" and n.target.startswith(CONTAINER_ATTR + ".")}
-    for name, param in original.named_parameters(recurse=False):
-        if name not in packed or name in read:
-            target.register_parameter(name, param)
-    for name, buffer in original.named_buffers(recurse=False):
-        target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
-    for name, child in original.named_children():
-        if not any(p.startswith(name + ".") for p in packed):
-            target.add_module(name, child)
-    for expert in range(num_experts):
-        module = expert_cls()
-        module.__dict__[CONTAINER_ATTR] = target
-        module.__dict__[EXPERT_ATTR] = expert
-        for recipe in template.linears:
-            module.add_module(recipe.name, unpack_linear(recipe, original, expert))
-        for index, projection in enumerate(template.projections):
-            setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, original, expert))
-        target.add_module(str(expert), module)
+__all__ = ["CalibrationExperts"]
 
 
 class CalibrationExperts(UnpackedExperts):
@@ -211,7 +99,7 @@ class CalibrationExperts(UnpackedExperts):
             output = self._dense(hidden, index, weights)
         else:
             output, routes = None if self.sum_over_slots else self._zeros(hidden), None
-            for expert, (slot, token) in enumerate(_routed_rows(slot_major, self.num_experts, self.token_major)):
+            for expert, (slot, token) in enumerate(routed_rows(slot_major, self.num_experts, self.token_major)):
                 if token.numel():
                     contribution = self._call(expert, hidden[token], weights[token, slot, None])
                     if output is not None:
@@ -372,10 +260,10 @@ class CalibrationExperts(UnpackedExperts):
         return output
 
     def _firsts(self, span: int, index: torch.Tensor) -> torch.Tensor:
-        """``_group_firsts`` for ``index``, made once per span, device and dtype."""
+        """``group_firsts`` for ``index``, made once per span, device and dtype."""
         key = (span, index.device, index.dtype)
         if key not in self._span_firsts:
-            self._span_firsts[key] = _group_firsts(self.num_experts, span, index)
+            self._span_firsts[key] = group_firsts(self.num_experts, span, index)
         return self._span_firsts[key]
 
     @staticmethod
@@ -400,25 +288,6 @@ class CalibrationExperts(UnpackedExperts):
             self._call(expert, hidden[chunk], torch.ones(chunk.numel(), 1, dtype=dtype, device=hidden.device))
 
 _ROLES = ("hidden", "index", "weights")
-
-
-def _routed_rows(slot_major: torch.Tensor, num_experts: int,
-                 token_major: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per expert, ``torch.where(slot_major == expert)``: its (slot, token) pairs in slot-major order
-    (in token-major order with ``token_major``).
-
-    From one stable sort and one copy of the experts' boundaries to the host,
-    not a ``torch.where`` per expert, each of which waits for the device.
-    """
-    tokens, slots = slot_major.shape[1], slot_major.shape[0]
-    flat = slot_major.T.reshape(-1) if token_major else slot_major.reshape(-1)
-    expert, position = torch.sort(flat, stable=True)  # by expert, then position in that order
-    bounds = torch.searchsorted(expert, _group_firsts(num_experts, 1, expert)).tolist()
-    if token_major:
-        slot, token = position % slots, position // slots
-    else:
-        slot, token = position // tokens, position % tokens
-    return [(slot[a:b], token[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
@@ -463,65 +332,3 @@ def _positions(signature: inspect.Signature, names: list[str]) -> tuple[int, tup
 
 def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name else None
-
-
-class RoutedSlots:
-    """Every routing slot (expert, token, weight), sorted by expert then token, split into groups of experts.
-
-    Made without a host synchronisation: the slots are sorted on the device, and
-    the group boundaries are copied to the host asynchronously and read when the
-    first group is combined. Slots whose index is not an expert (a sentinel of
-    ``num_experts`` or more, or a negative one) fall in no group. A token routed
-    twice to one expert has two slots, each added with its own weight, as the
-    original sums over slots.
-    """
-
-    def __init__(self, index: torch.Tensor, weights: torch.Tensor, num_experts: int, size: int,
-                 firsts: torch.Tensor | None = None) -> None:
-        flat = index.reshape(-1)  # token-major: slot s of token t at t * k + s
-        expert, order = torch.sort(flat, stable=True)  # by expert, then (stable) by token
-        self.token, self.weight = order // index.shape[1], weights.reshape(-1, 1).index_select(0, order)
-        self.row = self.token if size == 1 else torch.add(self.token, expert % size, alpha=index.shape[0])  # [G * T, H]
-        firsts = _group_firsts(num_experts, size, index) if firsts is None else firsts
-        self._bounds = _on_host_later(torch.searchsorted(expert, firsts))
-        self._split: list[tuple[torch.Tensor, ...]] | None = None
-
-    def group(self, number: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The slots of group ``number``: each one's row in the group's ``[G * T, H]`` outputs, token and weight."""
-        if self._split is None:
-            bounds = self._bounds()
-            sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-            parts = [t.narrow(0, bounds[0], bounds[-1] - bounds[0]).split_with_sizes(sizes)  # not Tensor.split's
-                     for t in (self.row, self.token, self.weight)]                          # Python wrapper
-            self._split = list(zip(*parts))
-        return self._split[number]
-
-
-def _group_firsts(num_experts: int, size: int, index: torch.Tensor) -> torch.Tensor:
-    """The first expert of every group of ``size``, and ``num_experts`` after the last (dtype, device: ``index``'s)."""
-    firsts = torch.arange(0, num_experts + size, size, dtype=index.dtype).clamp(max=num_experts)
-    return firsts.to(index.device)
-
-
-def _on_host_later(tensor: torch.Tensor) -> Callable[[], list[int]]:
-    """A function returning ``tensor.tolist()``, with the copy to the host started now and awaited on first call."""
-    copied = _event(tensor.device)
-    if copied is None:  # on the host already, or a device without events: copy now
-        values = tensor.tolist()
-        return lambda: values
-    host = tensor.to("cpu", non_blocking=True)
-    copied.record()
-
-    def values() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-    return values
-
-
-def _event(device: torch.device) -> torch.Event | None:
-    if device.type == "cpu":
-        return None
-    try:
-        return torch.Event(device)
-    except RuntimeError:
-        return None

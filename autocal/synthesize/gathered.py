@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..detect.gathered import GatherTracker, GatheredWeight, slot_inputs
-from ..detect.structure import MoEStructure
+from ..detect.plans import GatheredPlan
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 
@@ -28,7 +28,7 @@ class GatheredCalibrationMoE(KeptForwardMoE):
 
     def __init__(self, original: nn.Module, config=None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
-        for weight in self.structure.tokens.weights:
+        for weight in self.plan.dispatch.weights:
             owner_path, _, name = weight.param.rpartition(".")
             owner = owned(self, original, owner_path)
             param = owner._parameters.pop(name)
@@ -39,7 +39,7 @@ class GatheredCalibrationMoE(KeptForwardMoE):
     def _views(self) -> dict[int, tuple[ExpertViews, GatheredWeight]]:
         """By the identity of each gathered parameter: its Linears and how it is gathered."""
         found = {}
-        for weight in self.structure.tokens.weights:
+        for weight in self.plan.dispatch.weights:
             owner_path, _, name = weight.param.rpartition(".")
             owner = self.get_submodule(owner_path)
             found[id(owner.__dict__[name])] = (owner._modules[f"{name}_experts"], weight)
@@ -57,7 +57,7 @@ class GatheredCalibrationMoE(KeptForwardMoE):
         if not self.calibrate_all_experts:
             with _dispatch(by_weight):
                 return self._block_forward(*args, **kwargs)
-        return forced_forward(self, self.structure.tokens.choice, views, args, kwargs,
+        return forced_forward(self, self.plan.dispatch.choice, views, args, kwargs,
                               run=lambda: _dispatch(by_weight))
 
 
@@ -105,5 +105,5 @@ def _by_expert(views: ExpertViews, rows: torch.Tensor, index: torch.Tensor) -> t
     return out.view(*index.shape, -1)
 
 
-def build_gathered_calibration(structure: MoEStructure, block: nn.Module) -> type[GatheredCalibrationMoE]:
-    return kept_forward_class(GatheredCalibrationMoE, structure, block)
+def build_gathered_calibration(plan: GatheredPlan, block: nn.Module) -> type[GatheredCalibrationMoE]:
+    return kept_forward_class(GatheredCalibrationMoE, plan, block)

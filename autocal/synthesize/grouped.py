@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .ops import assemble_columns, call_linear, project, unobserved, untouched
+from ..numerics import assemble_columns, call_linear, project, unobserved, untouched
 
 __all__ = ["GroupedTemplate"]
 

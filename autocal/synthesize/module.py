@@ -15,10 +15,12 @@ from typing import Any, Callable, ContextManager
 
 from torch import nn
 
+from ..detect.plans import PackedExpertsPlan, Plan
 from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
 from ..trace.inputs import keyword_arguments
-from .experts import CalibrationExperts, expert_class
+from .experts import CalibrationExperts
+from .unpack import expert_class
 
 __all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
            "checked_chunk_size", "forward_declaring", "kept_forward_class", "owned"]
@@ -87,7 +89,8 @@ class AdoptedMoE(MoECalibrationModule):
     what replaces the experts (``_experts_for``) and whether that is permanent.
     """
 
-    structure: MoEStructure
+    plan: Plan
+    structure: MoEStructure  # the plan's, what ``explain`` and tools read
 
     def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
@@ -157,12 +160,12 @@ class KeptForwardMoE(AdoptedMoE):
         raise NotImplementedError
 
 
-def kept_forward_class(base: type[KeptForwardMoE], structure: MoEStructure, block: nn.Module) -> type[KeptForwardMoE]:
+def kept_forward_class(base: type[KeptForwardMoE], plan: Plan, block: nn.Module) -> type[KeptForwardMoE]:
     """``Calibration<Block>(base, <Block>)``, keeping the block's forward to call first."""
     return type(
         f"Calibration{type(block).__name__}",
         (base, type(block)),
-        {"structure": structure, "_block_forward": type(block).forward,
+        {"plan": plan, "structure": plan.structure, "_block_forward": type(block).forward,
          "_signature": inspect.signature(type(block).forward.__get__(block)), "__module__": base.__module__,
          "forward": forward_declaring(base.forward, type(block).forward)},
     )
@@ -186,8 +189,9 @@ class SynthesizedMoE(AdoptedMoE):
         self.experts_container.calibration_chunk_size = checked_chunk_size(tokens)
 
 
-def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[SynthesizedMoE]:
+def build_calibration_module(plan: PackedExpertsPlan, block: nn.Module) -> type[SynthesizedMoE]:
     """The calibration class for one block class, generated once and reused for all its blocks."""
+    structure = plan.structure
     block_cls = type(block)
     container = block.get_submodule(structure.experts.module_path)
     expert_cls = expert_class(structure.template, f"{block_cls.__name__}Expert", container)
@@ -197,5 +201,6 @@ def build_calibration_module(structure: MoEStructure, block: nn.Module) -> type[
     return type(
         f"Calibration{block_cls.__name__}",
         (SynthesizedMoE, block_cls),
-        {"structure": structure, "_expert_cls": expert_cls, "_experts_cls": experts_cls, "__module__": __name__},
+        {"plan": plan, "structure": structure, "_expert_cls": expert_cls, "_experts_cls": experts_cls,
+         "__module__": __name__},
     )

@@ -1,129 +1,18 @@
-"""Functions that generated expert code calls (fx prints them by qualified name)."""
+"""Functions that generated block code calls (fx prints them by qualified name): an expert on its other rows.
+
+The projection numerics that expert templates call are in ``autocal/numerics.py``.
+"""
 
 from __future__ import annotations
 
 import math
-
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_globals
 
-__all__ = ["Geometry", "ProjectionLayout", "RowComplement", "geometry", "assemble_columns", "call_linear", "inputs_seen", "project",
-           "run_on_the_rest", "run_unrouted", "unrouted_rows", "unobserved", "untouched"]
-
-_UNOBSERVED: ContextVar[bool] = ContextVar("autocal_unobserved", default=False)
-
-
-@contextmanager
-def unobserved() -> Iterator[None]:
-    """Compute projections on the packed storage even where hooks would observe the Linears.
-
-    For values the original computes but calibration must not see (an expert
-    applied to the zero rows of tokens it was not routed).
-    """
-    token = _UNOBSERVED.set(True)
-    try:
-        yield
-    finally:
-        _UNOBSERVED.reset(token)
-
-def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; under ``unobserved()`` its matmul alone, which no hook sees."""
-    if _UNOBSERVED.get():
-        return F.linear(x, linear.weight, linear.bias)
-    return linear(x)
-
-
-Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset
-
-
-def geometry(tensor: torch.Tensor) -> Geometry:
-    return tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
-
-
-@dataclass(frozen=True)
-class ProjectionLayout:
-    """Where one expert's original matmul operand lies in the storage its Linears view."""
-
-    op: str
-    operand: Geometry
-    bias: Geometry | None
-    bias_in_op: bool
-    weights: tuple[Geometry, ...]
-    addresses: tuple[tuple[int, int | None], ...] = ()  # (weight, bias) data pointers as unpacked
-
-
-def assemble_columns(pieces: tuple[torch.Tensor, ...], columns: tuple[slice, ...], features: int) -> torch.Tensor:
-    """Write each piece into its columns of one ``[..., features]`` tensor."""
-    first = pieces[0]
-    out = first.new_empty(*first.shape[:-1], features)
-    for piece, cols in zip(pieces, columns):
-        out[..., cols] = piece
-    return out
-
-
-def untouched(linears: tuple[nn.Linear, ...], layout: ProjectionLayout | None) -> bool:
-    """Are these still plain Linears viewing the packed storage as unpacked, with no hook to feed?"""
-    if layout is None:
-        return False
-    if _UNOBSERVED.get():
-        return _same_geometry(linears, layout)
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return False
-    if any(type(linear) is not nn.Linear or "forward" in linear.__dict__ or linear._forward_hooks
-           or linear._forward_pre_hooks for linear in linears):
-        return False
-    if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in linears):
-        return False
-    return _same_geometry(linears, layout)
-
-
-def _same_geometry(linears: tuple[nn.Linear, ...], layout: ProjectionLayout) -> bool:
-    """Do the Linears still view the packed storage exactly as they were unpacked?
-
-    Same address and strides as when unpacked: replaced or moved weights (``.to``,
-    ``weight.data = …``) fail this; weights updated in place pass, and the packed
-    storage they view holds the update.
-    """
-    for linear, (weight, bias), (size, stride, _) in zip(linears, layout.addresses, layout.weights):
-        tensor = linear.weight
-        if tensor.data_ptr() != weight or tensor.stride() != stride or tensor.shape != size:
-            return False
-        if (linear.bias is None) != (bias is None) or (bias is not None and linear.bias.data_ptr() != bias):
-            return False
-    return bool(layout.addresses)
-
-
-def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slice, ...], features: int,
-            layout: ProjectionLayout | None) -> torch.Tensor:
-    """The output of one matmul of the original expert, computed by the Linears cut from it.
-
-    While the Linears are untouched, the original matmul runs on the packed
-    storage they view, so the result is bitwise the original's (BLAS may round
-    a matmul split into Linears differently). Otherwise (a hook, a quantization
-    wrapper, replaced weights, autograd) each Linear is called (under
-    ``unobserved()``, its matmul alone: moved weights, as offloading leaves
-    them, must not let hooks see what calibration must not) and the pieces are
-    written into one tensor, so that slicing it the way the original sliced its
-    matmul output gives views with the original's strides: the elementwise ops
-    that follow then vectorize, and round, as they did in the original.
-    """
-    if untouched(linears, layout):
-        operand = linears[0].weight.as_strided(*layout.operand)
-        bias = linears[0].bias.as_strided(*layout.bias) if layout.bias is not None else None
-        if layout.op == "linear" and layout.bias_in_op:
-            return F.linear(x, operand, bias)
-        out = F.linear(x, operand) if layout.op == "linear" else torch.matmul(x, operand)
-        return out if bias is None else out + bias
-    pieces = tuple(call_linear(linear, x) for linear in linears)
-    return pieces[0] if len(pieces) == 1 else assemble_columns(pieces, columns, features)
-
+__all__ = ["RowComplement", "inputs_seen", "run_on_the_rest", "run_unrouted", "unrouted_rows"]
 
 def unrouted_rows(source: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
     """The rows of ``source`` whose index is not in ``routed``."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..coverage import add_tokens
-from ..detect.structure import MoEStructure
+from ..detect.plans import SortedBanksPlan
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 from .ops import RowComplement
@@ -52,7 +52,7 @@ class SortedCalibrationMoE(KeptForwardMoE):
 
     def __init__(self, original: nn.Module, config=None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
-        dispatch = self.structure.tokens
+        dispatch = self.plan.dispatch
         for name in dispatch.banks:
             bank = original.get_submodule(name)
             parent, _, child = name.rpartition(".")
@@ -62,13 +62,13 @@ class SortedCalibrationMoE(KeptForwardMoE):
 
     @property
     def experts_container(self) -> nn.Module:
-        return self.get_submodule(self.structure.tokens.banks[0])
+        return self.get_submodule(self.plan.dispatch.banks[0])
 
     def _banks(self) -> list[SegmentBank]:
-        return [self.get_submodule(name) for name in self.structure.tokens.banks]
+        return [self.get_submodule(name) for name in self.plan.dispatch.banks]
 
     def forward(self, *args, **kwargs):
-        choice = self.structure.tokens.choice
+        choice = self.plan.dispatch.choice
         try:
             if choice is None or not self.calibrate_all_experts:
                 return super().forward(*args, **kwargs)
@@ -79,7 +79,7 @@ class SortedCalibrationMoE(KeptForwardMoE):
                 bank.__dict__.pop("last_rows", None)
 
     def run_unrouted(self, bound: dict, seen: None) -> None:
-        dispatch, shared = self.structure.tokens, {}
+        dispatch, shared = self.plan.dispatch, {}
         banks = self._banks()
         counts = banks[0].__dict__["last_counts"]
         counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
@@ -95,5 +95,5 @@ class SortedCalibrationMoE(KeptForwardMoE):
                 x = bank.call(expert, x)
 
 
-def build_sorted_calibration(structure: MoEStructure, block: nn.Module) -> type[SortedCalibrationMoE]:
-    return kept_forward_class(SortedCalibrationMoE, structure, block)
+def build_sorted_calibration(plan: SortedBanksPlan, block: nn.Module) -> type[SortedCalibrationMoE]:
+    return kept_forward_class(SortedCalibrationMoE, plan, block)

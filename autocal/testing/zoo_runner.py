@@ -62,7 +62,7 @@ def _block_facts(report) -> list[dict[str, Any]]:
     facts = []
     for block in report.blocks:
         if block.failure is not None or block.structure is None:
-            facts.append({"class": block.block_class, "path": block.path, "failure": block.failure})
+            facts.append({"class": block.block_class, "how": block.how, "failure": block.failure})
             continue
         router, experts = block.structure["router"], block.structure["experts"]
         facts.append({

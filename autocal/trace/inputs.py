@@ -17,7 +17,8 @@ from torch import nn
 
 from .. import errors
 
-__all__ = ["BlockCall", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs"]
+__all__ = ["BlockCall", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs",
+           "mixed_dtypes"]
 
 
 @dataclass
@@ -79,8 +80,8 @@ def synthesize_inputs(
     return None
 
 
-def _calls(block: nn.Module, experts: nn.Module) -> Callable[[tuple], bool]:
-    """Does the block run with these inputs and call into ``experts``?"""
+def _calls(block: nn.Module, experts: nn.Module, failures: list[Exception]) -> Callable[[tuple], bool]:
+    """Does the block run with these inputs and call into ``experts``? (What it raised goes to ``failures``.)"""
 
     def accepts(args: tuple) -> bool:
         seen = []
@@ -88,7 +89,8 @@ def _calls(block: nn.Module, experts: nn.Module) -> Callable[[tuple], bool]:
         try:
             with torch.no_grad():
                 block(*args)
-        except Exception:
+        except Exception as error:
+            failures.append(error)
             return False
         finally:
             for handle in handles:
@@ -107,10 +109,31 @@ def capture_block_inputs(block: nn.Module, experts: nn.Module, *, num_tokens: in
             errors.TRACE_FAILED, f"the block's forward needs inputs autocal cannot make up: {', '.join(missing)}",
             block_class=type(block).__name__, hints=[hint],
         )
-    args = synthesize_inputs(block, experts, _calls(block, experts), num_tokens=num_tokens)
+    failures: list[Exception] = []
+    args = synthesize_inputs(block, experts, _calls(block, experts, failures), num_tokens=num_tokens)
     if args is None:
-        raise errors.AutocalError(
-            errors.TRACE_FAILED, "no hidden-state shape made of the block's parameter sizes runs its forward",
-            block_class=type(block).__name__, hints=[hint],
-        )
+        explanation = "no hidden-state shape made of the block's parameter sizes runs its forward"
+        dtypes = mixed_dtypes(block)
+        if dtypes:
+            explanation = f"the block's parameters mix {dtypes}, and its forward fails on them"
+            hint = "cast the model to one dtype before converting it (model.to(torch.bfloat16), or float32)"
+        if failures:  # the most plausible hidden size was tried first: its error says most
+            explanation += f"; with the first shape tried it raised {type(failures[0]).__name__}: {failures[0]}"
+        raise errors.AutocalError(errors.TRACE_FAILED, explanation, block_class=type(block).__name__,
+                                  hints=[hint]) from (failures[0] if failures else None)
     return BlockCall(args, {})
+
+
+def mixed_dtypes(block: nn.Module) -> str | None:
+    """``"bfloat16 (experts) and float32 (gate)"`` when the block's floating parameters are of several dtypes."""
+    owners: dict[torch.dtype, list[str]] = {}
+    for name, param in block.named_parameters():
+        if param.is_floating_point():
+            owner = owners.setdefault(param.dtype, [])
+            child = name.split(".")[0] if "." in name else "the block"
+            if child not in owner:
+                owner.append(child)
+    if len(owners) < 2:
+        return None
+    return " and ".join(f"{str(dtype).removeprefix('torch.')} ({', '.join(names[:3])})"
+                        for dtype, names in owners.items())

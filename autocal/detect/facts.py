@@ -1,0 +1,135 @@
+"""``Facts``: what the rules read about one block, each fact computed once and shared between rules.
+
+The candidate tests (does the block hold experts of a rule's kind?) read only
+the block's parameters and children. Example inputs and recordings are made
+when a rule first asks for them and kept, so that two rules reading one
+recording (the gated rule and the container rule, say) record once.
+
+``parent`` is the module holding the block, when the block was found by
+walking a model: a router may sit beside the experts' holder rather than in it,
+and a module that is its parent's experts container is not a block of its own.
+A block given alone (``synthesize(block)``, or a block whose experts are used
+through methods of a child, located by its callers) has no parent; weight banks
+one level down then count as its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable
+
+from torch import nn
+
+from .. import errors
+from ..trace.inputs import BlockCall, capture_block_inputs
+from .block import expert_lists, has_own_forward, unrouted_lists
+from .storage import packed_parameters, router_rows
+from .gathered import expert_tables, own_expert_weights
+from .sorted import banks_of_a_child, weight_banks
+
+__all__ = ["Facts", "experts_container"]
+
+
+def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The block's child that stores expert weights packed, if any.
+
+    A child with a router-shaped weight of its own, in a module holding nothing
+    beside it, is a block (``own_expert_weights``) that the module only wraps.
+    """
+    for name, child in block.named_children():
+        inside = {id(t) for t in (*child.parameters(), *child.buffers())}
+        wraps = not any(id(t) not in inside for t in (*block.parameters(), *block.buffers()))
+        if packed_parameters(child, router_rows(block, child)) and not (wraps and own_expert_weights(child)):
+            return name, child
+    return None
+
+
+@dataclass
+class Facts:
+    """One block and what is known about it (see the module docstring)."""
+
+    block: nn.Module
+    call: BlockCall | None = None
+    num_tokens: int | None = None
+    parent: nn.Module | None = None
+    walked: bool = False  # found by walking a model (``parent`` is the module above, None for the model itself)
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def block_class(self) -> str:
+        return type(self.block).__name__
+
+    @cached_property
+    def packed(self) -> tuple[str, nn.Module] | None:
+        """``(name, container)``: a child storing the experts' weights packed."""
+        return experts_container(self.block)
+
+    @cached_property
+    def banks(self) -> dict[str, nn.Parameter]:
+        """Weight banks ``[E, a, b]`` of the block's children, by path (``detect/sorted.py``)."""
+        own = weight_banks(self.block)
+        if not self.walked:
+            return own or banks_of_a_child(self.block)
+        inside = {id(p) for p in own.values()}
+        rows = {p.shape[0] for p in self.block.parameters() if p.dim() == 2 and id(p) not in inside}
+        rows |= router_rows(self.parent, self.block) if self.parent is not None else set()
+        return own if own and next(iter(own.values())).shape[0] in rows else {}
+
+    @cached_property
+    def lists(self) -> dict[str, list[nn.Module]]:
+        """Children holding two or more identical Linear-only experts: routed ones, else unrouted ones."""
+        return expert_lists(self.block) or unrouted_lists(self.block)
+
+    @property
+    def list_name(self) -> str:
+        return next(iter(self.lists))
+
+    @property
+    def entries(self) -> list[nn.Module]:
+        return self.lists[self.list_name]
+
+    @property
+    def list_container(self) -> nn.Module:
+        return self.block.get_submodule(self.list_name)
+
+    @property
+    def own_loop(self) -> bool:
+        """Does the list of experts dispatch in a forward of its own?"""
+        return bool(self.lists) and has_own_forward(self.list_container)
+
+    @property
+    def unrouted(self) -> bool:
+        """No router-shaped weight beside the list: an MoE only if its experts turn out gated per row."""
+        return not expert_lists(self.block)
+
+    @cached_property
+    def own_weights(self) -> dict[str, nn.Parameter]:
+        """The block's own ``[E, a, b]`` parameters with a router beside them (not its parent's packed experts)."""
+        found = own_expert_weights(self.block)
+        if found and self.parent is not None and (experts_container(self.parent) or (None, None))[1] is self.block:
+            return {}
+        return found
+
+    @cached_property
+    def tables(self) -> dict[str, nn.Parameter]:
+        """Embedding tables of one shape: one vector per expert (``detect/gathered.py``)."""
+        return expert_tables(self.block)
+
+    def inputs(self, experts: nn.Module, default_tokens: int) -> BlockCall:
+        """The block's example inputs: the caller's, else made so that ``experts`` get called."""
+        if self.call is None:
+            self.call = self.memo("inputs", lambda: capture_block_inputs(
+                self.block, experts, num_tokens=self.num_tokens or default_tokens))
+        return self.call
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per key for this block (a recording several rules read); its error, raised again."""
+        if key not in self._memo:
+            try:
+                self._memo[key] = compute()
+            except errors.AutocalError as error:
+                self._memo[key] = error
+        if isinstance(self._memo[key], errors.AutocalError):
+            raise self._memo[key]
+        return self._memo[key]

@@ -1,0 +1,74 @@
+"""Gated experts: every expert already runs on the whole input, and a per-row factor gates its output.
+
+ViTPose's per-dataset experts (a mask from an input index) and soft mixtures
+(softmax weights over all experts) are such blocks. The experts then see every
+token in the original forward: calibration needs no extra calls, and the module
+only wraps the experts (for coverage and the report). ``k`` is the most experts
+any row keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .. import errors
+from .block import _routing_weight, module_experts_info, other_children
+from .facts import Facts
+from .graph_utils import Ancestry, is_int_tensor, returns_of, source_of, value
+from .plans import GatedPlan, NoMatch
+from .recorded import block_recording, loop_recording, whole_input
+from .structure import MoEStructure, RouterInfo
+
+__all__ = ["detect_gated"]
+
+
+def detect_gated(facts: Facts) -> GatedPlan | NoMatch:
+    """``gated``: read from the list's own loop where it has one, else from the block."""
+    found = loop_recording(facts) if facts.own_loop else block_recording(facts)
+    if not found:
+        return found
+    calls, name = found.calls, facts.list_name
+    if not calls:
+        return NoMatch(f"`{name}`'s experts are never called", kind=errors.NO_MOE_BLOCK)
+    if whole_input(calls[0]) is None:
+        return NoMatch("the first expert is given rows, not the whole input", source_of(calls[0]), shallow=True)
+    gated = [_gated_rows(c) for c in calls]
+    whole = {whole_input(c) for c in calls}
+    if len(calls) != len(facts.entries) or len(whole) != 1 or any(g is None for g in gated):
+        return NoMatch(lambda: f"`{name}`'s experts all run on the whole input, but no per-row factor gates them "
+                               "all: not an MoE", source_of(calls[0]), not_moe=True)
+    factors = [_routing_weight(c) for c in calls]
+    graph = found.rec.graph
+    index_inputs = [p.target for p in Ancestry(graph).of(factors[0]) if p.op == "placeholder" and is_int_tensor(p)]
+    router = RouterInfo(
+        module_path=None,
+        scoring="mask" if value(factors[0]).dtype == torch.bool else "weights",
+        top_k=int(torch.stack(gated).sum(0).max()),
+        num_choices=len(facts.entries),
+        renormalized=False, correction_bias=None, grouped=False, scaling=None,
+        sources={"gating": source_of(next(iter(calls[0].users)))},
+        selection=f"input `{index_inputs[0]}`" if index_inputs else "per-row factor",
+    )
+    experts = module_experts_info(name, facts.list_container, facts.entries, calls[0],
+                                  "on the expert output (a per-row factor)", {"hidden": next(iter(whole)).target})
+    return GatedPlan(MoEStructure(
+        block_class=facts.block_class,
+        router=router,
+        experts=experts,
+        shared_modules=other_children(facts.block, name),
+        returns=returns_of(found.outer.output),
+    ))
+
+
+def _gated_rows(call: fx.Node) -> torch.Tensor | None:
+    """Per output row: does the factor the expert's output is multiplied by keep it (is non-zero)?"""
+    factor = _routing_weight(call)
+    if factor is None or not isinstance(value(factor), torch.Tensor):
+        return None
+    output = value(call)
+    try:
+        kept = torch.broadcast_to(value(factor), output.shape) != 0
+    except RuntimeError:
+        return None
+    return kept.reshape(-1, output.shape[-1]).any(-1)

@@ -1,0 +1,112 @@
+"""What autocal converted: its calibration blocks, their expert Linears and the gates it detected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...registry import MoECalibrationModule
+
+__all__ = [
+    "ExpertLinear",
+    "calibration_blocks",
+    "default_ignore",
+    "expert_linears",
+    "gate_modules",
+]
+
+
+def _listing(what: str, problems: list[str]) -> str:
+    shown = "\n  - ".join(problems[:20])
+    more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"{len(problems)} {what} problem(s):\n  - {shown}{more}"
+
+
+@dataclass(frozen=True)
+class ExpertLinear:
+    """One ``nn.Linear`` of one expert: ``{block}.{container}.{expert}.{name}``."""
+
+    path: str
+    block: str
+    container: str
+    expert: int
+    name: str
+
+
+def calibration_blocks(model: nn.Module) -> list[tuple[str, MoECalibrationModule]]:
+    """Every calibration module in ``model`` (outermost only), with its path."""
+    found: list[tuple[str, MoECalibrationModule]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, MoECalibrationModule) and not any(path.startswith(p + ".") for p, _ in found):
+            found.append((path, module))
+    return found
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def expert_linears(model: nn.Module) -> list[ExpertLinear]:
+    """Every ``nn.Linear`` inside every expert of every calibration module.
+
+    Experts come from ``module.expert_modules()``; their path is found by
+    identity in the block, so hand-written overrides work too.
+    """
+    result: list[ExpertLinear] = []
+    for block_path, block in calibration_blocks(model):
+        if not hasattr(block, "expert_modules"):
+            continue
+        names = {id(m): n for n, m in block.named_modules()}
+        for index, expert in enumerate(block.expert_modules()):
+            expert_path = names.get(id(expert))
+            if expert_path is None:
+                continue
+            container, _, _ = expert_path.rpartition(".")
+            for name, sub in expert.named_modules():
+                if isinstance(sub, nn.Linear):
+                    result.append(ExpertLinear(_join(block_path, expert_path, name), block_path, container, index,
+                                               name))
+    return result
+
+
+def gate_modules(model: nn.Module) -> list[str]:
+    """Module paths of the gates autocal detected: each block's router (and Linears inside it),
+    and bare ``nn.Linear`` shared modules of a block (a shared expert's scalar gate, as in Qwen2-MoE).
+
+    Read from each calibration module's detected structure, never from a list of names.
+    Blocks converted by a hand-written override carry no structure and contribute nothing.
+    """
+    gates: list[str] = []
+    for block_path, block in calibration_blocks(model):
+        structure = getattr(block, "structure", None)
+        if structure is None:
+            continue
+        router_path = structure.router.module_path
+        if router_path:
+            router = block.get_submodule(router_path)
+            gates.append(_join(block_path, router_path))
+            gates += [_join(block_path, router_path, n) for n, m in router.named_modules()
+                      if n and isinstance(m, nn.Linear)]
+        for shared in structure.shared_modules:
+            module = block.get_submodule(shared)
+            if isinstance(module, nn.Linear) and not list(module.children()):
+                gates.append(_join(block_path, shared))
+    return list(dict.fromkeys(gates))
+
+
+def _output_embedding_path(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def default_ignore(model: nn.Module, *, lm_head: bool = True) -> list[str]:
+    """The ``ignore`` list for a quantization modifier: the detected gates, and the output head."""
+    ignore = gate_modules(model)
+    head = _output_embedding_path(model) if lm_head else None
+    if head:
+        ignore.append(head)
+    return list(dict.fromkeys(ignore))

@@ -1,0 +1,266 @@
+"""The rule table: which rewrite applies to a block, and why the others do not.
+
+Each rule is one line of ``RULES``: the plan it returns (its type is the
+rewrite level), what its candidate test looks for, the candidate test (is this
+module this rule's kind of block?), ``match(facts)`` (a typed plan, or
+``NoMatch`` with the reason), and the builder in ``synthesize/`` that turns the
+plan into a calibration module. A rule knows the ``file:line`` of its line.
+
+``decide`` tries a registered override first, then every rule in order, and
+keeps every verdict; the first plan wins. ``find_moe_blocks`` yields the
+modules some rule's candidate test accepts; ``convert`` and ``explain`` build
+from the plan, and ``explain`` shows every verdict. With
+``AUTOCAL_DEBUG_RULES=1`` (or a block class name) each verdict is printed to
+stderr as it is reached.
+
+Adding a way to rewrite is one detect file (its ``match``), one synthesize file
+(its builder), a plan type in ``detect/plans.py`` and one line here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from torch import nn
+
+from . import errors
+from .detect.block import detect_block_level
+from .detect.container import detect_module_container, detect_recorded_block
+from .detect.facts import Facts
+from .detect.gated import detect_gated
+from .detect.gathered import detect_gathered
+from .detect.masked import detect_mask_dispatch
+from .detect.packed import detect_packed_dense, detect_packed_experts
+from .detect.plans import (BlockRewritePlan, ContainerPlan, DenseExpertsPlan, GatedPlan, GatheredPlan,
+                           MaskDispatchPlan, NoMatch, OverridePlan, PackedExpertsPlan, Plan, RecordedBlockPlan,
+                           SortedBanksPlan)
+from .detect.sorted import detect_banks
+from .registry import MoECalibrationModule, registered_override
+from .synthesize.block import build_block_rewrite
+from .synthesize.container import build_container_calibration, build_mask_dispatch, build_recorded_block
+from .synthesize.dense import build_dense_rewrite
+from .synthesize.gathered import build_gathered_calibration
+from .synthesize.module import build_calibration_module
+from .synthesize.sorted import build_sorted_calibration
+from .trace.inputs import BlockCall
+from .trace.twin import cpu_twin, on_meta
+
+__all__ = ["Rule", "RULES", "OVERRIDE", "Verdict", "Decision", "decide", "detect", "find_moe_blocks"]
+
+Builder = Callable[[Plan, nn.Module], type[MoECalibrationModule]]
+
+
+def _table_line() -> str:
+    """``autocal/rules.py:N``: the line of the table that made the rule."""
+    frame = sys._getframe(2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"{os.path.relpath(frame.f_code.co_filename, root)}:{frame.f_lineno}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One way to rewrite a block (see the module docstring)."""
+
+    plan: type[Plan]
+    looks_for: str
+    candidate: Callable[[Facts], bool]
+    match: Callable[[Facts], Plan | NoMatch]
+    build: Builder
+    source: str = field(default="", compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.plan.level
+
+
+def rule(plan: type[Plan], looks_for: str, candidate: Callable[[Facts], bool],
+         match: Callable[[Facts], Plan | NoMatch], build: Builder) -> Rule:
+    return Rule(plan, looks_for, candidate, match, build, _table_line())
+
+
+def _routed_list(facts: Facts) -> bool:
+    """A list of experts beside a router, that the block itself calls (no loop of the list's own)."""
+    return bool(facts.lists) and not facts.unrouted and not facts.own_loop
+
+
+def _override(facts: Facts) -> OverridePlan | NoMatch:
+    found = registered_override(facts.block_class)
+    return OverridePlan(None, found) if found is not None else NoMatch("no module is registered for this class")
+
+
+OVERRIDE = rule(OverridePlan, "a module registered for the block's class", lambda f: True, _override,
+                lambda plan, block: plan.module)
+
+# In order; the first plan wins. Rules that read one recording sit together (it is made once): the container's
+# loop (container, gated), the block with its experts as leaves (gated, recorded-block, mask-dispatch).
+RULES: tuple[Rule, ...] = (
+    rule(PackedExpertsPlan, "a child storing the experts packed", lambda f: f.packed is not None,
+         detect_packed_experts, build_calibration_module),
+    rule(DenseExpertsPlan, "a child storing the experts packed", lambda f: f.packed is not None,
+         detect_packed_dense, build_dense_rewrite),
+    rule(SortedBanksPlan, "children holding one [E, a, b] weight bank each", lambda f: bool(f.banks),
+         detect_banks, build_sorted_calibration),
+    rule(ContainerPlan, "a list of experts with a dispatch loop of its own", lambda f: f.own_loop,
+         detect_module_container, build_container_calibration),
+    rule(BlockRewritePlan, "a list of experts beside a router, called by the block", _routed_list,
+         detect_block_level, build_block_rewrite),
+    rule(GatedPlan, "a list of identical Linear-only experts", lambda f: bool(f.lists),
+         detect_gated, build_container_calibration),
+    rule(RecordedBlockPlan, "a list of experts beside a router, called by the block", _routed_list,
+         detect_recorded_block, build_recorded_block),
+    rule(MaskDispatchPlan, "a list of experts beside a router, called by the block", _routed_list,
+         detect_mask_dispatch, build_mask_dispatch),
+    rule(GatheredPlan, "[E, a, b] expert weights (packed, or the block's own) or embedding tables",
+         lambda f: bool(f.packed or f.own_weights or f.tables), detect_gathered, build_gathered_calibration),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One rule's verdict on one block: its plan, or why not (``result`` None: not tried, a rule before matched)."""
+
+    rule: Rule
+    result: Plan | NoMatch | None
+
+    @property
+    def matched(self) -> bool:
+        return isinstance(self.result, Plan)
+
+    @property
+    def reason(self) -> str:
+        if self.result is None:
+            return "not tried: a rule before it matched"
+        if self.matched:
+            return self.result.describe()
+        if not self.result.candidate:
+            return f"not a candidate: it looks for {self.rule.looks_for}"
+        return str(self.result)
+
+    def to_dict(self) -> dict:
+        where = self.result.source if isinstance(self.result, NoMatch) else None
+        return {"rule": self.rule.name, "rule_source": self.rule.source, "matched": self.matched,
+                "reason": self.reason, "source": where}
+
+    def __str__(self) -> str:
+        where = self.result.source if isinstance(self.result, NoMatch) and self.result.source else None
+        verdict = "MATCH" if self.matched else "no"
+        return f"{self.rule.name} ({self.rule.source}): {verdict}: {self.reason}" + (f" (at {where})" if where else "")
+
+
+@dataclass
+class Decision:
+    """Every rule's verdict on one block, and the plan that won (None: no rule matched)."""
+
+    block_class: str
+    verdicts: list[Verdict]
+
+    @property
+    def plan(self) -> Plan | None:
+        return next((v.result for v in self.verdicts if v.matched), None)
+
+    @property
+    def rule(self) -> Rule | None:
+        return next((v.rule for v in self.verdicts if v.matched), None)
+
+    @property
+    def not_moe(self) -> bool:
+        """No rule matched, and one showed the block is no MoE at all (skipped, not an error)."""
+        return self.plan is None and any(isinstance(v.result, NoMatch) and v.result.not_moe for v in self.verdicts)
+
+    def error(self) -> errors.AutocalError:
+        """Why no rule matched: the most telling verdict first, then every other rule's reason."""
+        tried = [v for v in self.verdicts if isinstance(v.result, NoMatch) and v.result.candidate
+                 and v.rule is not OVERRIDE]
+        if not tried:
+            return errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of "
+                                       "identical MLPs)", block_class=self.block_class)
+        lead = next((v for v in tried if not v.result.shallow), tried[0])
+        others = "; ".join(f"{v.rule.name}: {v.reason}" for v in tried if v is not lead)
+        explanation = f"{lead.reason}" + (f" (rule {lead.rule.name}; also tried {others})" if others else "")
+        error = errors.AutocalError(lead.result.kind, explanation, block_class=self.block_class,
+                                    source=lead.result.source, hints=list(lead.result.hints))
+        error.__cause__ = lead.result.cause
+        return error
+
+
+def _debugging(block_class: str) -> bool:
+    wanted = os.environ.get("AUTOCAL_DEBUG_RULES", "")
+    return wanted in ("1", "all") or block_class in wanted.split(",")
+
+
+def _verdict(rule_: Rule, facts: Facts) -> Verdict:
+    """``rule_``'s verdict; a deep pass that raises an ``AutocalError`` is a ``NoMatch`` with its reason."""
+    if not rule_.candidate(facts):
+        return Verdict(rule_, NoMatch(rule_.looks_for, candidate=False, shallow=True))
+    try:
+        return Verdict(rule_, rule_.match(facts))
+    except errors.AutocalError as error:
+        return Verdict(rule_, NoMatch.of(error))
+
+
+def decide(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int | None = None) -> Decision:
+    """Every rule's verdict on ``block``, in table order, up to the first that matches.
+
+    Raises ``AutocalError`` (``hooked-module``) only when the block cannot be run
+    at all: its forward was replaced by an offload or dispatch hook.
+    """
+    decision = Decision(type(block).__name__, [])
+    debug = _debugging(decision.block_class)
+    facts = None
+    for rule_ in (OVERRIDE, *RULES):
+        if decision.plan is not None:
+            decision.verdicts.append(Verdict(rule_, None))
+            continue
+        if facts is None and rule_ is not OVERRIDE:
+            facts = _facts(block, call, num_tokens)
+        decision.verdicts.append(_verdict(rule_, facts or Facts(block)))
+        if debug:
+            print(f"autocal rules: {decision.block_class}: {decision.verdicts[-1]}", file=sys.stderr)
+    return decision
+
+
+def _facts(block: nn.Module, call: BlockCall | None, num_tokens: int | None) -> Facts:
+    hooked = [name or "<block>" for name, m in block.named_modules() if "forward" in m.__dict__]
+    if hooked:
+        raise errors.AutocalError(
+            errors.HOOKED_MODULE,
+            f"{', '.join(hooked[:3])} run a replaced forward (an offload or dispatch hook, as accelerate adds)",
+            block_class=type(block).__name__,
+            hints=["convert the model before dispatching or offloading it (load it on the CPU or the meta "
+                   "device, autocal.convert, then dispatch)"],
+        )
+    if on_meta(block):  # no data to run on: detect on a CPU twin, synthesize on the block itself
+        return Facts(cpu_twin(block), None, num_tokens or 16)
+    return Facts(block, call, num_tokens)
+
+
+def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int | None = None) -> Plan:
+    """The plan of the first rule that matches ``block``; ``AutocalError`` naming every rule's reason if none does.
+
+    Example:
+        >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
+        >>> type(detect(make_toy_block(ToyMoEConfig()))).__name__
+        'PackedExpertsPlan'
+    """
+    decision = decide(block, call, num_tokens=num_tokens)
+    if decision.plan is None:
+        if decision.not_moe:
+            raise errors.NotAnMoE(decision.block_class)
+        raise decision.error()
+    return decision.plan
+
+
+def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, block)`` for every module some rule's candidate test accepts (a block reached twice: twice).
+
+    Candidates only: the rules' ``match`` confirms that the forward routes tokens to them.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path, module in modules.items():
+        parent = modules.get(path.rpartition(".")[0], model) if path else None
+        facts = Facts(module, parent=parent, walked=True)
+        if any(r.candidate(facts) for r in RULES):
+            yield path, module

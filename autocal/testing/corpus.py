@@ -1,0 +1,1165 @@
+"""MoE blocks written the way public code outside transformers writes them (issue 19, item h).
+
+Each block imitates a *style* seen in public code: reference inference code of
+open-weight MoE models, training frameworks, research libraries, remote code of
+hub models. None is copied from anywhere; each is written here, small, with torch
+only, to exercise the code patterns issue 19 lists (1-8):
+
+1. experts from a custom Linear class, with an extra parameter, or nested deeper;
+2. packed weights on the block, gathered by tuple indexing and contracted by einsum;
+3. token rows sorted by expert, experts called with (rows, counts);
+4. every expert on every token, the input scaled by a detached routing score;
+5. capacity-based einsum dispatch with ``b, n, d, e = *x.shape, ...``; two-level gating;
+6. a separate single-token (decode) branch;
+7. per-expert post-processing after the down projection;
+8. identity/zero experts, tuple-returning experts, modality expert sets,
+   expert-id linears, Megatron's ``[seq, batch, hidden]`` grouped MLP, sparsemixer routing.
+
+Every block is a correct top-k MoE: experts see only the tokens routed to them,
+and the output is the routing-weighted sum of the chosen experts' outputs
+(``tests/test_corpus.py`` checks each against a dense reference written there).
+
+Public API: :data:`ENTRIES` (by name), :class:`CorpusEntry`, and the checks autocal is measured by (used by
+``tests/test_corpus.py`` and ``scripts/corpus_report.py``): :func:`check_synthesize`, :func:`check_convert`,
+:func:`check_mixed`, :func:`check_explain_k`, each raising :class:`Silent` or :class:`Mismatch` when autocal returns
+a wrong or missing result, and :func:`outcome`, which names what a check did.
+
+Example:
+    >>> entry = ENTRIES["mixtral_reference"]
+    >>> block = entry.build(seed=0)
+    >>> args, kwargs = entry.inputs(batch=1, seq=3, seed=1)
+    >>> block(*args, **kwargs).shape
+    torch.Size([1, 3, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import errors
+from ..api import convert, synthesize
+from ..explain import explain
+from ..registry import MoECalibrationModule
+from ..verify import compare_outputs
+from .assertions import count_rows, expert_linears
+from .toy_moe import ToyMoEConfig, make_toy_block
+
+__all__ = [
+    "CHECKS",
+    "CorpusEntry",
+    "ENTRIES",
+    "HIDDEN",
+    "Mismatch",
+    "Silent",
+    "check_convert",
+    "check_explain_k",
+    "check_mixed",
+    "check_synthesize",
+    "equivalent",
+    "outcome",
+]
+
+HIDDEN = 16  # hidden size of every block
+INTER = 12  # intermediate size of one expert
+EXPERTS = 6
+TOP_K = 2
+_SCALE_NAMES = ("norm", "multiplier")  # 1-D parameters initialised around 1, not around 0
+
+
+def init_normal(module: nn.Module, seed: int) -> nn.Module:
+    """Normal weights (std 0.3), biases and buffers around 0 (std 0.1), norms and multipliers around 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if tensor.ndim >= 2:
+                tensor.copy_(noise * 0.3)
+            elif any(word in name.rsplit(".", 1)[-1] for word in _SCALE_NAMES):
+                tensor.copy_(1 + 0.1 * noise)
+            else:
+                tensor.copy_(0.1 * noise)
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Experts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ShardLinear(nn.Module):
+    """A Linear as tensor-parallel inference code writes it: a module holding ``weight``, calling ``F.linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class ShardMLP(nn.Module):
+    """SwiGLU expert of ``ShardLinear`` s (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = ShardLinear(dim, inter)
+        self.w2 = ShardLinear(inter, dim)
+        self.w3 = ShardLinear(dim, inter)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SwiGLUExpert(nn.Module):
+    """SwiGLU expert of ``nn.Linear`` s, no biases."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluExpert(nn.Module):
+    """Two-layer GELU expert with biases."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, inter)
+        self.fc2 = nn.Linear(inter, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MultipliedExpert(nn.Module):
+    """An expert with a learned multiplier on its gate projection beside its Linears."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_multiplier = nn.Parameter(torch.empty(inter))
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x) * self.gate_multiplier) * self.up_proj(x))
+
+
+class TupleExpert(nn.Module):
+    """An expert returning ``(output, pre-activation)``; the block keeps only the output."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.up = nn.Linear(dim, inter, bias=False)
+        self.down = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x):
+        pre = self.up(x)
+        return self.down(F.gelu(pre)), pre
+
+
+class ZeroExpert(nn.Module):
+    """A zero-computation expert: contributes nothing."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class ParamExpert(nn.Module):
+    """An expert of raw ``nn.Parameter`` matmuls (``x @ W``), gate and up packed side by side."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.empty(dim, 2 * inter))
+        self.w_out = nn.Parameter(torch.empty(inter, dim))
+
+    def forward(self, x):
+        gate, up = (x @ self.w_in).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w_out
+
+
+class ConvExpert(nn.Module):
+    """An expert of kernel-1 ``Conv1d`` s over ``[rows, hidden, 1]``."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.fc1 = nn.Conv1d(dim, inter, kernel_size=1)
+        self.fc2 = nn.Conv1d(inter, dim, kernel_size=1)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x.unsqueeze(-1)))).squeeze(-1)
+
+
+class ExpertIdLinear(nn.Module):
+    """One projection of every expert: ``weight [E, out, in]``, called with the expert's id."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(experts, out_features))
+
+    def forward(self, x, expert_id: int):
+        return F.linear(x, self.weight[expert_id], self.bias[expert_id])
+
+
+def _swiglu_clamped(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Interleaved gate/up (even columns gate, odd up), both clamped, ``(up + 1)``."""
+    gate, up = h[..., ::2].clamp(max=limit), h[..., 1::2].clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def _loop_experts(t, weights, indices, experts) -> torch.Tensor:
+    """Mixtral-reference dispatch: for each expert, its (token, slot) pairs by ``torch.where``."""
+    out = torch.zeros_like(t)
+    for i, expert in enumerate(experts):
+        token, slot = torch.where(indices == i)
+        out[token] += weights[token, slot, None] * expert(t[token])
+    return out
+
+
+def _softmax_topk(logits, k, renormalize=True):
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    weights, indices = probs.topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), indices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SigmoidGate(nn.Module):
+    """Reference-code gate: sigmoid scores, a selection bias, the unbiased scores renormalised and scaled."""
+
+    def __init__(self, dim: int, experts: int, k: int, route_scale: float = 1.5):
+        super().__init__()
+        self.topk, self.route_scale = k, route_scale
+        self.weight = nn.Parameter(torch.empty(experts, dim))
+        self.bias = nn.Parameter(torch.empty(experts))
+
+    def forward(self, x):
+        scores = F.linear(x, self.weight).sigmoid()
+        indices = torch.topk(scores + self.bias, self.topk, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
+        return weights.type_as(x), indices
+
+
+class ReferenceMoE(nn.Module):
+    """Reference inference code of an open-weight MoE: ShardLinear experts, a Gate module, shared experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.dim, self.n_routed_experts = HIDDEN, EXPERTS
+        self.gate = SigmoidGate(HIDDEN, EXPERTS, TOP_K)
+        self.experts = nn.ModuleList(ShardMLP(HIDDEN, INTER) for _ in range(EXPERTS))
+        self.shared_experts = ShardMLP(HIDDEN, 2 * INTER)
+
+    def forward(self, x):
+        shape = x.size()
+        x = x.view(-1, self.dim)
+        weights, indices = self.gate(x)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts).tolist()
+        for i in range(self.n_routed_experts):
+            if counts[i] == 0:
+                continue
+            idx, top = torch.where(indices == i)
+            y[idx] += self.experts[i](x[idx]) * weights[idx, top, None]
+        return (y + self.shared_experts(x)).view(shape)
+
+
+class MixtralReferenceMoE(nn.Module):
+    """Reference code of an open-weight sparse MoE: top-k of the logits, softmax over the k, a where loop."""
+
+    def __init__(self, expert: Callable[[], nn.Module] = SwiGLUExpert):
+        super().__init__()
+        self.num_experts_per_tok = TOP_K
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(expert() for _ in range(EXPERTS))
+
+    def forward(self, inputs):
+        squashed = inputs.view(-1, inputs.shape[-1])
+        weights, selected = torch.topk(self.gate(squashed), self.num_experts_per_tok)
+        weights = F.softmax(weights, dim=1, dtype=torch.float).to(inputs.dtype)
+        results = torch.zeros_like(squashed)
+        for i, expert in enumerate(self.experts):
+            batch_idx, nth_expert = torch.where(selected == i)
+            results[batch_idx] += weights[batch_idx, nth_expert, None] * expert(squashed[batch_idx])
+        return results.view_as(inputs)
+
+
+class MultipliedExpertsMoE(nn.Module):
+    """Remote code: experts with a gating multiplier, a one-hot mask loop with ``index_add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = EXPERTS, TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(MultipliedExpert() for _ in range(EXPERTS))
+
+    def forward(self, hidden_states):
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k)
+        out = torch.zeros_like(t)
+        mask = F.one_hot(indices, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            out.index_add_(0, token, self.experts[e](t[token]) * weights[token, slot, None])
+        return out.reshape(hidden_states.shape)
+
+
+class ExpertBank(nn.Module):
+    """A research library's expert bank: the experts one level down, in ``.experts``."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts = EXPERTS
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+
+class NestedExpertsMoE(nn.Module):
+    """Research library: ``self.experts.experts[i]``, rows found by a boolean mask, weights summed over slots."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = ExpertBank()
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.k)
+        out = torch.zeros_like(t)
+        for i in range(self.experts.num_experts):
+            chosen = indices == i
+            rows = chosen.any(dim=-1).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            weight = (weights * chosen)[rows].sum(dim=-1, keepdim=True)
+            out[rows] += weight * self.experts.experts[i](t[rows])
+        return out.reshape(x.shape)
+
+
+class PackedEinsumMoE(nn.Module):
+    """Reference inference code with packed weights on the block: ``W[idx, ...]`` gathered per slot, einsum,
+    biases, interleaved gate/up and a clamped SwiGLU."""
+
+    def __init__(self, alpha: float = 1.702, limit: float = 2.0):
+        super().__init__()
+        self.experts_per_token, self.alpha, self.limit = TOP_K, alpha, limit
+        self.gate = nn.Linear(HIDDEN, EXPERTS)
+        self.mlp1_weight = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.mlp1_bias = nn.Parameter(torch.empty(EXPERTS, 2 * INTER))
+        self.mlp2_weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.mlp2_bias = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        top = torch.topk(self.gate(t), k=self.experts_per_token, dim=-1, sorted=True)
+        expert_weights = F.softmax(top.values, dim=1)
+        expert_indices = top.indices
+        mlp1_weight = self.mlp1_weight[expert_indices, ...]
+        mlp1_bias = self.mlp1_bias[expert_indices, ...]
+        h = torch.einsum("beck,bk->bec", mlp1_weight, t) + mlp1_bias
+        h = _swiglu_clamped(h, self.alpha, self.limit)
+        mlp2_weight = self.mlp2_weight[expert_indices, ...]
+        mlp2_bias = self.mlp2_bias[expert_indices, ...]
+        h = torch.einsum("beck,bek->bec", mlp2_weight, h) + mlp2_bias
+        return torch.einsum("bec,be->bc", h, expert_weights).reshape(x.shape)
+
+
+class SplitExperts(nn.Module):
+    """Training framework experts: called with rows sorted by expert and per-expert counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlps = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, rows, counts):
+        chunks = torch.split(rows, counts.tolist())
+        return torch.cat([mlp(chunk) for mlp, chunk in zip(self.mlps, chunks)])
+
+
+class SortedSplitMoE(nn.Module):
+    """Training framework: slots sorted by expert with ``argsort``, experts run through a split loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = EXPERTS, TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = SplitExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k)
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token = order // self.top_k
+        out = self.experts(t[token], counts) * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(t).index_add_(0, token, out).reshape(x.shape)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Pure-torch stand-in for a grouped matmul: rows ``offsets[i-1]:offsets[i]`` times ``w[i]``."""
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for i, end in enumerate(offsets.tolist()):
+        out[start:end] = x[start:end] @ w[i]
+        start = end
+    return out
+
+
+class GroupedExperts(nn.Module):
+    """Training framework grouped experts: packed ``w1, w3 [E, H, I]``, ``w2 [E, I, H]``, grouped matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, rows, counts):
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = F.silu(grouped_mm(rows, self.w1, offsets)) * grouped_mm(rows, self.w3, offsets)
+        return grouped_mm(h, self.w2, offsets)
+
+
+class GroupedMatmulMoE(nn.Module):
+    """Training framework: sigmoid router with a load-balancing selection bias, sorted rows, grouped matmul."""
+
+    def __init__(self, route_scale: float = 2.0):
+        super().__init__()
+        self.num_experts, self.top_k, self.route_scale = EXPERTS, TOP_K, route_scale
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.register_buffer("expert_bias", torch.empty(EXPERTS))
+        self.experts = GroupedExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        scores = torch.sigmoid(self.router(t).float())
+        _, indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+        weights = scores.gather(1, indices)
+        weights = (weights / weights.sum(dim=-1, keepdim=True) * self.route_scale).to(t.dtype)
+        flat = indices.reshape(-1)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        order = torch.argsort(flat, stable=True)
+        out = self.experts(t[order // self.top_k], counts)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        return (unsorted.view(-1, self.top_k, t.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1).reshape(x.shape)
+
+
+class DetachedScoreMoE(nn.Module):
+    """Research code: every expert runs on every token, its input scaled by a detached routing score."""
+
+    def __init__(self):
+        super().__init__()
+        self.top_k = TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        logits = self.router(t)
+        values, indices = torch.topk(logits, self.top_k, dim=-1)
+        scores = torch.zeros_like(logits).scatter(1, indices, torch.sigmoid(values))
+        out = torch.zeros_like(t)
+        for i, expert in enumerate(self.experts):
+            out = out + expert(t * scores[:, i:i + 1].detach())
+        return out.reshape(x.shape)
+
+
+class EinsumExperts(nn.Module):
+    """Packed experts applied to ``[batch, experts, capacity, dim]`` dispatched inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, x):
+        hidden = F.gelu(torch.einsum("...nd,...dh->...nh", x, self.w1))
+        return torch.einsum("...nh,...hd->...nd", hidden, self.w2)
+
+
+def _slot_one_hot(position: torch.Tensor, capacity: int) -> torch.Tensor:
+    """One-hot of each token's slot in its expert; all zeros for a token past capacity."""
+    return F.one_hot(position.long().clamp(max=capacity), capacity + 1)[..., :capacity]
+
+
+class GShardTop2MoE(nn.Module):
+    """Research library: GShard top-2 gating with capacity, dispatch and combine tensors, einsum experts."""
+
+    def __init__(self, capacity_factor: float = 1.25, min_capacity: int = 4, eps: float = 1e-9):
+        super().__init__()
+        self.num_experts, self.eps = EXPERTS, eps
+        self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
+        self.w_gating = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.experts = EinsumExperts()
+
+    def forward(self, x):
+        b, n, d, e = *x.shape, self.num_experts
+        raw_gates = torch.einsum("bnd,de->bne", x, self.w_gating).softmax(dim=-1)
+        gate_1, index_1 = raw_gates.max(dim=-1)
+        mask_1 = F.one_hot(index_1, e).to(x.dtype)
+        gate_2, index_2 = (raw_gates * (1.0 - mask_1)).max(dim=-1)
+        mask_2 = F.one_hot(index_2, e).to(x.dtype)
+        denom = gate_1 + gate_2 + self.eps
+        gate_1, gate_2 = gate_1 / denom, gate_2 / denom
+        capacity = max(min(n, int(n * self.capacity_factor / e)), self.min_capacity)
+        position_1 = (torch.cumsum(mask_1, dim=-2) - mask_1) * mask_1
+        mask_1 = mask_1 * (position_1 < capacity).to(x.dtype)
+        count_1 = mask_1.sum(dim=-2, keepdim=True)
+        position_2 = (torch.cumsum(mask_2, dim=-2) - mask_2 + count_1) * mask_2
+        mask_2 = mask_2 * (position_2 < capacity).to(x.dtype)
+        gate_1, gate_2 = gate_1 * mask_1.sum(dim=-1), gate_2 * mask_2.sum(dim=-1)
+        combine = (gate_1[..., None, None] * F.one_hot(index_1, e)[..., None]
+                   * _slot_one_hot(position_1.sum(dim=-1), capacity)[..., None, :]
+                   + gate_2[..., None, None] * F.one_hot(index_2, e)[..., None]
+                   * _slot_one_hot(position_2.sum(dim=-1), capacity)[..., None, :])
+        dispatch = combine.bool().to(x.dtype)
+        expert_inputs = torch.einsum("bnd,bnec->becd", x, dispatch)
+        expert_outputs = self.experts(expert_inputs)
+        return torch.einsum("becd,bnec->bnd", expert_outputs, combine)
+
+
+class HierarchicalMoE(nn.Module):
+    """Research library: two-level gating, a top-1 group, then top-k experts of that group's own gate."""
+
+    def __init__(self, groups: int = 2, per_group: int = 4):
+        super().__init__()
+        self.groups, self.per_group, self.k = groups, per_group, TOP_K
+        self.outer_gate = nn.Linear(HIDDEN, groups, bias=False)
+        self.inner_gates = nn.Parameter(torch.empty(groups, HIDDEN, per_group))
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(groups * per_group))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        group_weight, group = self.outer_gate(t).softmax(dim=-1).max(dim=-1)
+        inner = torch.einsum("th,the->te", t, self.inner_gates[group]).softmax(dim=-1)
+        inner_weight, inner_index = inner.topk(self.k, dim=-1)
+        weights = group_weight[:, None] * inner_weight
+        indices = group[:, None] * self.per_group + inner_index
+        return _loop_experts(t, weights, indices, self.experts).reshape(x.shape)
+
+
+class DecodeBranchMoE(nn.Module):
+    """Inference code with a one-token (decode) fast path beside the multi-token loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.top_k = TOP_K
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.view(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.gate(t), self.top_k)
+        if t.shape[0] == 1:
+            out = torch.zeros_like(t)
+            for j in range(self.top_k):
+                out = out + weights[:, j:j + 1] * self.experts[int(indices[0, j])](t)
+            return out.view_as(x)
+        return _loop_experts(t, weights, indices, self.experts).view_as(x)
+
+
+class DecodeGatherMoE(nn.Module):
+    """Inference code with packed experts: many tokens run a where loop; one token (decode) gathers its k
+    experts' weights (``w1[indices[0]]``) and contracts them by einsum."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = EXPERTS, TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k)
+        if t.shape[0] == 1:
+            w1, w2, w3 = self.w1[indices[0]], self.w2[indices[0]], self.w3[indices[0]]
+            h = F.silu(torch.einsum("kih,h->ki", w1, t[0])) * torch.einsum("kih,h->ki", w3, t[0])
+            return (weights[0] @ torch.einsum("khi,ki->kh", w2, h)).reshape(x.shape)
+        out = torch.zeros_like(t)
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            rows = t[token]
+            h = F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e])
+            out.index_add_(0, token, F.linear(h, self.w2[e]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+class NormedPackedExperts(nn.Module):
+    """Packed experts, each with its own RMS norm after the down projection (before the weighting)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.num_experts, self.eps = EXPERTS, eps
+        self.gate_up_proj = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.down_proj = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.post_norm_weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+
+    def forward(self, t, indices, weights):
+        out = torch.zeros_like(t)
+        mask = F.one_hot(indices, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(t[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.down_proj[e])
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.post_norm_weight[e]
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return out
+
+
+class PostNormMoE(nn.Module):
+    """Remote code: packed experts with a per-expert norm after the down projection; returns the logits too."""
+
+    def __init__(self):
+        super().__init__()
+        self.top_k = TOP_K
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = NormedPackedExperts()
+
+    def forward(self, hidden_states):
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        router_logits = self.gate(t)
+        weights, indices = _softmax_topk(router_logits, self.top_k)
+        return self.experts(t, indices, weights).reshape(hidden_states.shape), router_logits
+
+
+class ZeroIdentityMoE(nn.Module):
+    """Remote code: real experts mixed with a zero expert and an identity expert in one list."""
+
+    def __init__(self, real: int = 4):
+        super().__init__()
+        self.top_k = TOP_K
+        self.experts = nn.ModuleList([*(SwiGLUExpert() for _ in range(real)), ZeroExpert(), nn.Identity()])
+        self.router = nn.Linear(HIDDEN, len(self.experts), bias=False)
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k, renormalize=False)
+        return _loop_experts(t, weights, indices, self.experts).reshape(x.shape)
+
+
+class TupleExpertsMoE(nn.Module):
+    """Research code: experts return ``(output, pre-activation)``; the block keeps the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.top_k = TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(TupleExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k, renormalize=False)
+        out = torch.zeros_like(t)
+        for i, expert in enumerate(self.experts):
+            token, slot = torch.where(indices == i)
+            y, _ = expert(t[token])
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+class ModalityMoE(nn.Module):
+    """Remote code of a multimodal model: text and image tokens (``token_type_ids``) each have their own
+    router and experts."""
+
+    def __init__(self, per_modality: int = 4):
+        super().__init__()
+        self.top_k = TOP_K
+        self.text_router = nn.Linear(HIDDEN, per_modality, bias=False)
+        self.text_experts = nn.ModuleList(SwiGLUExpert() for _ in range(per_modality))
+        self.image_router = nn.Linear(HIDDEN, per_modality, bias=False)
+        self.image_experts = nn.ModuleList(SwiGLUExpert() for _ in range(per_modality))
+
+    def forward(self, hidden_states, token_type_ids):
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        types = token_type_ids.reshape(-1)
+        out = torch.zeros_like(t)
+        pairs = ((self.text_router, self.text_experts), (self.image_router, self.image_experts))
+        for kind, (router, experts) in enumerate(pairs):
+            rows = (types == kind).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            weights, indices = _softmax_topk(router(t[rows]), self.top_k)
+            out[rows] = _loop_experts(t[rows], weights, indices, experts)
+        return out.reshape(hidden_states.shape)
+
+
+class ExpertIdLinearMoE(nn.Module):
+    """Research library: one module per projection holding every expert's weight, called with the expert id."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = EXPERTS, TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.gate_proj = ExpertIdLinear(EXPERTS, HIDDEN, INTER)
+        self.up_proj = ExpertIdLinear(EXPERTS, HIDDEN, INTER)
+        self.down_proj = ExpertIdLinear(EXPERTS, INTER, HIDDEN)
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k)
+        out = torch.zeros_like(t)
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            rows = t[token]
+            y = self.down_proj(F.silu(self.gate_proj(rows, e)) * self.up_proj(rows, e), e)
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+class TopKRouter(nn.Module):
+    """Megatron-style router: top-k of the logits, softmax over the k, returned as a dense probability map
+    and a boolean routing map ``[tokens, experts]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.topk = TOP_K
+        self.weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+
+    def forward(self, hidden):
+        logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), self.weight)
+        values, top_indices = torch.topk(logits, self.topk, dim=1)
+        probs = torch.zeros_like(logits).scatter(1, top_indices, torch.softmax(values, dim=-1))
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, top_indices, True)
+        return probs, routing_map
+
+
+class GroupedMLP(nn.Module):
+    """Megatron-style grouped MLP: one packed ``weight1 [H, E * 2I]`` and ``weight2 [E * I, H]``, viewed per expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_local_experts = EXPERTS
+        self.weight1 = nn.Parameter(torch.empty(HIDDEN, EXPERTS * 2 * INTER))
+        self.weight2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, permuted, tokens_per_expert):
+        w1 = self.weight1.view(self.num_local_experts, HIDDEN, -1)
+        w2 = self.weight2.view(self.num_local_experts, -1, HIDDEN)
+        outs = []
+        for e, rows in enumerate(torch.split(permuted, tokens_per_expert.tolist())):
+            gate, up = torch.chunk(rows @ w1[e], 2, dim=-1)
+            outs.append((F.silu(gate) * up) @ w2[e])
+        return torch.cat(outs)
+
+
+class MegatronMoELayer(nn.Module):
+    """Training framework (Megatron style): ``[seq, batch, hidden]`` inputs, tokens permuted by a routing map,
+    a grouped MLP, probabilities applied on unpermute; returns ``(output, bias)`` with no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = TopKRouter()
+        self.experts = GroupedMLP()
+
+    def forward(self, hidden_states):
+        probs, routing_map = self.router(hidden_states)
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        map_t = routing_map.T.contiguous()
+        token_index = torch.arange(t.shape[0], device=t.device).unsqueeze(0).expand(map_t.shape[0], -1)
+        sorted_index = token_index.masked_select(map_t)
+        permuted = t.index_select(0, sorted_index)
+        out = self.experts(permuted, routing_map.sum(dim=0))
+        out = out * probs.T.contiguous().masked_select(map_t).unsqueeze(-1)
+        combined = torch.zeros_like(t).scatter_add_(0, sorted_index.unsqueeze(1).expand(-1, t.shape[-1]), out)
+        return combined.view(hidden_states.shape), None
+
+
+def sparsemixer_top2(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparsemixer routing (eval): argmax, then argmax of the rest; each weight a softmax over the scores
+    within a relative distance of its winner."""
+    weights, chosen = [], []
+    masked = scores
+    for _ in range(2):
+        with torch.no_grad():
+            threshold, index = masked.max(dim=-1, keepdim=True)
+            factor = scores.abs().clamp(min=threshold.abs())
+            far = (threshold - scores) / factor > 2 * eps
+        weights.append(masked.masked_fill(far, float("-inf")).softmax(dim=-1).gather(-1, index))
+        chosen.append(index)
+        masked = masked.scatter(-1, index, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(chosen, dim=-1)
+
+
+class SparseMixerMoE(nn.Module):
+    """Remote code of a hub model: sparsemixer routing (argmax, then masked argmax: k = 2), one-hot loop."""
+
+    def __init__(self, eps: float = 0.3):
+        super().__init__()
+        self.num_experts, self.eps = EXPERTS, eps
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, hidden_states):
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, selected = sparsemixer_top2(self.gate(t), self.eps)
+        out = torch.zeros_like(t)
+        mask = F.one_hot(selected, num_classes=self.num_experts).permute(2, 1, 0)
+        for e in range(self.num_experts):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            out.index_add_(0, token, self.experts[e](t[token]) * weights[token, slot, None])
+        return out.reshape(hidden_states.shape)
+
+
+class PackedLoopMoE(nn.Module):
+    """Hand-written packed experts on the block (``gate_up [E, 2I, H]``, ``down [E, H, I]``), a where loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts, self.top_k = EXPERTS, TOP_K
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.gate_up = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.down = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _softmax_topk(self.router(t), self.top_k)
+        out = torch.zeros_like(t)
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            gate, up = F.linear(t[token], self.gate_up[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, F.linear(F.silu(gate) * up, self.down[e]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+class DecoderLayer(nn.Module):
+    """An ordinary pre-norm decoder layer: a token mixer (a Linear standing in for attention), then the MoE."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_norm = nn.RMSNorm(HIDDEN, eps=1e-6)
+        self.mixer = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.post_norm = nn.RMSNorm(HIDDEN, eps=1e-6)
+        self.moe = PackedLoopMoE()
+
+    def forward(self, h):
+        h = h + self.mixer(self.input_norm(h))
+        return h + self.moe(self.post_norm(h))
+
+
+class LayersModel(nn.Module):
+    """Decoder layers in an ``nn.ModuleList``, looped over, then a final norm."""
+
+    def __init__(self, layers: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer() for _ in range(layers))
+        self.norm = nn.RMSNorm(HIDDEN, eps=1e-6)
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.norm(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entries
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _token_types(batch: int, seq: int, generator: torch.Generator) -> dict:
+    return {"token_type_ids": torch.randint(0, 2, (batch, seq), generator=generator)}
+
+
+@dataclass(frozen=True)
+class CorpusEntry:
+    """One block of the corpus.
+
+    Attributes:
+        name: identifier.
+        style: the kind of public code it imitates, in words.
+        patterns: numbers of issue 19's code patterns (1-8) it exercises; empty for the cases listed
+            outside that list (non-Linear experts, blocks inside decoder layers) and the baselines.
+        make: builds the module (uninitialised); :meth:`build` initialises it.
+        num_experts: routing choices (identity and zero experts included).
+        top_k: experts each token is routed to.
+        blocks: paths of the MoE blocks inside the module (``""``: the module is the block).
+        seq_first: inputs are ``[seq, batch, hidden]`` (else ``[batch, seq, hidden]``).
+        extra_inputs: keyword inputs beyond the hidden states, from ``(batch, seq, generator)``.
+    """
+
+    name: str
+    style: str
+    patterns: tuple[int, ...]
+    make: Callable[[], nn.Module]
+    num_experts: int = EXPERTS
+    top_k: int = TOP_K
+    blocks: tuple[str, ...] = ("",)
+    seq_first: bool = False
+    extra_inputs: Callable[[int, int, torch.Generator], dict] | None = None
+
+    def build(self, seed: int = 0) -> nn.Module:
+        """The module with seeded normal weights, in eval mode."""
+        torch.manual_seed(seed)  # nothing should draw from it; kept fixed in case a constructor does
+        return init_normal(self.make(), seed)
+
+    def inputs(self, batch: int = 2, seq: int = 5, seed: int = 0) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` for the module's forward: standard-normal hidden states and the extra inputs."""
+        generator = torch.Generator().manual_seed(seed)
+        shape = (seq, batch, HIDDEN) if self.seq_first else (batch, seq, HIDDEN)
+        hidden = torch.randn(shape, generator=generator)
+        return (hidden,), (self.extra_inputs(batch, seq, generator) if self.extra_inputs else {})
+
+
+def _entries(*entries: CorpusEntry) -> dict[str, CorpusEntry]:
+    return {entry.name: entry for entry in entries}
+
+
+_REFERENCE = "reference inference code of an open-weight MoE model"
+_TRAINING = "training framework grouped experts"
+_RESEARCH = "research library MoE layer"
+_REMOTE = "remote code of a hub model"
+
+ENTRIES: dict[str, CorpusEntry] = _entries(
+    CorpusEntry("deepseek_reference", f"{_REFERENCE}: custom Linear class (F.linear), a Gate module, "
+                "bincount skip, torch.where loop, shared experts", (1,), ReferenceMoE),
+    CorpusEntry("mixtral_reference", f"{_REFERENCE}: topk of the logits, softmax over the k, "
+                "torch.where(selected == i) loop", (), MixtralReferenceMoE),
+    CorpusEntry("gating_multiplier", f"{_REMOTE}: experts with a gating-multiplier parameter beside their Linears",
+                (1,), MultipliedExpertsMoE),
+    CorpusEntry("nested_experts", f"{_RESEARCH}: experts one level deeper (self.experts.experts[i]), "
+                "boolean row masks", (1,), NestedExpertsMoE),
+    CorpusEntry("packed_einsum_swiglu", f"{_REFERENCE}: packed weights on the block gathered by W[idx, ...], "
+                "einsum, biases, interleaved gate/up, clamped SwiGLU", (2,), PackedEinsumMoE),
+    CorpusEntry("sorted_split", f"{_TRAINING}: argsort by expert, experts called with (rows, counts), "
+                "torch.split loop", (3,), SortedSplitMoE),
+    CorpusEntry("sorted_grouped_mm", f"{_TRAINING}: argsort by expert, grouped matmul over packed weights and "
+                "offsets, sigmoid router with a selection bias", (3,), GroupedMatmulMoE),
+    CorpusEntry("detached_score_dense", f"{_RESEARCH}: every expert on every token, input scaled by a "
+                "detached routing score", (4,), DetachedScoreMoE),
+    CorpusEntry("gshard_top2", f"{_RESEARCH}: GShard top-2 with capacity, dispatch/combine einsums, "
+                "b, n, d, e = *x.shape, e", (5,), GShardTop2MoE),
+    CorpusEntry("hierarchical", f"{_RESEARCH}: two-level gating (top-1 group, then top-k in the group)", (5,),
+                HierarchicalMoE, num_experts=8),
+    CorpusEntry("decode_branch", f"{_REFERENCE}: a separate single-token (decode) branch", (6,), DecodeBranchMoE),
+    CorpusEntry("decode_gather", f"{_REFERENCE}: packed experts; one token gathers its k experts' weights "
+                "(w1[indices[0]]) and contracts them by einsum, many tokens run a where loop", (2, 6), DecodeGatherMoE),
+    CorpusEntry("expert_post_norm", f"{_REMOTE}: packed experts with a per-expert norm after the down "
+                "projection; returns (out, router_logits)", (7,), PostNormMoE),
+    CorpusEntry("zero_identity_experts", f"{_REMOTE}: zero and identity experts in the expert list", (8,),
+                ZeroIdentityMoE),
+    CorpusEntry("tuple_experts", f"{_RESEARCH}: experts returning (output, pre-activation)", (8,), TupleExpertsMoE),
+    CorpusEntry("modality_experts", f"{_REMOTE}: text and image expert sets chosen by token_type_ids", (8,),
+                ModalityMoE, num_experts=8, extra_inputs=_token_types),
+    CorpusEntry("expert_id_linears", f"{_RESEARCH}: per-projection modules called with the expert id", (8,),
+                ExpertIdLinearMoE),
+    CorpusEntry("megatron_grouped", "training framework (Megatron style): [seq, batch, hidden], routing map "
+                "permute/unpermute, grouped-MLP views of one packed weight, returns (out, None)", (3, 8),
+                MegatronMoELayer, seq_first=True),
+    CorpusEntry("sparsemixer", f"{_REMOTE}: sparsemixer routing (argmax, then masked argmax)", (8,),
+                SparseMixerMoE),
+    CorpusEntry("param_matmul_experts", f"{_RESEARCH}: experts of raw nn.Parameter matmuls (x @ W)", (),
+                lambda: MixtralReferenceMoE(ParamExpert)),
+    CorpusEntry("conv1d_experts", f"{_RESEARCH}: experts of kernel-1 Conv1d", (),
+                lambda: MixtralReferenceMoE(ConvExpert)),
+    CorpusEntry("packed_loop", "hand-written packed experts on the block, where loop (the block the decoder "
+                "layers below hold)", (), PackedLoopMoE),
+    CorpusEntry("decoder_layer", "a pre-norm decoder layer holding the packed block (h + self.moe(self.norm(h)))",
+                (), DecoderLayer, blocks=("moe",)),
+    CorpusEntry("sequential_layers", "three such decoder layers in an nn.Sequential", (),
+                lambda: nn.Sequential(*(DecoderLayer() for _ in range(3))), blocks=("0.moe", "1.moe", "2.moe")),
+    CorpusEntry("modulelist_model", "three such decoder layers in an nn.ModuleList model with a final norm", (),
+                LayersModel, blocks=("layers.0.moe", "layers.1.moe", "layers.2.moe")),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Silent(AssertionError):
+    """autocal returned, but left a block unconverted (or unreported) without a word."""
+
+
+class Mismatch(AssertionError):
+    """autocal returned a result that is wrong: an output, a coverage or a reported k."""
+
+
+class Holder(nn.Module):
+    """A user's model around the entry's module, with an explicit signature (no ``**kwargs``)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states):
+        return self.block(hidden_states)
+
+
+class TypedHolder(Holder):
+    """A user's model around a module that also takes ``token_type_ids``."""
+
+    def forward(self, hidden_states, token_type_ids):
+        return self.block(hidden_states, token_type_ids=token_type_ids)
+
+
+class Mixed(nn.Module):
+    """A model holding a block autocal converts (a toy Qwen3-MoE block) before the entry's module."""
+
+    def __init__(self, block: nn.Module, seed: int):
+        super().__init__()
+        self.toy = make_toy_block(ToyMoEConfig(hidden_size=HIDDEN), seed=seed)
+        self.block = block
+
+    def forward(self, hidden_states):
+        return self.block(hidden_states + self.toy(hidden_states))
+
+
+class TypedMixed(Mixed):
+    def forward(self, hidden_states, token_type_ids):
+        return self.block(hidden_states + self.toy(hidden_states), token_type_ids=token_type_ids)
+
+
+def _holder(entry: CorpusEntry, seed: int) -> nn.Module:
+    return (TypedHolder if entry.extra_inputs else Holder)(entry.build(seed))
+
+
+def _mixed(entry: CorpusEntry, seed: int) -> nn.Module:
+    return (TypedMixed if entry.extra_inputs else Mixed)(entry.build(seed), seed)
+
+
+def _cases(entry: CorpusEntry) -> list[tuple[tuple, dict]]:
+    """Inputs the checks run: one token, and two sequences of several."""
+    return [entry.inputs(batch, seq, seed=7 + seq) for batch, seq in ((1, 1), (2, 5), (1, 9))]
+
+
+def _set_calibration(model: nn.Module, on: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, MoECalibrationModule):
+            module.calibrate_all_experts = on
+
+
+def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Calibration off: bitwise the original's output. On: within ``autocal.verify`` tolerances, and every
+    expert Linear of every calibration module sees every token once. Raises :class:`Mismatch` otherwise."""
+    tokens = args[0].numel() // args[0].shape[-1]
+    with torch.no_grad():
+        expected = original(*args, **kwargs)
+        _set_calibration(converted, False)
+        off = converted(*args, **kwargs)
+        diff, bitwise, _ = compare_outputs(expected, off)
+        if not bitwise:
+            raise Mismatch(f"calibration off differs from the original ({tokens} tokens): max |diff| {diff:.3g}")
+        _set_calibration(converted, True)
+        linears = expert_linears(converted)
+        with count_rows(linears) as rows:
+            on = converted(*args, **kwargs)
+    diff, _, close = compare_outputs(expected, on)
+    if not close:
+        raise Mismatch(f"calibration on differs from the original ({tokens} tokens): max |diff| {diff:.3g}")
+    if not linears:
+        raise Mismatch("no expert Linear to calibrate in the calibration module")
+    short = {name: n for name, n in rows.items() if n != tokens}
+    if short:
+        raise Mismatch(f"{len(short)} of {len(linears)} expert Linears did not see each of the {tokens} tokens "
+                       f"once, e.g. {next(iter(short))}: {next(iter(short.values()))}")
+
+
+def check_synthesize(entry: CorpusEntry, cases: list[tuple[tuple, dict]] | None = None, seed: int = 0) -> None:
+    """``synthesize`` of the (first) MoE block in the entry's module, checked on ``cases`` (default: 1, 10 and
+    9 tokens)."""
+    path = entry.blocks[0]
+    original = entry.build(seed).get_submodule(path)
+    module = synthesize(entry.build(seed).get_submodule(path))
+    for args, kwargs in cases or _cases(entry):
+        equivalent(original, module, args, kwargs)
+
+
+def _converted(model: nn.Module, paths: list[str]) -> None:
+    left = [path for path in paths if not isinstance(model.get_submodule(path), MoECalibrationModule)]
+    if left:
+        raise Silent(f"convert returned without converting {', '.join(left)}")
+
+
+def _example(args: tuple, kwargs: dict) -> dict:
+    return {"hidden_states": args[0], **kwargs}
+
+
+def check_convert(entry: CorpusEntry, with_example: bool = False, seed: int = 0) -> None:
+    """``convert`` of a model holding the entry's module (with its example inputs, or without where it can)."""
+    model = _holder(entry, seed)
+    with_example = with_example or entry.extra_inputs is not None
+    convert(model, example_inputs=_example(*entry.inputs(seed=3)) if with_example else None)
+    _converted(model, [f"block.{p}".rstrip(".") for p in entry.blocks])
+    for args, kwargs in _cases(entry):
+        equivalent(_holder(entry, seed), model, args, kwargs)
+
+
+def check_mixed(entry: CorpusEntry, seed: int = 0) -> None:
+    """``convert`` of a model that also holds a block autocal converts; example inputs only where the entry
+    needs more than hidden states."""
+    model = _mixed(entry, seed)
+    example = _example(*entry.inputs(seed=3)) if entry.extra_inputs is not None else None
+    convert(model, example_inputs=example)
+    _converted(model, ["toy", *(f"block.{p}".rstrip(".") for p in entry.blocks)])
+    for args, kwargs in _cases(entry):
+        equivalent(_mixed(entry, seed), model, args, kwargs)
+
+
+def check_explain_k(entry: CorpusEntry, seed: int = 0) -> None:
+    """``explain`` (without verification) lists every MoE block of the entry with its true k."""
+    example = _example(*entry.inputs(seed=3)) if entry.extra_inputs is not None else None
+    report = explain(_holder(entry, seed), verify=False, example_inputs=example)
+    for path in (f"block.{p}".rstrip(".") for p in entry.blocks):
+        block = next((b for b in report.blocks if path in b.paths), None)
+        if block is None:
+            raise Silent(f"explain lists no block at {path} (it lists {[b.paths for b in report.blocks]})")
+        if block.failure:
+            raise errors.AutocalError(block.failure["kind"], block.failure["explanation"], block.block_class,
+                                      path, block.failure.get("source"))
+        if block.top_k != entry.top_k:
+            raise Mismatch(f"explain reports k = {block.top_k} at {path}; the block routes each token to "
+                           f"{entry.top_k} experts")
+
+
+CHECKS: dict[str, Callable[[CorpusEntry], None]] = {
+    "synthesize": check_synthesize,
+    "convert": check_convert,
+    "convert(example)": lambda entry: check_convert(entry, with_example=True),
+    "mixed model": check_mixed,
+    "explain k": check_explain_k,
+}
+
+
+def outcome(check: Callable[[CorpusEntry], None], entry: CorpusEntry) -> str:
+    """``pass``, ``<AutocalError kind>: ...``, ``silent: ...``, ``wrong: ...`` or ``raw <exception type>: ...``."""
+    try:
+        check(entry)
+    except errors.AutocalError as error:
+        return f"{error.kind}: {error.explanation}" + (f" ({error.source})" if error.source else "")
+    except Silent as error:
+        return f"silent: {error}"
+    except Mismatch as error:
+        return f"wrong: {error}"
+    except Exception as error:  # the measurement: a raw exception is a finding, named by its type
+        return f"raw {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return "pass"

@@ -1,0 +1,89 @@
+"""Errors a new user meets name the real problem (issue 17, item 6).
+
+Each case used to surface as an error of another kind, or as a bare exception from
+deep inside: the error now has the kind that fits, keeps what was raised as its
+``__cause__`` where something was raised, and its next step fits the kind.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import autocal
+from autocal.integrations import llmcompressor as alc
+from autocal.testing import zoo
+from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
+
+
+def test_experts_in_another_dtype_than_the_router_name_the_dtypes_and_keep_the_error():
+    model = zoo.build_model("qwen3_moe")
+    for layer in model.model.layers:
+        layer.mlp.experts.to(torch.bfloat16)
+    with pytest.raises(autocal.AutocalError) as caught:
+        autocal.convert(model)
+    error = caught.value
+    assert error.kind == autocal.errors.TRACE_FAILED
+    assert "bfloat16 (experts)" in error.explanation and "float32 (gate)" in error.explanation
+    assert isinstance(error.__cause__, RuntimeError) and "dtype" in str(error.__cause__)
+    assert str(error.__cause__) in error.explanation
+    assert any("one dtype" in hint for hint in error.hints)
+
+
+@pytest.mark.parametrize("entry", ["convert", "explain"])
+def test_example_inputs_that_are_not_a_dict_are_a_bad_input(entry):
+    model = zoo.build_model("qwen3_moe")
+    ids = zoo.example_inputs(model)["input_ids"]
+    with pytest.raises(autocal.AutocalError) as caught:
+        getattr(autocal, entry)(model, example_inputs=ids)
+    assert caught.value.kind == autocal.errors.BAD_INPUT
+    assert "example_inputs is a Tensor" in caught.value.explanation and "dict" in caught.value.explanation
+    assert not any(isinstance(m, autocal.MoECalibrationModule) for m in model.modules())
+
+
+def test_a_tokenizer_style_mapping_is_taken_as_example_inputs():
+    from collections import UserDict  # transformers' BatchEncoding is a UserDict
+
+    model = zoo.build_model("qwen3_moe")
+    autocal.convert(model, example_inputs=UserDict(zoo.example_inputs(model)))
+    assert isinstance(model.model.layers[0].mlp, autocal.MoECalibrationModule)
+
+
+def test_explain_reports_converted_blocks_as_converted_with_their_original_class():
+    model = zoo.build_model("qwen3_moe")
+    original = type(model.model.layers[0].mlp).__name__
+    autocal.convert(model)
+    report = autocal.explain(model)
+    assert report.successful(), str(report)
+    (block,) = report.blocks
+    assert block.converted and block.block_class == original
+    assert block.calibration_class == type(model.model.layers[0].mlp).__name__
+    assert block.paths == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert "already converted by autocal" in str(report) and "FAILED" not in str(report)
+
+
+def test_explain_next_step_fits_the_kind():
+    block = make_toy_block(ToyMoEConfig())
+    block.experts.forward = block.experts.forward  # a replaced forward on the instance, as accelerate's hooks do
+    report = autocal.explain(nn.Sequential(block))
+    (entry,) = report.blocks
+    assert entry.failure["kind"] == autocal.errors.HOOKED_MODULE
+    next_steps = [line for line in str(report).splitlines() if line.lstrip().startswith("next:")]
+    assert next_steps and all("before dispatching" in line for line in next_steps), str(report)
+    assert "register" not in str(report)
+
+
+def test_next_steps_of_each_kind():
+    assert autocal.errors.next_steps(autocal.errors.UNSUPPORTED_DISPATCH, "X") == [autocal.errors.override_hint("X")]
+    assert autocal.errors.next_steps(autocal.errors.UNSUPPORTED_DISPATCH, "X", ["own hint"]) == ["own hint"]
+    for kind in (autocal.errors.HOOKED_MODULE, autocal.errors.TRACE_FAILED, autocal.errors.BAD_INPUT):
+        assert "register" not in autocal.errors.next_steps(kind, "X")[0]
+
+
+def test_saving_a_model_that_was_never_prepared_says_to_prepare_it(tmp_path):
+    model = zoo.build_model("qwen3_moe")
+    target = tmp_path / "never-written"
+    with pytest.raises(autocal.AutocalError) as caught:
+        alc.save_pretrained(model, target, save_compressed=False)
+    assert caught.value.kind == autocal.errors.BAD_INPUT
+    assert any("autocal_lc.prepare(model)" in hint for hint in caught.value.hints)
+    assert not target.exists()

@@ -1,0 +1,141 @@
+"""The rule table (autocal/rules.py) against the pattern catalogue (autocal/testing/patterns.py).
+
+Each pattern matches the rule it declares, and converts to a module whose output is the original's;
+every rule has a pattern; a block no rule matches gets every rule's reason, in explain and in the error.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import autocal
+from autocal.detect.plans import NoMatch, OverridePlan, Plan
+from autocal.rules import OVERRIDE, RULES, decide, find_moe_blocks
+from autocal.testing.patterns import PATTERNS
+from autocal.testing.toy_moe import main_output
+from autocal.verify import compare_outputs
+
+RULE = {r.name: r for r in RULES}
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_each_pattern_matches_its_rule(name):
+    pattern = PATTERNS[name]
+    block = pattern.make()
+    decision = decide(block)
+    assert type(decision.plan) is RULE[pattern.rule].plan
+    assert decision.rule is RULE[pattern.rule]
+    tried = [v for v in decision.verdicts if v.result is not None]
+    assert tried[-1].matched and not any(v.matched for v in tried[:-1]), "the first plan wins"
+    assert all(isinstance(v.result, NoMatch) for v in tried[:-1])
+    x = pattern.example()
+    with torch.no_grad():
+        expected = block(x)
+        module = autocal.synthesize(block)
+        module.calibrate_all_experts = False
+        off = module(x)
+        module.calibrate_all_experts = True
+        on = module(x)
+    assert torch.equal(main_output(off), main_output(expected))
+    assert compare_outputs(main_output(expected), main_output(on))[2]
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_each_pattern_is_found_as_a_block(name):
+    """Once: the block, or the child holding its experts where the block uses them through other methods
+    (``convert`` then moves up to the module whose forward the example inputs call)."""
+    model = nn.Sequential(PATTERNS[name].make())
+    found = [path for path, _ in find_moe_blocks(model)]
+    assert found == ["0"] or (len(found) == 1 and found[0].startswith("0."))
+
+
+def test_every_rule_has_a_pattern_and_every_pattern_a_rule():
+    declared = {p.rule for p in PATTERNS.values()}
+    assert declared == set(RULE), f"rules without a pattern: {set(RULE) - declared}; unknown: {declared - set(RULE)}"
+
+
+def test_a_rule_is_named_by_its_plan_type():
+    assert len(RULE) == len(RULES), "one rule per plan type"
+    assert all(issubclass(r.plan, Plan) and r.name == r.plan.level for r in (OVERRIDE, *RULES))
+    assert all(r.source.startswith("autocal/rules.py:") for r in (OVERRIDE, *RULES))
+
+
+class _PackedButUnrouted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
+        self.down_proj = nn.Parameter(torch.randn(4, 4, 4))
+
+    def forward(self, hidden_states):
+        return hidden_states * self.gate_up_proj.mean()
+
+
+class NoRuleMatches(nn.Module):
+    """Packed experts and a router beside them, but the forward routes nothing to the experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 4)
+        self.experts = _PackedButUnrouted()
+
+    def forward(self, hidden_states):
+        return self.experts(hidden_states) + self.router(hidden_states)
+
+
+def test_explain_lists_every_rules_reason_when_none_matches():
+    report = autocal.explain(nn.Sequential(NoRuleMatches()))
+    block = report.blocks[0]
+    assert block.failure is not None and block.rule is None
+    assert [v["rule"] for v in block.rules] == [r.name for r in (OVERRIDE, *RULES)], "every rule, in table order"
+    assert all(v["reason"] and not v["matched"] for v in block.rules)
+    assert all(v["rule_source"].startswith("autocal/rules.py:") for v in block.rules)
+    decision = decide(NoRuleMatches())
+    assert decision.plan is None and all(isinstance(v.result, NoMatch) for v in decision.verdicts)
+    candidates = [v.rule.name for v in decision.verdicts if v.result.candidate and v.rule is not OVERRIDE]
+    assert candidates == ["experts", "block-dense", "gathered"], "the rules for packed experts were tried"
+    text = str(report)
+    assert all(f"rule {v['rule']}:" in text for v in block.rules)
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(nn.Sequential(NoRuleMatches()))
+    assert all(name in raised.value.explanation for name in candidates[1:]), "the error names the other rules too"
+
+
+def test_explain_names_the_rule_that_matched():
+    report = autocal.explain(PATTERNS["masked_loop"].make(), verify=False)
+    block = report.blocks[0]
+    assert block.rule == "recorded-block"
+    assert [v["rule"] for v in block.rules][-1] == "recorded-block" and block.rules[-1]["matched"]
+    assert "rule:            recorded-block" in str(report)
+
+
+def test_a_registered_override_is_decided_first_and_no_rule_runs():
+    block = PATTERNS["concat"].make()
+    name = type(block).__name__
+
+    @autocal.MoECalibrationModule.register(name)
+    class Override(autocal.MoECalibrationModule):
+        def __init__(self, original, config, calibrate_all_experts=True):
+            super().__init__()
+            self.original = original
+
+        def forward(self, *args, **kwargs):
+            return self.original(*args, **kwargs)
+
+    try:
+        decision = decide(block)
+    finally:
+        autocal.MoECalibrationModule.unregister(name)
+    assert isinstance(decision.plan, OverridePlan) and decision.plan.module is Override
+    assert all(v.result is None for v in decision.verdicts[1:]), "no rule runs after an override"
+
+
+def test_debug_switch_prints_every_verdict_for_one_class(monkeypatch, capsys):
+    block = PATTERNS["soft_mixture"].make()
+    monkeypatch.setenv("AUTOCAL_DEBUG_RULES", type(block).__name__)
+    decision = decide(block)
+    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autocal rules:")]
+    assert len(printed) == sum(v.result is not None for v in decision.verdicts)
+    assert "gated (autocal/rules.py:" in printed[-1] and "MATCH" in printed[-1]
+    monkeypatch.setenv("AUTOCAL_DEBUG_RULES", "SomeOtherClass")
+    decide(block)
+    assert "autocal rules:" not in capsys.readouterr().err
