@@ -25,6 +25,7 @@ from .registry import MoECalibrationModule
 from .rules import Decision, decide, find_moe_blocks
 from .synthesize.module import checked_chunk_size
 from .trace.inputs import BlockCall, synthesize_inputs
+from .trace.model_inputs import model_example
 from .trace.twin import cpu_twin, on_meta
 from .verify import Verification, counts_itself, verify
 
@@ -262,7 +263,12 @@ def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: di
 
 def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None,
                   forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
-    """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta)."""
+    """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta).
+
+    Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature
+    (``trace/model_inputs.py``); any other module, or a model those inputs do not run, gives no calls: its blocks
+    get inputs made from their own parameters.
+    """
     if example_inputs is not None and not isinstance(example_inputs, Mapping):
         raise errors.AutocalError(
             errors.BAD_INPUT, f"example_inputs is a {type(example_inputs).__name__}: it must be a dict of the "
@@ -270,6 +276,18 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
             hints=["autocal.convert(model, example_inputs={'input_ids': ids}), or a tokenizer's output: "
                    "example_inputs=tokenizer(text, return_tensors='pt')"])
     if not example_inputs:
+        made = model_example(model, forward)
+        if made is None:
+            return {}, None
+        candidates, forward = made
+        for inputs in candidates:
+            try:
+                return capture_calls(model, paths, inputs, forward)
+            except Exception as error:  # these inputs do not suit this model: try the next ones
+                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"autocal: {type(model).__name__} did not run on the inputs autocal made for it ({failure}); "
+                      f"its blocks are analysed on inputs made from their parameters. Pass example_inputs to "
+                      f"convert().", stacklevel=3)
         return {}, None
     twin = cpu_twin(model) if on_meta(model) else None
     runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)

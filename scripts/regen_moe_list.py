@@ -3,8 +3,8 @@
 
 Usage: python scripts/regen_moe_list.py
 
-Prints one row per MoE model type (found by scanning transformers' modeling sources, see
-``autocal.testing.zoo.moe_architectures``), marks the ones without a
+Prints one row per MoE model type (found from transformers' modeling sources and auto
+mappings, see ``autocal.testing.zoo.moe_architectures``), marks the ones without a
 ``fixtures/models/<model_type>.json`` file, and exits with status 1 if any is missing, so a
 new transformers release shows up as missing rows.
 """

@@ -5,6 +5,8 @@
 #   .venv-5.17  transformers 5.17.0 + llmcompressor 0.14.0.1 (what LLM Compressor users run):
 #               the real-model, zoo, explain-against-config and LLM Compressor tests, and the docs
 #               examples (the LLM Compressor quick start runs only here)
+#   .venv-5.25  transformers 5.25.0 (the newest release; no upper pin keeps it installable):
+#               the real-model and zoo tests
 # Each phase prints how long it took, and a summary closes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,3 +46,7 @@ phase "setup transformers 5.17.0 + llmcompressor" setup .venv-5.17 dev,llmcompre
 phase "tests, transformers 5.17.0 + llmcompressor" .venv-5.17/bin/python -m pytest -q tests/test_models.py \
   tests/test_zoo_fixtures.py tests/test_zoo.py tests/test_llmcompressor.py \
   "tests/test_explain.py::test_reports_the_configs_experts_and_k" tests/test_docs.py
+
+phase "setup transformers 5.25.0" setup .venv-5.25 dev transformers==5.25.0
+phase "tests, transformers 5.25.0" .venv-5.25/bin/python -m pytest -q tests/test_models.py \
+  tests/test_zoo_fixtures.py tests/test_zoo.py

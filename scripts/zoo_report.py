@@ -4,6 +4,10 @@
     python scripts/zoo_report.py mixtral    # or some of them
     python scripts/zoo_report.py --docs     # only regenerate the page from the saved results
 
+Each architecture is converted as a user would: ``autocal.convert(model)`` with no
+example inputs (the zoo's inputs only serve to compare outputs); add
+``--given-inputs`` to pass them to autocal instead (printed only, not saved).
+
 Results go to docs/zoo/transformers-<version>.json (one file per transformers
 version); the page is generated from every such file.
 """
@@ -21,7 +25,7 @@ RESULTS = ROOT / "docs" / "zoo"
 PAGE = ROOT / "docs" / "supported-models.md"
 
 
-def run(names: list[str]) -> None:
+def run(names: list[str], given_inputs: bool = False) -> None:
     import transformers
 
     from autocal.testing import zoo
@@ -31,19 +35,21 @@ def run(names: list[str]) -> None:
     rows = []
     print(f"{'architecture':<26}{'result':<7}{'blocks':>7}  {'seconds':>7}  detail")
     for name in names:
-        result = run_architecture(name)
+        result = run_architecture(name, given_inputs=given_inputs)
         rows.append(result.to_dict())
         detail = result.unbuildable or result.failure or (
             f"coverage {result.experts_covered}, on-diff {result.max_diff_on:.2g}")
         print(f"{name:<26}{_status(result.to_dict()):<7}{result.converted:>7}  {result.seconds:>7.2f}  {detail}",
               flush=True)
+    counts = {status: sum(_status(r) == status for r in rows) for status in ("pass", "FAIL", "cannot run")}
+    print(", ".join(f"{n} {status}" for status, n in counts.items()))
+    if given_inputs:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"transformers-{transformers.__version__}.json"
     previous = {r["architecture"]: r for r in json.loads(path.read_text())} if path.exists() and len(names) < 5 else {}
     previous.update({r["architecture"]: r for r in rows})
     path.write_text(json.dumps(sorted(previous.values(), key=lambda r: r["architecture"]), indent=1) + "\n")
-    counts = {status: sum(_status(r) == status for r in rows) for status in ("pass", "FAIL", "cannot run")}
-    print(", ".join(f"{n} {status}" for status, n in counts.items()))
 
 
 def _status(row: dict) -> str:
@@ -69,9 +75,12 @@ def render() -> str:
         "then python scripts/zoo_report.py --docs -->",
         "",
         "Every MoE architecture in transformers, built tiny from `fixtures/models/<type>.json` with random weights,",
-        "converted with `autocal.convert` and checked: whole-model logits bitwise equal with calibration off, within",
-        "rounding with calibration on, every expert seeing every token, `restore()` giving the parameters back, and the",
-        "same model built on the meta device (structure only) converting the same blocks.",
+        "converted with `autocal.convert(model)` alone (no example inputs: autocal makes its own from the config and",
+        "the forward's signature) and checked: whole-model logits bitwise equal with calibration off, within rounding",
+        "with calibration on, every expert seeing every token, `restore()` giving the parameters back, and the same",
+        "model built on the meta device (structure only) converting the same blocks.",
+        "",
+        "Tested transformers versions (CI runs the zoo on each):",
         "",
     ]
     for version in versions:
@@ -81,6 +90,7 @@ def render() -> str:
         listed = f" ({', '.join(unbuildable)}: the original model itself fails to run, see its row)" if unbuildable else ""
         lines.append(f"- transformers {version}: **{passed} of {len(rows) - len(unbuildable)}** architectures pass"
                      f"{listed}.")
+    lines += RELEASE_DAY
     lines += ["", "| architecture | block | level | routing | experts | one expert | shared | "
               + " | ".join(f"transformers {v}" for v in versions) + " |",
               "|---|---|---|---|---|---|---|" + "---|" * len(versions)]
@@ -92,6 +102,27 @@ def render() -> str:
         cells = " | ".join(_cell(results[v].get(name)).replace("|", "\\|") for v in versions)
         lines.append(f"| {name} | {block} | {level} | {routing} | {experts} | {expert} | {shared} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+RELEASE_DAY = [
+    "",
+    "## A new transformers release",
+    "",
+    "autocal has no upper bound on transformers. On the day a release comes out, install it and run",
+    "",
+    "<!-- skip -->",
+    "```bash",
+    "python scripts/release_day.py",
+    "```",
+    "",
+    "It lists the MoE model types that are new, or whose MoE code (experts, routers, MoE blocks) changed, since",
+    "the last supported release recorded in `fixtures/moe_types.json`, builds each tiny from its fixture and runs",
+    "the zoo on it (a new type without a fixture gets a draft config to review). Model types are counted from",
+    "transformers' auto mappings as well as its modeling folders, so a config-only type that reuses another",
+    "architecture's classes (5.25's sarvam_moe builds a GLM-4-MoE) is listed too. Once every row passes, add the",
+    "release to `scripts/test.sh`, run `python scripts/zoo_report.py` in its environment, and record it with",
+    "`python scripts/release_day.py --update`.",
+]
 
 
 def _columns(facts: dict) -> tuple[str, ...]:
@@ -108,6 +139,6 @@ def _columns(facts: dict) -> tuple[str, ...]:
 if __name__ == "__main__":
     args = sys.argv[1:]
     if "--docs" not in args:
-        run(args)
+        run([a for a in args if not a.startswith("--")], given_inputs="--given-inputs" in args)
     PAGE.write_text(render())
     print(f"wrote {PAGE.relative_to(ROOT)}")

@@ -331,3 +331,39 @@ def test_verification_runs_the_calibration_forward_users_run():
     config = ToyMoEConfig(kind="concat", num_experts=6, top_k=2)
     module = autocal.synthesize(make_toy_block(config))
     assert module.experts_container._grouped.usable is True
+
+
+def test_per_expert_ops_after_the_down_projection_belong_to_the_expert():
+    """Ergo: the experts norm each expert's output with the expert's own scale before the weighted sum. That
+    norm is part of each expert: the block converts at the experts level, bitwise with calibration off, and
+    every expert Linear sees every token with calibration on."""
+    config = ToyMoEConfig(kind="post_norm", num_experts=8, top_k=3)
+    block = make_toy_block(config)
+    x = example_hidden_states(config, seq=13)
+    structure = autocal.explain(block, verify=False).blocks[0].structure
+    assert structure["level"] == "experts"
+    assert "norm_weight" in structure["experts"]["computation"], structure["experts"]["computation"]
+    module = autocal.synthesize(block)
+    module.calibrate_all_experts = False
+    with torch.no_grad():
+        expected, off = block(x), module(x)
+    assert compare_outputs(expected, off)[1]
+    module.calibrate_all_experts = True
+    linears = expert_linears(module)
+    with torch.no_grad(), count_rows(linears) as rows:
+        on = module(x)
+    assert compare_outputs(expected, on)[2] and all(n == 13 for n in rows.values()), rows
+
+
+def test_an_expert_cut_short_fails_detection_even_without_verification(monkeypatch):
+    """Detection records the experts' output; a template that does not reproduce it makes the experts rule
+    refuse the block there, so ``verify=False`` cannot let it through (here the per-expert norm is cut off, as
+    autocal once did): a later rule of the table, which does not cut the experts out, converts it."""
+    from autocal.detect import experts as detect_experts
+
+    monkeypatch.setattr(detect_experts, "route_tail", lambda *args: (None, []))
+    block = make_toy_block(ToyMoEConfig(kind="post_norm", num_experts=8, top_k=2))
+    report = autocal.explain(block, verify=False).blocks[0]
+    experts = next(v for v in report.rules if v["rule"] == "experts")
+    assert not experts["matched"] and "does not reproduce" in experts["reason"], experts
+    assert report.rule != "experts", report.rule

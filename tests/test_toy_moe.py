@@ -72,7 +72,7 @@ def _influential_experts(config: ToyMoEConfig, x: torch.Tensor) -> set[int]:
 
 
 def test_kinds_and_tuple_kinds():
-    assert len(KINDS) == len(set(KINDS)) == 14
+    assert len(KINDS) == len(set(KINDS)) == 15
     assert TUPLE_RETURN_KINDS <= set(KINDS)
 
 

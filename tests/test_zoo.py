@@ -1,10 +1,10 @@
-"""Every MoE architecture of the installed transformers, converted with no model code.
+"""Every MoE architecture of the installed transformers, converted with no model code and no inputs.
 
-Each row builds the tiny fixture model, converts it, and checks whole-model
-logits (calibration off: bitwise; on: within rounding), expert coverage and
-restore(). The result must also match the row saved in
-docs/zoo/transformers-<version>.json, from which docs/supported-models.md is
-generated, so the page cannot drift from the code.
+Each row builds the tiny fixture model, converts it with ``autocal.convert(model)``
+alone (autocal makes its own example inputs), and checks whole-model logits
+(calibration off: bitwise; on: within rounding), expert coverage and restore().
+The result must also match the row saved in docs/zoo/transformers-<version>.json,
+from which docs/supported-models.md is generated, so the page cannot drift from the code.
 
 Architectures autocal does not handle yet are listed in KNOWN_FAILURES with the
 reason; they run and are expected to fail (strict: a fix makes them fail here
@@ -45,7 +45,7 @@ def _saved_row(name):
 
 @pytest.mark.parametrize("name", list(_params()))
 def test_zoo_architecture(name):
-    result = run_architecture(name)
+    result = run_architecture(name, given_inputs=False)
     saved = _saved_row(name)
     assert saved is not None, f"{SAVED.name} has no row for {name}: run python scripts/zoo_report.py"
     assert saved["passed"] == result.passed, "docs/zoo results are stale: run python scripts/zoo_report.py"
@@ -55,6 +55,6 @@ def test_zoo_architecture(name):
 @pytest.mark.parametrize("name", sorted(UNBUILDABLE))
 def test_unbuildable_architecture_still_cannot_run(name):
     """A listed architecture is one whose own model fails before autocal runs; once it runs, it is a zoo row."""
-    result = run_architecture(name)
+    result = run_architecture(name, given_inputs=False)
     assert result.unbuildable and not result.passed, f"{name} runs now: remove it from UNBUILDABLE"
     assert _saved_row(name)["unbuildable"], "docs/zoo results are stale: run python scripts/zoo_report.py"

@@ -9,15 +9,23 @@ passes here pick one expert's instance and cut it out:
 2. ``weight_side`` — what is computed from those slices alone (views, transposes);
 3. ``expert_region`` — everything computed from the expert's input rows up to the
    value scattered into the output (its *contribution*);
-4. ``build_template`` — the region as a graph over Linear layers, with each
-   Linear's weight a recipe that views the packed parameter for any expert.
+4. ``route_tail`` (``detect/tail.py``) — where the container writes the contributions
+   one row per route into a buffer and only then weights and sums them, the per-row
+   ops between (a per-expert norm after the down projection): they belong to the expert too;
+5. ``build_template`` — the region (and its tail) as a graph over Linear layers, with
+   each Linear's weight a recipe that views the packed parameter for any expert.
 
-Then the passes of ``detect/linears.py`` split, label and route the Linears.
+Then the passes of ``detect/linears.py`` split, label and route the Linears, and
+``check_template`` (``detect/replay.py``) replays the template through the
+dispatch the synthesized container performs, on the recorded inputs, and raises
+where it does not give the container's recorded output: nothing detection saw
+differ is left for verification alone to find.
 Which parameters store the experts is read from shapes in ``detect/storage.py``.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,8 +36,10 @@ from .. import errors
 from .graph_utils import Ancestry, is_int_tensor, target_name, tensor_inputs, value
 from .linears import (CutLinear, Origin, describe, eliminate_dead_code, label_linears, route_projections,
                       split_outputs, tensor_methods_as_calls, weight_applied_last)
+from .replay import check_template
 from .storage import resolve
 from .structure import ExpertTemplate, LinearRecipe
+from .tail import EXPERT_ATTR, per_route_entry, route_tail, sums_over_slots
 
 __all__ = ["ExpertsRecording", "analyze_experts", "CONTAINER_ATTR"]
 
@@ -147,18 +157,29 @@ def expert_region(rec: ExpertsRecording, weights_side: set[fx.Node], ancestry: A
     return rows, leaving[0], (used_routing.pop() if used_routing else None), region
 
 
-def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.Node | None) -> None:
-    """The expert's rows are ``hidden[tokens]`` and its weights ``weights[tokens, slot, None]``.
+def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.Node | None) -> str:
+    """The expert's rows are ``hidden[tokens]`` and its weights ``weights[tokens, slot, None]``; returns their order.
 
     These are the gathers the synthesized dispatch performs, so they are checked
-    on the recorded values rather than read from the code.
+    on the recorded values rather than read from the code. The rows come slot by
+    slot (``"slot-major"``, transformers' experts contract) or token by token
+    (``"token-major"``, one row per route in token order); the dispatch keeps the
+    original's order, since a matmul's rows can round differently by position.
     """
-    slot, tokens = torch.where(value(rec.index).reshape(-1, value(rec.index).shape[-1]).T == expert)
+    index = value(rec.index).reshape(-1, value(rec.index).shape[-1])
     hidden = value(rec.hidden)
-    if not torch.equal(value(rows), hidden.reshape(-1, hidden.shape[-1])[tokens]):
-        _fail(errors.UNSUPPORTED_DISPATCH, "an expert's input rows are not the routed tokens of the hidden states", rows)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    slot, tokens = torch.where(index.T == expert)
+    order = "slot-major"
+    if not torch.equal(value(rows), hidden[tokens]):
+        tokens, slot = torch.where(index == expert)
+        order = "token-major"
+        if not torch.equal(value(rows), hidden[tokens]):
+            _fail(errors.UNSUPPORTED_DISPATCH, "an expert's input rows are not the routed tokens of the hidden states",
+                  rows)
     if routing is not None and not torch.equal(value(routing), value(rec.weights)[tokens, slot, None]):
         _fail(errors.UNSUPPORTED_DISPATCH, "an expert is weighted by something other than its routing weight", routing)
+    return order
 
 
 def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> Callable:
@@ -187,12 +208,20 @@ def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> 
     return build
 
 
-def build_template(rec, region, rows, contribution, routing, weights_side, slices) -> tuple[fx.Graph, dict[str, CutLinear]]:
-    """Copy the region into a new graph, turning matmuls with expert weights into Linear calls."""
+def build_template(rec, region, rows, contribution, routing, weights_side, slices,
+                   tail: tuple[fx.Node | None, list[fx.Node]] = (None, []),
+                   ancestry: Ancestry | None = None) -> tuple[fx.Graph, dict[str, CutLinear]]:
+    """Copy the region into a new graph, turning matmuls with expert weights into Linear calls.
+
+    A ``tail`` (``route_tail``) follows the region, then the routing weight's product.
+    """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {rows: graph.placeholder("x")}
-    if routing is not None:
-        env[routing] = graph.placeholder("routing_weight")
+    buffer, tail_nodes = tail
+    if routing is not None or tail_nodes:
+        route_weight = graph.placeholder("routing_weight")
+        if routing is not None:
+            env[routing] = route_weight
     linears: dict[str, CutLinear] = {}
     slice_set = set(slices)
 
@@ -205,9 +234,18 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         return graph.get_attr(f"{CONTAINER_ATTR}.{n.target}")
 
     def outside(n: fx.Node) -> fx.Node:
-        """A value computed from container parameters and constants alone: copied into the template."""
+        """A value computed from container parameters and constants alone: copied into the template.
+
+        In a tail, a per-expert parameter's entry taken per route (``w[index]``) is the expert's own (``w[e]``).
+        """
         if n not in env:
-            env[n] = shared(n) if n.op == "get_attr" else graph.node_copy(n, outside)
+            table = per_route_entry(n, rec, ancestry) if tail_nodes else None
+            if table is not None:
+                env[n] = graph.call_function(operator.getitem, (shared(table), graph.get_attr(EXPERT_ATTR)))
+            elif n.op == "placeholder":
+                _fail(errors.UNSUPPORTED_EXPERT, f"an expert's computation reads the experts' input `{n.target}`", n)
+            else:
+                env[n] = shared(n) if n.op == "get_attr" else graph.node_copy(n, outside)
         return env[n]
 
     for node in region[1:]:
@@ -247,7 +285,13 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         linears[target] = lin
         env[node] = graph.call_module(target, (activation,))
         env[node].meta["source"] = node.meta.get("source")
-    graph.output(env[contribution])
+    if not tail_nodes:
+        graph.output(env[contribution])
+        return graph, linears
+    env[buffer] = env[contribution]
+    for node in tail_nodes:
+        env[node] = graph.node_copy(node, outside)
+    graph.output(graph.call_function(operator.mul, (env[tail_nodes[-1]], route_weight)))
     return graph, linears
 
 
@@ -261,8 +305,13 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
-    """The expert template of a packed container, its layout facts and their sources."""
+def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter],
+                    num_experts: int | None = None) -> tuple[ExpertTemplate, dict[str, Any], dict[str, str]]:
+    """The expert template of a packed container, its layout facts and their sources.
+
+    With ``num_experts`` (and a recording with indices and weights), the template is checked against the
+    container's recorded output (``check_template``).
+    """
     slices = expert_slices(rec.graph, packed)
     seeds = slices[min(slices)] if slices else batched_parameters(rec.graph, packed)
     if not seeds:
@@ -271,12 +320,14 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
     side = weight_side(rec.graph, seeds)
     ancestry = Ancestry(rec.graph)
     rows, contribution, routing, region = expert_region(rec, side, ancestry)
-    if slices:
-        check_gather(rec, min(slices), rows, routing)
-    graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds)
+    tail = route_tail(rec, contribution, ancestry) if routing is None else (None, [])
+    order = check_gather(rec, min(slices), rows, routing) if slices else "slot-major"
+    graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds, tail, ancestry)
     split_kinds = split_outputs(graph, linears)
     eliminate_dead_code(graph)
     label_linears(graph, linears)
+    if num_experts is not None:
+        check_template(rec, graph, linears, num_experts)
     sources = {n.target: n.meta["source"] for n in graph.nodes if n.op == "call_module" and n.meta.get("source")}
     tensor_methods_as_calls(graph)
     computation = describe(graph)
@@ -293,9 +344,14 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter]) -> t
         "bias": any(r.bias is not None for r in recipes),
         "gated": any(r.name == "gate_proj" for r in recipes),
     }
-    sources["contribution"] = contribution.meta.get("source")
-    template = ExpertTemplate(graph=graph, linears=recipes, uses_routing_weight=routing is not None,
+    if order != "slot-major":
+        layout["rows"] = order
+    if tail[1] and sums_over_slots(rec, tail[1][-1], ancestry):
+        layout["combine"] = "sum over slots"
+    end = tail[1][-1] if tail[1] else contribution
+    sources["contribution"] = end.meta.get("source")
+    template = ExpertTemplate(graph=graph, linears=recipes, uses_routing_weight=routing is not None or bool(tail[1]),
                               weight_applied_last=weight_applied_last(graph),
-                              output_dtype=value(contribution).dtype, computation=computation,
+                              output_dtype=value(end).dtype, computation=computation,
                               projections=projections)
     return template, layout, sources

@@ -119,7 +119,7 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
             rec = record(container, (), bound)
     experts_rec = ExpertsRecording(rec.graph, container,
                                    *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
-    template, layout, sources = analyze_experts(experts_rec, found.packed)
+    template, layout, sources = analyze_experts(experts_rec, found.packed, found.num_experts)
     if router.num_choices > found.num_experts:  # run by the original container (see CalibrationExperts._weightless)
         layout["choices_without_weights"] = router.num_choices - found.num_experts
     hidden_dtype = value(experts_rec.hidden).dtype

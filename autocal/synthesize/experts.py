@@ -75,6 +75,8 @@ class CalibrationExperts(UnpackedExperts):
         self.counts_tokens = True  # _call counts rows for autocal.coverage; no hook needed
         # Router choices past the packed experts (weightless "zero experts") run through the original container.
         self.num_choices = max(structure.router.num_choices, self.num_experts)
+        self.token_major = structure.experts.layout.get("rows") == "token-major"  # each expert's rows' order
+        self.sum_over_slots = structure.experts.layout.get("combine") == "sum over slots"  # how routes are added
         self.__dict__["_packed_container"] = original
         self._grouped = GroupedTemplate(structure.template.graph)
         self._widest = max([p.features for p in structure.template.projections]
@@ -96,13 +98,20 @@ class CalibrationExperts(UnpackedExperts):
         if self.calibrate_all_experts and self.dense_calibration and self.calibration_chunk_size is None:
             output = self._dense(hidden, index, weights)
         else:
-            output = self._zeros(hidden)
-            for expert, (slot, token) in enumerate(routed_rows(slot_major, self.num_experts)):
+            output, routes = None if self.sum_over_slots else self._zeros(hidden), None
+            for expert, (slot, token) in enumerate(routed_rows(slot_major, self.num_experts, self.token_major)):
                 if token.numel():
                     contribution = self._call(expert, hidden[token], weights[token, slot, None])
-                    output.index_add_(0, token, contribution.to(output.dtype))
+                    if output is not None:
+                        output.index_add_(0, token, contribution.to(output.dtype))
+                    else:  # each route's output in its slot, summed over the slots at the end, as the original
+                        if routes is None:
+                            routes = contribution.new_zeros(*index.shape, contribution.shape[-1])
+                        routes[token, slot] = contribution
                 if self.calibrate_all_experts:
                     self._run_unrouted(expert, hidden, token, weights.dtype)
+            if output is None:
+                output = routes.sum(1) if routes is not None else self._zeros(hidden)
         for choice in range(self.num_experts, self.num_choices):  # after every expert, as in ascending order
             slot, token = torch.where(slot_major == choice)
             if token.numel():

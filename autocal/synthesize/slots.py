@@ -15,16 +15,22 @@ import torch
 __all__ = ["RoutedSlots", "routed_rows", "group_firsts"]
 
 
-def routed_rows(slot_major: torch.Tensor, num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per expert, ``torch.where(slot_major == expert)``: its (slot, token) pairs in slot-major order.
+def routed_rows(slot_major: torch.Tensor, num_experts: int,
+                token_major: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert, ``torch.where(slot_major == expert)``: its (slot, token) pairs in slot-major order
+    (in token-major order with ``token_major``).
 
     From one stable sort and one copy of the experts' boundaries to the host,
     not a ``torch.where`` per expert, each of which waits for the device.
     """
-    tokens = slot_major.shape[1]
-    expert, position = torch.sort(slot_major.reshape(-1), stable=True)  # by expert, then slot-major position
+    tokens, slots = slot_major.shape[1], slot_major.shape[0]
+    flat = slot_major.T.reshape(-1) if token_major else slot_major.reshape(-1)
+    expert, position = torch.sort(flat, stable=True)  # by expert, then position in that order
     bounds = torch.searchsorted(expert, group_firsts(num_experts, 1, expert)).tolist()
-    slot, token = position // tokens, position % tokens
+    if token_major:
+        slot, token = position % slots, position // slots
+    else:
+        slot, token = position // tokens, position % tokens
     return [(slot[a:b], token[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 

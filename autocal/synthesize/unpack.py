@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ..detect.experts import CONTAINER_ATTR
+from ..detect.tail import EXPERT_ATTR
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from ..numerics import ProjectionLayout, geometry
 
@@ -29,6 +30,7 @@ def expert_class(template: ExpertTemplate, name: str, container: nn.Module) -> t
     """A module class whose forward is the template's generated code."""
     root = nn.Module()
     root.__dict__[CONTAINER_ATTR] = container
+    root.__dict__[EXPERT_ATTR] = 0  # each expert's own number (see build_experts)
     for recipe in template.linears:
         setattr(root, recipe.name, nn.Linear(1, 1, device="meta"))
     for index in range(len(template.projections)):
@@ -105,10 +107,13 @@ def build_experts(target: nn.Module, original: nn.Module, template: ExpertTempla
     """Fill ``target`` with one module per expert unpacked from ``original``, and the original's other members.
 
     ``packed`` names the parameters the experts are unpacked from; a child that
-    holds some of them (DBRX keeps them one level down) is not kept, the rest is.
+    holds some of them (DBRX keeps them one level down) is not kept, the rest is,
+    and so is a packed parameter the template reads whole (a per-expert norm scale).
     """
+    read = {n.target.partition(".")[2] for n in template.graph.nodes
+            if n.op == "get_attr" and n.target.startswith(CONTAINER_ATTR + ".")}
     for name, param in original.named_parameters(recurse=False):
-        if name not in packed:
+        if name not in packed or name in read:
             target.register_parameter(name, param)
     for name, buffer in original.named_buffers(recurse=False):
         target.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
@@ -118,6 +123,7 @@ def build_experts(target: nn.Module, original: nn.Module, template: ExpertTempla
     for expert in range(num_experts):
         module = expert_cls()
         module.__dict__[CONTAINER_ATTR] = target
+        module.__dict__[EXPERT_ATTR] = expert
         for recipe in template.linears:
             module.add_module(recipe.name, unpack_linear(recipe, original, expert))
         for index, projection in enumerate(template.projections):

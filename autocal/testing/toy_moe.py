@@ -22,6 +22,8 @@ kind                        modelled on
 ``"sliced_loop"``           hand-written code: ``w1 [E, I, H]`` on the block, ``F.linear(x[rows], self.w1[e])`` per expert
 ``"attention_heads"``       JetMoE ``JetMoeMoA``: query/output projections per expert around causal attention,
                             used through ``map()`` and ``reduce()``, never through the experts' forward
+``"post_norm"``             Ergo (transformers 5.25): one row per route in token order, each expert's output
+                            RMS-normed with the expert's own scale, then weighted and summed per token
 ==========================  ====================================================================================
 
 State-dict keys match the real transformers blocks where one exists (concat, interleaved, no_gate,
@@ -65,6 +67,7 @@ KINDS: tuple[str, ...] = (
     "gathered",
     "sliced_loop",
     "attention_heads",
+    "post_norm",
 )
 
 # Kinds whose block forward returns a tuple ``(hidden_states, router_something)``; all others return a tensor.
@@ -535,6 +538,38 @@ class ToyNoGateExperts(_OneHotLoopExperts):
         return final_hidden_states.to(hidden_states.dtype)
 
 
+class ToyPostNormExperts(nn.Module):
+    """Ergo-style experts: ``up_proj [E, H, I]`` (``x @ W``), SiLU, ``down_proj [E, I, H]``, then a per-expert
+    RMS norm (``norm_weight [E, H]``, gathered by each route's expert) before the routes are weighted and summed."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, config.intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.intermediate_size, self.hidden_dim))
+        self.norm_weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim))
+
+    def _toy_reset(self, generator):
+        _normal_(self.up_proj, 1 / math.sqrt(self.hidden_dim), generator)
+        _normal_(self.down_proj, 1 / math.sqrt(self.up_proj.shape[-1]), generator)
+        _normal_(self.norm_weight, 0.5, generator)
+        with torch.no_grad():
+            self.norm_weight.add_(1.0)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        slots = top_k_index.shape[1]
+        routes = hidden_states.repeat_interleave(slots, dim=0)  # row t * k + s: token t's slot s
+        route_expert = top_k_index.reshape(-1)
+        outputs = torch.zeros_like(routes)
+        for expert in route_expert.unique():
+            rows = route_expert == expert
+            outputs[rows] = F.silu(routes[rows] @ self.up_proj[expert]) @ self.down_proj[expert]
+        normed = F.rms_norm(outputs.float(), (self.hidden_dim,), eps=1e-6) * self.norm_weight[route_expert].float()
+        weighted = normed.to(hidden_states.dtype).view(-1, slots, self.hidden_dim) * top_k_weights.unsqueeze(-1)
+        return weighted.sum(dim=1)
+
+
 class ToyLlama4Experts(nn.Module):
     """Llama4 experts: dense ``bmm`` over ``[E, T, H]`` inputs (already scaled by the router scores)."""
 
@@ -949,6 +984,20 @@ class ToyLlama4TextMoe(nn.Module):
         return out.reshape(orig_shape), router_logits
 
 
+class ToyPostNormMoeBlock(nn.Module):
+    """kind "post_norm": a Qwen3 router in front of experts that norm each expert's output before the combine."""
+
+    def __init__(self, config: ToyMoEConfig):
+        super().__init__()
+        self.experts = ToyPostNormExperts(config)
+        self.gate = ToyTopKRouter(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, top_k_weights, top_k_index = self.gate(flat)
+        return self.experts(flat, top_k_index, top_k_weights).reshape(hidden_states.shape)
+
+
 _BLOCK_CLASSES: dict[str, type[nn.Module]] = {
     "concat": ToyConcatMoeBlock,
     "transposed": ToyTransposedMoeBlock,
@@ -964,6 +1013,7 @@ _BLOCK_CLASSES: dict[str, type[nn.Module]] = {
     "gathered": ToyGatheredMoeBlock,
     "sliced_loop": ToySlicedLoopMoeBlock,
     "attention_heads": ToyMixtureOfHeadsAttention,
+    "post_norm": ToyPostNormMoeBlock,
 }
 assert tuple(_BLOCK_CLASSES) == KINDS
 

@@ -43,6 +43,7 @@ __all__ = [
     "folder_model_type",
     "forward_module",
     "load_fixture",
+    "modeling_sources",
     "moe_architectures",
     "transformers_version",
 ]
@@ -314,18 +315,66 @@ def folder_model_type(folder: str) -> str | None:
 
 
 def moe_architectures() -> list[str]:
-    """Model types of the installed transformers whose modeling code contains an MoE.
+    """Model types of the installed transformers whose model is an MoE.
 
-    Found by scanning ``transformers/models/*/modeling_*.py`` for MOE_MARKERS, minus NOT_MOE.
+    Two sources, both read from transformers' own tables:
+
+    * every modeling folder ``transformers/models/<folder>/modeling_*.py`` that matches MOE_MARKERS (minus NOT_MOE),
+      counted once, under its top-level model type;
+    * every model type of the auto mappings (``CONFIG_MAPPING_NAMES``) whose own folder has no modeling code and
+      whose model class (``MODEL_MAPPING_NAMES``) is defined in one of those MoE folders: config-only types that
+      reuse another architecture's classes (5.25's sarvam_moe builds a ``Glm4MoeModel``).
     """
-    models_dir = Path(transformers.__file__).resolve().parent / "models"
-    names = set()
-    for path in models_dir.glob("*/modeling_*.py"):
+    return sorted(set(_moe_folders().values()) | set(_config_only_moe_types()))
+
+
+@lru_cache(maxsize=None)
+def _moe_folders() -> dict[str, str]:
+    """{MoE modeling folder: its top-level model type}."""
+    folders = {}
+    for path in _models_dir().glob("*/modeling_*.py"):
         folder = path.parent.name
         if folder in NOT_MOE or not MOE_MARKERS.search(path.read_text(encoding="utf-8")):
             continue
         model_type = folder_model_type(folder)
         if model_type is None:
             raise RuntimeError(f"cannot map transformers/models/{folder} to a single model type")
-        names.add(model_type)
-    return sorted(names)
+        folders[folder] = model_type
+    return folders
+
+
+def _config_only_moe_types() -> dict[str, str]:
+    """{config-only MoE model type: the MoE folder that defines its model class}."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    defined_in = {name: folder for folder in _moe_folders() for name in _classes_defined_in(folder)}
+    found = {}
+    for model_type in CONFIG_MAPPING_NAMES:
+        folder = _models_dir() / model_type_to_module_name(model_type)
+        if any(folder.glob("modeling_*.py")):
+            continue  # a folder with its own modeling code is judged by the scan of folders
+        model_class = MODEL_MAPPING_NAMES.get(model_type)
+        if isinstance(model_class, str) and model_class in defined_in:
+            found[model_type] = defined_in[model_class]
+    return found
+
+
+def _classes_defined_in(folder: str) -> set[str]:
+    names = set()
+    for path in (_models_dir() / folder).glob("modeling_*.py"):
+        names.update(re.findall(r"^class (\w+)\(", path.read_text(encoding="utf-8"), flags=re.MULTILINE))
+    return names
+
+
+def modeling_sources() -> dict[str, list[Path]]:
+    """For each MoE model type (``moe_architectures``), the modeling files its model is defined in: its own
+    folder's, or, for a config-only type, those of the folder whose classes it builds."""
+    sources = {t: sorted((_models_dir() / f).glob("modeling_*.py")) for f, t in _moe_folders().items()}
+    for model_type, folder in _config_only_moe_types().items():
+        sources[model_type] = sorted((_models_dir() / folder).glob("modeling_*.py"))
+    return dict(sorted(sources.items()))
+
+
+def _models_dir() -> Path:
+    return Path(transformers.__file__).resolve().parent / "models"

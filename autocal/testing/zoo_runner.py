@@ -108,8 +108,12 @@ def _coverage(model: nn.Module, run) -> tuple[str, bool]:
     return f"{covered}/{len(reached)}", covered == len(reached)
 
 
-def run_architecture(name: str) -> ZooResult:
-    """Convert the zoo model ``name`` and check it; never raises."""
+def run_architecture(name: str, *, given_inputs: bool = True) -> ZooResult:
+    """Convert the zoo model ``name`` and check it; never raises.
+
+    ``given_inputs``: autocal is given the zoo's example inputs (``zoo.example_inputs``); with False it is given
+    none (``convert(model)`` alone, as a user would call it) and the inputs only serve to compare the outputs.
+    """
     result = ZooResult(name)
     start = time.perf_counter()
     try:
@@ -124,8 +128,9 @@ def run_architecture(name: str) -> ZooResult:
         result.seconds = round(time.perf_counter() - start, 2)
         return result
     try:
-        result.blocks = _block_facts(explain(model, verify=False, example_inputs=inputs, forward=forward))
-        convert(model, example_inputs=inputs, forward=forward)
+        given = {"example_inputs": inputs, "forward": forward} if given_inputs else {}
+        result.blocks = _block_facts(explain(model, verify=False, **given))
+        convert(model, **given)
         converted = [m for m in model.modules() if isinstance(m, MoECalibrationModule)]
         result.converted = len(converted)
         for module in converted:
@@ -141,7 +146,7 @@ def run_architecture(name: str) -> ZooResult:
         result.max_diff_on = diff
         restored = _restored_parameters(model)
         result.restored = all(torch.equal(before[n], p) for n, p in restored.items()) and set(restored) == set(before)
-        result.meta = _converts_on_meta(name, inputs, result.converted)
+        result.meta = _converts_on_meta(name, inputs if given_inputs else None, result.converted)
         result.passed = bool(converted) and result.bitwise_off and close and covered and result.restored and result.meta
         if not result.passed:
             result.failure = _why(result, close, covered)
@@ -158,10 +163,10 @@ def _where(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200]} ({frame.filename}:{frame.lineno})"
 
 
-def _converts_on_meta(name: str, inputs: dict, expected: int) -> bool:
+def _converts_on_meta(name: str, inputs: dict | None, expected: int) -> bool:
     """The same model built on the meta device converts the same number of blocks, and stays on meta."""
     model = zoo.build_model(name, device="meta")
-    convert(model, example_inputs=inputs, forward=zoo.forward_module(model))
+    convert(model, **({"example_inputs": inputs, "forward": zoo.forward_module(model)} if inputs is not None else {}))
     converted = sum(isinstance(m, MoECalibrationModule) for m in model.modules())
     return converted == expected and all(p.is_meta for p in model.parameters())
 
