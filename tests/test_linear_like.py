@@ -80,3 +80,4 @@ def test_experts_with_no_linear_get_linear_views_of_their_own_weights():
             viewed = {linear.weight.untyped_storage().data_ptr() for linear in linears}
             assert linears and viewed == {p.untyped_storage().data_ptr() for p in original.parameters() if p.dim() > 1}
         assert all(type(e) is type(block.experts[0]) for e in block.experts)  # the original keeps its experts
+    assert module.structure.experts.computation.startswith("squeeze(movedim(down_proj(")  # read as Linears

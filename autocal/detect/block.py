@@ -228,13 +228,15 @@ def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
 def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module], call: fx.Node,
                         weights_applied: str, call_roles: dict[str, str] | None = None) -> ExpertsInfo:
     """Facts about experts that are modules of their own, from one recorded call of the first."""
+    rows = value(call.args[0])
+    template = None if made_of_linears(entries[0]) else entry_template(entries[0], rows)
     return ExpertsInfo(
         module_path=name,
         num_experts=len(entries),
         storage=type(container).__name__,
         layout={"expert_class": type(entries[0]).__name__,
-                "linears": linear_modules(entries[0])},
-        computation=_expert_computation(entries[0], value(call.args[0])),
+                "linears": [r.name for r in template.linears] if template else linear_modules(entries[0])},
+        computation=template.computation if template else _expert_computation(entries[0], rows),
         weights_applied=weights_applied,
         call_roles=call_roles or {},
         output_features=value(call).shape[-1],
@@ -242,7 +244,7 @@ def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module
         output_dtype=None,
         sources={"expert_call": source_of(call)} if source_of(call) else {},
         linear_views=[f"{name}.{path}" for path in linear_views(container, entries)],
-        template=None if made_of_linears(entries[0]) else entry_template(entries[0], value(call.args[0])),
+        template=template,
     )
 
 
