@@ -155,6 +155,8 @@ def project(x: torch.Tensor, linears: tuple[nn.Linear, ...], columns: tuple[slic
     if untouched(linears, layout):
         operand = linears[0].weight.as_strided(*layout.operand)
         bias = linears[0].bias.as_strided(*layout.bias) if layout.bias is not None else None
+        if layout.op == "conv1d":  # x has its channels last, as the Linears take them
+            return F.conv1d(x.movedim(-1, 1), operand, bias).movedim(1, -1)
         if layout.op == "linear" and layout.bias_in_op:
             return F.linear(x, operand, bias)
         out = F.linear(x, operand) if layout.op == "linear" else torch.matmul(x, operand)

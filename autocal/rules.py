@@ -107,7 +107,7 @@ RULES: tuple[Rule, ...] = (
          detect_module_container, build_container_calibration),
     rule(BlockRewritePlan, "a list of experts beside a router, called by the block", _routed_list,
          detect_block_level, build_block_rewrite),
-    rule(GatedPlan, "a list of identical Linear-only experts", lambda f: bool(f.lists),
+    rule(GatedPlan, "a list of identical experts made of Linears", lambda f: bool(f.lists),
          detect_gated, build_container_calibration),
     rule(RecordedBlockPlan, "a list of experts beside a router, called by the block", _routed_list,
          detect_recorded_block, build_recorded_block),

@@ -4,8 +4,8 @@ Here the experts are modules of their own (a ``ModuleList`` or ``ModuleDict`` of
 identical MLPs) and the block's forward gathers each expert's rows and calls it.
 The passes read the block's symbolic graph, annotated with values:
 
-1. ``expert_lists`` — children that hold two or more structurally identical
-   modules whose parameters all live in ``nn.Linear`` layers;
+1. ``expert_lists`` — lists that hold two or more structurally identical
+   modules whose weights all live in Linear layers (``detect/linear_like.py``);
 2. ``expert_calls`` — the graph's calls of those modules;
 3. ``row_gather`` — for each call, the full token tensor its input rows were
    gathered from and the token index, so calibration can run the expert on the
@@ -14,7 +14,7 @@ The passes read the block's symbolic graph, annotated with values:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -23,6 +23,8 @@ from .. import errors
 from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
+from .entry_template import entry_template, own_weights
+from .linear_like import linear_modules, linear_views, made_of_linears
 from .linears import describe
 from .graph_utils import is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router
@@ -41,16 +43,17 @@ def _signature(module: nn.Module) -> tuple:
     return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
 
 
-def _linear_only(module: nn.Module) -> bool:
-    owned = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    params = list(module.parameters())
-    return bool(params) and all(id(p) in owned for p in params)
-
-
-def _scores_experts(block: nn.Module, experts: nn.Module, count: int) -> bool:
-    """Does a weight outside ``experts`` produce one score per expert (a router)?"""
+def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int]) -> bool:
+    """Does a weight outside ``experts`` produce one score per expert (a router), for one of ``counts``?"""
     inside = {id(p) for p in experts.parameters()}
-    return any(p.dim() == 2 and p.shape[0] == count for p in block.parameters() if id(p) not in inside)
+    return any(p.dim() == 2 and p.shape[0] in counts for p in block.parameters() if id(p) not in inside)
+
+
+def _expert_counts(container: nn.Module, entries: list[nn.Module]) -> set[int]:
+    """How many experts a router over ``container`` may score: its identical entries, or with the children that
+    hold no parameters (a zero or identity expert, which needs no calibration)."""
+    empty = [m for m in container.children() if next(m.parameters(), None) is None]
+    return {len(entries), len(entries) + len(empty)}
 
 
 def identical_entries(container: nn.Module) -> list[nn.Module]:
@@ -61,22 +64,43 @@ def identical_entries(container: nn.Module) -> list[nn.Module]:
     return max(groups.values(), key=len) if groups else []
 
 
+def _lists_in(block: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """``(path, list, holder)``: the block's ``ModuleList`` / ``ModuleDict`` children, and those one level down in
+    a child that holds nothing else (``self.experts.experts[i]``, or a module whose own forward runs its list).
+
+    ``holder`` is the block's child the list is in (the list itself, or that child): a router must sit outside it.
+    """
+    for name, child in block.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield name, child, child
+            continue
+        for inner, grandchild in child.named_children():
+            if isinstance(grandchild, (nn.ModuleList, nn.ModuleDict)) and _holds_only(child, grandchild):
+                yield f"{name}.{inner}", grandchild, child
+
+
+def _holds_only(holder: nn.Module, member: nn.Module) -> bool:
+    """Are all of ``holder``'s parameters and buffers ``member``'s?"""
+    inside = {id(t) for t in (*member.parameters(), *member.buffers())}
+    return all(id(t) in inside for t in (*holder.parameters(), *holder.buffers()))
+
+
 def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
-    """Children holding at least two identical Linear-only modules, next to a router, by child name.
+    """Lists (by path) holding at least two identical experts made of Linears, next to a router.
 
     The router is recognised by its shape alone: a weight with one output row per expert.
     """
     found = {}
-    for name, child in block.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            entries = identical_entries(child)
-            if len(entries) >= 2 and _linear_only(entries[0]) and _scores_experts(block, child, len(entries)):
-                found[name] = entries
+    for path, container, holder in _lists_in(block):
+        entries = identical_entries(container)
+        if len(entries) >= 2 and (made_of_linears(entries[0]) or own_weights(entries[0])) and _scores_experts(
+                block, holder, _expert_counts(container, entries)):
+            found[path] = entries
     return found
 
 
 def unrouted_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
-    """Containers with a forward of their own over identical Linear-only entries, with no router beside them.
+    """Containers with a forward of their own over identical entries made of Linears, with no router beside them.
 
     Candidates only: such a container is an MoE when detection finds each entry
     run on the whole input and its output gated per row (experts chosen by an
@@ -86,7 +110,8 @@ def unrouted_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
     for name, child in block.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) and has_own_forward(child):
             entries = identical_entries(child)
-            if len(entries) >= 2 and _linear_only(entries[0]) and not _scores_experts(block, child, len(entries)):
+            if len(entries) >= 2 and made_of_linears(entries[0]) and not _scores_experts(
+                    block, child, _expert_counts(child, entries)):
                 found[name] = entries
     return found
 
@@ -191,7 +216,7 @@ def _router_from_recording(block: nn.Module, call: BlockCall, entries: list[nn.M
 
 def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
     """One expert's forward in readable form, e.g. ``w2((silu(w1(x)) * w3(x)))``."""
-    linears = [m for m in expert.modules() if isinstance(m, nn.Linear) and m is not expert]
+    linears = [expert.get_submodule(path) for path in linear_modules(expert) if path]
     with torch.no_grad():
         rec = record(expert, (rows,), leaves=linears)
     for node in rec.graph.nodes:
@@ -203,19 +228,23 @@ def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
 def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module], call: fx.Node,
                         weights_applied: str, call_roles: dict[str, str] | None = None) -> ExpertsInfo:
     """Facts about experts that are modules of their own, from one recorded call of the first."""
+    rows = value(call.args[0])
+    template = None if made_of_linears(entries[0]) else entry_template(entries[0], rows)
     return ExpertsInfo(
         module_path=name,
         num_experts=len(entries),
         storage=type(container).__name__,
         layout={"expert_class": type(entries[0]).__name__,
-                "linears": [n for n, m in entries[0].named_modules() if isinstance(m, nn.Linear)]},
-        computation=_expert_computation(entries[0], value(call.args[0])),
+                "linears": [r.name for r in template.linears] if template else linear_modules(entries[0])},
+        computation=template.computation if template else _expert_computation(entries[0], rows),
         weights_applied=weights_applied,
         call_roles=call_roles or {},
         output_features=value(call).shape[-1],
         accumulate_dtype=None,
         output_dtype=None,
         sources={"expert_call": source_of(call)} if source_of(call) else {},
+        linear_views=[f"{name}.{path}" for path in linear_views(container, entries)],
+        template=template,
     )
 
 

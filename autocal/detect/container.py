@@ -148,7 +148,8 @@ def _sorted_segments(calls: list[fx.Node]) -> tuple[fx.Node, fx.Node | None] | N
     """``(source, tokens)`` when every expert's rows are a slice of one ``source[tokens]`` (rows sorted by expert).
 
     DeepSeek's remote code sorts the routed rows by expert, counts them on the
-    host and gives expert ``e`` the slice ``sorted[start:end]``. Slices of the
+    host and gives expert ``e`` the slice ``sorted[start:end]``; training code
+    splits them by the counts (``torch.split(sorted, counts)[e]``). Slices of the
     2-D token rows themselves (one token at a time) give ``(source, None)``.
     """
     sorted_rows = set()
@@ -157,9 +158,14 @@ def _sorted_segments(calls: list[fx.Node]) -> tuple[fx.Node, fx.Node | None] | N
         while isinstance(node, fx.Node) and target_name(node) in _VIEW_OPS:
             node = node.args[0]
         if not (isinstance(node, fx.Node) and target_name(node) in ("getitem", "__getitem__")
-                and isinstance(node.args[1], slice) and isinstance(node.args[0], fx.Node)):
+                and isinstance(node.args[0], fx.Node)):
             return None
-        sorted_rows.add(node.args[0])
+        whole = node.args[0]
+        if isinstance(node.args[1], int) and target_name(whole) in ("split", "split_with_sizes", "tensor_split"):
+            whole = whole.args[0]  # one piece of the sorted rows split by the per-expert counts
+        elif not isinstance(node.args[1], slice):
+            return None
+        sorted_rows.add(whole)
     if len(sorted_rows) != 1:
         return None
     rows = sorted_rows.pop()

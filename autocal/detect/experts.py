@@ -117,15 +117,17 @@ def weight_side(graph: fx.Graph, seeds: list[fx.Node]) -> set[fx.Node]:
     return side
 
 
-def expert_region(rec: ExpertsRecording, weights_side: set[fx.Node], ancestry: Ancestry):
-    """The expert's input rows, its contribution, the routing-weight input and the nodes between."""
+def expert_region(rec: ExpertsRecording, weights_side: set[fx.Node], ancestry: Ancestry,
+                  rows: fx.Node | None = None):
+    """The expert's input rows (the first matmul's input, unless given), its contribution, the routing-weight input
+    and the nodes between."""
     anchors = [n for n in rec.graph.nodes if n not in weights_side and any(a in weights_side for a in n.all_input_nodes)]
     if not anchors:
         _fail(errors.UNSUPPORTED_EXPERT, "no operation uses the expert's packed weights")
     inputs = [n for n in tensor_inputs(anchors[0]) if n not in weights_side and not is_int_tensor(n)]
-    if len(inputs) != 1:
+    if rows is None and len(inputs) != 1:
         _fail(errors.UNSUPPORTED_EXPERT, "the first matmul of an expert has no single activation input", anchors[0])
-    rows = inputs[0]
+    rows = inputs[0] if rows is None else rows
     routing = set()
     if rec.weights is not None:
         routing = {n for n in rec.graph.nodes if ancestry.is_ancestor(rec.weights, n) or n is rec.weights}
@@ -272,6 +274,8 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
             origin = Origin(_recipe(node.args[1], slice_set, None), "matmul")
             lin = CutLinear(_recipe(node.args[1], slice_set, lambda w: w.t()), None, weight.shape[0], weight.shape[1],
                           packed_name(node.args[1]), "x @ W (transposed storage)", origin)
+        elif name == "conv1d" and node.args[1] in weights_side and _pointwise(node):
+            lin, activation = _conv_linear(graph, node, activation, slice_set, packed_name(node.args[1]))
         elif name in _ADD_OPS and activation is not None and activation.op == "call_module" and len(weights) == 1:
             lin = linears[activation.target]
             if lin.bias is not None or len(activation.users) != 0:
@@ -285,6 +289,8 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         linears[target] = lin
         env[node] = graph.call_module(target, (activation,))
         env[node].meta["source"] = node.meta.get("source")
+        if lin.origin.op == "conv1d":  # channels back in place
+            env[node] = graph.call_method("movedim", (env[node], -1, 1))
     if not tail_nodes:
         graph.output(env[contribution])
         return graph, linears
@@ -293,6 +299,26 @@ def build_template(rec, region, rows, contribution, routing, weights_side, slice
         env[node] = graph.node_copy(node, outside)
     graph.output(graph.call_function(operator.mul, (env[tail_nodes[-1]], route_weight)))
     return graph, linears
+
+
+def _pointwise(node: fx.Node) -> bool:
+    """Is this ``conv1d`` a kernel-1 convolution with no stride, padding, dilation or groups (a Linear)?"""
+    settings = [*node.args[3:], *node.kwargs.values()]
+    plain = ((1,), (0,), (1,), 1)
+    return value(node.args[1]).shape[-1] == 1 and all(
+        (s,) == p or s == p for s, p in zip(settings, plain)) and len(settings) <= len(plain)
+
+
+def _conv_linear(graph: fx.Graph, node: fx.Node, activation: fx.Node, slices: set[fx.Node],
+                 packed: str) -> tuple[CutLinear, fx.Node]:
+    """A kernel-1 ``conv1d(x, W, b)`` as a Linear over ``x`` with its channels last (``W [out, in, 1]``)."""
+    weight = value(node.args[1])
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = _recipe(bias, slices, None) if isinstance(bias, fx.Node) else None
+    origin = Origin(_recipe(node.args[1], slices, None), "conv1d", bias, bias_in_op=True)
+    lin = CutLinear(_recipe(node.args[1], slices, lambda w: w.squeeze(-1)), bias, weight.shape[1], weight.shape[0],
+                    packed, "kernel-1 conv1d over the channels", origin)
+    return lin, graph.call_method("movedim", (activation, 1, -1))
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:

@@ -78,7 +78,7 @@ class Facts:
 
     @cached_property
     def lists(self) -> dict[str, list[nn.Module]]:
-        """Children holding two or more identical Linear-only experts: routed ones, else unrouted ones."""
+        """Children holding two or more identical experts made of Linears: routed ones, else unrouted ones."""
         return expert_lists(self.block) or unrouted_lists(self.block)
 
     @property

@@ -41,12 +41,14 @@ class ExpertCalls:
     outer_call: fx.Node | None = None  # the list's call in ``outer`` (its own loop recorded apart)
 
 
-def record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[nn.Module]):
-    """``module`` recorded on ``bound`` with its experts as leaves; each expert's path (to its number); their calls."""
+def record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[nn.Module], container: nn.Module):
+    """``module`` recorded on ``bound`` with its experts as leaves; each expert's path (to its number: its place in
+    ``container``, where a zero or identity expert also takes one); their calls."""
     with torch.no_grad():
         rec = record(module, (), bound, leaves=entries)
     paths = {id(m): p for p, m in module.named_modules()}
-    expert_paths = {paths[id(e)]: i for i, e in enumerate(entries)}
+    numbers = {id(m): i for i, m in enumerate(container.children())}
+    expert_paths = {paths[id(e)]: numbers[id(e)] for e in entries}
     return rec, expert_paths, [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
 
 
@@ -77,7 +79,7 @@ def _record_loop(facts: Facts, call: BlockCall) -> ExpertCalls:
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the forward never calls `{name}`",
                                   block_class=facts.block_class)
     bound = bound_inputs(container, container_call)
-    rec, expert_paths, calls = record_expert_calls(container, bound, facts.entries)
+    rec, expert_paths, calls = record_expert_calls(container, bound, facts.entries, container)
     return ExpertCalls(rec, expert_paths, calls, bound, block_rec, container_call)
 
 
@@ -89,7 +91,7 @@ def block_recording(facts: Facts) -> ExpertCalls | NoMatch:
 
     def make() -> ExpertCalls:
         bound = keyword_arguments(inspect.signature(facts.block.forward), call.args, call.kwargs)
-        rec, expert_paths, calls = record_expert_calls(facts.block, bound, facts.entries)
+        rec, expert_paths, calls = record_expert_calls(facts.block, bound, facts.entries, facts.list_container)
         return ExpertCalls(rec, expert_paths, calls, bound, rec)
 
     return facts.memo("block", make)

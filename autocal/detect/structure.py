@@ -100,6 +100,8 @@ class ExpertsInfo:
     accumulate_dtype: str | None
     output_dtype: str | None
     sources: dict[str, str] = field(default_factory=dict)
+    linear_views: list[str] = field(default_factory=list)  # Linear-like modules (block paths) seen as nn.Linear
+    template: ExpertTemplate | None = field(default=None, repr=False)  # experts with no Linear: cut into Linears
 
 
 @dataclass
@@ -139,8 +141,8 @@ class MoEStructure:
 
 
 def _plain(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if hasattr(value, "__dataclass_fields__"):  # fields left out of repr (graphs, recipes) are no facts to show
+        return {k: _plain(getattr(value, k)) for k, f in value.__dataclass_fields__.items() if f.repr}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -15,12 +15,13 @@ from typing import Any, Callable, ContextManager
 
 from torch import nn
 
+from ..detect.linear_like import as_linear
 from ..detect.plans import PackedExpertsPlan, Plan
 from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
 from ..trace.inputs import keyword_arguments
 from .experts import CalibrationExperts
-from .unpack import expert_class
+from .unpack import expert_class, view_entries
 
 __all__ = ["AdoptedMoE", "KeptForwardMoE", "SynthesizedMoE", "adopt", "build_calibration_module",
            "checked_chunk_size", "forward_declaring", "kept_forward_class", "owned"]
@@ -95,9 +96,17 @@ class AdoptedMoE(MoECalibrationModule):
     def __init__(self, original: nn.Module, config: Any = None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
         name = self.structure.experts.module_path
-        replacement = self._experts_for(original._modules[name], calibrate_all_experts)
+        replacement = self._experts_for(original.get_submodule(name), calibrate_all_experts)
         if replacement is not None:
-            self._modules[name] = replacement
+            parent, _, leaf = name.rpartition(".")
+            owned(self, original, parent)._modules[leaf] = replacement
+        for path in self.structure.experts.linear_views:  # the experts' own Linear class, seen as nn.Linear
+            parent, _, leaf = path.rpartition(".")
+            holder = owned(self, original, parent)
+            holder._modules[leaf] = as_linear(holder._modules[leaf])
+        if self.structure.experts.template is not None:  # experts with no Linear: each cut into Linear views
+            view_entries(owned(self, original, name), self.structure.experts.template,
+                         f"{type(original).__name__}Expert")
         self.calibrate_all_experts = calibrate_all_experts
 
     def _experts_for(self, experts: nn.Module, calibrate_all_experts: bool) -> nn.Module | None:
@@ -106,7 +115,7 @@ class AdoptedMoE(MoECalibrationModule):
 
     @property
     def experts_container(self) -> nn.Module:
-        return self._modules[self.structure.experts.module_path]
+        return self.get_submodule(self.structure.experts.module_path)
 
     @property
     def calibrate_all_experts(self) -> bool:
@@ -124,7 +133,9 @@ class AdoptedMoE(MoECalibrationModule):
 
     def expert_modules(self) -> list[nn.Module]:
         container = self.experts_container
-        return container.experts() if hasattr(container, "experts") else list(container.children())
+        if hasattr(container, "experts"):
+            return container.experts()
+        return [m for m in container.children() if next(m.parameters(), None) is not None]  # not zero/identity
 
     @property
     def code(self) -> str:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from ..detect.block import identical_entries
+from ..detect.entry_template import EntryWeights
 from ..detect.experts import CONTAINER_ATTR
 from ..detect.tail import EXPERT_ATTR
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from ..numerics import ProjectionLayout, geometry
 
 __all__ = ["SynthesizedExpert", "UnpackedExperts", "expert_class", "unpack_linear", "projection_layout",
-           "build_experts"]
+           "build_experts", "view_entries"]
 
 
 class SynthesizedExpert(nn.Module):
@@ -131,3 +133,24 @@ def build_experts(target: nn.Module, original: nn.Module, template: ExpertTempla
         target.add_module(str(expert), module)
 
 
+
+
+def view_entries(container: nn.Module, template: ExpertTemplate, name: str) -> None:
+    """Replace ``container``'s experts by modules of ``nn.Linear`` views of their own weights (``template``'s).
+
+    For experts with no Linear to observe (raw parameter matmuls, kernel-1
+    convolutions, ``detect/entry_template.py``); ``container`` is the block's own
+    copy of the list, so the original keeps its experts.
+    """
+    entries = identical_entries(container)
+    names = {id(m): n for n, m in container.named_children()}
+    store = EntryWeights(entries)
+    expert_cls = expert_class(template, name, entries[0])
+    for expert, entry in enumerate(entries):
+        module = expert_cls()
+        module.__dict__[CONTAINER_ATTR] = entry
+        for recipe in template.linears:
+            module.add_module(recipe.name, unpack_linear(recipe, store, expert))
+        for index, projection in enumerate(template.projections):
+            setattr(module, f"_autocal_layout_{index}", projection_layout(projection, module, store, expert))
+        container._modules[names[id(entry)]] = module
