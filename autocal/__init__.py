@@ -11,6 +11,7 @@ from .coverage import Coverage, coverage
 from .errors import AutocalError
 from .explain import BlockReport, Report, explain
 from .registry import MoECalibrationModule
+from .unconverted import unconverted
 from .verify import Verification
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "restore",
     "set_calibration_chunk_size",
     "synthesize",
+    "unconverted",
 ]
 
 __version__ = "0.1.0"
