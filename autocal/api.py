@@ -27,7 +27,7 @@ from .synthesize.module import checked_chunk_size
 from .trace.inputs import BlockCall, synthesize_inputs
 from .trace.twin import cpu_twin, on_meta
 from .unconverted import UNCONVERTED, Unconverted, unconverted, unrecognized, within
-from .verify import Verification, counts_itself, verify
+from .verify import Verification, counts_itself, hidden_tokens, one_token, verify
 
 __all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chunk_size", "Converter", "unconverted"]
 
@@ -97,6 +97,8 @@ class Converter:
             args, kwargs = _verification_inputs(block, call, analysis.structure)
             if args is not None:
                 analysis.verification = verify(block, module, args, kwargs)
+                for more_args, more_kwargs in _branch_inputs(block, args, kwargs, analysis.structure):
+                    verify(block, module, more_args, more_kwargs)
         hook = not counts_itself(module)
         for expert in getattr(module, "expert_modules", list)():
             count_tokens(expert, hook=hook)  # after verification: coverage counts the user's tokens
@@ -112,10 +114,22 @@ def _verification_inputs(block: nn.Module, call: BlockCall | None,
     return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1), {}
 
 
-def _runs(block: nn.Module, args: tuple) -> bool:
+def _branch_inputs(block: nn.Module, args: tuple, kwargs: dict,
+                   structure: MoEStructure | None) -> list[tuple[tuple, dict]]:
+    """Inputs that reach the branches the first verification may have missed: one token (a decode branch),
+    and several tokens when the first inputs held one. Those the original cannot run are left out."""
+    cases = [one_token(args, kwargs)]
+    if hidden_tokens(args, kwargs) == 1 and not kwargs:
+        experts = block.get_submodule(structure.experts.module_path) if structure is not None else block
+        several = synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=9, seed=2)
+        cases += [(several, {})] if several is not None else []
+    return [(a, k) for a, k in cases if a is not None and _runs(block, a, k)]
+
+
+def _runs(block: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
     try:
         with torch.no_grad():
-            block(*args)
+            block(*args, **(kwargs or {}))
         return True
     except Exception:
         return False

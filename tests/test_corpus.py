@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from autocal.errors import AutocalError
 from autocal.testing.corpus import (
     ENTRIES,
-    Mismatch,
     Silent,
     check_convert,
     check_explain_k,
@@ -35,10 +34,11 @@ from autocal.testing.corpus import (
 )
 
 _NO_BLOCK = "no-moe-block: no child is recognised as experts (packed, or a list of identical MLPs)"
-# Experts in a list beside a router that no rule converts: convert and explain name them (never silent).
+# Experts beside a router that no rule converts: convert and explain name them (never silent).
 _LISTED = ("deepseek_reference", "gating_multiplier", "nested_experts", "sorted_split", "zero_identity_experts",
-           "param_matmul_experts", "conv1d_experts")
-_LISTED_REASON = "unsupported-dispatch: a list of experts beside a router that no rule converts is named"
+           "param_matmul_experts", "conv1d_experts", "megatron_grouped")
+_LISTED_REASON = ("unsupported-dispatch: experts beside a router (a list, or weights side by side) that no rule "
+                  "converts are named")
 
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
 # synthesize, tokens (synthesize on drawn token counts), convert, convert_example, mixed, explain_k.
@@ -47,11 +47,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
        for name in _LISTED for check in ("synthesize", "tokens")},
     **{(name, check): (AutocalError, _LISTED_REASON)
        for name in _LISTED for check in ("convert", "convert_example", "mixed", "explain_k")},
-    **{("megatron_grouped", check): (AutocalError, _NO_BLOCK)
-       for check in ("synthesize", "tokens", "convert", "convert_example")},
-    ("megatron_grouped", "mixed"): (Silent, "silent: convert returns with the block unconverted beside the toy "
-                                    "block (flat grouped-MLP weights show no sign of experts)"),
-    ("megatron_grouped", "explain_k"): (Silent, "silent: explain lists no block"),
     ("expert_id_linears", "explain_k"): (Silent, "silent: explain lists the expert-id projections, not the block"),
     **{("packed_einsum_swiglu", check): (AutocalError, "unsupported-dispatch: no expert weights are gathered by "
                                          "the routing indices (W[idx, ...] then einsum)")
@@ -81,10 +76,9 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
                                                "are taken for blocks: weights not chosen by a top-k"),
     ("expert_id_linears", "mixed"): (AutocalError, "trace-failed: the expert-id projections are taken for "
                                      "blocks, and their forward needs expert_id"),
-    **{("decode_gather", check): (Mismatch, "wrong: on one token (the decode branch, which gathers packed "
-                                  "weights) no expert Linear sees the token in calibration mode")
+    **{("decode_gather", check): (AutocalError, "verification-failed: on one token (the decode branch, which "
+                                  "gathers packed weights) no expert Linear sees the token in calibration mode")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
-    ("sparsemixer", "explain_k"): (Mismatch, "wrong k: explain reports k = 1 for argmax then masked argmax"),
 }
 
 

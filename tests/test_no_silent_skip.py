@@ -19,7 +19,7 @@ def _mixed(name: str) -> Mixed:
     return Mixed(ENTRIES[name].build(0), seed=0)
 
 
-@pytest.mark.parametrize("name", ["deepseek_reference", "nested_experts", "sorted_split"])
+@pytest.mark.parametrize("name", ["deepseek_reference", "nested_experts", "sorted_split", "megatron_grouped"])
 def test_convert_names_experts_no_rule_converts_and_converts_nothing(name):
     model = _mixed(name)
     with pytest.raises(autocal.AutocalError) as raised:
@@ -78,4 +78,13 @@ def test_convert_raises_nothing_but_autocal_errors(name):
         assert autocal.errors.next_steps(error.kind, error.block_class, error.hints)
         if "could not follow the forward" in error.explanation.split(" (rule")[0]:
             assert error.__cause__ is not None and not isinstance(error.__cause__, autocal.AutocalError)
+
+
+def test_verification_runs_one_token_too():
+    """The decode branch of a block (one token) is verified, not only the many-token path detection read."""
+    block = ENTRIES["decode_gather"].build(0)
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.synthesize(block)
+    assert raised.value.kind == autocal.errors.VERIFICATION_FAILED
+    assert "1 tokens" in raised.value.explanation
 

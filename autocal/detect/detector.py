@@ -19,10 +19,11 @@ __all__ = ["unrecognized_experts"]
 def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str, str]]:
     """``(block path, module path, what)`` for experts outside every recognised block.
 
-    Three signs of experts, so that none is skipped silently: a parameter of 3 or
+    Signs of experts, so that none is skipped silently: a parameter of 3 or
     more dimensions whose leading size is the row count of a router-shaped
     weight beside it; a list of two or more modules of one class beside a
-    router-shaped weight with one row per entry (``_routed_lists``); and a module
+    router-shaped weight with one row per entry (``_routed_lists``), or a module of
+    flat weights ``[H, E * m]`` / ``[E * m, H]`` beside an ``[E, H]`` one (``_flat_experts``); and a module
     the model itself declares as producing router logits (transformers' output
     recorders).
     """
@@ -40,6 +41,7 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
                 found.append((owner, path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
                 break
     found += _routed_lists(modules, blocks + [b for b, _, _ in found])
+    found += _flat_experts(modules, blocks + [b for b, _, _ in found])
     flagged = [b for b, _, _ in found]
     for path in declared_routers(model):
         module = modules[path]
@@ -72,6 +74,31 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
                 break
             below = owner_path
     return found
+
+
+def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
+    """``(owner path, module path, what)`` for a module holding only two or more raw 2-D weights, each
+    ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), beside a router-shaped ``[E, H]`` weight in its parent:
+    every expert's weights laid side by side in one tensor (grouped-MLP views)."""
+    found = []
+    for path, module in modules.items():
+        params = list(module.parameters())
+        if (not path or type(module).__module__.startswith("torch.nn.") or len(params) < 2
+                or any(p.dim() != 2 for p in params) or any(_within(path, b) for b in blocks)):
+            continue
+        owner_path = path.rpartition(".")[0]
+        if any(_within(owner_path, b) for b in blocks):
+            continue
+        routers = {tuple(w.shape) for w in _beside(modules[owner_path], module) if w.shape[0] >= 2}
+        if any(all(_side_by_side(p.shape, experts, hidden) for p in params) for experts, hidden in routers):
+            found.append((owner_path, path, f"`{path}` holds {len(params)} weights of every expert side by side "
+                                            f"beside a router-shaped weight"))
+    return found
+
+
+def _side_by_side(shape: torch.Size, experts: int, hidden: int) -> bool:
+    """Is ``shape`` ``[hidden, experts * m]`` or ``[experts * m, hidden]`` with m >= 2?"""
+    return any(shape[i] == hidden and shape[1 - i] % experts == 0 and shape[1 - i] // experts >= 2 for i in (0, 1))
 
 
 def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:
