@@ -12,6 +12,7 @@ from .errors import AutocalError
 from .explain import BlockReport, Report, explain
 from .registry import MoECalibrationModule
 from .sharing import shared_input_groups
+from .unconverted import unconverted
 from .verify import Verification
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "set_calibration_chunk_size",
     "shared_input_groups",
     "synthesize",
+    "unconverted",
 ]
 
 __version__ = "0.1.0"

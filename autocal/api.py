@@ -22,14 +22,15 @@ from .detect.detector import unrecognized_experts
 from .detect.plans import Plan
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule
-from .rules import Decision, decide, find_moe_blocks
+from .rules import Decision, decide, find_moe_blocks, user_line
 from .synthesize.module import checked_chunk_size
 from .trace.inputs import BlockCall, synthesize_inputs
 from .trace.model_inputs import model_example
 from .trace.twin import cpu_twin, on_meta
-from .verify import Verification, counts_itself, verify
+from .unconverted import UNCONVERTED, Unconverted, unconverted, unrecognized, within
+from .verify import Verification, counts_itself, hidden_tokens, one_token, verify
 
-__all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chunk_size", "Converter"]
+__all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chunk_size", "Converter", "unconverted"]
 
 
 @dataclass
@@ -76,7 +77,16 @@ class Converter:
                     self.not_moe.add(cls)
                     raise errors.NotAnMoE(type(block).__name__)
                 raise decision.error()
-            self.classes[cls] = ClassAnalysis(decision.rule.build(decision.plan, block), decision.plan)
+            try:
+                built = decision.rule.build(decision.plan, block)
+            except errors.AutocalError:
+                raise
+            except Exception as error:  # a plan its builder cannot follow: an error a user can act on
+                raise errors.AutocalError(
+                    errors.UNSUPPORTED_DISPATCH, f"rule {decision.rule.name} matched, but building its calibration "
+                    f"module failed: {type(error).__name__}: {error}", block_class=type(block).__name__,
+                    source=user_line(error)) from error
+            self.classes[cls] = ClassAnalysis(built, decision.plan)
         return self.classes[cls]
 
     def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None,
@@ -88,6 +98,8 @@ class Converter:
             args, kwargs = _verification_inputs(block, call, analysis.structure)
             if args is not None:
                 analysis.verification = verify(block, module, args, kwargs)
+                for more_args, more_kwargs in _branch_inputs(block, args, kwargs, analysis.structure):
+                    verify(block, module, more_args, more_kwargs)
         hook = not counts_itself(module)
         for expert in getattr(module, "expert_modules", list)():
             count_tokens(expert, hook=hook)  # after verification: coverage counts the user's tokens
@@ -103,10 +115,22 @@ def _verification_inputs(block: nn.Module, call: BlockCall | None,
     return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1), {}
 
 
-def _runs(block: nn.Module, args: tuple) -> bool:
+def _branch_inputs(block: nn.Module, args: tuple, kwargs: dict,
+                   structure: MoEStructure | None) -> list[tuple[tuple, dict]]:
+    """Inputs that reach the branches the first verification may have missed: one token (a decode branch),
+    and several tokens when the first inputs held one. Those the original cannot run are left out."""
+    cases = [one_token(args, kwargs)]
+    if hidden_tokens(args, kwargs) == 1 and not kwargs:
+        experts = block.get_submodule(structure.experts.module_path) if structure is not None else block
+        several = synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=9, seed=2)
+        cases += [(several, {})] if several is not None else []
+    return [(a, k) for a, k in cases if a is not None and _runs(block, a, k)]
+
+
+def _runs(block: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
     try:
         with torch.no_grad():
-            block(*args)
+            block(*args, **(kwargs or {}))
         return True
     except Exception:
         return False
@@ -156,7 +180,8 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
 
 def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool = True, *,
             example_inputs: dict | None = None, forward: Any = None,
-            converter: Converter | None = None, calibration_chunk_size: int | None = None) -> nn.Module:
+            converter: Converter | None = None, calibration_chunk_size: int | None = None,
+            strict: bool = True) -> nn.Module:
     """Swap every MoE block of ``model`` for its calibration module, in place.
 
     Args:
@@ -171,9 +196,12 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
         forward: what to call with ``example_inputs`` (default: ``model``), for
             composite models whose forward lives in a sub-model.
         calibration_chunk_size: see ``set_calibration_chunk_size``.
+        strict: raise if any module that routes among experts would be left unconverted (a block
+            no rule converts, or experts no recognised block holds). With ``strict=False`` such
+            blocks are left as they are, named in a warning and listed by ``unconverted(model)``.
 
     Returns:
-        ``model``, converted. Raises ``AutocalError`` if a block cannot be converted.
+        ``model``, converted. Raises ``AutocalError`` if a block cannot be converted (``strict``).
 
     Example:
         >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
@@ -184,13 +212,8 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
     converter = converter or Converter(calibrate_all_experts, verify)
     blocks = [(p, b) for p, b in find_moe_blocks(model) if not isinstance(b, MoECalibrationModule)]
     converted = [p for p, m in model.named_modules() if isinstance(m, MoECalibrationModule)]
-    for block_path, path, what in unrecognized_experts(model, [p for p, _ in blocks] + converted):
-        block_class = type(model.get_submodule(block_path)).__name__
-        raise errors.AutocalError(
-            errors.UNSUPPORTED_DISPATCH,
-            f"{what}, but no block that routes tokens to it was recognised; nothing was converted",
-            block_class=block_class, module_path=path, hints=[errors.override_hint(block_class)],
-        )
+    skipped = unrecognized(model, unrecognized_experts(model, [p for p, _ in blocks] + converted), strict)
+    blocks = [(p, b) for p, b in blocks if not any(within(p, s.path) for s in skipped)]
     blocks, calls, twin = locate_blocks(model, blocks, example_inputs, forward)
     config = getattr(model, "config", None)
     built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
@@ -202,8 +225,12 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             except errors.NotAnMoE:
                 built[id(block)] = None
             except errors.AutocalError as error:
-                raise unreached(error, example_inputs, calls, path).with_context(
-                    module_path=path, block_class=type(block).__name__) from error.__cause__
+                error = unreached(error, example_inputs, calls, path).with_context(
+                    module_path=path, block_class=type(block).__name__)
+                if strict or error.kind in (errors.BAD_INPUT, errors.HOOKED_MODULE, errors.BAD_OVERRIDE):
+                    raise error from error.__cause__
+                skipped.append(Unconverted(path, type(block).__name__, f"[{error.kind}] {error.explanation}"))
+                built[id(block)] = None
         if built[id(block)] is not None and not path:
             raise errors.AutocalError(
                 errors.NO_MOE_BLOCK, "the model itself is the MoE block, so there is no parent to put its "
@@ -211,7 +238,11 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                 hints=["use autocal.synthesize(block) for one block, or convert a model that holds it"])
         if built[id(block)] is not None:
             _set_submodule(model, path, built[id(block)])
-    if not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
+    model.__dict__[UNCONVERTED] = skipped
+    if skipped:
+        warnings.warn(f"autocal: {len(skipped)} MoE block(s) left unconverted (strict=False): "
+                      + "; ".join(str(s) for s in skipped), stacklevel=2)
+    if not skipped and not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
         raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block",
                                   block_class=type(model).__name__,
                                   hints=["autocal looks for a child module storing weights per expert, "

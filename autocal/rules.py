@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -199,6 +200,20 @@ def _verdict(rule_: Rule, facts: Facts) -> Verdict:
         return Verdict(rule_, rule_.match(facts))
     except errors.AutocalError as error:
         return Verdict(rule_, NoMatch.of(error))
+    except Exception as error:  # symbolic tracing, or a pass reading a forward it does not follow: no raw error
+        return Verdict(rule_, NoMatch(f"{rule_.name} could not follow the forward: {type(error).__name__}: "
+                                      f"{str(error).split('. ')[0].splitlines()[0] if str(error) else ''}",
+                                      user_line(error), errors.TRACE_FAILED, shallow=True, cause=error))
+
+
+def user_line(error: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of ``error``'s traceback outside autocal and torch (the block's code)."""
+    found = None
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        name = frame.f_code.co_filename
+        if not any(f"{os.sep}{package}{os.sep}" in name for package in ("autocal", "torch")):
+            found = f"{name}:{line}"
+    return found
 
 
 def decide(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int | None = None) -> Decision:
@@ -253,14 +268,33 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
     return decision.plan
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(path, block)`` for every module some rule's candidate test accepts (a block reached twice: twice).
 
-    Candidates only: the rules' ``match`` confirms that the forward routes tokens to them.
+    Candidates only: the rules' ``match`` confirms that the forward routes tokens to them. Containers
+    (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``) are never blocks: their forward, if any, only
+    calls their entries in turn. Overrides come first: a module whose class has a registered calibration
+    module is a block wherever it appears, whatever the candidate tests say, and no module above or inside
+    it is one.
     """
     modules = dict(model.named_modules(remove_duplicate=False))
+    overridden = [p for p, m in modules.items() if registered_override(type(m).__name__) is not None]
+    overridden = [p for p in overridden if not any(_inside(p, o) for o in overridden if o != p)]
     for path, module in modules.items():
+        if path in overridden:
+            yield path, module
+            continue
+        if isinstance(module, _CONTAINERS) or any(_inside(path, o) or _inside(o, path) for o in overridden):
+            continue
         parent = modules.get(path.rpartition(".")[0], model) if path else None
         facts = Facts(module, parent=parent, walked=True)
         if any(r.candidate(facts) for r in RULES):
             yield path, module
+
+
+def _inside(path: str, outer: str) -> bool:
+    """Is ``path`` strictly inside the module at ``outer`` (``""``: the model)?"""
+    return path != outer and (not outer or path.startswith(f"{outer}."))

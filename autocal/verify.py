@@ -20,7 +20,8 @@ from .coverage import _COUNTER
 from .numerics import TOLERANCES, compare_outputs
 from .trace.hf import eager_experts, experts_implementation
 
-__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself"]
+__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself", "one_token",
+           "hidden_tokens"]
 
 @dataclass
 class Verification:
@@ -41,9 +42,25 @@ class Verification:
         return asdict(self)
 
 
-def _hidden_tokens(args: tuple, kwargs: dict) -> int:
+def hidden_tokens(args: tuple, kwargs: dict) -> int:
     hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
     return int(hidden.numel() // hidden.shape[-1])
+
+
+def one_token(args: tuple, kwargs: dict) -> tuple[tuple | None, dict]:
+    """The first token of a block call: the hidden states cut to one position in every leading dimension, and
+    each tensor input with the same leading dimensions cut alike (``token_type_ids``). None when there are no
+    hidden states to cut."""
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if hidden is None or hidden.dim() < 2:
+        return None, kwargs
+    leading = hidden.shape[:-1]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.shape[:len(leading)] == leading:
+            return value[(slice(0, 1),) * len(leading)]
+        return value
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def _fresh(kwargs: dict) -> dict:
@@ -118,7 +135,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)
-    tokens = _hidden_tokens(args, kwargs)
+    tokens = hidden_tokens(args, kwargs)
     covered = sum(1 for n in seen if n >= tokens)  # a token routed twice to one expert counts twice
     result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
                           close_off and close_on and covered == len(seen), implementation,

@@ -19,10 +19,13 @@ __all__ = ["unrecognized_experts"]
 def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str, str]]:
     """``(block path, module path, what)`` for experts outside every recognised block.
 
-    Two signs of experts, so that none is skipped silently: a parameter of 3 or
+    Signs of experts, so that none is skipped silently: a parameter of 3 or
     more dimensions whose leading size is the row count of a router-shaped
-    weight beside it, and a module the model itself declares as producing
-    router logits (transformers' output recorders).
+    weight beside it; a list of two or more modules of one class beside a
+    router-shaped weight with one row per entry (``_routed_lists``), or a module of
+    flat weights ``[H, E * m]`` / ``[E * m, H]`` beside an ``[E, H]`` one (``_flat_experts``); and a module
+    the model itself declares as producing router logits (transformers' output
+    recorders).
     """
     found = []
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -37,6 +40,8 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
             if owner is not None:
                 found.append((owner, path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
                 break
+    found += _routed_lists(modules, blocks + [b for b, _, _ in found])
+    found += _flat_experts(modules, blocks + [b for b, _, _ in found])
     flagged = [b for b, _, _ in found]
     for path in declared_routers(model):
         module = modules[path]
@@ -45,6 +50,65 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
             found.append((block, path, f"`{type(module).__name__}` produces router logits (the model declares it)"))
             flagged.append(block)
     return found
+
+
+def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
+    """``(owner path, list path, what)`` for each ``nn.ModuleList`` of 2+ modules of one class (with parameters)
+    whose parent or grandparent (the router may sit beside the list's holder) holds, outside the list, a 2-D
+    weight with one row per entry: the owner is the nearest that does."""
+    found = []
+    for path, module in modules.items():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2 or any(_within(path, b) for b in blocks):
+            continue
+        classes = [type(m) for m in module if any(True for _ in m.parameters())]
+        if max((classes.count(c) for c in classes), default=0) < 2:
+            continue
+        below = path
+        for owner_path in _ancestors(path, 2):
+            owner = modules.get(owner_path)
+            if owner is None or any(_within(owner_path, b) for b in blocks):
+                break
+            if any(w.shape[0] == len(module) for w in _beside(owner, modules[below])):
+                found.append((owner_path, path, f"`{path}` holds {len(module)} modules beside a router-shaped "
+                                                f"weight with one row per entry"))
+                break
+            below = owner_path
+    return found
+
+
+def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
+    """``(owner path, module path, what)`` for a module holding only two or more raw 2-D weights, each
+    ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), beside a router-shaped ``[E, H]`` weight in its parent:
+    every expert's weights laid side by side in one tensor (grouped-MLP views)."""
+    found = []
+    for path, module in modules.items():
+        params = list(module.parameters())
+        if (not path or type(module).__module__.startswith("torch.nn.") or len(params) < 2
+                or any(p.dim() != 2 for p in params) or any(_within(path, b) for b in blocks)):
+            continue
+        owner_path = path.rpartition(".")[0]
+        if any(_within(owner_path, b) for b in blocks):
+            continue
+        routers = {tuple(w.shape) for w in _beside(modules[owner_path], module) if w.shape[0] >= 2}
+        if any(all(_side_by_side(p.shape, experts, hidden) for p in params) for experts, hidden in routers):
+            found.append((owner_path, path, f"`{path}` holds {len(params)} weights of every expert side by side "
+                                            f"beside a router-shaped weight"))
+    return found
+
+
+def _side_by_side(shape: torch.Size, experts: int, hidden: int) -> bool:
+    """Is ``shape`` ``[hidden, experts * m]`` or ``[experts * m, hidden]`` with m >= 2?"""
+    return any(shape[i] == hidden and shape[1 - i] % experts == 0 and shape[1 - i] // experts >= 2 for i in (0, 1))
+
+
+def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:
+    """2-D weights of ``owner`` itself and of its children other than the one holding ``entries`` (one level:
+    where routers sit)."""
+    weights = [p for p in owner.parameters(recurse=False) if p.dim() == 2]
+    for child in owner.children():
+        if child is not entries and not isinstance(child, nn.ModuleList):
+            weights += [p for p in child.parameters(recurse=False) if p.dim() == 2]
+    return weights
 
 
 def _ancestors(path: str, levels: int) -> list[str]:

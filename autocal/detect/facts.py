@@ -28,21 +28,38 @@ from .storage import packed_parameters, router_rows
 from .gathered import expert_tables, own_expert_weights
 from .sorted import banks_of_a_child, weight_banks
 
-__all__ = ["Facts", "experts_container"]
+__all__ = ["Facts", "experts_container", "routes_itself"]
 
 
 def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
     """The block's child that stores expert weights packed, if any.
 
     A child with a router-shaped weight of its own, in a module holding nothing
-    beside it, is a block (``own_expert_weights``) that the module only wraps.
+    beside it, is a block (``own_expert_weights``) that the module only wraps. A
+    child whose router is a module of its own beside its packed weights
+    (``routes_itself``) is a block too, whatever else the module holds: a decoder
+    layer around ``self.moe`` only calls the block.
     """
     for name, child in block.named_children():
         inside = {id(t) for t in (*child.parameters(), *child.buffers())}
         wraps = not any(id(t) not in inside for t in (*block.parameters(), *block.buffers()))
-        if packed_parameters(child, router_rows(block, child)) and not (wraps and own_expert_weights(child)):
+        packed = packed_parameters(child, router_rows(block, child))
+        if packed and not (wraps and own_expert_weights(child)) and not routes_itself(child, packed):
             return name, child
     return None
+
+
+def routes_itself(module: nn.Module, packed: dict[str, nn.Parameter]) -> bool:
+    """Does ``module`` hold, outside its ``packed`` expert weights, a router-shaped ``[E, H]`` weight?
+
+    The packed weights' 2-D companions (biases, ``[E, d]``) are among ``packed``, so
+    only a weight of another parameter set (a router Linear) counts.
+    """
+    inside = {id(p) for p in packed.values()}
+    shapes = [p.shape for p in packed.values() if p.dim() >= 3]
+    return any(w.dim() == 2 and id(w) not in inside and any(w.shape[0] == s[0] and w.shape[1] in s[1:]
+                                                          for s in shapes)
+               for w in module.parameters())
 
 
 @dataclass

@@ -42,6 +42,30 @@ def _k_of(node: fx.Node) -> int:
     return 1
 
 
+def _chained_k(selections: list[fx.Node], index: fx.Node, ancestry: Ancestry) -> int | None:
+    """k of selections made one after another over the same scores: an argmax, then an argmax of the rest
+    (sparsemixer, GShard top-2) chooses 2. Counted when two or more selections over one number of choices each
+    feed their indices into ``index``; selections over other sizes (groups, then experts) are not added."""
+    chained = [s for s in selections if _indices_feed(s, index, ancestry)]
+    sizes = {value(s.args[0]).shape[-1] for s in chained}
+    if len(chained) < 2 or len(sizes) != 1:
+        return None
+    return sum(_k_of(s) for s in chained)
+
+
+def _indices_feed(selection: fx.Node, index: fx.Node, ancestry: Ancestry) -> bool:
+    """Does ``selection`` choose among float scores, its indices reaching ``index``?"""
+    scores = value(selection.args[0]) if selection.args and isinstance(selection.args[0], fx.Node) else None
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        return False
+    if target_name(selection) in ("argmax", "argsort"):
+        outputs = [selection]
+    else:
+        outputs = [u for u in selection.users if (target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1)
+                   or (target_name(u) == "getattr" and u.args[1] == "indices")]
+    return any(o is index or ancestry.is_ancestor(o, index) for o in outputs)
+
+
 def _leading_slice(sort: fx.Node) -> int | None:
     """The ``k`` of ``indices[..., :k]`` taken from a sort's indices, if the sort's indices are sliced so."""
     indices = [sort] if target_name(sort) == "argsort" else [
@@ -108,7 +132,8 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
-        top_k=_slots(index, value(scored).shape[-1], value(scored).shape) or _k_of(final),
+        top_k=(_chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
+               or _k_of(final)),
         num_choices=value(scored).shape[-1],
         renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,8 @@ class Preparation:
 
 
 def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: Any = None, verify: bool = True,
-            checkpoint_naming: bool = True, calibration_chunk_size: int | None = None) -> Preparation:
+            checkpoint_naming: bool = True, calibration_chunk_size: int | None = None,
+            strict: bool = False) -> Preparation:
     """Convert ``model`` for ``oneshot``: autocal calibration modules, no LLM Compressor linearization inside them,
     expert keys saved under the original checkpoint's names, and ``model.save_pretrained`` checked before it
     writes (``install_checked_save``).
@@ -86,12 +88,18 @@ def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: An
     Calibration modules are left with ``calibrate_all_experts=True``, so a plain
     ``llmcompressor.oneshot`` call calibrates every expert too; ``oneshot`` below
     turns it off when it ends. ``calibration_chunk_size`` bounds calibration's
-    activation memory (``autocal.set_calibration_chunk_size``).
+    activation memory (``autocal.set_calibration_chunk_size``). MoE blocks autocal cannot convert are left
+    to LLM Compressor's own linearization (``strict=False``), with a warning naming them; ``strict=True``
+    raises instead.
     """
     from ... import api
 
     api.convert(model, calibrate_all_experts=True, verify=verify, example_inputs=example_inputs, forward=forward,
-                calibration_chunk_size=calibration_chunk_size)
+                calibration_chunk_size=calibration_chunk_size, strict=strict)
+    left = api.unconverted(model)
+    if left:
+        warnings.warn(f"autocal: LLM Compressor's own MoE linearization handles the {len(left)} block(s) autocal "
+                      f"left unconverted: {', '.join(u.path or '<model>' for u in left)}", stacklevel=2)
     linearized = check_linearization(model)
     names = install_checkpoint_names(model) if checkpoint_naming else {}
     install_checked_save(model)
