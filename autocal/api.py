@@ -8,7 +8,6 @@ verified against the original before anything is swapped.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -25,8 +24,8 @@ from .registry import MoECalibrationModule
 from .rules import Decision, decide, find_moe_blocks, user_line
 from .synthesize.module import checked_chunk_size
 from .trace.inputs import BlockCall, synthesize_inputs
-from .trace.model_inputs import model_example
-from .trace.twin import cpu_twin, on_meta
+from .trace.calls import locate_blocks, unreached
+from .trace.twin import on_meta
 from .unconverted import UNCONVERTED, Unconverted, unconverted, unrecognized, within
 from .verify import Verification, counts_itself, hidden_tokens, one_token, verify
 
@@ -160,24 +159,6 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     model.get_submodule(parent).add_module(name, module) if parent else model.add_module(name, module)
 
 
-def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
-                   forward: Any = None) -> dict[str, BlockCall]:
-    """Run the model once and keep each block's inputs."""
-    calls: dict[str, BlockCall] = {}
-    handles = []
-    for path in paths:
-        def hook(module, args, kwargs, path=path):
-            calls.setdefault(path, BlockCall(args, kwargs))
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            (forward or model)(**example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
 def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool = True, *,
             example_inputs: dict | None = None, forward: Any = None,
             converter: Converter | None = None, calibration_chunk_size: int | None = None,
@@ -282,88 +263,6 @@ def set_calibration_chunk_size(model: nn.Module, tokens: int | None) -> list[str
                       f"on all tokens at once in calibration mode. Chunking needs experts that autocal unpacked "
                       f"from a packed container (see autocal.explain).", stacklevel=2)
     return unbounded
-
-
-def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: dict, path: str) -> errors.AutocalError:
-    """``error``, saying so when the example inputs ran the model without ever calling this block's forward."""
-    if example_inputs and path not in calls and "never calls this block" not in error.explanation:
-        error.explanation += ("; the example inputs ran the model without calling this block's forward "
-                              "(its experts are used through other methods?)")
-    return error
-
-
-def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None,
-                  forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
-    """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta).
-
-    Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature
-    (``trace/model_inputs.py``); any other module, or a model those inputs do not run, gives no calls: its blocks
-    get inputs made from their own parameters.
-    """
-    if example_inputs is not None and not isinstance(example_inputs, Mapping):
-        raise errors.AutocalError(
-            errors.BAD_INPUT, f"example_inputs is a {type(example_inputs).__name__}: it must be a dict of the "
-            "model's keyword inputs, which autocal calls the model with as model(**example_inputs)",
-            hints=["autocal.convert(model, example_inputs={'input_ids': ids}), or a tokenizer's output: "
-                   "example_inputs=tokenizer(text, return_tensors='pt')"])
-    if not example_inputs:
-        made = model_example(model, forward)
-        if made is None:
-            return {}, None
-        candidates, forward = made
-        for inputs in candidates:
-            try:
-                return capture_calls(model, paths, inputs, forward)
-            except Exception as error:  # these inputs do not suit this model: try the next ones
-                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        warnings.warn(f"autocal: {type(model).__name__} did not run on the inputs autocal made for it ({failure}); "
-                      f"its blocks are analysed on inputs made from their parameters. Pass example_inputs to "
-                      f"convert().", stacklevel=3)
-        return {}, None
-    twin = cpu_twin(model) if on_meta(model) else None
-    runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
-    return _capture_calls(twin or model, paths, example_inputs, runner), twin
-
-
-def locate_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_inputs: dict | None,
-                  forward: Any = None, also: list[str] = ()) -> tuple[list[tuple[str, nn.Module]],
-                                                                   dict[str, BlockCall], nn.Module | None]:
-    """The blocks, each block's inputs from the example (``capture_calls``), and the twin they ran on.
-
-    A block whose forward the example never calls while its children are called
-    is used through other methods (``experts.map(x)`` in an attention forward):
-    it is replaced by its nearest ancestor whose forward the example calls.
-    """
-    paths = [p for p, _ in blocks]
-    around = {a for p in paths for a in _ancestors(p)}
-    children = {p: [f"{p}.{c}" if p else c for c, _ in model.get_submodule(p).named_children()] for p in paths}
-    watched = list(dict.fromkeys([*paths, *also, *around, *(c for p in paths for c in children[p])]))
-    calls, twin = capture_calls(model, watched, example_inputs, forward)
-    located = []
-    for path, block in blocks:
-        if path not in calls and any(c in calls for c in children[path]):
-            path = next((a for a in _ancestors(path) if a in calls), path)
-            block = model.get_submodule(path)
-        if (path, block) not in located:
-            located.append((path, block))
-    return located, calls, twin
-
-
-def _ancestors(path: str) -> list[str]:
-    """The paths above ``path``, nearest first, the model (``""``) last."""
-    found = []
-    while path:
-        path = path.rpartition(".")[0]
-        found.append(path)
-    return found
-
-
-def _twin_of(forward: Any, model: nn.Module, twin: nn.Module) -> Any:
-    """The twin's counterpart of ``forward`` (the model, or one of its submodules)."""
-    if forward is None or forward is model:
-        return twin
-    path = next(p for p, m in model.named_modules() if m is forward)
-    return twin.get_submodule(path)
 
 
 def _progress(items: list) -> Any:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import errors
-from .api import Converter, analysis_key, locate_blocks, unreached
+from .api import Converter, analysis_key
+from .trace.calls import locate_blocks, unreached
 from .detect.detector import unrecognized_experts
 from .detect.router import router_of
 from .registry import MoECalibrationModule
