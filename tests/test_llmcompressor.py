@@ -51,6 +51,10 @@ GROUP_SIZE = 16  # tiny models have in_features 16..64; the W4A16 preset's group
 BLOCK_TOL = {"w4a16": 0.25, "fp8": 0.12, "nvfp4": 0.35}
 MODEL_TOL = {"w4a16": 0.8, "fp8": 0.65, "nvfp4": 0.8}
 SIDE_BY_SIDE_TOL = 1e-4
+# Quantized activations (W8A8: int8 per token, computed at run time) turn a last-bit difference between the two
+# paths' calibration forwards (a sum in another order) into a whole quantization step of some activations:
+# GPT-OSS's logits then differ by 5.4e-4 (relative) on an AVX-512 CPU. An uncalibrated expert differs by ~1e-1.
+QUANTIZED_ACTIVATIONS_TOL = 2e-3
 RELOAD_TOL = 1e-5
 CALIBRATION_TOKENS = CALIBRATION[0] * CALIBRATION[1]
 # What the original checkpoint calls each expert Linear, for the architectures whose checkpoints store
@@ -533,7 +537,7 @@ def test_smoothquant_calibrates_every_expert_as_llmcompressor_own_path_does(name
     assert {lc.tokens for lc in coverage.linears} == {CALIBRATION_TOKENS}, "every expert Linear saw every token"
     held_out = tokens(HELD_OUT, 1, source.vocab)
     with torch.no_grad():
-        assert rel(ours(input_ids=held_out).logits, theirs(input_ids=held_out).logits) <= SIDE_BY_SIDE_TOL
+        assert rel(ours(input_ids=held_out).logits, theirs(input_ids=held_out).logits) <= QUANTIZED_ACTIVATIONS_TOL
     norms = {n: p for n, p in theirs.named_parameters() if "norm" in n}
     smoothed = [n for n, p in load(source).named_parameters() if n in norms and not torch.equal(p, norms[n])]
     assert smoothed, "SmoothQuant changed no norm: the comparison would not test it"
