@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..trace.hf import declared_routers
+from .entry_template import own_weights
+from .linear_like import made_of_linears
 
 __all__ = ["unrecognized_experts"]
 
@@ -60,8 +62,8 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
     for path, module in modules.items():
         if not isinstance(module, nn.ModuleList) or len(module) < 2 or any(_within(path, b) for b in blocks):
             continue
-        classes = [type(m) for m in module if any(True for _ in m.parameters())]
-        if max((classes.count(c) for c in classes), default=0) < 2:
+        classes = [type(m) for m in module if any(True for _ in m.parameters()) and _expert_like(m)]
+        if max((classes.count(c) for c in classes), default=0) < 2:  # decoder layers (norms, attention) are not
             continue
         below = path
         for owner_path in _ancestors(path, 2):
@@ -74,6 +76,11 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
                 break
             below = owner_path
     return found
+
+
+def _expert_like(module: nn.Module) -> bool:
+    """An expert as the list rules read one: made of Linears (or Linear-like modules), or of its own weights."""
+    return made_of_linears(module) or own_weights(module)
 
 
 def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
