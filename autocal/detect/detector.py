@@ -84,13 +84,14 @@ def _expert_like(module: nn.Module) -> bool:
 
 
 def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
-    """``(owner path, module path, what)`` for a module holding only two or more raw 2-D weights, each
+    """``(owner path, module path, what)`` for a module holding only two or more raw 2-D weights of its own, each
     ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), beside a router-shaped ``[E, H]`` weight in its parent:
     every expert's weights laid side by side in one tensor (grouped-MLP views)."""
     found = []
     for path, module in modules.items():
-        params = list(module.parameters())
+        params = list(module.parameters(recurse=False))  # raw weights of its own: not Linears (a shared MLP)
         if (not path or type(module).__module__.startswith("torch.nn.") or len(params) < 2
+                or any(True for child in module.children() for _ in child.parameters())
                 or any(p.dim() != 2 for p in params) or any(_within(path, b) for b in blocks)):
             continue
         owner_path = path.rpartition(".")[0]
