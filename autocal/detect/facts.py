@@ -38,13 +38,17 @@ def experts_container(block: nn.Module) -> tuple[str, nn.Module] | None:
     beside it, is a block (``own_expert_weights``) that the module only wraps. A
     child whose router is a module of its own beside its packed weights
     (``routes_itself``) is a block too, whatever else the module holds: a decoder
-    layer around ``self.moe`` only calls the block.
+    layer around ``self.moe`` only calls the block; unless the module holds a
+    router for those experts itself (a per-expert ``[E, H]`` norm scale inside the
+    container, as transformers' ergo has, looks like a router too).
     """
     for name, child in block.named_children():
         inside = {id(t) for t in (*child.parameters(), *child.buffers())}
         wraps = not any(id(t) not in inside for t in (*block.parameters(), *block.buffers()))
         packed = packed_parameters(child, router_rows(block, child))
-        if packed and not (wraps and own_expert_weights(child)) and not routes_itself(child, packed):
+        outside = [p for p in block.parameters() if id(p) not in inside]
+        routed_here = _router_shaped(outside, packed)  # the block's own router scores these experts
+        if packed and not (wraps and own_expert_weights(child)) and (routed_here or not routes_itself(child, packed)):
             return name, child
     return None
 
@@ -56,10 +60,13 @@ def routes_itself(module: nn.Module, packed: dict[str, nn.Parameter]) -> bool:
     only a weight of another parameter set (a router Linear) counts.
     """
     inside = {id(p) for p in packed.values()}
+    return _router_shaped([w for w in module.parameters() if id(w) not in inside], packed)
+
+
+def _router_shaped(weights: list[nn.Parameter], packed: dict[str, nn.Parameter]) -> bool:
+    """Is one of ``weights`` an ``[E, H]`` router for the ``[E, …, H, …]`` packed expert weights?"""
     shapes = [p.shape for p in packed.values() if p.dim() >= 3]
-    return any(w.dim() == 2 and id(w) not in inside and any(w.shape[0] == s[0] and w.shape[1] in s[1:]
-                                                          for s in shapes)
-               for w in module.parameters())
+    return any(w.dim() == 2 and any(w.shape[0] == s[0] and w.shape[1] in s[1:] for s in shapes) for w in weights)
 
 
 @dataclass
