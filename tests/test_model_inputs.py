@@ -12,7 +12,7 @@ def test_token_ids_avoid_every_special_token_and_the_mask_follows_the_signature(
     model = zoo.build_model("qwen3_vl_moe", device="meta")
     candidates, forward = model_inputs.model_example(model)
     full = candidates[0]
-    special = model_inputs.special_token_ids(model.config)
+    special = model_inputs._special_token_ids(model.config)
     assert forward is model and special  # image / video placeholders are special ids
     assert not set(full["input_ids"].flatten().tolist()) & special
     assert torch.equal(full["attention_mask"], torch.ones_like(full["input_ids"]))

@@ -33,8 +33,6 @@ from typing import Any
 import torch
 import transformers
 
-from ..trace.model_inputs import special_token_ids
-
 __all__ = [
     "FIXTURES_DIR",
     "NOT_MOE",
@@ -209,6 +207,24 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
             param.copy_(noise.to(device=param.device, dtype=param.dtype))
 
 
+def _special_token_ids(config: Any) -> set[int]:
+    """Every ``*token_id*`` / ``*token_index*`` integer in the config and its sub-configs."""
+    ids: set[int] = set()
+    stack, seen = [config], set()
+    while stack:
+        cfg = stack.pop()
+        if id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        for key, value in vars(cfg).items():
+            if isinstance(value, transformers.PretrainedConfig):
+                stack.append(value)
+            elif ("token_id" in key or "token_index" in key) and "pad" not in key:
+                values = value if isinstance(value, (list, tuple)) else [value]
+                ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+    return ids
+
+
 def _vocab_size(config: Any) -> int:
     text = config.get_text_config(decoder=True)
     for cfg in (text, config):
@@ -220,7 +236,7 @@ def _vocab_size(config: Any) -> int:
 
 def _random_ids(config: Any, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     vocab = _vocab_size(config)
-    special = special_token_ids(config)
+    special = _special_token_ids(config)
     allowed = torch.tensor([i for i in range(vocab) if i not in special])
     return allowed[torch.randint(len(allowed), shape, generator=gen)]
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["forward_module", "model_example", "special_token_ids", "TWIN_BUDGET"]
+__all__ = ["forward_module", "model_example", "TWIN_BUDGET"]
 
 BATCH = 2
 TOKENS = 8
@@ -113,7 +113,7 @@ def _placed(inputs: dict[str, torch.Tensor], forward: nn.Module) -> dict[str, to
 
 def _token_ids(config: Any, generator: torch.Generator) -> torch.Tensor:
     vocab = _vocab_size(config)
-    special = special_token_ids(config)
+    special = _special_token_ids(config)
     allowed = torch.tensor([i for i in range(min(vocab, 1 << 16)) if i not in special] or [0])
     return allowed[torch.randint(len(allowed), (BATCH, TOKENS), generator=generator)]
 
@@ -127,7 +127,7 @@ def _vocab_size(config: Any) -> int:
     return 2
 
 
-def special_token_ids(config: Any) -> set[int]:
+def _special_token_ids(config: Any) -> set[int]:
     """Every ``*token_id*`` / ``*token_index*`` integer of the config and its sub-configs, padding aside."""
     ids: set[int] = set()
     stack, seen = [config], set()
