@@ -745,6 +745,49 @@ def test_linearization_conflict_is_detected():
         alc.check_linearization(model)
 
 
+def test_blocks_autocal_leaves_are_handed_to_llmcompressor(workdir):
+    """A block autocal cannot convert (here: its build raises, for the second layer only) is left to LLM
+    Compressor's own linearization by ``prepare`` (``strict=False``, the default there), with a warning naming it;
+    ``oneshot`` then calibrates autocal's block and LLM Compressor's linearized one: every expert Linear of both
+    layers gets its FP8 input scale, and each layer's scales are those of the path that calibrated it alone."""
+    from llmcompressor import oneshot
+
+    from autocal import errors
+    from autocal.api import Converter
+
+    source = original("qwen3_moe", workdir)
+    left = "model.layers.1.mlp"
+    build = Converter.build
+
+    def refuse_second_layer(self, block, config, call=None, twin=None):
+        if block is refused:
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "simulated: no rule converts this block")
+        return build(self, block, config, call, twin)
+
+    model = load(source)
+    refused = model.get_submodule(left)
+    with mock.patch.object(Converter, "build", refuse_second_layer), \
+            pytest.warns(UserWarning, match=rf"LLM Compressor's own MoE linearization handles .*{left}"):
+        preparation = alc.prepare(model)
+    assert preparation.blocks == ["model.layers.0.mlp"]
+    assert preparation.linearized_by_llmcompressor == [f"{left}.experts"]
+    assert [u.path for u in autocal.unconverted(model)] == [left]
+    alc.oneshot(model, recipe=recipe("fp8"), **oneshot_kwargs(source.vocab))
+
+    own = load(source)  # LLM Compressor's own path on the whole model: layer 1's reference
+    oneshot(model=own, recipe=recipe("fp8"), **oneshot_kwargs(source.vocab))
+    by_autocal = {lin.path for lin in alc.expert_linears(model)}
+    assert len(by_autocal) == 8 * 3 and all(p.startswith("model.layers.0.") for p in by_autocal)
+    handed = [(n, m) for n, m in model.named_modules() if n.startswith(f"{left}.experts.")
+              and isinstance(m, torch.nn.Linear)]
+    assert len(handed) == 8 * 3, "LLM Compressor linearized the block autocal left: 8 experts x 3 Linears"
+    for path, linear in handed:
+        torch.testing.assert_close(linear.input_scale, own.get_submodule(path).input_scale, rtol=1e-6, atol=0)
+        torch.testing.assert_close(linear.weight_scale, own.get_submodule(path).weight_scale, rtol=1e-6, atol=0)
+    for path in by_autocal:
+        assert torch.isfinite(model.get_submodule(path).input_scale).all(), path
+
+
 @pytest.mark.parametrize("name,gates", [
     ("qwen2_moe", ["model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"]),
     ("jamba", ["model.layers.0.feed_forward.router"]),
