@@ -88,3 +88,17 @@ def test_verification_runs_one_token_too():
     assert raised.value.kind == autocal.errors.VERIFICATION_FAILED
     assert "1 tokens" in raised.value.explanation
 
+
+
+
+@pytest.mark.parametrize("name", ["side_by_side", "dropless_experts"])
+def test_experts_side_by_side_are_never_skipped_silently(name):
+    """Every expert's weights side by side in raw ``[E * I, H]`` tensors, on the block beside its router or on a
+    child: named by convert, left and listed with ``strict=False``."""
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(_mixed(name))
+    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+    model = _mixed(name)
+    with pytest.warns(UserWarning, match="block"):
+        autocal.convert(model, strict=False)
+    assert [u.path for u in autocal.unconverted(model)] == ["block"]

@@ -84,22 +84,27 @@ def _expert_like(module: nn.Module) -> bool:
 
 
 def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
-    """``(owner path, module path, what)`` for a module holding only two or more raw 2-D weights of its own, each
-    ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), beside a router-shaped ``[E, H]`` weight in its parent:
-    every expert's weights laid side by side in one tensor (grouped-MLP views)."""
+    """``(owner path, module path, what)`` for a module holding two or more raw 2-D weights of its own, each
+    ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), beside a router-shaped ``[E, H]`` weight: in its parent (the
+    module holds only those weights: grouped-MLP views), or in the module's own children (the block keeps every
+    expert's weights side by side in one tensor and views them per expert)."""
     found = []
     for path, module in modules.items():
-        params = list(module.parameters(recurse=False))  # raw weights of its own: not Linears (a shared MLP)
+        params = [p for p in module.parameters(recurse=False) if p.dim() == 2]  # raw weights, not a shared MLP's
         if (not path or type(module).__module__.startswith("torch.nn.") or len(params) < 2
-                or any(True for child in module.children() for _ in child.parameters())
-                or any(p.dim() != 2 for p in params) or any(_within(path, b) for b in blocks)):
+                or any(_within(path, b) for b in blocks)):
             continue
-        owner_path = path.rpartition(".")[0]
-        if any(_within(owner_path, b) for b in blocks):
+        has_children = any(True for child in module.children() for _ in child.parameters())
+        owner_path = path if has_children else path.rpartition(".")[0]
+        if has_children:
+            routers = {tuple(w.shape) for c in module.children() if not isinstance(c, nn.ModuleList)
+                       for w in c.parameters(recurse=False) if w.dim() == 2 and w.shape[0] >= 2}
+        elif any(_within(owner_path, b) for b in blocks) or len(params) != len(list(module.parameters())):
             continue
-        routers = {tuple(w.shape) for w in _beside(modules[owner_path], module) if w.shape[0] >= 2}
-        if any(all(_side_by_side(p.shape, experts, hidden) for p in params) for experts, hidden in routers):
-            found.append((owner_path, path, f"`{path}` holds {len(params)} weights of every expert side by side "
+        else:
+            routers = {tuple(w.shape) for w in _beside(modules[owner_path], module) if w.shape[0] >= 2}
+        if any(sum(_side_by_side(p.shape, experts, hidden) for p in params) >= 2 for experts, hidden in routers):
+            found.append((owner_path, path, f"`{path or '<model>'}` holds weights of every expert side by side "
                                             f"beside a router-shaped weight"))
     return found
 

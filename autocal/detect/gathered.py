@@ -189,8 +189,8 @@ def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.N
     return found
 
 
-def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None:
-    """How the gathered weights are contracted with features, checked on the recorded values (None: not so)."""
+def _viewed(gather: fx.Node) -> fx.Node | None:
+    """The gathered weights after the views between them and their contraction (None: something else is done)."""
     node = gather
     while len(node.users) == 1 and target_name(next(iter(node.users))) not in _CONTRACTIONS:
         view = next(iter(node.users))  # .T, .t(), transpose, contiguous: one tensor in, as many elements out
@@ -198,7 +198,19 @@ def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None
         if tensors != [node] or not isinstance(value(view), torch.Tensor) or value(view).numel() != value(node).numel():
             return None
         node = view
-    if len(node.users) != 1:
+    return node if len(node.users) == 1 else None
+
+
+def _past_views(gather: fx.Node) -> fx.Node:
+    """The op that contracts the gathered weights (the gather's first user where views lead elsewhere)."""
+    viewed = _viewed(gather)
+    return next(iter((viewed if viewed is not None else gather).users))
+
+
+def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None:
+    """How the gathered weights are contracted with features, checked on the recorded values (None: not so)."""
+    node = _viewed(gather)
+    if node is None:
         return None
     op = next(iter(node.users))
     operands = [a for a in flat_args(op.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
@@ -311,7 +323,7 @@ def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] 
         same = all(i is indices[0] for i in indices) and len(indices) == len(gathers)
         found = choice_call(graph, indices[0], unscored=True) if same else None
     else:
-        contractions = [next(iter(g.users)) for g, _, _ in gathers]
+        contractions = [_past_views(g) for g, _, _ in gathers]
         index, weights = routing_choice(graph, max(contractions, key=list(graph.nodes).index))
         found = choice_call(graph, index)
     return found, index, _router_weights(graph, index, weights, [g for g, _, _ in gathers])

@@ -880,6 +880,308 @@ class LayersModel(nn.Module):
         return self.norm(hidden_states)
 
 
+
+class ParamSoftmaxGate(nn.Module):
+    """Remote-code gate: a raw ``weight`` parameter, ``F.linear`` in float32, softmax, unsorted top-k, renormalised."""
+
+    def __init__(self, dim: int = HIDDEN, experts: int = EXPERTS, k: int = TOP_K):
+        super().__init__()
+        self.top_k = k
+        self.weight = nn.Parameter(torch.empty(experts, dim))
+
+    def forward(self, hidden):
+        t = hidden.reshape(-1, hidden.shape[-1])
+        scores = F.linear(t.float(), self.weight.float()).softmax(dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        return indices, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+class HostCountsMoE(nn.Module):
+    """Remote-code inference path: counts per expert read on the host (numpy), rows sorted by expert, each
+    expert given its slice, outputs scattered back by the sort order; shared experts added."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = ParamSoftmaxGate()
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.shared_experts = SwiGLUExpert(inter=2 * INTER)
+
+    def forward(self, hidden_states):
+        indices, weights = self.gate(hidden_states)
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return (self._infer(t, indices, weights) + self.shared_experts(t)).view_as(hidden_states)
+
+    @torch.no_grad()
+    def _infer(self, t, indices, weights):
+        counts = indices.new_zeros(indices.shape[0], len(self.experts)).scatter_(1, indices, 1).sum(0)
+        order = indices.view(-1).argsort()
+        rows = t[order // indices.shape[1]]
+        outputs, start = [], 0
+        for e, count in enumerate(counts.cpu().numpy()):
+            if count:
+                outputs.append(self.experts[e](rows[start:start + count]))
+                start += count
+        gathered = torch.empty_like(rows)
+        gathered[order] = torch.cat(outputs)
+        return (gathered.view(*indices.shape, -1) * weights.unsqueeze(-1)).sum(dim=1).to(t.dtype)
+
+
+class RepeatedRowsMoE(nn.Module):
+    """Remote-code training path: every token repeated k times (``repeat_interleave``), expert ``i`` given the
+    copies routed to it (``flat == i``), the copies weighted and summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = ParamSoftmaxGate()
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, hidden_states):
+        indices, weights = self.gate(hidden_states)
+        flat = indices.view(-1)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1]).repeat_interleave(TOP_K, dim=0)
+        y = torch.empty_like(rows)
+        for i, expert in enumerate(self.experts):
+            y[flat == i] = expert(rows[flat == i])
+        return (y.view(*weights.shape, -1) * weights.unsqueeze(-1)).sum(dim=1).view_as(hidden_states)
+
+
+class FusedReferenceMoE(nn.Module):
+    """An inference engine's torch reference of its fused MoE kernel: ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` on
+    the block, tokens repeated k times, a boolean mask per expert, ``x @ w[i].transpose(0, 1)``, experts with no
+    rows skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w13 = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        a = x.reshape(-1, x.shape[-1])
+        weights, ids = _softmax_topk(self.router(a), TOP_K)
+        tokens = a.shape[0]
+        a = a.view(tokens, -1, a.shape[-1]).repeat(1, TOP_K, 1).reshape(-1, a.shape[-1])
+        out = torch.zeros(tokens * TOP_K, self.w2.shape[1], dtype=a.dtype)
+        ids = ids.view(-1)
+        for i in range(self.w13.shape[0]):
+            mask = ids == i
+            if mask.sum():
+                gate, up = (a[mask] @ self.w13[i].transpose(0, 1)).chunk(2, dim=-1)
+                out[mask] = (F.silu(gate) * up) @ self.w2[i].transpose(0, 1)
+        return (out.view(tokens, -1, out.shape[-1]) * weights.view(tokens, -1, 1)).sum(dim=1).view_as(x)
+
+
+class SideBySideMoE(nn.Module):
+    """Remote code keeping every expert's weights side by side in raw ``[E * I, H]`` tensors on the block, viewed
+    ``[E, I, H]`` and sliced per expert in a where loop; the top-k weights L1-normalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        probs = self.router(t).softmax(dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, TOP_K, dim=-1)
+        weights = weights / torch.norm(weights, p=1, dim=-1, keepdim=True)
+        w1, v1, w2 = (w.view(EXPERTS, INTER, -1) for w in (self.w1, self.v1, self.w2))
+        out = torch.zeros_like(t)
+        mask = F.one_hot(chosen, num_classes=EXPERTS).permute(2, 1, 0)
+        for e in range(EXPERTS):
+            slot, token = torch.where(mask[e])
+            rows = t[token]
+            y = (F.silu(rows @ w1[e].t()) * (rows @ v1[e].t())) @ w2[e]
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class SwitchMoE(nn.Module):
+    """Research-library top-1 (Switch style): experts in an ``nn.ModuleDict``, argmax of the softmax, a one-hot
+    mask sliced per expert (``mask[:, :, i]``), rows assigned in place, the output scaled by the top probability."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleDict({f"expert_{i}": SwiGLUExpert() for i in range(EXPERTS)})
+
+    def forward(self, hidden_states):
+        probs = torch.softmax(self.classifier(hidden_states), dim=-1)
+        chosen = F.one_hot(torch.argmax(probs, dim=-1), num_classes=EXPERTS)
+        top = torch.max(probs, dim=-1).values.unsqueeze(-1)
+        out = hidden_states.clone()
+        for i, expert in enumerate(self.experts.values()):
+            rows = chosen[:, :, i].bool()
+            out[rows] = expert(hidden_states[rows])
+        return top * out
+
+
+class CapacityTop1MoE(nn.Module):
+    """Research-library top-1 gating with an expert capacity (here every token fits), einsum dispatch into
+    ``[E, capacity, H]``, experts run on their chunks, einsum combine."""
+
+    def __init__(self):
+        super().__init__()
+        self.wg = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        gates = F.softmax(self.wg(tokens), dim=1)
+        capacity = gates.shape[0]
+        mask = F.one_hot(torch.argmax(gates, dim=1), num_classes=EXPERTS)
+        location = torch.sum((torch.cumsum(mask, dim=0) - 1) * mask, dim=1)
+        gate = (gates * mask).sum(dim=1)
+        combine = torch.einsum("se,sc->sec", gate.unsqueeze(-1) * mask.float(),
+                               F.one_hot(location, num_classes=capacity).float())
+        dispatched = torch.einsum("sec,sm->ecm", combine.bool().float(), tokens)
+        outputs = torch.cat([expert(chunk) for chunk, expert in zip(dispatched.chunk(EXPERTS, dim=0), self.experts)])
+        return torch.einsum("sec,ecm->sm", combine, outputs).reshape(x.shape)
+
+
+class LegacyMixtralMoE(nn.Module):
+    """Remote code copying an older transformers Mixtral: one-hot expert mask, ``where``, ``hidden[None, top_x]``,
+    ``index_add_``; a sigmoid-gated shared expert; returns ``(out, router_logits)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.shared_expert = SwiGLUExpert()
+        self.shared_expert_gate = nn.Linear(HIDDEN, 1, bias=False)
+
+    def forward(self, hidden_states):
+        batch, seq, dim = hidden_states.shape
+        t = hidden_states.view(-1, dim)
+        router_logits = self.gate(t)
+        weights, selected = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), TOP_K, dim=-1)
+        out = torch.zeros((batch * seq, dim), dtype=t.dtype)
+        mask = F.one_hot(selected, num_classes=EXPERTS).permute(2, 1, 0)
+        for e in range(EXPERTS):
+            slot, top_x = torch.where(mask[e])
+            if top_x.shape[0] == 0:
+                continue
+            rows = t[None, top_x].reshape(-1, dim)
+            out.index_add_(0, top_x, (self.experts[e](rows) * weights[top_x, slot, None]).to(t.dtype))
+        out = out + F.sigmoid(self.shared_expert_gate(t)) * self.shared_expert(t)
+        return out.reshape(batch, seq, dim), router_logits
+
+
+class GroupLimitedGate(nn.Module):
+    """Reference-code gate with group-limited routing: sigmoid scores plus a selection bias, groups ranked by the
+    sum of their two best scores, the best groups kept, the top-k among them; unbiased scores renormalised."""
+
+    def __init__(self, groups: int = 3, kept_groups: int = 2):
+        super().__init__()
+        self.groups, self.kept_groups = groups, kept_groups
+        self.weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+        self.bias = nn.Parameter(torch.empty(EXPERTS))
+
+    def forward(self, t):
+        scores = F.linear(t, self.weight).sigmoid()
+        biased = (scores + self.bias).view(t.shape[0], self.groups, -1)
+        best_groups = biased.topk(2, dim=-1)[0].sum(dim=-1).topk(self.kept_groups, dim=-1)[1]
+        dropped = biased.new_ones(t.shape[0], self.groups, dtype=torch.bool).scatter_(1, best_groups, False)
+        indices = torch.topk(biased.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1), TOP_K, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        return (weights / weights.sum(dim=-1, keepdim=True)).type_as(t), indices
+
+
+class GroupLimitedMoE(nn.Module):
+    """Reference inference code with group-limited routing, a bincount skip, a where loop and shared experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = GroupLimitedGate()
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.shared_experts = SwiGLUExpert()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t)
+        y = torch.zeros_like(t)
+        counts = torch.bincount(indices.flatten(), minlength=EXPERTS).tolist()
+        for i in range(EXPERTS):
+            if counts[i]:
+                token, slot = torch.where(indices == i)
+                y[token] += self.experts[i](t[token]) * weights[token, slot, None]
+        return (y + self.shared_experts(t)).view_as(x)
+
+
+class ScoresRouter(nn.Module):
+    """A training framework's router module: returns ``(scores, expert_weights, expert_indices)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, x):
+        scores = self.layer(x.view(-1, x.shape[-1])).softmax(dim=-1)
+        weights, indices = torch.topk(scores, TOP_K, dim=-1)
+        return scores, weights, indices
+
+
+class DroplessExperts(nn.Module):
+    """A training framework's dropless experts: raw ``[E * I, H]`` weights viewed per expert, rows sorted by
+    expert, counted by ``bincount``, each expert run on its slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, x, scores, weights, indices):
+        t = x.view(-1, x.shape[-1])
+        flat = indices.flatten()
+        _, order = torch.sort(flat)
+        rows = t[order // TOP_K]
+        w1, v1, w2 = (w.view(EXPERTS, INTER, -1) for w in (self.w1, self.v1, self.w2))
+        outputs, start = [], 0
+        for e, count in enumerate(torch.bincount(flat, minlength=EXPERTS).tolist()):
+            chunk = rows[start:start + count]
+            outputs.append((F.silu(chunk @ w1[e].t()) * (chunk @ v1[e].t())) @ w2[e])
+            start += count
+        out = torch.zeros(flat.shape[0], t.shape[-1], dtype=t.dtype)
+        out[order] = torch.cat(outputs) * weights.flatten()[order, None]
+        return out.view(-1, TOP_K, t.shape[-1]).sum(1).view_as(x)
+
+
+class DroplessMoE(nn.Module):
+    """The block of a training framework's dropless MoE: its router, then its experts given the routing."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = ScoresRouter()
+        self.experts = DroplessExperts()
+
+    def forward(self, x):
+        return self.experts(x, *self.router(x))
+
+
+class SortSliceMoE(nn.Module):
+    """Research code: a descending sort of the logits sliced to the k first, softmax over those, experts in a
+    list named ``ffn``, rows found by ``nonzero(as_tuple=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wg = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.ffn = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        values, order = torch.sort(self.wg(t), dim=-1, descending=True)
+        top, weights = order[:, :TOP_K], F.softmax(values[:, :TOP_K], dim=-1)
+        y = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            token, slot = (top == e).nonzero(as_tuple=True)
+            if token.numel():
+                y[token] += weights[token, slot].unsqueeze(-1) * self.ffn[e](t[token])
+        return y.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -988,6 +1290,26 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 lambda: nn.Sequential(*(DecoderLayer() for _ in range(3))), blocks=("0.moe", "1.moe", "2.moe")),
     CorpusEntry("modulelist_model", "three such decoder layers in an nn.ModuleList model with a final norm", (),
                 LayersModel, blocks=("layers.0.moe", "layers.1.moe", "layers.2.moe")),
+    CorpusEntry("host_counts", f"{_REMOTE}: counts per expert read on the host (numpy), rows sorted by expert, "
+                "slices, scattered back by the sort order, shared experts", (3,), HostCountsMoE),
+    CorpusEntry("repeated_rows", f"{_REMOTE}: tokens repeated k times (repeat_interleave), y[flat == i] = "
+                "expert(rows[flat == i])", (), RepeatedRowsMoE),
+    CorpusEntry("fused_reference", "an inference engine's torch reference of its fused MoE: w13/w2 on the block, "
+                "tokens repeated k times, a mask per expert, x @ w[i].transpose(0, 1)", (2,), FusedReferenceMoE),
+    CorpusEntry("side_by_side", f"{_REMOTE}: raw [E * I, H] weights on the block, viewed [E, I, H] per expert",
+                (2,), SideBySideMoE),
+    CorpusEntry("switch_top1", f"{_RESEARCH}: Switch top-1, a ModuleDict of experts, mask[:, :, i], rows "
+                "assigned in place", (), SwitchMoE, top_k=1),
+    CorpusEntry("capacity_top1", f"{_RESEARCH}: top-1 with a capacity, einsum dispatch into [E, C, H], experts "
+                "on chunks", (5,), CapacityTop1MoE, top_k=1),
+    CorpusEntry("legacy_mixtral", f"{_REMOTE}: an older transformers Mixtral copied, sigmoid-gated shared "
+                "expert, returns (out, router_logits)", (), LegacyMixtralMoE),
+    CorpusEntry("group_limited", f"{_REFERENCE}: group-limited routing (best groups, then top-k), selection "
+                "bias, bincount skip, shared experts", (), GroupLimitedMoE),
+    CorpusEntry("dropless_experts", f"{_TRAINING}: a router module returning (scores, weights, indices), "
+                "dropless experts of raw [E * I, H] weights sorted by expert", (3,), DroplessMoE),
+    CorpusEntry("sort_slice", f"{_RESEARCH}: descending sort sliced to k, experts in a list named ffn, "
+                "nonzero(as_tuple=True)", (), SortSliceMoE),
 )
 
 
