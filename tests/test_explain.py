@@ -13,6 +13,7 @@ from torch import nn
 import autocal
 from autocal.integrations.transformers import eager_experts
 from autocal.testing import zoo
+from autocal.testing.patterns import NoRuleMatches
 from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for test_zoo.KNOWN_FAILURES
@@ -99,33 +100,12 @@ def test_reports_the_configs_experts_and_k(name):
     assert block.scoring, "the scoring function the code applies"
 
 
-class _PackedButUnrouted(nn.Module):
-    """Looks like experts (stacked weights) but the block never routes tokens to them."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
-        self.down_proj = nn.Parameter(torch.randn(4, 4, 4))
-
-    def forward(self, hidden_states):
-        return hidden_states * self.gate_up_proj.mean()
-
-
-class Odd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.experts = _PackedButUnrouted()
-
-    def forward(self, hidden_states):
-        return self.experts(hidden_states)
-
-
 def test_block_that_cannot_be_understood_is_a_report_entry():
-    report = autocal.explain(Odd())
+    report = autocal.explain(NoRuleMatches())
     assert not report.successful()
     entry = report.blocks[0]
     assert entry.failure["kind"] in autocal.errors.KINDS
-    assert "MoECalibrationModule.register('Odd')" in str(report)
+    assert "MoECalibrationModule.register('NoRuleMatches')" in str(report)
 
 
 def test_no_moe_report_says_so():
