@@ -1,6 +1,5 @@
 """explain(): reported facts against each zoo config, golden reports, and failures as report entries."""
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from torch import nn
 import autocal
 from autocal.integrations.transformers import eager_experts
 from autocal.testing import zoo
+from autocal.testing.golden import compare_golden
 from autocal.testing.patterns import NoRuleMatches
 from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
 
@@ -39,13 +39,7 @@ def rounding_free(report) -> str:
 def test_golden_report(name):
     """Regenerate with: AUTOCAL_ACCEPT=1 python -m pytest tests/test_explain.py -k golden"""
     text = rounding_free(autocal.explain(zoo.build_model(name)))
-    path = GOLDEN / f"{name}.txt"
-    if os.environ.get("AUTOCAL_ACCEPT"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# auto-generated — regenerate with: AUTOCAL_ACCEPT=1 python -m pytest tests/test_explain.py"
-                        " -k golden\n" + text + "\n")
-    assert path.exists(), f"no golden report for {name} with transformers {transformers.__version__}"
-    assert text + "\n" == path.read_text().split("\n", 1)[1]
+    compare_golden(GOLDEN / f"{name}.txt", text, "python -m pytest tests/test_explain.py -k golden")
 
 
 def test_golden_texts_hold_no_rounding_figure():
