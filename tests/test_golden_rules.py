@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
-from torch import nn
 
 import autocal
 from autocal.rules import OVERRIDE, RULES, decide
 from autocal.testing.golden import compare_golden
-from autocal.testing.patterns import PATTERNS
+from autocal.testing.patterns import PATTERNS, registered_pass_through
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "rules"
 REGENERATE = "python -m pytest tests/test_golden_rules.py"
@@ -55,22 +54,8 @@ def test_golden_plan_text(rule):
 
 
 def test_golden_plan_text_of_an_override():
-    block = PATTERNS["concat"].make()
-    name = type(block).__name__
-
-    @autocal.MoECalibrationModule.register(name)
-    class Override(autocal.MoECalibrationModule):
-        def __init__(self, original, config, calibrate_all_experts=True):
-            super().__init__()
-            self.original = original
-
-        def forward(self, *args, **kwargs):
-            return self.original(*args, **kwargs)
-
-    try:
+    with registered_pass_through(type(PATTERNS["concat"].make()).__name__):
         text = plan_text("concat")
-    finally:
-        autocal.MoECalibrationModule.unregister(name)
     compare_golden(GOLDEN / f"{OVERRIDE.name}.txt", text, REGENERATE)
 
 

@@ -13,7 +13,7 @@ from autocal.api import Converter
 from autocal.detect.plans import NoMatch, OverridePlan, Plan
 from autocal.rules import OVERRIDE, RULES, decide, find_moe_blocks
 from autocal.trace.inputs import BlockCall
-from autocal.testing.patterns import NOT_AN_MOE, PATTERNS, NoRuleMatches
+from autocal.testing.patterns import NOT_AN_MOE, PATTERNS, NoRuleMatches, registered_pass_through
 from autocal.testing.toy_moe import main_output
 from autocal.verify import compare_outputs
 
@@ -112,21 +112,8 @@ def test_explain_names_the_rule_that_matched():
 
 def test_a_registered_override_is_decided_first_and_no_rule_runs():
     block = PATTERNS["concat"].make()
-    name = type(block).__name__
-
-    @autocal.MoECalibrationModule.register(name)
-    class Override(autocal.MoECalibrationModule):
-        def __init__(self, original, config, calibrate_all_experts=True):
-            super().__init__()
-            self.original = original
-
-        def forward(self, *args, **kwargs):
-            return self.original(*args, **kwargs)
-
-    try:
+    with registered_pass_through(type(block).__name__) as Override:
         decision = decide(block)
-    finally:
-        autocal.MoECalibrationModule.unregister(name)
     assert isinstance(decision.plan, OverridePlan) and decision.plan.module is Override
     assert all(v.result is None for v in decision.verdicts[1:]), "no rule runs after an override"
 

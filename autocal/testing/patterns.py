@@ -18,17 +18,19 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import errors
+from ..registry import MoECalibrationModule
 from .toy_moe import KINDS, ToyMoEConfig, make_toy_block
 
-__all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "SwiGLU", "SoftMixture", "CapacityExpert", "CapacityMoE",
+__all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiGLU", "SoftMixture", "CapacityExpert", "CapacityMoE",
            "DictLoopMoE", "NoRuleMatches", "PackedButUnrouted", "UnroutedSlice", "ReluMLP", "PerSampleExperts",
            "PerSampleMoE", "PerSampleModel", "ChainedLayers", "ChainHolder", "TableRoutingMoE", "DeclaringModel",
            "ExpertsWithWeightlessChoices", "WeightlessChoicesMoE", "ItemAssignmentMoE", "MaskedDictMoE",
@@ -761,3 +763,22 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _failing("masked_encoder", NOT_AN_MOE, MaskedEncoder, (2, 5, 8),
              inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.ones(2, 5))),
 ]}
+
+
+@contextmanager
+def registered_pass_through(block_class: str) -> Iterator[type[MoECalibrationModule]]:
+    """Within, a module that only calls the original is registered for ``block_class`` (the override rule's pattern)."""
+
+    @MoECalibrationModule.register(block_class)
+    class Override(MoECalibrationModule):
+        def __init__(self, original, config, calibrate_all_experts=True):
+            super().__init__()
+            self.original = original
+
+        def forward(self, *args, **kwargs):
+            return self.original(*args, **kwargs)
+
+    try:
+        yield Override
+    finally:
+        MoECalibrationModule.unregister(block_class)
