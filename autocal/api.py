@@ -22,6 +22,7 @@ from .detect.plans import Plan
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule
 from .rules import Decision, decide, find_moe_blocks, user_line
+from .synthesize.experts import CalibrationExperts
 from .synthesize.module import checked_chunk_size
 from .trace.inputs import BlockCall, synthesize_inputs
 from .trace.calls import locate_blocks, unreached
@@ -162,7 +163,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool = True, *,
             example_inputs: dict | None = None, forward: Any = None,
             converter: Converter | None = None, calibration_chunk_size: int | None = None,
-            strict: bool = True) -> nn.Module:
+            strict: bool = True, group_experts: bool = True) -> nn.Module:
     """Swap every MoE block of ``model`` for its calibration module, in place.
 
     Args:
@@ -180,6 +181,10 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
         strict: raise if any module that routes among experts would be left unconverted (a block
             no rule converts, or experts no recognised block holds). With ``strict=False`` such
             blocks are left as they are, named in a warning and listed by ``unconverted(model)``.
+        group_experts: with calibration on, run the experts unpacked from a packed container several at
+            a time where nothing needs each expert module called (no hook on it; ``synthesize/grouped.py``).
+            ``False`` calls each expert module on its own: the same outputs and statistics, slower; for
+            comparing the two (``benchmarks/oneshot.py``).
 
     Returns:
         ``model``, converted. Raises ``AutocalError`` if a block cannot be converted (``strict``).
@@ -230,6 +235,10 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                          "called with the indices of a top-k"])
     if calibration_chunk_size is not None:
         set_calibration_chunk_size(model, calibration_chunk_size)
+    if not group_experts:
+        for module in model.modules():
+            if isinstance(module, CalibrationExperts):
+                module.group_experts = False
     return model
 
 

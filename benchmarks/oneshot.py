@@ -10,9 +10,10 @@ subprocess:
   propagation passes, with every hook disabled, only the routed experts run);
 - ``autocal-propagate-all``: the same with ``propagate_routed=False``: every
   expert runs in the propagation passes too, as LLM Compressor's own path does;
-- ``autocal-one-by-one``: the same, with every expert module called on its own,
-  as autocal did before it recognised the offloading wrappers LLM Compressor's
-  pipeline puts on every module (the rule of commit 5270eda, patched in here);
+- ``autocal-one-by-one``: the same, with every expert module called on its own
+  (``prepare(group_experts=False)``), as autocal did before it recognised the
+  offloading wrappers LLM Compressor's pipeline puts on every module (the rule
+  of commit 5270eda called each expert under such a wrapper on its own);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
   on the unconverted model (LLM Compressor linearizes the experts itself).
 
@@ -91,12 +92,9 @@ def child(args) -> dict:
         seconds, prepare_seconds = time.perf_counter() - started, 0.0
     else:
         from autocal.integrations import llmcompressor as alc
-        from autocal.synthesize import experts as experts_module
 
-        if args.method == "autocal-one-by-one":  # the rule before: any forward set on an expert instance
-            experts_module._runs_own_forward = lambda module: "forward" not in module.__dict__
         started = time.perf_counter()
-        alc.prepare(model)
+        alc.prepare(model, group_experts=args.method != "autocal-one-by-one")
         prepared = time.perf_counter()
         alc.oneshot(model, recipe=recipe, propagate_routed=args.method == "autocal", **kwargs)
         seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started

@@ -224,6 +224,31 @@ def test_experts_wrapped_for_offloading_still_run_in_groups():
     assert calls, "one by one, each expert's (wrapped) forward ran"
 
 
+def test_convert_can_call_each_expert_module_on_its_own():
+    """``group_experts=False`` (benchmarks/oneshot.py's one-by-one method): each expert's forward runs, under an
+    offloading wrapper too, without a warning; every Linear still sees every token once, the output as grouped."""
+    config = ToyMoEConfig(num_experts=6, top_k=2)
+    block = make_toy_block(config, seed=3)
+    x = example_hidden_states(config, seq=7, seed=4)
+    with torch.no_grad():
+        expected = block(x)
+    outputs, calls = {}, []
+    for group_experts in (True, False):
+        model = autocal.convert(torch.nn.Sequential(make_toy_block(config, seed=3)), group_experts=group_experts)
+        for expert in model[0].expert_modules():
+            own = expert.forward
+            expert.forward = functools.wraps(own)(lambda *a, own=own, expert=expert, **k: (calls.append(expert),
+                                                                                           own(*a, **k))[1])
+        calls.clear()
+        with torch.no_grad(), warnings.catch_warnings(), count_rows(expert_linears(model[0])) as rows:
+            warnings.simplefilter("error")
+            outputs[group_experts] = model(x)
+        assert set(rows.values()) == {7}, "every expert Linear saw every token once"
+        called = sorted(map(id, calls))
+        assert called == (sorted(map(id, model[0].expert_modules())) if not group_experts else [])
+    assert compare_outputs(expected, outputs[False])[2] and compare_outputs(outputs[True], outputs[False])[2]
+
+
 def test_an_expert_forward_set_back_to_its_own_still_runs_in_groups():
     """Removing offloading sets the class's forward, bound, on the instance; another expert's is not its own."""
     calls = []

@@ -1,6 +1,5 @@
 """explain(): reported facts against each zoo config, golden reports, and failures as report entries."""
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from torch import nn
 import autocal
 from autocal.integrations.transformers import eager_experts
 from autocal.testing import zoo
+from autocal.testing.golden import compare_golden
+from autocal.testing.patterns import NoRuleMatches
 from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for test_zoo.KNOWN_FAILURES
@@ -38,13 +39,7 @@ def rounding_free(report) -> str:
 def test_golden_report(name):
     """Regenerate with: AUTOCAL_ACCEPT=1 python -m pytest tests/test_explain.py -k golden"""
     text = rounding_free(autocal.explain(zoo.build_model(name)))
-    path = GOLDEN / f"{name}.txt"
-    if os.environ.get("AUTOCAL_ACCEPT"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("# auto-generated — regenerate with: AUTOCAL_ACCEPT=1 python -m pytest tests/test_explain.py"
-                        " -k golden\n" + text + "\n")
-    assert path.exists(), f"no golden report for {name} with transformers {transformers.__version__}"
-    assert text + "\n" == path.read_text().split("\n", 1)[1]
+    compare_golden(GOLDEN / f"{name}.txt", text, "python -m pytest tests/test_explain.py -k golden")
 
 
 def test_golden_texts_hold_no_rounding_figure():
@@ -99,33 +94,12 @@ def test_reports_the_configs_experts_and_k(name):
     assert block.scoring, "the scoring function the code applies"
 
 
-class _PackedButUnrouted(nn.Module):
-    """Looks like experts (stacked weights) but the block never routes tokens to them."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
-        self.down_proj = nn.Parameter(torch.randn(4, 4, 4))
-
-    def forward(self, hidden_states):
-        return hidden_states * self.gate_up_proj.mean()
-
-
-class Odd(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.experts = _PackedButUnrouted()
-
-    def forward(self, hidden_states):
-        return self.experts(hidden_states)
-
-
 def test_block_that_cannot_be_understood_is_a_report_entry():
-    report = autocal.explain(Odd())
+    report = autocal.explain(NoRuleMatches())
     assert not report.successful()
     entry = report.blocks[0]
     assert entry.failure["kind"] in autocal.errors.KINDS
-    assert "MoECalibrationModule.register('Odd')" in str(report)
+    assert "MoECalibrationModule.register('NoRuleMatches')" in str(report)
 
 
 def test_no_moe_report_says_so():

@@ -1,6 +1,6 @@
 """The rule table (autocal/rules.py) against the pattern catalogue (autocal/testing/patterns.py).
 
-Each pattern matches the rule it declares, and converts to a module whose output is the original's;
+Each pattern matches the rule it declares (or fails as it states), and converts to a module whose output is the original's;
 every rule has a pattern; a block no rule matches gets every rule's reason, in explain and in the error.
 """
 
@@ -9,38 +9,60 @@ import torch
 from torch import nn
 
 import autocal
+from autocal.api import Converter
 from autocal.detect.plans import NoMatch, OverridePlan, Plan
 from autocal.rules import OVERRIDE, RULES, decide, find_moe_blocks
-from autocal.testing.patterns import PATTERNS
+from autocal.trace.inputs import BlockCall
+from autocal.testing.patterns import NOT_AN_MOE, PATTERNS, NoRuleMatches, registered_pass_through
 from autocal.testing.toy_moe import main_output
 from autocal.verify import compare_outputs
 
 RULE = {r.name: r for r in RULES}
 
 
-@pytest.mark.parametrize("name", sorted(PATTERNS))
+MATCHING = sorted(name for name, p in PATTERNS.items() if p.rule)
+FAILING = sorted(name for name, p in PATTERNS.items() if not p.rule)
+
+
+def _call(pattern):
+    """The example inputs as detection's block call, for a pattern whose detection needs them (else None)."""
+    return BlockCall(pattern.example(), {}) if pattern.detected_on_example else None
+
+
+@pytest.mark.parametrize("name", MATCHING)
 def test_each_pattern_matches_its_rule(name):
     pattern = PATTERNS[name]
     block = pattern.make()
-    decision = decide(block)
+    decision = decide(block, _call(pattern))
     assert type(decision.plan) is RULE[pattern.rule].plan
     assert decision.rule is RULE[pattern.rule]
     tried = [v for v in decision.verdicts if v.result is not None]
     assert tried[-1].matched and not any(v.matched for v in tried[:-1]), "the first plan wins"
     assert all(isinstance(v.result, NoMatch) for v in tried[:-1])
-    x = pattern.example()
+    inputs = pattern.example()
     with torch.no_grad():
-        expected = block(x)
-        module = autocal.synthesize(block)
+        expected = block(*inputs)
+        module = Converter().build(block, call=_call(pattern))
         module.calibrate_all_experts = False
-        off = module(x)
+        off = module(*inputs)
         module.calibrate_all_experts = True
-        on = module(x)
+        on = module(*inputs)
     assert torch.equal(main_output(off), main_output(expected))
     assert compare_outputs(main_output(expected), main_output(on))[2]
 
 
-@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("name", FAILING)
+def test_each_failing_pattern_fails_as_it_states(name):
+    """No rule matches, and the decision ends in the stated kind (or shows the candidate is no MoE)."""
+    pattern = PATTERNS[name]
+    decision = decide(pattern.make(), _call(pattern))
+    assert decision.plan is None and all(isinstance(v.result, NoMatch) for v in decision.verdicts)
+    assert decision.not_moe == (pattern.fails == NOT_AN_MOE)
+    if pattern.fails != NOT_AN_MOE:
+        assert decision.error().kind == pattern.fails
+
+
+@pytest.mark.parametrize("name", MATCHING)
 def test_each_pattern_is_found_as_a_block(name):
     """Once: the block, or the child holding its experts where the block uses them through other methods
     (``convert`` then moves up to the module whose forward the example inputs call)."""
@@ -50,36 +72,16 @@ def test_each_pattern_is_found_as_a_block(name):
 
 
 def test_every_rule_has_a_pattern_and_every_pattern_a_rule():
-    declared = {p.rule for p in PATTERNS.values()}
+    declared = {p.rule for p in PATTERNS.values() if p.rule}
     assert declared == set(RULE), f"rules without a pattern: {set(RULE) - declared}; unknown: {declared - set(RULE)}"
+    assert all((p.rule is None) == (p.fails is not None) for p in PATTERNS.values()), "a rule, or a stated failure"
+    assert {p.fails for p in PATTERNS.values() if p.fails} <= set(autocal.errors.KINDS) | {NOT_AN_MOE}
 
 
 def test_a_rule_is_named_by_its_plan_type():
     assert len(RULE) == len(RULES), "one rule per plan type"
     assert all(issubclass(r.plan, Plan) and r.name == r.plan.level for r in (OVERRIDE, *RULES))
     assert all(r.source.startswith("autocal/rules.py:") for r in (OVERRIDE, *RULES))
-
-
-class _PackedButUnrouted(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
-        self.down_proj = nn.Parameter(torch.randn(4, 4, 4))
-
-    def forward(self, hidden_states):
-        return hidden_states * self.gate_up_proj.mean()
-
-
-class NoRuleMatches(nn.Module):
-    """Packed experts and a router beside them, but the forward routes nothing to the experts."""
-
-    def __init__(self):
-        super().__init__()
-        self.router = nn.Linear(4, 4)
-        self.experts = _PackedButUnrouted()
-
-    def forward(self, hidden_states):
-        return self.experts(hidden_states) + self.router(hidden_states)
 
 
 def test_explain_lists_every_rules_reason_when_none_matches():
@@ -110,21 +112,8 @@ def test_explain_names_the_rule_that_matched():
 
 def test_a_registered_override_is_decided_first_and_no_rule_runs():
     block = PATTERNS["concat"].make()
-    name = type(block).__name__
-
-    @autocal.MoECalibrationModule.register(name)
-    class Override(autocal.MoECalibrationModule):
-        def __init__(self, original, config, calibrate_all_experts=True):
-            super().__init__()
-            self.original = original
-
-        def forward(self, *args, **kwargs):
-            return self.original(*args, **kwargs)
-
-    try:
+    with registered_pass_through(type(block).__name__) as Override:
         decision = decide(block)
-    finally:
-        autocal.MoECalibrationModule.unregister(name)
     assert isinstance(decision.plan, OverridePlan) and decision.plan.module is Override
     assert all(v.result is None for v in decision.verdicts[1:]), "no rule runs after an override"
 

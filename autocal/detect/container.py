@@ -11,60 +11,20 @@ while the original forward computes the output unchanged.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import fx
 
 from .. import errors
+from ..trace.replay import TokenRecipe
 from .block import _VIEW_OPS, _routing_weight, gathered_rows, module_experts_info, other_children, row_gather
 from .facts import Facts
-from .graph_utils import Ancestry, Replay, returns_of, source_of, target_name, value
+from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .plans import ContainerPlan, NoMatch, RecordedBlockPlan
 from .recorded import block_recording, loop_recording, whole_input
 from .router import analyze_router, router_of, routing_choice
 from .structure import MoEStructure
 
-__all__ = ["detect_module_container", "detect_recorded_block", "TokenRecipe"]
-
-
-class TokenRecipe:
-    """Replays, for any expert, how the original picks that expert's token rows from the recorded inputs.
-
-    ``selectors`` are the ops whose argument is the expert's number (an index,
-    an ``== e``); replaying with another number there gives that expert's rows.
-    ``source`` (optional) is the node the rows are gathered from. Pass one
-    ``shared`` dict for the calls on the same inputs: what does not depend on
-    the expert (the router, say) is then computed once.
-    """
-
-    def __init__(self, graph: fx.Graph, tokens: fx.Node | None, selectors: dict[fx.Node, int],
-                 source: fx.Node | None = None) -> None:
-        self.replay = Replay(graph)
-        self.tokens = tokens
-        self.source = source
-        self.selectors = selectors  # node -> position of the expert index in its args
-
-    def __call__(self, bound: dict[str, Any], expert: int, shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
-        """Expert ``expert``'s row indices (a boolean row mask is turned into indices)."""
-        substitute = {}
-        for node, position in self.selectors.items():
-            recorded = node.args[position]
-            substitute[node] = (position, _like(value(recorded) if isinstance(recorded, fx.Node) else recorded, expert))
-        rows = self.replay(self.tokens, bound, {} if shared is None else shared, substitute=substitute)
-        return rows.reshape(-1).nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
-
-    def rows(self, bound: dict[str, Any], shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
-        """The 2-D token rows the experts' inputs are gathered from."""
-        source = self.replay(self.source, bound, {} if shared is None else shared)
-        return source.reshape(-1, source.shape[-1])
-
-
-def _like(index: Any, expert: int) -> Any:
-    """``expert`` in the form the recorded loop used for its index (int, 0-d or 1-element tensor)."""
-    if isinstance(index, torch.Tensor):
-        return torch.full_like(index, expert)
-    return expert
+__all__ = ["detect_module_container", "detect_recorded_block"]
 
 
 def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node, int]:

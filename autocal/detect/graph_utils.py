@@ -1,4 +1,7 @@
-"""Small helpers over recorded graphs: names of targets, ancestry, tensor arguments."""
+"""Small helpers over recorded graphs: names of targets, ancestry, tensor arguments.
+
+``value`` and ``flat_args`` come from ``trace/record.py``: the calibration forward uses them too.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from .. import errors
+from ..trace.record import flat_args, value
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
 
-__all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry", "Replay",
+__all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry",
            "is_int_tensor", "returns_of", "value"]
 
 
@@ -43,16 +46,6 @@ def bound_inputs(module: Any, call: fx.Node) -> dict[str, Any]:
     args = tuple(value(a) for a in call.args)
     kwargs = {k: value(v) for k, v in call.kwargs.items()}
     return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
-
-
-def flat_args(args: tuple) -> list[Any]:
-    """An op's arguments, with those passed as one list or tuple (``einsum(eq, [a, b])``) spread out."""
-    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]
-
-
-def value(node: Any) -> Any:
-    """The recorded value of a node (an argument that is not a node is its own value)."""
-    return node.meta.get("value") if isinstance(node, fx.Node) else node
 
 
 def holds_tensor(node: fx.Node) -> bool:
@@ -96,56 +89,6 @@ class Ancestry:
     def between(self, start: fx.Node, end: fx.Node) -> list[fx.Node]:
         """Nodes on some path from ``start`` to ``end`` (both included), in graph order."""
         return [n for n in self.of(end) + [end] if n is start or self.is_ancestor(start, n)]
-
-
-class Replay:
-    """Evaluates nodes of a recorded graph again, on new inputs of the recorded module.
-
-    ``given`` maps nodes to values used instead of computing them; ``substitute``
-    maps nodes to ``(argument position, value)``, replacing one argument of that
-    op. Nodes that depend on neither are kept in ``shared``, so calls on the
-    same inputs (one per expert, say) compute them once.
-    """
-
-    def __init__(self, graph: fx.Graph) -> None:
-        self.graph = graph
-        self._varying: dict[frozenset, set[fx.Node]] = {}
-
-    def __call__(self, node: Any, bound: dict[str, Any], shared: dict, given: dict[fx.Node, Any] | None = None,
-                 substitute: dict[fx.Node, tuple[int, Any]] | None = None) -> Any:
-        given, substitute = given or {}, substitute or {}
-        varying = self._descendants(frozenset(given) | frozenset(substitute))
-        memo = dict(given)
-
-        def evaluate(n: fx.Node):
-            cache = memo if n in varying else shared
-            if n in cache:
-                return cache[n]
-            if n.op == "placeholder":
-                result = bound[n.target]
-            elif n.op == "get_attr":
-                result = value(n)
-            elif n.op == "call_module":
-                raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"`{n.target}` is called on the way")
-            else:
-                args = list(fx.node.map_arg(n.args, evaluate))
-                if n in substitute:
-                    position, replacement = substitute[n]
-                    args[position] = replacement
-                result = n.target(*args, **fx.node.map_arg(n.kwargs, evaluate))
-            cache[n] = result
-            return result
-
-        return evaluate(node) if isinstance(node, fx.Node) else fx.node.map_arg(node, evaluate)
-
-    def _descendants(self, roots: frozenset) -> set[fx.Node]:
-        if roots not in self._varying:
-            found = set(roots)
-            for node in self.graph.nodes:
-                if any(a in found for a in node.all_input_nodes):
-                    found.add(node)
-            self._varying[roots] = found
-        return self._varying[roots]
 
 
 def returns_of(output: Any) -> str:

@@ -19,13 +19,12 @@ runs each expert on the tokens its mask left out (dropped ones included).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from .. import errors
+from ..trace.dispatch import MaskDispatch
 from .block import module_experts_info, other_children
 from .graph_utils import CONTRACTIONS, Ancestry, flat_args, returns_of, source_of, target_name, value
 from .router import analyze_router, router_of, routing_choice
@@ -34,37 +33,10 @@ from .plans import MaskDispatchPlan, NoMatch
 from .recorded import block_recording
 from .structure import MoEStructure
 
-__all__ = ["MaskDispatch", "detect_mask_dispatch"]
+__all__ = ["detect_mask_dispatch"]
 
 _SLICING = ("getitem", "__getitem__", "unbind", "chunk", "split", "select", "view", "reshape", "squeeze",
             "contiguous", "to", "type_as", "narrow")
-
-
-@dataclass(frozen=True)
-class MaskDispatch:
-    """Where the dispatch contraction is, and which of its mask's dimensions are tokens and experts."""
-
-    function: Callable
-    ordinal: int
-    token_dim: int
-    expert_dim: int
-    num_experts: int
-
-    def unrouted(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
-        """The tokens (a bool per row) ``expert``'s slice of the mask leaves out."""
-        part = mask.movedim((self.token_dim, self.expert_dim), (0, 1))[:, expert]
-        return ~(part.reshape(part.shape[0], -1) != 0).any(-1)
-
-    def operands(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(mask, tokens)`` if a call's operands fit this dispatch."""
-        tensors = [a for a in flat_args(args) if isinstance(a, torch.Tensor)]
-        if len(tensors) != 2:
-            return None
-        for mask, tokens in (tensors, tensors[::-1]):
-            if tokens.dim() == 2 and mask.dim() > max(self.token_dim, self.expert_dim) and (
-                    mask.shape[self.token_dim] == tokens.shape[0] and mask.shape[self.expert_dim] == self.num_experts):
-                return mask, tokens
-        return None
 
 
 def _dispatch_node(call: fx.Node) -> fx.Node | None:

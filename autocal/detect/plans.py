@@ -18,10 +18,9 @@ from .. import errors
 from .structure import BlockRewrite, MoEStructure
 
 if TYPE_CHECKING:  # the modules that make these plans import this one
-    from .container import TokenRecipe
+    from ..trace.dispatch import MaskDispatch
+    from ..trace.replay import SortedDispatch, TokenRecipe
     from .gathered import GatheredDispatch
-    from .masked import MaskDispatch
-    from .sorted import SortedDispatch
 
 __all__ = ["NoMatch", "Plan", "PackedExpertsPlan", "DenseExpertsPlan", "SortedBanksPlan", "GatedPlan",
            "ContainerPlan", "BlockRewritePlan", "RecordedBlockPlan", "MaskDispatchPlan", "GatheredPlan",

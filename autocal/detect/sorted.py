@@ -34,9 +34,9 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
+from ..trace.replay import SortedDispatch
 from .block import _routing_weight, other_children, row_gather
-from .graph_utils import Replay, returns_of, source_of, value
-from ..trace.forcing import ChoiceCall
+from .graph_utils import returns_of, source_of, value
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .plans import NoMatch, SortedBanksPlan
@@ -45,7 +45,7 @@ from .structure import ExpertsInfo, MoEStructure
 if TYPE_CHECKING:  # facts.py reads this module's candidate tests
     from .facts import Facts
 
-__all__ = ["weight_banks", "banks_of_a_child", "SortedDispatch", "detect_banks", "detect_sorted"]
+__all__ = ["weight_banks", "banks_of_a_child", "detect_banks", "detect_sorted"]
 
 
 def weight_banks(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -84,30 +84,6 @@ def _required_inputs(module: nn.Module) -> int:
     parameters = inspect.signature(module.forward).parameters.values()
     return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                for p in parameters)
-
-
-class SortedDispatch:
-    """What calibration replays: the token rows and the ops between banks."""
-
-    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node | None,
-                 orientation: dict[str, str], choice: ChoiceCall | None = None) -> None:
-        self.replay = Replay(graph)
-        self.calls, self.source = calls, source
-        self.orientation = orientation  # bank -> "linear" (rows @ W[e].T) or "matmul" (rows @ W[e])
-        self.choice = choice  # set when the ops between banks mix rows: calibration forces the routing instead
-
-    @property
-    def banks(self) -> list[str]:
-        """The banks' names, in the order the block calls them."""
-        return [call.target for call in self.calls]
-
-    def rows(self, bound: dict[str, Any], shared: dict) -> torch.Tensor:
-        """The token rows the first bank's input is gathered from, for these block inputs."""
-        return self.replay(self.source, bound, shared)
-
-    def between(self, step: int, rows: torch.Tensor, bound: dict[str, Any], shared: dict) -> torch.Tensor:
-        """The ops from bank ``step - 1``'s output to bank ``step``'s input, on ``rows``."""
-        return self.replay(self.calls[step].args[0], bound, shared, given={self.calls[step - 1]: rows})
 
 
 def _orientation(bank: nn.Module, weight: torch.Tensor, counts: Any) -> str:

@@ -22,7 +22,7 @@ from .. import errors
 from ..detect.plans import ContainerPlan, GatedPlan, MaskDispatchPlan, RecordedBlockPlan
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
-from ..detect.masked import MaskDispatch
+from ..trace.dispatch import MaskDispatch
 from .module import AdoptedMoE, KeptForwardMoE, adopt, forward_declaring, kept_forward_class
 from .ops import RowComplement, inputs_seen, run_on_the_rest
 
@@ -34,7 +34,7 @@ class _CalibrationContainer(nn.Module):
     """Base of ``Calibration<Container>(_CalibrationContainer, <Container>)``: original forward, then the rest."""
 
     structure: MoEStructure
-    recipe: Any  # detect.container.TokenRecipe; None: every expert already sees every row
+    recipe: Any  # trace.replay.TokenRecipe; None: every expert already sees every row
     entries: list[str]
 
     def __init__(self, original: nn.Module, calibrate_all_experts: bool) -> None:

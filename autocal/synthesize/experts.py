@@ -67,6 +67,7 @@ class CalibrationExperts(UnpackedExperts):
         self.uses_routing_weight = structure.template.uses_routing_weight
         self.dense_calibration = structure.template.weight_applied_last
         self.calibration_chunk_size: int | None = None
+        self.group_experts = True  # False: each expert module called on its own (``convert(group_experts=...)``)
         self.output_features = structure.experts.output_features
         self.accumulate_dtype = _dtype(structure.experts.accumulate_dtype)
         self.output_dtype = _dtype(structure.experts.output_dtype)
@@ -172,6 +173,8 @@ class CalibrationExperts(UnpackedExperts):
 
     def _groupable(self, experts: list[nn.Module], hidden: torch.Tensor) -> bool:
         """Can the experts run in groups: nothing needs the expert modules called, and the grouped run checked?"""
+        if not self.group_experts:
+            return False
         reason = self._why_called(experts)
         if reason is not None:
             if not self.__dict__.get("_warned_ungrouped"):  # said once per container

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..detect.gathered import GatherTracker, GatheredWeight, slot_inputs
+from ..detect.gathered import GatheredWeight
 from ..detect.plans import GatheredPlan
+from ..trace.dispatch import GatherTracker, slot_inputs
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 

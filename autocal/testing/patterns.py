@@ -2,27 +2,44 @@
 
 Every toy kind of ``toy_moe.py`` is a pattern, and so are the blocks below,
 written the way other code bases write them (a soft mixture, GShard's
-capacity dispatch, a dispatching ``ModuleDict``). ``tests/test_rules.py``
-checks each pattern against its rule, and that every rule has a pattern.
+capacity dispatch, a dispatching ``ModuleDict``, DeepSeek's remote code, …),
+and blocks that no rule may match, each with the error kind it must end in
+(or ``NOT_AN_MOE``: a candidate the rules show is no MoE, skipped). A few
+models holding such blocks are here too, for tests that need a model around
+them. ``tests/test_rules.py`` checks each pattern against its rule or its
+failure, and that every rule has a pattern; ``tests/test_reliability.py``
+tests the blocks one by one.
 
 Example:
     >>> pattern = PATTERNS["soft_mixture"]
-    >>> pattern.rule, tuple(pattern.example().shape)
+    >>> pattern.rule, tuple(pattern.example()[0].shape)
     ('gated', (2, 5, 16))
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import errors
+from ..registry import MoECalibrationModule
 from .toy_moe import KINDS, ToyMoEConfig, make_toy_block
 
-__all__ = ["Pattern", "PATTERNS", "SwiGLU", "SoftMixture", "CapacityExpert", "CapacityMoE", "DictLoopMoE"]
+__all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiGLU", "SoftMixture", "CapacityExpert", "CapacityMoE",
+           "DictLoopMoE", "NoRuleMatches", "PackedButUnrouted", "UnroutedSlice", "ReluMLP", "PerSampleExperts",
+           "PerSampleMoE", "PerSampleModel", "ChainedLayers", "ChainHolder", "TableRoutingMoE", "DeclaringModel",
+           "ExpertsWithWeightlessChoices", "WeightlessChoicesMoE", "ItemAssignmentMoE", "MaskedDictMoE",
+           "WeightBank", "BankedExperts", "BanksBelowRouterMoE", "GroupedGemmMoE", "HeadBank", "HeadExperts",
+           "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
+           "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
+           "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE"]
+
+NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
 
 class SwiGLU(nn.Module):
@@ -112,17 +129,581 @@ class DictLoopMoE(nn.Module):
         return self.experts(flat, index, weights).view_as(x)
 
 
+class PackedButUnrouted(nn.Module):
+    """Looks like experts (stacked weights) but the block never routes tokens to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
+        self.down_proj = nn.Parameter(torch.randn(4, 4, 4))
+
+    def forward(self, hidden_states):
+        return hidden_states * self.gate_up_proj.mean()
+
+
+class NoRuleMatches(nn.Module):
+    """Packed experts and a router beside them, but the forward routes nothing to the experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 4)
+        self.experts = PackedButUnrouted()
+
+    def forward(self, hidden_states):
+        return self.experts(hidden_states) + self.router(hidden_states)
+
+
+class UnroutedSlice(nn.Module):
+    """Packed expert weights beside a router; the forward uses one slice of them on inputs no made-up shape fits."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Module()
+        self.experts.gate_up_proj = nn.Parameter(torch.randn(4, 8, 4))
+        self.experts.down_proj = nn.Parameter(torch.randn(4, 4, 4))
+        self.router = nn.Linear(4, 4)
+
+    def forward(self, hidden_states):
+        return hidden_states @ self.experts.gate_up_proj[0].T[:4]
+
+
+class ReluMLP(nn.Module):
+    def __init__(self, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class PerSampleExperts(nn.ModuleList):
+    """Each expert on every token, its output zeroed for the samples that did not pick it."""
+
+    def forward(self, hidden, choice):
+        out = torch.zeros_like(hidden)
+        for i, expert in enumerate(self):
+            out = out + expert(hidden) * (choice.view(-1, 1, 1) == i)
+        return out
+
+
+class PerSampleMoE(nn.Module):
+    def __init__(self, hidden=8, experts=3):
+        super().__init__()
+        self.shared = nn.Linear(hidden, hidden)
+        self.experts = PerSampleExperts(ReluMLP(hidden) for _ in range(experts))
+
+    def forward(self, hidden, choice):
+        return self.shared(hidden) + self.experts(hidden, choice)
+
+
+class PerSampleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = PerSampleMoE()
+
+    def forward(self, hidden, choice):
+        return self.block(hidden, choice)
+
+
+class ChainedLayers(nn.ModuleList):
+    def forward(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class ChainHolder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = ChainedLayers(nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, hidden_states):
+        return self.layers(hidden_states)
+
+
+class TableRoutingMoE(nn.Module):
+    """An MoE autocal cannot read (experts are rows of a table), declared by its model as giving router logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.table = nn.Embedding(16, 8)
+
+    def forward(self, hidden_states):
+        logits = self.router(hidden_states)
+        return hidden_states + self.table(logits.topk(2).indices).sum(-2), logits
+
+
+class DeclaringModel(nn.Module):
+    _can_record_outputs = {"router_logits": TableRoutingMoE}
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = TableRoutingMoE()
+
+    def forward(self, hidden_states):
+        return self.mlp(hidden_states)[0]
+
+
+class ExpertsWithWeightlessChoices(nn.Module):
+    """Packed experts plus choices that have no weights: ``E`` MLPs, then ``Z`` choices that scale the input."""
+
+    def __init__(self, experts=4, weightless=3, hidden=8, width=6):
+        super().__init__()
+        self.experts, self.weightless = experts, weightless
+        self.w_in = nn.Parameter(torch.randn(experts + weightless, width, hidden) / 3)  # extra entries unused
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, width) / 3)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.experts + self.weightless):
+            slot, token = torch.where(top_k_index.transpose(0, 1) == expert)
+            if token.numel() == 0:
+                continue
+            rows = hidden_states[token]
+            if expert < self.experts:
+                rows = F.linear(torch.tanh(F.linear(rows, self.w_in[expert])),
+                                                  self.w_out[expert])
+            else:
+                rows = 0.5 * rows
+            out.index_add_(0, token, rows * top_k_weights[token, slot, None])
+        return out
+
+
+class WeightlessChoicesMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 7, bias=False)
+        self.experts = ExpertsWithWeightlessChoices()
+
+    def forward(self, hidden_states):
+        weights, index = self.gate(hidden_states).softmax(-1).topk(3, dim=-1)
+        return self.experts(hidden_states, index, weights)
+
+
+class ItemAssignmentMoE(nn.Module):
+    """``y[token] += expert(x[token]) * w``, and a shared expert: item assignment fx cannot trace."""
+
+    def __init__(self, experts=5, k=2):
+        super().__init__()
+        self.top_k, self.router = k, nn.Linear(16, experts)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+        self.shared = SwiGLU()
+
+    def forward(self, x):
+        weights, index = self.router(x).softmax(-1).topk(self.top_k)
+        flat, index, weights = x.reshape(-1, 16), index.reshape(-1, self.top_k), weights.reshape(-1, self.top_k)
+        y = torch.zeros_like(flat)
+        for e in range(len(self.experts)):
+            token, slot = (index == e).nonzero(as_tuple=True)
+            y[token] += self.experts[e](flat[token]) * weights[token, slot, None]
+        return y.view_as(x) + self.shared(x)
+
+
+class MaskedDictMoE(nn.Module):
+    """Top-1 over a ``ModuleDict`` keyed by name; rows picked from ``[batch, seq, hidden]`` with a 2-D mask."""
+
+    def __init__(self, experts=4):
+        super().__init__()
+        self.top_k, self.classifier = 1, nn.Linear(16, experts)
+        self.experts = nn.ModuleDict({f"expert_{i}": SwiGLU() for i in range(experts)})
+
+    def forward(self, x):
+        weight, index = self.classifier(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for i in range(len(self.experts)):
+            chosen = index == i
+            out[chosen] = self.experts[f"expert_{i}"](x[chosen]) * weight[chosen].unsqueeze(-1)
+        return out
+
+
+class WeightBank(nn.Module):
+    def __init__(self, experts, n_in, n_out, scaled=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, n_in, n_out) / n_in ** 0.5)
+        self.scale = nn.Parameter(torch.ones(())) if scaled else None
+
+    def forward(self, x, counts):  # rows sorted by expert, ``counts`` rows each
+        out = torch.cat([part @ w for part, w in zip(x.split(counts), self.weight)])
+        return out if self.scale is None else out * self.scale
+
+
+class BankedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = WeightBank(4, 8, 12, scaled=True), WeightBank(4, 12, 8, scaled=True)
+
+    def forward(self, x, counts):
+        return self.fc2(torch.relu(self.fc1(x, counts)), counts)
+
+
+class BanksBelowRouterMoE(nn.Module):
+    """Experts one level down in two scaled weight banks (not recognised); the router two levels above."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4, bias=False)
+        self.experts = BankedExperts()
+
+    def forward(self, x):
+        expert = self.router(x).argmax(-1)
+        order = expert.argsort()
+        counts = torch.bincount(expert, minlength=4).tolist()
+        out = torch.empty_like(x)
+        out[order] = self.experts(x[order], counts)
+        return out
+
+
+class GroupedGemmMoE(nn.Module):
+    """Megablocks-style: rows sorted by expert, weight banks called with the row count of each expert."""
+
+    def __init__(self, experts=5, k=2):
+        super().__init__()
+        self.k, self.router = k, nn.Linear(8, experts, bias=False)
+        self.up, self.down = WeightBank(experts, 8, 12), WeightBank(experts, 12, 8)
+
+    def forward(self, x):
+        flat = x.reshape(-1, 8)
+        weights, index = self.router(flat).softmax(-1).topk(self.k)
+        order = index.flatten().argsort(stable=True)
+        counts = torch.bincount(index.flatten(), minlength=self.router.out_features).tolist()
+        rows = flat[order // self.k]
+        out = self.down(F.gelu(self.up(rows, counts)), counts)
+        out = out * weights.flatten()[order, None]
+        return torch.zeros_like(flat).index_add(0, order // self.k, out).view_as(x)
+
+
+class HeadBank(nn.Module):
+    """One projection per expert, ``[E, out, in]``, taking rows sorted by expert and a tensor of counts."""
+
+    def __init__(self, experts, features_in, features_out):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, features_out, features_in) / features_in ** 0.5)
+
+    def forward(self, rows, counts):
+        return torch.cat([F.linear(part, w) for part, w in zip(rows.split(counts.tolist()), self.w)])
+
+
+class HeadExperts(nn.Module):
+    """Mixture of attention heads: a query and an output projection per expert, used through two methods."""
+
+    def __init__(self, experts=6, k=2, hidden=8, head=4):
+        super().__init__()
+        self.k, self.head = k, head
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.query, self.out = HeadBank(experts, hidden, head), HeadBank(experts, head, hidden)
+
+    def forward(self, x):
+        raise NotImplementedError("called through project() and combine()")
+
+    def project(self, x):  # [T, hidden] -> queries [T, k, head]
+        scores, chosen = torch.topk(self.gate(x).sigmoid(), self.k, dim=-1)
+        order = chosen.flatten().argsort(stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=self.gate.out_features)
+        queries = torch.zeros(x.shape[0] * self.k, self.head).index_copy(
+            0, order, self.query(x[order // self.k], counts))
+        return queries.view(x.shape[0], self.k, self.head), (order, counts, scores / scores.sum(-1, keepdim=True))
+
+    def combine(self, attended, topology):  # [T, k, head] -> [T, hidden]
+        order, counts, weights = topology
+        rows = self.out(attended.reshape(-1, self.head)[order], counts)
+        slots = torch.zeros(attended.shape[0] * self.k, rows.shape[-1]).index_copy(0, order, rows)
+        return (slots.view(attended.shape[0], self.k, -1) * weights[..., None]).sum(1)
+
+
+class MixtureOfHeadsAttention(nn.Module):
+    """Causal attention whose queries and output projections are routed experts; keys and values are shared."""
+
+    def __init__(self, **sizes):
+        super().__init__()
+        self.heads = HeadExperts(**sizes)
+        self.kv = nn.Linear(8, 2 * self.heads.head, bias=False)
+
+    def attend(self, queries, keys, values):  # queries [T, k, head]; every slot attends over all earlier tokens
+        scores = torch.einsum("tkd,sd->kts", queries, keys) / keys.shape[-1] ** 0.5
+        causal = torch.ones(keys.shape[0], keys.shape[0], dtype=torch.bool).tril()
+        return torch.einsum("kts,sd->tkd", scores.masked_fill(~causal, float("-inf")).softmax(-1), values)
+
+    def forward(self, x):
+        queries, topology = self.heads.project(x)
+        keys, values = self.kv(x).chunk(2, dim=-1)
+        return self.heads.combine(self.attend(queries, keys, values), topology)
+
+    def what_expert_sees(self, x, expert):
+        """The output projection input of ``expert`` for every token, had the router chosen it (written out)."""
+        keys, values = self.kv(x).chunk(2, dim=-1)
+        queries = F.linear(x, self.heads.query.w[expert])
+        return self.attend(queries[:, None], keys, values)[:, 0]
+
+
+class GatheredFFN(nn.Module):
+    """gpt-fast's pattern: per token, the chosen experts' weights are gathered and contracted in one einsum."""
+
+    def __init__(self, experts, hidden, width):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x, expert_indices):  # -> one output per slot, [T, k, hidden]
+        x1 = F.silu(torch.einsum("ti,taoi->tao", x, self.w1[expert_indices]))
+        x3 = torch.einsum("ti,taoi->tao", x, self.w3[expert_indices])
+        return torch.einsum("tao,taio->tai", x1 * x3, self.w2[expert_indices])
+
+
+class GatheredMoE(nn.Module):
+    def __init__(self, experts=6, hidden=16, width=24, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.cond_ffn = GatheredFFN(experts, hidden, width)
+        self.hidden, self.k = hidden, k
+
+    def forward(self, x):
+        flat = x.view(-1, self.hidden)
+        weights, indices = torch.topk(self.gate(flat).softmax(-1), self.k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return torch.einsum("tai,ta->ti", self.cond_ffn(flat, indices), weights).view_as(x)
+
+
+class OwnWeightsMoE(nn.Module):
+    """Expert weights on the block itself, ``[E, in, out]``, gathered with index_select and applied by matmul."""
+
+    def __init__(self, experts=5, hidden=8, width=12, k=3):
+        super().__init__()
+        self.router = nn.Parameter(torch.randn(experts, hidden))
+        self.up = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
+        self.k = k
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores, chosen = (x @ self.router.T).sigmoid().topk(self.k)
+        flat = chosen.reshape(-1)
+        h = torch.relu(torch.matmul(x.repeat_interleave(self.k, 0)[:, None], self.up.index_select(0, flat)))
+        out = torch.matmul(h, self.down.index_select(0, flat)).view(x.shape[0], self.k, -1)
+        return (out * scores[..., None]).sum(1).view_as(hidden_states)
+
+
+class NeuronExperts(nn.Module):
+    """Experts of one neuron each, rows of two embedding tables, chosen over a product of two key sets."""
+
+    def __init__(self, keys=3, hidden=8, k=2):
+        super().__init__()
+        self.k = k
+        self.keys = nn.Linear(hidden, 2 * keys, bias=False)
+        self.down, self.up = nn.Embedding(keys * keys, hidden), nn.Embedding(keys * keys, hidden)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        rows, columns = self.keys(flat).chunk(2, dim=-1)
+        scores, chosen = (rows[:, :, None] + columns[:, None, :]).flatten(1).topk(self.k)
+        h = torch.einsum("th,tkh->tk", flat, self.down(chosen)).relu() * scores.softmax(-1)
+        return torch.einsum("tk,tkh->th", h, self.up(chosen)).view_as(x)
+
+
+class TwoPositionTables(nn.Module):
+    """Not an MoE: two position tables of one shape (as in layout models), looked up by coordinates."""
+
+    def __init__(self):
+        super().__init__()
+        self.x_position, self.y_position = nn.Embedding(16, 8), nn.Embedding(16, 8)
+
+    def forward(self, coordinates):
+        return self.x_position(coordinates[..., 0]) + self.y_position(coordinates[..., 1])
+
+
+class LayoutThenMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layout = TwoPositionTables()
+        self.moe = make_toy_block(ToyMoEConfig(hidden_size=8))
+
+    def forward(self, coordinates):
+        return self.moe(self.layout(coordinates))
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Experts choose their tokens (top-C over the tokens per expert, C from the number of tokens)."""
+
+    def __init__(self, hidden=16, experts=6, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList([CapacityExpert(hidden) for _ in range(experts)])
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        capacity = max(1, flat.shape[0] * self.k // len(self.experts))  # a Python number a recording bakes in
+        weights, tokens = self.gate(flat).softmax(-1).t().topk(capacity, dim=-1)
+        out = torch.zeros_like(flat)
+        for expert, module in enumerate(self.experts):
+            out.index_add_(0, tokens[expert], module(flat[tokens[expert]]) * weights[expert, :, None])
+        return out.view_as(x)
+
+
+class LoopOverOwnWeights(nn.Module):
+    """Expert weights on the block itself, sliced per expert in a Python loop (three ways of applying them)."""
+
+    def __init__(self, style, experts=6, hidden=16, width=24, k=2):
+        super().__init__()
+        self.style, self.k = style, k
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        up_shape = (experts, hidden, width) if style == "matmul" else (experts, width, hidden)
+        down_shape = (experts, width, hidden) if style == "matmul" else (experts, hidden, width)
+        self.up = nn.Parameter(torch.randn(up_shape) / hidden ** 0.5)
+        self.down = nn.Parameter(torch.randn(down_shape) / width ** 0.5)
+
+    def _project(self, rows, weight):
+        if self.style == "linear":
+            return F.linear(rows, weight)
+        return rows @ weight.T if self.style == "transposed" else rows @ weight
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(flat).softmax(-1).topk(self.k)
+        out = torch.zeros_like(flat)
+        for expert in chosen.unique():  # a 0-d tensor per expert hit
+            token, slot = torch.where(chosen == expert)
+            h = self._project(F.silu(self._project(flat[token], self.up[expert])), self.down[expert])
+            out.index_add_(0, token, h * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class SummedHeads(nn.ModuleList):
+    """A list of identical projections with a forward of its own."""
+
+    def forward(self, x):
+        return sum(layer(x) for layer in self)
+
+
+class MaskedEncoder(nn.Module):
+    """Not an MoE: the heads' user needs a mask autocal cannot make up."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = SummedHeads([nn.Linear(8, 8) for _ in range(3)])
+
+    def forward(self, x, keep):
+        return self.heads(x) * keep[..., None]
+
+
+class HeadsThenMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = MaskedEncoder()
+        self.moe = make_toy_block(ToyMoEConfig(hidden_size=8))
+
+    def forward(self, x):
+        return self.moe(self.encoder(x, torch.ones(x.shape[:-1])))
+
+
+class ProjExpert(nn.Module):
+    def __init__(self, hidden=16, width=24):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HostSlicedMoE(nn.Module):
+    """The pattern of DeepSeek-V2/V3's remote code (``moe_infer``): rows sorted by expert, counts taken to numpy
+    on the host, each expert given its slice of the sorted rows."""
+
+    def __init__(self, hidden=16, experts=8, k=2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, hidden) / 4)
+        self.experts = nn.ModuleList([ProjExpert(hidden) for _ in range(experts)])
+        self.k = k
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(-1, hidden_states.shape[-1])
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        topk_idx = torch.topk(scores, k=self.k, dim=-1, sorted=False)[1]
+        topk_weight = scores.gather(1, topk_idx)
+        topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        counts = topk_idx.new_zeros((topk_idx.shape[0], len(self.experts))).scatter_(1, topk_idx, 1).sum(0)
+        idxs = topk_idx.view(-1).argsort()
+        sorted_tokens = x[idxs // topk_idx.shape[1]]
+        outputs, start = [], 0
+        for i, num_tokens in enumerate(counts.cpu().numpy()):
+            end = start + num_tokens
+            if num_tokens == 0:
+                continue
+            outputs.append(self.experts[i](sorted_tokens[start:end]))
+            start = end
+        outs = torch.cat(outputs, dim=0)
+        new_x = torch.empty_like(outs)
+        new_x[idxs] = outs
+        y = new_x.view(*topk_idx.shape, -1).type(topk_weight.dtype).mul_(topk_weight.unsqueeze(-1)).sum(1)
+        return y.type(new_x.dtype).view_as(hidden_states)
+
+
+class TokenByTokenMoE(nn.Module):
+    """A naive reference: every token's every slot, one expert call at a time, expert numbers read on the host."""
+
+    def __init__(self, hidden=16, experts=5, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList([ProjExpert(hidden) for _ in range(experts)])
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(self.gate(flat).softmax(-1), self.k)
+        out = torch.zeros_like(flat)
+        for token in range(flat.shape[0]):
+            for slot in range(self.k):
+                out[token] += weights[token, slot] * self.experts[int(chosen[token, slot])](flat[token:token + 1])[0]
+        return out.view_as(x)
+
+
+class SortedChoiceMoE(nn.Module):
+    """Experts in a ModuleDict; the choice is a full sort of the scores, then the first k."""
+
+    def __init__(self, hidden=16, experts=5, k=2):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleDict({f"e{i}": ProjExpert(hidden) for i in range(experts)})
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        scores, order = self.gate(flat).softmax(-1).sort(dim=-1, descending=True)
+        weights, chosen = scores[:, :self.k], order[:, :self.k]
+        out = torch.zeros_like(flat)
+        for e in range(len(self.experts)):
+            mask = chosen == e
+            rows = mask.any(-1)
+            if rows.any():
+                out[rows] += self.experts[f"e{e}"](flat[rows]) * (weights * mask).sum(-1, keepdim=True)[rows]
+        return out.view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """A way of writing an MoE block: how to make one, an input for it, and the rule it must match."""
+    """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
+
+    ``rule`` None: no rule may match, and ``fails`` is the error kind that gives
+    (``errors.KINDS``), or ``NOT_AN_MOE``. ``inputs`` makes the example inputs
+    where they are more than one hidden-states tensor of ``shape``;
+    ``detected_on_example``: detection needs them (made-up inputs do not show
+    the block's kind, as a per-sample expert choice given as an input).
+    """
 
     name: str
-    rule: str
+    rule: str | None
     make: Callable[[], nn.Module]
-    hidden_size: int = 16
+    shape: tuple[int, ...] = (2, 5, 16)
+    fails: str | None = None
+    inputs: Callable[[torch.Generator], tuple] | None = None
+    detected_on_example: bool = False
 
-    def example(self, seed: int = 0) -> torch.Tensor:
-        return torch.randn(2, 5, self.hidden_size, generator=torch.Generator().manual_seed(seed))
+    def example(self, seed: int = 0) -> tuple:
+        """The block's positional inputs."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.inputs(generator) if self.inputs else (torch.randn(*self.shape, generator=generator),)
 
 
 # The rule each toy kind matches: packed experts called as transformers v5 calls them, unless said otherwise.
@@ -134,7 +715,7 @@ _TOY_RULES = {kind: "experts" for kind in KINDS} | {
 
 def _toy(kind: str) -> Pattern:
     config = ToyMoEConfig(kind=kind)
-    return Pattern(kind, _TOY_RULES[kind], lambda: make_toy_block(config), config.hidden_size)
+    return Pattern(kind, _TOY_RULES[kind], lambda: make_toy_block(config), (2, 5, config.hidden_size))
 
 
 def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -144,9 +725,60 @@ def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return seeded
 
 
+def _failing(name: str, fails: str, make: Callable[[], nn.Module], shape: tuple[int, ...], **more) -> Pattern:
+    return Pattern(name, None, _seeded(make), shape, fails, **more)
+
+
 PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     *(_toy(kind) for kind in KINDS),
     Pattern("soft_mixture", "gated", _seeded(SoftMixture)),
     Pattern("capacity_mask", "mask-dispatch", _seeded(lambda: CapacityMoE(k=2, capacity_factor=1.25))),
     Pattern("dispatching_dict", "container", _seeded(DictLoopMoE)),
+    Pattern("per_sample_choice", "gated", _seeded(PerSampleMoE), detected_on_example=True,
+            inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.tensor([2, 0]))),
+    Pattern("weightless_choices", "experts", _seeded(WeightlessChoicesMoE), (40, 8)),
+    Pattern("item_assignment", "recorded-block", _seeded(ItemAssignmentMoE), (3, 5, 16)),
+    Pattern("masked_dict", "recorded-block", _seeded(MaskedDictMoE), (3, 5, 16)),
+    Pattern("expert_choice", "recorded-block", _seeded(ExpertChoiceMoE), (1, 14, 16)),
+    Pattern("host_sliced", "recorded-block", _seeded(HostSlicedMoE), (1, 14, 16)),
+    Pattern("token_by_token", "recorded-block", _seeded(TokenByTokenMoE), (1, 9, 16)),
+    Pattern("sort_then_first_k", "recorded-block", _seeded(SortedChoiceMoE), (1, 9, 16)),
+    Pattern("grouped_gemm", "sorted", _seeded(GroupedGemmMoE), (2, 9, 8)),
+    Pattern("mixture_of_heads", "sorted", _seeded(lambda: MixtureOfHeadsAttention(experts=5, k=2)), (7, 8)),
+    Pattern("gathered_ffn", "gathered", _seeded(GatheredMoE)),
+    Pattern("own_weights", "gathered", _seeded(OwnWeightsMoE), (9, 8)),
+    Pattern("neuron_tables", "gathered", _seeded(NeuronExperts), (2, 6, 8)),
+    *(Pattern(f"own_weights_loop_{style}", "gathered", _seeded(lambda style=style: LoopOverOwnWeights(style)),
+              (2, 7, 16)) for style in ("linear", "transposed", "matmul")),
+    _failing("no_rule_matches", errors.UNSUPPORTED_DISPATCH, NoRuleMatches, (2, 5, 4)),
+    _failing("unrouted_slice", errors.TRACE_FAILED, UnroutedSlice, (2, 5, 4)),
+    _failing("chained_layers", errors.NO_MOE_BLOCK, lambda: ChainedLayers(nn.Linear(4, 4) for _ in range(3)),
+             (2, 5, 4)),
+    _failing("summed_heads", errors.NO_MOE_BLOCK, lambda: SummedHeads([nn.Linear(8, 8) for _ in range(3)]),
+             (2, 5, 8)),
+    _failing("table_routing", errors.NO_MOE_BLOCK, TableRoutingMoE, (2, 3, 8)),
+    _failing("banks_below_router", errors.NO_MOE_BLOCK, BanksBelowRouterMoE, (2, 5, 8)),
+    _failing("position_tables", NOT_AN_MOE, TwoPositionTables, (1, 5),
+             inputs=lambda g: (torch.randint(0, 16, (1, 5, 2), generator=g),)),
+    _failing("masked_encoder", NOT_AN_MOE, MaskedEncoder, (2, 5, 8),
+             inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.ones(2, 5))),
 ]}
+
+
+@contextmanager
+def registered_pass_through(block_class: str) -> Iterator[type[MoECalibrationModule]]:
+    """Within, a module that only calls the original is registered for ``block_class`` (the override rule's pattern)."""
+
+    @MoECalibrationModule.register(block_class)
+    class Override(MoECalibrationModule):
+        def __init__(self, original, config, calibrate_all_experts=True):
+            super().__init__()
+            self.original = original
+
+        def forward(self, *args, **kwargs):
+            return self.original(*args, **kwargs)
+
+    try:
+        yield Override
+    finally:
+        MoECalibrationModule.unregister(block_class)

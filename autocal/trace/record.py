@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["Recording", "record"]
+__all__ = ["Recording", "record", "value", "flat_args"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _AUTOCAL_DIR = os.path.dirname(os.path.dirname(__file__))
@@ -196,3 +196,13 @@ def _post_hook(recorder: _Recorder, paths: dict[int, str], leaf_ids: set[int]):
                 recorder.emit("call_module", paths.get(id(module), ""), call_args, call_kwargs, output)
 
     return hook
+
+
+def value(node: Any) -> Any:
+    """The recorded value of a node (an argument that is not a node is its own value)."""
+    return node.meta.get("value") if isinstance(node, fx.Node) else node
+
+
+def flat_args(args: tuple) -> list[Any]:
+    """An op's arguments, with those passed as one list or tuple (``einsum(eq, [a, b])``) spread out."""
+    return [item for a in args for item in (a if isinstance(a, (list, tuple)) else (a,))]

@@ -80,7 +80,7 @@ class Preparation:
 
 def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: Any = None, verify: bool = True,
             checkpoint_naming: bool = True, calibration_chunk_size: int | None = None,
-            strict: bool = False) -> Preparation:
+            strict: bool = False, group_experts: bool = True) -> Preparation:
     """Convert ``model`` for ``oneshot``: autocal calibration modules, no LLM Compressor linearization inside them,
     expert keys saved under the original checkpoint's names, and ``model.save_pretrained`` checked before it
     writes (``install_checked_save``).
@@ -88,14 +88,15 @@ def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: An
     Calibration modules are left with ``calibrate_all_experts=True``, so a plain
     ``llmcompressor.oneshot`` call calibrates every expert too; ``oneshot`` below
     turns it off when it ends. ``calibration_chunk_size`` bounds calibration's
-    activation memory (``autocal.set_calibration_chunk_size``). MoE blocks autocal cannot convert are left
+    activation memory (``autocal.set_calibration_chunk_size``); ``group_experts=False`` calls each expert module
+    on its own (``autocal.convert``). MoE blocks autocal cannot convert are left
     to LLM Compressor's own linearization (``strict=False``), with a warning naming them; ``strict=True``
     raises instead.
     """
     from ... import api
 
     api.convert(model, calibrate_all_experts=True, verify=verify, example_inputs=example_inputs, forward=forward,
-                calibration_chunk_size=calibration_chunk_size, strict=strict)
+                calibration_chunk_size=calibration_chunk_size, strict=strict, group_experts=group_experts)
     left = api.unconverted(model)
     if left:
         warnings.warn(f"autocal: LLM Compressor's own MoE linearization handles the {len(left)} block(s) autocal "

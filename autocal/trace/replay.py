@@ -1,0 +1,134 @@
+"""Replaying parts of a recorded graph on new inputs: how a block picks each expert's rows, and the ops between
+weight banks.
+
+Detection takes these from a block's recording and checks them against it
+(``detect/container.py``, ``detect/sorted.py``); the calibration forward
+(``synthesize/container.py``, ``synthesize/sorted.py``) replays them on every
+batch. Both run them, so they live below both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from .. import errors
+from .forcing import ChoiceCall
+from .record import value
+
+__all__ = ["Replay", "TokenRecipe", "SortedDispatch"]
+
+
+class Replay:
+    """Evaluates nodes of a recorded graph again, on new inputs of the recorded module.
+
+    ``given`` maps nodes to values used instead of computing them; ``substitute``
+    maps nodes to ``(argument position, value)``, replacing one argument of that
+    op. Nodes that depend on neither are kept in ``shared``, so calls on the
+    same inputs (one per expert, say) compute them once.
+    """
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self._varying: dict[frozenset, set[fx.Node]] = {}
+
+    def __call__(self, node: Any, bound: dict[str, Any], shared: dict, given: dict[fx.Node, Any] | None = None,
+                 substitute: dict[fx.Node, tuple[int, Any]] | None = None) -> Any:
+        given, substitute = given or {}, substitute or {}
+        varying = self._descendants(frozenset(given) | frozenset(substitute))
+        memo = dict(given)
+
+        def evaluate(n: fx.Node):
+            cache = memo if n in varying else shared
+            if n in cache:
+                return cache[n]
+            if n.op == "placeholder":
+                result = bound[n.target]
+            elif n.op == "get_attr":
+                result = value(n)
+            elif n.op == "call_module":
+                raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"`{n.target}` is called on the way")
+            else:
+                args = list(fx.node.map_arg(n.args, evaluate))
+                if n in substitute:
+                    position, replacement = substitute[n]
+                    args[position] = replacement
+                result = n.target(*args, **fx.node.map_arg(n.kwargs, evaluate))
+            cache[n] = result
+            return result
+
+        return evaluate(node) if isinstance(node, fx.Node) else fx.node.map_arg(node, evaluate)
+
+    def _descendants(self, roots: frozenset) -> set[fx.Node]:
+        if roots not in self._varying:
+            found = set(roots)
+            for node in self.graph.nodes:
+                if any(a in found for a in node.all_input_nodes):
+                    found.add(node)
+            self._varying[roots] = found
+        return self._varying[roots]
+
+
+class TokenRecipe:
+    """Replays, for any expert, how the original picks that expert's token rows from the recorded inputs.
+
+    ``selectors`` are the ops whose argument is the expert's number (an index,
+    an ``== e``); replaying with another number there gives that expert's rows.
+    ``source`` (optional) is the node the rows are gathered from. Pass one
+    ``shared`` dict for the calls on the same inputs: what does not depend on
+    the expert (the router, say) is then computed once.
+    """
+
+    def __init__(self, graph: fx.Graph, tokens: fx.Node | None, selectors: dict[fx.Node, int],
+                 source: fx.Node | None = None) -> None:
+        self.replay = Replay(graph)
+        self.tokens = tokens
+        self.source = source
+        self.selectors = selectors  # node -> position of the expert index in its args
+
+    def __call__(self, bound: dict[str, Any], expert: int, shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
+        """Expert ``expert``'s row indices (a boolean row mask is turned into indices)."""
+        substitute = {}
+        for node, position in self.selectors.items():
+            recorded = node.args[position]
+            substitute[node] = (position, _like(value(recorded) if isinstance(recorded, fx.Node) else recorded, expert))
+        rows = self.replay(self.tokens, bound, {} if shared is None else shared, substitute=substitute)
+        return rows.reshape(-1).nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
+
+    def rows(self, bound: dict[str, Any], shared: dict[fx.Node, Any] | None = None) -> torch.Tensor:
+        """The 2-D token rows the experts' inputs are gathered from."""
+        source = self.replay(self.source, bound, {} if shared is None else shared)
+        return source.reshape(-1, source.shape[-1])
+
+
+def _like(index: Any, expert: int) -> Any:
+    """``expert`` in the form the recorded loop used for its index (int, 0-d or 1-element tensor)."""
+    if isinstance(index, torch.Tensor):
+        return torch.full_like(index, expert)
+    return expert
+
+
+class SortedDispatch:
+    """What calibration replays: the token rows and the ops between banks."""
+
+    def __init__(self, graph: fx.Graph, calls: list[fx.Node], source: fx.Node | None,
+                 orientation: dict[str, str], choice: ChoiceCall | None = None) -> None:
+        self.replay = Replay(graph)
+        self.calls, self.source = calls, source
+        self.orientation = orientation  # bank -> "linear" (rows @ W[e].T) or "matmul" (rows @ W[e])
+        self.choice = choice  # set when the ops between banks mix rows: calibration forces the routing instead
+
+    @property
+    def banks(self) -> list[str]:
+        """The banks' names, in the order the block calls them."""
+        return [call.target for call in self.calls]
+
+    def rows(self, bound: dict[str, Any], shared: dict) -> torch.Tensor:
+        """The token rows the first bank's input is gathered from, for these block inputs."""
+        return self.replay(self.source, bound, shared)
+
+    def between(self, step: int, rows: torch.Tensor, bound: dict[str, Any], shared: dict) -> torch.Tensor:
+        """The ops from bank ``step - 1``'s output to bank ``step``'s input, on ``rows``."""
+        return self.replay(self.calls[step].args[0], bound, shared, given={self.calls[step - 1]: rows})
