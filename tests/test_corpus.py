@@ -79,9 +79,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("decode_gather", check): (AutocalError, "verification-failed: on one token (the decode branch, which "
                                   "gathers packed weights) no expert Linear sees the token in calibration mode")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
-    **{("repeated_rows", check): (Mismatch, "wrong: every expert sees each token k times in calibration (the "
-                                  "rows are gathered from the tokens repeated k times)")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
     **{("capacity_top1", check): (Mismatch, "wrong: the experts' chunks hold empty capacity slots (zero rows), "
                                   "counted as tokens")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
@@ -91,9 +88,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("side_by_side", check): (AutocalError, "unsupported-dispatch: the block holding experts side by side is "
                                  "named, not converted")
        for check in ("convert", "convert_example", "mixed", "explain_k")},
-    **{("switch_top1", check): (AutocalError, "unsupported-dispatch: the per-expert mask is sliced with a tuple "
-                                "index (mask[:, :, i]), which the token recipe does not vary")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     **{("dropless_experts", check): (AutocalError, "unsupported-dispatch: experts given (x, scores, weights, "
                                      "indices), their raw [E * I, H] weights viewed per expert")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},

@@ -11,6 +11,8 @@ while the original forward computes the output unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -27,22 +29,35 @@ from .structure import MoEStructure
 __all__ = ["detect_module_container", "detect_recorded_block"]
 
 
-def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node, int]:
-    """Indexing ops and comparisons on the way to ``tokens`` whose operand is the expert being dispatched."""
+def _selectors(tokens: fx.Node, expert: int, ancestry: Ancestry) -> dict[fx.Node, int | tuple[int, int]]:
+    """Indexing ops and comparisons on the way to ``tokens`` whose operand is the expert being dispatched.
+
+    The value is the position of the expert's number in the op's arguments, or ``(position, i)`` where it is
+    entry ``i`` of a tuple index (``mask[:, :, e]``).
+    """
     found = {}
     for node in ancestry.of(tokens) + [tokens]:
         if target_name(node) not in ("getitem", "__getitem__", "select", "eq", "__eq__") or len(node.args) < 2:
             continue  # an index, or a comparison with the expert's number (``index == e``)
-        position = len(node.args) - 1
+        source, position = node.args[0], len(node.args) - 1
+        if not (isinstance(source, fx.Node) and isinstance(value(source), torch.Tensor)):
+            continue
         index = node.args[position]
-        index_value = value(index) if isinstance(index, fx.Node) else index
-        if isinstance(index_value, torch.Tensor) and index_value.numel() == 1 and not index_value.is_floating_point():
-            index_value = int(index_value)
-        if isinstance(index_value, int) and not isinstance(index_value, bool) and index_value == expert:
-            source = node.args[0]
-            if isinstance(source, fx.Node) and isinstance(value(source), torch.Tensor):
-                found[node] = position
+        if _is_expert(index, expert):
+            found[node] = position
+        elif isinstance(index, tuple):
+            entries = [i for i, entry in enumerate(index) if _is_expert(entry, expert)]
+            if len(entries) == 1:
+                found[node] = (position, entries[0])
     return found
+
+
+def _is_expert(index: Any, expert: int) -> bool:
+    """Is ``index`` (an argument, or a recorded node) the number ``expert``, as an int or a one-element tensor?"""
+    index_value = value(index) if isinstance(index, fx.Node) else index
+    if isinstance(index_value, torch.Tensor) and index_value.numel() == 1 and not index_value.is_floating_point():
+        index_value = int(index_value)
+    return isinstance(index_value, int) and not isinstance(index_value, bool) and index_value == expert
 
 
 def detect_module_container(facts: Facts) -> ContainerPlan | NoMatch:
@@ -89,6 +104,30 @@ def _views(source: fx.Node, placeholder: fx.Node) -> bool:
             return False
         node = node.args[0]
     return node is placeholder
+
+
+def _unrepeated(source: fx.Node) -> fx.Node:
+    """The tensor whose rows ``source`` repeats, each the same number of times (tokens repeated once per slot,
+    ``repeat_interleave(k, dim=0)`` or ``repeat(1, k, 1)``): the rows calibration gives every expert once. Found
+    by value, through the ops with one tensor input between them; ``source`` itself where there is none."""
+    rows = value(source).reshape(-1, value(source).shape[-1])
+    found, node = source, source
+    while True:
+        inputs = [n for n in node.all_input_nodes if isinstance(value(n), torch.Tensor)]
+        if len(inputs) != 1 or value(inputs[0]).shape[-1] != rows.shape[-1] or value(inputs[0]).dim() < 2:
+            return found
+        node = inputs[0]
+        base = value(node).reshape(-1, rows.shape[-1])
+        if rows.shape[0] % base.shape[0] == 0 and rows.shape[0] > base.shape[0] and _same_rows(
+                rows, base, rows.shape[0] // base.shape[0]):
+            found = node
+
+
+def _same_rows(rows: torch.Tensor, base: torch.Tensor, times: int) -> bool:
+    """Does ``rows`` hold each row of ``base`` exactly ``times`` times (in any order)?"""
+    seen, counts = torch.unique(rows, dim=0, return_counts=True)
+    base_seen, base_counts = torch.unique(base, dim=0, return_counts=True)
+    return torch.equal(seen, base_seen) and torch.equal(counts, base_counts * times)
 
 
 def _check_recipe(recipe: TokenRecipe, calls: list[fx.Node], expert_paths: dict[str, int], rec, bound, cls) -> None:
@@ -161,7 +200,8 @@ def detect_recorded_block(facts: Facts) -> RecordedBlockPlan | NoMatch:
         latest = max(calls, key=lambda c: expert_paths[c.target])  # a high expert number is unlike other constants
         _, latest_tokens = row_gather(latest, masks=True)
         recipe = TokenRecipe(rec.graph, latest_tokens,
-                             _selectors(latest_tokens, expert_paths[latest.target], Ancestry(rec.graph)), source=source)
+                             _selectors(latest_tokens, expert_paths[latest.target], Ancestry(rec.graph)),
+                             source=_unrepeated(source))
         _check_recipe(recipe, calls, expert_paths, rec, found.bound, cls)
     weight = _routing_weight(calls[0])
     if tokens is not None:

@@ -81,7 +81,7 @@ class TokenRecipe:
     the expert (the router, say) is then computed once.
     """
 
-    def __init__(self, graph: fx.Graph, tokens: fx.Node | None, selectors: dict[fx.Node, int],
+    def __init__(self, graph: fx.Graph, tokens: fx.Node | None, selectors: dict[fx.Node, int | tuple[int, int]],
                  source: fx.Node | None = None) -> None:
         self.replay = Replay(graph)
         self.tokens = tokens
@@ -92,8 +92,13 @@ class TokenRecipe:
         """Expert ``expert``'s row indices (a boolean row mask is turned into indices)."""
         substitute = {}
         for node, position in self.selectors.items():
-            recorded = node.args[position]
-            substitute[node] = (position, _like(value(recorded) if isinstance(recorded, fx.Node) else recorded, expert))
+            if isinstance(position, tuple):  # entry ``i`` of a tuple index
+                position, i = position
+                recorded = node.args[position]
+                substitute[node] = (position, (*recorded[:i], _like(_recorded(recorded[i]), expert),
+                                               *recorded[i + 1:]))
+            else:
+                substitute[node] = (position, _like(_recorded(node.args[position]), expert))
         rows = self.replay(self.tokens, bound, {} if shared is None else shared, substitute=substitute)
         return rows.reshape(-1).nonzero().squeeze(-1) if rows.dtype == torch.bool else rows
 
@@ -101,6 +106,10 @@ class TokenRecipe:
         """The 2-D token rows the experts' inputs are gathered from."""
         source = self.replay(self.source, bound, {} if shared is None else shared)
         return source.reshape(-1, source.shape[-1])
+
+
+def _recorded(argument: Any) -> Any:
+    return value(argument) if isinstance(argument, fx.Node) else argument
 
 
 def _like(index: Any, expert: int) -> Any:
