@@ -91,6 +91,15 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("dropless_experts", check): (AutocalError, "unsupported-dispatch: experts given (x, scores, weights, "
                                      "indices), their raw [E * I, H] weights viewed per expert")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
+    ("conv1d_transposed", "synthesize"): (AutocalError, "no-moe-block: experts of a Linear class storing "
+                                          "[in, out] weights are not read as experts"),
+    ("conv1d_transposed", "tokens"): (AutocalError, "no-moe-block: as synthesize"),
+    **{("conv1d_transposed", check): (AutocalError, "unsupported-dispatch: the list of such experts is named, "
+                                      "not converted")
+       for check in ("convert", "convert_example", "mixed", "explain_k")},
+    **{("dense_then_gather", check): (AutocalError, "unsupported-dispatch: expert outputs, not weights, are "
+                                      "gathered by the top-k")
+       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
 }
 
 
@@ -398,6 +407,19 @@ def _ref_group_limited(m, x):
     return (_dense(t, gates, m.experts) + m.shared_experts(t)).view_as(x), gates
 
 
+def _ref_noisy_gate(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(t @ m.w_gate)
+    return _dense(t, gates, m.experts).view_as(x), gates
+
+
+def _ref_dense_then_gather(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T, renormalize=False)
+    experts = [lambda rows, e=e: F.gelu(rows @ m.w1[e]) @ m.w2[e] for e in range(m.w1.shape[0])]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
 def _ref_layer(layer, h):
     h = h + layer.mixer(layer.input_norm(h))
     out, gates = _ref_packed_loop(layer.moe, layer.post_norm(h))
@@ -455,6 +477,9 @@ REFERENCES = {
     "legacy_mixtral": _ref_legacy_mixtral,
     "group_limited": _ref_group_limited,
     "dropless_experts": _ref_side_by_side(lambda m: m.router.layer, lambda m: m.experts, renormalize=False),
+    "noisy_gate": _ref_noisy_gate,
+    "conv1d_transposed": _ref_softmax_of_top,
+    "dense_then_gather": _ref_dense_then_gather,
     "sort_slice": _ref_softmax_of_top_of(lambda m: m.wg, lambda m: m.ffn),
 }
 

@@ -46,7 +46,16 @@ def _signature(module: nn.Module) -> tuple:
 def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int]) -> bool:
     """Does a weight outside ``experts`` produce one score per expert (a router), for one of ``counts``?"""
     inside = {id(p) for p in experts.parameters()}
-    return any(p.dim() == 2 and p.shape[0] in counts for p in block.parameters() if id(p) not in inside)
+    return any(len(counts & set(scores)) > 0 for p, scores in router_candidates(block) if id(p) not in inside)
+
+
+def router_candidates(module: nn.Module) -> Iterator[tuple[nn.Parameter, tuple[int, ...]]]:
+    """``(weight, possible expert counts)`` for each 2-D weight of ``module``: a Linear's scores its rows; a raw
+    parameter may be used either way round (``x @ w_gate`` with ``w_gate [H, E]``, as research code writes)."""
+    linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    for p in module.parameters():
+        if p.dim() == 2:
+            yield p, (p.shape[0],) if id(p) in linear_weights else tuple(p.shape)
 
 
 def _expert_counts(container: nn.Module, entries: list[nn.Module]) -> set[int]:

@@ -79,8 +79,22 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
 
 
 def _expert_like(module: nn.Module) -> bool:
-    """An expert as the list rules read one: made of Linears (or Linear-like modules), or of its own weights."""
-    return made_of_linears(module) or own_weights(module)
+    """An expert as the list rules read one (made of Linears or Linear-like modules, or of its own weights), or
+    any module made of weight matrices and their biases only (a Linear class of its own that no rule reads yet):
+    no norm, so a list of decoder layers is none."""
+    return made_of_linears(module) or own_weights(module) or _weight_matrices(module)
+
+
+def _weight_matrices(module: nn.Module) -> bool:
+    """Are all of ``module``'s parameters matrices (2-D or more), or 1-D biases beside one in the same module?"""
+    found = False
+    for sub in module.modules():
+        params = list(sub.parameters(recurse=False))
+        matrices = [p for p in params if p.dim() >= 2]
+        found = found or bool(matrices)
+        if any(p.dim() < 2 and not any(p.shape[0] in m.shape for m in matrices) for p in params):
+            return False
+    return found
 
 
 def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:

@@ -1161,6 +1161,74 @@ class DroplessMoE(nn.Module):
         return self.experts(x, *self.router(x))
 
 
+class NoisyGateMoE(nn.Module):
+    """Research library noisy top-k gating: raw gate and noise weights ``[H, E]`` (``x @ w_gate``), the noise
+    added in training only, a softmax over the kept logits (the others ``-inf``), experts of
+    ``nn.Sequential(Linear, ReLU, Linear)`` on the rows whose gate is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.w_noise = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(HIDDEN, INTER), nn.ReLU(), nn.Linear(INTER, HIDDEN))
+                                     for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        logits = t @ self.w_gate
+        if self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(t @ self.w_noise)
+        top_logits, top = logits.topk(TOP_K, dim=1)
+        gates = torch.full_like(logits, float("-inf")).scatter(1, top, top_logits).softmax(dim=1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            rows = gates[:, e] > 0
+            out[rows] = out[rows] + gates[rows, e].unsqueeze(1) * expert(t[rows])
+        return out.view_as(x)
+
+
+class TransposedConv1D(nn.Module):
+    """A Linear class of a language-model codebase: ``weight [in, out]``, ``addmm(bias, x, weight)``."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class TransposedConvExpert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = TransposedConv1D(INTER, HIDDEN)
+        self.c_proj = TransposedConv1D(HIDDEN, INTER)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class DenseThenGatherMoE(nn.Module):
+    """Research code computing every expert on every token (einsums over stacked weights), then gathering the
+    chosen experts' outputs by the top-k."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = self.gate(t).softmax(-1).topk(TOP_K, -1)
+        outputs = torch.einsum("tei,eih->teh", F.gelu(torch.einsum("th,ehi->tei", t, self.w1)), self.w2)
+        picked = outputs.gather(1, chosen.unsqueeze(-1).expand(-1, -1, HIDDEN))
+        return (picked * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
 class SortSliceMoE(nn.Module):
     """Research code: a descending sort of the logits sliced to the k first, softmax over those, experts in a
     list named ``ffn``, rows found by ``nonzero(as_tuple=True)``."""
@@ -1308,6 +1376,12 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "bias, bincount skip, shared experts", (), GroupLimitedMoE),
     CorpusEntry("dropless_experts", f"{_TRAINING}: a router module returning (scores, weights, indices), "
                 "dropless experts of raw [E * I, H] weights sorted by expert", (3,), DroplessMoE),
+    CorpusEntry("noisy_gate", f"{_RESEARCH}: noisy top-k gating with raw [H, E] gate weights (x @ w_gate), "
+                "Sequential experts", (), NoisyGateMoE),
+    CorpusEntry("conv1d_transposed", f"{_RESEARCH}: experts of a Linear class storing weight [in, out] (addmm)",
+                (1,), lambda: MixtralReferenceMoE(TransposedConvExpert)),
+    CorpusEntry("dense_then_gather", f"{_RESEARCH}: every expert on every token by einsum, the chosen outputs "
+                "gathered", (2,), DenseThenGatherMoE),
     CorpusEntry("sort_slice", f"{_RESEARCH}: descending sort sliced to k, experts in a list named ffn, "
                 "nonzero(as_tuple=True)", (), SortSliceMoE),
 )
