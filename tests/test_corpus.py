@@ -59,9 +59,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("hierarchical", check): (AutocalError, "unsupported-dispatch: replacing the top-k's choice does "
                                  "not decide which expert gets which token (two-level gating)")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
-    **{("tuple_experts", check): (AutocalError, "trace-failed: the KeyError (down, up) reading experts that "
-                                  "return tuples is a NoMatch")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     **{("modality_experts", check): (AutocalError, "trace-failed: synthesize has no token_type_ids")
        for check in ("synthesize", "tokens")},
     **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
