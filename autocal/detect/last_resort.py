@@ -80,17 +80,28 @@ class ForcedDispatch:
 
 
 def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
-    """``(path, experts)``: two or more identical modules made of Linears in a list, and beside the list a weight
-    that reads the features they read (a router of any shape: one gate per expert, or per group of experts)."""
+    """``(path, experts)``: two or more identical modules made of Linears in a list, and beside the list a gate
+    that reads the features they read (a router of any shape: one score per expert, or per group of experts)."""
     for path, container, holder in _lists_in(block):
         entries = identical_entries(container)
         if len(entries) < 2 or not made_of_linears(entries[0]):
             continue
         width = entries[0].get_submodule(linear_modules(entries[0])[0]).weight.shape[-1]
-        inside = {id(p) for p in holder.parameters()}
-        if any(id(p) not in inside and p.dim() >= 2 and width in p.shape for p in block.parameters()):
+        if any(width in p.shape for p in _gates(block, holder)):
             return path, entries
     return None
+
+
+def _gates(block: nn.Module, holder: nn.Module) -> list[nn.Parameter]:
+    """Weights that could score experts: the block's own (any rank), and the 2-D weights of modules at most two
+    levels down outside ``holder`` and outside lists (not the weights deep inside another block, a decoder layer's
+    attention or its own MoE block)."""
+    found = [p for p in block.parameters(recurse=False) if p.dim() >= 2]
+    for name, child in block.named_children():
+        if child is holder or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            continue
+        found += [p for path, p in child.named_parameters() if p.dim() == 2 and path.count(".") <= 1]
+    return found
 
 
 def last_resort_candidate(facts: Facts) -> bool:
@@ -104,7 +115,10 @@ def _found_by_others(facts: Facts) -> bool:
 
 def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     """``last-resort``: the block's routing choice forced to each group of experts in turn (module docstring)."""
-    name, entries = facts.memo("last-resort list", lambda: expert_list(facts.block))
+    found = facts.memo("last-resort list", lambda: expert_list(facts.block))
+    if found is None:
+        return NoMatch("no list of experts made of Linears with a gate beside it", candidate=False, shallow=True)
+    name, entries = found
     block, weak = facts.block, not _found_by_others(facts)
     container = block.get_submodule(name)
     try:

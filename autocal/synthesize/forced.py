@@ -7,6 +7,12 @@ experts, the forward runs with the top-k forced to that group for every token,
 and only that group's experts are observed. Each expert thus sees every token
 exactly once; no other module's hooks see the forced runs, whose outputs are
 discarded.
+
+``forced_runs`` is the general form: any list of runs, each forcing one or more
+choice calls and observing a set of experts through a context the caller gives
+(the rule of last resort observes expert modules by holding the others' hooks,
+``synthesize/last_resort.py``); ``forced_forward`` is its one-top-k case over
+``ExpertViews``.
 """
 
 from __future__ import annotations
