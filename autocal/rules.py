@@ -183,7 +183,8 @@ class Decision:
         if not tried:
             return errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of "
                                        "identical MLPs)", block_class=self.block_class)
-        lead = next((v for v in tried if not v.result.shallow), tried[0])
+        deep = [v for v in tried if not v.result.shallow]  # the last resort, where it got that far, says most
+        lead = next((v for v in deep if v.rule is RULES[-1]), deep[0] if deep else tried[0])
         others = "; ".join(f"{v.rule.name}: {v.reason}" for v in tried if v is not lead)
         explanation = f"{lead.reason}" + (f" (rule {lead.rule.name}; also tried {others})" if others else "")
         error = errors.AutocalError(lead.result.kind, explanation, block_class=self.block_class,

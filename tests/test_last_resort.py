@@ -92,8 +92,9 @@ def test_an_input_scale_that_depends_on_the_other_chosen_expert_is_refused():
         autocal.synthesize(ScoredInputsMoE(normalize=True).eval())
     error = caught.value
     assert error.kind == "unsupported-dispatch" and error.block_class == "ScoredInputsMoE"
-    assert "not given the rows the real forward gives it" in str(error)
+    assert "not given the rows the real forward gives it" in str(error) and "rule last-resort;" in str(error)
     assert "patterns.py" in error.source
+    assert any("register('ScoredInputsMoE')" in hint for hint in error.hints), "a next step"
 
 
 class CappedScoresMoE(nn.Module):

@@ -56,7 +56,9 @@ from .structure import MoEStructure, RouterInfo
 __all__ = ["ForcedRun", "ForcedDispatch", "expert_list", "last_resort_candidate", "detect_last_resort"]
 
 _CHOICE_OPS = ("topk", "max", "argmax")
-_MAX_PROBES = 64  # forced runs tried at detection (the product of every choice call's groups)
+_SKIP_HINT = ("or autocal.convert(model, strict=False): the block is left unconverted and listed by "
+              "autocal.unconverted(model)")
+_MAX_PROBES = 64  # forced runs tried at detection (the product of every choice call's groups), or 4 per expert
 
 
 @dataclass(frozen=True)
@@ -139,10 +141,14 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     hidden = next((k for k, v in bound.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
     tokens = bound[hidden].numel() // bound[hidden].shape[-1]
     where = source_of(found[-1][0])
-    _check_identity(block, bound, rec.output, found, where)
-    sizes = [value(node.args[0]).shape[choice.dim] for node, choice, _ in found]
-    runs, taken, k = _cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where)
-    _check_rows(block, entries, calls, taken, where)
+    try:
+        _check_identity(block, bound, rec.output, found, where)
+        sizes = [value(node.args[0]).shape[choice.dim] for node, choice, _ in found]
+        runs, taken, k = _cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where)
+        _check_rows(block, entries, calls, taken, where)
+    except errors.AutocalError as error:
+        error.hints = error.hints or [errors.override_hint(facts.block_class), _SKIP_HINT]
+        raise
     return LastResortPlan(_structure(facts, name, entries, rec, calls, found, k, len(runs)),
                           ForcedDispatch(tuple(_names(container, entries)), hidden, tuple(runs)))
 
@@ -202,13 +208,14 @@ def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: lis
            tokens: int, where: str | None) -> tuple[list[ForcedRun], dict[int, torch.Tensor], int]:
     """The forced runs that give every expert every token (module docstring, 2-3), each expert's rows there, and k."""
     combinations = list(itertools.product(*(_groups(c, s) for c, s in zip(choices, sizes))))
-    if len(combinations) > _MAX_PROBES:
+    if len(combinations) > max(_MAX_PROBES, 4 * len(entries)):
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing its {len(choices)} routing choices would "
                                   f"take {len(combinations)} runs to probe", source=where)
-    runs, taken, k = [], {}, 0
+    runs, taken, k, failure = [], {}, 0, None
     for combination in combinations:
         run = ForcedRun(tuple(zip(choices, combination)), frozenset())
-        full = _full_experts(block, bound, entries, run, tokens)
+        full, raised = _full_experts(block, bound, entries, run, tokens)
+        failure = failure or raised
         k = max(k, len(full))
         new = {e: rows for e, rows in full.items() if e not in taken}
         if new:
@@ -218,24 +225,24 @@ def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: lis
     if missing:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing the routing choice to every group of experts "
                                   f"never gives expert(s) {missing} all {tokens} tokens (a capacity that drops "
-                                  "tokens, or experts chosen by something besides the scores)", source=where)
+                                  "tokens, or experts chosen by something besides the scores)", source=where) from failure
     return runs, taken, k
 
 
 def _full_experts(block: nn.Module, bound: dict, entries: list[nn.Module], run: ForcedRun,
-                  tokens: int) -> dict[int, torch.Tensor]:
-    """The experts given one non-zero row per token under ``run``'s forcing, and those rows."""
+                  tokens: int) -> tuple[dict[int, torch.Tensor], Exception | None]:
+    """The experts given one non-zero row per token under ``run``'s forcing, and those rows (or what it raised)."""
     try:
         with torch.no_grad(), forcing(run.forcing()), _rows_given(entries) as seen:
             block(**fresh_inputs(bound))
-    except Exception:  # a combination the block's code cannot take (one expert chosen twice, say) covers nothing
-        return {}
+    except Exception as error:  # a combination the block's code cannot take (one expert chosen twice) covers nothing
+        return {}, error
     full = {}
     for expert, given in enumerate(seen):
         rows = torch.cat(given) if given else None
         if rows is not None and rows.shape[0] == tokens and bool((rows != 0).any(-1).all()):
             full[expert] = rows
-    return full
+    return full, None
 
 
 def _check_rows(block: nn.Module, entries: list[nn.Module], calls: list[fx.Node], taken: dict[int, torch.Tensor],
@@ -251,7 +258,8 @@ def _check_rows(block: nn.Module, entries: list[nn.Module], calls: list[fx.Node]
         rows, forced = torch.cat(parts), taken[expert]
         if not _among(rows, forced):
             raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forced to take every token, expert {expert} is "
-                                      "not given the rows the real forward gives it", source=where)
+                                      "not given the rows the real forward gives it (its input depends on the "
+                                      "experts chosen beside it, or on more than the routing choice)", source=where)
 
 
 @contextmanager
@@ -290,8 +298,10 @@ def _structure(facts: Facts, name: str, entries: list[nn.Module], rec, calls: li
     router.top_k, router.num_choices, router.grouped = k, len(entries), router.grouped or len(found) > 1
     container = facts.block.get_submodule(name)
     experts = module_experts_info(name, container, entries, calls[0], "where the block's own code applies them")
-    forced = ", ".join(f"{target_name(node)} ({source_of(node)})" for node, _, _ in found)
+    forced = ", then ".join(target_name(node) for node, _, _ in found)
     experts.layout["unrouted tokens"] = f"the block runs {runs} more times, {forced} forced to each group of experts"
+    experts.sources.update({f"forced choice {i + 1}": source_of(node) for i, (node, _, _) in enumerate(found)
+                            if source_of(node)})
     return MoEStructure(block_class=facts.block_class, router=router, experts=experts,
                         shared_modules=other_children(facts.block, name, router.module_path),
                         returns=returns_of(rec.output))
