@@ -139,6 +139,8 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
         return NoMatch("no top-k, max or argmax of scores decides which experts run", source_of(calls[0]),
                        not_moe=weak)
     hidden = next((k for k, v in bound.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if hidden is None:
+        return NoMatch("the block takes no floating-point input to count tokens in", kind=errors.BAD_INPUT)
     tokens = bound[hidden].numel() // bound[hidden].shape[-1]
     where = source_of(found[-1][0])
     try:
@@ -170,19 +172,21 @@ def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, 
         if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or indices is None:
             continue
         if any(ancestry.is_ancestor(indices, c) for c in calls):
-            choice = _choice_call(graph, node, scores, value(indices))
+            choice = _choice_call(graph, node, value(indices))
             if choice is not None:
                 found.append((node, choice, indices))
     return found
 
 
-def _choice_call(graph: fx.Graph, node: fx.Node, scores: torch.Tensor, indices: torch.Tensor) -> ChoiceCall | None:
+def _choice_call(graph: fx.Graph, node: fx.Node, indices: torch.Tensor) -> ChoiceCall | None:
+    """The forcing of one choice node: which call of its function, along which dimension, how many (None: the
+    largest of all scores, no choice per row)."""
     name = target_name(node)
     arguments = dict(zip(("k", "dim") if name == "topk" else ("dim", "keepdim"), node.args[1:]))
     arguments.update(node.kwargs)
     dim = arguments.get("dim", -1 if name == "topk" else None)
     if dim is None or indices.dim() == 0:
-        return None  # the largest of all scores: no choice per token
+        return None
     ordinal = [n for n in graph.nodes if n.op == "call_function" and n.target is node.target].index(node)
     if name == "topk":
         return ChoiceCall(node.target, ordinal, dim, indices.shape[dim])

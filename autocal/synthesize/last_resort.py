@@ -52,15 +52,15 @@ class LastResortMoE(KeptForwardMoE):
         rows = {e: 0 for e in observed}
 
         def counter(expert: int):
-            def count(module, args):
-                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            def count(module, args, kwargs):
+                first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
                 rows[expert] += first.numel() // first.shape[-1] if first is not None and first.dim() else 0
             return count
 
         with ExitStack() as stack:
             stack.enter_context(hooks_held(quiet))
             for e in observed:
-                stack.callback(experts[e].register_forward_pre_hook(counter(e)).remove)
+                stack.callback(experts[e].register_forward_pre_hook(counter(e), with_kwargs=True).remove)
             yield
         short = {e: n for e, n in rows.items() if n != tokens}
         if short:
