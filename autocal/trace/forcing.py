@@ -1,6 +1,6 @@
 """Forcing a routing choice while a forward runs: the call that chose experts returns the ones given instead.
 
-Detection (``detect/reroute.py``) finds the call and checks that forcing it
+Detection (``detect/reroute.py``, ``detect/last_resort.py``) finds the call and checks that forcing it
 decides which expert gets which token; the calibration forward
 (``synthesize/forced.py``) then forces it to each group of experts in turn.
 Both run it, so it lives below them.
