@@ -33,17 +33,19 @@ from .detect.container import detect_module_container, detect_recorded_block
 from .detect.facts import Facts
 from .detect.gated import detect_gated
 from .detect.gathered import detect_gathered
+from .detect.last_resort import detect_last_resort, last_resort_candidate
 from .detect.masked import detect_mask_dispatch
 from .detect.packed import detect_packed_dense, detect_packed_experts
 from .detect.plans import (BlockRewritePlan, ContainerPlan, DenseExpertsPlan, GatedPlan, GatheredPlan,
-                           MaskDispatchPlan, NoMatch, OverridePlan, PackedExpertsPlan, Plan, RecordedBlockPlan,
-                           SortedBanksPlan)
+                           LastResortPlan, MaskDispatchPlan, NoMatch, OverridePlan, PackedExpertsPlan, Plan,
+                           RecordedBlockPlan, SortedBanksPlan)
 from .detect.sorted import detect_banks
 from .registry import MoECalibrationModule, registered_override
 from .synthesize.block import build_block_rewrite
 from .synthesize.container import build_container_calibration, build_mask_dispatch, build_recorded_block
 from .synthesize.dense import build_dense_rewrite
 from .synthesize.gathered import build_gathered_calibration
+from .synthesize.last_resort import build_last_resort
 from .synthesize.module import build_calibration_module
 from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import BlockCall
@@ -116,6 +118,9 @@ RULES: tuple[Rule, ...] = (
          detect_mask_dispatch, build_mask_dispatch),
     rule(GatheredPlan, "[E, a, b] expert weights (packed, or the block's own) or embedding tables",
          lambda f: bool(f.packed or f.own_weights or f.tables), detect_gathered, build_gathered_calibration),
+    # Last: only a routing choice it can force and experts it can observe, whatever the dispatch (slower).
+    rule(LastResortPlan, "a list of experts made of Linears, beside a weight reading their input",
+         last_resort_candidate, detect_last_resort, build_last_resort),
 )
 
 
@@ -178,7 +183,8 @@ class Decision:
         if not tried:
             return errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of "
                                        "identical MLPs)", block_class=self.block_class)
-        lead = next((v for v in tried if not v.result.shallow), tried[0])
+        deep = [v for v in tried if not v.result.shallow]  # the last resort, where it got that far, says most
+        lead = next((v for v in deep if v.rule is RULES[-1]), deep[0] if deep else tried[0])
         others = "; ".join(f"{v.rule.name}: {v.reason}" for v in tried if v is not lead)
         explanation = f"{lead.reason}" + (f" (rule {lead.rule.name}; also tried {others})" if others else "")
         error = errors.AutocalError(lead.result.kind, explanation, block_class=self.block_class,

@@ -51,17 +51,8 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("packed_einsum_swiglu", check): (AutocalError, "unsupported-dispatch: no expert weights are gathered by "
                                          "the routing indices (W[idx, ...] then einsum)")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
-    **{("detached_score_dense", check): (AutocalError, "unsupported-dispatch: an expert's input is not a set "
-                                         "of rows gathered from the token hidden states")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     **{("gshard_top2", check): (AutocalError, "unsupported-dispatch: the experts are called with one tensor; "
                                 "tracing b, n, d, e = *x.shape, e fails and is a NoMatch")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
-    **{("hierarchical", check): (AutocalError, "unsupported-dispatch: replacing the top-k's choice does "
-                                 "not decide which expert gets which token (two-level gating)")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
-    **{("tuple_experts", check): (AutocalError, "trace-failed: the KeyError (down, up) reading experts that "
-                                  "return tuples is a NoMatch")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     **{("modality_experts", check): (AutocalError, "trace-failed: synthesize has no token_type_ids")
        for check in ("synthesize", "tokens")},

@@ -49,7 +49,7 @@ def test_strict_false_converts_the_rest_and_lists_what_it_left():
 
 
 def test_strict_false_lists_a_block_no_rule_converts():
-    model = _mixed("hierarchical")
+    model = _mixed("gshard_top2")
     with pytest.warns(UserWarning, match="unsupported-dispatch"):
         autocal.convert(model, strict=False)
     assert [u.path for u in autocal.unconverted(model)] == ["block"]

@@ -248,13 +248,18 @@ def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module
         computation=template.computation if template else _expert_computation(entries[0], rows),
         weights_applied=weights_applied,
         call_roles=call_roles or {},
-        output_features=value(call).shape[-1],
+        output_features=_first_tensor(value(call)).shape[-1],
         accumulate_dtype=None,
         output_dtype=None,
         sources={"expert_call": source_of(call)} if source_of(call) else {},
         linear_views=[f"{name}.{path}" for path in linear_views(container, entries)],
         template=template,
     )
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    """An expert's output, or the first of the tensors it returns (an expert returning (output, pre-activation))."""
+    return next(o for o in output if isinstance(o, torch.Tensor)) if isinstance(output, (tuple, list)) else output
 
 
 def detect_block_level(facts: Facts) -> BlockRewritePlan | NoMatch:

@@ -244,8 +244,9 @@ def describe(graph: fx.Graph) -> str:
     for node in graph.nodes:
         if node.op == "placeholder":
             text[node] = node.target
-        elif node.op == "output":
-            return text[node.args[0]]
+        elif node.op == "output":  # an expert returning a tuple (output, pre-activation) reads as one
+            out = node.args[0]
+            return f"({', '.join(show(a) for a in out)})" if isinstance(out, (tuple, list)) else show(out)
         else:
             name = target_name(node)
             args = [show(a) for a in node.args]

@@ -21,10 +21,11 @@ if TYPE_CHECKING:  # the modules that make these plans import this one
     from ..trace.dispatch import MaskDispatch
     from ..trace.replay import SortedDispatch, TokenRecipe
     from .gathered import GatheredDispatch
+    from .last_resort import ForcedDispatch
 
 __all__ = ["NoMatch", "Plan", "PackedExpertsPlan", "DenseExpertsPlan", "SortedBanksPlan", "GatedPlan",
            "ContainerPlan", "BlockRewritePlan", "RecordedBlockPlan", "MaskDispatchPlan", "GatheredPlan",
-           "OverridePlan"]
+           "LastResortPlan", "OverridePlan"]
 
 
 @dataclass(frozen=True)
@@ -194,3 +195,15 @@ class GatheredPlan(Plan):
 
     def describe(self) -> str:
         return "the block is re-run with its routing forced to each group of k experts, one Linear per expert"
+
+
+@dataclass(frozen=True)
+class LastResortPlan(Plan):
+    """Only a routing choice found (``detect/last_resort.py``): re-run with it forced to each group of experts."""
+
+    level: ClassVar[str] = "last-resort"
+    dispatch: ForcedDispatch = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        return (f"the block keeps its forward; with calibration on it runs {len(self.dispatch.runs)} more times, "
+                "its routing forced to each group of experts, each expert observed on every token once")

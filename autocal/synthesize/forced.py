@@ -7,6 +7,12 @@ experts, the forward runs with the top-k forced to that group for every token,
 and only that group's experts are observed. Each expert thus sees every token
 exactly once; no other module's hooks see the forced runs, whose outputs are
 discarded.
+
+``forced_runs`` is the general form: any list of runs, each forcing one or more
+choice calls and observing a set of experts through a context the caller gives
+(the rule of last resort observes expert modules by holding the others' hooks,
+``synthesize/last_resort.py``); ``forced_forward`` is its one-top-k case over
+``ExpertViews``.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 
 from ..coverage import add_tokens
-from ..trace.forcing import ChoiceCall, fresh_inputs
+from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
 
-__all__ = ["ExpertViews", "observing", "forced_forward"]
+__all__ = ["ExpertViews", "observing", "forced_forward", "forced_runs", "hooks_held"]
 
 
 class ExpertViews(nn.Module):
@@ -89,17 +95,33 @@ def forced_forward(module: nn.Module, choice: ChoiceCall, views: list[ExpertView
 
     ``run()``, if given, is a context entered around every forward (the real one and the forced ones).
     """
-    run = run or _nothing
-    with observing(views, set()), run():
-        output = module._block_forward(*args, **kwargs)
-    experts = {id(linear) for view in views for linear in view.experts()}
-    quiet = [m for m in module.modules() if m is not module and id(m) not in experts]
     num_experts = len(views[0].experts())
-    with torch.no_grad(), _hooks_held(quiet):
-        for start in range(0, num_experts, choice.k):
-            first = min(start, num_experts - choice.k)  # the last group ends at the last expert
-            with observing(views, set(range(start, first + choice.k))), choice.forced(
-                    torch.arange(first, first + choice.k)), run():
+    runs = []
+    for start in range(0, num_experts, choice.k):
+        first = min(start, num_experts - choice.k)  # the last group ends at the last expert
+        runs.append(({choice: torch.arange(first, first + choice.k)}, set(range(start, first + choice.k))))
+    experts = {id(linear) for view in views for linear in view.experts()}
+    return forced_runs(module, runs, lambda observed: observing(views, observed), experts, args, kwargs, run)
+
+
+def forced_runs(module: nn.Module, runs: list[tuple[dict[ChoiceCall, torch.Tensor], set[int]]],
+                observe: Callable[[set[int]], ContextManager], experts: set[int], args: tuple, kwargs: dict,
+                run: Callable[[], ContextManager] | None = None) -> Any:
+    """The real forward with every expert quiet (its output returned), then one forward per run.
+
+    Each run forces its choice calls (``trace/forcing.forcing``) and observes
+    its experts: ``observe(experts)`` is a context in which only those experts
+    are seen (``observe(set())``: none). ``experts``: the ids of the modules
+    ``observe`` governs; every other module of the block runs without its hooks
+    in the forced runs, whose outputs are discarded.
+    """
+    run = run or _nothing
+    with observe(set()), run():
+        output = module._block_forward(*args, **kwargs)
+    quiet = [m for m in module.modules() if m is not module and id(m) not in experts]
+    with torch.no_grad(), hooks_held(quiet):
+        for choices, observed in runs:
+            with observe(observed), forcing(choices), run():
                 module._block_forward(*fresh_inputs(args), **fresh_inputs(kwargs))
     return output
 
@@ -110,7 +132,7 @@ def _nothing() -> Iterator[None]:
 
 
 @contextmanager
-def _hooks_held(modules: list[nn.Module]) -> Iterator[None]:
+def hooks_held(modules: list[nn.Module]) -> Iterator[None]:
     """Within, these modules run without their forward hooks (forced runs are not theirs to observe)."""
     held = [(m, m._forward_pre_hooks, m._forward_hooks) for m in modules]
     for module, _, _ in held:

@@ -37,7 +37,8 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "WeightBank", "BankedExperts", "BanksBelowRouterMoE", "GroupedGemmMoE", "HeadBank", "HeadExperts",
            "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
            "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
-           "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE"]
+           "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
+           "ScoredInputsMoE", "TwoLevelMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -681,6 +682,48 @@ class SortedChoiceMoE(nn.Module):
         return out.view_as(x)
 
 
+class ScoredInputsMoE(nn.Module):
+    """Every expert on every token, its input multiplied by the token's score for it if chosen by the top-k, else
+    by zero: no dispatch a specialised rule reads; the last resort forces the top-k.
+
+    ``normalize``: the chosen scores are a softmax over the ``k`` chosen logits, so an expert's input scale depends
+    on the expert chosen beside it: forcing cannot give it the inputs the router gives it, and the last resort
+    refuses the block."""
+
+    def __init__(self, experts: int = 5, k: int = 2, normalize: bool = False) -> None:
+        super().__init__()
+        self.k, self.normalize, self.router = k, normalize, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        top, chosen = logits.topk(self.k, dim=-1)
+        scores = torch.zeros_like(logits).scatter(-1, chosen, top.softmax(-1) if self.normalize else top.sigmoid())
+        return sum(expert(x * scores[..., e, None]) for e, expert in enumerate(self.experts))
+
+
+class TwoLevelMoE(nn.Module):
+    """A group chosen by argmax, then the top-k experts of that group by the group's own gate (two choices)."""
+
+    def __init__(self, groups: int = 3, per_group: int = 2, k: int = 1) -> None:
+        super().__init__()
+        self.per_group, self.k = per_group, k
+        self.group_gate = nn.Linear(16, groups, bias=False)
+        self.expert_gates = nn.Parameter(torch.randn(groups, per_group, 16) * 0.3)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(groups * per_group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        group = self.group_gate(flat).argmax(-1)
+        weights, inner = torch.einsum("th,tph->tp", flat, self.expert_gates[group]).softmax(-1).topk(self.k, -1)
+        chosen = group[:, None] * self.per_group + inner
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -762,6 +805,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
              inputs=lambda g: (torch.randint(0, 16, (1, 5, 2), generator=g),)),
     _failing("masked_encoder", NOT_AN_MOE, MaskedEncoder, (2, 5, 8),
              inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.ones(2, 5))),
+    Pattern("scored_inputs", "last-resort", _seeded(ScoredInputsMoE)),
+    Pattern("two_level_gate", "last-resort", _seeded(TwoLevelMoE)),
 ]}
 
 

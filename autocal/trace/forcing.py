@@ -1,6 +1,6 @@
 """Forcing a routing choice while a forward runs: the call that chose experts returns the ones given instead.
 
-Detection (``detect/reroute.py``) finds the call and checks that forcing it
+Detection (``detect/reroute.py``, ``detect/last_resort.py``) finds the call and checks that forcing it
 decides which expert gets which token; the calibration forward
 (``synthesize/forced.py``) then forces it to each group of experts in turn.
 Both run it, so it lives below them.
@@ -16,18 +16,20 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ChoiceCall", "fresh_inputs"]
+__all__ = ["ChoiceCall", "forcing", "fresh_inputs"]
 
 
 @dataclass(frozen=True)
 class ChoiceCall:
     """The call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward.
 
-    ``scored``: a top-k, returning ``(values, indices)``; forced, it returns the
-    forced experts' scores with them. Otherwise the call returns the expert
-    indices themselves (picked through a product-key grid, say) and only they
-    are replaced: weights computed from scores beside them stay those of the
-    slots they replace.
+    ``scored``: a top-k (or a ``max`` over a dimension), returning ``(values,
+    indices)``; forced, it returns the forced experts' scores with them.
+    Otherwise the call returns the expert indices themselves (an ``argmax``, or
+    positions picked through a product-key grid) and only they are replaced:
+    weights computed from scores beside them stay those of the slots they replace.
+    ``reduced``: the call drops the dimension it chooses along (``max(dim)``,
+    ``argmax(dim)`` without ``keepdim``: one choice per row, ``k`` is 1).
     """
 
     function: Callable
@@ -35,6 +37,7 @@ class ChoiceCall:
     dim: int
     k: int
     scored: bool = True
+    reduced: bool = False
 
     @contextmanager
     def forced(self, experts: torch.Tensor) -> Iterator[None]:
@@ -42,31 +45,50 @@ class ChoiceCall:
 
         ``experts``: ``k`` expert numbers chosen for every token, or indices of the choice's own shape.
         """
-        with _Forcing(self, experts):
+        with forcing({self: experts}):
             yield
 
 
+@contextmanager
+def forcing(choices: dict[ChoiceCall, torch.Tensor]) -> Iterator[None]:
+    """Within, each of these calls returns the experts given for it (``ChoiceCall.forced``, for several at once:
+    a two-level gate chooses a group, then experts in it)."""
+    with _Forcing(choices):
+        yield
+
+
 class _Forcing(TorchFunctionMode):
-    def __init__(self, choice: ChoiceCall, experts: torch.Tensor) -> None:
+    def __init__(self, choices: dict[ChoiceCall, torch.Tensor]) -> None:
         super().__init__()
-        self.choice, self.experts, self.seen = choice, experts, 0
+        self.choices, self.seen = choices, {}
+        self.wanted = {(c.function, c.ordinal): c for c in choices}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is not self.choice.function or self.seen > self.choice.ordinal:
+        if not any(f is func for f, _ in self.wanted):
             return out
-        self.seen += 1
-        if self.seen <= self.choice.ordinal:
-            return out
-        indices = out[1] if self.choice.scored else out
-        dim = self.choice.dim % indices.dim()
-        forced = self.experts.to(indices.device)
-        if forced.shape != indices.shape:
+        ordinal = self.seen[func] = self.seen.get(func, -1) + 1
+        choice = self.wanted.get((func, ordinal))
+        return out if choice is None else _forced_result(choice, self.choices[choice], args[0], out)
+
+
+def _forced_result(choice: ChoiceCall, experts: torch.Tensor, scores: torch.Tensor, out: Any) -> Any:
+    """What ``choice``'s call returns with ``experts`` chosen: its indices (and, scored, their scores)."""
+    indices = out[1] if choice.scored else out
+    forced = experts.to(indices.device)
+    if forced.shape != indices.shape:
+        if choice.reduced:
+            forced = forced.reshape(()).expand(indices.shape).contiguous()
+        else:
             shape = [1] * indices.dim()
-            shape[dim] = self.choice.k
+            shape[choice.dim % indices.dim()] = choice.k
             forced = forced.view(shape).expand_as(indices).contiguous()
-        return type(out)((args[0].gather(dim, forced), forced)) if self.choice.scored else forced
+    if not choice.scored:
+        return forced
+    dim = choice.dim % scores.dim()
+    values = scores.gather(dim, forced.unsqueeze(dim) if choice.reduced else forced)
+    return type(out)((values.squeeze(dim) if choice.reduced else values, forced))
 
 
 def fresh_inputs(inputs: Any) -> Any:

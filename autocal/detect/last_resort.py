@@ -1,0 +1,311 @@
+"""The rule of last resort: a block whose routing choice autocal can find, whatever its dispatch.
+
+The specialised rules each read one way of dispatching tokens to experts. This
+one needs none: only experts it can observe (a list of modules made of Linears)
+and the calls that choose them (a ``topk``, a ``max`` or ``argmax`` over a
+dimension of float scores, from which the experts' inputs are computed), found
+by *recording* the forward (``trace/record.py``), so code symbolic tracing
+cannot follow (``b, n, d, e = *x.shape, e``) does not matter.
+
+It then learns, by running the block on its example inputs, how forcing those
+calls (``trace/forcing.py``) decides which experts run:
+
+1. forcing every choice to what it chose gives the recorded output (the calls
+   forced are the ones that routed);
+2. every combination of groups of ``k`` choices per call (a two-level gate: a
+   group, then ``k`` experts in it) is forced once; an expert *takes every
+   token* under a combination when it is given one non-zero row per token
+   (an expert run on every token with its input scaled by a zero score is not);
+3. the combinations that first give an expert every token are kept, until every
+   expert has had every token; an expert that never does (a capacity dropping
+   tokens, experts chosen by an input as well as by scores) makes the rule fail,
+   saying so;
+4. each expert's rows in the real forward are among its rows under its forced
+   run, bit for bit: forcing gives an expert what the router would have given it.
+
+Calibration (``synthesize/last_resort.py``) runs the block's own forward for the
+output, then the block once per kept combination with only the experts it
+covers observed: ``ceil(E / k)`` extra forwards per calibration batch for one
+top-k, the product of the groups for chained choices.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import fx, nn
+
+from .. import errors
+from ..numerics import compare_outputs
+from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
+from ..trace.inputs import keyword_arguments
+from .block import _lists_in, identical_entries, module_experts_info, other_children
+from .facts import Facts
+from .graph_utils import Ancestry, returns_of, source_of, target_name, value
+from .linear_like import linear_modules, made_of_linears
+from .plans import LastResortPlan, NoMatch
+from .recorded import record_expert_calls
+from .router import router_of
+from .structure import MoEStructure, RouterInfo
+
+__all__ = ["ForcedRun", "ForcedDispatch", "expert_list", "last_resort_candidate", "detect_last_resort"]
+
+_CHOICE_OPS = ("topk", "max", "argmax")
+_SKIP_HINT = ("or autocal.convert(model, strict=False): the block is left unconverted and listed by "
+              "autocal.unconverted(model)")
+_MAX_PROBES = 64  # forced runs tried at detection (the product of every choice call's groups), or 4 per expert
+
+
+@dataclass(frozen=True)
+class ForcedRun:
+    """One forced run of calibration: each choice call's forced experts, and the experts it observes."""
+
+    choices: tuple[tuple[ChoiceCall, tuple[int, ...]], ...]
+    observed: frozenset[int]
+
+    def forcing(self) -> dict[ChoiceCall, torch.Tensor]:
+        return {choice: torch.tensor(experts) for choice, experts in self.choices}
+
+
+@dataclass(frozen=True)
+class ForcedDispatch:
+    """What calibration needs: the experts (names in the list), the input holding the tokens, the runs."""
+
+    entries: tuple[str, ...]
+    hidden: str
+    runs: tuple[ForcedRun, ...]
+
+
+def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
+    """``(path, experts)``: two or more identical modules made of Linears in a list, and beside the list a gate
+    that reads the features they read (a router of any shape: one score per expert, or per group of experts)."""
+    for path, container, holder in _lists_in(block):
+        entries = identical_entries(container)
+        if len(entries) < 2 or not made_of_linears(entries[0]):
+            continue
+        width = entries[0].get_submodule(linear_modules(entries[0])[0]).weight.shape[-1]
+        if any(width in p.shape for p in _gates(block, holder)):
+            return path, entries
+    return None
+
+
+def _gates(block: nn.Module, holder: nn.Module) -> list[nn.Parameter]:
+    """Weights that could score experts: the block's own (any rank), and the 2-D weights of modules at most two
+    levels down outside ``holder`` and outside lists (not the weights deep inside another block, a decoder layer's
+    attention or its own MoE block)."""
+    found = [p for p in block.parameters(recurse=False) if p.dim() >= 2]
+    for name, child in block.named_children():
+        if child is holder or isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+            continue
+        found += [p for path, p in child.named_parameters() if p.dim() == 2 and path.count(".") <= 1]
+    return found
+
+
+def last_resort_candidate(facts: Facts) -> bool:
+    return facts.memo("last-resort list", lambda: expert_list(facts.block)) is not None
+
+
+def _found_by_others(facts: Facts) -> bool:
+    """Is the block some other rule's candidate (then a verdict that it is no MoE would hide their reasons)?"""
+    return bool(facts.packed or facts.banks or facts.lists or facts.own_weights or facts.tables)
+
+
+def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
+    """``last-resort``: the block's routing choice forced to each group of experts in turn (module docstring)."""
+    found = facts.memo("last-resort list", lambda: expert_list(facts.block))
+    if found is None:
+        return NoMatch("no list of experts made of Linears with a gate beside it", candidate=False, shallow=True)
+    name, entries = found
+    block, weak = facts.block, not _found_by_others(facts)
+    container = block.get_submodule(name)
+    try:
+        call = facts.inputs(container, max(16, 4 * len(entries)))
+    except errors.AutocalError as error:
+        if weak and error.kind == errors.TRACE_FAILED:
+            return NoMatch(f"{error.explanation}, and no other rule takes the block", not_moe=True)
+        raise
+    bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
+    rec, _, calls = facts.memo("last-resort recording",
+                               lambda: record_expert_calls(block, bound, entries, container))
+    if not calls:
+        return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
+    found = _choice_calls(rec.graph, calls)
+    if not found:
+        return NoMatch("no top-k, max or argmax of scores decides which experts run", source_of(calls[0]),
+                       not_moe=weak)
+    hidden = next((k for k, v in bound.items() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if hidden is None:
+        return NoMatch("the block takes no floating-point input to count tokens in", kind=errors.BAD_INPUT)
+    tokens = bound[hidden].numel() // bound[hidden].shape[-1]
+    where = source_of(found[-1][0])
+    try:
+        _check_identity(block, bound, rec.output, found, where)
+        sizes = [value(node.args[0]).shape[choice.dim] for node, choice, _ in found]
+        runs, taken, k = _cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where)
+        _check_rows(block, entries, calls, taken, where)
+    except errors.AutocalError as error:
+        error.hints = error.hints or [errors.override_hint(facts.block_class), _SKIP_HINT]
+        raise
+    return LastResortPlan(_structure(facts, name, entries, rec, calls, found, k, len(runs)),
+                          ForcedDispatch(tuple(_names(container, entries)), hidden, tuple(runs)))
+
+
+def _names(container: nn.Module, entries: list[nn.Module]) -> list[str]:
+    names = {id(m): n for n, m in container.named_children()}
+    return [names[id(e)] for e in entries]
+
+
+def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
+    """``(node, choice, indices)`` of each top-k, max or argmax over float scores whose indices reach an expert."""
+    ancestry, found = Ancestry(graph), []
+    for node in graph.nodes:
+        if node.op != "call_function" or target_name(node) not in _CHOICE_OPS:
+            continue
+        scores = value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        indices = node if target_name(node) == "argmax" else next(
+            (u for u in node.users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
+        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or indices is None:
+            continue
+        if any(ancestry.is_ancestor(indices, c) for c in calls):
+            choice = _choice_call(graph, node, value(indices))
+            if choice is not None:
+                found.append((node, choice, indices))
+    return found
+
+
+def _choice_call(graph: fx.Graph, node: fx.Node, indices: torch.Tensor) -> ChoiceCall | None:
+    """The forcing of one choice node: which call of its function, along which dimension, how many (None: the
+    largest of all scores, no choice per row)."""
+    name = target_name(node)
+    arguments = dict(zip(("k", "dim") if name == "topk" else ("dim", "keepdim"), node.args[1:]))
+    arguments.update(node.kwargs)
+    dim = arguments.get("dim", -1 if name == "topk" else None)
+    if dim is None or indices.dim() == 0:
+        return None
+    ordinal = [n for n in graph.nodes if n.op == "call_function" and n.target is node.target].index(node)
+    if name == "topk":
+        return ChoiceCall(node.target, ordinal, dim, indices.shape[dim])
+    return ChoiceCall(node.target, ordinal, dim, 1, scored=name == "max", reduced=not arguments.get("keepdim", False))
+
+
+def _check_identity(block: nn.Module, bound: dict, output: Any, found: list, where: str | None) -> None:
+    """Forcing every choice call to what it chose gives the recorded output."""
+    with torch.no_grad(), forcing({choice: value(indices) for _, choice, indices in found}):
+        again = block(**fresh_inputs(bound))
+    if not compare_outputs(output, again)[2]:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "forcing the routing choices to what they chose "
+                                  "changes the block's output: they are not what routes it", source=where)
+
+
+def _groups(choice: ChoiceCall, size: int) -> list[tuple[int, ...]]:
+    """``choice``'s options in groups of ``k`` (the last group ends at the last option)."""
+    return [tuple(range(min(start, size - choice.k), min(start, size - choice.k) + choice.k))
+            for start in range(0, size, choice.k)]
+
+
+def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: list[ChoiceCall], sizes: list[int],
+           tokens: int, where: str | None) -> tuple[list[ForcedRun], dict[int, torch.Tensor], int]:
+    """The forced runs that give every expert every token (module docstring, 2-3), each expert's rows there, and k."""
+    combinations = list(itertools.product(*(_groups(c, s) for c, s in zip(choices, sizes))))
+    if len(combinations) > max(_MAX_PROBES, 4 * len(entries)):
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing its {len(choices)} routing choices would "
+                                  f"take {len(combinations)} runs to probe", source=where)
+    runs, taken, k, failure = [], {}, 0, None
+    for combination in combinations:
+        run = ForcedRun(tuple(zip(choices, combination)), frozenset())
+        full, raised = _full_experts(block, bound, entries, run, tokens)
+        failure = failure or raised
+        k = max(k, len(full))
+        new = {e: rows for e, rows in full.items() if e not in taken}
+        if new:
+            runs.append(ForcedRun(run.choices, frozenset(new)))
+            taken.update(new)
+    missing = [e for e in range(len(entries)) if e not in taken]
+    if missing:
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing the routing choice to every group of experts "
+                                  f"never gives expert(s) {missing} all {tokens} tokens (a capacity that drops "
+                                  "tokens, or experts chosen by something besides the scores)", source=where) from failure
+    return runs, taken, k
+
+
+def _full_experts(block: nn.Module, bound: dict, entries: list[nn.Module], run: ForcedRun,
+                  tokens: int) -> tuple[dict[int, torch.Tensor], Exception | None]:
+    """The experts given one non-zero row per token under ``run``'s forcing, and those rows (or what it raised)."""
+    try:
+        with torch.no_grad(), forcing(run.forcing()), _rows_given(entries) as seen:
+            block(**fresh_inputs(bound))
+    except Exception as error:  # a combination the block's code cannot take (one expert chosen twice) covers nothing
+        return {}, error
+    full = {}
+    for expert, given in enumerate(seen):
+        rows = torch.cat(given) if given else None
+        if rows is not None and rows.shape[0] == tokens and bool((rows != 0).any(-1).all()):
+            full[expert] = rows
+    return full, None
+
+
+def _check_rows(block: nn.Module, entries: list[nn.Module], calls: list[fx.Node], taken: dict[int, torch.Tensor],
+                where: str | None) -> None:
+    """Each expert's non-zero rows in the real forward are among its rows when forced (bit for bit)."""
+    number = {id(m): i for i, m in enumerate(entries)}
+    given: dict[int, list[torch.Tensor]] = {}
+    for call in calls:
+        rows = next(value(a) for a in (*call.args, *call.kwargs.values()) if isinstance(value(a), torch.Tensor))
+        rows = rows.reshape(-1, rows.shape[-1])
+        given.setdefault(number[id(block.get_submodule(call.target))], []).append(rows[(rows != 0).any(-1)])
+    for expert, parts in given.items():
+        rows, forced = torch.cat(parts), taken[expert]
+        if not _among(rows, forced):
+            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forced to take every token, expert {expert} is "
+                                      "not given the rows the real forward gives it (its input depends on the "
+                                      "experts chosen beside it, or on more than the routing choice)", source=where)
+
+
+@contextmanager
+def _rows_given(modules: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Within, the rows of the first tensor input of every call of each module, per module."""
+    seen: list[list[torch.Tensor]] = [[] for _ in modules]
+
+    def keeper(rows: list[torch.Tensor]):
+        def keep(module, args, kwargs):
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if first is not None:
+                rows.append(first.reshape(-1, first.shape[-1]))
+        return keep
+
+    handles = [m.register_forward_pre_hook(keeper(rows), with_kwargs=True) for m, rows in zip(modules, seen)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _among(rows: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Is each row of ``rows`` a row of ``pool``, bit for bit, counted with multiplicity?"""
+    keys, have = torch.unique(pool, dim=0, return_counts=True)
+    wanted, need = torch.unique(rows, dim=0, return_counts=True)
+    equal = (wanted[:, None, :] == keys[None, :, :]).all(-1)
+    return bool(((equal * have[None, :]).sum(-1) >= need).all())
+
+
+def _structure(facts: Facts, name: str, entries: list[nn.Module], rec, calls: list[fx.Node], found: list, k: int,
+               runs: int) -> MoEStructure:
+    """What ``explain`` reports: the router read from the recording (its last choice), the experts, the runs."""
+    router = router_of(rec.graph) or RouterInfo(None, None, k, len(entries), False, None, False, None,
+                                                selection=target_name(found[-1][0]))
+    router.top_k, router.num_choices, router.grouped = k, len(entries), router.grouped or len(found) > 1
+    container = facts.block.get_submodule(name)
+    experts = module_experts_info(name, container, entries, calls[0], "where the block's own code applies them")
+    forced = ", then ".join(target_name(node) for node, _, _ in found)
+    experts.layout["unrouted tokens"] = f"the block runs {runs} more times, {forced} forced to each group of experts"
+    experts.sources.update({f"forced choice {i + 1}": source_of(node) for i, (node, _, _) in enumerate(found)
+                            if source_of(node)})
+    return MoEStructure(block_class=facts.block_class, router=router, experts=experts,
+                        shared_modules=other_children(facts.block, name, router.module_path),
+                        returns=returns_of(rec.output))

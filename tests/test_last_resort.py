@@ -1,0 +1,173 @@
+"""The rule of last resort (autocal/detect/last_resort.py, autocal/synthesize/last_resort.py).
+
+Blocks whose dispatch no specialised rule reads, converted by forcing their routing choice: the output is the
+original's (bitwise with calibration off), every expert Linear sees every token once, and the number of extra
+forwards is the stated one. Blocks where forcing cannot give each expert the inputs the router gives it are refused
+with a stated error. The specialised rules are checked against it: where both apply, both give the same output.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autocal
+from autocal.detect.facts import Facts
+from autocal.detect.last_resort import detect_last_resort
+from autocal.detect.plans import LastResortPlan
+from autocal.errors import AutocalError
+from autocal.rules import decide
+from autocal.synthesize.last_resort import build_last_resort
+from autocal.testing.assertions import count_rows, expert_linears
+from autocal.trace.inputs import BlockCall
+from autocal.testing.patterns import PATTERNS, ScoredInputsMoE, SwiGLU, TwoLevelMoE
+from autocal.testing.toy_moe import main_output
+from autocal.verify import compare_outputs
+
+
+def _inputs(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, seq, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _check(original: nn.Module, module: nn.Module, x: torch.Tensor) -> None:
+    """Off: bitwise. On: within tolerance, every expert Linear given each token once, and the output not zero."""
+    tokens = x.numel() // x.shape[-1]
+    with torch.no_grad():
+        expected = main_output(original(x))
+        module.calibrate_all_experts = False
+        assert torch.equal(main_output(module(x)), expected)
+        module.calibrate_all_experts = True
+        linears = expert_linears(module)
+        with count_rows(linears) as rows:
+            on = main_output(module(x))
+    assert expected.abs().max() > 0
+    assert compare_outputs(expected, on)[2]
+    assert linears and rows == {name: tokens for name in linears}, rows
+
+
+@pytest.mark.parametrize("make", [ScoredInputsMoE, TwoLevelMoE, lambda: TwoLevelMoE(groups=2, per_group=3, k=2)],
+                         ids=["scored_inputs", "two_level", "two_level_k2"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (1, 9)])
+def test_every_expert_sees_every_token_and_the_output_is_the_originals(make, shape):
+    torch.manual_seed(0)
+    block = make().eval()
+    module = autocal.synthesize(block)
+    assert module.structure.level == "last-resort"
+    _check(block, module, _inputs(*shape))
+
+
+def test_calibration_costs_ceil_e_over_k_extra_forwards_for_one_top_k():
+    torch.manual_seed(0)
+    block = ScoredInputsMoE(experts=5, k=2).eval()
+    module = autocal.synthesize(block)
+    calls = []
+    block_forward = type(block).forward
+    module.__class__._block_forward = lambda self, *a, **k: calls.append(1) or block_forward(self, *a, **k)
+    try:
+        with torch.no_grad():
+            module(_inputs(1, 4))
+    finally:
+        module.__class__._block_forward = block_forward
+    assert len(module.plan.dispatch.runs) == math.ceil(5 / 2)
+    assert len(calls) == 1 + math.ceil(5 / 2)
+
+
+def test_two_level_gating_forces_both_choices():
+    """A group by argmax, then k of its experts by top-k: one run per (group, group of k), both calls forced."""
+    torch.manual_seed(0)
+    plan = decide(TwoLevelMoE(groups=2, per_group=3, k=2).eval()).plan
+    assert isinstance(plan, LastResortPlan)
+    assert [len(run.choices) for run in plan.dispatch.runs] == [2] * 4  # 2 groups x ceil(3 / 2)
+    assert sorted(e for run in plan.dispatch.runs for e in run.observed) == list(range(6))
+    assert plan.structure.router.top_k == 2 and plan.structure.router.num_choices == 6
+
+
+def test_an_input_scale_that_depends_on_the_other_chosen_expert_is_refused():
+    """Softmax over the k chosen logits: forced beside another expert, an expert gets another input than the
+    router gives it; the rule says so, at the block's line, instead of calibrating on wrong inputs."""
+    torch.manual_seed(0)
+    with pytest.raises(AutocalError) as caught:
+        autocal.synthesize(ScoredInputsMoE(normalize=True).eval())
+    error = caught.value
+    assert error.kind == "unsupported-dispatch" and error.block_class == "ScoredInputsMoE"
+    assert "not given the rows the real forward gives it" in str(error) and "rule last-resort;" in str(error)
+    assert "patterns.py" in error.source
+    assert any("register('ScoredInputsMoE')" in hint for hint in error.hints), "a next step"
+
+
+class CappedScoresMoE(nn.Module):
+    """Every expert on every token, scaled by its top-k score, but at most ``capacity`` tokens per expert."""
+
+    def __init__(self, experts: int = 4, k: int = 2, capacity: int = 3) -> None:
+        super().__init__()
+        self.k, self.capacity = k, capacity
+        self.router = nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)
+        top, chosen = logits.topk(self.k, dim=-1)
+        scores = torch.zeros_like(logits).scatter(-1, chosen, top.sigmoid())
+        kept = (torch.cumsum((scores > 0).to(flat.dtype), dim=0) <= self.capacity).to(flat.dtype)
+        scores = scores * kept
+        return sum(expert(flat * scores[:, e, None]) for e, expert in enumerate(self.experts)).view_as(x)
+
+
+def test_a_capacity_that_drops_forced_tokens_is_refused():
+    torch.manual_seed(0)
+    block = CappedScoresMoE().eval()
+    with pytest.raises(AutocalError) as caught:
+        autocal.synthesize(block)
+    assert caught.value.kind == "unsupported-dispatch"
+    assert "never gives expert(s) [0, 1, 2, 3] all" in str(caught.value)
+
+
+class ChosenByInputMoE(nn.Module):
+    """Two expert sets, each token's set chosen by an input (``token_type_ids``), then a top-k in the set."""
+
+    def __init__(self, per_set: int = 3) -> None:
+        super().__init__()
+        self.text_router = nn.Linear(16, per_set, bias=False)
+        self.image_router = nn.Linear(16, per_set, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(2 * per_set))
+        self.per_set = per_set
+
+    def forward(self, x, token_type_ids):
+        flat, kinds = x.reshape(-1, x.shape[-1]), token_type_ids.reshape(-1)
+        out = torch.zeros_like(flat)
+        for kind, router in enumerate((self.text_router, self.image_router)):
+            weights, chosen = F.softmax(router(flat), -1).topk(1, dim=-1)
+            for e in range(self.per_set):
+                rows = ((chosen[:, 0] == e) & (kinds == kind)).nonzero()[:, 0]
+                out[rows] += weights[rows] * self.experts[kind * self.per_set + e](flat[rows])
+        return out.view_as(x)
+
+
+def test_experts_chosen_by_an_input_as_well_are_refused_not_silently_half_calibrated():
+    """Forcing the top-k cannot send a token of the other kind to an expert: the rule names the experts left short
+    of tokens (a specialised rule may take such a block first; here called directly)."""
+    torch.manual_seed(0)
+    block = ChosenByInputMoE().eval()
+    x = _inputs(2, 4)
+    kinds = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]])
+    call = BlockCall((x,), {"token_type_ids": kinds})
+    with pytest.raises(AutocalError) as caught:
+        detect_last_resort(Facts(block, call))
+    assert "all 8 tokens" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["modulelist_loop", "masked_loop"])
+def test_a_specialised_rule_and_the_last_resort_agree(name):
+    """Where a specialised rule matches (it comes first: the faster path), the last resort matches the block too,
+    and both calibration modules give the original's output with every token seen by every expert."""
+    pattern = PATTERNS[name]
+    block = pattern.make()
+    assert decide(block).rule.name == pattern.rule != "last-resort"
+    plan = detect_last_resort(Facts(block))
+    assert isinstance(plan, LastResortPlan)
+    module = build_last_resort(plan, block)(block)
+    for shape in ((1, 1), (2, 5)):
+        _check(block, module, pattern.example()[: shape[0], : shape[1]])
