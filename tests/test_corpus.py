@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from autocal.errors import AutocalError
 from autocal.testing.corpus import (
     ENTRIES,
-    Silent,
     check_convert,
     check_explain_k,
     check_mixed,
@@ -46,10 +45,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
        for name in _UNRECOGNISED for check in ("synthesize", "tokens")},
     **{(name, check): (AutocalError, _LISTED_REASON)
        for name in _UNRECOGNISED for check in ("convert", "convert_example", "mixed", "explain_k")},
-    ("expert_id_linears", "explain_k"): (Silent, "silent: explain lists the expert-id projections, not the block"),
-    **{("packed_einsum_swiglu", check): (AutocalError, "unsupported-dispatch: no expert weights are gathered by "
-                                         "the routing indices (W[idx, ...] then einsum)")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     **{("detached_score_dense", check): (AutocalError, "unsupported-dispatch: an expert's input is not a set "
                                          "of rows gathered from the token hidden states")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
@@ -67,17 +62,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
                                      "with calibration on (two expert sets chosen by token_type_ids)")
        for check in ("convert", "convert_example", "mixed")},
-    ("expert_id_linears", "synthesize"): (AutocalError, _NO_BLOCK),
-    ("expert_id_linears", "tokens"): (AutocalError, _NO_BLOCK),
-    ("expert_id_linears", "convert"): (AutocalError, "trace-failed: the expert-id projections are taken for "
-                                       "blocks, and their forward needs expert_id"),
-    ("expert_id_linears", "convert_example"): (AutocalError, "unsupported-dispatch: the expert-id projections "
-                                               "are taken for blocks: weights not chosen by a top-k"),
-    ("expert_id_linears", "mixed"): (AutocalError, "trace-failed: the expert-id projections are taken for "
-                                     "blocks, and their forward needs expert_id"),
-    **{("decode_gather", check): (AutocalError, "verification-failed: on one token (the decode branch, which "
-                                  "gathers packed weights) no expert Linear sees the token in calibration mode")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
 }
 
 

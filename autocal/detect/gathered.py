@@ -9,11 +9,16 @@ one op, slot by slot::
     h = torch.einsum("ti,taoi->tao", x, w1)       # [T, k, out]
 
 The pass finds, in the block's recording, each parameter of ``E`` entries
-indexed by a tensor computed from the routing choice (``p[index]``,
-``index_select``), and the op that contracts the gathered weights with
-features. It checks on the recorded values that the op gives, for every token
-and slot, ``features @ W[e].T`` (or ``features @ W[e]``), the features being
-the other operand, per slot or the same for all of a token's slots.
+indexed by a tensor computed from the routing choice, however the gather is
+spelt (``detect/gathers.py``), and the op that contracts the gathered weights
+with features. It checks on the recorded values that the op gives, for every
+token and slot, ``features @ W[e].T`` (or ``features @ W[e]``, plus a bias
+gathered alike), the features being the other operand, per slot or the same
+for all of a token's slots. The weights may sit on the block, in a packed
+container, or in children holding one projection of every expert each
+(``proj(x, expert_id)``). A block whose one-token forward takes another branch
+(a decode path gathering ``W[indices[0]]`` beside a loop over ``W[e]``) is
+recorded on one token too, and that branch's contractions are kept as well.
 
 Tables of one vector per expert (``nn.Embedding`` rows ``[E, d]``, experts of a
 single neuron, as in product-key layers) are recognised the same way, in two
@@ -28,20 +33,20 @@ every group of ``k`` experts (``detect/reroute.py``).
 from __future__ import annotations
 
 import inspect
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
+from ..verify import one_token
 from .block import other_children
-from .graph_utils import CONTRACTIONS, Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
+from .gathers import BIAS, GatherTracker, gathered_index, per_slot, slot_inputs
+from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
@@ -51,11 +56,8 @@ from .structure import ExpertsInfo, MoEStructure
 if TYPE_CHECKING:  # facts.py reads this module's candidate tests
     from .facts import Facts
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "GatherTracker", "own_expert_weights", "expert_tables",
-           "detect_gathered", "slot_inputs", "per_slot", "gathered_index"]
-
-_GATHERS = ("getitem", "__getitem__", "index_select", "embedding")
-_CONTRACTIONS = (*CONTRACTIONS, "linear")  # an expert's slice ``w[e]`` may go to ``F.linear``
+__all__ = ["GatheredWeight", "GatheredDispatch", "own_expert_weights", "projection_weights", "expert_tables",
+           "detect_gathered"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class GatheredWeight:
 
     param: str  # its path in the block
     orientation: str  # "linear": f @ W[e].T, "matmul": f @ W[e], "row": f · W[e], "slot-sum": Σ_slots f * W[e]
-    contraction: Callable  # the op that contracts it
+    contractions: tuple[Callable, ...]  # the ops that contract it (one per branch of the forward that gathers it)
+    bias: str | None = None  # the path of an ``[E, out]`` bias gathered into the same op (``F.linear(x, W[e], b[e])``)
 
 
 @dataclass
@@ -80,6 +83,29 @@ def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in own.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
 
 
+def projection_weights(block: nn.Module) -> dict[str, nn.Parameter]:
+    """``[E, a, b]`` weights of children each holding one projection of every expert, with a router beside.
+
+    Such a child holds one ``[E, a, b]`` weight (a, b >= 2) and at most its
+    ``[E, a]`` or ``[E, b]`` bias, and the block applies it to one expert at a
+    time (``proj(x, expert_id)``); the block holds the router-shaped ``[E, H]``
+    weight outside those children.
+    """
+    found, inside = {}, set()
+    for name, child in block.named_children():
+        params = dict(child.named_parameters())
+        weights = [(n, p) for n, p in params.items() if p.dim() == 3 and min(p.shape[1:]) >= 2]
+        if type(child).__module__.startswith("torch.nn.") or len(weights) != 1 or len(params) > 2:
+            continue
+        weight = weights[0][1]
+        if all(p is weight or p.dim() == 2 and p.shape[0] == weight.shape[0] and p.shape[1] in weight.shape[1:]
+               for p in params.values()):
+            found[f"{name}.{weights[0][0]}"] = weight
+            inside |= {id(p) for p in params.values()}
+    routers = [p.shape for p in block.parameters() if p.dim() == 2 and id(p) not in inside]
+    return {n: p for n, p in found.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
+
+
 def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:
     """Two or more embedding tables of one shape ``[E, d]`` among the block's children: one vector per expert.
 
@@ -92,62 +118,8 @@ def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in tables.items() if shapes.count(p.shape) >= 2 and p.shape[0] >= 2}
 
 
-def gathered_index(func: Callable, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(weight, index)`` when ``func(*args)`` gathers entries of a weight along its first dimension."""
-    name = getattr(func, "__name__", "")
-    if name == "embedding" and len(args) >= 2 and isinstance(args[0], torch.Tensor):
-        return args[1], args[0]
-    if name in ("__getitem__", "getitem") and len(args) == 2 and isinstance(args[1], torch.Tensor):
-        return (args[0], args[1]) if not (args[1].is_floating_point() or args[1].dtype == torch.bool) else None
-    if name in ("__getitem__", "getitem") and len(args) == 2 and isinstance(args[1], int) and not isinstance(
-            args[1], bool):
-        return args[0], args[1]  # one expert's slice, in a loop over the experts
-    if name == "index_select" and len(args) == 3 and args[1] == 0:
-        return args[0], args[2]
-    return None
-
-
-def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | None:
-    """``features`` as ``[*slots, in]``: one row per slot, or a token's row repeated over its slots.
-
-    Size-1 dimensions a batched matmul needs (``x[:, None] @ W[index]``) are dropped.
-    """
-    leading = tuple(features.shape[:-1])
-    if tuple(d for d in leading if d != 1) == tuple(slots) != leading:
-        return features.reshape(*slots, features.shape[-1])
-    if leading == tuple(slots):
-        return features
-    if leading == tuple(slots[:len(leading)]):
-        view = features.reshape(*leading, *[1] * (len(slots) - len(leading)), features.shape[-1])
-        return view.expand(*slots, features.shape[-1])
-    return None
-
-
-def slot_inputs(orientation: str, features: torch.Tensor, slots: torch.Size, width: int) -> torch.Tensor | None:
-    """Each slot's input to its expert's Linear, ``[*slots, in]``, from the contraction's other operand."""
-    if orientation in ("linear", "matmul"):
-        return slot_features(features, slots)
-    if orientation == "row":  # the features of each slot or of each token, in any layout of that size
-        for leading in (tuple(slots), tuple(slots[:-1])):
-            if features.numel() == math.prod(leading) * width:
-                return slot_features(features.reshape(*leading, width), slots)
-    if orientation == "slot-sum" and features.numel() == math.prod(slots):
-        return features.reshape(*slots, 1)
-    return None
-
-
-def per_slot(orientation: str, inputs: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
-    """What the contraction computes from each slot's inputs and gathered weights (slot sums done)."""
-    if orientation == "linear":
-        return torch.einsum("...i,...oi->...o", inputs, gathered)
-    if orientation == "matmul":
-        return torch.einsum("...i,...io->...o", inputs, gathered)
-    if orientation == "row":
-        return (inputs * gathered).sum(-1, keepdim=True)
-    return (inputs * gathered).sum(-2)
-
-
-def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size) -> str | None:
+def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size,
+                 bias: torch.Tensor | None) -> str | None:
     """How the recorded contraction applied each slot's weights (checked on the recorded values), or None."""
     vectors = gathered.dim() == len(slots) + 1
     for orientation in (("row", "slot-sum") if vectors else ("linear", "matmul")):
@@ -156,6 +128,7 @@ def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tens
             continue
         try:
             expected = per_slot(orientation, inputs.to(gathered.dtype), gathered)
+            expected = expected if bias is None else expected + bias
         except RuntimeError:
             continue
         if expected.numel() == out.numel() and torch.allclose(expected.reshape(out.shape), out.to(expected.dtype),
@@ -164,58 +137,80 @@ def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tens
     return None
 
 
-def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.Node | int]]:
-    """``(gather node, parameter path, index)`` for each gather of an ``[E, a, b]`` parameter (or table).
+def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
+             biases: bool = False) -> list[tuple[fx.Node, str, fx.Node | int]]:
+    """``(gather node, parameter path, index)`` for each op that takes entries of one of ``params`` by experts.
 
     The index is a node (the experts of every token and slot) or an expert's
-    number (a loop over the experts slicing ``w[e]``).
+    number (a loop over the experts slicing ``w[e]``: ``[E, a, b]`` weights, or
+    with ``biases`` their ``[E, a]`` biases; not one table row). Each gather is
+    checked on the recorded values: the op gave ``W[index]``, whatever its spelling.
     """
-    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block)
     found = []
     for node in graph.nodes:
-        if node.op != "call_function" or target_name(node) not in _GATHERS:
+        if node.op != "call_function":
             continue
-        found_index = gathered_index(node.target, tuple(value(a) for a in node.args))
-        position = {"index_select": (0, 2), "embedding": (1, 0)}.get(target_name(node), (0, 1))
-        source, index = (node.args[i] if i < len(node.args) else None for i in position)
-        if found_index is None or not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        gathered = gathered_index(node.target, fx.node.map_arg(node.args, value))
+        if gathered is None:
             continue
-        if source.target not in params:
+        source = next((a for a in node.all_input_nodes if value(a) is gathered[0]), None)
+        if source is None or source.op != "get_attr" or source.target not in params:
             continue
-        if isinstance(index, fx.Node) and is_int_tensor(index):
+        index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
+        if isinstance(index, fx.Node) and not is_int_tensor(index):
+            continue
+        out = value(node)
+        if not (isinstance(out, torch.Tensor) and torch.equal(out, gathered[0][gathered[1]])):
+            continue
+        if isinstance(index, fx.Node):
             found.append((node, source.target, int(value(index)) if value(index).dim() == 0 else index))
-        elif isinstance(index, int) and params[source.target].dim() == 3:
+        elif gathered[0].dim() == 3 or biases:
             found.append((node, source.target, index))
     return found
 
 
-def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None:
-    """How the gathered weights are contracted with features, checked on the recorded values (None: not so)."""
+def _contraction(gather: fx.Node, index: fx.Node | int,
+                 biases: dict[fx.Node, tuple[str, fx.Node | int]]) -> GatheredWeight | None:
+    """How the gathered weights are contracted with features, checked on the recorded values (None: not so).
+
+    The contraction is the first op taking the gathered weights (through views:
+    one tensor in, as many elements out) and another tensor, the features; a
+    third operand may be a bias gathered by the same index (``biases``).
+    """
     node = gather
-    while len(node.users) == 1 and target_name(next(iter(node.users))) not in _CONTRACTIONS:
-        view = next(iter(node.users))  # .T, .t(), transpose, contiguous: one tensor in, as many elements out
-        tensors = [a for a in view.all_input_nodes if isinstance(value(a), torch.Tensor)]
-        if tensors != [node] or not isinstance(value(view), torch.Tensor) or value(view).numel() != value(node).numel():
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if len([a for a in user.all_input_nodes if isinstance(value(a), torch.Tensor)]) != 1:
+            break
+        if user.all_input_nodes != [node] or not isinstance(value(user), torch.Tensor) \
+                or value(user).numel() != value(node).numel():
             return None
-        node = view
+        node = user
     if len(node.users) != 1:
         return None
     op = next(iter(node.users))
-    operands = [a for a in flat_args(op.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+    operands = [a for a in flat_args((*op.args, *op.kwargs.values()))
+                if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     others = [a for a in operands if a is not node]
-    if len(operands) != 2 or len(others) != 1:
+    bias = [a for a in others if a in biases and biases[a][1] == index]
+    features = [a for a in others if a not in bias]
+    if len(operands) != len(others) + 1 or len(features) != 1 or len(bias) > 1:
         return None
+    bias_value = value(bias[0]) if bias else None
     if isinstance(index, int):
-        orientation = _slice_orientation(value(op), value(others[0]), value(gather))
+        orientation = _slice_orientation(value(op), value(features[0]), value(gather), bias_value)
     else:
-        orientation = _orientation(value(op), value(others[0]), value(gather), value(index).shape)
-    return None if orientation is None else GatheredWeight("", orientation, op.target)
+        orientation = _orientation(value(op), value(features[0]), value(gather), value(index).shape, bias_value)
+    if orientation is None:
+        return None
+    return GatheredWeight("", orientation, (op.target,), biases[bias[0]][0] if bias else None)
 
 
-def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """``features @ W[e].T`` or ``features @ W[e]`` for one expert's slice (checked on the recorded values)."""
-    for orientation, expected in (("linear", lambda: torch.nn.functional.linear(features, weight)),
-                                  ("matmul", lambda: features @ weight)):
+def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> str | None:
+    """``features @ W[e].T`` or ``features @ W[e]`` (plus a bias) for one expert's slice (on the recorded values)."""
+    for orientation, expected in (("linear", lambda: torch.nn.functional.linear(features, weight, bias)),
+                                  ("matmul", lambda: features @ weight + (0 if bias is None else bias))):
         try:
             result = expected()
         except RuntimeError:
@@ -249,21 +244,14 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound)
-    gathers = _gathers(rec.graph, block)
+    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block)
+    gathers = _gathers(rec.graph, params)
     if not gathers:
         return NoMatch("no expert weights are gathered by the routing indices", shallow=True)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
         return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))
-    by_param: dict[str, GatheredWeight] = {}
-    for gather, param, gather_index in gathers:
-        weight = _contraction(gather, gather_index)
-        weight = weight and GatheredWeight(param, weight.orientation, weight.contraction)
-        if weight is None or by_param.setdefault(param, weight) != weight:
-            raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by "
-                                      "slot with features (features @ W[e], or a vector's dot product)", block_class=cls,
-                                      source=source_of(gather))
-    found = list(by_param.values())
+    found = _gathered_weights(block, params, [rec.graph, *_branches(block, call)])
     num_experts = {block.get_parameter(w.param).shape[0] for w in found}
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
@@ -297,6 +285,40 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
         returns=returns_of(rec.output),
     )
     return GatheredPlan(structure, GatheredDispatch(found, choice))
+
+
+def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
+    """Recordings of the block on one token, where the inputs held more: a separate decode branch may gather
+    the expert weights another way (``W[indices[0]]`` and an einsum beside a loop over ``W[e]``)."""
+    hidden = call.args[0] if call.args else next(iter(call.kwargs.values()), None)
+    args, kwargs = one_token(call.args, call.kwargs)
+    if args is None or not isinstance(hidden, torch.Tensor) or hidden.numel() == hidden.shape[-1]:
+        return []
+    try:
+        with torch.no_grad():
+            return [record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph]
+    except Exception:  # a block that cannot run on one token has no such branch
+        return []
+
+
+def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],
+                      graphs: list[fx.Graph]) -> list[GatheredWeight]:
+    """Each gathered parameter, how it is applied, and the ops that contract it in any of the recordings."""
+    companions = {n: p for n, p in block.named_parameters() if p.dim() == 2 and n not in params}
+    by_param: dict[str, GatheredWeight] = {}
+    for graph in graphs:
+        biases = {node: (param, index) for node, param, index in _gathers(graph, companions, biases=True)}
+        for gather, param, gather_index in _gathers(graph, params):
+            weight = _contraction(gather, gather_index, biases)
+            known = by_param.get(param)
+            if weight is None or known and (known.orientation, known.bias) != (weight.orientation, weight.bias):
+                raise errors.AutocalError(
+                    errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by slot with features "
+                    "(features @ W[e], or a vector's dot product), the same way wherever it is gathered",
+                    block_class=type(block).__name__, source=source_of(gather))
+            ops = (*known.contractions, *weight.contractions) if known else weight.contractions
+            by_param[param] = GatheredWeight(param, weight.orientation, tuple(dict.fromkeys(ops)), weight.bias)
+    return list(by_param.values())
 
 
 def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] | None, fx.Node, fx.Node]:
@@ -336,44 +358,6 @@ def _forcing(choice: ChoiceCall) -> str:
             "those of the slots replaced)")
 
 
-class GatherTracker(TorchFunctionMode):
-    """Follows expert weights gathered from known parameters, through views, to the op that contracts them.
-
-    ``contract(key, index, features, func, args, kwargs)`` is called there (``key``
-    as given for the parameter, ``index`` the expert indices or number); what it
-    returns replaces the op's result, None keeps the op.
-    """
-
-    def __init__(self, params: dict[int, object], contract: Callable) -> None:
-        super().__init__()
-        self.params, self.contract = params, contract
-        self.marks: dict[int, tuple] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        found = gathered_index(func, args)
-        if found is not None and id(found[0]) in self.params:
-            out = func(*args, **kwargs)
-            index = found[1]
-            index = int(index) if isinstance(index, torch.Tensor) and index.dim() == 0 else index  # one expert
-            self.marks[id(out)] = (out, self.params[id(found[0])], index)
-            return out
-        tensors = [a for a in flat_args(args) if isinstance(a, torch.Tensor)]
-        marked = [a for a in tensors if id(a) in self.marks]
-        if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
-            out = func(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.numel() == marked[0].numel():
-                self.marks[id(out)] = (out, *self.marks[id(marked[0])][1:])
-            return out
-        if len(marked) == 1 and len(tensors) == 2:
-            _, key, index = self.marks.pop(id(marked[0]))
-            features = tensors[1] if tensors[0] is marked[0] else tensors[0]
-            result = self.contract(key, index, features, func, args, kwargs)
-            if result is not None:
-                return result
-        return func(*args, **kwargs)
-
-
 @contextmanager
 def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_experts: int) -> Iterator[list]:
     """Within, the rows per expert that the first gathered weight is contracted with, summed over the forward."""
@@ -387,5 +371,8 @@ def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_expert
                 counts[expert] += rows
         return None
 
-    with GatherTracker({id(block.get_parameter(weights[0].param)): None}, count):
+    first = weights[0]
+    tracked = {id(block.get_parameter(first.param)): None}
+    tracked |= {id(block.get_parameter(first.bias)): BIAS} if first.bias else {}
+    with GatherTracker(tracked, count):
         yield [counts]
