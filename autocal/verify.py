@@ -142,7 +142,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
                           bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
     if not result.passed:
         problem = (
-            f"outputs differ by up to {max(diff_off, diff_on):.3g}"
+            f"outputs differ by up to {max(diff_off, diff_on):.3g} on {tokens} tokens"
             if not (close_off and close_on)
             else f"only {covered} of {len(seen)} experts saw all {tokens} tokens with calibration on"
         )

@@ -32,19 +32,9 @@ from autocal.testing.corpus import (
     equivalent,
 )
 
-_NO_BLOCK = "no-moe-block: no child is recognised as experts (packed, or a list of identical MLPs)"
-_UNRECOGNISED = ("megatron_grouped",)  # experts autocal does not recognise as experts yet
-# Experts beside a router that no rule converts: convert and explain name them (never silent).
-_LISTED_REASON = ("unsupported-dispatch: experts beside a router (a list, or weights side by side) that no rule "
-                  "converts are named")
-
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
 # synthesize, tokens (synthesize on drawn token counts), convert, convert_example, mixed, explain_k.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
-    **{(name, check): (AutocalError, _NO_BLOCK)
-       for name in _UNRECOGNISED for check in ("synthesize", "tokens")},
-    **{(name, check): (AutocalError, _LISTED_REASON)
-       for name in _UNRECOGNISED for check in ("convert", "convert_example", "mixed", "explain_k")},
     **{("detached_score_dense", check): (AutocalError, "unsupported-dispatch: an expert's input is not a set "
                                          "of rows gathered from the token hidden states")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},

@@ -51,13 +51,13 @@ from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .plans import GatheredPlan, NoMatch
+from .storage import expert_tables, side_by_side_weights
 from .structure import ExpertsInfo, MoEStructure
 
-if TYPE_CHECKING:  # facts.py reads this module's candidate tests
+if TYPE_CHECKING:
     from .facts import Facts
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "own_expert_weights", "projection_weights", "expert_tables",
-           "detect_gathered"]
+__all__ = ["GatheredWeight", "GatheredDispatch", "detect_gathered"]
 
 
 @dataclass(frozen=True)
@@ -68,54 +68,13 @@ class GatheredWeight:
     orientation: str  # "linear": f @ W[e].T, "matmul": f @ W[e], "row": f · W[e], "slot-sum": Σ_slots f * W[e]
     contractions: tuple[Callable, ...]  # the ops that contract it (one per branch of the forward that gathers it)
     bias: str | None = None  # the path of an ``[E, out]`` bias gathered into the same op (``F.linear(x, W[e], b[e])``)
+    shape: tuple[int, ...] | None = None  # the ``[E, a, b]`` view gathered from, for a parameter stored otherwise
 
 
 @dataclass
 class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
-
-
-def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's own parameters of shape ``[E, a, b]`` (a, b >= 2) with a router-shaped ``[E, H]`` weight beside."""
-    own = {n: p for n, p in block.named_parameters(recurse=False) if p.dim() == 3 and min(p.shape) >= 2}
-    routers = [p.shape for p in block.parameters() if p.dim() == 2]
-    return {n: p for n, p in own.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
-
-
-def projection_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """``[E, a, b]`` weights of children each holding one projection of every expert, with a router beside.
-
-    Such a child holds one ``[E, a, b]`` weight (a, b >= 2) and at most its
-    ``[E, a]`` or ``[E, b]`` bias, and the block applies it to one expert at a
-    time (``proj(x, expert_id)``); the block holds the router-shaped ``[E, H]``
-    weight outside those children.
-    """
-    found, inside = {}, set()
-    for name, child in block.named_children():
-        params = dict(child.named_parameters())
-        weights = [(n, p) for n, p in params.items() if p.dim() == 3 and min(p.shape[1:]) >= 2]
-        if type(child).__module__.startswith("torch.nn.") or len(weights) != 1 or len(params) > 2:
-            continue
-        weight = weights[0][1]
-        if all(p is weight or p.dim() == 2 and p.shape[0] == weight.shape[0] and p.shape[1] in weight.shape[1:]
-               for p in params.values()):
-            found[f"{name}.{weights[0][0]}"] = weight
-            inside |= {id(p) for p in params.values()}
-    routers = [p.shape for p in block.parameters() if p.dim() == 2 and id(p) not in inside]
-    return {n: p for n, p in found.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
-
-
-def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:
-    """Two or more embedding tables of one shape ``[E, d]`` among the block's children: one vector per expert.
-
-    Weaker evidence than ``own_expert_weights`` (no router beside them by
-    shape): detection decides, and a block whose tables the routing does not
-    gather is not an MoE.
-    """
-    tables = {f"{n}.weight": m.weight for n, m in block.named_children() if isinstance(m, nn.Embedding)}
-    shapes = [p.shape for p in tables.values()]
-    return {n: p for n, p in tables.items() if shapes.count(p.shape) >= 2 and p.shape[0] >= 2}
 
 
 def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size,
@@ -143,8 +102,10 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
 
     The index is a node (the experts of every token and slot) or an expert's
     number (a loop over the experts slicing ``w[e]``: ``[E, a, b]`` weights, or
-    with ``biases`` their ``[E, a]`` biases; not one table row). Each gather is
-    checked on the recorded values: the op gave ``W[index]``, whatever its spelling.
+    with ``biases`` their ``[E, a]`` biases; not one table row). The parameter
+    may be gathered from a view of another shape (``weight1.view(E, H, -1)[e]``).
+    Each gather is checked on the recorded values: the op gave ``W[index]``,
+    whatever its spelling.
     """
     found = []
     for node in graph.nodes:
@@ -153,8 +114,8 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
         gathered = gathered_index(node.target, fx.node.map_arg(node.args, value))
         if gathered is None:
             continue
-        source = next((a for a in node.all_input_nodes if value(a) is gathered[0]), None)
-        if source is None or source.op != "get_attr" or source.target not in params:
+        source = _stored(next((a for a in node.all_input_nodes if value(a) is gathered[0]), None))
+        if source is None or source.target not in params:
             continue
         index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
         if isinstance(index, fx.Node) and not is_int_tensor(index):
@@ -167,6 +128,24 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
         elif gathered[0].dim() == 3 or biases:
             found.append((node, source.target, index))
     return found
+
+
+def _stored(node: fx.Node | None) -> fx.Node | None:
+    """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``)."""
+    weight = value(node)
+    while node is not None and node.op != "get_attr":
+        inputs = node.all_input_nodes
+        node = inputs[0] if len(inputs) == 1 and isinstance(value(inputs[0]), torch.Tensor) else None
+    if node is None or value(node).numel() != weight.numel():
+        return None
+    return node if torch.equal(value(node).reshape(weight.shape), weight) else None
+
+
+def _viewed(gather: fx.Node) -> tuple[int, ...] | None:
+    """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own."""
+    weight = next(a for a in gather.all_input_nodes if _stored(a) is not None)
+    shape = tuple(value(weight).shape)
+    return shape if shape != tuple(value(_stored(weight)).shape) else None
 
 
 def _contraction(gather: fx.Node, index: fx.Node | int,
@@ -244,7 +223,8 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound)
-    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block)
+    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
+        side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
     if not gathers:
         return NoMatch("no expert weights are gathered by the routing indices", shallow=True)
@@ -252,7 +232,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     if found_choice is None:
         return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))
     found = _gathered_weights(block, params, [rec.graph, *_branches(block, call)])
-    num_experts = {block.get_parameter(w.param).shape[0] for w in found}
+    num_experts = {(w.shape or block.get_parameter(w.param).shape)[0] for w in found}
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
                                   "experts", block_class=cls)
@@ -262,7 +242,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
                          lambda: _rows_per_expert(block, found, num_experts), index)
     router = analyze_router(rec.graph, index, weights)
     router.num_choices = max(router.num_choices, num_experts)
-    params = {w.param: list(block.get_parameter(w.param).shape) for w in found}
+    params = {w.param: list(w.shape or block.get_parameter(w.param).shape) for w in found}
     experts = ExpertsInfo(
         module_path=found[0].param.rpartition(".")[0],
         num_experts=num_experts,
@@ -308,17 +288,33 @@ def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],
     by_param: dict[str, GatheredWeight] = {}
     for graph in graphs:
         biases = {node: (param, index) for node, param, index in _gathers(graph, companions, biases=True)}
-        for gather, param, gather_index in _gathers(graph, params):
+        gathers = _gathers(graph, params)
+        _check_all_gathered(block, graph, {p for _, p, _ in gathers}, by_param)
+        for gather, param, gather_index in gathers:
             weight = _contraction(gather, gather_index, biases)
-            known = by_param.get(param)
-            if weight is None or known and (known.orientation, known.bias) != (weight.orientation, weight.bias):
+            known, shape = by_param.get(param), _viewed(gather)
+            if weight is None or known and (known.orientation, known.bias, known.shape) != (
+                    weight.orientation, weight.bias, shape):
                 raise errors.AutocalError(
                     errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by slot with features "
                     "(features @ W[e], or a vector's dot product), the same way wherever it is gathered",
                     block_class=type(block).__name__, source=source_of(gather))
             ops = (*known.contractions, *weight.contractions) if known else weight.contractions
-            by_param[param] = GatheredWeight(param, weight.orientation, tuple(dict.fromkeys(ops)), weight.bias)
+            by_param[param] = GatheredWeight(param, weight.orientation, tuple(dict.fromkeys(ops)), weight.bias, shape)
     return list(by_param.values())
+
+
+def _check_all_gathered(block: nn.Module, graph: fx.Graph, gathered: set[str], known: dict) -> None:
+    """Raise where ``graph`` (another branch of the forward) computes with expert weights the recordings before
+    showed gathered per expert, without gathering them: calibration would not follow those computations."""
+    for node in graph.nodes:
+        users = [u for u in node.users if isinstance(value(u), torch.Tensor)]
+        if node.op == "get_attr" and node.target in known and node.target not in gathered and users:
+            raise errors.AutocalError(
+                errors.UNSUPPORTED_DISPATCH, f"on one token the block computes with `{node.target}` without "
+                "gathering it per expert (a separate branch of its forward): calibration would not see those "
+                "tokens", block_class=type(block).__name__, source=source_of(users[0]),
+                hints=[errors.override_hint(type(block).__name__)])
 
 
 def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] | None, fx.Node, fx.Node]:

@@ -64,7 +64,8 @@ class GatherTracker(TorchFunctionMode):
     """Follows expert weights gathered from known parameters, through views, to the op that contracts them.
 
     ``params`` maps the identity of each tracked parameter to its key (``BIAS``:
-    a bias that goes with a gathered weight into its contraction). At an op of
+    a bias that goes with a gathered weight into its contraction); a view of one
+    (``weight1.view(E, H, -1)``) is tracked as the parameter. At an op of
     one gathered weight, its gathered biases and one other tensor (the features),
     ``contract(key, index, features, func, args, kwargs)`` is called (``index``
     the expert indices or number); what it returns replaces the op's result,
@@ -75,17 +76,26 @@ class GatherTracker(TorchFunctionMode):
         super().__init__()
         self.params, self.contract = params, contract
         self.marks: dict[int, tuple] = {}
+        self.views: dict[int, tuple] = {}  # views of tracked parameters: (the view, kept alive; the key)
+
+    def _key(self, tensor: torch.Tensor) -> object:
+        return self.params[id(tensor)] if id(tensor) in self.params else self.views.get(id(tensor), (None, None))[1]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         found = gathered_index(func, args)
-        if found is not None and id(found[0]) in self.params:
+        if found is not None and (id(found[0]) in self.params or id(found[0]) in self.views):
             out = func(*args, **kwargs)
             index = found[1]
             index = int(index) if isinstance(index, torch.Tensor) and index.dim() == 0 else index  # one expert
-            self.marks[id(out)] = (out, self.params[id(found[0])], index)
+            self.marks[id(out)] = (out, self._key(found[0]), index)
             return out
         tensors = [a for a in flat_args((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
+        if len(tensors) == 1 and (id(tensors[0]) in self.params or id(tensors[0]) in self.views):
+            out = func(*args, **kwargs)
+            if _reshaped(out, tensors[0]):
+                self.views[id(out)] = (out, self._key(tensors[0]))
+            return out
         marked = [a for a in tensors if id(a) in self.marks]
         if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
             out = func(*args, **kwargs)
@@ -103,6 +113,12 @@ class GatherTracker(TorchFunctionMode):
             if result is not None:
                 return result
         return func(*args, **kwargs)
+
+
+def _reshaped(out: object, weight: torch.Tensor) -> bool:
+    """Is ``out`` ``weight`` in another shape, its entries in the same order (``view``, ``reshape``)?"""
+    return (isinstance(out, torch.Tensor) and out.numel() == weight.numel() and out.is_contiguous()
+            and weight.is_contiguous() and out.data_ptr() == weight.data_ptr() and out.dtype == weight.dtype)
 
 
 def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | None:

@@ -33,7 +33,8 @@ class GatheredCalibrationMoE(KeptForwardMoE):
             bias = _unlisted(self, original, weight.bias) if weight.bias else None
             owner, name = _owner(self, original, weight.param)
             param = _unlisted(self, original, weight.param)
-            owner._modules[f"{name}_experts"] = ExpertViews(param, weight.orientation, bias)
+            viewed = param.view(weight.shape) if weight.shape else param
+            owner._modules[f"{name}_experts"] = ExpertViews(viewed, weight.orientation, bias)
         self.calibrate_all_experts = calibrate_all_experts
 
     def _views(self) -> dict[int, tuple[ExpertViews, GatheredWeight] | str]:

@@ -23,7 +23,8 @@ from torch import nn
 from .toy_moe import KINDS, ToyMoEConfig, make_toy_block
 
 __all__ = ["Pattern", "PATTERNS", "SwiGLU", "SoftMixture", "CapacityExpert", "CapacityMoE", "DictLoopMoE",
-           "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE"]
+           "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
+           "GroupedWeightsMoE"]
 
 
 class SwiGLU(nn.Module):
@@ -188,6 +189,39 @@ class DecodeGatherMoE(nn.Module):
         return out.view_as(x)
 
 
+class GroupedWeights(nn.Module):
+    """Every expert's weights side by side in two 2-D parameters (``[H, E * I]``, ``[E * I, H]``), viewed per expert
+    in the forward, rows split by per-expert counts."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4) -> None:
+        super().__init__()
+        self.experts = experts
+        self.weight1 = nn.Parameter(torch.randn(hidden, experts * width) / hidden ** 0.5)
+        self.weight2 = nn.Parameter(torch.randn(experts * width, hidden) / width ** 0.5)
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1 = self.weight1.view(self.experts, self.weight1.shape[0], -1)
+        w2 = self.weight2.view(self.experts, -1, self.weight2.shape[1])
+        return torch.cat([F.gelu(part @ w1[e]) @ w2[e] for e, part in enumerate(rows.split(counts.tolist()))])
+
+
+class GroupedWeightsMoE(nn.Module):
+    """Rows sorted by expert (``argsort``), a grouped MLP of side-by-side weights, weighted and scattered back."""
+
+    def __init__(self, hidden: int = 16, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(hidden, experts, bias=False)
+        self.mlp = GroupedWeights(hidden, experts=experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        order = idx.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.router.out_features)
+        out = self.mlp(t[order // self.k], counts) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, an input for it, and the rule it must match."""
@@ -228,4 +262,5 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("tuple_index_gather", "gathered", _seeded(TupleIndexMoE)),
     Pattern("expert_id_projections", "gathered", _seeded(ExpertIdMoE)),
     Pattern("decode_gather", "gathered", _seeded(DecodeGatherMoE)),
+    Pattern("grouped_side_by_side", "gathered", _seeded(GroupedWeightsMoE)),
 ]}
