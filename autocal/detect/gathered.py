@@ -45,7 +45,7 @@ from ..trace.inputs import BlockCall, keyword_arguments
 from ..trace.record import record
 from ..verify import one_token
 from .block import other_children
-from .gathers import BIAS, GatherTracker, gathered_index, per_slot, slot_inputs
+from .gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
 from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
@@ -131,14 +131,13 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
 
 
 def _stored(node: fx.Node | None) -> fx.Node | None:
-    """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``)."""
-    weight = value(node)
+    """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``: the
+    same memory, in the same order)."""
+    start, weight = node, value(node)
     while node is not None and node.op != "get_attr":
         inputs = node.all_input_nodes
         node = inputs[0] if len(inputs) == 1 and isinstance(value(inputs[0]), torch.Tensor) else None
-    if node is None or value(node).numel() != weight.numel():
-        return None
-    return node if torch.equal(value(node).reshape(weight.shape), weight) else None
+    return node if node is not None and (node is start or reshaped_view(weight, value(node))) else None
 
 
 def _viewed(gather: fx.Node) -> tuple[int, ...] | None:

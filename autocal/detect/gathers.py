@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from .graph_utils import flat_args
 
-__all__ = ["BIAS", "gathered_index", "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
+__all__ = ["BIAS", "gathered_index", "reshaped_view", "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
 
 BIAS = "bias"  # the tracker's key of a gathered bias: it goes with its weight into the same contraction
 _ITEM = ("getitem", "__getitem__")
@@ -93,7 +93,7 @@ class GatherTracker(TorchFunctionMode):
         tensors = [a for a in flat_args((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
         if len(tensors) == 1 and (id(tensors[0]) in self.params or id(tensors[0]) in self.views):
             out = func(*args, **kwargs)
-            if _reshaped(out, tensors[0]):
+            if reshaped_view(out, tensors[0]):
                 self.views[id(out)] = (out, self._key(tensors[0]))
             return out
         marked = [a for a in tensors if id(a) in self.marks]
@@ -115,7 +115,7 @@ class GatherTracker(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _reshaped(out: object, weight: torch.Tensor) -> bool:
+def reshaped_view(out: object, weight: torch.Tensor) -> bool:
     """Is ``out`` ``weight`` in another shape, its entries in the same order (``view``, ``reshape``)?"""
     return (isinstance(out, torch.Tensor) and out.numel() == weight.numel() and out.is_contiguous()
             and weight.is_contiguous() and out.data_ptr() == weight.data_ptr() and out.dtype == weight.dtype)
