@@ -41,9 +41,8 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..trace.inputs import BlockCall, keyword_arguments
+from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
-from ..verify import one_token
 from .block import other_children
 from .gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
 from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
@@ -120,14 +119,23 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
         index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
         if isinstance(index, fx.Node) and not is_int_tensor(index):
             continue
-        out = value(node)
-        if not (isinstance(out, torch.Tensor) and torch.equal(out, gathered[0][gathered[1]])):
+        if not _takes_entries(value(node), *gathered):
             continue
         if isinstance(index, fx.Node):
             found.append((node, source.target, int(value(index)) if value(index).dim() == 0 else index))
         elif gathered[0].dim() == 3 or biases:
             found.append((node, source.target, index))
     return found
+
+
+def _takes_entries(out: object, weight: torch.Tensor, index: torch.Tensor | int) -> bool:
+    """Is ``out`` ``weight[index]``? Its shape, and its first and last entries (not a second copy of all)."""
+    if not isinstance(out, torch.Tensor) or isinstance(index, int):
+        return isinstance(out, torch.Tensor) and torch.equal(out, weight[index])
+    if tuple(out.shape) != (*index.shape, *weight.shape[1:]):
+        return False
+    entries, experts = out.reshape(-1, *weight.shape[1:]), index.reshape(-1)
+    return all(torch.equal(entries[i], weight[experts[i]]) for i in {0, len(experts) - 1} if len(experts))
 
 
 def _stored(node: fx.Node | None) -> fx.Node | None:
