@@ -124,11 +124,11 @@ def reshaped_view(out: object, weight: torch.Tensor) -> bool:
 def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | None:
     """``features`` as ``[*slots, in]``: one row per slot, or a token's row repeated over its slots.
 
-    Size-1 dimensions a batched matmul needs (``x[:, None] @ W[index]``) are dropped, and those of the slots
-    (one token) are not required.
+    One row per slot may come in any shape of as many rows, slots in order: size-1 dimensions a batched matmul
+    needs (``x[:, None] @ W[index]``), or the slots flattened for ``bmm`` (``[tokens * k, 1, in]``).
     """
     leading = tuple(features.shape[:-1])
-    if tuple(d for d in leading if d != 1) == tuple(d for d in slots if d != 1) and leading != tuple(slots):
+    if math.prod(leading) == math.prod(slots) and leading != tuple(slots):
         return features.reshape(*slots, features.shape[-1])
     if leading == tuple(slots):
         return features

@@ -116,7 +116,7 @@ class DictLoopMoE(nn.Module):
 
 class TupleIndexMoE(nn.Module):
     """Packed weights on the block gathered by tuple indexing (``W[idx, ...]``, ``W[idx, :, :]``), contracted by an
-    einsum of its own subscripts and by a batched matmul, biases added after each."""
+    einsum of its own subscripts and by ``bmm`` over the flattened slots, biases added after each."""
 
     def __init__(self, hidden: int = 16, width: int = 12, experts: int = 5, k: int = 2) -> None:
         super().__init__()
@@ -130,7 +130,8 @@ class TupleIndexMoE(nn.Module):
         t = x.reshape(-1, x.shape[-1])
         weights, idx = self.gate(t).softmax(-1).topk(self.k, dim=-1)
         h = F.gelu(torch.einsum("nd,nkdw->nkw", t, self.w_in[idx, ...]) + self.b_in[idx, ...])
-        y = (h.unsqueeze(-2) @ self.w_out[idx, :, :].transpose(-1, -2)).squeeze(-2) + self.b_out[idx]
+        w_out = self.w_out[idx, :, :].reshape(-1, *self.w_out.shape[1:]).transpose(1, 2)  # [tokens * k, in, out]
+        y = torch.bmm(h.reshape(-1, 1, h.shape[-1]), w_out).view(*idx.shape, -1) + self.b_out[idx]
         return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
