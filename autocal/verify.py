@@ -19,6 +19,7 @@ from . import errors
 from .coverage import _COUNTER
 from .numerics import TOLERANCES, compare_outputs
 from .trace.hf import eager_experts, experts_implementation
+from .trace.inputs import one_token
 
 __all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself", "one_token",
            "hidden_tokens"]
@@ -45,22 +46,6 @@ class Verification:
 def hidden_tokens(args: tuple, kwargs: dict) -> int:
     hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
     return int(hidden.numel() // hidden.shape[-1])
-
-
-def one_token(args: tuple, kwargs: dict) -> tuple[tuple | None, dict]:
-    """The first token of a block call: the hidden states cut to one position in every leading dimension, and
-    each tensor input with the same leading dimensions cut alike (``token_type_ids``). None when there are no
-    hidden states to cut."""
-    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    if hidden is None or hidden.dim() < 2:
-        return None, kwargs
-    leading = hidden.shape[:-1]
-
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.shape[:len(leading)] == leading:
-            return value[(slice(0, 1),) * len(leading)]
-        return value
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 def _fresh(kwargs: dict) -> dict:
@@ -142,7 +127,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
                           bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
     if not result.passed:
         problem = (
-            f"outputs differ by up to {max(diff_off, diff_on):.3g}"
+            f"outputs differ by up to {max(diff_off, diff_on):.3g} on {tokens} tokens"
             if not (close_off and close_on)
             else f"only {covered} of {len(seen)} experts saw all {tokens} tokens with calibration on"
         )

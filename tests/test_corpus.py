@@ -27,30 +27,15 @@ from autocal.errors import AutocalError
 from autocal.testing.corpus import (
     ENTRIES,
     Mismatch,
-    Silent,
     check_convert,
     check_explain_k,
     check_mixed,
     equivalent,
 )
 
-_NO_BLOCK = "no-moe-block: no child is recognised as experts (packed, or a list of identical MLPs)"
-_UNRECOGNISED = ("megatron_grouped",)  # experts autocal does not recognise as experts yet
-# Experts beside a router that no rule converts: convert and explain name them (never silent).
-_LISTED_REASON = ("unsupported-dispatch: experts beside a router (a list, or weights side by side) that no rule "
-                  "converts are named")
-
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
 # synthesize, tokens (synthesize on drawn token counts), convert, convert_example, mixed, explain_k.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
-    **{(name, check): (AutocalError, _NO_BLOCK)
-       for name in _UNRECOGNISED for check in ("synthesize", "tokens")},
-    **{(name, check): (AutocalError, _LISTED_REASON)
-       for name in _UNRECOGNISED for check in ("convert", "convert_example", "mixed", "explain_k")},
-    ("expert_id_linears", "explain_k"): (Silent, "silent: explain lists the expert-id projections, not the block"),
-    **{("packed_einsum_swiglu", check): (AutocalError, "unsupported-dispatch: no expert weights are gathered by "
-                                         "the routing indices (W[idx, ...] then einsum)")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     **{("gshard_top2", check): (AutocalError, "unsupported-dispatch: the experts are called with one tensor; "
                                 "tracing b, n, d, e = *x.shape, e fails and is a NoMatch")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
@@ -59,29 +44,9 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
                                      "with calibration on (two expert sets chosen by token_type_ids)")
        for check in ("convert", "convert_example", "mixed")},
-    ("expert_id_linears", "synthesize"): (AutocalError, _NO_BLOCK),
-    ("expert_id_linears", "tokens"): (AutocalError, _NO_BLOCK),
-    ("expert_id_linears", "convert"): (AutocalError, "trace-failed: the expert-id projections are taken for "
-                                       "blocks, and their forward needs expert_id"),
-    ("expert_id_linears", "convert_example"): (AutocalError, "unsupported-dispatch: the expert-id projections "
-                                               "are taken for blocks: weights not chosen by a top-k"),
-    ("expert_id_linears", "mixed"): (AutocalError, "trace-failed: the expert-id projections are taken for "
-                                     "blocks, and their forward needs expert_id"),
-    **{("decode_gather", check): (AutocalError, "verification-failed: on one token (the decode branch, which "
-                                  "gathers packed weights) no expert Linear sees the token in calibration mode")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
     **{("capacity_top1", check): (Mismatch, "wrong: the experts' chunks hold empty capacity slots (zero rows), "
                                   "counted as tokens")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
-    ("side_by_side", "synthesize"): (AutocalError, "no-moe-block: weights side by side ([E * I, H] viewed per "
-                                     "expert) are not read as experts yet"),
-    ("side_by_side", "tokens"): (AutocalError, "no-moe-block: as synthesize"),
-    **{("side_by_side", check): (AutocalError, "unsupported-dispatch: the block holding experts side by side is "
-                                 "named, not converted")
-       for check in ("convert", "convert_example", "mixed", "explain_k")},
-    **{("dropless_experts", check): (AutocalError, "unsupported-dispatch: experts given (x, scores, weights, "
-                                     "indices), their raw [E * I, H] weights viewed per expert")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
     ("conv1d_transposed", "synthesize"): (AutocalError, "no-moe-block: experts of a Linear class storing "
                                           "[in, out] weights are not read as experts"),
     ("conv1d_transposed", "tokens"): (AutocalError, "no-moe-block: as synthesize"),

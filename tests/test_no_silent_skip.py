@@ -9,19 +9,61 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import autocal
 from autocal import MoECalibrationModule
-from autocal.testing.corpus import ENTRIES, Holder, Mixed, TypedHolder
+from autocal.testing.corpus import ENTRIES, Holder, Mixed, TypedHolder, init_normal
+from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
+
+
+class _AllExperts(nn.Module):
+    """One projection of every expert, run on every token: ``[E, tokens, out]``."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...ti,eoi->e...to", x, self.weight)
+
+
+class _SplitProjections(nn.Module):
+    def __init__(self, experts: int = 4, hidden: int = 16, width: int = 24) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = _AllExperts(experts, hidden, width), _AllExperts(experts, width, hidden)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("eeto->eto", self.fc2(torch.nn.functional.gelu(self.fc1(t))))  # expert e on its own
+
+
+class _UnreadExperts(nn.Module):
+    """Top-2 routing over experts split into fc1/fc2 modules one level below a holder, every expert run densely:
+    the router sits two levels above the expert weights, and no rule reads such experts."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16) -> None:
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = _SplitProjections(experts, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores = self.router(t).softmax(-1)
+        weights = torch.zeros_like(scores).scatter(1, scores.topk(2, dim=-1).indices, 1.0) * scores
+        return torch.einsum("te,eto->to", weights, self.experts(t)).view_as(hidden_states)
 
 
 def _mixed(name: str) -> Mixed:
     return Mixed(ENTRIES[name].build(0), seed=0)
 
 
-@pytest.mark.parametrize("name", ["megatron_grouped"])  # the corpus entry whose experts no rule reads yet
-def test_convert_names_experts_no_rule_converts_and_converts_nothing(name):
-    model = _mixed(name)
+def _unread() -> Mixed:
+    return Mixed(init_normal(_UnreadExperts(), 0), seed=0)
+
+
+def test_convert_names_experts_no_rule_converts_and_converts_nothing():
+    model = _unread()
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.convert(model)
     error = raised.value
@@ -32,15 +74,15 @@ def test_convert_names_experts_no_rule_converts_and_converts_nothing(name):
 
 
 def test_strict_false_converts_the_rest_and_lists_what_it_left():
-    model = _mixed("megatron_grouped")
-    args, _ = ENTRIES["megatron_grouped"].inputs(2, 5)
+    model = _unread()
+    args = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)),)
     with torch.no_grad():
         expected = model(*args)
     with pytest.warns(UserWarning, match="block"):
         autocal.convert(model, strict=False)
     assert isinstance(model.toy, MoECalibrationModule)
     assert not isinstance(model.block, MoECalibrationModule)
-    assert [(u.path, u.block_class) for u in autocal.unconverted(model)] == [("block", "MegatronMoELayer")]
+    assert [(u.path, u.block_class) for u in autocal.unconverted(model)] == [("block", "_UnreadExperts")]
     for module in model.modules():
         if isinstance(module, MoECalibrationModule):
             module.calibrate_all_experts = False
@@ -57,7 +99,7 @@ def test_strict_false_lists_a_block_no_rule_converts():
 
 
 def test_explain_shows_experts_no_rule_converts_as_a_failure():
-    report = autocal.explain(_mixed("megatron_grouped"), verify=False)
+    report = autocal.explain(_unread(), verify=False)
     failed = [b for b in report.blocks if not b.ok]
     assert [b.paths for b in failed] == [["block"]]
     assert failed[0].failure["kind"] == autocal.errors.UNSUPPORTED_DISPATCH
@@ -80,25 +122,98 @@ def test_convert_raises_nothing_but_autocal_errors(name):
             assert error.__cause__ is not None and not isinstance(error.__cause__, autocal.AutocalError)
 
 
+class _FastDecodeExperts(ToyConcatExperts):
+    """Packed experts whose one-token path computes its experts apart, with a cheaper activation."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if hidden_states.shape[0] > 1:
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        out = torch.zeros_like(hidden_states)
+        for slot, expert in enumerate(top_k_index[0].tolist()):
+            gate, up = F.linear(hidden_states, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out += F.linear(gate * torch.sigmoid(1.7 * gate) * up, self.down_proj[expert]) * top_k_weights[0, slot]
+        return out
+
+
 def test_verification_runs_one_token_too():
     """The decode branch of a block (one token) is verified, not only the many-token path detection read."""
-    block = ENTRIES["decode_gather"].build(0)
+    block = make_toy_block(ToyMoEConfig())
+    block.experts.__class__ = _FastDecodeExperts
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.synthesize(block)
     assert raised.value.kind == autocal.errors.VERIFICATION_FAILED
     assert "1 tokens" in raised.value.explanation
 
 
+class _DenseDecodeMoE(nn.Module):
+    """Experts sliced per expert (``w[e]``) in a loop on many tokens; on one token every expert runs densely."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16, width: int = 24) -> None:
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, index = self.router(t).softmax(-1).topk(2, dim=-1)
+        if t.shape[0] == 1:
+            dense = torch.zeros(1, self.w1.shape[0]).scatter(1, index, weights)
+            h = F.gelu(torch.einsum("th,ewh->tew", t, self.w1))
+            return torch.einsum("te,tew,ehw->th", dense, h, self.w2).view_as(x)
+        out = torch.zeros_like(t)
+        for e in range(self.w1.shape[0]):
+            token, slot = torch.where(index == e)
+            y = F.linear(F.gelu(F.linear(t[token], self.w1[e])), self.w2[e])
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.view_as(x)
 
 
-@pytest.mark.parametrize("name", ["side_by_side", "dropless_experts"])
-def test_experts_side_by_side_are_never_skipped_silently(name):
-    """Every expert's weights side by side in raw ``[E * I, H]`` tensors, on the block beside its router or on a
-    child: named by convert, left and listed with ``strict=False``."""
+def test_a_branch_detection_saw_but_does_not_follow_raises_without_verification():
+    """Without verification too: the one-token recording shows the expert weights used without a gather, so the
+    block is refused at convert time rather than converted with experts that miss those tokens."""
+    torch.manual_seed(0)
+    block = _DenseDecodeMoE().eval()
     with pytest.raises(autocal.AutocalError) as raised:
-        autocal.convert(_mixed(name))
+        autocal.synthesize(block, verify=False)
+    assert raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+    assert "on one token" in str(raised.value)
+
+
+class _ScaledDenseExperts(ToyLlama4Experts):
+    """Llama 4's dense experts with a per-expert output scale ``[E, 1, H]`` applied to all experts' outputs at once."""
+
+    def __init__(self, config: ToyMoEConfig) -> None:
+        super().__init__(config)
+        self.post_scale = nn.Parameter(torch.rand(self.num_experts, 1, self.hidden_size) + 0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states.view(self.gate_up_proj.shape[0], -1, self.hidden_size)
+        gate, up = torch.bmm(hidden_states, self.gate_up_proj).chunk(2, dim=-1)
+        return (torch.bmm(up * self.act_fn(gate), self.down_proj) * self.post_scale).view(-1, self.hidden_size)
+
+
+def test_dense_experts_template_detection_saw_differ_raises_without_verification():
+    """Experts run on every token (routing on their inputs): the cut-out template is replayed on the recorded
+    rows of each expert, so one that does not give the recorded output is refused with verify=False too."""
+    config = ToyMoEConfig(kind="scores_on_inputs")
+    block = make_toy_block(config)
+    experts = _ScaledDenseExperts(config)
+    experts.gate_up_proj, experts.down_proj = block.experts.gate_up_proj, block.experts.down_proj
+    block.experts = experts
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.synthesize(block, verify=False)
+    assert raised.value.kind == autocal.errors.UNSUPPORTED_EXPERT
+    assert "more than autocal cut out" in raised.value.explanation
+
+
+def test_experts_of_a_linear_class_no_rule_reads_are_never_skipped_silently():
+    """A list of experts made of weight matrices and biases only, of a Linear class no rule reads ([in, out]
+    weights with addmm), beside a router: named by convert, left and listed with ``strict=False``."""
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(_mixed("conv1d_transposed"))
     assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
-    model = _mixed(name)
+    model = _mixed("conv1d_transposed")
     with pytest.warns(UserWarning, match="block"):
         autocal.convert(model, strict=False)
     assert [u.path for u in autocal.unconverted(model)] == ["block"]

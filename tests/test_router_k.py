@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import autocal
 from autocal.testing.corpus import ENTRIES
@@ -27,3 +29,41 @@ def test_argmax_then_masked_argmax_is_k_2():
     (x,), _ = entry.inputs(2, 7)
     report = autocal.explain(block, verify=False)
     assert report.blocks[0].top_k == _experts_per_token(block, x)
+
+
+class _GShardTop2(torch.nn.Module):
+    """GShard's top-2 gate: the argmax, then the argmax of the probabilities with the first choice masked out
+    (multiplied by ``1 - one_hot``, or filled with -inf); each token's two experts run in a loop over the experts."""
+
+    def __init__(self, masking: str, hidden: int = 16, experts: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.masking = masking
+        self.wg = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(
+            torch.nn.Linear(hidden, 24), torch.nn.GELU(), torch.nn.Linear(24, hidden)) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        probs = self.wg(t).softmax(-1)
+        first = probs.argmax(-1)
+        mask = F.one_hot(first, len(self.experts))
+        masked = probs * (1 - mask) if self.masking == "multiply" else probs.masked_fill(mask.bool(), float("-inf"))
+        second = masked.argmax(-1)
+        chosen = torch.stack([first, second], dim=-1)
+        weights = probs.gather(-1, chosen)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(t[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+@pytest.mark.parametrize("masking", ["multiply", "masked_fill"])
+def test_gshard_top2_is_k_2(masking):
+    block = _GShardTop2(masking).eval()
+    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(0))
+    report = autocal.explain(block, verify=False)
+    assert report.blocks[0].failure is None
+    assert report.blocks[0].top_k == _experts_per_token(block, x) == 2

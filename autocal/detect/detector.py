@@ -14,6 +14,7 @@ from torch import nn
 from ..trace.hf import declared_routers
 from .entry_template import own_weights
 from .linear_like import made_of_linears
+from .storage import side_by_side
 
 __all__ = ["unrecognized_experts"]
 
@@ -117,15 +118,10 @@ def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
             continue
         else:
             routers = {tuple(w.shape) for w in _beside(modules[owner_path], module) if w.shape[0] >= 2}
-        if any(sum(_side_by_side(p.shape, experts, hidden) for p in params) >= 2 for experts, hidden in routers):
+        if any(sum(side_by_side(p.shape, experts, hidden) for p in params) >= 2 for experts, hidden in routers):
             found.append((owner_path, path, f"`{path or '<model>'}` holds weights of every expert side by side "
                                             f"beside a router-shaped weight"))
     return found
-
-
-def _side_by_side(shape: torch.Size, experts: int, hidden: int) -> bool:
-    """Is ``shape`` ``[hidden, experts * m]`` or ``[experts * m, hidden]`` with m >= 2?"""
-    return any(shape[i] == hidden and shape[1 - i] % experts == 0 and shape[1 - i] // experts >= 2 for i in (0, 1))
 
 
 def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:

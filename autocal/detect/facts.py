@@ -24,8 +24,8 @@ from torch import nn
 from .. import errors
 from ..trace.inputs import BlockCall, capture_block_inputs
 from .block import expert_lists, has_own_forward, unrouted_lists
-from .storage import packed_parameters, router_rows
-from .gathered import expert_tables, own_expert_weights
+from .storage import (expert_tables, own_expert_weights, packed_parameters, projection_weights, router_rows,
+                      side_by_side_weights)
 from .sorted import banks_of_a_child, weight_banks
 
 __all__ = ["Facts", "experts_container", "routes_itself"]
@@ -67,6 +67,12 @@ def _router_shaped(weights: list[nn.Parameter], packed: dict[str, nn.Parameter])
     """Is one of ``weights`` an ``[E, H]`` router for the ``[E, …, H, …]`` packed expert weights?"""
     shapes = [p.shape for p in packed.values() if p.dim() >= 3]
     return any(w.dim() == 2 and any(w.shape[0] == s[0] and w.shape[1] in s[1:] for s in shapes) for w in weights)
+
+
+def _among(module: nn.Module, weights: dict[str, nn.Parameter]) -> bool:
+    """Does ``module`` hold one of ``weights``?"""
+    ids = {id(p) for p in weights.values()}
+    return any(id(p) in ids for p in module.parameters())
 
 
 @dataclass
@@ -129,9 +135,12 @@ class Facts:
 
     @cached_property
     def own_weights(self) -> dict[str, nn.Parameter]:
-        """The block's own ``[E, a, b]`` parameters with a router beside them (not its parent's packed experts)."""
-        found = own_expert_weights(self.block)
-        if found and self.parent is not None and (experts_container(self.parent) or (None, None))[1] is self.block:
+        """Expert weights of the block, with a router beside them, that its forward may gather per expert: its own
+        ``[E, a, b]`` parameters, those of children holding one projection of every expert each, or a child's
+        weights holding every expert side by side (not its parent's packed experts or projections)."""
+        found = own_expert_weights(self.block) | projection_weights(self.block) | side_by_side_weights(self.block)
+        if found and self.parent is not None and ((experts_container(self.parent) or (None, None))[1] is self.block
+                                                  or _among(self.block, projection_weights(self.parent))):
             return {}
         return found
 

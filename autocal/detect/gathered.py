@@ -9,11 +9,16 @@ one op, slot by slot::
     h = torch.einsum("ti,taoi->tao", x, w1)       # [T, k, out]
 
 The pass finds, in the block's recording, each parameter of ``E`` entries
-indexed by a tensor computed from the routing choice (``p[index]``,
-``index_select``), and the op that contracts the gathered weights with
-features. It checks on the recorded values that the op gives, for every token
-and slot, ``features @ W[e].T`` (or ``features @ W[e]``), the features being
-the other operand, per slot or the same for all of a token's slots.
+indexed by a tensor computed from the routing choice, however the gather is
+spelt (``trace/gathers.py``), and the op that contracts the gathered weights
+with features. It checks on the recorded values that the op gives, for every
+token and slot, ``features @ W[e].T`` (or ``features @ W[e]``, plus a bias
+gathered alike), the features being the other operand, per slot or the same
+for all of a token's slots. The weights may sit on the block, in a packed
+container, or in children holding one projection of every expert each
+(``proj(x, expert_id)``). A block whose one-token forward takes another branch
+(a decode path gathering ``W[indices[0]]`` beside a loop over ``W[e]``) is
+recorded on one token too, and that branch's contractions are kept as well.
 
 Tables of one vector per expert (``nn.Embedding`` rows ``[E, d]``, experts of a
 single neuron, as in product-key layers) are recognised the same way, in two
@@ -36,24 +41,22 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..trace.dispatch import GatherTracker, gathered_index, slot_inputs
-from ..trace.inputs import BlockCall, keyword_arguments
+from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
 from .block import other_children
-from .graph_utils import CONTRACTIONS, Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
+from ..trace.gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
+from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
 from .plans import GatheredPlan, NoMatch
+from .storage import expert_tables, side_by_side_weights
 from .structure import ExpertsInfo, MoEStructure
 
-if TYPE_CHECKING:  # facts.py reads this module's candidate tests
+if TYPE_CHECKING:
     from .facts import Facts
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "own_expert_weights", "expert_tables", "detect_gathered", "per_slot"]
-
-_GATHERS = ("getitem", "__getitem__", "index_select", "embedding")
-_CONTRACTIONS = (*CONTRACTIONS, "linear")  # an expert's slice ``w[e]`` may go to ``F.linear``
+__all__ = ["GatheredWeight", "GatheredDispatch", "detect_gathered"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,9 @@ class GatheredWeight:
 
     param: str  # its path in the block
     orientation: str  # "linear": f @ W[e].T, "matmul": f @ W[e], "row": f · W[e], "slot-sum": Σ_slots f * W[e]
-    contraction: Callable  # the op that contracts it
+    contractions: tuple[Callable, ...]  # the ops that contract it (one per branch of the forward that gathers it)
+    bias: str | None = None  # the path of an ``[E, out]`` bias gathered into the same op (``F.linear(x, W[e], b[e])``)
+    shape: tuple[int, ...] | None = None  # the ``[E, a, b]`` view gathered from, for a parameter stored otherwise
 
 
 @dataclass
@@ -71,37 +76,8 @@ class GatheredDispatch:
     choice: ChoiceCall
 
 
-def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's own parameters of shape ``[E, a, b]`` (a, b >= 2) with a router-shaped ``[E, H]`` weight beside."""
-    own = {n: p for n, p in block.named_parameters(recurse=False) if p.dim() == 3 and min(p.shape) >= 2}
-    routers = [p.shape for p in block.parameters() if p.dim() == 2]
-    return {n: p for n, p in own.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
-
-
-def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:
-    """Two or more embedding tables of one shape ``[E, d]`` among the block's children: one vector per expert.
-
-    Weaker evidence than ``own_expert_weights`` (no router beside them by
-    shape): detection decides, and a block whose tables the routing does not
-    gather is not an MoE.
-    """
-    tables = {f"{n}.weight": m.weight for n, m in block.named_children() if isinstance(m, nn.Embedding)}
-    shapes = [p.shape for p in tables.values()]
-    return {n: p for n, p in tables.items() if shapes.count(p.shape) >= 2 and p.shape[0] >= 2}
-
-
-def per_slot(orientation: str, inputs: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
-    """What the contraction computes from each slot's inputs and gathered weights (slot sums done)."""
-    if orientation == "linear":
-        return torch.einsum("...i,...oi->...o", inputs, gathered)
-    if orientation == "matmul":
-        return torch.einsum("...i,...io->...o", inputs, gathered)
-    if orientation == "row":
-        return (inputs * gathered).sum(-1, keepdim=True)
-    return (inputs * gathered).sum(-2)
-
-
-def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size) -> str | None:
+def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size,
+                 bias: torch.Tensor | None) -> str | None:
     """How the recorded contraction applied each slot's weights (checked on the recorded values), or None."""
     vectors = gathered.dim() == len(slots) + 1
     for orientation in (("row", "slot-sum") if vectors else ("linear", "matmul")):
@@ -110,6 +86,7 @@ def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tens
             continue
         try:
             expected = per_slot(orientation, inputs.to(gathered.dtype), gathered)
+            expected = expected if bias is None else expected + bias
         except RuntimeError:
             continue
         if expected.numel() == out.numel() and torch.allclose(expected.reshape(out.shape), out.to(expected.dtype),
@@ -118,70 +95,121 @@ def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tens
     return None
 
 
-def _gathers(graph: fx.Graph, block: nn.Module) -> list[tuple[fx.Node, str, fx.Node | int]]:
-    """``(gather node, parameter path, index)`` for each gather of an ``[E, a, b]`` parameter (or table).
+def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
+             biases: bool = False) -> list[tuple[fx.Node, str, fx.Node | int]]:
+    """``(gather node, parameter path, index)`` for each op that takes entries of one of ``params`` by experts.
 
     The index is a node (the experts of every token and slot) or an expert's
-    number (a loop over the experts slicing ``w[e]``).
+    number (a loop over the experts slicing ``w[e]``: ``[E, a, b]`` weights, or
+    with ``biases`` their ``[E, a]`` biases; not one table row). The parameter
+    may be gathered from a view of another shape (``weight1.view(E, H, -1)[e]``).
+    Each gather is checked on the recorded values: the op gave ``W[index]``,
+    whatever its spelling.
     """
-    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block)
     found = []
     for node in graph.nodes:
-        if node.op != "call_function" or target_name(node) not in _GATHERS:
+        if node.op != "call_function":
             continue
-        found_index = gathered_index(node.target, tuple(value(a) for a in node.args))
-        position = {"index_select": (0, 2), "embedding": (1, 0)}.get(target_name(node), (0, 1))
-        source, index = (node.args[i] if i < len(node.args) else None for i in position)
-        if found_index is None or not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        gathered = gathered_index(node.target, fx.node.map_arg(node.args, value))
+        if gathered is None:
             continue
-        if source.target not in params:
+        source = _stored(next((a for a in node.all_input_nodes if value(a) is gathered[0]), None))
+        if source is None or source.target not in params:
             continue
-        if isinstance(index, fx.Node) and is_int_tensor(index):
+        index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
+        if isinstance(index, fx.Node) and not is_int_tensor(index):
+            continue
+        if not _takes_entries(value(node), *gathered):
+            continue
+        if isinstance(index, fx.Node):
             found.append((node, source.target, int(value(index)) if value(index).dim() == 0 else index))
-        elif isinstance(index, int) and params[source.target].dim() == 3:
+        elif gathered[0].dim() == 3 or biases:
             found.append((node, source.target, index))
     return found
 
 
-def _viewed(gather: fx.Node) -> fx.Node | None:
-    """The gathered weights after the views between them and their contraction (None: something else is done)."""
+def _takes_entries(out: object, weight: torch.Tensor, index: torch.Tensor | int) -> bool:
+    """Is ``out`` ``weight[index]``? Its shape, and its first and last entries (not a second copy of all)."""
+    if not isinstance(out, torch.Tensor) or isinstance(index, int):
+        return isinstance(out, torch.Tensor) and torch.equal(out, weight[index])
+    if tuple(out.shape) != (*index.shape, *weight.shape[1:]):
+        return False
+    entries, experts = out.reshape(-1, *weight.shape[1:]), index.reshape(-1)
+    return all(torch.equal(entries[i], weight[experts[i]]) for i in {0, len(experts) - 1} if len(experts))
+
+
+def _stored(node: fx.Node | None) -> fx.Node | None:
+    """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``: the
+    same memory, in the same order)."""
+    start, weight = node, value(node)
+    while node is not None and node.op != "get_attr":
+        inputs = node.all_input_nodes
+        node = inputs[0] if len(inputs) == 1 and isinstance(value(inputs[0]), torch.Tensor) else None
+    return node if node is not None and (node is start or reshaped_view(weight, value(node))) else None
+
+
+def _viewed(gather: fx.Node) -> tuple[int, ...] | None:
+    """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own."""
+    weight = next(a for a in gather.all_input_nodes if _stored(a) is not None)
+    shape = tuple(value(weight).shape)
+    return shape if shape != tuple(value(_stored(weight)).shape) else None
+
+
+def _viewed_weights(gather: fx.Node) -> fx.Node | None:
+    """The gathered weights after the views between them and the op that contracts them (one tensor in, as many
+    elements out: ``.T``, ``transpose``, ``contiguous``), or None where something else is done to them."""
     node = gather
-    while len(node.users) == 1 and target_name(next(iter(node.users))) not in _CONTRACTIONS:
-        view = next(iter(node.users))  # .T, .t(), transpose, contiguous: one tensor in, as many elements out
-        tensors = [a for a in view.all_input_nodes if isinstance(value(a), torch.Tensor)]
-        if tensors != [node] or not isinstance(value(view), torch.Tensor) or value(view).numel() != value(node).numel():
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if len([a for a in user.all_input_nodes if isinstance(value(a), torch.Tensor)]) != 1:
+            break
+        if user.all_input_nodes != [node] or not isinstance(value(user), torch.Tensor) \
+                or value(user).numel() != value(node).numel():
             return None
-        node = view
+        node = user
     return node if len(node.users) == 1 else None
 
 
-def _past_views(gather: fx.Node) -> fx.Node:
+def _contracting_op(gather: fx.Node) -> fx.Node:
     """The op that contracts the gathered weights (the gather's first user where views lead elsewhere)."""
-    viewed = _viewed(gather)
+    viewed = _viewed_weights(gather)
     return next(iter((viewed if viewed is not None else gather).users))
 
 
-def _contraction(gather: fx.Node, index: fx.Node | int) -> GatheredWeight | None:
-    """How the gathered weights are contracted with features, checked on the recorded values (None: not so)."""
-    node = _viewed(gather)
+def _contraction(gather: fx.Node, index: fx.Node | int,
+                 biases: dict[fx.Node, tuple[str, fx.Node | int]]) -> GatheredWeight | None:
+    """How the gathered weights are contracted with features, checked on the recorded values (None: not so).
+
+    The contraction is the first op taking the gathered weights (through views:
+    one tensor in, as many elements out) and another tensor, the features; a
+    third operand may be a bias gathered by the same index (``biases``).
+    """
+    node = _viewed_weights(gather)
     if node is None:
         return None
     op = next(iter(node.users))
-    operands = [a for a in flat_args(op.args) if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+    operands = [a for a in flat_args((*op.args, *op.kwargs.values()))
+                if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     others = [a for a in operands if a is not node]
-    if len(operands) != 2 or len(others) != 1:
+    bias = [a for a in others if a in biases and biases[a][1] == index]
+    features = [a for a in others if a not in bias]
+    if len(operands) != len(others) + 1 or len(features) != 1 or len(bias) > 1:
         return None
+    bias_value = value(bias[0]) if bias else None
     if isinstance(index, int):
-        orientation = _slice_orientation(value(op), value(others[0]), value(gather))
+        orientation = _slice_orientation(value(op), value(features[0]), value(gather), bias_value)
     else:
-        orientation = _orientation(value(op), value(others[0]), value(gather), value(index).shape)
-    return None if orientation is None else GatheredWeight("", orientation, op.target)
+        orientation = _orientation(value(op), value(features[0]), value(gather), value(index).shape, bias_value)
+    if orientation is None:
+        return None
+    return GatheredWeight("", orientation, (op.target,), biases[bias[0]][0] if bias else None)
 
 
-def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """``features @ W[e].T`` or ``features @ W[e]`` for one expert's slice (checked on the recorded values)."""
-    for orientation, expected in (("linear", lambda: torch.nn.functional.linear(features, weight)),
-                                  ("matmul", lambda: features @ weight)):
+def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> str | None:
+    """``features @ W[e].T`` or ``features @ W[e]`` (plus a bias) for one expert's slice (on the recorded values)."""
+    for orientation, expected in (("linear", lambda: torch.nn.functional.linear(features, weight, bias)),
+                                  ("matmul", lambda: features @ weight + (0 if bias is None else bias))):
         try:
             result = expected()
         except RuntimeError:
@@ -215,22 +243,16 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound)
-    gathers = _gathers(rec.graph, block)
+    params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
+        side_by_side_weights(block)
+    gathers = _gathers(rec.graph, params)
     if not gathers:
         return NoMatch("no expert weights are gathered by the routing indices", shallow=True)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
         return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))
-    by_param: dict[str, GatheredWeight] = {}
-    for gather, param, gather_index in gathers:
-        weight = _contraction(gather, gather_index)
-        weight = weight and GatheredWeight(param, weight.orientation, weight.contraction)
-        if weight is None or by_param.setdefault(param, weight) != weight:
-            raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by "
-                                      "slot with features (features @ W[e], or a vector's dot product)", block_class=cls,
-                                      source=source_of(gather))
-    found = list(by_param.values())
-    num_experts = {block.get_parameter(w.param).shape[0] for w in found}
+    found = _gathered_weights(block, params, [rec.graph, *_branches(block, call)])
+    num_experts = {(w.shape or block.get_parameter(w.param).shape)[0] for w in found}
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
                                   "experts", block_class=cls)
@@ -240,7 +262,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
                          lambda: _rows_per_expert(block, found, num_experts), index)
     router = analyze_router(rec.graph, index, weights)
     router.num_choices = max(router.num_choices, num_experts)
-    params = {w.param: list(block.get_parameter(w.param).shape) for w in found}
+    params = {w.param: list(w.shape or block.get_parameter(w.param).shape) for w in found}
     experts = ExpertsInfo(
         module_path=found[0].param.rpartition(".")[0],
         num_experts=num_experts,
@@ -265,6 +287,56 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     return GatheredPlan(structure, GatheredDispatch(found, choice))
 
 
+def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
+    """Recordings of the block on one token, where the inputs held more: a separate decode branch may gather
+    the expert weights another way (``W[indices[0]]`` and an einsum beside a loop over ``W[e]``)."""
+    hidden = call.args[0] if call.args else next(iter(call.kwargs.values()), None)
+    args, kwargs = one_token(call.args, call.kwargs)
+    if args is None or not isinstance(hidden, torch.Tensor) or hidden.numel() == hidden.shape[-1]:
+        return []
+    try:
+        with torch.no_grad():
+            return [record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph]
+    except Exception:  # a block that cannot run on one token has no such branch
+        return []
+
+
+def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],
+                      graphs: list[fx.Graph]) -> list[GatheredWeight]:
+    """Each gathered parameter, how it is applied, and the ops that contract it in any of the recordings."""
+    companions = {n: p for n, p in block.named_parameters() if p.dim() == 2 and n not in params}
+    by_param: dict[str, GatheredWeight] = {}
+    for graph in graphs:
+        biases = {node: (param, index) for node, param, index in _gathers(graph, companions, biases=True)}
+        gathers = _gathers(graph, params)
+        _check_all_gathered(block, graph, {p for _, p, _ in gathers}, by_param)
+        for gather, param, gather_index in gathers:
+            weight = _contraction(gather, gather_index, biases)
+            known, shape = by_param.get(param), _viewed(gather)
+            if weight is None or known and (known.orientation, known.bias, known.shape) != (
+                    weight.orientation, weight.bias, shape):
+                raise errors.AutocalError(
+                    errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by slot with features "
+                    "(features @ W[e], or a vector's dot product), the same way wherever it is gathered",
+                    block_class=type(block).__name__, source=source_of(gather))
+            ops = (*known.contractions, *weight.contractions) if known else weight.contractions
+            by_param[param] = GatheredWeight(param, weight.orientation, tuple(dict.fromkeys(ops)), weight.bias, shape)
+    return list(by_param.values())
+
+
+def _check_all_gathered(block: nn.Module, graph: fx.Graph, gathered: set[str], known: dict) -> None:
+    """Raise where ``graph`` (another branch of the forward) computes with expert weights the recordings before
+    showed gathered per expert, without gathering them: calibration would not follow those computations."""
+    for node in graph.nodes:
+        users = [u for u in node.users if isinstance(value(u), torch.Tensor)]
+        if node.op == "get_attr" and node.target in known and node.target not in gathered and users:
+            raise errors.AutocalError(
+                errors.UNSUPPORTED_DISPATCH, f"on one token the block computes with `{node.target}` without "
+                "gathering it per expert (a separate branch of its forward): calibration would not see those "
+                "tokens", block_class=type(block).__name__, source=source_of(users[0]),
+                hints=[errors.override_hint(type(block).__name__)])
+
+
 def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] | None, fx.Node, fx.Node]:
     """The routing choice to force, and the router's ``(index, weights)`` nodes for the report.
 
@@ -277,7 +349,7 @@ def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] 
         same = all(i is indices[0] for i in indices) and len(indices) == len(gathers)
         found = choice_call(graph, indices[0], unscored=True) if same else None
     else:
-        contractions = [_past_views(g) for g, _, _ in gathers]
+        contractions = [_contracting_op(g) for g, _, _ in gathers]
         index, weights = routing_choice(graph, max(contractions, key=list(graph.nodes).index))
         found = choice_call(graph, index)
     return found, index, _router_weights(graph, index, weights, [g for g, _, _ in gathers])
@@ -315,5 +387,8 @@ def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_expert
                 counts[expert] += rows
         return None
 
-    with GatherTracker({id(block.get_parameter(weights[0].param)): None}, count):
+    first = weights[0]
+    tracked = {id(block.get_parameter(first.param)): None}
+    tracked |= {id(block.get_parameter(first.bias)): BIAS} if first.bias else {}
+    with GatherTracker(tracked, count):
         yield [counts]

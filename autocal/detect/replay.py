@@ -30,10 +30,15 @@ def check_template(rec: ExpertsRecording, graph: fx.Graph, linears: dict[str, Cu
     recorded output on the recorded inputs (tokens routed only to packed experts; within rounding).
 
     The dispatch: each expert on its routed rows, weighted by the route's weight when the template takes it,
-    summed per token.
+    summed per token; for a container run on every token (no indices or weights: its input is ``[E, rows, H]``,
+    the routing already applied to it), each expert on its own block of rows.
     """
     output = value(next(n for n in rec.graph.nodes if n.op == "output").args[0])
-    if rec.index is None or rec.weights is None or not isinstance(output, torch.Tensor):
+    if not isinstance(output, torch.Tensor):
+        return
+    if rec.index is None and rec.weights is None:
+        _check_dense(rec, graph, linears, num_experts, output)
+    if rec.index is None or rec.weights is None:
         return
     hidden, index, weights = (value(n) for n in (rec.hidden, rec.index, rec.weights))
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -53,6 +58,29 @@ def check_template(rec: ExpertsRecording, graph: fx.Graph, linears: dict[str, Cu
         raise errors.AutocalError(
             errors.UNSUPPORTED_EXPERT, f"the expert computation found does not reproduce the experts' recorded "
             f"output (differs by up to {diff:.3g}): the experts do more than autocal cut out")
+
+
+def _check_dense(rec: ExpertsRecording, graph: fx.Graph, linears: dict[str, CutLinear], num_experts: int,
+                 output: torch.Tensor) -> None:
+    """``check_template`` for a container that runs every expert on its block of ``[E, rows, H]`` input rows."""
+    hidden = value(rec.hidden)
+    if hidden.numel() % (num_experts * hidden.shape[-1]) or output.numel() % hidden.numel() * hidden.shape[-1]:
+        return
+    rows = hidden.reshape(num_experts, -1, hidden.shape[-1])
+    expected = output.reshape(num_experts, rows.shape[1], -1)
+    ones = rows.new_ones(rows.shape[1], 1)
+    for expert in range(num_experts):
+        try:
+            out = _run_template(graph, linears, rec.container, expert, rows[expert], ones)
+            diff, _, close = compare_outputs(expected[expert], out.reshape(expected[expert].shape))
+        except RuntimeError as error:  # ops on every expert's rows at once, cut out as one expert's
+            raise errors.AutocalError(
+                errors.UNSUPPORTED_EXPERT, f"the expert computation found does not run on one expert's rows "
+                f"({error}): the experts do more than autocal cut out") from error
+        if not close:
+            raise errors.AutocalError(
+                errors.UNSUPPORTED_EXPERT, f"the expert computation found does not reproduce expert {expert}'s "
+                f"recorded output (differs by up to {diff:.3g}): the experts do more than autocal cut out")
 
 
 def _run_template(graph: fx.Graph, linears: dict[str, CutLinear], container: nn.Module, expert: int,

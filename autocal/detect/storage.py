@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
-__all__ = ["packed_parameters", "count_experts", "router_rows", "resolve"]
+__all__ = ["packed_parameters", "count_experts", "router_rows", "resolve", "own_expert_weights",
+           "projection_weights", "expert_tables", "side_by_side", "side_by_side_weights"]
 
 
 def _raw_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
@@ -72,6 +74,86 @@ def router_rows(block: nn.Module, container: nn.Module) -> set[int]:
     """Row counts of 2-D weights beside ``container`` in ``block``: candidates for the number of experts."""
     inside = {id(p) for p in container.parameters()}
     return {p.shape[0] for p in block.parameters() if p.dim() == 2 and id(p) not in inside}
+
+
+def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's own parameters of shape ``[E, a, b]`` (a, b >= 2) with a router-shaped ``[E, H]`` weight beside."""
+    own = {n: p for n, p in block.named_parameters(recurse=False) if p.dim() == 3 and min(p.shape) >= 2}
+    routers = [p.shape for p in block.parameters() if p.dim() == 2]
+    return {n: p for n, p in own.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
+
+
+def projection_weights(block: nn.Module) -> dict[str, nn.Parameter]:
+    """``[E, a, b]`` weights of children each holding one projection of every expert, with a router beside.
+
+    Such a child holds one ``[E, a, b]`` weight (a, b >= 2) and at most its
+    ``[E, a]`` or ``[E, b]`` bias, and the block applies it to one expert at a
+    time (``proj(x, expert_id)``); the block holds the router-shaped ``[E, H]``
+    weight outside those children.
+    """
+    found, inside = {}, set()
+    for name, child in block.named_children():
+        params = dict(child.named_parameters())
+        weights = [(n, p) for n, p in params.items() if p.dim() == 3 and min(p.shape[1:]) >= 2]
+        if type(child).__module__.startswith("torch.nn.") or len(weights) != 1 or len(params) > 2:
+            continue
+        weight = weights[0][1]
+        if all(p is weight or p.dim() == 2 and p.shape[0] == weight.shape[0] and p.shape[1] in weight.shape[1:]
+               for p in params.values()):
+            found[f"{name}.{weights[0][0]}"] = weight
+            inside |= {id(p) for p in params.values()}
+    routers = [p.shape for p in block.parameters() if p.dim() == 2 and id(p) not in inside]
+    return {n: p for n, p in found.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
+
+
+def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Two or more embedding tables of one shape ``[E, d]`` among the block's children: one vector per expert.
+
+    Weaker evidence than ``own_expert_weights`` (no router beside them by
+    shape): detection decides, and a block whose tables the routing does not
+    gather is not an MoE.
+    """
+    tables = {f"{n}.weight": m.weight for n, m in block.named_children() if isinstance(m, nn.Embedding)}
+    shapes = [p.shape for p in tables.values()]
+    return {n: p for n, p in tables.items() if shapes.count(p.shape) >= 2 and p.shape[0] >= 2}
+
+
+def side_by_side(shape: torch.Size, experts: int, hidden: int) -> bool:
+    """Is ``shape`` ``[hidden, experts * m]`` or ``[experts * m, hidden]`` with m >= 2?"""
+    return any(shape[i] == hidden and shape[1 - i] % experts == 0 and shape[1 - i] // experts >= 2 for i in (0, 1))
+
+
+def side_by_side_weights(block: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of a child holding every expert's weights side by side, with a router beside it in the block.
+
+    The child holds nothing but two or more raw 2-D weights of its own, each
+    ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), and the block an ``[E, H]``
+    weight outside it: grouped-MLP storage, which the forward views per expert
+    (``weight1.view(E, H, -1)[e]``).
+    """
+    for name, child in block.named_children():
+        params = dict(child.named_parameters(recurse=False))
+        if (type(child).__module__.startswith("torch.nn.") or len(params) < 2 or len(params) != len(list(
+                child.parameters())) or any(p.dim() != 2 for p in params.values())):
+            continue
+        inside = {id(p) for p in params.values()}
+        routers = {tuple(w.shape) for w in block.parameters() if w.dim() == 2 and id(w) not in inside}
+        if any(all(side_by_side(p.shape, e, h) for p in params.values()) for e, h in routers if e >= 2):
+            return {f"{name}.{n}": p for n, p in params.items()}
+    return _own_side_by_side(block)
+
+
+def _own_side_by_side(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's own raw weights holding every expert side by side (two or more), scored by a router among its
+    children (remote code that keeps them on the block and views them per expert)."""
+    own = {n: p for n, p in block.named_parameters(recurse=False) if p.dim() == 2}
+    inside = {id(p) for p in own.values()}
+    routers = {tuple(w.shape) for w in block.parameters() if w.dim() == 2 and id(w) not in inside}
+    for experts, hidden in routers:
+        found = {n: p for n, p in own.items() if experts >= 2 and side_by_side(p.shape, experts, hidden)}
+        if len(found) >= 2:
+            return found
+    return {}
 
 
 def resolve(module: nn.Module, dotted: str) -> Any:

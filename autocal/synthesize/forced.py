@@ -36,7 +36,7 @@ class ExpertViews(nn.Module):
 
     ``orientation``: ``"linear"`` (``W[e]`` is ``[out, in]``), ``"matmul"``
     (``[in, out]``); for tables ``[E, d]``, ``"row"`` (``Linear(d, 1)``) or
-    ``"slot-sum"`` (``Linear(1, d)``).
+    ``"slot-sum"`` (``Linear(1, d)``). ``bias`` ``[E, out]``: each Linear's bias views its entry.
 
     Rows are counted for ``autocal.coverage`` where the Linears are called
     (no counting hook: a hook would turn the plain, bitwise path off).
@@ -44,13 +44,15 @@ class ExpertViews(nn.Module):
 
     counts_tokens = True
 
-    def __init__(self, weight: torch.Tensor, orientation: str) -> None:
+    def __init__(self, weight: torch.Tensor, orientation: str, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         for expert in range(weight.shape[0]):
             view = {"linear": lambda w: w, "matmul": lambda w: w.T, "row": lambda w: w[None, :],
                     "slot-sum": lambda w: w[:, None]}[orientation](weight[expert])
-            linear = nn.Linear(view.shape[1], view.shape[0], bias=False, device="meta")
+            linear = nn.Linear(view.shape[1], view.shape[0], bias=bias is not None, device="meta")
             linear.weight = nn.Parameter(view.detach(), requires_grad=weight.requires_grad)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias[expert].detach(), requires_grad=bias.requires_grad)
             self.add_module(str(expert), linear)
         self.__dict__["_addresses"] = [m.weight.data_ptr() for m in self.children()]
 

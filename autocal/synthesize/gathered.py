@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..detect.gathered import GatheredWeight
+from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
-from ..trace.dispatch import GatherTracker, slot_inputs
 from .forced import ExpertViews, forced_forward
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 
@@ -30,29 +30,33 @@ class GatheredCalibrationMoE(KeptForwardMoE):
     def __init__(self, original: nn.Module, config=None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
         for weight in self.plan.dispatch.weights:
-            owner_path, _, name = weight.param.rpartition(".")
-            owner = owned(self, original, owner_path)
-            param = owner._parameters.pop(name)
-            owner.__dict__[name] = param  # the forward still gathers from it
-            owner._modules[f"{name}_experts"] = ExpertViews(param, weight.orientation)
+            bias = _unlisted(self, original, weight.bias) if weight.bias else None
+            owner, name = _owner(self, original, weight.param)
+            param = _unlisted(self, original, weight.param)
+            viewed = param.view(weight.shape) if weight.shape else param
+            owner._modules[f"{name}_experts"] = ExpertViews(viewed, weight.orientation, bias)
         self.calibrate_all_experts = calibrate_all_experts
 
-    def _views(self) -> dict[int, tuple[ExpertViews, GatheredWeight]]:
-        """By the identity of each gathered parameter: its Linears and how it is gathered."""
+    def _views(self) -> dict[int, tuple[ExpertViews, GatheredWeight] | str]:
+        """By the identity of each gathered parameter: its Linears and how it is gathered (``BIAS`` for a bias
+        its weight's Linears hold)."""
         found = {}
         for weight in self.plan.dispatch.weights:
             owner_path, _, name = weight.param.rpartition(".")
             owner = self.get_submodule(owner_path)
             found[id(owner.__dict__[name])] = (owner._modules[f"{name}_experts"], weight)
+            if weight.bias:
+                bias_owner, _, bias_name = weight.bias.rpartition(".")
+                found[id(self.get_submodule(bias_owner).__dict__[bias_name])] = BIAS
         return found
 
     @property
     def experts_container(self) -> nn.Module:
-        return next(iter(self._views().values()))[0]
+        return next(found for found in self._views().values() if found != BIAS)[0]
 
     def forward(self, *args, **kwargs):
         by_weight = self._views()
-        views = [v for v, _ in by_weight.values()]
+        views = [found[0] for found in by_weight.values() if found != BIAS]
         if not self.calibrate_all_experts and all(v.plain() and not v.hooked() for v in views):
             return self._block_forward(*args, **kwargs)
         if not self.calibrate_all_experts:
@@ -62,12 +66,12 @@ class GatheredCalibrationMoE(KeptForwardMoE):
                               run=lambda: _dispatch(by_weight))
 
 
-def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight]]) -> GatherTracker:
+def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight] | str]) -> GatherTracker:
     """A mode computing each contraction of gathered expert weights by the chosen experts' Linears."""
 
     def contract(key, index, features, func, args, kwargs):
         views, weight = key
-        if func is not weight.contraction or (views.plain() and views.__dict__.get("observed") == set()):
+        if func not in weight.contractions or (views.plain() and views.__dict__.get("observed") == set()):
             return None  # quiet and plain: the op itself, bitwise
         if isinstance(index, int):  # one expert's slice, in the block's loop over the experts
             out = views.call(index, features.reshape(-1, features.shape[-1]))
@@ -78,6 +82,20 @@ def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight]]) -> GatherT
         return out.reshape(_shape_of(func, args, kwargs))
 
     return GatherTracker(weights, contract)
+
+
+def _owner(module: nn.Module, original: nn.Module, path: str) -> tuple[nn.Module, str]:
+    owner_path, _, name = path.rpartition(".")
+    return owned(module, original, owner_path), name
+
+
+def _unlisted(module: nn.Module, original: nn.Module, path: str) -> nn.Parameter:
+    """The parameter at ``path``, no longer listed (its experts' Linears list it) but still reachable by the
+    forward under its name."""
+    owner, name = _owner(module, original, path)
+    param = owner._parameters.pop(name)
+    owner.__dict__[name] = param
+    return param
 
 
 def _width(views: ExpertViews, weight: GatheredWeight) -> int:

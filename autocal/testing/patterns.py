@@ -38,7 +38,9 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
            "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
-           "ScoredInputsMoE", "TwoLevelMoE"]
+           "ScoredInputsMoE", "TwoLevelMoE",
+           "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
+           "GroupedWeightsMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -724,6 +726,115 @@ class TwoLevelMoE(nn.Module):
         return out.view_as(x)
 
 
+class TupleIndexMoE(nn.Module):
+    """Packed weights on the block gathered by tuple indexing (``W[idx, ...]``, ``W[idx, :, :]``), contracted by an
+    einsum of its own subscripts and by ``bmm`` over the flattened slots, biases added after each."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 5, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.gate = k, nn.Linear(hidden, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)  # [E, in, out]
+        self.b_in = nn.Parameter(torch.randn(experts, width) / 10)
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)  # [E, out, in]
+        self.b_out = nn.Parameter(torch.randn(experts, hidden) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.gate(t).softmax(-1).topk(self.k, dim=-1)
+        h = F.gelu(torch.einsum("nd,nkdw->nkw", t, self.w_in[idx, ...]) + self.b_in[idx, ...])
+        w_out = self.w_out[idx, :, :].reshape(-1, *self.w_out.shape[1:]).transpose(1, 2)  # [tokens * k, in, out]
+        y = torch.bmm(h.reshape(-1, 1, h.shape[-1]), w_out).view(*idx.shape, -1) + self.b_out[idx]
+        return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
+class ExpertIdProjection(nn.Module):
+    """One projection of every expert (``weight [E, out, in]``, ``bias [E, out]``), applied to one expert's rows."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, out_features, in_features) / in_features ** 0.5)
+        self.bias = nn.Parameter(torch.randn(experts, out_features) / 10)
+
+    def forward(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        return F.linear(x, self.weight[expert], self.bias[expert])
+
+
+class ExpertIdMoE(nn.Module):
+    """A router beside per-projection modules holding every expert, called with the expert's number in a loop."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(hidden, experts, bias=False)
+        self.fc1, self.fc2 = ExpertIdProjection(experts, hidden, width), ExpertIdProjection(experts, width, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(self.router.out_features):
+            token, slot = torch.where(idx == e)
+            out.index_add_(0, token, self.fc2(F.gelu(self.fc1(t[token], e)), e) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class DecodeGatherMoE(nn.Module):
+    """Packed experts run in a loop over ``W[e]``; one token (decode) instead gathers its experts' weights by
+    ``index_select`` and contracts them by einsum. Verification runs one token too: detection must see both."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        if t.shape[0] == 1:
+            chosen = idx[0]
+            h = F.gelu(torch.einsum("kwh,h->kw", torch.index_select(self.w1, 0, chosen), t[0]))
+            return (weights[0] @ torch.einsum("khw,kw->kh", torch.index_select(self.w2, 0, chosen), h)).view_as(x)
+        out = torch.zeros_like(t)
+        for e in range(self.w1.shape[0]):
+            token, slot = torch.where(idx == e)
+            out.index_add_(0, token, F.linear(F.gelu(F.linear(t[token], self.w1[e])), self.w2[e])
+                           * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class GroupedWeights(nn.Module):
+    """Every expert's weights side by side in two 2-D parameters (``[H, E * I]``, ``[E * I, H]``), viewed per expert
+    in the forward, rows split by per-expert counts."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4) -> None:
+        super().__init__()
+        self.experts = experts
+        self.weight1 = nn.Parameter(torch.randn(hidden, experts * width) / hidden ** 0.5)
+        self.weight2 = nn.Parameter(torch.randn(experts * width, hidden) / width ** 0.5)
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1 = self.weight1.view(self.experts, self.weight1.shape[0], -1)
+        w2 = self.weight2.view(self.experts, -1, self.weight2.shape[1])
+        return torch.cat([F.gelu(part @ w1[e]) @ w2[e] for e, part in enumerate(rows.split(counts.tolist()))])
+
+
+class GroupedWeightsMoE(nn.Module):
+    """Rows sorted by expert (``argsort``), a grouped MLP of side-by-side weights, weighted and scattered back."""
+
+    def __init__(self, hidden: int = 16, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(hidden, experts, bias=False)
+        self.mlp = GroupedWeights(hidden, experts=experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        order = idx.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.router.out_features)
+        out = self.mlp(t[order // self.k], counts) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -807,6 +918,10 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
              inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.ones(2, 5))),
     Pattern("scored_inputs", "last-resort", _seeded(ScoredInputsMoE)),
     Pattern("two_level_gate", "last-resort", _seeded(TwoLevelMoE)),
+    Pattern("tuple_index_gather", "gathered", _seeded(TupleIndexMoE)),
+    Pattern("expert_id_projections", "gathered", _seeded(ExpertIdMoE)),
+    Pattern("decode_gather", "gathered", _seeded(DecodeGatherMoE)),
+    Pattern("grouped_side_by_side", "gathered", _seeded(GroupedWeightsMoE)),
 ]}
 
 

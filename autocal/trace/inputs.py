@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from .. import errors
 
 __all__ = ["BlockCall", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs",
-           "mixed_dtypes"]
+           "mixed_dtypes", "one_token"]
 
 
 @dataclass
@@ -137,3 +137,19 @@ def mixed_dtypes(block: nn.Module) -> str | None:
         return None
     return " and ".join(f"{str(dtype).removeprefix('torch.')} ({', '.join(names[:3])})"
                         for dtype, names in owners.items())
+
+
+def one_token(args: tuple, kwargs: dict) -> tuple[tuple | None, dict]:
+    """The first token of a block call: the hidden states cut to one position in every leading dimension, and
+    each tensor input with the same leading dimensions cut alike (``token_type_ids``). None when there are no
+    hidden states to cut."""
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if hidden is None or hidden.dim() < 2:
+        return None, kwargs
+    leading = hidden.shape[:-1]
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.shape[:len(leading)] == leading:
+            return value[(slice(0, 1),) * len(leading)]
+        return value
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}

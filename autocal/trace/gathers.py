@@ -1,0 +1,162 @@
+"""Gathered expert weights at run time: what a gather of experts' entries is, and following it to its contraction.
+
+A gather takes entries of an ``[E, …]`` weight along its first dimension by
+expert indices, however it is spelt: ``W[idx]``, ``W[idx, ...]``,
+``W[idx, :, :]``, ``W[e]`` for one expert, ``index_select(W, 0, idx)``,
+``F.embedding(idx, W)``. Detection (``detect/gathered.py``) also checks on the
+recorded values that the op gave ``W[idx]``. The contraction that then applies
+the gathered weights to features is any op of two tensors (``einsum`` with any
+subscripts, ``matmul``, ``bmm``, ``F.linear``), possibly with a gathered bias
+as a third (``F.linear(x, W[e], b[e])``); detection reads what it computes from
+the recorded values, never from its name or subscripts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .record import flat_args
+
+__all__ = ["BIAS", "gathered_index", "reshaped_view", "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
+
+BIAS = "bias"  # the tracker's key of a gathered bias: it goes with its weight into the same contraction
+_ITEM = ("getitem", "__getitem__")
+
+
+def _expert_index(item: Any) -> torch.Tensor | int | None:
+    """``item`` when it can index experts: an integer tensor (not a mask), or an int."""
+    if isinstance(item, torch.Tensor):
+        return None if item.is_floating_point() or item.is_complex() or item.dtype == torch.bool else item
+    return item if isinstance(item, int) and not isinstance(item, bool) else None
+
+
+def _whole(item: Any) -> bool:
+    """An index entry that keeps a whole dimension (``...`` or ``:``)."""
+    return item is Ellipsis or (isinstance(item, slice) and item == slice(None))
+
+
+def gathered_index(func: Callable, args: tuple) -> tuple[torch.Tensor, torch.Tensor | int] | None:
+    """``(weight, index)`` when ``func(*args)`` takes entries of ``weight`` along its first dimension.
+
+    The index is an integer tensor (each token's or slot's expert) or an int (one
+    expert's slice, in a loop over the experts); every other dimension is kept whole.
+    """
+    name = getattr(func, "__name__", "")
+    if name in _ITEM and len(args) == 2 and isinstance(args[0], torch.Tensor):
+        items = args[1] if isinstance(args[1], tuple) else (args[1],)
+        index = _expert_index(items[0]) if items else None
+        return (args[0], index) if index is not None and all(_whole(i) for i in items[1:]) else None
+    if name == "embedding" and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+        index = _expert_index(args[0])
+        return (args[1], index) if isinstance(index, torch.Tensor) else None
+    if name == "index_select" and len(args) == 3 and isinstance(args[0], torch.Tensor) \
+            and args[1] in (0, -args[0].dim()):
+        index = _expert_index(args[2])
+        return (args[0], index) if isinstance(index, torch.Tensor) else None
+    return None
+
+
+class GatherTracker(TorchFunctionMode):
+    """Follows expert weights gathered from known parameters, through views, to the op that contracts them.
+
+    ``params`` maps the identity of each tracked parameter to its key (``BIAS``:
+    a bias that goes with a gathered weight into its contraction); a view of one
+    (``weight1.view(E, H, -1)``) is tracked as the parameter. At an op of
+    one gathered weight, its gathered biases and one other tensor (the features),
+    ``contract(key, index, features, func, args, kwargs)`` is called (``index``
+    the expert indices or number); what it returns replaces the op's result,
+    None keeps the op.
+    """
+
+    def __init__(self, params: dict[int, object], contract: Callable) -> None:
+        super().__init__()
+        self.params, self.contract = params, contract
+        self.marks: dict[int, tuple] = {}
+        self.views: dict[int, tuple] = {}  # views of tracked parameters: (the view, kept alive; the key)
+
+    def _key(self, tensor: torch.Tensor) -> object:
+        return self.params[id(tensor)] if id(tensor) in self.params else self.views.get(id(tensor), (None, None))[1]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = gathered_index(func, args)
+        if found is not None and (id(found[0]) in self.params or id(found[0]) in self.views):
+            out = func(*args, **kwargs)
+            index = found[1]
+            index = int(index) if isinstance(index, torch.Tensor) and index.dim() == 0 else index  # one expert
+            self.marks[id(out)] = (out, self._key(found[0]), index)
+            return out
+        tensors = [a for a in flat_args((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
+        if len(tensors) == 1 and (id(tensors[0]) in self.params or id(tensors[0]) in self.views):
+            out = func(*args, **kwargs)
+            if reshaped_view(out, tensors[0]):
+                self.views[id(out)] = (out, self._key(tensors[0]))
+            return out
+        marked = [a for a in tensors if id(a) in self.marks]
+        if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.numel() == marked[0].numel():
+                self.marks[id(out)] = (out, *self.marks[id(marked[0])][1:])
+            return out
+        weights = [a for a in marked if self.marks[id(a)][1] != BIAS]
+        if len(weights) == 1 and len(tensors) - len(marked) == 1:
+            for tensor in marked:
+                _, key, index = self.marks.pop(id(tensor))
+                if tensor is weights[0]:
+                    found_key, found_index = key, index
+            features = next(a for a in tensors if id(a) not in {id(m) for m in marked})
+            result = self.contract(found_key, found_index, features, func, args, kwargs)
+            if result is not None:
+                return result
+        return func(*args, **kwargs)
+
+
+def reshaped_view(out: object, weight: torch.Tensor) -> bool:
+    """Is ``out`` ``weight`` in another shape, its entries in the same order (``view``, ``reshape``)?"""
+    return (isinstance(out, torch.Tensor) and out.numel() == weight.numel() and out.is_contiguous()
+            and weight.is_contiguous() and out.data_ptr() == weight.data_ptr() and out.dtype == weight.dtype)
+
+
+def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | None:
+    """``features`` as ``[*slots, in]``: one row per slot, or a token's row repeated over its slots.
+
+    One row per slot may come in any shape of as many rows, slots in order: size-1 dimensions a batched matmul
+    needs (``x[:, None] @ W[index]``), or the slots flattened for ``bmm`` (``[tokens * k, 1, in]``).
+    """
+    leading = tuple(features.shape[:-1])
+    if math.prod(leading) == math.prod(slots) and leading != tuple(slots):
+        return features.reshape(*slots, features.shape[-1])
+    if leading == tuple(slots):
+        return features
+    if leading == tuple(slots[:len(leading)]):
+        view = features.reshape(*leading, *[1] * (len(slots) - len(leading)), features.shape[-1])
+        return view.expand(*slots, features.shape[-1])
+    return None
+
+
+def slot_inputs(orientation: str, features: torch.Tensor, slots: torch.Size, width: int) -> torch.Tensor | None:
+    """Each slot's input to its expert's Linear, ``[*slots, in]``, from the contraction's other operand."""
+    if orientation in ("linear", "matmul"):
+        return slot_features(features, slots)
+    if orientation == "row":  # the features of each slot or of each token, in any layout of that size
+        for leading in (tuple(slots), tuple(slots[:-1])):
+            if features.numel() == math.prod(leading) * width:
+                return slot_features(features.reshape(*leading, width), slots)
+    if orientation == "slot-sum" and features.numel() == math.prod(slots):
+        return features.reshape(*slots, 1)
+    return None
+
+
+def per_slot(orientation: str, inputs: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+    """What the contraction computes from each slot's inputs and gathered weights (slot sums done)."""
+    if orientation == "linear":
+        return torch.einsum("...i,...oi->...o", inputs, gathered)
+    if orientation == "matmul":
+        return torch.einsum("...i,...io->...o", inputs, gathered)
+    if orientation == "row":
+        return (inputs * gathered).sum(-1, keepdim=True)
+    return (inputs * gathered).sum(-2)
