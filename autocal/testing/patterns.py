@@ -879,7 +879,8 @@ def _seeded(make: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return seeded
 
 
-def _failing(name: str, fails: str, make: Callable[[], nn.Module], shape: tuple[int, ...], **more) -> Pattern:
+def _failing(name: str, fails: str, make: Callable[[], nn.Module], shape: tuple[int, ...] = (2, 5, 16),
+             **more) -> Pattern:
     return Pattern(name, None, _seeded(make), shape, fails, **more)
 
 
@@ -911,10 +912,10 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _failing("summed_heads", errors.NO_MOE_BLOCK, lambda: SummedHeads([nn.Linear(8, 8) for _ in range(3)]),
              (2, 5, 8)),
     _failing("table_routing", errors.NO_MOE_BLOCK, TableRoutingMoE, (2, 3, 8)),
-    _failing("banks_below_router", errors.NO_MOE_BLOCK, BanksBelowRouterMoE, (2, 5, 8)),
-    _failing("position_tables", NOT_AN_MOE, TwoPositionTables, (1, 5),
+    _failing("banks_below_router", errors.NO_MOE_BLOCK, BanksBelowRouterMoE, (9, 8)),
+    _failing("position_tables", NOT_AN_MOE, TwoPositionTables,
              inputs=lambda g: (torch.randint(0, 16, (1, 5, 2), generator=g),)),
-    _failing("masked_encoder", NOT_AN_MOE, MaskedEncoder, (2, 5, 8),
+    _failing("masked_encoder", NOT_AN_MOE, MaskedEncoder,
              inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.ones(2, 5))),
     Pattern("scored_inputs", "last-resort", _seeded(ScoredInputsMoE)),
     Pattern("two_level_gate", "last-resort", _seeded(TwoLevelMoE)),
