@@ -28,11 +28,11 @@ import torch
 from compressed_tensors.distributed import greedy_bin_packing
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
-from compressed_tensors.utils import get_execution_device, getattr_chain
+from compressed_tensors.utils import getattr_chain
 from llmcompressor.core import State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
-from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, batch_key, max_batch_size, update_batch_qparams
+from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, batch_key, update_batch_qparams
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from loguru import logger
 from pydantic import PrivateAttr
@@ -43,7 +43,12 @@ from ... import errors
 from ...sharing import shared_input_groups
 from .group_gptq import SharedFactorization, quantize_shared
 
-__all__ = ["SharedHessianGPTQModifier", "SharingError"]
+__all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
+
+# With ``batched_quantization="auto"``, how much memory a batch of a group's Linears may take while quantized
+# together. Fixed, rather than LLM Compressor's share of the free GPU memory, so that the peak does not grow with
+# the group: batches of 9 DeepSeek-V3 expert projections (2048 x 7168), of 170 of Qwen3-30B-A3B (768 x 2048).
+BATCH_BYTES = 2**30
 
 
 class SharingError(errors.AutocalError, RuntimeError):
@@ -145,20 +150,17 @@ class SharedHessianGPTQModifier(GPTQModifier):
 
     def _batches(self, members: list[nn.Module]) -> list[list[nn.Module]]:
         """Members of one weight shape, dtype, device and scheme (``batch_key``), at most ``batched_quantization``
-        at once where it is a number (all of them where it is "auto" and the device a CPU, which LLM Compressor
-        batches by one: memory, not kernel launches, is what batching costs there)."""
+        at once where it is a number, one by one where it is None, and with "auto" as many as a working set of
+        ``BATCH_BYTES`` holds (``quantize_shared``: the float32 weights, and as much again)."""
         batches: dict[tuple, list[nn.Module]] = {}
         for index, member in enumerate(members):
             batches.setdefault(batch_key(member) or (index,), []).append(member)
-        limit = self.batched_quantization
         split = []
         for batch in batches.values():
+            limit = self.batched_quantization or 1
             if limit == "auto":
-                cpu = get_execution_device(batch[0]).type == "cpu"
-                limit_here = len(batch) if cpu else max_batch_size(batch[0], limit, self.block_size)
-            else:
-                limit_here = limit or 1
-            split += [batch[i:i + limit_here] for i in range(0, len(batch), limit_here)]
+                limit = max(1, BATCH_BYTES // (2 * batch[0].weight.numel() * GPTQ_PRECISION.itemsize))
+            split += [batch[i:i + limit] for i in range(0, len(batch), limit)]
         return split
 
     def _compress_batch(self, batch: list[nn.Module], shared: SharedFactorization) -> None:
@@ -166,14 +168,12 @@ class SharedHessianGPTQModifier(GPTQModifier):
         qparams = [module.weight_observer.get_qparams() for module in batch]
         names = [self._module_names[module] for module in batch]
         logger.info(f"Quantizing {len(batch)} module(s) sharing one Hessian factorization: {names}")
-        weights = torch.stack([module.weight.to(GPTQ_PRECISION) for module in batch])
         scales = torch.stack([q["scale"] for q in qparams])
         zero_points = torch.stack([q["zero_point"] for q in qparams])
         global_scales = (torch.stack([q["global_scale"].reshape(-1)[0] for q in qparams])
                          if qparams[0]["global_scale"] is not None else None)
-        quantized, _losses = quantize_shared(weights, shared, scales, zero_points, global_scales, quant_args,
-                                             self.block_size)
-        del weights
+        quantized, _losses = quantize_shared([module.weight for module in batch], shared, scales, zero_points,
+                                             global_scales, quant_args, self.block_size)
         if shared.fallback:
             self._rtn_fallback_module_names += names
         update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args)

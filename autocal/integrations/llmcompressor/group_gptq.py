@@ -3,7 +3,8 @@
 GPTQ's activation order (the Hessian's diagonal, sorted), its dampening and its Cholesky factor of the
 inverse depend on the Hessian alone. For Linears that share a Hessian (``autocal.shared_input_groups``)
 ``SharedFactorization`` computes them once, and ``quantize_shared`` runs the column-block updates on the
-stacked weights ``[G, out, in]`` of any number of those Linears at once, the factor broadcast over them.
+stacked weights ``[G, out, in]`` of any number of those Linears at once, the factor broadcast over them:
+GPTQ's per-column loop then runs once per batch of Linears instead of once per Linear.
 
 The arithmetic is LLM Compressor's own, called, not copied: its ``apply_activation_ordering`` and
 ``factorize_hessian`` on the one Hessian, and its ``gptq_block_update`` (the eager loop, or the fused Triton
@@ -18,6 +19,7 @@ single-matrix ones used here (``benchmarks/gptq_gpu.py`` reports the difference)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,18 +73,20 @@ def _group_index(quant_args: QuantizationArgs, columns: int, perm: torch.Tensor 
     return index
 
 
-def quantize_shared(weights: torch.Tensor, shared: SharedFactorization, scale: torch.Tensor,
+def quantize_shared(weights: Sequence[torch.Tensor], shared: SharedFactorization, scale: torch.Tensor,
                     zero_point: torch.Tensor, global_scale: torch.Tensor | None, quant_args: QuantizationArgs,
                     blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ on stacked weights ``[G, out, in]`` (overwritten) that share ``shared``'s Hessian.
+    """GPTQ on weights of one shape ``[out, in]`` that share ``shared``'s Hessian, stacked ``[G, out, in]``.
 
     ``scale``, ``zero_point`` and ``global_scale`` are the weight observers' qparams, stacked as LLM
-    Compressor's ``prepare_batch`` stacks them. Returns the quantized weights and each weight's loss.
+    Compressor's ``prepare_batch`` stacks them. Returns the quantized weights, stacked, in float32, and each
+    weight's loss. Memory: the stacked weights in float32, and at most as much again for the error a block
+    propagates to the columns after it.
     """
-    count, rows, columns = weights.shape
-    work = weights.to(GPTQ_PRECISION)
-    if shared.perm is not None:
-        work = work[:, :, shared.perm]
+    count, (rows, columns) = len(weights), weights[0].shape
+    work = torch.empty((count, rows, columns), dtype=GPTQ_PRECISION, device=weights[0].device)
+    for index, weight in enumerate(weights):  # one weight at a time: no second stacked copy
+        work[index].copy_(weight if shared.perm is None else weight[:, shared.perm])
     work.masked_fill_(shared.dead, 0)
     group_index = _group_index(quant_args, columns, shared.perm, work.device)
     factor = shared.factor.expand(count, columns, columns)  # one factor, seen by every weight
@@ -99,5 +103,7 @@ def quantize_shared(weights: torch.Tensor, shared: SharedFactorization, scale: t
         if end < columns:
             work[:, :, end:] -= torch.bmm(error, factor[:, start:end, end:])
     if shared.perm is not None:
-        work = work[:, :, torch.argsort(shared.perm)]
+        inverse = torch.argsort(shared.perm)
+        for index in range(count):
+            work[index] = work[index][:, inverse]
     return work, losses.sum(1)
