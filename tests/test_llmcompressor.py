@@ -549,6 +549,44 @@ def test_shared_hessian_gptq_distributed_equals_one_process(workdir, tmp_path):
             differing += (state["weight"] != expected["weight"]).sum().item()
         assert differing <= 1e-3 * sum(expected["weight"].numel() for expected in quantized.values())
 
+
+def test_shared_observers_give_quantization_modifier_result(workdir):
+    """``SharedObserverQuantizationModifier`` (static FP8) hooks the input observer of each group's first member
+    only: per calibration batch, E + 1 hooked expert Linear calls per block instead of 3E. The input scales, the
+    weight scales and the logits are bitwise those of ``QuantizationModifier`` through autocal."""
+    from llmcompressor.modifiers.quantization.quantization import mixin
+
+    from autocal.integrations.llmcompressor.observers import SharedObserverQuantizationModifier
+
+    result = run("qwen3_moe", "fp8", workdir)  # QuantizationModifier through autocal
+    model = load(result.original)
+    alc.prepare(model)
+    observed = {}
+    observe = mixin.calibrate_input_hook
+
+    def counting(module, args):
+        observed[module] = observed.get(module, 0) + 1
+        return observe(module, args)
+
+    recipe = SharedObserverQuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])
+    with mock.patch.object(mixin, "calibrate_input_hook", counting):
+        alc.oneshot(model, recipe=recipe, **oneshot_kwargs(result.original.vocab))
+    groups = autocal.shared_input_groups(model)
+    experts = [model.get_submodule(lin.path) for lin in alc.expert_linears(model)]
+    assert len(groups) == 2 and len(experts) == 2 * 8 * 3
+    assert sum(observed.get(m, 0) for m in experts) == CALIBRATION[0] * 2 * (8 + 1)
+    for group in groups:
+        first, *rest = (model.get_submodule(path) for path in group)
+        assert observed[first] == CALIBRATION[0] and not any(m in observed for m in rest)
+    for path, scales in result.scales.items():
+        assert {"weight_scale", "input_scale"} <= set(scales)
+        for name, scale in scales.items():
+            assert torch.equal(scale, getattr(model.get_submodule(path), name)), (path, name)
+    with torch.no_grad():
+        logits = model(input_ids=tokens(HELD_OUT, 1, result.original.vocab)).logits
+    assert torch.equal(logits, result.quantized)
+
+
 def awq_recipe():
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.awq import AWQModifier
