@@ -12,7 +12,7 @@ so their GPTQ Hessians ``2 XᵀX / n`` are one and the same. ``SharedHessianGPTQ
 
 Observers, the update arithmetic and the written weights and scales are LLM Compressor's own, so on a CPU the
 result is what ``GPTQModifier`` gives through autocal, bitwise. Linears in no group (down projections,
-attention) go through ``GPTQModifier``'s own path.
+attention) go through ``GPTQModifier``'s own path, in batches of one shape that stay under ``BATCH_BYTES``.
 
 Sharing is checked, not assumed: within a group, the first Linear called on a tensor accumulates it and the
 others only confirm that they were called on that same tensor (the same object, still referenced, so its
@@ -32,7 +32,8 @@ from compressed_tensors.utils import getattr_chain
 from llmcompressor.core import State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
-from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION, batch_key, update_batch_qparams
+from llmcompressor.modifiers.gptq.helpers import (GPTQ_PRECISION, MIN_BATCHED_CHOLESKY_SIZE, batch_key,
+                                                   update_batch_qparams)
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from loguru import logger
 from pydantic import PrivateAttr
@@ -178,6 +179,26 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._rtn_fallback_module_names += names
         update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args)
         self._num_compressed_modules += len(batch)
+
+    def compress_module_list(self, module_list: list[nn.Module]) -> None:
+        """``GPTQModifier``'s, for the Linears in no group, with "auto" batches of at most ``BATCH_BYTES`` and 15
+        Linears of one shape. LLM Compressor's "auto" quantizes them one by one on a CPU, and on a GPU fills 75%
+        of the free memory (by its estimate, 53 GB for DeepSeek-V3's 256 down projections). Under 16, it
+        factorizes each Hessian on its own (``MIN_BATCHED_CHOLESKY_SIZE``): the result is that of one at a time,
+        bitwise."""
+        if self.batched_quantization != "auto":
+            return super().compress_module_list(module_list)
+        by_shape: dict[tuple, list[nn.Module]] = {}
+        for module in module_list:
+            by_shape.setdefault(tuple(module.weight.shape), []).append(module)
+        for (rows, columns), modules in by_shape.items():
+            held = 3 * (columns * columns + rows * columns) * GPTQ_PRECISION.itemsize  # Hessians, weights, copies
+            limit = max(1, min(MIN_BATCHED_CHOLESKY_SIZE - 1, BATCH_BYTES // held))
+            try:
+                self.batched_quantization = limit
+                super().compress_module_list(modules)
+            finally:
+                self.batched_quantization = "auto"
 
     def _compress_distributed(self, groups: list[_Group]) -> None:
         """LLM Compressor's distributed compression, with a group as one unit: its one Hessian is reduced to
