@@ -48,7 +48,7 @@ __all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
 
 # With ``batched_quantization="auto"``, how much memory a batch of a group's Linears may take while quantized
 # together. Fixed, rather than LLM Compressor's share of the free GPU memory, so that the peak does not grow with
-# the group: batches of 9 DeepSeek-V3 expert projections (2048 x 7168), of 170 of Qwen3-30B-A3B (768 x 2048).
+# the group: batches of 9 DeepSeek-V3 expert projections (2048 x 7168), of 85 of Qwen3-30B-A3B (768 x 2048).
 BATCH_BYTES = 2**30
 
 
@@ -83,7 +83,8 @@ class _Group:
 
 
 class SharedHessianGPTQModifier(GPTQModifier):
-    """``GPTQModifier`` accumulating one Hessian per group of expert Linears that share an input.
+    """``GPTQModifier`` with one Hessian per group of expert Linears that share an input, factorized once, and
+    the group's weights quantized together.
 
     Use it in place of ``GPTQModifier`` on a model ``prepare`` converted; the arguments are
     ``GPTQModifier``'s. Linears in no group (the down projections, attention) keep their own Hessian.
