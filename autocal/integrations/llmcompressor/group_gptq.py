@@ -14,7 +14,7 @@ the shape LLM Compressor multiplies. Per weight the arithmetic is that of its ``
 weight at a time (its default on a CPU), so the quantized weights are identical
 (``tests/test_llmcompressor.py``). On a GPU, LLM Compressor batches same-shape Linears and factorizes
 16 or more Hessians at once with the batched Cholesky kernels, whose rounding may differ from the
-single-matrix ones used here (``benchmarks/gptq_gpu.py`` reports the difference).
+single-matrix ones used here (``benchmarks/gptq_shared.py`` reports the difference).
 """
 
 from __future__ import annotations
