@@ -12,6 +12,13 @@
 #
 # Writes $OUT/calibration_forward_<device>.json and .log (with RUNS: _run<i>.json and .log each, and
 # _summary.json and .log), and $OUT/environment.txt.
+#
+# GPTQ W4A16 end to end (benchmarks/gptq_shared.py): LLM Compressor alone against autocal with
+# SharedHessianGPTQModifier, each in a fresh process, one layer shape per command (each fits in 10 minutes):
+#   BENCH=gptq SHAPE=qwen3-30b-a3b bash benchmarks/gpu_run.sh
+#   BENCH=gptq SHAPE=deepseek-v3 bash benchmarks/gpu_run.sh
+#   BENCH=gptq SHAPE=tiny DEVICE=cpu bash benchmarks/gpu_run.sh    # test the script on a CPU
+# Writes $OUT/gptq_shared_<device>_<shape>.json and .log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/autocal-bench}
@@ -41,6 +48,14 @@ else
   args=(--device "$DEVICE" --dtype float32)
 fi
 set -o pipefail
+if [ "${BENCH:-calibration_forward}" = gptq ]; then
+  dtype=bfloat16
+  if [ "$DEVICE" != cuda ]; then dtype=float32; export CUDA_VISIBLE_DEVICES=""; fi
+  name="gptq_shared_${DEVICE}_${SHAPE:?BENCH=gptq needs SHAPE=qwen3-30b-a3b, deepseek-v3 or tiny}"
+  "$PY" benchmarks/gptq_shared.py --shape "$SHAPE" --dtype "$dtype" --methods incumbent shared --rounds 1 \
+    --json "$OUT/$name.json" "$@" 2>&1 | grep --line-buffered -v "No accelerator available" | tee "$OUT/$name.log"
+  exit 0
+fi
 # RUNS=n: n runs, each a fresh process (the host's speed varies between processes), and their summary.
 RUNS=${RUNS:-1}
 for run in $(seq "$RUNS"); do

@@ -14,6 +14,8 @@ subprocess:
   (``prepare(group_experts=False)``), as autocal did before it recognised the
   offloading wrappers LLM Compressor's pipeline puts on every module (the rule
   of commit 5270eda called each expert under such a wrapper on its own);
+- ``autocal-shared-observers``: ``autocal`` with ``SharedObserverQuantizationModifier`` (the input observer
+  of each group of expert Linears sharing an input hooked on its first member only);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
   on the unconverted model (LLM Compressor linearizes the experts itself).
 
@@ -51,7 +53,7 @@ from _common import Shape, machine, qwen3_moe_config, run_result, write_json  # 
 
 __all__ = ["main"]
 
-METHODS = ("autocal", "autocal-propagate-all", "autocal-one-by-one", "incumbent")
+METHODS = ("autocal", "autocal-propagate-all", "autocal-one-by-one", "autocal-shared-observers", "incumbent")
 
 
 def save_model(args, path: Path) -> None:
@@ -93,10 +95,16 @@ def child(args) -> dict:
     else:
         from autocal.integrations import llmcompressor as alc
 
+        if args.method == "autocal-shared-observers":
+            from autocal.integrations.llmcompressor.observers import SharedObserverQuantizationModifier
+
+            recipe = SharedObserverQuantizationModifier(targets="Linear", scheme="FP8",
+                                                        ignore=["lm_head", "re:.*mlp.gate$"])
         started = time.perf_counter()
         alc.prepare(model, group_experts=args.method != "autocal-one-by-one")
         prepared = time.perf_counter()
-        alc.oneshot(model, recipe=recipe, propagate_routed=args.method == "autocal", **kwargs)
+        routed = args.method in ("autocal", "autocal-shared-observers")
+        alc.oneshot(model, recipe=recipe, propagate_routed=routed, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
     scaled = sum(hasattr(m, "input_scale") and bool(torch.isfinite(m.input_scale).all()) for m in experts)

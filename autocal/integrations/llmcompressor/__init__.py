@@ -37,9 +37,11 @@ What each step guarantees:
 
 Modules, one per step: ``blocks`` (what autocal converted, gates), ``naming`` (checkpoint
 names), ``preparation`` (``prepare``), ``tracking`` (``Coverage``), ``checkpoint``
-(``save_pretrained``), ``calibration`` (``oneshot``). Everything is re-exported here, but for
-``gptq`` (``SharedHessianGPTQModifier``: one GPTQ Hessian per group of expert Linears that share an
-input), which imports llmcompressor as it is imported.
+(``save_pretrained``), ``calibration`` (``oneshot``). Everything is re-exported here, but for the
+modifiers that compute a statistic once per group of expert Linears sharing an input, which import
+llmcompressor as they are imported: ``gptq`` (``SharedHessianGPTQModifier``: one GPTQ Hessian, one
+factorization, batched updates; the arithmetic in ``group_gptq``) and ``observers``
+(``SharedObserverQuantizationModifier``: one static input observer).
 """
 
 from .blocks import ExpertLinear, calibration_blocks, default_ignore, expert_linears, gate_modules
