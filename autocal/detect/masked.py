@@ -9,15 +9,20 @@ slot); tokens past an expert's capacity are dropped. The pass finds the
 contraction whose output the expert inputs are slices of: one operand the token
 rows ``[S, M]``, the other a 0/1 mask with a dimension of the tokens and one of
 the experts. It checks that each expert's non-zero input rows are exactly the
-rows of the tokens its slice of the mask marks.
+rows of the tokens its slice of the mask marks. Where each expert is called once
+and its input rows are its slots in the mask's order (``_slot_width``), the
+calibration module knows which rows are empty slots.
 
 At run time the calibration module (``synthesize/container.py``) keeps that
 contraction's operands (the ``ordinal``-th call of its function that fits) and, after the block's forward,
-runs each expert on the tokens its mask left out (dropped ones included).
+runs each expert on the tokens its mask left out (dropped ones included). Where
+the slots map to rows, an expert's calls in the block's forward get only the
+rows of the slots its mask fills: empty slots are not tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -60,6 +65,32 @@ def _check(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor, cal
     return True
 
 
+def _slot_width(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor, calls: list[fx.Node],
+                expert_paths: dict[str, int]) -> int | None:
+    """The experts' output width if each expert is called once with its slots of the mask as its input rows, in
+    order, and returns one row per input row (the calibration module can then leave empty slots out)."""
+    if len({expert_paths[call.target] for call in calls}) != len(calls):
+        return None
+    widths = set()
+    for call in calls:
+        given, output = value(call.args[0]), value(call)
+        if not (isinstance(output, torch.Tensor) and output.shape[:-1] == given.shape[:-1]
+                and _given_its_slots(given, dispatch.slots(mask, expert_paths[call.target]), tokens)):
+            return None
+        widths.add(output.shape[-1])
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _given_its_slots(given: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor) -> bool:
+    """Is row p of ``given`` the row of the token the mask puts in slot p, or zeros where it puts none?"""
+    if given.shape[-1] != tokens.shape[-1] or given.numel() != tokens.shape[-1] * slots.shape[1]:
+        return False
+    if (slots.sum(0) > 1).any():
+        return False
+    filling = tokens[slots.int().argmax(0)]
+    return torch.equal(given.reshape(filling.shape), torch.where(slots.any(0)[:, None], filling, 0))
+
+
 def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
     """``mask-dispatch``: dispatch by a mask contraction (see the module docstring)."""
     found = block_recording(facts)
@@ -85,6 +116,8 @@ def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
             ordinal = [n for n in same if dispatch.operands(tuple(value(a) for a in n.args))].index(node)
             dispatch = MaskDispatch(node.target, ordinal, token_dim, expert_dim, len(entries))
             if _check(dispatch, mask, tokens, calls, expert_paths):
+                width = _slot_width(dispatch, mask, tokens, calls, expert_paths)
+                dispatch = dataclasses.replace(dispatch, out_features=width)
                 return _structure(block, name, entries, rec, calls, dispatch, mask_node)
     return NoMatch("the experts' inputs are a contraction, but not of the token rows with a 0/1 mask that marks "
                    "each expert's tokens", source_of(node))
@@ -103,6 +136,8 @@ def _structure(block: nn.Module, name: str, entries: list[nn.Module], rec, calls
     router.num_choices = max(router.num_choices, len(entries))
     experts = module_experts_info(name, block.get_submodule(name), entries, calls[0], "in the combine contraction")
     experts.layout["unrouted tokens"] = "the tokens the dispatch mask leaves out (dropped ones included)"
+    if dispatch.out_features is not None:
+        experts.layout["empty slots"] = "left out of the experts' calls with calibration on"
     ancestry = Ancestry(rec.graph)
     routing = {n.meta.get("module_path", "").split(".")[0] for n in ancestry.of(mask_node)}
     structure = MoEStructure(

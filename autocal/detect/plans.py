@@ -183,7 +183,10 @@ class MaskDispatchPlan(Plan):
     dispatch: MaskDispatch = field(default=None, repr=False)
 
     def describe(self) -> str:
-        return "the block keeps its forward; each expert then runs on the tokens its dispatch mask left out"
+        if self.dispatch is None or self.dispatch.out_features is None:
+            return "the block keeps its forward; each expert then runs on the tokens its dispatch mask left out"
+        return ("the block keeps its forward, each expert given only the capacity slots its dispatch mask fills; "
+                "each expert then runs on the tokens the mask left out")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ original block back.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -106,10 +107,18 @@ def build_recorded_block(plan: RecordedBlockPlan, block: nn.Module) -> type[Reco
 
 class MaskDispatchMoE(KeptForwardMoE):
     """A block dispatching by a mask contraction (``detect/masked.py``), kept as it is; calibration keeps that
-    contraction's operands and runs each expert on the tokens its mask left out."""
+    contraction's operands, gives each expert only the slots its mask fills where detection mapped slots to its
+    input rows, and runs each expert on the tokens its mask left out."""
 
-    def watching(self):
-        return _Capture(self.plan.dispatch)
+    @contextmanager
+    def watching(self) -> Iterator[_Capture]:
+        dispatch = self.plan.dispatch
+        with ExitStack() as stack:
+            capture = stack.enter_context(_Capture(dispatch))
+            if dispatch.out_features is not None:
+                for expert, module in enumerate(self.expert_modules()):
+                    stack.enter_context(_filled_slots_only(module, expert, dispatch, capture))
+            yield capture
 
     def run_unrouted(self, bound: dict, capture) -> None:
         dispatch = self.plan.dispatch
@@ -121,6 +130,54 @@ class MaskDispatchMoE(KeptForwardMoE):
             rows = tokens[dispatch.unrouted(mask, expert)]
             if rows.shape[0]:
                 module(rows)
+
+
+@contextmanager
+def _filled_slots_only(module: nn.Module, expert: int, dispatch: MaskDispatch, capture: _Capture) -> Iterator[None]:
+    """Within, ``module`` called on its slots gets only the rows of those the captured mask fills (none: no call).
+
+    A pre-hook, first of the module's own, narrows the input, so that hooks
+    (coverage, observers) see the tokens only; ``forward`` is wrapped for as
+    long to put the outputs back in place, empty slots' outputs zero (their
+    combine weight is zero). A call whose input is not one row per slot keeps
+    its input.
+    """
+    narrowed: list[tuple[torch.Size, torch.Tensor] | None] = []
+
+    def narrow(_, args, kwargs):
+        given = args[0] if args and isinstance(args[0], torch.Tensor) and capture.found is not None else None
+        filled = None if given is None or not given.dim() else dispatch.slots(capture.found[0], expert).any(0)
+        if filled is None or given.numel() != filled.shape[0] * given.shape[-1]:
+            narrowed.append(None)
+            return None
+        narrowed.append((given.shape[:-1], filled))
+        return (given.reshape(-1, given.shape[-1])[filled], *args[1:]), kwargs
+
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        slots = narrowed.pop()
+        if slots is None:
+            return original(*args, **kwargs)
+        shape, filled = slots
+        if not args[0].shape[0]:
+            return args[0].new_zeros(*shape, dispatch.out_features)
+        rows = original(*args, **kwargs).reshape(-1, dispatch.out_features)
+        outputs = rows.new_zeros(filled.shape[0], dispatch.out_features)
+        outputs[filled] = rows
+        return outputs.reshape(*shape, dispatch.out_features)
+
+    handle = module.register_forward_pre_hook(narrow, with_kwargs=True, prepend=True)
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        handle.remove()
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class _Capture(TorchFunctionMode):
