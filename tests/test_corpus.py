@@ -47,12 +47,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("capacity_top1", check): (Mismatch, "wrong: the experts' chunks hold empty capacity slots (zero rows), "
                                   "counted as tokens")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed")},
-    ("conv1d_transposed", "synthesize"): (AutocalError, "no-moe-block: experts of a Linear class storing "
-                                          "[in, out] weights are not read as experts"),
-    ("conv1d_transposed", "tokens"): (AutocalError, "no-moe-block: as synthesize"),
-    **{("conv1d_transposed", check): (AutocalError, "unsupported-dispatch: the list of such experts is named, "
-                                      "not converted")
-       for check in ("convert", "convert_example", "mixed", "explain_k")},
     **{("dense_then_gather", check): (AutocalError, "unsupported-dispatch: expert outputs, not weights, are "
                                       "gathered by the top-k")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
