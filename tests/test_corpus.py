@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from autocal.errors import AutocalError
 from autocal.testing.corpus import (
     ENTRIES,
-    Mismatch,
     check_convert,
     check_explain_k,
     check_mixed,
@@ -44,12 +43,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
                                      "with calibration on (two expert sets chosen by token_type_ids)")
        for check in ("convert", "convert_example", "mixed")},
-    ("conv1d_transposed", "synthesize"): (AutocalError, "no-moe-block: experts of a Linear class storing "
-                                          "[in, out] weights are not read as experts"),
-    ("conv1d_transposed", "tokens"): (AutocalError, "no-moe-block: as synthesize"),
-    **{("conv1d_transposed", check): (AutocalError, "unsupported-dispatch: the list of such experts is named, "
-                                      "not converted")
-       for check in ("convert", "convert_example", "mixed", "explain_k")},
     **{("dense_then_gather", check): (AutocalError, "unsupported-dispatch: expert outputs, not weights, are "
                                       "gathered by the top-k")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},

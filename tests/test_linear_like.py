@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autocal import synthesize
-from autocal.detect.linear_like import as_linear, linear_like, made_of_linears
+from autocal.detect.linear_like import as_linear, linear_like, linear_orientation, made_of_linears
 from autocal.rules import find_moe_blocks
-from autocal.testing.corpus import ENTRIES, MultipliedExpert, ShardLinear, ShardMLP
+from autocal.testing.corpus import ENTRIES, MultipliedExpert, ShardLinear, ShardMLP, TransposedConv1D
 
 
 class ScaledLinear(nn.Module):
@@ -33,6 +33,52 @@ def test_linear_like_is_read_from_the_forward():
     assert linear_like(ShardLinear(4, 3)) and linear_like(ShardLinear(4, 3, bias=True))
     assert not linear_like(ScaledLinear())
     assert not linear_like(nn.Linear(4, 3))  # already one: nothing to view
+
+
+class MatmulLinear(nn.Module):
+    """``weight [in, out]`` used as ``x @ weight`` (no bias); ``transposed`` uses it as ``x @ weight.t()``."""
+
+    def __init__(self, size: int, transposed: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(size, size))
+        self.transposed = transposed
+
+    def forward(self, x):
+        return x @ (self.weight.t() if self.transposed else self.weight)
+
+
+class OffsetConv1D(TransposedConv1D):
+    """``addmm`` of an ``[in, out]`` weight, plus one: affine, but not this weight's Linear."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+def _normal(module: nn.Module) -> nn.Module:
+    for param in module.parameters():
+        nn.init.normal_(param)
+    return module
+
+
+def test_the_weight_orientation_is_read_from_what_the_forward_computes():
+    """Square weights too: which side of the product the weight is on decides, not its shape."""
+    assert linear_orientation(_normal(TransposedConv1D(3, 4))) == "matmul"
+    assert linear_orientation(MatmulLinear(4)) == "matmul"
+    assert linear_orientation(MatmulLinear(4, transposed=True)) == "linear"
+    assert linear_orientation(_normal(ShardLinear(4, 3, bias=True))) == "linear"
+    assert linear_orientation(_normal(OffsetConv1D(3, 4))) is None
+
+
+def test_an_in_out_weight_becomes_a_transposed_view_of_the_same_storage():
+    conv = _normal(TransposedConv1D(3, 4))
+    linear = as_linear(conv)
+    assert linear.weight.shape == (3, 4) and linear.weight.data_ptr() == conv.weight.data_ptr()
+    assert linear.bias is conv.bias
+    for x in (torch.randn(5, 4), torch.randn(2, 5, 4)):
+        assert torch.equal(linear(x), conv(x))  # both are one addmm of the same operands
+    with torch.no_grad():  # a quantizer writing into the Linear's weight writes the original's storage
+        linear.weight.copy_(torch.ones(3, 4))
+    assert torch.equal(conv.weight, torch.ones(4, 3))
 
 
 def test_as_linear_shares_the_parameters_and_output():

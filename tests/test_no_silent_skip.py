@@ -14,7 +14,8 @@ from torch import nn
 
 import autocal
 from autocal import MoECalibrationModule
-from autocal.testing.corpus import ENTRIES, Holder, Mixed, TypedHolder, init_normal
+from autocal.testing.corpus import ENTRIES, Holder, Mixed, MixtralReferenceMoE, TransposedConv1D, \
+    TransposedConvExpert, TypedHolder, init_normal
 from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
 
 
@@ -207,13 +208,34 @@ def test_dense_experts_template_detection_saw_differ_raises_without_verification
     assert "more than autocal cut out" in raised.value.explanation
 
 
+class _ScaledConv1D(TransposedConv1D):
+    """A Linear class storing ``[in, out]`` weights that computes more than a Linear: no rule reads it."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+class _ScaledConvExpert(TransposedConvExpert):
+    def __init__(self):
+        super().__init__()
+        self.c_fc, self.c_proj = (_ScaledConv1D(*reversed(m.weight.shape)) for m in (self.c_fc, self.c_proj))
+
+
 def test_experts_of_a_linear_class_no_rule_reads_are_never_skipped_silently():
-    """A list of experts made of weight matrices and biases only, of a Linear class no rule reads ([in, out]
-    weights with addmm), beside a router: named by convert, left and listed with ``strict=False``."""
+    """A list of experts made of weight matrices and biases only, of a Linear class no rule reads (an ``[in, out]``
+    addmm, then scaled), beside a router: named by convert, left and listed with ``strict=False``."""
+    unread = lambda: Mixed(init_normal(MixtralReferenceMoE(_ScaledConvExpert), 0), seed=0)  # noqa: E731
     with pytest.raises(autocal.AutocalError) as raised:
-        autocal.convert(_mixed("conv1d_transposed"))
+        autocal.convert(unread())
     assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
-    model = _mixed("conv1d_transposed")
+    model = unread()
     with pytest.warns(UserWarning, match="block"):
         autocal.convert(model, strict=False)
     assert [u.path for u in autocal.unconverted(model)] == ["block"]
+
+
+def test_experts_of_an_in_out_linear_class_convert():
+    """The same experts without the scaling (``addmm(bias, x, weight)``, GPT-2's Conv1D) are Linears: converted."""
+    model = _mixed("conv1d_transposed")
+    autocal.convert(model)
+    assert isinstance(model.block, MoECalibrationModule) and autocal.unconverted(model) == []

@@ -1,12 +1,28 @@
 """Experts made of matmuls with their own weights, where the Linear is not ``nn.Linear``.
 
 Tensor-parallel and inference code writes its own Linear class: a module
-holding ``weight`` (and maybe ``bias``) whose forward calls ``F.linear``.
-``linear_like`` recognises such a module by recording its forward: one
-``linear`` of the input with the module's own ``weight`` and ``bias``, and
-nothing else. ``as_linear`` gives an ``nn.Linear`` holding the same parameter
-objects (no copies), so that calibration and quantizers see real ``nn.Linear``
-layers and the output is bitwise the original's (both call ``F.linear``).
+holding ``weight`` (and maybe ``bias``) whose forward is a linear map of its
+input with that weight, in either orientation: ``F.linear`` with ``weight
+[out, in]``, or ``weight [in, out]`` as language-model codebases store it
+(``addmm(bias, x, weight)``, ``x @ weight``), through views and reshapes.
+``linear_orientation`` reads which from the recorded forward: only products,
+additions and shape changes of the input with the module's own parameters, and
+an output bitwise ``F.linear``'s on a random input of 2 and of 3 dimensions (so
+the ``nn.Linear`` standing in for it gives the original's output, bitwise).
+
+``as_linear`` gives an ``nn.Linear`` over the same storage (no copies): the
+same parameter objects for ``[out, in]``; for ``[in, out]``, a weight that is
+the transposed view of the original's, as packed experts stored ``[in, out]``
+are unpacked (``synthesize/unpack.unpack_linear``). Calibration and quantizers
+see real ``nn.Linear`` layers. A quantizer that writes into the Linear's weight
+with ``copy_`` (LLM Compressor, through compressed-tensors'
+``update_offload_parameter``, when the weight is not offloaded) writes the
+original's storage through the view; one that replaces the weight's ``.data``
+(or an offloaded copy) leaves the original module untouched, and only the
+Linear holds the result. Either way a checkpoint written from the converted model
+holds the Linear's weight: the same key, in ``nn.Linear``'s ``[out, in]``
+layout, as for unpacked packed experts (it is a per-expert Linear checkpoint,
+not one the original class loads; ``restore`` gives back the original modules).
 
 ``made_of_linears`` is what makes a module an expert: it has ``nn.Linear`` or
 Linear-like submodules, and every other parameter is its own (a gating
@@ -16,28 +32,56 @@ multiplier beside its Linears), not a norm's or another layer's.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..trace.record import record
 from .graph_utils import target_name
 
-__all__ = ["linear_like", "linear_modules", "made_of_linears", "as_linear", "linear_views"]
+__all__ = ["linear_like", "linear_orientation", "linear_modules", "made_of_linears", "as_linear", "linear_views"]
+
+
+# What a Linear class's forward may call beside its one product: shape changes of the input and output, the bias.
+_PRODUCTS = {"linear", "matmul", "mm", "addmm"}
+_ALLOWED = _PRODUCTS | {"view", "reshape", "flatten", "contiguous", "t", "add", "add_"}
 
 
 def linear_like(module: nn.Module) -> bool:
-    """Is ``module`` (not an ``nn.Linear``) a leaf whose forward is ``F.linear(x, self.weight, self.bias)``?"""
+    """Is ``module`` (not an ``nn.Linear``) a leaf whose forward is a Linear of its own weight (and bias)?"""
+    return linear_orientation(module) is not None
+
+
+def linear_orientation(module: nn.Module) -> str | None:
+    """``"linear"`` (``weight [out, in]``), ``"matmul"`` (``weight [in, out]``), or None: no Linear-like leaf."""
     params = dict(module.named_parameters())
     weight = params.get("weight")
     if isinstance(module, nn.Linear) or next(module.children(), None) is not None or weight is None:
-        return False
+        return None
+    if weight.dim() != 2 or set(params) - {"weight", "bias"}:
+        return None
     bias = params.get("bias")
-    if weight.dim() != 2 or set(params) - {"weight", "bias"} or (bias is not None and bias.shape != weight.shape[:1]):
-        return False
-    x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    if _calls_f_linear(module, weight, bias):
+        return "linear"
+    for orientation, (out_features, in_features) in (("linear", weight.shape), ("matmul", weight.shape[::-1])):
+        if (bias is None or bias.shape == (out_features,)) and _computes_linear(module, orientation, in_features):
+            return orientation
+    return None
+
+
+def _record(module: nn.Module, x: torch.Tensor):
     try:
         with torch.no_grad():
-            rec = record(module, (x,))
+            return record(module, (x,))
     except Exception:  # a forward that does not take one [rows, in] input is no Linear
+        return None
+
+
+def _calls_f_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Is the forward exactly ``F.linear(x, self.weight, self.bias)`` (read from the graph, any device)?"""
+    if bias is not None and bias.shape != weight.shape[:1]:
+        return False
+    rec = _record(module, torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device))
+    if rec is None:
         return False
     calls = [n for n in rec.graph.nodes if n.op == "call_function"]
     if len(calls) != 1 or target_name(calls[0]) != "linear" or rec.graph.output_node().args[0] is not calls[0]:
@@ -45,6 +89,41 @@ def linear_like(module: nn.Module) -> bool:
     _, *operands = [getattr(a, "target", a) for a in (*calls[0].args, *calls[0].kwargs.values())]
     expected = [["weight", "bias"]] if bias is not None else [["weight"], ["weight", None]]
     return calls[0].args[0].op == "placeholder" and operands in expected
+
+
+def _computes_linear(module: nn.Module, orientation: str, in_features: int) -> bool:
+    """Does the forward compute, with one product and shape changes, bitwise ``F.linear`` in ``orientation``?
+
+    Bitwise, so that the ``nn.Linear`` standing in for the module (calibration off) gives the original's output.
+    """
+    weight = module.weight
+    if weight.is_meta:
+        return False  # no values to compare
+    generator = torch.Generator().manual_seed(0)
+    linear_weight = weight if orientation == "linear" else weight.t()
+    for shape in ((3, in_features), (2, 3, in_features)):
+        x = torch.randn(shape, generator=generator).to(device=weight.device, dtype=weight.dtype)
+        rec = _record(module, x)
+        if rec is None or not _one_product_of_own_weights(rec.graph):
+            return False
+        with torch.no_grad():
+            out, expected = module(x), F.linear(x, linear_weight, getattr(module, "bias", None))
+        if not isinstance(out, torch.Tensor) or not _bitwise_equal(out, expected):
+            return False
+    return True
+
+
+def _one_product_of_own_weights(graph) -> bool:
+    """One product, shape changes and additions, reading no member but ``weight`` and ``bias`` (no buffer)."""
+    calls = [target_name(n) for n in graph.nodes if n.op in ("call_function", "call_method")]
+    reads = {n.target for n in graph.nodes if n.op == "get_attr"}
+    return (all(name in _ALLOWED for name in calls) and sum(name in _PRODUCTS for name in calls) == 1
+            and reads <= {"weight", "bias"})
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def linear_modules(module: nn.Module) -> list[str]:
@@ -69,9 +148,12 @@ def linear_views(container: nn.Module, entries: list[nn.Module]) -> list[str]:
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` holding ``module``'s own weight and bias (the same parameter objects)."""
+    """An ``nn.Linear`` over ``module``'s own weight and bias: the same parameter objects for ``weight [out, in]``,
+    a transposed view of it for ``weight [in, out]`` (no copy; see the module docstring for what a quantizer sees)."""
     weight = module.weight
+    if linear_orientation(module) == "matmul":
+        weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     linear.weight = weight
-    linear.register_parameter("bias", module.bias)
+    linear.register_parameter("bias", getattr(module, "bias", None))
     return linear

@@ -40,7 +40,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
-           "GroupedWeightsMoE"]
+           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -835,6 +835,36 @@ class GroupedWeightsMoE(nn.Module):
         return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
 
 
+class InOutLinear(nn.Module):
+    """A Linear class of its own storing ``weight [in, out]``, used as ``x @ weight``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) / in_features ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+class InOutLinearMoE(nn.Module):
+    """Experts of ``InOutLinear`` s in a ``ModuleList``, a top-k and a loop adding into the chosen rows."""
+
+    def __init__(self, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.top_k, self.router = k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(InOutLinear(16, 32), nn.ReLU(), InOutLinear(32, 16))
+                                     for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, index = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(index == e)
+            out[rows] += weights[rows, slot, None] * expert(flat[rows])
+        return out.view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -889,6 +919,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("soft_mixture", "gated", _seeded(SoftMixture)),
     Pattern("capacity_mask", "mask-dispatch", _seeded(lambda: CapacityMoE(k=2, capacity_factor=1.25))),
     Pattern("dispatching_dict", "container", _seeded(DictLoopMoE)),
+    Pattern("in_out_linear_class", "recorded-block", _seeded(InOutLinearMoE)),
     Pattern("per_sample_choice", "gated", _seeded(PerSampleMoE), detected_on_example=True,
             inputs=lambda g: (torch.randn(2, 5, 8, generator=g), torch.tensor([2, 0]))),
     Pattern("weightless_choices", "experts", _seeded(WeightlessChoicesMoE), (40, 8)),
