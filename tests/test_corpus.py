@@ -366,6 +366,17 @@ def _ref_dense_then_gather(m, x):
     return _dense(t, gates, experts).view_as(x), gates
 
 
+def _ref_host_token_lists(m, x):
+    t = _flat(x)
+    probs = (t @ m.router.layer.weight.T).softmax(-1)
+    gates = torch.where(_top(probs), probs, 0)
+    gates = gates / gates.sum(-1, keepdim=True)
+    count = gates.shape[1]
+    w = m.experts.mlp
+    experts = _ref_swiglu_views(*(p.view(count, -1, t.shape[1]) for p in (w.w1, w.v1, w.w2)), count)
+    return (_dense(t, gates, experts).view_as(x), probs), gates
+
+
 def _ref_layer(layer, h):
     h = h + layer.mixer(layer.input_norm(h))
     out, gates = _ref_packed_loop(layer.moe, layer.post_norm(h))
@@ -426,6 +437,7 @@ REFERENCES = {
     "noisy_gate": _ref_noisy_gate,
     "conv1d_transposed": _ref_softmax_of_top,
     "dense_then_gather": _ref_dense_then_gather,
+    "host_token_lists": _ref_host_token_lists,
     "sort_slice": _ref_softmax_of_top_of(lambda m: m.wg, lambda m: m.ffn),
 }
 

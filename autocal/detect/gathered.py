@@ -45,7 +45,7 @@ from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
 from .block import other_children
 from ..trace.gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
-from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
+from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, routing_choice
@@ -352,7 +352,19 @@ def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] 
         contractions = [_contracting_op(g) for g, _, _ in gathers]
         index, weights = routing_choice(graph, max(contractions, key=list(graph.nodes).index))
         found = choice_call(graph, index)
+        if found is None and _only_topk(graph) is not None:  # rows picked by numbers read on the host
+            index, weights = routing_choice(graph, _only_topk(graph))
+            found = choice_call(graph, index)
     return found, index, _router_weights(graph, index, weights, [g for g, _, _ in gathers])
+
+
+def _only_topk(graph: fx.Graph) -> fx.Node | None:
+    """The indices of the block's one top-k, where its rows reach the experts through host-side numbers
+    (``token_idx.tolist()``) that no graph edge follows; forcing it is then checked like any other choice."""
+    calls = [n for n in graph.nodes if target_name(n) == "topk"]
+    if len(calls) != 1:
+        return None
+    return next((u for u in calls[0].users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
 
 
 def _router_weights(graph: fx.Graph, index: fx.Node, weights: fx.Node, gathers: list[fx.Node]) -> fx.Node:

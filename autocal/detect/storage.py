@@ -124,19 +124,24 @@ def side_by_side(shape: torch.Size, experts: int, hidden: int) -> bool:
 
 
 def side_by_side_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """Weights of a child holding every expert's weights side by side, with a router beside it in the block.
+    """Weights of a submodule holding every expert's weights side by side, with a router beside it in the block.
 
-    The child holds nothing but two or more raw 2-D weights of its own, each
+    The submodule (a child, or one level further down: ``experts.mlp.w1``) holds nothing but two or more raw 2-D
+    weights of its own, each
     ``[H, E * m]`` or ``[E * m, H]`` (m >= 2), and the block an ``[E, H]``
-    weight outside it: grouped-MLP storage, which the forward views per expert
+    weight outside the child holding it, which holds nothing else (a router beside them there makes that child
+    the block):
+    grouped-MLP storage, which the forward views per expert
     (``weight1.view(E, H, -1)[e]``).
     """
-    for name, child in block.named_children():
+    for name, child in block.named_modules():
         params = dict(child.named_parameters(recurse=False))
-        if (type(child).__module__.startswith("torch.nn.") or len(params) < 2 or len(params) != len(list(
-                child.parameters())) or any(p.dim() != 2 for p in params.values())):
+        if (not name or name.count(".") > 1 or type(child).__module__.startswith("torch.nn.") or len(params) < 2
+                or len(params) != len(list(child.parameters())) or any(p.dim() != 2 for p in params.values())):
             continue
-        inside = {id(p) for p in params.values()}
+        inside = {id(p) for p in block.get_submodule(name.split(".")[0]).parameters()}  # the child holding them
+        if len(inside) != len(params):  # that child holds more (its own router: it is the block)
+            continue
         routers = {tuple(w.shape) for w in block.parameters() if w.dim() == 2 and id(w) not in inside}
         if any(all(side_by_side(p.shape, e, h) for p in params.values()) for e, h in routers if e >= 2):
             return {f"{name}.{n}": p for n, p in params.items()}

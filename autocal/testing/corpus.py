@@ -1229,6 +1229,67 @@ class DenseThenGatherMoE(nn.Module):
         return (picked * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class HostListRouter(nn.Module):
+    """A router module returning (all weights, the top-k's L1-normalised weights, the chosen experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, x):
+        weights = self.layer(x.view(-1, x.shape[-1])).softmax(dim=-1, dtype=torch.float32)
+        top_weights, top_experts = torch.topk(weights, TOP_K, dim=-1)
+        return weights, top_weights / torch.norm(top_weights, p=1, dim=-1, keepdim=True), top_experts
+
+
+class ExpertGLU(nn.Module):
+    """Every expert's GLU weights side by side (``[E * I, H]``), one expert's viewed out by its number."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, x, expert):
+        w1, v1, w2 = (w.view(EXPERTS, INTER, HIDDEN)[expert] for w in (self.w1, self.v1, self.w2))
+        return (F.silu(x.matmul(w1.t())) * x.matmul(v1.t())).matmul(w2)
+
+
+class HostListExperts(nn.Module):
+    """The experts module: a one-hot mask, token lists read on the host (``tolist``), ``x[None, tokens]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = ExpertGLU()
+
+    def forward(self, x, weights, top_weights, top_experts):
+        t = x.view(-1, x.shape[-1])
+        out = torch.zeros_like(t)
+        mask = F.one_hot(top_experts, num_classes=EXPERTS).permute(2, 1, 0)
+        for e in range(EXPERTS):
+            slot, token = torch.where(mask[e])
+            if token.shape[0] == 0:
+                continue
+            tokens, slots = token.tolist(), slot.tolist()
+            rows = t[None, tokens].reshape(-1, t.shape[-1])
+            out.index_add_(0, token, self.mlp(rows, e) * top_weights[tokens, slots, None])
+        return out.view_as(x)
+
+
+class HostListMoE(nn.Module):
+    """Remote code of a hub model: its router module, then its experts module given the routing."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = HostListRouter()
+        self.experts = HostListExperts()
+
+    def forward(self, x):
+        weights, top_weights, top_experts = self.router(x)
+        return self.experts(x, weights, top_weights, top_experts), weights
+
+
 class SortSliceMoE(nn.Module):
     """Research code: a descending sort of the logits sliced to the k first, softmax over those, experts in a
     list named ``ffn``, rows found by ``nonzero(as_tuple=True)``."""
@@ -1382,6 +1443,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 (1,), lambda: MixtralReferenceMoE(TransposedConvExpert)),
     CorpusEntry("dense_then_gather", f"{_RESEARCH}: every expert on every token by einsum, the chosen outputs "
                 "gathered", (2,), DenseThenGatherMoE),
+    CorpusEntry("host_token_lists", f"{_REMOTE}: a router module, an experts module whose GLU keeps every "
+                "expert's weights side by side ([E * I, H]) and is called with (rows, expert), token lists read "
+                "on the host (tolist)", (1, 3), HostListMoE),
     CorpusEntry("sort_slice", f"{_RESEARCH}: descending sort sliced to k, experts in a list named ffn, "
                 "nonzero(as_tuple=True)", (), SortSliceMoE),
 )
