@@ -116,7 +116,7 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
     ancestry = Ancestry(graph)
     if index is weights or any(ancestry.is_ancestor(index, f) for _, _, _, f in found):
         return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
-                       "outputs alone", source_of(found[0][0]))
+                       "outputs alone", source_of(found[0][0]), shallow=True)
     by_param = {}
     for _, param, weight, _ in found:
         known = by_param.get(param)
