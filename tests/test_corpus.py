@@ -43,9 +43,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
                                      "with calibration on (two expert sets chosen by token_type_ids)")
        for check in ("convert", "convert_example", "mixed")},
-    **{("dense_then_gather", check): (AutocalError, "unsupported-dispatch: expert outputs, not weights, are "
-                                      "gathered by the top-k")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
 }
 
 

@@ -68,6 +68,7 @@ class GatheredWeight:
     contractions: tuple[Callable, ...]  # the ops that contract it (one per branch of the forward that gathers it)
     bias: str | None = None  # the path of an ``[E, out]`` bias gathered into the same op (``F.linear(x, W[e], b[e])``)
     shape: tuple[int, ...] | None = None  # the ``[E, a, b]`` view gathered from, for a parameter stored otherwise
+    expert_axis: int | None = None  # not gathered: contracted whole, experts along this output dim (contracted.py)
 
 
 @dataclass
@@ -247,7 +248,8 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
         side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
     if not gathers:
-        return NoMatch("no expert weights are gathered by the routing indices", shallow=True)
+        from .contracted import detect_contracted  # it builds on this module's records
+        return detect_contracted(block, rec.graph, rec.output, params)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
         return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))
@@ -392,6 +394,8 @@ def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_expert
     counts = [0] * num_experts
 
     def count(key, index, features, func, args, kwargs):
+        if index is None:  # the parameter itself, not gathered
+            return None
         if isinstance(index, int):
             counts[index] += features.numel() // features.shape[-1]
         else:

@@ -197,6 +197,8 @@ class GatheredPlan(Plan):
     dispatch: GatheredDispatch = field(default=None, repr=False)
 
     def describe(self) -> str:
+        if self.dispatch is not None and self.dispatch.choice is None:
+            return "the block keeps its forward, every expert already on every token, one Linear per expert"
         return "the block is re-run with its routing forced to each group of k experts, one Linear per expert"
 
 

@@ -7,7 +7,9 @@ forward; while its Linears are plain and unobserved, nothing changes (bitwise
 the original). Otherwise the forward runs under a mode that computes each
 contraction of gathered weights as the Linears of the experts chosen, slot by
 slot, and with calibration on the block runs again with the routing forced to
-every group of ``k`` experts (``synthesize/forced.py``).
+every group of ``k`` experts (``synthesize/forced.py``). Parameters contracted
+whole with every token (``detect/contracted.py``) are computed by every
+expert's Linear on all of its features; calibration needs no re-run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..detect.contracted import expert_slices
 from ..detect.gathered import GatheredWeight
 from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
@@ -59,7 +62,7 @@ class GatheredCalibrationMoE(KeptForwardMoE):
         views = [found[0] for found in by_weight.values() if found != BIAS]
         if not self.calibrate_all_experts and all(v.plain() and not v.hooked() for v in views):
             return self._block_forward(*args, **kwargs)
-        if not self.calibrate_all_experts:
+        if not self.calibrate_all_experts or self.plan.dispatch.choice is None:  # None: experts see every token
             with _dispatch(by_weight):
                 return self._block_forward(*args, **kwargs)
         return forced_forward(self, self.plan.dispatch.choice, views, args, kwargs,
@@ -73,6 +76,8 @@ def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight] | str]) -> G
         views, weight = key
         if func not in weight.contractions or (views.plain() and views.__dict__.get("observed") == set()):
             return None  # quiet and plain: the op itself, bitwise
+        if index is None:  # the parameter contracted whole: every expert on every token
+            return None if weight.expert_axis is None else _every_expert(views, weight, features, func, args, kwargs)
         if isinstance(index, int):  # one expert's slice, in the block's loop over the experts
             out = views.call(index, features.reshape(-1, features.shape[-1]))
         else:
@@ -111,6 +116,16 @@ def _shape_of(func, args: tuple, kwargs: dict) -> torch.Size:
             return torch.empty_like(a, device="meta")
         return type(a)(meta(i) for i in a) if isinstance(a, (list, tuple)) else a
     return func(*meta(args), **{k: meta(v) for k, v in kwargs.items()}).shape
+
+
+def _every_expert(views: ExpertViews, weight: GatheredWeight, features: torch.Tensor, func, args: tuple,
+                  kwargs: dict) -> torch.Tensor:
+    """A whole parameter's contraction computed by each expert's Linear on all of its features, the outputs
+    stacked along the expert dimension detection found."""
+    shape = _shape_of(func, args, kwargs)
+    slices = expert_slices(features, len(shape), weight.expert_axis, len(views.experts()))
+    outs = [views.call(e, f.reshape(-1, f.shape[-1])).reshape(*f.shape[:-1], -1) for e, f in enumerate(slices)]
+    return torch.stack(outs, weight.expert_axis).reshape(shape)
 
 
 def _by_expert(views: ExpertViews, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

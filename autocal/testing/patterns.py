@@ -40,7 +40,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
-           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE"]
+           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -747,6 +747,26 @@ class TupleIndexMoE(nn.Module):
         return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class WholeContractionMoE(nn.Module):
+    """Every expert on every token: ``[E, out, in]`` weights contracted whole with all tokens (experts first in
+    the outputs, the second projection on each expert's own rows), then the chosen experts' outputs taken along
+    the expert dimension by the top-k and weighted."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 5, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.gate = k, nn.Linear(hidden, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.gate(t).softmax(-1).topk(self.k, dim=-1)
+        h = F.silu(torch.matmul(t, self.w_in.transpose(1, 2)))  # [E, tokens, width]
+        y = torch.einsum("enw,edw->end", h, self.w_out)  # [E, tokens, hidden]
+        picked = torch.take_along_dim(y, idx.T.unsqueeze(-1), dim=0)  # [k, tokens, hidden]
+        return (picked * weights.T.unsqueeze(-1)).sum(0).view_as(x)
+
+
 class ExpertIdProjection(nn.Module):
     """One projection of every expert (``weight [E, out, in]``, ``bias [E, out]``), applied to one expert's rows."""
 
@@ -954,6 +974,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("expert_id_projections", "gathered", _seeded(ExpertIdMoE)),
     Pattern("decode_gather", "gathered", _seeded(DecodeGatherMoE)),
     Pattern("grouped_side_by_side", "gathered", _seeded(GroupedWeightsMoE)),
+    Pattern("whole_contraction", "gathered", _seeded(WholeContractionMoE)),
 ]}
 
 

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from .record import flat_args
 
-__all__ = ["BIAS", "gathered_index", "reshaped_view", "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
+__all__ = ["BIAS", "gathered_index", "reshaped_view", "same_entries", "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
 
 BIAS = "bias"  # the tracker's key of a gathered bias: it goes with its weight into the same contraction
 _ITEM = ("getitem", "__getitem__")
@@ -68,8 +68,10 @@ class GatherTracker(TorchFunctionMode):
     (``weight1.view(E, H, -1)``) is tracked as the parameter. At an op of
     one gathered weight, its gathered biases and one other tensor (the features),
     ``contract(key, index, features, func, args, kwargs)`` is called (``index``
-    the expert indices or number); what it returns replaces the op's result,
-    None keeps the op.
+    the expert indices or number); so it is at an op of one tracked parameter
+    itself, or any view of all its entries, and one other tensor (``index``
+    None: every expert's entries). What it
+    returns replaces the op's result, None keeps the op.
     """
 
     def __init__(self, params: dict[int, object], contract: Callable) -> None:
@@ -77,9 +79,13 @@ class GatherTracker(TorchFunctionMode):
         self.params, self.contract = params, contract
         self.marks: dict[int, tuple] = {}
         self.views: dict[int, tuple] = {}  # views of tracked parameters: (the view, kept alive; the key)
+        self.wholes: dict[int, tuple] = {}  # other views of their entries (``w.transpose(1, 2)``), only contracted whole
 
     def _key(self, tensor: torch.Tensor) -> object:
         return self.params[id(tensor)] if id(tensor) in self.params else self.views.get(id(tensor), (None, None))[1]
+
+    def _whole_key(self, tensor: torch.Tensor) -> object:
+        return self.wholes[id(tensor)][1] if id(tensor) in self.wholes else self._key(tensor)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -91,10 +97,14 @@ class GatherTracker(TorchFunctionMode):
             self.marks[id(out)] = (out, self._key(found[0]), index)
             return out
         tensors = [a for a in flat_args((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
-        if len(tensors) == 1 and (id(tensors[0]) in self.params or id(tensors[0]) in self.views):
+        if len(tensors) == 1 and (id(tensors[0]) in self.params or id(tensors[0]) in self.views
+                                  or id(tensors[0]) in self.wholes):
             out = func(*args, **kwargs)
-            if reshaped_view(out, tensors[0]):
-                self.views[id(out)] = (out, self._key(tensors[0]))
+            key = self._key(tensors[0]) if id(tensors[0]) not in self.wholes else self.wholes[id(tensors[0])][1]
+            if reshaped_view(out, tensors[0]) and id(tensors[0]) not in self.wholes:
+                self.views[id(out)] = (out, key)
+            elif same_entries(out, tensors[0]):
+                self.wholes[id(out)] = (out, key)
             return out
         marked = [a for a in tensors if id(a) in self.marks]
         if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
@@ -102,6 +112,12 @@ class GatherTracker(TorchFunctionMode):
             if isinstance(out, torch.Tensor) and out.numel() == marked[0].numel():
                 self.marks[id(out)] = (out, *self.marks[id(marked[0])][1:])
             return out
+        whole = [a for a in tensors if self._whole_key(a) not in (None, BIAS)]
+        if not marked and len(whole) == 1 and len(tensors) == 2:  # a parameter contracted whole: index None
+            features = next(a for a in tensors if a is not whole[0])
+            result = self.contract(self._whole_key(whole[0]), None, features, func, args, kwargs)
+            if result is not None:
+                return result
         weights = [a for a in marked if self.marks[id(a)][1] != BIAS]
         if len(weights) == 1 and len(tensors) - len(marked) == 1:
             for tensor in marked:
@@ -119,6 +135,12 @@ def reshaped_view(out: object, weight: torch.Tensor) -> bool:
     """Is ``out`` ``weight`` in another shape, its entries in the same order (``view``, ``reshape``)?"""
     return (isinstance(out, torch.Tensor) and out.numel() == weight.numel() and out.is_contiguous()
             and weight.is_contiguous() and out.data_ptr() == weight.data_ptr() and out.dtype == weight.dtype)
+
+
+def same_entries(out: object, weight: torch.Tensor) -> bool:
+    """Is ``out`` a view of all of ``weight``'s entries in any order (``transpose``, ``permute``): its storage?"""
+    return (isinstance(out, torch.Tensor) and out.numel() == weight.numel() and out.dtype == weight.dtype
+            and out.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr())
 
 
 def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | None:

@@ -1,0 +1,159 @@
+"""Expert weights contracted whole with every token: every expert on every token, routing on the outputs.
+
+Research code may store each projection of all experts as one ``[E, a, b]``
+parameter and contract it, ungathered, with all tokens along an expert
+dimension, then pick and weight the chosen experts' *outputs* by the top-k::
+
+    h = F.gelu(torch.einsum("th,ehi->tei", x, self.w1))    # [T, E, I]
+    out = torch.einsum("tei,eih->teh", h, self.w2)         # [T, E, H]
+    picked = out.gather(1, chosen[..., None].expand(-1, -1, H))
+
+The pass finds, in the block's recording, each op that takes one such
+parameter (or a view of it in the same memory) and one other tensor, the
+features, and checks on the recorded values that its output holds, along one
+dimension of ``E`` entries, ``features @ W[e]`` (or ``@ W[e].T``) for each
+expert ``e``, the features being the same for every expert or their own slice
+along that dimension. No contraction may depend on the routing choice: the
+routing is applied to the outputs only. Calibration (``synthesize/gathered.py``)
+computes those ops with one ``nn.Linear`` per expert; every expert already sees
+every token, so no re-run is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .. import errors
+from .block import other_children
+from .gathered import GatheredDispatch, GatheredWeight, _stored
+from ..trace.gathers import same_entries
+from .graph_utils import Ancestry, flat_args, returns_of, source_of, value
+from .plans import GatheredPlan, NoMatch
+from .router import analyze_router, routing_choice
+from .structure import ExpertsInfo, MoEStructure
+
+__all__ = ["detect_contracted", "expert_slices"]
+
+
+def expert_slices(features: torch.Tensor, out_dim: int, axis: int, experts: int) -> list[torch.Tensor] | None:
+    """Each expert's features of a contraction whose output has ``out_dim`` dimensions, experts along ``axis``:
+    the expert's own slice where the features have that dimension too, else all the features."""
+    if features.dim() == out_dim and features.shape[axis] == experts:
+        return [features.select(axis, e) for e in range(experts)]
+    return [features] * experts if features.dim() == out_dim - 1 else None
+
+
+def _orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor) -> tuple[str, int] | None:
+    """``(orientation, expert axis)`` when ``out`` holds ``features @ W[e]`` (``matmul``) or ``@ W[e].T``
+    (``linear``) for every expert along one dimension (checked on the recorded values), else None."""
+    experts = weight.shape[0]
+    for axis in [a for a in range(out.dim() - 1) if out.shape[a] == experts]:
+        slices = expert_slices(features.to(weight.dtype), out.dim(), axis, experts)
+        if slices is None:
+            continue
+        for orientation, apply in (("matmul", lambda f, w: f @ w), ("linear", lambda f, w: f @ w.T)):
+            try:
+                expected = [apply(f, weight[e]) for e, f in enumerate(slices)]
+            except RuntimeError:
+                continue
+            if all(x.shape == out.select(axis, e).shape and torch.allclose(x, out.select(axis, e).to(x.dtype),
+                                                                             rtol=1e-3, atol=1e-4)
+                   for e, x in enumerate(expected)):
+                return orientation, axis
+    return None
+
+
+def _entries_of(node: fx.Node, params: dict[str, nn.Parameter]) -> fx.Node | None:
+    """The ``[E, a, b]`` parameter (or view of it in its own order) that ``node`` views all the entries of, through
+    ops of one tensor sharing its storage (``transpose``, ``permute``), or None."""
+    start = node
+    while isinstance(value(node), torch.Tensor) and same_entries(value(start), value(node)):
+        source = _stored(node)
+        if source is not None and source.target in params and value(node).dim() == 3:
+            return node if value(start).dim() == 3 else None
+        inputs = [a for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+def _contractions(graph: fx.Graph, params: dict[str, nn.Parameter]) -> list[tuple]:
+    """``(op, parameter path, how, features)`` for each op contracting a whole ``[E, a, b]`` parameter with features."""
+    found = []
+    for node in graph.nodes:
+        stored = _entries_of(node, params)
+        if stored is None:
+            continue
+        source = _stored(stored)
+        for op in node.users:
+            operands = [a for a in flat_args((*op.args, *op.kwargs.values()))
+                        if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
+            features = [a for a in operands if a is not node]
+            if len(operands) != 2 or len(features) != 1 or not isinstance(value(op), torch.Tensor):
+                continue
+            how = _orientation(value(op), value(features[0]), value(stored))
+            if how is not None:
+                shape = tuple(value(stored).shape)
+                viewed = shape if shape != tuple(params[source.target].shape) else None
+                found.append((op, source.target, GatheredWeight(source.target, how[0], (op.target,), None, viewed,
+                                                                how[1]), features[0]))
+    return found
+
+
+def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
+                      params: dict[str, nn.Parameter]) -> GatheredPlan | NoMatch:
+    """The plan for a block contracting whole expert weights with every token, routing applied to the outputs."""
+    cls = type(block).__name__
+    found = _contractions(graph, params)
+    if not found:
+        return NoMatch("no expert weights are gathered by the routing indices, nor contracted whole with every "
+                       "token along an expert dimension", shallow=True)
+    returned = next(n for n in graph.nodes if n.op == "output")
+    last = next(a for a in flat_args(returned.args) if isinstance(a, fx.Node))
+    index, weights = routing_choice(graph, last)
+    ancestry = Ancestry(graph)
+    if index is weights or any(ancestry.is_ancestor(index, f) for _, _, _, f in found):
+        return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
+                       "outputs alone", source_of(found[0][0]), shallow=True)
+    by_param = {}
+    for _, param, weight, _ in found:
+        known = by_param.get(param)
+        if known and (known.orientation, known.shape, known.expert_axis) != (weight.orientation, weight.shape,
+                                                                             weight.expert_axis):
+            raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, f"`{param}` is contracted in different ways",
+                                      block_class=cls, source=source_of(found[0][0]))
+        ops = (*known.contractions, *weight.contractions) if known else weight.contractions
+        by_param[param] = GatheredWeight(param, weight.orientation, tuple(dict.fromkeys(ops)), None, weight.shape,
+                                         weight.expert_axis)
+    weights_found = list(by_param.values())
+    num_experts = {(w.shape or params[w.param].shape)[0] for w in weights_found}
+    if len(num_experts) != 1:
+        raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the contracted weights hold different numbers of "
+                                  "experts", block_class=cls)
+    router = analyze_router(graph, index, weights)
+    router.num_choices = max(router.num_choices, next(iter(num_experts)))
+    shapes = {w.param: list(w.shape or params[w.param].shape) for w in weights_found}
+    experts = ExpertsInfo(
+        module_path=weights_found[0].param.rpartition(".")[0],
+        num_experts=num_experts.pop(),
+        storage="contracted whole (every expert on every token)",
+        layout={"weights": shapes, "applied as": {w.param: w.orientation for w in weights_found},
+                "unrouted tokens": "none: every expert already runs on every token"},
+        computation=" → ".join(shapes),
+        weights_applied="on the expert outputs, by the block's own ops",
+        call_roles={},
+        output_features=None,
+        accumulate_dtype=None,
+        output_dtype=None,
+        sources={param: source_of(op) for op, param, _, _ in found if source_of(op)},
+    )
+    structure = MoEStructure(
+        block_class=cls,
+        router=router,
+        experts=experts,
+        shared_modules=other_children(block, router.module_path, *shapes),
+        returns=returns_of(output),
+    )
+    return GatheredPlan(structure, GatheredDispatch(weights_found, None))
