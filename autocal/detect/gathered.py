@@ -45,10 +45,10 @@ from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
 from .block import other_children
 from ..trace.gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
-from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, target_name, value
+from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
-from .router import analyze_router, routing_choice
+from .router import analyze_router, only_topk, routing_choice
 from .plans import GatheredPlan, NoMatch
 from .storage import expert_tables, side_by_side_weights
 from .structure import ExpertsInfo, MoEStructure
@@ -169,12 +169,6 @@ def _viewed_weights(gather: fx.Node) -> fx.Node | None:
             return None
         node = user
     return node if len(node.users) == 1 else None
-
-
-def _contracting_op(gather: fx.Node) -> fx.Node:
-    """The op that contracts the gathered weights (the gather's first user where views lead elsewhere)."""
-    viewed = _viewed_weights(gather)
-    return next(iter((viewed if viewed is not None else gather).users))
 
 
 def _contraction(gather: fx.Node, index: fx.Node | int,
@@ -351,22 +345,14 @@ def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] 
         same = all(i is indices[0] for i in indices) and len(indices) == len(gathers)
         found = choice_call(graph, indices[0], unscored=True) if same else None
     else:
-        contractions = [_contracting_op(g) for g, _, _ in gathers]
+        contractions = [next(iter((_viewed_weights(g) or g).users)) for g, _, _ in gathers]  # past views
         index, weights = routing_choice(graph, max(contractions, key=list(graph.nodes).index))
         found = choice_call(graph, index)
-        if found is None and _only_topk(graph) is not None:  # rows picked by numbers read on the host
-            index, weights = routing_choice(graph, _only_topk(graph))
+        if found is None and only_topk(graph) is not None:  # rows picked by numbers read on the host
+            index, weights = routing_choice(graph, only_topk(graph))
             found = choice_call(graph, index)
     return found, index, _router_weights(graph, index, weights, [g for g, _, _ in gathers])
 
-
-def _only_topk(graph: fx.Graph) -> fx.Node | None:
-    """The indices of the block's one top-k, where its rows reach the experts through host-side numbers
-    (``token_idx.tolist()``) that no graph edge follows; forcing it is then checked like any other choice."""
-    calls = [n for n in graph.nodes if target_name(n) == "topk"]
-    if len(calls) != 1:
-        return None
-    return next((u for u in calls[0].users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
 
 
 def _router_weights(graph: fx.Graph, index: fx.Node, weights: fx.Node, gathers: list[fx.Node]) -> fx.Node:

@@ -14,7 +14,7 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["analyze_router", "routing_choice", "router_of"]
+__all__ = ["analyze_router", "routing_choice", "router_of", "only_topk"]
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
 _DIVISIONS = {"div", "div_", "truediv", "itruediv", "__truediv__", "__itruediv__"}
@@ -224,3 +224,11 @@ def router_of(graph: fx.Graph) -> RouterInfo | None:
     _, weights = routing_choice(graph, index)
     return analyze_router(graph, index, weights)
 
+
+def only_topk(graph: fx.Graph) -> fx.Node | None:
+    """The indices of the block's one top-k, where its rows reach the experts through host-side numbers
+    (``token_idx.tolist()``) that no graph edge follows; forcing it is then checked like any other choice."""
+    calls = [n for n in graph.nodes if target_name(n) == "topk"]
+    if len(calls) != 1:
+        return None
+    return next((u for u in calls[0].users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
