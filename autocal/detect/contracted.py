@@ -25,13 +25,11 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from .block import other_children
-from .gathered import GatheredDispatch, GatheredWeight, _stored
+from .gathered import GatheredDispatch, GatheredWeight, _stored, gathered_plan
 from ..trace.gathers import same_entries
-from .graph_utils import Ancestry, flat_args, returns_of, source_of, value
+from .graph_utils import Ancestry, flat_args, source_of, value
 from .plans import GatheredPlan, NoMatch
-from .router import analyze_router, routing_choice
-from .structure import ExpertsInfo, MoEStructure
+from .router import routing_choice
 
 __all__ = ["detect_contracted", "expert_slices"]
 
@@ -132,28 +130,8 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the contracted weights hold different numbers of "
                                   "experts", block_class=cls)
-    router = analyze_router(graph, index, weights)
-    router.num_choices = max(router.num_choices, next(iter(num_experts)))
-    shapes = {w.param: list(w.shape or params[w.param].shape) for w in weights_found}
-    experts = ExpertsInfo(
-        module_path=weights_found[0].param.rpartition(".")[0],
-        num_experts=num_experts.pop(),
-        storage="contracted whole (every expert on every token)",
-        layout={"weights": shapes, "applied as": {w.param: w.orientation for w in weights_found},
-                "unrouted tokens": "none: every expert already runs on every token"},
-        computation=" → ".join(shapes),
-        weights_applied="on the expert outputs, by the block's own ops",
-        call_roles={},
-        output_features=None,
-        accumulate_dtype=None,
-        output_dtype=None,
-        sources={param: source_of(op) for op, param, _, _ in found if source_of(op)},
-    )
-    structure = MoEStructure(
-        block_class=cls,
-        router=router,
-        experts=experts,
-        shared_modules=other_children(block, router.module_path, *shapes),
-        returns=returns_of(output),
-    )
-    return GatheredPlan(structure, GatheredDispatch(weights_found, None))
+    return gathered_plan(block, graph, output, (index, weights), GatheredDispatch(weights_found, None),
+                         "contracted whole (every expert on every token)",
+                         "none: every expert already runs on every token",
+                         "on the expert outputs, by the block's own ops",
+                         {param: source_of(op) for op, param, _, _ in found if source_of(op)})

@@ -56,7 +56,7 @@ from .structure import ExpertsInfo, MoEStructure
 if TYPE_CHECKING:
     from .facts import Facts
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "detect_gathered"]
+__all__ = ["GatheredWeight", "GatheredDispatch", "detect_gathered", "gathered_plan"]
 
 
 @dataclass(frozen=True)
@@ -256,31 +256,29 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     choice, chosen = found_choice
     check_forced_routing(block, choice, (), bound, rec.output, value(chosen),
                          lambda: _rows_per_expert(block, found, num_experts), index)
-    router = analyze_router(rec.graph, index, weights)
+    return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, choice),
+                         "gathered by index", _forcing(choice), "by the block's own ops",
+                         {g[1]: source_of(g[0]) for g in gathers if source_of(g[0])})
+
+
+def gathered_plan(block: nn.Module, graph: fx.Graph, output: object, routing: tuple[fx.Node, fx.Node],
+                  dispatch: GatheredDispatch, storage: str, unrouted: str, applied: str,
+                  sources: dict[str, str]) -> GatheredPlan:
+    """The plan of a block whose expert weights ``dispatch`` reads (gathered, or contracted whole)."""
+    found = dispatch.weights
+    num_experts = (found[0].shape or block.get_parameter(found[0].param).shape)[0]
+    router = analyze_router(graph, *routing)
     router.num_choices = max(router.num_choices, num_experts)
     params = {w.param: list(w.shape or block.get_parameter(w.param).shape) for w in found}
     experts = ExpertsInfo(
-        module_path=found[0].param.rpartition(".")[0],
-        num_experts=num_experts,
-        storage="gathered by index",
-        layout={"weights": params, "applied as": {w.param: w.orientation for w in found},
-                "unrouted tokens": _forcing(choice)},
-        computation=" → ".join(params),
-        weights_applied="by the block's own ops",
-        call_roles={},
-        output_features=None,
-        accumulate_dtype=None,
-        output_dtype=None,
-        sources={g[1]: source_of(g[0]) for g in gathers if source_of(g[0])},
-    )
-    structure = MoEStructure(
-        block_class=cls,
-        router=router,
-        experts=experts,
-        shared_modules=other_children(block, router.module_path, *params),
-        returns=returns_of(rec.output),
-    )
-    return GatheredPlan(structure, GatheredDispatch(found, choice))
+        module_path=found[0].param.rpartition(".")[0], num_experts=num_experts, storage=storage,
+        layout={"weights": params, "applied as": {w.param: w.orientation for w in found}, "unrouted tokens": unrouted},
+        computation=" → ".join(params), weights_applied=applied, call_roles={}, output_features=None,
+        accumulate_dtype=None, output_dtype=None, sources=sources)
+    structure = MoEStructure(block_class=type(block).__name__, router=router, experts=experts,
+                             shared_modules=other_children(block, router.module_path, *params),
+                             returns=returns_of(output))
+    return GatheredPlan(structure, dispatch)
 
 
 def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
