@@ -25,7 +25,7 @@ from autocal.testing.patterns import (
     BanksBelowRouterMoE, CapacityExpert, CapacityMoE, ChainHolder, DeclaringModel, ExpertChoiceMoE, GatheredMoE,
     GroupedGemmMoE, HeadBank, HeadsThenMoE, HostSlicedMoE, ItemAssignmentMoE, LayoutThenMoE, LoopOverOwnWeights,
     MaskedDictMoE, MaskedEncoder, MixtureOfHeadsAttention, NeuronExperts, OwnWeightsMoE, PerSampleModel, PerSampleMoE,
-    SoftMixture, SortedChoiceMoE, TokenByTokenMoE, TwoPositionTables, UnroutedSlice, WeightlessChoicesMoE
+    SoftMixture, SortedChoiceMoE, ThresholdChoiceMoE, TokenByTokenMoE, TwoPositionTables, UnroutedSlice, WeightlessChoicesMoE
 )
 from autocal.testing.toy_moe import ToyMoEConfig, example_hidden_states, main_output, make_toy_block
 from autocal.verify import compare_outputs
@@ -567,5 +567,21 @@ def test_a_sort_then_the_first_k_is_a_top_k():
     expected, module = _original_and_synthesized(block, x)
     assert module.structure.router.top_k == 2 and module.structure.router.selection == "sort"
     with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts.values())}) as rows:
+        assert torch.equal(module(x), expected)
+    assert set(rows.values()) == {9}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_kthvalue_threshold_is_a_top_k(k):
+    """Scores kept where they reach their own (E - k + 1)-th smallest value choose k experts per token: explain
+    says so (it said k = the number of tokens, of 0 experts), and every expert sees every token."""
+    torch.manual_seed(0)
+    block = ThresholdChoiceMoE(k=k)
+    x = torch.randn(1, 9, 16)
+    expected, module = _original_and_synthesized(block, x)
+    shown = autocal.explain(block).blocks[0]
+    assert (shown.top_k, shown.num_experts, shown.scoring) == (k, 6, "softmax")
+    assert (module.structure.router.top_k, module.structure.router.selection) == (k, "kthvalue")
+    with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts)}) as rows:
         assert torch.equal(module(x), expected)
     assert set(rows.values()) == {9}

@@ -16,7 +16,8 @@ from .structure import RouterInfo
 
 __all__ = ["analyze_router", "routing_choice", "router_of", "only_topk"]
 
-_SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
+_SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max", "kthvalue"}
+_COMPARISONS = {"ge", "gt", "le", "lt", "__ge__", "__gt__", "__le__", "__lt__"}
 _DIVISIONS = {"div", "div_", "truediv", "itruediv", "__truediv__", "__itruediv__"}
 _MATMUL_OPS = {"linear", "matmul", "__matmul__", "mm", "addmm"}
 # Plumbing between scores and weights: not a scoring function in itself.
@@ -26,7 +27,8 @@ _PLUMBING = {
     "masked_fill", "unsqueeze", "squeeze", "expand", "contiguous", "clamp", "clamp_min", "div_", "mul_",
     "sub", "__sub__", "where", "ones_like", "zeros_like", "new_zeros", "flatten", "permute", "transpose",
     "full_like", "full", "new_full", "fill_", "masked_fill_", "index_select", "repeat", "expand_as",
-    "unbind", "split", "chunk", "stack", "cat",
+    "unbind", "split", "chunk", "stack", "cat", "kthvalue", "ge", "gt", "le", "lt", "__ge__", "__gt__", "__le__",
+    "__lt__", "logical_not", "__invert__", "bitwise_not",
 }
 
 
@@ -39,7 +41,23 @@ def _k_of(node: fx.Node) -> int:
         return int(node.kwargs.get("k", node.args[1] if len(node.args) > 1 else 1))
     if target_name(node) in ("sort", "argsort"):  # a full sort, then the first k of the last dimension kept
         return _leading_slice(node) or 1
+    if target_name(node) == "kthvalue":
+        return _kept_by_threshold(node) or 1
     return 1
+
+
+def _kept_by_threshold(kthvalue: fx.Node) -> int | None:
+    """The k of scores compared with their own k-th value (``scores >= scores.kthvalue(E - k + 1).values``):
+    the most choices one row keeps, read from the recorded comparison, whichever way it compares."""
+    thresholds = [kthvalue] + [u for u in kthvalue.users if target_name(u) in ("getitem", "__getitem__", "getattr")]
+    scores = value(kthvalue.args[0])
+    for threshold in thresholds:
+        for user in threshold.users:
+            kept = value(user)
+            if (target_name(user) in _COMPARISONS and isinstance(kept, torch.Tensor)
+                    and kept.dtype == torch.bool and kept.shape == scores.shape and kept.numel()):
+                return int(kept.reshape(-1, kept.shape[-1]).sum(-1).max())
+    return None
 
 
 def _chained_k(selections: list[fx.Node], index: fx.Node, ancestry: Ancestry) -> int | None:

@@ -38,6 +38,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
            "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
+           "ThresholdChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE"]
@@ -684,6 +685,30 @@ class SortedChoiceMoE(nn.Module):
         return out.view_as(x)
 
 
+class ThresholdChoiceMoE(nn.Module):
+    """The choice is a threshold: scores at or above their own (E - k + 1)-th smallest value (``kthvalue``) are
+    kept, the weights a softmax over the kept logits, each expert run on the rows that kept it."""
+
+    def __init__(self, hidden=16, experts=6, k=2):
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(ProjExpert(hidden) for _ in range(experts))
+        self.k = k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.router(flat)
+        threshold = logits.kthvalue(logits.shape[-1] - self.k + 1, dim=-1, keepdim=True).values
+        kept = logits >= threshold
+        weights = logits.masked_fill(~kept, float("-inf")).softmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows = kept[:, e]
+            if rows.any():
+                out[rows] += weights[rows, e, None] * expert(flat[rows])
+        return out.view_as(x)
+
+
 class ScoredInputsMoE(nn.Module):
     """Every expert on every token, its input multiplied by the token's score for it if chosen by the top-k, else
     by zero: no dispatch a specialised rule reads; the last resort forces the top-k.
@@ -949,6 +974,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("host_sliced", "recorded-block", _seeded(HostSlicedMoE), (1, 14, 16)),
     Pattern("token_by_token", "recorded-block", _seeded(TokenByTokenMoE), (1, 9, 16)),
     Pattern("sort_then_first_k", "recorded-block", _seeded(SortedChoiceMoE), (1, 9, 16)),
+    Pattern("kthvalue_threshold", "recorded-block", _seeded(ThresholdChoiceMoE), (1, 9, 16)),
     Pattern("grouped_gemm", "sorted", _seeded(GroupedGemmMoE), (2, 9, 8)),
     Pattern("mixture_of_heads", "sorted", _seeded(lambda: MixtureOfHeadsAttention(experts=5, k=2)), (7, 8)),
     Pattern("gathered_ffn", "gathered", _seeded(GatheredMoE)),
