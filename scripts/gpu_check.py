@@ -6,9 +6,9 @@ For each kind, three (experts, k) and two dtypes: calibration off bitwise the
 original's (within rounding where the original itself is not deterministic on
 the GPU: atomic adds), on within rounding, and every expert Linear seeing every
 token once. Everything runs three times: with the default grouping of experts,
-with every expert on its own (``GROUP_WORK = 0``, as large experts run on a GPU)
-and the lone experts combined several at a time (the default ``COMBINE_ELEMENTS``),
-and with every expert on its own and combined on its own (``COMBINE_ELEMENTS = 0``).
+with every expert on its own (a container's ``group_work = 0``, as large experts run on a
+GPU) and the lone experts combined several at a time (the default ``combine_elements``), and
+with every expert on its own and combined on its own (``combine_elements[False] = 0``).
 Prints the failures and a count; exit status 1 if any.
 """
 
@@ -22,8 +22,16 @@ dev = torch.device("cuda")
 bad = 0
 groupings = ((experts_module.GROUP_WORK, experts_module.COMBINE_ELEMENTS[False]), (0, experts_module.COMBINE_ELEMENTS[False]),
              (0, 0))
+
+
+def set_grouping(module, work, combine):
+    """The device budgets of every experts container of ``module`` (``CalibrationExperts``)."""
+    for container in module.modules():
+        if isinstance(container, experts_module.CalibrationExperts):
+            container.group_work, container.combine_elements[False] = work, combine
+
+
 for (work, combine), dtype in itertools.product(groupings, (torch.float32, torch.bfloat16)):
-    experts_module.GROUP_WORK, experts_module.COMBINE_ELEMENTS[False] = work, combine
     for kind in KINDS:
         for E, k in ((8, 2), (6, 6), (5, 1)):
             try:
@@ -37,6 +45,7 @@ for (work, combine), dtype in itertools.product(groupings, (torch.float32, torch
                     ref, again = block(x), block(x)
                 deterministic = torch.equal(main_output(ref), main_output(again))
                 m = autocal.synthesize(block)
+                set_grouping(m, work, combine)
                 m.calibrate_all_experts = False
                 with torch.no_grad():
                     off = m(x)

@@ -18,7 +18,6 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import autocal
-from autocal.synthesize import experts as experts_module
 from autocal.synthesize.slots import RoutedSlots
 from autocal.testing.assertions import count_rows, expert_linears
 from autocal.testing.strategies import token_counts, toy_configs
@@ -143,15 +142,10 @@ def test_experts_run_in_groups_as_they_run_one_by_one(config, tokens, group, spa
         seen.setdefault(id(linear), []).append(args[0].clone())
 
     hooks = [linear.register_forward_pre_hook(observe) for linear in expert_linears(module).values()]
-    budgets = experts_module.GROUP_ELEMENTS[True], experts_module.COMBINE_ELEMENTS[True]
-    experts_module.GROUP_ELEMENTS[True] = group * x.shape[:-1].numel() * container._widest
-    experts_module.COMBINE_ELEMENTS[True] = span * x.shape[:-1].numel() * container.output_features
-    try:
-        with torch.no_grad():
-            grouped = module(x)
-    finally:
-        experts_module.GROUP_ELEMENTS[True], experts_module.COMBINE_ELEMENTS[True] = budgets
+    container.group_elements[True] = group * x.shape[:-1].numel() * container._widest
+    container.combine_elements[True] = span * x.shape[:-1].numel() * container.output_features
     with torch.no_grad():
+        grouped = module(x)
         note(f"grouped path usable: {container._grouped.usable}")
         grouped_inputs, seen = seen, {}
         container._grouped.usable = False

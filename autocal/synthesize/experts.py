@@ -83,6 +83,9 @@ class CalibrationExperts(UnpackedExperts):
         self._widest = max([p.features for p in structure.template.projections]
                            + [r.out_features for r in structure.template.linears])
         self._work_per_token = sum(r.in_features * r.out_features for r in structure.template.linears)
+        # The grouping budgets, per container so that a check can run each path (keys: on_cpu; see above).
+        self.group_elements, self.combine_elements = dict(GROUP_ELEMENTS), dict(COMBINE_ELEMENTS)
+        self.group_work = GROUP_WORK
         self._span_firsts: dict[tuple, torch.Tensor] = {}
         self._wrapped_forwards: dict[int, Callable] = {}  # see _why_called
 
@@ -215,16 +218,16 @@ class CalibrationExperts(UnpackedExperts):
         return None
 
     def _group_size(self, tokens: int, on_cpu: bool) -> int:
-        """Experts per group: as many as keep one stacked activation within ``GROUP_ELEMENTS`` (see there)."""
-        if not on_cpu and tokens * self._work_per_token > GROUP_WORK:
+        """Experts per group: as many as keep one stacked activation within ``group_elements`` (``GROUP_ELEMENTS``)."""
+        if not on_cpu and tokens * self._work_per_token > self.group_work:
             return 1
-        return max(1, min(self.num_experts, GROUP_ELEMENTS[on_cpu] // max(1, tokens * self._widest)))
+        return max(1, min(self.num_experts, self.group_elements[on_cpu] // max(1, tokens * self._widest)))
 
     def _span(self, size: int, tokens: int, on_cpu: bool) -> int:
-        """Experts combined at once: one group, or lone experts within ``COMBINE_ELEMENTS`` (see there)."""
+        """Experts combined at once: one group, or lone experts within ``combine_elements`` (``COMBINE_ELEMENTS``)."""
         if size > 1:
             return size
-        return max(1, min(self.num_experts, COMBINE_ELEMENTS[on_cpu] // max(1, tokens * self.output_features)))
+        return max(1, min(self.num_experts, self.combine_elements[on_cpu] // max(1, tokens * self.output_features)))
 
     def _dense_grouped(self, experts: list[nn.Module], hidden: torch.Tensor, index: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
