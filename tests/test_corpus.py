@@ -143,6 +143,16 @@ def _ref_grouped_mm(m, x):
     return _dense(t, gates, experts).view_as(x), gates
 
 
+def _ref_fused_grouped(m, x):
+    t = _flat(x)
+    scores = torch.sigmoid(t @ m.router.gate.weight.T)
+    gates = torch.where(_top(scores), scores, 0)
+    gates = gates / gates.sum(-1, keepdim=True)
+    w = m.experts
+    experts = [functools.partial(_swiglu, w_gate=w.w1[e].T, w_up=w.w3[e].T, w_down=w.w2[e].T) for e in range(len(w.w1))]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
 def _ref_detached(m, x):
     t = _flat(x)
     logits = t @ m.router.weight.T
@@ -403,6 +413,7 @@ REFERENCES = {
     "packed_einsum_swiglu": _ref_packed_einsum,
     "sorted_split": _ref_top_probs(lambda m: m.router, lambda m: m.experts.mlps),
     "sorted_grouped_mm": _ref_grouped_mm,
+    "fused_grouped_mm": _ref_fused_grouped,
     "detached_score_dense": _ref_detached,
     "gshard_top2": _ref_gshard,
     "hierarchical": _ref_hierarchical,

@@ -585,3 +585,19 @@ def test_a_kthvalue_threshold_is_a_top_k(k):
     with torch.no_grad(), count_rows({e: m.up_proj for e, m in enumerate(module.experts)}) as rows:
         assert torch.equal(module(x), expected)
     assert set(rows.values()) == {9}
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 4, 2], [0, 0, 9, 0], [2, 2, 2, 1]])
+def test_a_grouped_matmul_decomposes_into_what_it_computes(counts):
+    """``trace/decompose.py`` runs ``F.grouped_mm`` as rows ``offsets[e-1]:offsets[e]`` times ``w[e]``: the same
+    product within rounding (rows past the last offset, which the fused op leaves unset, are zeros)."""
+    from autocal.trace.decompose import decomposition
+
+    torch.manual_seed(0)
+    rows, weight = torch.randn(9, 16), torch.randn(4, 16, 8)
+    offsets = torch.cumsum(torch.tensor(counts), dim=0, dtype=torch.int32)
+    fused = torch.nn.functional.grouped_mm(rows, weight, offs=offsets)
+    decomposed = decomposition(torch.nn.functional.grouped_mm, (rows, weight), {"offs": offsets})()
+    end = int(offsets[-1])
+    assert compare_outputs(fused[:end], decomposed[:end])[2] and not decomposed[end:].any()
+    assert decomposition(torch.matmul, (rows, weight[0]), {}) is None

@@ -44,7 +44,8 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
 from .block import other_children
-from ..trace.gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
+from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, reshaped_view, slot_inputs,
+                             swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
@@ -114,7 +115,7 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
         gathered = gathered_index(node.target, fx.node.map_arg(node.args, value))
         if gathered is None:
             continue
-        source = _stored(next((a for a in node.all_input_nodes if value(a) is gathered[0]), None))
+        source = _stored(next((a for a in node.all_input_nodes if value(a) is gathered[0]), None), swapped=True)
         if source is None or source.target not in params:
             continue
         index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
@@ -139,21 +140,24 @@ def _takes_entries(out: object, weight: torch.Tensor, index: torch.Tensor | int)
     return all(torch.equal(entries[i], weight[experts[i]]) for i in {0, len(experts) - 1} if len(experts))
 
 
-def _stored(node: fx.Node | None) -> fx.Node | None:
+def _stored(node: fx.Node | None, swapped: bool = False) -> fx.Node | None:
     """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``: the
-    same memory, in the same order)."""
+    same memory, in the same order), or, ``swapped``, with each expert's matrix transposed (``w.transpose(1, 2)``)."""
     start, weight = node, value(node)
     while node is not None and node.op != "get_attr":
         inputs = node.all_input_nodes
         node = inputs[0] if len(inputs) == 1 and isinstance(value(inputs[0]), torch.Tensor) else None
-    return node if node is not None and (node is start or reshaped_view(weight, value(node))) else None
+    return node if node is not None and (node is start or reshaped_view(weight, value(node))
+                                         or swapped and swapped_view(weight, value(node))) else None
 
 
-def _viewed(gather: fx.Node) -> tuple[int, ...] | None:
-    """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own."""
-    weight = next(a for a in gather.all_input_nodes if _stored(a) is not None)
-    shape = tuple(value(weight).shape)
-    return shape if shape != tuple(value(_stored(weight)).shape) else None
+def _viewed(gather: fx.Node) -> tuple[tuple[int, ...] | None, bool]:
+    """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own, and
+    whether it takes each expert's matrix transposed."""
+    weight = next(a for a in gather.all_input_nodes if _stored(a, swapped=True) is not None)
+    viewed, param = value(weight), value(_stored(weight, swapped=True))
+    swapped = swapped_view(viewed, param)
+    return (tuple(viewed.shape) if viewed.shape != param.shape and not swapped else None), swapped
 
 
 def _viewed_weights(gather: fx.Node) -> fx.Node | None:
@@ -306,15 +310,17 @@ def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],
         _check_all_gathered(block, graph, {p for _, p, _ in gathers}, by_param)
         for gather, param, gather_index in gathers:
             weight = _contraction(gather, gather_index, biases)
-            known, shape = by_param.get(param), _viewed(gather)
+            known, (shape, swapped) = by_param.get(param), _viewed(gather)
+            orientation = weight and (SWAPPED.get(weight.orientation, weight.orientation) if swapped
+                                      else weight.orientation)
             if weight is None or known and (known.orientation, known.bias, known.shape) != (
-                    weight.orientation, weight.bias, shape):
+                    orientation, weight.bias, shape):
                 raise errors.AutocalError(
                     errors.UNSUPPORTED_EXPERT, f"the gathered `{param}` is not contracted slot by slot with features "
                     "(features @ W[e], or a vector's dot product), the same way wherever it is gathered",
                     block_class=type(block).__name__, source=source_of(gather))
             ops = (*known.contractions, *weight.contractions) if known else weight.contractions
-            by_param[param] = GatheredWeight(param, weight.orientation, tuple(dict.fromkeys(ops)), weight.bias, shape)
+            by_param[param] = GatheredWeight(param, orientation, tuple(dict.fromkeys(ops)), weight.bias, shape)
     return list(by_param.values())
 
 

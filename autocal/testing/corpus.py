@@ -468,6 +468,56 @@ class GroupedMatmulMoE(nn.Module):
         return (unsorted.view(-1, self.top_k, t.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1).reshape(x.shape)
 
 
+class CountingRouter(nn.Module):
+    """A router module returning the chosen experts' scores, their indices, and the tokens per expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, t):
+        scores = torch.sigmoid(self.gate(t).float())
+        top_scores, indices = torch.topk(scores, TOP_K, dim=-1)
+        top_scores = top_scores / (top_scores.sum(dim=-1, keepdim=True) + 1e-20)
+        counts = torch.histc(indices.reshape(-1).float(), bins=EXPERTS, min=0, max=EXPERTS)
+        return top_scores, indices, counts
+
+
+class FusedGroupedExperts(nn.Module):
+    """Packed ``[E, out, in]`` weights applied transposed by the fused grouped matmul (``F.grouped_mm``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, rows, counts):
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = F.silu(F.grouped_mm(rows, self.w1.transpose(-2, -1), offs=offsets))
+        h = h * F.grouped_mm(rows, self.w3.transpose(-2, -1), offs=offsets)
+        return F.grouped_mm(h, self.w2.transpose(-2, -1), offs=offsets)
+
+
+class FusedGroupedMoE(nn.Module):
+    """Training framework: rows sorted by expert, one fused grouped matmul per projection, combined by
+    ``scatter_add``."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = CountingRouter()
+        self.experts = FusedGroupedExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        scores, indices, counts = self.router(t)
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        token = order // TOP_K
+        out = self.experts(t[token], counts) * scores.reshape(-1)[order, None].to(t.dtype)
+        combined = torch.zeros_like(t).scatter_add(0, token[:, None].expand(-1, t.shape[-1]), out)
+        return combined.reshape(x.shape)
+
+
 class DetachedScoreMoE(nn.Module):
     """Research code: every expert runs on every token, its input scaled by a detached routing score."""
 
@@ -1384,6 +1434,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "torch.split loop", (3,), SortedSplitMoE),
     CorpusEntry("sorted_grouped_mm", f"{_TRAINING}: argsort by expert, grouped matmul over packed weights and "
                 "offsets, sigmoid router with a selection bias", (3,), GroupedMatmulMoE),
+    CorpusEntry("fused_grouped_mm", f"{_TRAINING}: argsort by expert, F.grouped_mm over transposed packed "
+                "[E, out, in] weights, counts by histc in a router module, scatter_add combine", (3,), FusedGroupedMoE),
     CorpusEntry("detached_score_dense", f"{_RESEARCH}: every expert on every token, input scaled by a "
                 "detached routing score", (4,), DetachedScoreMoE),
     CorpusEntry("gshard_top2", f"{_RESEARCH}: GShard top-2 with capacity, dispatch/combine einsums, "

@@ -19,10 +19,13 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .decompose import decomposition
 from .record import flat_args
 
-__all__ = ["BIAS", "gathered_index", "reshaped_view", "same_entries", "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
+__all__ = ["BIAS", "SWAPPED", "gathered_index", "reshaped_view", "same_entries", "swapped_view",
+           "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
 
+SWAPPED = {"linear": "matmul", "matmul": "linear"}  # an orientation, for each expert's matrix transposed
 BIAS = "bias"  # the tracker's key of a gathered bias: it goes with its weight into the same contraction
 _ITEM = ("getitem", "__getitem__")
 
@@ -79,7 +82,13 @@ class GatherTracker(TorchFunctionMode):
         self.params, self.contract = params, contract
         self.marks: dict[int, tuple] = {}
         self.views: dict[int, tuple] = {}  # views of tracked parameters: (the view, kept alive; the key)
-        self.wholes: dict[int, tuple] = {}  # other views of their entries (``w.transpose(1, 2)``), only contracted whole
+        self.wholes: dict[int, tuple] = {}  # other views of their entries (``w.transpose(0, 1)``), only contracted whole
+        self.swapped: set[int] = set()  # wholes that are ``w.transpose(-2, -1)``: gathered by experts as well
+
+    def _tracks(self, tensor: object) -> bool:
+        """Is ``tensor`` a tracked parameter or a view of one?"""
+        return isinstance(tensor, torch.Tensor) and any(id(tensor) in tracked
+                                                        for tracked in (self.params, self.views, self.wholes))
 
     def _key(self, tensor: torch.Tensor) -> object:
         return self.params[id(tensor)] if id(tensor) in self.params else self.views.get(id(tensor), (None, None))[1]
@@ -89,12 +98,17 @@ class GatherTracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        decomposed = decomposition(func, args, kwargs)
+        if decomposed is not None and any(self._tracks(a) for a in flat_args((*args, *kwargs.values()))):
+            with self:  # each expert's slice, as recorded (``trace/decompose.py``)
+                return decomposed()
         found = gathered_index(func, args)
-        if found is not None and (id(found[0]) in self.params or id(found[0]) in self.views):
+        if found is not None and (id(found[0]) in self.params or id(found[0]) in self.views
+                                  or id(found[0]) in self.swapped):
             out = func(*args, **kwargs)
             index = found[1]
             index = int(index) if isinstance(index, torch.Tensor) and index.dim() == 0 else index  # one expert
-            self.marks[id(out)] = (out, self._key(found[0]), index)
+            self.marks[id(out)] = (out, self._whole_key(found[0]), index)
             return out
         tensors = [a for a in flat_args((*args, *kwargs.values())) if isinstance(a, torch.Tensor)]
         if len(tensors) == 1 and (id(tensors[0]) in self.params or id(tensors[0]) in self.views
@@ -105,6 +119,8 @@ class GatherTracker(TorchFunctionMode):
                 self.views[id(out)] = (out, key)
             elif same_entries(out, tensors[0]):
                 self.wholes[id(out)] = (out, key)
+                if id(tensors[0]) not in self.wholes and swapped_view(out, tensors[0]):
+                    self.swapped.add(id(out))
             return out
         marked = [a for a in tensors if id(a) in self.marks]
         if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
@@ -135,6 +151,15 @@ def reshaped_view(out: object, weight: torch.Tensor) -> bool:
     """Is ``out`` ``weight`` in another shape, its entries in the same order (``view``, ``reshape``)?"""
     return (isinstance(out, torch.Tensor) and out.numel() == weight.numel() and out.is_contiguous()
             and weight.is_contiguous() and out.data_ptr() == weight.data_ptr() and out.dtype == weight.dtype)
+
+
+def swapped_view(out: object, weight: torch.Tensor) -> bool:
+    """Is ``out`` ``[E, a, b]`` ``weight`` with each expert's matrix transposed (``w.transpose(-2, -1)``, ``w.mT``),
+    the experts still first? Gathering experts from it takes each expert's entries, applied the other way."""
+    return (isinstance(out, torch.Tensor) and out.dim() == weight.dim() == 3 and same_entries(out, weight)
+            and tuple(out.shape) == (weight.shape[0], weight.shape[2], weight.shape[1])
+            and out.stride() == (weight.stride(0), weight.stride(2), weight.stride(1))
+            and out.storage_offset() == weight.storage_offset())
 
 
 def same_entries(out: object, weight: torch.Tensor) -> bool:

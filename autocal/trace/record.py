@@ -32,6 +32,8 @@ from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .decompose import decomposition
+
 __all__ = ["Recording", "record", "value", "flat_args"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -114,6 +116,10 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        decomposed = decomposition(func, args, kwargs) if self.leaf_depth == 0 else None
+        if decomposed is not None:  # recorded as the plain ops it stands for (``trace/decompose.py``)
+            with self:
+                return decomposed()
         out = func(*args, **kwargs)
         if self.leaf_depth == 0 and _has_tensor(out):
             self.emit("call_function", func, args, kwargs, out)
