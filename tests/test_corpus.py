@@ -30,6 +30,7 @@ from autocal.testing.corpus import (
     check_explain_k,
     check_mixed,
     equivalent,
+    synthesize_example,
 )
 
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
@@ -38,11 +39,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("gshard_top2", check): (AutocalError, "unsupported-dispatch: the experts are called with one tensor; "
                                 "tracing b, n, d, e = *x.shape, e fails and is a NoMatch")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
-    **{("modality_experts", check): (AutocalError, "trace-failed: synthesize has no token_type_ids")
-       for check in ("synthesize", "tokens")},
-    **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
-                                     "with calibration on (two expert sets chosen by token_type_ids)")
-       for check in ("convert", "convert_example", "mixed")},
 }
 
 
@@ -481,7 +477,8 @@ def _synthesized(name: str):
     entry = ENTRIES[name]
     path = entry.blocks[0]
     try:
-        return entry.build(0).get_submodule(path), autocal.synthesize(entry.build(0).get_submodule(path))
+        return entry.build(0).get_submodule(path), autocal.synthesize(entry.build(0).get_submodule(path),
+                                                                      example_inputs=synthesize_example(entry))
     except Exception as error:  # raised again by each test, as the xfail table expects
         return error
 
@@ -498,7 +495,7 @@ def test_synthesize(name):
     def run():
         original, module = _synthesized_or_raise(name)
         for batch, seq in ((1, 1), (2, 5), (1, 9)):
-            equivalent(original, module, *ENTRIES[name].inputs(batch, seq, seed=seq))
+            equivalent(original, module, *ENTRIES[name].inputs(batch, seq, seed=seq), ENTRIES[name].reach)
     _checked(name, "synthesize", run)
 
 
@@ -509,7 +506,7 @@ def test_synthesize(name):
 def test_synthesized_module_on_any_token_count(name, shape, seed):
     def run():
         original, module = _synthesized_or_raise(name)
-        equivalent(original, module, *ENTRIES[name].inputs(*shape, seed=seed))
+        equivalent(original, module, *ENTRIES[name].inputs(*shape, seed=seed), ENTRIES[name].reach)
     _checked(name, "tokens", run)
 
 
