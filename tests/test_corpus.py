@@ -4,9 +4,12 @@ First the corpus itself: each block's output equals a dense reference written
 here (every expert on every token, combined with the routing weights the block
 would use; each token with at most k non-zero weights). Then autocal on each:
 ``synthesize`` (calibration off bitwise, on within ``autocal.verify``
-tolerances, every expert Linear seeing every token), ``convert`` of a model
+tolerances, every expert Linear seeing every token: for the modality entry,
+every token of its modality, as its ``reach`` says), ``convert`` of a model
 holding the block, with and without example inputs, ``convert`` of a model that
-also holds a block autocal converts, and ``explain`` reporting the true k.
+also holds a block autocal converts, and ``explain`` reporting the true k. An
+entry whose forward needs more than hidden states gets example inputs in every
+check, ``synthesize`` included.
 
 What autocal fails today is listed in ``KNOWN_FAILURES`` (strict xfails): an
 entry that starts passing fails the suite, and the table is updated.

@@ -23,7 +23,7 @@ from .facts import Facts
 from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .plans import ContainerPlan, NoMatch, RecordedBlockPlan
 from .expert_sets import ExpertSet, RecordedSet, check_sets
-from .recorded import block_recording, loop_recording, sets_recording, whole_input
+from .recorded import ExpertCalls, block_recording, loop_recording, sets_recording, whole_input
 from .router import analyze_router, router_of, routing_choice
 from .structure import MoEStructure
 
@@ -210,7 +210,7 @@ def detect_recorded_block(facts: Facts) -> RecordedBlockPlan | NoMatch:
     ), first.recipe, tuple(ExpertSet(s.path, s.recipe) for s in sets[1:]))
 
 
-def _recorded_set(facts: Facts, found, name: str, entries: list) -> RecordedSet | NoMatch:
+def _recorded_set(facts: Facts, found: ExpertCalls, name: str, entries: list) -> RecordedSet | NoMatch:
     """One list's recipe, router and experts, from the calls of its experts in the recording ``found``."""
     cls, rec = facts.block_class, found.rec
     mine = {p for p, m in facts.block.named_modules() if any(m is e for e in entries)}
