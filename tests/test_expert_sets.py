@@ -83,6 +83,7 @@ def test_each_expert_sees_every_token_of_its_set_and_no_other():
     assert {n for p, n in rows.items() if p.startswith("experts0.")} == {text}
     assert {n for p, n in rows.items() if p.startswith("experts1.")} == {image}
     assert module.tokens_due((x, other), {}) == [text] * 3 + [image] * 3
+    assert list(module.state_dict()) == list(block.state_dict()), "checkpoint names are the block's own"
 
 
 def test_verify_counts_each_expert_against_its_own_set(monkeypatch):
