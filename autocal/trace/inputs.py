@@ -119,12 +119,11 @@ def capture_block_inputs(block: nn.Module, experts: nn.Module, *, num_tokens: in
     hint = "pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"
     missing = required_inputs(block)
     if missing:  # the values of such an input (which expert set a token id selects, say) are not in the weights
-        hint = (f"pass the block's inputs: autocal.synthesize(block, example_inputs={{...}}) with "
-                f"{', '.join(missing)} beside the hidden states, or {hint}")
-    if missing:
         raise errors.AutocalError(
             errors.TRACE_FAILED, f"the block's forward needs inputs autocal cannot make up: {', '.join(missing)}",
-            block_class=type(block).__name__, hints=[hint],
+            block_class=type(block).__name__,
+            hints=[f"pass the block's inputs: autocal.synthesize(block, example_inputs={{...}}) with "
+                   f"{', '.join(missing)} beside the hidden states, or {hint}"],
         )
     failures: list[Exception] = []
     args = synthesize_inputs(block, experts, _calls(block, experts, failures), num_tokens=num_tokens)
