@@ -24,7 +24,7 @@ from .registry import MoECalibrationModule
 from .rules import Decision, decide, find_moe_blocks, user_line
 from .synthesize.experts import CalibrationExperts
 from .synthesize.module import checked_chunk_size
-from .trace.inputs import BlockCall, synthesize_inputs
+from .trace.inputs import BlockCall, block_call, synthesize_inputs
 from .trace.calls import locate_blocks, unreached
 from .trace.twin import on_meta
 from .unconverted import UNCONVERTED, Unconverted, unconverted, unrecognized, within
@@ -137,7 +137,7 @@ def _runs(block: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
 
 
 def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool = True, *,
-               verify: bool = True) -> MoECalibrationModule:
+               verify: bool = True, example_inputs: dict | None = None) -> MoECalibrationModule:
     """A calibration module for one MoE block.
 
     Args:
@@ -145,6 +145,11 @@ def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool
         config: passed to a registered override; synthesis does not need it.
         calibrate_all_experts: send every token through every expert.
         verify: check the result against ``block`` before returning it.
+        example_inputs: the block's forward inputs by parameter name, for a block
+            whose forward needs more than hidden states that autocal could make up
+            (``token_type_ids`` choosing an expert set, say); detection and
+            verification then run on them. Default: hidden states made from the
+            block's parameters.
 
     Example:
         >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
@@ -152,7 +157,8 @@ def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool
         >>> module.experts[0].gate_proj
         Linear(in_features=16, out_features=24, bias=False)
     """
-    return Converter(calibrate_all_experts, verify).build(block, config)
+    call = block_call(block, example_inputs) if example_inputs is not None else None
+    return Converter(calibrate_all_experts, verify).build(block, config, call)
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -189,6 +189,7 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
             ("layout", _layout(experts["layout"]), None),
             ("one expert", experts["computation"], sources.pop("down_proj", sources.pop("expert_call", None))),
             ("routing weights", experts["weights_applied"], sources.pop("contribution", sources.pop("gating", None))),
+            *_more_sets(block.structure),
             ("shared", ", ".join(block.structure["shared_modules"]) or "none", None),
             ("returns", block.structure["returns"], None),
         ]
@@ -205,6 +206,17 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     else:
         reason = "meta device: no data" if block.on_meta else "already converted" if block.converted else None
         rows.append(("verified", f"not run ({reason})" if reason else "not run", None))
+    return rows
+
+
+def _more_sets(structure: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """One row per expert set beyond the first (``detect/expert_sets.py``): its experts and its own router."""
+    rows = []
+    for number, (router, experts) in enumerate(structure.get("more_sets", []), start=2):
+        steps = " → ".join(str(step) for step in _routing_steps(router) if step)
+        rows.append((f"expert set {number}", f"{experts['module_path']}  {experts['num_experts']} × "
+                     f"{experts['storage']}, router {router['module_path']} ({steps}, top_k {router['top_k']} of "
+                     f"{router['num_choices']})", router["sources"].get("top_k")))
     return rows
 
 

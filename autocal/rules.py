@@ -89,6 +89,18 @@ def _routed_list(facts: Facts) -> bool:
     return bool(facts.lists) and not facts.unrouted and not facts.own_loop
 
 
+def _one_set(match: Callable[[Facts], Plan | NoMatch]) -> Callable[[Facts], Plan | NoMatch]:
+    """``match``, for a block with one list of experts: several, each with its router, are several expert sets,
+    which the recorded-block rule reads (the others would take the first list for the experts, the rest for shared
+    modules, and leave those experts short of tokens without a word)."""
+    def one_set(facts: Facts) -> Plan | NoMatch:
+        if len(facts.lists) > 1:
+            return NoMatch(f"{len(facts.lists)} lists of experts ({', '.join(facts.lists)}), each beside a router: "
+                           "several expert sets (the recorded-block rule's kind)", shallow=True)
+        return match(facts)
+    return one_set
+
+
 def _override(facts: Facts) -> OverridePlan | NoMatch:
     found = registered_override(facts.block_class)
     return OverridePlan(None, found) if found is not None else NoMatch("no module is registered for this class")
@@ -109,18 +121,18 @@ RULES: tuple[Rule, ...] = (
     rule(ContainerPlan, "a list of experts with a dispatch loop of its own", lambda f: f.own_loop,
          detect_module_container, build_container_calibration),
     rule(BlockRewritePlan, "a list of experts beside a router, called by the block", _routed_list,
-         detect_block_level, build_block_rewrite),
+         _one_set(detect_block_level), build_block_rewrite),
     rule(GatedPlan, "a list of identical experts made of Linears", lambda f: bool(f.lists),
          detect_gated, build_container_calibration),
     rule(RecordedBlockPlan, "a list of experts beside a router, called by the block", _routed_list,
          detect_recorded_block, build_recorded_block),
     rule(MaskDispatchPlan, "a list of experts beside a router, called by the block", _routed_list,
-         detect_mask_dispatch, build_mask_dispatch),
+         _one_set(detect_mask_dispatch), build_mask_dispatch),
     rule(GatheredPlan, "[E, a, b] expert weights (packed, or the block's own) or embedding tables",
          lambda f: bool(f.packed or f.own_weights or f.tables), detect_gathered, build_gathered_calibration),
     # Last: only a routing choice it can force and experts it can observe, whatever the dispatch (slower).
     rule(LastResortPlan, "a list of experts made of Linears, beside a weight reading their input",
-         last_resort_candidate, detect_last_resort, build_last_resort),
+         last_resort_candidate, _one_set(detect_last_resort), build_last_resort),
 )
 
 

@@ -93,6 +93,13 @@ def counts_itself(calibration: nn.Module) -> bool:
     return getattr(getattr(calibration, "experts_container", None), "counts_tokens", False)
 
 
+def _tokens_due(calibration: nn.Module, args: tuple, kwargs: dict, tokens: int, experts: int) -> list[int]:
+    """The tokens each expert must see with calibration on: every token, or, for a module with several expert sets
+    (``detect/expert_sets.py``), every token reaching the expert's set, as the module counts them."""
+    due = getattr(calibration, "tokens_due", None)
+    return due(args, _fresh(kwargs)) if due is not None else [tokens] * experts
+
+
 def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
     """Run both modules on ``args`` and raise ``verification-failed`` if they disagree.
 
@@ -121,7 +128,8 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)
     tokens = hidden_tokens(args, kwargs)
-    covered = sum(1 for n in seen if n >= tokens)  # a token routed twice to one expert counts twice
+    due = _tokens_due(calibration, args, kwargs, tokens, len(seen))
+    covered = sum(1 for n, d in zip(seen, due) if n >= d)  # a token routed twice to one expert counts twice
     result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
                           close_off and close_on and covered == len(seen), implementation,
                           bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
@@ -130,6 +138,8 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             f"outputs differ by up to {max(diff_off, diff_on):.3g} on {tokens} tokens"
             if not (close_off and close_on)
             else f"only {covered} of {len(seen)} experts saw all {tokens} tokens with calibration on"
+            if set(due) <= {tokens} else
+            f"only {covered} of {len(seen)} experts saw all the tokens reaching their expert set with calibration on"
         )
         raise errors.AutocalError(
             errors.VERIFICATION_FAILED,

@@ -40,7 +40,9 @@ block autocal converts (a toy Qwen3-MoE block); **explain k**: `explain` lists t
 means calibration off is bitwise the original, calibration on is within `autocal.verify` tolerances, and every
 expert Linear sees every token. Otherwise the cell says the error kind, `silent` (returned, block unconverted or
 unlisted), `wrong` (a wrong output, coverage or k) or `raw` and the exception type (not an `AutocalError`).
-The modality entry, whose forward needs `token_type_ids`, gets example inputs in every model check.
+The modality entry, whose forward needs `token_type_ids`, gets example inputs in every check (`synthesize(block,
+example_inputs=...)` too), and each of its experts must see every token of its own modality: the tokens reaching
+its expert set (docs/how-it-works.md, *several expert sets*).
 `tests/test_corpus.py` holds the same results as strict xfails (`KNOWN_FAILURES`).
 
 Regenerate:

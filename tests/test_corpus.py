@@ -4,9 +4,12 @@ First the corpus itself: each block's output equals a dense reference written
 here (every expert on every token, combined with the routing weights the block
 would use; each token with at most k non-zero weights). Then autocal on each:
 ``synthesize`` (calibration off bitwise, on within ``autocal.verify``
-tolerances, every expert Linear seeing every token), ``convert`` of a model
+tolerances, every expert Linear seeing every token: for the modality entry,
+every token of its modality, as its ``reach`` says), ``convert`` of a model
 holding the block, with and without example inputs, ``convert`` of a model that
-also holds a block autocal converts, and ``explain`` reporting the true k.
+also holds a block autocal converts, and ``explain`` reporting the true k. An
+entry whose forward needs more than hidden states gets example inputs in every
+check, ``synthesize`` included.
 
 What autocal fails today is listed in ``KNOWN_FAILURES`` (strict xfails): an
 entry that starts passing fails the suite, and the table is updated.
@@ -30,6 +33,7 @@ from autocal.testing.corpus import (
     check_explain_k,
     check_mixed,
     equivalent,
+    synthesize_example,
 )
 
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
@@ -38,11 +42,6 @@ KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
     **{("gshard_top2", check): (AutocalError, "unsupported-dispatch: the experts are called with one tensor; "
                                 "tracing b, n, d, e = *x.shape, e fails and is a NoMatch")
        for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
-    **{("modality_experts", check): (AutocalError, "trace-failed: synthesize has no token_type_ids")
-       for check in ("synthesize", "tokens")},
-    **{("modality_experts", check): (AutocalError, "verification-failed: 0 of 4 experts saw all tokens "
-                                     "with calibration on (two expert sets chosen by token_type_ids)")
-       for check in ("convert", "convert_example", "mixed")},
 }
 
 
@@ -492,7 +491,8 @@ def _synthesized(name: str):
     entry = ENTRIES[name]
     path = entry.blocks[0]
     try:
-        return entry.build(0).get_submodule(path), autocal.synthesize(entry.build(0).get_submodule(path))
+        return entry.build(0).get_submodule(path), autocal.synthesize(entry.build(0).get_submodule(path),
+                                                                      example_inputs=synthesize_example(entry))
     except Exception as error:  # raised again by each test, as the xfail table expects
         return error
 
@@ -509,7 +509,7 @@ def test_synthesize(name):
     def run():
         original, module = _synthesized_or_raise(name)
         for batch, seq in ((1, 1), (2, 5), (1, 9)):
-            equivalent(original, module, *ENTRIES[name].inputs(batch, seq, seed=seq))
+            equivalent(original, module, *ENTRIES[name].inputs(batch, seq, seed=seq), ENTRIES[name].reach)
     _checked(name, "synthesize", run)
 
 
@@ -520,7 +520,7 @@ def test_synthesize(name):
 def test_synthesized_module_on_any_token_count(name, shape, seed):
     def run():
         original, module = _synthesized_or_raise(name)
-        equivalent(original, module, *ENTRIES[name].inputs(*shape, seed=seed))
+        equivalent(original, module, *ENTRIES[name].inputs(*shape, seed=seed), ENTRIES[name].reach)
     _checked(name, "tokens", run)
 
 

@@ -22,7 +22,8 @@ from .block import _VIEW_OPS, _routing_weight, gathered_rows, module_experts_inf
 from .facts import Facts
 from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .plans import ContainerPlan, NoMatch, RecordedBlockPlan
-from .recorded import block_recording, loop_recording, whole_input
+from .expert_sets import ExpertSet, RecordedSet, check_sets
+from .recorded import ExpertCalls, block_recording, loop_recording, sets_recording, whole_input
 from .router import analyze_router, router_of, routing_choice
 from .structure import MoEStructure
 
@@ -180,14 +181,44 @@ def detect_recorded_block(facts: Facts) -> RecordedBlockPlan | NoMatch:
     As at container level, the block keeps its forward (so the output is the
     original's, and the expert modules it calls see their routed rows); each
     expert's token rows are learnt as a recipe replayed on the block's inputs,
-    so calibration can run the expert on the rest.
+    so calibration can run the expert on the rest. A block with several expert
+    lists, each with its own router (``detect/expert_sets.py``), gets one recipe
+    per list: each expert then runs on the rest of the rows that reach its list.
     """
-    found = block_recording(facts)
+    several = len(facts.lists) > 1
+    found = sets_recording(facts) if several else block_recording(facts)
     if not found:
         return found
-    name, cls, rec, calls, expert_paths = facts.list_name, facts.block_class, found.rec, found.calls, found.expert_paths
+    sets = []
+    for name, entries in (facts.lists.items() if several else [(facts.list_name, facts.entries)]):
+        made = _recorded_set(facts, found, name, entries)
+        if not made:
+            return made
+        sets.append(made)
+    checked = check_sets(found.rec.graph, found.bound, sets) if several else None
+    if checked is not None:
+        return checked
+    first = sets[0]
+    routers = [s.router.module_path for s in sets]
+    return RecordedBlockPlan(MoEStructure(
+        block_class=facts.block_class,
+        router=first.router,
+        experts=first.experts,
+        shared_modules=other_children(facts.block, *(s.path for s in sets), *routers),
+        returns=returns_of(found.rec.output),
+        more_sets=[(s.router, s.experts) for s in sets[1:]],
+    ), first.recipe, tuple(ExpertSet(s.path, s.recipe) for s in sets[1:]))
+
+
+def _recorded_set(facts: Facts, found: ExpertCalls, name: str, entries: list) -> RecordedSet | NoMatch:
+    """One list's recipe, router and experts, from the calls of its experts in the recording ``found``."""
+    cls, rec = facts.block_class, found.rec
+    mine = {p for p, m in facts.block.named_modules() if any(m is e for e in entries)}
+    calls = [c for c in found.calls if c.target in mine]
     if not calls:
-        return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK)
+        return NoMatch(f"the forward never calls the modules in `{name}`"
+                       + (" on the example inputs (pass inputs that reach every expert set)" if len(facts.lists) > 1
+                          else ""), kind=errors.NO_MOE_BLOCK)
     if whole_input(calls[0]) is not None:
         return NoMatch("every expert is given the whole input (the gated rule's kind)", source_of(calls[0]),
                        shallow=True)
@@ -197,12 +228,12 @@ def detect_recorded_block(facts: Facts) -> RecordedBlockPlan | NoMatch:
         recipe = TokenRecipe(rec.graph, tokens, {}, source=source)
     else:
         source, tokens = row_gather(calls[0], masks=True)
-        latest = max(calls, key=lambda c: expert_paths[c.target])  # a high expert number is unlike other constants
+        latest = max(calls, key=lambda c: found.expert_paths[c.target])  # a high expert number is unlike constants
         _, latest_tokens = row_gather(latest, masks=True)
         recipe = TokenRecipe(rec.graph, latest_tokens,
-                             _selectors(latest_tokens, expert_paths[latest.target], Ancestry(rec.graph)),
+                             _selectors(latest_tokens, found.expert_paths[latest.target], Ancestry(rec.graph)),
                              source=_unrepeated(source))
-        _check_recipe(recipe, calls, expert_paths, rec, found.bound, cls)
+        _check_recipe(recipe, calls, found.expert_paths, rec, found.bound, cls)
     weight = _routing_weight(calls[0])
     if tokens is not None:
         index, weights = routing_choice(rec.graph, tokens)
@@ -212,11 +243,5 @@ def detect_recorded_block(facts: Facts) -> RecordedBlockPlan | NoMatch:
         if router is None:
             return NoMatch("no top-k or argmax picks the experts", source_of(calls[0]))
     applied = "on the expert output, in the block's loop" if weight is not None else "not found"
-    experts = module_experts_info(name, facts.list_container, facts.entries, calls[0], applied)
-    return RecordedBlockPlan(MoEStructure(
-        block_class=cls,
-        router=router,
-        experts=experts,
-        shared_modules=other_children(facts.block, name, router.module_path),
-        returns=returns_of(rec.output),
-    ), recipe)
+    experts = module_experts_info(name, facts.block.get_submodule(name), entries, calls[0], applied)
+    return RecordedSet(name, recipe, router, experts)

@@ -20,6 +20,7 @@ from .structure import BlockRewrite, MoEStructure
 if TYPE_CHECKING:  # the modules that make these plans import this one
     from ..trace.dispatch import MaskDispatch
     from ..trace.replay import SortedDispatch, TokenRecipe
+    from .expert_sets import ExpertSet
     from .gathered import GatheredDispatch
     from .last_resort import ForcedDispatch
 
@@ -170,8 +171,12 @@ class RecordedBlockPlan(Plan):
 
     level: ClassVar[str] = "recorded-block"
     recipe: TokenRecipe = field(default=None, repr=False)
+    more_sets: tuple[ExpertSet, ...] = field(default=(), repr=False)  # lists beyond the first, each its own recipe
 
     def describe(self) -> str:
+        if self.more_sets:
+            return (f"the block keeps its forward; each expert of its {len(self.more_sets) + 1} expert sets then runs "
+                    "on the rows of its set its recorded recipe did not give it")
         return "the block keeps its forward; each expert then runs on the rows its recorded recipe did not give it"
 
 

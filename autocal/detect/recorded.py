@@ -22,7 +22,8 @@ from .facts import Facts
 from .graph_utils import bound_inputs, target_name
 from .plans import NoMatch
 
-__all__ = ["ExpertCalls", "list_inputs", "loop_recording", "block_recording", "record_expert_calls", "whole_input"]
+__all__ = ["ExpertCalls", "list_inputs", "loop_recording", "block_recording", "sets_recording", "record_expert_calls",
+           "whole_input"]
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _record_loop(facts: Facts, call: BlockCall) -> ExpertCalls:
 
 
 def block_recording(facts: Facts) -> ExpertCalls | NoMatch:
-    """The block recorded with each expert a leaf (made once per block)."""
+    """The block recorded with each expert of its (first) list a leaf (made once per block)."""
     call = list_inputs(facts)
     if not call:
         return call
@@ -95,6 +96,28 @@ def block_recording(facts: Facts) -> ExpertCalls | NoMatch:
         return ExpertCalls(rec, expert_paths, calls, bound, rec)
 
     return facts.memo("block", make)
+
+
+def sets_recording(facts: Facts) -> ExpertCalls | NoMatch:
+    """The block recorded with the experts of every one of its lists leaves, each numbered in its own list (a block
+    with several expert sets, ``detect/expert_sets.py``; made once per block)."""
+    call = list_inputs(facts)
+    if not call:
+        return call
+
+    def make() -> ExpertCalls:
+        block = facts.block
+        bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
+        with torch.no_grad():
+            rec = record(block, (), bound, leaves=[e for entries in facts.lists.values() for e in entries])
+        paths, expert_paths = {id(m): p for p, m in block.named_modules()}, {}
+        for name, entries in facts.lists.items():
+            numbers = {id(m): i for i, m in enumerate(block.get_submodule(name).children())}
+            expert_paths.update({paths[id(e)]: numbers[id(e)] for e in entries})
+        calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in expert_paths]
+        return ExpertCalls(rec, expert_paths, calls, bound, rec)
+
+    return facts.memo("sets", make)
 
 
 def whole_input(call: fx.Node) -> fx.Node | None:

@@ -133,10 +133,12 @@ class MoEStructure:
     returns: str
     template: ExpertTemplate | None = field(default=None, repr=False, compare=False)
     level: str = ""  # the rewrite level: set by the plan that carries this structure (``detect/plans.py``)
+    more_sets: list[tuple[RouterInfo, ExpertsInfo]] = field(default_factory=list)  # other expert lists, own routers
 
     def to_dict(self) -> dict[str, Any]:
         data = {"block_class": self.block_class, "level": self.level}  # in the order the report has always had
-        data.update((k, v) for k, v in self.__dict__.items() if k not in ("template", *data))
+        skipped = ("template", *data, *(("more_sets",) if not self.more_sets else ()))
+        data.update((k, v) for k, v in self.__dict__.items() if k not in skipped)
         return _plain(data)
 
 

@@ -24,6 +24,7 @@ from ..detect.plans import ContainerPlan, GatedPlan, MaskDispatchPlan, RecordedB
 from ..detect.structure import MoEStructure
 from ..detect.block import identical_entries
 from ..trace.dispatch import MaskDispatch
+from ..trace.inputs import keyword_arguments
 from .module import AdoptedMoE, KeptForwardMoE, adopt, forward_declaring, kept_forward_class
 from .ops import RowComplement, inputs_seen, run_on_the_rest
 
@@ -90,15 +91,63 @@ def build_container_calibration(plan: ContainerPlan | GatedPlan, block: nn.Modul
 
 class RecordedBlockMoE(KeptForwardMoE):
     """A block whose own loop calls its expert modules, kept as it is; calibration adds each expert's other rows,
-    recomputed by the recorded ``TokenRecipe`` from the same inputs."""
+    recomputed by the recorded ``TokenRecipe`` from the same inputs.
+
+    With several expert sets (``detect/expert_sets.py``), each expert runs on the
+    rest of the rows that reach its own set, and the sets' rows must together
+    number at least the tokens (else a token reached no set: an error).
+    """
+
+    def expert_modules(self) -> list[nn.Module]:
+        return [module for _, modules in self._sets() for module in modules]
+
+    def _sets(self) -> list[tuple[Any, list[nn.Module]]]:
+        """``(recipe, experts)`` of each expert set, the plan's first set first."""
+        first = (self.plan.recipe, super().expert_modules())
+        return [first, *((s.recipe, _weighted(self.get_submodule(s.path))) for s in self.plan.more_sets)]
+
+    def tokens_due(self, args: tuple, kwargs: dict) -> list[int]:
+        """Per expert (``expert_modules`` order), the tokens it must see with calibration on: those reaching its set
+        (one set: every token)."""
+        bound = keyword_arguments(self._signature, args, kwargs)
+        sets = self._sets()
+        if len(sets) == 1:
+            return [_tokens(bound)] * len(sets[0][1])
+        return [recipe.rows(bound).shape[0] for recipe, modules in sets for _ in modules]
 
     def watching(self):
         return inputs_seen(self.expert_modules())
 
     def run_unrouted(self, bound: dict, seen: list[list[torch.Tensor]]) -> None:
-        rows = RowComplement(self.plan.recipe.rows(bound))
-        for expert, module in enumerate(self.expert_modules()):
-            run_on_the_rest(module, rows, seen[expert])
+        sets, first = [(RowComplement(recipe.rows(bound)), modules) for recipe, modules in self._sets()], 0
+        if len(sets) > 1:
+            _check_every_token_reached(self, bound, [rows.source.shape[0] for rows, _ in sets])
+        for rows, modules in sets:
+            for expert, module in enumerate(modules, start=first):
+                run_on_the_rest(module, rows, seen[expert])
+            first += len(modules)
+
+
+def _weighted(container: nn.Module) -> list[nn.Module]:
+    """The entries of a list of experts that hold weights (not a zero or identity expert)."""
+    return [m for m in container.children() if next(m.parameters(), None) is not None]
+
+
+def _tokens(bound: dict) -> int:
+    """The tokens of a block call: the rows of its first floating-point input."""
+    hidden = next(v for v in bound.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return hidden.numel() // hidden.shape[-1]
+
+
+def _check_every_token_reached(module: nn.Module, bound: dict, rows: list[int]) -> None:
+    tokens = _tokens(bound)
+    if sum(rows) < tokens:
+        raise errors.AutocalError(
+            errors.UNSUPPORTED_DISPATCH, f"the expert sets took {' + '.join(map(str, rows))} rows of {tokens} "
+            "tokens: some token reached no set, as it did on the example inputs detection ran",
+            block_class=type(module).__name__,
+            hints=["calibrate with calibrate_all_experts=False for this block, or " + errors.override_hint(
+                type(module.__dict__["_original"]).__name__)])
 
 
 def build_recorded_block(plan: RecordedBlockPlan, block: nn.Module) -> type[RecordedBlockMoE]:

@@ -14,16 +14,17 @@ __all__ = ["expert_linears", "count_rows"]
 
 
 def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the experts containers of calibration modules, by path."""
+    """Every nn.Linear inside the experts containers of calibration modules (every expert set's), by path."""
     found = {}
     for path, module in model.named_modules():
         if isinstance(module, MoECalibrationModule):
-            within = module.structure.experts.module_path
-            router = module.structure.router.module_path or None
-            for name, sub in module.get_submodule(within).named_modules():
-                inner = f"{within}.{name}".strip(".")
-                if isinstance(sub, nn.Linear) and not (router and (inner + ".").startswith(router + ".")):
-                    found[f"{path}.{inner}".lstrip(".")] = sub
+            structure = module.structure
+            for router_info, experts in [(structure.router, structure.experts), *structure.more_sets]:
+                within, router = experts.module_path, router_info.module_path or None
+                for name, sub in module.get_submodule(within).named_modules():
+                    inner = f"{within}.{name}".strip(".")
+                    if isinstance(sub, nn.Linear) and not (router and (inner + ".").startswith(router + ".")):
+                        found[f"{path}.{inner}".lstrip(".")] = sub
     return found
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "check_synthesize",
     "equivalent",
     "outcome",
+    "synthesize_example",
 ]
 
 HIDDEN = 16  # hidden size of every block
@@ -1370,6 +1371,13 @@ def _token_types(batch: int, seq: int, generator: torch.Generator) -> dict:
     return {"token_type_ids": torch.randint(0, 2, (batch, seq), generator=generator)}
 
 
+def _tokens_of_its_modality(path: str, kwargs: dict) -> int | None:
+    """``ModalityMoE``: the tokens of the modality whose experts hold the Linear at ``path`` (text 0, image 1;
+    None: not one of its experts)."""
+    kind = next((kind for kind, name in enumerate(("text_experts.", "image_experts.")) if name in path), None)
+    return None if kind is None else int((kwargs["token_type_ids"] == kind).sum())
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -1385,6 +1393,9 @@ class CorpusEntry:
         blocks: paths of the MoE blocks inside the module (``""``: the module is the block).
         seq_first: inputs are ``[seq, batch, hidden]`` (else ``[batch, seq, hidden]``).
         extra_inputs: keyword inputs beyond the hidden states, from ``(batch, seq, generator)``.
+        reach: for a block with several expert sets, the tokens that reach the set of the expert Linear at a path,
+            from the block's keyword inputs (what that Linear must see with calibration on); None (the function,
+            or what it returns for a path): every token.
     """
 
     name: str
@@ -1396,6 +1407,7 @@ class CorpusEntry:
     blocks: tuple[str, ...] = ("",)
     seq_first: bool = False
     extra_inputs: Callable[[int, int, torch.Generator], dict] | None = None
+    reach: Callable[[str, dict], int] | None = None
 
     def build(self, seed: int = 0) -> nn.Module:
         """The module with seeded normal weights, in eval mode."""
@@ -1451,7 +1463,7 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 ZeroIdentityMoE),
     CorpusEntry("tuple_experts", f"{_RESEARCH}: experts returning (output, pre-activation)", (8,), TupleExpertsMoE),
     CorpusEntry("modality_experts", f"{_REMOTE}: text and image expert sets chosen by token_type_ids", (8,),
-                ModalityMoE, num_experts=8, extra_inputs=_token_types),
+                ModalityMoE, num_experts=8, extra_inputs=_token_types, reach=_tokens_of_its_modality),
     CorpusEntry("expert_id_linears", f"{_RESEARCH}: per-projection modules called with the expert id", (8,),
                 ExpertIdLinearMoE),
     CorpusEntry("megatron_grouped", "training framework (Megatron style): [seq, batch, hidden], routing map "
@@ -1570,9 +1582,11 @@ def _set_calibration(model: nn.Module, on: bool) -> None:
             module.calibrate_all_experts = on
 
 
-def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict) -> None:
+def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: dict,
+               reach: Callable[[str, dict], int] | None = None) -> None:
     """Calibration off: bitwise the original's output. On: within ``autocal.verify`` tolerances, and every
-    expert Linear of every calibration module sees every token once. Raises :class:`Mismatch` otherwise."""
+    expert Linear of every calibration module sees every token once (with ``reach``, the entry's: every token
+    reaching its expert set). Raises :class:`Mismatch` otherwise."""
     tokens = args[0].numel() // args[0].shape[-1]
     with torch.no_grad():
         expected = original(*args, **kwargs)
@@ -1590,10 +1604,12 @@ def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: d
         raise Mismatch(f"calibration on differs from the original ({tokens} tokens): max |diff| {diff:.3g}")
     if not linears:
         raise Mismatch("no expert Linear to calibrate in the calibration module")
-    short = {name: n for name, n in rows.items() if n != tokens}
+    due = {name: tokens if reach is None or reach(name, kwargs) is None else reach(name, kwargs) for name in rows}
+    short = {name: n for name, n in rows.items() if n != due[name]}
     if short:
-        raise Mismatch(f"{len(short)} of {len(linears)} expert Linears did not see each of the {tokens} tokens "
-                       f"once, e.g. {next(iter(short))}: {next(iter(short.values()))}")
+        name = next(iter(short))
+        raise Mismatch(f"{len(short)} of {len(linears)} expert Linears did not see each of the {due[name]} tokens "
+                       f"{'reaching its expert set ' if reach else ''}once, e.g. {name}: {short[name]}")
 
 
 def check_synthesize(entry: CorpusEntry, cases: list[tuple[tuple, dict]] | None = None, seed: int = 0) -> None:
@@ -1601,9 +1617,14 @@ def check_synthesize(entry: CorpusEntry, cases: list[tuple[tuple, dict]] | None 
     9 tokens)."""
     path = entry.blocks[0]
     original = entry.build(seed).get_submodule(path)
-    module = synthesize(entry.build(seed).get_submodule(path))
+    module = synthesize(entry.build(seed).get_submodule(path), example_inputs=synthesize_example(entry))
     for args, kwargs in cases or _cases(entry):
-        equivalent(original, module, args, kwargs)
+        equivalent(original, module, args, kwargs, entry.reach)
+
+
+def synthesize_example(entry: CorpusEntry) -> dict | None:
+    """The example inputs ``synthesize`` is given: only where the block's forward needs more than hidden states."""
+    return _example(*entry.inputs(seed=3)) if entry.extra_inputs is not None else None
 
 
 def _converted(model: nn.Module, paths: list[str]) -> None:
@@ -1623,7 +1644,7 @@ def check_convert(entry: CorpusEntry, with_example: bool = False, seed: int = 0)
     convert(model, example_inputs=_example(*entry.inputs(seed=3)) if with_example else None)
     _converted(model, [f"block.{p}".rstrip(".") for p in entry.blocks])
     for args, kwargs in _cases(entry):
-        equivalent(_holder(entry, seed), model, args, kwargs)
+        equivalent(_holder(entry, seed), model, args, kwargs, entry.reach)
 
 
 def check_mixed(entry: CorpusEntry, seed: int = 0) -> None:
@@ -1634,7 +1655,7 @@ def check_mixed(entry: CorpusEntry, seed: int = 0) -> None:
     convert(model, example_inputs=example)
     _converted(model, ["toy", *(f"block.{p}".rstrip(".") for p in entry.blocks)])
     for args, kwargs in _cases(entry):
-        equivalent(_mixed(entry, seed), model, args, kwargs)
+        equivalent(_mixed(entry, seed), model, args, kwargs, entry.reach)
 
 
 def check_explain_k(entry: CorpusEntry, seed: int = 0) -> None:

@@ -41,7 +41,8 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "ThresholdChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
-           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE"]
+           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
+           "PrefixSplitMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -910,6 +911,64 @@ class InOutLinearMoE(nn.Module):
         return out.view_as(x)
 
 
+class MaskedModalityMoE(nn.Module):
+    """Two expert sets of different sizes: the tokens an ``is_image`` mask marks are routed among the vision
+    experts, the rest among the text experts, each set by its own top-k (boolean rows, one-hot dispatch)."""
+
+    def __init__(self, text: int = 4, vision: int = 3, k: int = 2) -> None:
+        super().__init__()
+        self.k = k
+        self.text_gate, self.vision_gate = nn.Linear(16, text, bias=False), nn.Linear(16, vision, bias=False)
+        self.text_experts = nn.ModuleList(SwiGLU() for _ in range(text))
+        self.vision_experts = nn.ModuleList(SwiGLU() for _ in range(vision))
+
+    def forward(self, x: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        flat, image = x.reshape(-1, x.shape[-1]), is_image.reshape(-1)
+        out = torch.zeros_like(flat)
+        for chosen, gate, experts in ((~image, self.text_gate, self.text_experts),
+                                      (image, self.vision_gate, self.vision_experts)):
+            rows = flat[chosen]
+            weights, picked = gate(rows).softmax(-1).topk(self.k, dim=-1)
+            hit = F.one_hot(picked, len(experts)).permute(2, 1, 0)  # [experts, k, rows]
+            routed = torch.zeros_like(rows)
+            for e, expert in enumerate(experts):
+                slot, token = torch.where(hit[e])
+                routed.index_add_(0, token, expert(rows[token]) * weights[token, slot, None])
+            out[chosen] = routed
+        return out.view_as(x)
+
+
+class PrefixSplitMoE(nn.Module):
+    """Vision experts for the first ``prefix`` positions of each sequence (image patches placed first), text
+    experts for the rest, each set with its own router: a position split, no input beyond the hidden states."""
+
+    def __init__(self, prefix: int = 3, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.prefix, self.k = prefix, k
+        self.vision_router, self.text_router = (nn.Linear(16, experts, bias=False) for _ in range(2))
+        self.vision_experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+        self.text_experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vision = self._routed(x[:, :self.prefix], self.vision_router, self.vision_experts)
+        text = self._routed(x[:, self.prefix:], self.text_router, self.text_experts)
+        return torch.cat([vision, text], dim=1)
+
+    def _routed(self, part: torch.Tensor, router: nn.Linear, experts: nn.ModuleList) -> torch.Tensor:
+        flat = part.reshape(-1, part.shape[-1])
+        weights, index = router(flat).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(experts):
+            rows, slot = torch.where(index == e)
+            out.index_add_(0, rows, weights[rows, slot, None] * expert(flat[rows]))
+        return out.view_as(part)
+
+
+def _image_mask(generator: torch.Generator) -> torch.Tensor:
+    """A ``[2, 5]`` mask with 4 image tokens among 10, placed at random."""
+    return (torch.randperm(10, generator=generator) < 4).reshape(2, 5)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -1001,6 +1060,9 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("decode_gather", "gathered", _seeded(DecodeGatherMoE)),
     Pattern("grouped_side_by_side", "gathered", _seeded(GroupedWeightsMoE)),
     Pattern("whole_contraction", "gathered", _seeded(WholeContractionMoE)),
+    Pattern("modality_mask", "recorded-block", _seeded(MaskedModalityMoE), detected_on_example=True,
+            inputs=lambda g: (torch.randn(2, 5, 16, generator=g), _image_mask(g))),
+    Pattern("prefix_split", "recorded-block", _seeded(PrefixSplitMoE), (2, 7, 16)),
 ]}
 
 

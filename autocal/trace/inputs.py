@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import errors
 
-__all__ = ["BlockCall", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs",
+__all__ = ["BlockCall", "block_call", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs",
            "mixed_dtypes", "one_token"]
 
 
@@ -27,6 +27,20 @@ class BlockCall:
 
     args: tuple
     kwargs: dict
+
+
+def block_call(block: nn.Module, inputs: dict) -> BlockCall:
+    """The block call of ``inputs`` given by parameter name: the first parameter positional (the hidden states, as
+    a model passes them), the rest by keyword. A name the forward does not take is an error."""
+    signature = inspect.signature(block.forward)
+    try:
+        bound = signature.bind_partial(**inputs)
+    except TypeError as error:
+        raise errors.AutocalError(errors.BAD_INPUT, f"example_inputs do not fit the block's forward: {error}",
+                                  block_class=type(block).__name__) from error
+    first = next(iter(signature.parameters))
+    kwargs = dict(bound.arguments)
+    return BlockCall((kwargs.pop(first),), kwargs) if first in kwargs else BlockCall((), kwargs)
 
 
 def keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -104,10 +118,12 @@ def capture_block_inputs(block: nn.Module, experts: nn.Module, *, num_tokens: in
     """Example inputs synthesized from the block's parameters, such that its experts get called."""
     hint = "pass example inputs of the whole model: autocal.convert(model, example_inputs={...})"
     missing = required_inputs(block)
-    if missing:
+    if missing:  # the values of such an input (which expert set a token id selects, say) are not in the weights
         raise errors.AutocalError(
             errors.TRACE_FAILED, f"the block's forward needs inputs autocal cannot make up: {', '.join(missing)}",
-            block_class=type(block).__name__, hints=[hint],
+            block_class=type(block).__name__,
+            hints=[f"pass the block's inputs: autocal.synthesize(block, example_inputs={{...}}) with "
+                   f"{', '.join(missing)} beside the hidden states, or {hint}"],
         )
     failures: list[Exception] = []
     args = synthesize_inputs(block, experts, _calls(block, experts, failures), num_tokens=num_tokens)
