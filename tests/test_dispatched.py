@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import autocal
 from autocal.errors import AutocalError
 from autocal.testing.assertions import count_rows, expert_linears
-from autocal.testing.corpus import ENTRIES
+from autocal.testing.corpus import ENTRIES, EinsumExperts, init_normal
 from autocal.testing.patterns import BmmExperts, SwitchCapacityMoE
 from autocal.verify import compare_outputs
 
@@ -26,7 +26,31 @@ def _switch() -> SwitchCapacityMoE:
     return SwitchCapacityMoE().eval()
 
 
-BLOCKS = {"switch_bmm": _switch, "gshard_einsum": lambda: ENTRIES["gshard_top2"].build(0)}
+class _ExpertsFirstMoE(torch.nn.Module):
+    """Top-1 with a capacity per sequence, the dispatched tensor experts first (``ebcd``) and reshaped to
+    ``[E, batch * capacity, d]`` for the experts, the outputs reshaped back for the combine."""
+
+    def __init__(self, capacity_factor: float = 1.0) -> None:
+        super().__init__()
+        self.w_gating = torch.nn.Parameter(torch.empty(16, 6))
+        self.experts = EinsumExperts()
+        self.num_experts, self.capacity_factor = 6, capacity_factor
+
+    def forward(self, x):
+        e, n = self.num_experts, x.shape[1]
+        gate, index = torch.einsum("bnd,de->bne", x, self.w_gating).softmax(-1).max(-1)
+        mask = F.one_hot(index, e).to(x.dtype)
+        capacity = max(1, int(n * self.capacity_factor / e))
+        position = ((mask.cumsum(1) - 1) * mask).sum(-1).long()
+        kept = mask * (position < capacity)[..., None]
+        dispatch = kept[..., None] * F.one_hot(position.clamp(max=capacity - 1), capacity)[..., None, :]
+        expert_inputs = torch.einsum("bnd,bnec->ebcd", x, dispatch)
+        outputs = self.experts(expert_inputs.reshape(e, -1, x.shape[-1])).reshape(expert_inputs.shape)
+        return torch.einsum("ebcd,bnec->bnd", outputs, dispatch * gate[..., None, None])
+
+
+BLOCKS = {"switch_bmm": _switch, "gshard_einsum": lambda: ENTRIES["gshard_top2"].build(0),
+          "experts_first": lambda: init_normal(_ExpertsFirstMoE(), 0).eval()}
 
 
 def _inputs(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
@@ -78,4 +102,4 @@ def test_experts_that_mix_their_slots_are_refused():
     block.experts = _PooledExperts()
     with pytest.raises(AutocalError) as raised:
         autocal.synthesize(block)
-    assert "dispatch" in str(raised.value)
+    assert "not computed each on its own" in str(raised.value)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..numerics import compare_outputs
 from ..trace.dispatch import SlotDispatch
 from .graph_utils import CONTRACTIONS, flat_args, source_of, target_name, value
 from .plans import NoMatch
@@ -88,7 +89,7 @@ def _slots(dispatch: SlotDispatch, node: fx.Node, given: torch.Tensor) -> torch.
 def _row_wise(experts: nn.Module, dispatch: SlotDispatch, rows: torch.Tensor, given: torch.Tensor,
               slots: torch.Tensor, returned: torch.Tensor) -> bool:
     """Does the experts module, given every token in every expert's slots, give each filled slot its recorded
-    output (each expert computes each row on its own)?"""
+    output (each expert computes each row on its own), within the tolerances verification holds calibration to?"""
     try:
         with torch.no_grad():
             every = experts(dispatch.every_token(rows.to(given.dtype), given))
@@ -97,8 +98,7 @@ def _row_wise(experts: nn.Module, dispatch: SlotDispatch, rows: torch.Tensor, gi
     if not isinstance(every, torch.Tensor) or returned.shape[:-1] != given.shape[:-1]:
         return False
     outputs, filled = dispatch.slot_outputs(every, slots), slots > 0
-    return outputs.shape == returned.shape and torch.allclose(outputs[filled], returned[filled].to(outputs.dtype),
-                                                               rtol=1e-4, atol=1e-5)
+    return outputs.shape == returned.shape and compare_outputs(returned[filled], outputs[filled])[2]
 
 
 def slot_dispatch(block: nn.Module, graph: fx.Graph, first: fx.Node, features: fx.Node, expert_axis: int,
@@ -118,12 +118,18 @@ def slot_dispatch(block: nn.Module, graph: fx.Graph, first: fx.Node, features: f
     if len(tensors) != 2:
         return NoMatch(f"`{module}`'s input is not a contraction of the tokens with a dispatch mask", where)
     same = [n for n in graph.nodes if n.op == "call_function" and n.target is node.target]
+    placed = False
     for position in (0, 1):
         dispatch = SlotDispatch(node.target, same.index(node), position, module, expert_axis, num_experts)
         slots = _slots(dispatch, node, value(features))
+        placed |= slots is not None
         token_rows = value(tensors[position]).reshape(-1, value(features).shape[-1])
         if slots is not None and _row_wise(block.get_submodule(module), dispatch, token_rows, value(features),
                                            slots, value(returned[0])):
             return dispatch, tensors[1 - position]
+    if placed:
+        return NoMatch(f"`{module}` runs on tokens a 0/1 contraction placed in capacity slots, but given every token "
+                       "in every slot it does not give each filled slot its output: an expert's rows are not "
+                       "computed each on its own", where)
     return NoMatch(f"`{module}` is called with a contraction, but not one placing token rows in slots of a 0/1 "
-                   "mask, or the experts do not compute each slot's row on its own", source_of(node))
+                   "mask", source_of(node))
