@@ -11,6 +11,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given, note, settings
+from hypothesis import strategies as st
 
 import autocal
 from autocal.errors import AutocalError
@@ -57,13 +59,8 @@ def _inputs(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, seq, 16, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", list(BLOCKS))
-@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (2, 32)])
-def test_every_expert_sees_every_token_and_dropped_tokens_stay_dropped(name, shape):
-    block = BLOCKS[name]()
-    module = autocal.synthesize(BLOCKS[name]())
-    assert module.structure.level == "gathered" and module.plan.dispatch.slots is not None
-    x = _inputs(*shape)
+def _check(block, module, x) -> None:
+    """Off: bitwise. On: within tolerance, every expert Linear given each token once, the output not zero."""
     tokens = x.numel() // x.shape[-1]
     with torch.no_grad():
         expected = block(x)
@@ -76,6 +73,27 @@ def test_every_expert_sees_every_token_and_dropped_tokens_stay_dropped(name, sha
     assert expected.abs().max() > 0
     assert compare_outputs(expected, on)[2]
     assert len(linears) == 2 * block.num_experts and rows == {n: tokens for n in linears}, rows
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (2, 32)])
+def test_every_expert_sees_every_token_and_dropped_tokens_stay_dropped(name, shape):
+    block = BLOCKS[name]()
+    module = autocal.synthesize(BLOCKS[name]())
+    assert module.structure.level == "gathered" and module.plan.dispatch.slots is not None
+    _check(block, module, _inputs(*shape))
+
+
+@settings(max_examples=12)
+@given(capacity_factor=st.floats(0.05, 2.0), batch=st.integers(1, 3), seq=st.integers(1, 24),
+       seed=st.integers(0, 2**16))
+@example(capacity_factor=0.05, batch=1, seq=24, seed=0)  # capacity 1: most tokens dropped
+def test_any_capacity_and_token_count(capacity_factor, batch, seq, seed):
+    """One converted module (detected at the default capacity) on drawn capacities and token counts."""
+    block, module = _switch(), autocal.synthesize(_switch())
+    block.capacity_factor = module.capacity_factor = capacity_factor
+    note(f"SwitchCapacityMoE(capacity_factor={capacity_factor}) on randn({batch}, {seq}, 16), seed {seed}")
+    _check(block, module, _inputs(batch, seq, seed))
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
