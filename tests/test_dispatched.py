@@ -51,8 +51,22 @@ class _ExpertsFirstMoE(torch.nn.Module):
         return torch.einsum("ebcd,bnec->bnd", outputs, dispatch * gate[..., None, None])
 
 
+class _NormalizedBmmExperts(BmmExperts):
+    """Each row normalized before the first projection (row-wise, no weight): the rows the weights are contracted
+    with first are made from the module's input, not the input itself."""
+
+    def forward(self, x):
+        return super().forward(F.normalize(x, dim=-1))
+
+
+def _normalized_switch() -> SwitchCapacityMoE:
+    block = _switch()
+    block.experts = _NormalizedBmmExperts()
+    return block
+
+
 BLOCKS = {"switch_bmm": _switch, "gshard_einsum": lambda: ENTRIES["gshard_top2"].build(0),
-          "experts_first": lambda: init_normal(_ExpertsFirstMoE(), 0).eval()}
+          "experts_first": lambda: init_normal(_ExpertsFirstMoE(), 0).eval(), "normalized_rows": _normalized_switch}
 
 
 def _inputs(batch: int, seq: int, seed: int = 1) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from ..numerics import compare_outputs
 from ..trace.dispatch import SlotDispatch
-from .graph_utils import CONTRACTIONS, flat_args, source_of, target_name, value
+from .graph_utils import CONTRACTIONS, Ancestry, flat_args, source_of, target_name, value
 from .plans import NoMatch
 
 __all__ = ["slot_dispatch"]
@@ -55,6 +55,14 @@ def _boundary(graph: fx.Graph, module: str) -> tuple[list[fx.Node], list[fx.Node
              if a not in inside and a.op != "get_attr" and isinstance(value(a), torch.Tensor)}
     returned = [n for n in graph.nodes if n in inside and any(u not in inside for u in n.users)]
     return list(given), returned
+
+
+def _same_rows(graph: fx.Graph, given: fx.Node, features: fx.Node) -> bool:
+    """Are ``features`` the module's input ``given``, or made from it keeping its rows' layout (a norm, a cast)?
+    Then the experts lie along the same dimension of both."""
+    shape, rows = value(given).shape, value(features).shape
+    return len(shape) >= 3 and (given is features or (
+        rows[:-1] == shape[:-1] and Ancestry(graph).is_ancestor(given, features)))
 
 
 def _dispatch_of(node: fx.Node) -> fx.Node | None:
@@ -110,10 +118,11 @@ def slot_dispatch(block: nn.Module, graph: fx.Graph, first: fx.Node, features: f
         return NoMatch("the expert weights are contracted with dispatched tokens in the block's own forward; "
                        "calibration needs them in a module of their own", where)
     given, returned = _boundary(graph, module)
-    if len(given) != 1 or len(returned) != 1 or given[0] is not features or value(features).dim() < 3:
-        return NoMatch(f"`{module}` is not called with one dispatched tensor that it contracts first with its "
-                       "expert weights, returning one tensor", where)
-    node = _dispatch_of(features)
+    if len(given) != 1 or len(returned) != 1 or not _same_rows(graph, given[0], features):
+        return NoMatch(f"`{module}` is not called with one dispatched tensor whose rows its expert weights are "
+                       "contracted with first, returning one tensor", where)
+    given = given[0]
+    node = _dispatch_of(given)
     tensors = [a for a in flat_args(node.args) if isinstance(a, fx.Node)] if node else []
     if len(tensors) != 2:
         return NoMatch(f"`{module}`'s input is not a contraction of the tokens with a dispatch mask", where)
@@ -121,11 +130,11 @@ def slot_dispatch(block: nn.Module, graph: fx.Graph, first: fx.Node, features: f
     placed = False
     for position in (0, 1):
         dispatch = SlotDispatch(node.target, same.index(node), position, module, expert_axis, num_experts)
-        slots = _slots(dispatch, node, value(features))
+        slots = _slots(dispatch, node, value(given))
         placed |= slots is not None
-        token_rows = value(tensors[position]).reshape(-1, value(features).shape[-1])
-        if slots is not None and _row_wise(block.get_submodule(module), dispatch, token_rows, value(features),
-                                           slots, value(returned[0])):
+        token_rows = value(tensors[position]).reshape(-1, value(given).shape[-1])
+        if slots is not None and _row_wise(block.get_submodule(module), dispatch, token_rows, value(given), slots,
+                                           value(returned[0])):
             return dispatch, tensors[1 - position]
     if placed:
         return NoMatch(f"`{module}` runs on tokens a 0/1 contraction placed in capacity slots, but given every token "
