@@ -39,9 +39,6 @@ from autocal.testing.corpus import (
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
 # synthesize, tokens (synthesize on drawn token counts), convert, convert_example, mixed, explain_k.
 KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
-    **{("gshard_top2", check): (AutocalError, "unsupported-dispatch: the experts are called with one tensor; "
-                                "tracing b, n, d, e = *x.shape, e fails and is a NoMatch")
-       for check in ("synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k")},
 }
 
 

@@ -14,8 +14,8 @@ from torch import nn
 
 import autocal
 from autocal import MoECalibrationModule
-from autocal.testing.corpus import ENTRIES, Holder, Mixed, MixtralReferenceMoE, TransposedConv1D, \
-    TransposedConvExpert, TypedHolder, init_normal
+from autocal.testing.corpus import ENTRIES, EinsumExperts, GShardTop2MoE, Holder, Mixed, MixtralReferenceMoE, \
+    TransposedConv1D, TransposedConvExpert, TypedHolder, init_normal
 from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
 
 
@@ -91,8 +91,23 @@ def test_strict_false_converts_the_rest_and_lists_what_it_left():
         torch.testing.assert_close(model(*args), expected, rtol=0, atol=0)
 
 
+class _SlotMixingExperts(EinsumExperts):
+    """Packed experts on GShard's dispatched tensor that centre each expert's hidden rows over its capacity slots:
+    not row-wise, so no rule reads them (the dispatched rule checks that each slot's row is computed alone)."""
+
+    def forward(self, x):
+        hidden = F.gelu(torch.einsum("...nd,...dh->...nh", x, self.w1))
+        return torch.einsum("...nh,...hd->...nd", hidden - hidden.mean(-2, keepdim=True), self.w2)
+
+
+def _slot_mixing_gshard() -> GShardTop2MoE:
+    block = GShardTop2MoE()
+    block.experts = _SlotMixingExperts()
+    return init_normal(block, 0).eval()
+
+
 def test_strict_false_lists_a_block_no_rule_converts():
-    model = _mixed("gshard_top2")
+    model = Mixed(_slot_mixing_gshard(), seed=0)
     with pytest.warns(UserWarning, match="unsupported-dispatch"):
         autocal.convert(model, strict=False)
     assert [u.path for u in autocal.unconverted(model)] == ["block"]

@@ -67,3 +67,11 @@ def test_gshard_top2_is_k_2(masking):
     report = autocal.explain(block, verify=False)
     assert report.blocks[0].failure is None
     assert report.blocks[0].top_k == _experts_per_token(block, x) == 2
+
+
+def test_capacity_top2_with_einsum_gating_is_k_2_scored_by_softmax():
+    """GShard with a capacity (the corpus block): max, then the max of the probabilities times ``1 - one_hot``,
+    dispatch and combine tensors; the gate is an einsum with the block's own ``[H, E]`` weight, not a Linear."""
+    report = autocal.explain(ENTRIES["gshard_top2"].build(0), verify=False).blocks[0]
+    assert report.failure is None
+    assert (report.top_k, report.scoring) == (2, "softmax")

@@ -28,6 +28,7 @@ from .. import errors
 from .gathered import GatheredDispatch, GatheredWeight, _stored, gathered_plan
 from ..trace.gathers import same_entries
 from .graph_utils import Ancestry, flat_args, source_of, value
+from .dispatched import slot_dispatch
 from .plans import GatheredPlan, NoMatch
 from .router import routing_choice
 
@@ -108,13 +109,6 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
     if not found:
         return NoMatch("no expert weights are gathered by the routing indices, nor contracted whole with every "
                        "token along an expert dimension", shallow=True)
-    returned = next(n for n in graph.nodes if n.op == "output")
-    last = next(a for a in flat_args(returned.args) if isinstance(a, fx.Node))
-    index, weights = routing_choice(graph, last)
-    ancestry = Ancestry(graph)
-    if index is weights or any(ancestry.is_ancestor(index, f) for _, _, _, f in found):
-        return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
-                       "outputs alone", source_of(found[0][0]), shallow=True)
     by_param = {}
     for _, param, weight, _ in found:
         known = by_param.get(param)
@@ -130,8 +124,35 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the contracted weights hold different numbers of "
                                   "experts", block_class=cls)
+    returned = next(n for n in graph.nodes if n.op == "output")
+    last = next(a for a in flat_args(returned.args) if isinstance(a, fx.Node))
+    index, weights = routing_choice(graph, last)
+    ancestry = Ancestry(graph)
+    if index is not weights and any(ancestry.is_ancestor(index, f) for _, _, _, f in found):
+        return _dispatched(block, graph, output, found, weights_found, num_experts.pop())
+    if index is weights:
+        return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
+                       "outputs alone", source_of(found[0][0]), shallow=True)
     return gathered_plan(block, graph, output, (index, weights), GatheredDispatch(weights_found, None),
                          "contracted whole (every expert on every token)",
                          "none: every expert already runs on every token",
                          "on the expert outputs, by the block's own ops",
                          {param: source_of(op) for op, param, _, _ in found if source_of(op)})
+
+
+def _dispatched(block: nn.Module, graph: fx.Graph, output: object, found: list[tuple],
+                weights: list[GatheredWeight], num_experts: int) -> GatheredPlan | NoMatch:
+    """The plan for whole expert weights contracted with tokens a dispatch contraction placed in capacity slots
+    (``detect/dispatched.py``), or why not."""
+    op, param, weight, features = min(found, key=lambda f: list(graph.nodes).index(f[0]))
+    found_slots = slot_dispatch(block, graph, op, features, weight.expert_axis, num_experts,
+                                param.rpartition(".")[0])
+    if not found_slots:
+        return NoMatch(lambda: f"the experts' weights are contracted with routed features, but not as experts on a "
+                       f"dispatched tensor: {found_slots}", found_slots.source or source_of(op))
+    slots, mask = found_slots
+    return gathered_plan(block, graph, output, routing_choice(graph, mask), GatheredDispatch(weights, None, slots),
+                         "contracted whole, on the capacity slots a dispatch contraction fills",
+                         "every token placed in every expert's slots with calibration on (capacity: all tokens); "
+                         "each slot then gets its own token's output", "in the combine contraction, by the block's "
+                         "own ops", {w: source_of(o) for o, w, _, _ in found if source_of(o)})

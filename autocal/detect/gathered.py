@@ -47,6 +47,7 @@ from .block import other_children
 from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, reshaped_view, slot_inputs,
                              swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
+from ..trace.dispatch import SlotDispatch
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, only_topk, routing_choice
@@ -76,6 +77,7 @@ class GatheredWeight:
 class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
+    slots: SlotDispatch | None = None  # whole weights run on tokens dispatched into capacity slots (dispatched.py)
 
 
 def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size,

@@ -116,13 +116,19 @@ def _slots(index: fx.Node, choices: int, scored_shape: tuple | None = None) -> i
 
 
 def _logits(selection: fx.Node, ancestry: Ancestry) -> fx.Node | None:
-    """The router's matmul behind ``selection``; or the input it starts from, when the logits come in as one."""
-    candidates = [n for n in ancestry.of(selection) + [selection] if target_name(n) in _MATMUL_OPS or n.op == "call_module"]
+    """The router's matmul behind ``selection`` (an einsum counts where it reads a weight itself:
+    ``einsum("bnd,de->bne", x, self.w_gating)``); or the input it starts from, when the logits come in as one."""
+    candidates = [n for n in ancestry.of(selection) + [selection] if target_name(n) in _MATMUL_OPS
+                  or n.op == "call_module" or _weight_einsum(n)]
     if candidates:
         return candidates[-1]
     inputs = [n for n in ancestry.of(selection) if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
               and value(n).is_floating_point()]
     return inputs[-1] if len(inputs) == 1 else None
+
+
+def _weight_einsum(node: fx.Node) -> bool:
+    return target_name(node) == "einsum" and any(a.op == "get_attr" for a in node.all_input_nodes)
 
 
 def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterInfo:

@@ -9,7 +9,10 @@ contraction of gathered weights as the Linears of the experts chosen, slot by
 slot, and with calibration on the block runs again with the routing forced to
 every group of ``k`` experts (``synthesize/forced.py``). Parameters contracted
 whole with every token (``detect/contracted.py``) are computed by every
-expert's Linear on all of its features; calibration needs no re-run.
+expert's Linear on all of its features; calibration needs no re-run. Where
+those features are tokens dispatched into capacity slots
+(``detect/dispatched.py``), calibration calls the experts module with every
+token in every expert's slots, and gives each slot its token's output.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..detect.gathered import GatheredWeight
 from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
 from .forced import ExpertViews, forced_forward
+from .dispatched import every_token_in_every_slot
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 
 __all__ = ["GatheredCalibrationMoE", "build_gathered_calibration"]
@@ -62,6 +66,10 @@ class GatheredCalibrationMoE(KeptForwardMoE):
         views = [found[0] for found in by_weight.values() if found != BIAS]
         if not self.calibrate_all_experts and all(v.plain() and not v.hooked() for v in views):
             return self._block_forward(*args, **kwargs)
+        slots = self.plan.dispatch.slots
+        if self.calibrate_all_experts and slots is not None:  # the experts module on every token in every slot
+            with _dispatch(by_weight), every_token_in_every_slot(self.get_submodule(slots.experts), slots):
+                return self._block_forward(*args, **kwargs)
         if not self.calibrate_all_experts or self.plan.dispatch.choice is None:  # None: experts see every token
             with _dispatch(by_weight):
                 return self._block_forward(*args, **kwargs)

@@ -42,7 +42,8 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
-           "PrefixSplitMoE"]
+           "PrefixSplitMoE",
+           "BmmExperts", "SwitchCapacityMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -793,6 +794,42 @@ class WholeContractionMoE(nn.Module):
         return (picked * weights.T.unsqueeze(-1)).sum(0).view_as(x)
 
 
+class BmmExperts(nn.Module):
+    """Packed experts on ``[E, capacity, d]`` rows by ``bmm``: ``w_in`` stored ``[E, out, in]``, ``w_out`` ``[E, in, out]``."""
+
+    def __init__(self, hidden: int = 16, width: int = 24, experts: int = 4) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(F.relu(torch.bmm(x, self.w_in.transpose(1, 2))), self.w_out)
+
+
+class SwitchCapacityMoE(nn.Module):
+    """Switch-style top-1 with a capacity (tokens past it dropped): tokens placed in ``[E, capacity, d]`` by a
+    matmul of the dispatch mask's transpose with the token rows, packed ``bmm`` experts, combined by a matmul."""
+
+    def __init__(self, hidden: int = 16, experts: int = 4, capacity_factor: float = 0.75) -> None:
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = BmmExperts(hidden, experts=experts)
+        self.num_experts, self.capacity_factor = experts, capacity_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        count, experts = tokens.shape[0], self.num_experts
+        capacity = max(1, int(self.capacity_factor * count / experts))
+        gate, chosen = self.router(tokens).softmax(-1).max(-1)
+        one_hot = F.one_hot(chosen, experts)
+        position = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)
+        kept = one_hot * (position < capacity)[:, None]
+        dispatch = (kept[:, :, None] * F.one_hot(position.clamp(max=capacity - 1), capacity)[:, None]).to(x.dtype)
+        flat = dispatch.reshape(count, experts * capacity)
+        outputs = self.experts((flat.T @ tokens).view(experts, capacity, -1))
+        return ((flat * gate[:, None]) @ outputs.reshape(experts * capacity, -1)).view_as(x)
+
+
 class ExpertIdProjection(nn.Module):
     """One projection of every expert (``weight [E, out, in]``, ``bias [E, out]``), applied to one expert's rows."""
 
@@ -1063,6 +1100,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("modality_mask", "recorded-block", _seeded(MaskedModalityMoE), detected_on_example=True,
             inputs=lambda g: (torch.randn(2, 5, 16, generator=g), _image_mask(g))),
     Pattern("prefix_split", "recorded-block", _seeded(PrefixSplitMoE), (2, 7, 16)),
+    Pattern("switch_capacity_bmm", "gathered", _seeded(SwitchCapacityMoE), (2, 9, 16)),
 ]}
 
 

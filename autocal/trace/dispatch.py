@@ -1,9 +1,14 @@
 """A dispatch op recognised while a forward runs: the operands of the contraction of the tokens with a mask.
 
 Detection finds it in a block's recording and checks it there
-(``detect/masked.py``); the calibration forward (``synthesize/container.py``)
-recognises it again in every batch. Both run it, so it lives below both
-(gathered expert weights are followed alike in ``trace/gathers.py``).
+(``detect/masked.py``, ``detect/dispatched.py``); the calibration forward
+(``synthesize/container.py``, ``synthesize/gathered.py``) recognises it again in
+every batch. Both run it, so it lives below both (gathered expert weights are
+followed alike in ``trace/gathers.py``).
+
+``MaskDispatch`` serves a list of experts, each called on its slice;
+``SlotDispatch`` one experts module called on the whole dispatched tensor, one
+of whose dimensions indexes the experts.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .record import flat_args
 
-__all__ = ["MaskDispatch"]
+__all__ = ["MaskDispatch", "SlotDispatch"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +60,60 @@ class MaskDispatch:
                     mask.shape[self.token_dim] == tokens.shape[0] and mask.shape[self.expert_dim] == self.num_experts):
                 return mask, tokens
         return None
+
+
+@dataclass(frozen=True)
+class SlotDispatch:
+    """Tokens placed in the experts' capacity slots by a 0/1 contraction, and the module that runs the experts on
+    the dispatched tensor (``dispatched = einsum("bnd,bnec->becd", x, mask)``; ``experts(dispatched)``).
+
+    ``function``/``ordinal``: the contraction, the ordinal-th call of ``function``
+    in the block's forward; ``tokens``: which of its two tensor operands holds the
+    token rows (the other is the mask). ``experts``: the path of the module called
+    with the dispatched tensor's rows, in order; ``expert_axis``: the dimension of
+    its input that indexes the experts.
+    """
+
+    function: Callable
+    ordinal: int
+    tokens: int
+    experts: str
+    expert_axis: int
+    num_experts: int
+
+    def operands(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(mask, tokens)`` of a call of the contraction, or None where it has not two tensor operands."""
+        tensors = [a for a in flat_args(args) if isinstance(a, torch.Tensor)]
+        return (tensors[1 - self.tokens], tensors[self.tokens]) if len(tensors) == 2 else None
+
+    def slot_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """For each row of the dispatched tensor, 1 + the number of the token it holds (the tokens' rows
+        flattened), 0 for an empty slot: the contraction itself, on each token's number in place of its row."""
+        mask, tokens = self.operands(args)
+        numbers = torch.arange(1, tokens[..., 0].numel() + 1, dtype=torch.float64, device=tokens.device)
+        swap = {id(mask): mask.to(torch.float64), id(tokens): numbers.reshape(*tokens.shape[:-1], 1)}
+        numbered = self.function(*tree_map(lambda a: swap.get(id(a), a), args), **kwargs)
+        return numbered[..., 0].round().long()
+
+    def every_token(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The experts' input with every token in every expert's slots (capacity: all tokens), in ``like``'s layout:
+        the experts along ``expert_axis``, the tokens along the last other dimension, size 1 elsewhere."""
+        shape = [1] * like.dim()
+        shape[self._token_axis(like.dim())], shape[-1] = rows.shape
+        placed = rows.reshape(shape)
+        shape[self.expert_axis] = self.num_experts
+        return placed.expand(shape).contiguous()
+
+    def slot_outputs(self, every: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs per slot (``slots`` as :meth:`slot_tokens` gives them, in the input's layout) from
+        their outputs on :meth:`every_token`: each filled slot its token's output, an empty one zeros."""
+        axis = self.expert_axis
+        by_expert = every.movedim(axis, 0).reshape(self.num_experts, -1, every.shape[-1])
+        shape = [1] * slots.dim()
+        shape[axis] = self.num_experts
+        experts = torch.arange(self.num_experts, device=slots.device).reshape(shape).expand(slots.shape)
+        outputs = by_expert[experts, (slots - 1).clamp(min=0)]
+        return torch.where((slots > 0)[..., None], outputs, 0)
+
+    def _token_axis(self, dims: int) -> int:
+        return max(d for d in range(dims - 1) if d != self.expert_axis)
