@@ -38,8 +38,7 @@ from autocal.testing.corpus import (
 
 # (entry, check) -> (exception expected today, reason). Checks: reference (the corpus itself, never here),
 # synthesize, tokens (synthesize on drawn token counts), convert, convert_example, mixed, explain_k.
-KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {
-}
+KNOWN_FAILURES: dict[tuple[str, str], tuple[type[BaseException], str]] = {}  # none today
 
 
 def _checked(name: str, check: str, run) -> None:

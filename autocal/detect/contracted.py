@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from .gathered import GatheredDispatch, GatheredWeight, _stored, gathered_plan
+from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_parameter
 from ..trace.gathers import same_entries
 from .graph_utils import Ancestry, flat_args, source_of, value
 from .dispatched import slot_dispatch
@@ -68,7 +68,7 @@ def _entries_of(node: fx.Node, params: dict[str, nn.Parameter]) -> fx.Node | Non
     ops of one tensor sharing its storage (``transpose``, ``permute``), or None."""
     start = node
     while isinstance(value(node), torch.Tensor) and same_entries(value(start), value(node)):
-        source = _stored(node)
+        source = stored_parameter(node)
         if source is not None and source.target in params and value(node).dim() == 3:
             return node if value(start).dim() == 3 else None
         inputs = [a for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)]
@@ -85,7 +85,7 @@ def _contractions(graph: fx.Graph, params: dict[str, nn.Parameter]) -> list[tupl
         stored = _entries_of(node, params)
         if stored is None:
             continue
-        source = _stored(stored)
+        source = stored_parameter(stored)
         for op in node.users:
             operands = [a for a in flat_args((*op.args, *op.kwargs.values()))
                         if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]

@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import fx, nn
@@ -43,41 +42,20 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
-from .block import other_children
-from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, reshaped_view, slot_inputs,
-                             swapped_view)
-from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
-from ..trace.dispatch import SlotDispatch
+from ..trace.gathers import BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, swapped_view
+from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value
 from ..trace.forcing import ChoiceCall
+from .contracted import detect_contracted
+from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_parameter
 from .reroute import check_forced_routing, choice_call
-from .router import analyze_router, only_topk, routing_choice
+from .router import only_topk, routing_choice
 from .plans import GatheredPlan, NoMatch
 from .storage import expert_tables, side_by_side_weights
-from .structure import ExpertsInfo, MoEStructure
 
 if TYPE_CHECKING:
     from .facts import Facts
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "detect_gathered", "gathered_plan"]
-
-
-@dataclass(frozen=True)
-class GatheredWeight:
-    """One ``[E, a, b]`` parameter whose per-token gather is contracted with features."""
-
-    param: str  # its path in the block
-    orientation: str  # "linear": f @ W[e].T, "matmul": f @ W[e], "row": f · W[e], "slot-sum": Σ_slots f * W[e]
-    contractions: tuple[Callable, ...]  # the ops that contract it (one per branch of the forward that gathers it)
-    bias: str | None = None  # the path of an ``[E, out]`` bias gathered into the same op (``F.linear(x, W[e], b[e])``)
-    shape: tuple[int, ...] | None = None  # the ``[E, a, b]`` view gathered from, for a parameter stored otherwise
-    expert_axis: int | None = None  # not gathered: contracted whole, experts along this output dim (contracted.py)
-
-
-@dataclass
-class GatheredDispatch:
-    weights: list[GatheredWeight]
-    choice: ChoiceCall
-    slots: SlotDispatch | None = None  # whole weights run on tokens dispatched into capacity slots (dispatched.py)
+__all__ = ["detect_gathered"]
 
 
 def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tensor, slots: torch.Size,
@@ -117,7 +95,7 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
         gathered = gathered_index(node.target, fx.node.map_arg(node.args, value))
         if gathered is None:
             continue
-        source = _stored(next((a for a in node.all_input_nodes if value(a) is gathered[0]), None), swapped=True)
+        source = stored_parameter(next((a for a in node.all_input_nodes if value(a) is gathered[0]), None), swapped=True)
         if source is None or source.target not in params:
             continue
         index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
@@ -142,22 +120,11 @@ def _takes_entries(out: object, weight: torch.Tensor, index: torch.Tensor | int)
     return all(torch.equal(entries[i], weight[experts[i]]) for i in {0, len(experts) - 1} if len(experts))
 
 
-def _stored(node: fx.Node | None, swapped: bool = False) -> fx.Node | None:
-    """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``: the
-    same memory, in the same order), or, ``swapped``, with each expert's matrix transposed (``w.transpose(1, 2)``)."""
-    start, weight = node, value(node)
-    while node is not None and node.op != "get_attr":
-        inputs = node.all_input_nodes
-        node = inputs[0] if len(inputs) == 1 and isinstance(value(inputs[0]), torch.Tensor) else None
-    return node if node is not None and (node is start or reshaped_view(weight, value(node))
-                                         or swapped and swapped_view(weight, value(node))) else None
-
-
 def _viewed(gather: fx.Node) -> tuple[tuple[int, ...] | None, bool]:
     """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own, and
     whether it takes each expert's matrix transposed."""
-    weight = next(a for a in gather.all_input_nodes if _stored(a, swapped=True) is not None)
-    viewed, param = value(weight), value(_stored(weight, swapped=True))
+    weight = next(a for a in gather.all_input_nodes if stored_parameter(a, swapped=True) is not None)
+    viewed, param = value(weight), value(stored_parameter(weight, swapped=True))
     swapped = swapped_view(viewed, param)
     return (tuple(viewed.shape) if viewed.shape != param.shape and not swapped else None), swapped
 
@@ -248,7 +215,6 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
         side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
     if not gathers:
-        from .contracted import detect_contracted  # it builds on this module's records
         return detect_contracted(block, rec.graph, rec.output, params)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
@@ -265,26 +231,6 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, choice),
                          "gathered by index", _forcing(choice), "by the block's own ops",
                          {g[1]: source_of(g[0]) for g in gathers if source_of(g[0])})
-
-
-def gathered_plan(block: nn.Module, graph: fx.Graph, output: object, routing: tuple[fx.Node, fx.Node],
-                  dispatch: GatheredDispatch, storage: str, unrouted: str, applied: str,
-                  sources: dict[str, str]) -> GatheredPlan:
-    """The plan of a block whose expert weights ``dispatch`` reads (gathered, or contracted whole)."""
-    found = dispatch.weights
-    num_experts = (found[0].shape or block.get_parameter(found[0].param).shape)[0]
-    router = analyze_router(graph, *routing)
-    router.num_choices = max(router.num_choices, num_experts)
-    params = {w.param: list(w.shape or block.get_parameter(w.param).shape) for w in found}
-    experts = ExpertsInfo(
-        module_path=found[0].param.rpartition(".")[0], num_experts=num_experts, storage=storage,
-        layout={"weights": params, "applied as": {w.param: w.orientation for w in found}, "unrouted tokens": unrouted},
-        computation=" → ".join(params), weights_applied=applied, call_roles={}, output_features=None,
-        accumulate_dtype=None, output_dtype=None, sources=sources)
-    structure = MoEStructure(block_class=type(block).__name__, router=router, experts=experts,
-                             shared_modules=other_children(block, router.module_path, *params),
-                             returns=returns_of(output))
-    return GatheredPlan(structure, dispatch)
 
 
 def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
@@ -358,7 +304,6 @@ def _choice(graph: fx.Graph, gathers: list) -> tuple[tuple[ChoiceCall, fx.Node] 
             index, weights = routing_choice(graph, only_topk(graph))
             found = choice_call(graph, index)
     return found, index, _router_weights(graph, index, weights, [g for g, _, _ in gathers])
-
 
 
 def _router_weights(graph: fx.Graph, index: fx.Node, weights: fx.Node, gathers: list[fx.Node]) -> fx.Node:

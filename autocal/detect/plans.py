@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # the modules that make these plans import this one
     from ..trace.dispatch import MaskDispatch
     from ..trace.replay import SortedDispatch, TokenRecipe
     from .expert_sets import ExpertSet
-    from .gathered import GatheredDispatch
+    from .gathered_plan import GatheredDispatch
     from .last_resort import ForcedDispatch
 
 __all__ = ["NoMatch", "Plan", "PackedExpertsPlan", "DenseExpertsPlan", "SortedBanksPlan", "GatedPlan",

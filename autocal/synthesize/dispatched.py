@@ -14,7 +14,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 

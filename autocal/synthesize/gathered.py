@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..detect.contracted import expert_slices
-from ..detect.gathered import GatheredWeight
+from ..detect.gathered_plan import GatheredWeight
 from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
 from .forced import ExpertViews, forced_forward
