@@ -912,6 +912,38 @@ def test_blocks_autocal_leaves_are_handed_to_llmcompressor(workdir):
         assert torch.isfinite(model.get_submodule(path).input_scale).all(), path
 
 
+def test_gathered_weights_are_calibrated_checked_and_saved_per_expert(workdir):
+    """Remote-code style blocks that gather packed ``[E, out, in]`` weights per token (gpt-fast's pattern, the
+    ``gathered`` rule): every expert's Linear of each of the three gathered weights is listed, calibrated on every
+    token and saved as its own tensors. ``expert_linears`` listed the first weight's Linears only, and
+    ``save_pretrained`` refused the checkpoint (the second and third weights' Linears were 'not one of the expert
+    Linears')."""
+    from autocal.testing.patterns import GatheredMoE
+
+    source = original("qwen3_moe", workdir)
+    model = load(source)
+    hidden = model.config.hidden_size
+    torch.manual_seed(0)
+    for layer in model.model.layers:
+        layer.mlp = GatheredMoE(experts=4, hidden=hidden, width=2 * hidden)
+    held_out = tokens(HELD_OUT, 1, source.vocab)
+    with torch.no_grad():
+        before = model(input_ids=held_out).logits
+    alc.prepare(model)
+    coverage = alc.oneshot(model, recipe=recipe("fp8"), **oneshot_kwargs(source.vocab))
+    layers = len(model.model.layers)
+    assert len(coverage.linears) == layers * 4 * 3, str(coverage)
+    assert {lc.tokens for lc in coverage.linears} == {CALIBRATION[0] * CALIBRATION[1]}
+    with torch.no_grad():
+        after = model(input_ids=held_out).logits
+    assert rel(after, before) <= MODEL_TOL["fp8"]
+    saved = workdir / "gathered-fp8"
+    alc.save_pretrained(model, saved)
+    keys = alc.load_saved_state_dict(saved)
+    for weight in ("w1", "w2", "w3"):
+        assert {f"model.layers.0.mlp.cond_ffn.{weight}_experts.{e}.weight" for e in range(4)} <= set(keys), weight
+
+
 @pytest.mark.parametrize("name,gates", [
     ("qwen2_moe", ["model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"]),
     ("jamba", ["model.layers.0.feed_forward.router"]),

@@ -57,6 +57,11 @@ class GatheredCalibrationMoE(KeptForwardMoE):
                 found[id(self.get_submodule(bias_owner).__dict__[bias_name])] = BIAS
         return found
 
+    def expert_parts(self) -> list[list[nn.Module]]:
+        """Per expert, its Linear of each gathered weight (``expert_modules`` holds the first weight's only)."""
+        views = [found[0] for found in self._views().values() if found != BIAS]
+        return [list(linears) for linears in zip(*(v.experts() for v in views))]
+
     @property
     def experts_container(self) -> nn.Module:
         return next(found for found in self._views().values() if found != BIAS)[0]

@@ -50,23 +50,29 @@ def _join(*parts: str) -> str:
 def expert_linears(model: nn.Module) -> list[ExpertLinear]:
     """Every ``nn.Linear`` inside every expert of every calibration module.
 
-    Experts come from ``module.expert_modules()``; their path is found by
-    identity in the block, so hand-written overrides work too.
+    Experts come from ``module.expert_modules()``, or, where one expert's Linears sit in several modules (one
+    per gathered weight), ``module.expert_parts()``; their path is found by identity in the block, so
+    hand-written overrides work too.
     """
     result: list[ExpertLinear] = []
     for block_path, block in calibration_blocks(model):
-        if not hasattr(block, "expert_modules"):
+        if hasattr(block, "expert_parts"):
+            parts = block.expert_parts()
+        elif hasattr(block, "expert_modules"):
+            parts = [[expert] for expert in block.expert_modules()]
+        else:
             continue
         names = {id(m): n for n, m in block.named_modules()}
-        for index, expert in enumerate(block.expert_modules()):
-            expert_path = names.get(id(expert))
-            if expert_path is None:
-                continue
-            container, _, _ = expert_path.rpartition(".")
-            for name, sub in expert.named_modules():
-                if isinstance(sub, nn.Linear):
-                    result.append(ExpertLinear(_join(block_path, expert_path, name), block_path, container, index,
-                                               name))
+        for index, modules in enumerate(parts):
+            for expert in modules:
+                expert_path = names.get(id(expert))
+                if expert_path is None:
+                    continue
+                container, _, _ = expert_path.rpartition(".")
+                for name, sub in expert.named_modules():
+                    if isinstance(sub, nn.Linear):
+                        result.append(ExpertLinear(_join(block_path, expert_path, name), block_path, container, index,
+                                                   name))
     return result
 
 

@@ -71,7 +71,9 @@ def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
     for linear in linears:
         prefix = saved[_join(linear.path, "weight")][: -len(".weight")]
         experts[prefix] = linear.path
-        container_key, _, rest = prefix.rpartition(f".{linear.expert}.")
+        # ``{container}.{i}.{name}``, or ``{container}.{i}`` for a Linear that is the expert (one per gathered weight)
+        container_key, _, rest = f"{prefix}.".rpartition(f".{linear.expert}.")
+        rest = rest.removesuffix(".")
         num, names = containers.setdefault(container_key, (counts[_join(linear.block, linear.container)], set()))
         names.add(rest)
         if container_key not in members:
@@ -123,7 +125,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], layout: CheckpointL
             rest = key[len(start):]
             head, _, tail = rest.partition(".")
             if head.isdigit():
-                name = next((n for n in names if tail.startswith(n + ".")), None)
+                name = next((n for n in names if tail.startswith(n + ".") or not n and tail), None)
                 if int(head) >= num:
                     problems.append(f"{key}: expert index {head} >= {num} experts")
                 elif name is None:
