@@ -944,6 +944,81 @@ def test_gathered_weights_are_calibrated_checked_and_saved_per_expert(workdir):
         assert {f"model.layers.0.mlp.cond_ffn.{weight}_experts.{e}.weight" for e in range(4)} <= set(keys), weight
 
 
+def _fits_a_decoder_layer(name: str) -> bool:
+    """Does corpus block ``name`` stand in for a decoder layer's MLP: one ``[batch, seq, hidden]`` tensor in, one
+    of that shape out (not a tuple, no second input)?"""
+    from autocal.testing.corpus import ENTRIES
+
+    entry = ENTRIES[name]
+    if entry.seq_first or entry.blocks != ("",):
+        return False
+    args, kwargs = entry.inputs(batch=1, seq=3)
+    if len(args) + len(kwargs) != 1:
+        return False
+    with torch.no_grad():
+        out = entry.build()(*args, **kwargs)
+    return isinstance(out, torch.Tensor) and out.shape == (args or tuple(kwargs.values()))[0].shape
+
+
+def _corpus_blocks() -> list[str]:
+    from autocal.testing.corpus import ENTRIES
+
+    return [name for name in ENTRIES if _fits_a_decoder_layer(name)]
+
+
+@pytest.fixture(scope="module")
+def hidden16_model(workdir) -> Path:
+    """A tiny Qwen3-MoE checkpoint of the corpus' hidden size, whose MLPs the test replaces by corpus blocks."""
+    from transformers import Qwen3MoeConfig
+
+    from autocal.testing.corpus import HIDDEN
+
+    path = workdir / "qwen3-moe-hidden16"
+    if not path.exists():
+        config = Qwen3MoeConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=32, moe_intermediate_size=8,
+                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                num_experts=4, num_experts_per_tok=2)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")),
+            unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", _corpus_blocks())
+def test_corpus_blocks_go_through_oneshot_and_save(name, hidden16_model, workdir):
+    """Every corpus block that fits a decoder layer's MLP (MoE code written outside transformers), in a model
+    loaded from disk: after ``prepare``, with calibration off, the model's output is bitwise the original's; ``oneshot`` (static FP8) gives
+    every expert Linear of every block its scales on every calibration token (``check``), with quantization
+    disabled the model is still the original (within rounding), and ``save_pretrained`` writes the per-expert checkpoint and reloads it
+    bitwise. The layout check refused experts holding a tensor beside their Linears (gating_multiplier) and
+    experts named in a ModuleDict (switch_top1)."""
+    from compressed_tensors.quantization import disable_quantization
+
+    from autocal.testing.corpus import ENTRIES
+    from autocal.verify import compare_outputs
+
+    model = AutoModelForCausalLM.from_pretrained(hidden16_model, dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        layer.mlp = ENTRIES[name].build()
+    held_out = tokens((1, 12), 1, 64)
+    with torch.no_grad():
+        before = model(input_ids=held_out).logits
+    alc.prepare(model)
+    alc.set_calibration(model, False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=held_out).logits, before)
+    coverage = alc.oneshot(model, recipe=recipe("fp8"), dataset=calibration_dataset(64),
+                           num_calibration_samples=CALIBRATION[0], max_seq_length=CALIBRATION[1],
+                           shuffle_calibration_samples=False)
+    assert coverage.linears and {lc.tokens for lc in coverage.linears} == {CALIBRATION[0] * CALIBRATION[1]}
+    model.apply(disable_quantization)  # Linears no longer plain: autocal computes what the block's ops did
+    with torch.no_grad():
+        assert compare_outputs(before, model(input_ids=held_out).logits)[2], "within rounding"
+    alc.save_pretrained(model, workdir / f"corpus-{name}")
+
+
 @pytest.mark.parametrize("name,gates", [
     ("qwen2_moe", ["model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate"]),
     ("jamba", ["model.layers.0.feed_forward.router"]),

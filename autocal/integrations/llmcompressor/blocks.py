@@ -25,13 +25,20 @@ def _listing(what: str, problems: list[str]) -> str:
 
 @dataclass(frozen=True)
 class ExpertLinear:
-    """One ``nn.Linear`` of one expert: ``{block}.{container}.{expert}.{name}``."""
+    """One ``nn.Linear`` of one expert: ``{block}.{container}.{key}.{name}`` (``key``: the expert's name in its
+    container, ``str(expert)`` in a list; ``name`` empty where the Linear is the expert)."""
 
     path: str
     block: str
     container: str
     expert: int
     name: str
+    key: str = ""
+
+    @property
+    def child(self) -> str:
+        """The expert's name in its container."""
+        return self.key or str(self.expert)
 
 
 def calibration_blocks(model: nn.Module) -> list[tuple[str, MoECalibrationModule]]:
@@ -68,11 +75,11 @@ def expert_linears(model: nn.Module) -> list[ExpertLinear]:
                 expert_path = names.get(id(expert))
                 if expert_path is None:
                     continue
-                container, _, _ = expert_path.rpartition(".")
+                container, _, key = expert_path.rpartition(".")
                 for name, sub in expert.named_modules():
                     if isinstance(sub, nn.Linear):
                         result.append(ExpertLinear(_join(block_path, expert_path, name), block_path, container, index,
-                                                   name))
+                                                   name, key))
     return result
 
 

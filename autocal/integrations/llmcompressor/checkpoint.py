@@ -47,7 +47,9 @@ class CheckpointLayout:
 
     ``experts``: saved key prefix of every expert Linear (``…experts.{i}.w1``), to the in-model path.
     ``containers``: saved prefix of each experts container, to the number of experts and the names
-    its children may use; ``members``: other keys allowed under a container (its own shared tensors).
+    its children may use (their Linears', and tensors an expert holds itself, ``gate_multiplier``);
+    ``members``: other keys allowed under a container (its own shared tensors); ``keys``: experts named
+    otherwise than by their number (a ``ModuleDict``'s ``expert_0``), per container.
     ``tied``: pairs of keys transformers declares tied (allowed to share storage).
     """
 
@@ -55,6 +57,7 @@ class CheckpointLayout:
     containers: dict[str, tuple[int, frozenset[str]]]
     members: dict[str, frozenset[str]] = field(default_factory=dict)
     tied: frozenset[frozenset[str]] = frozenset()
+    keys: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
@@ -68,22 +71,37 @@ def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
         key = _join(linear.block, linear.container)
         counts[key] = max(counts.get(key, 0), linear.expert + 1)
     members: dict[str, frozenset[str]] = {}
+    keys: dict[str, set[str]] = {}
     for linear in linears:
         prefix = saved[_join(linear.path, "weight")][: -len(".weight")]
         experts[prefix] = linear.path
-        # ``{container}.{i}.{name}``, or ``{container}.{i}`` for a Linear that is the expert (one per gathered weight)
-        container_key, _, rest = f"{prefix}.".rpartition(f".{linear.expert}.")
-        rest = rest.removesuffix(".")
+        # ``{container}.{key}.{name}``, or ``{container}.{key}`` for a Linear that is the expert (a gathered weight's)
+        container_key, _, rest = f"{prefix}.".rpartition(f".{linear.child}.")
         num, names = containers.setdefault(container_key, (counts[_join(linear.block, linear.container)], set()))
-        names.add(rest)
+        names.add(rest.removesuffix("."))
+        names.update(_own_tensors(model.get_submodule(_join(linear.block, linear.container, linear.child))))
+        keys.setdefault(container_key, set()).add(linear.child)
         if container_key not in members:
             container = model.get_submodule(_join(linear.block, linear.container))
-            expert_children = {str(i) for i in range(num)}
+            expert_children = {str(i) for i in range(num)} | {lin.child for lin in linears
+                                                               if (lin.block, lin.container) == (linear.block,
+                                                                                                  linear.container)}
             own = {n for n, _ in container.named_parameters() if n.split(".", 1)[0] not in expert_children}
             own |= {n for n, _ in container.named_buffers() if n.split(".", 1)[0] not in expert_children}
             members[container_key] = frozenset(own)
     tied = frozenset(frozenset((a, b)) for a, b in (getattr(model, "all_tied_weights_keys", None) or {}).items())
-    return CheckpointLayout(experts, {k: (n, frozenset(v)) for k, (n, v) in containers.items()}, members, tied)
+    named = {k: frozenset(v - {str(i) for i in range(containers[k][0])}) for k, v in keys.items()}
+    return CheckpointLayout(experts, {k: (n, frozenset(v)) for k, (n, v) in containers.items()}, members, tied,
+                            {k: v for k, v in named.items() if v})
+
+
+def _own_tensors(expert: nn.Module) -> set[str]:
+    """The tensors an expert holds outside its Linears (a gating multiplier), by name in the expert."""
+    linears = {name for name, module in expert.named_modules() if isinstance(module, nn.Linear)}
+    if "" in linears:  # the expert is one Linear
+        return set()
+    tensors = [n for n, _ in expert.named_parameters()] + [n for n, _ in expert.named_buffers()]
+    return {n for n in tensors if n.rpartition(".")[0] not in linears}
 
 
 def shared_storage_groups(state_dict: Mapping[str, torch.Tensor],
@@ -124,9 +142,9 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], layout: CheckpointL
         for key in under.get(container, []):
             rest = key[len(start):]
             head, _, tail = rest.partition(".")
-            if head.isdigit():
-                name = next((n for n in names if tail.startswith(n + ".") or not n and tail), None)
-                if int(head) >= num:
+            if head.isdigit() or head in layout.keys.get(container, ()):
+                name = next((n for n in names if tail == n or tail.startswith(n + ".") or not n and tail), None)
+                if head.isdigit() and int(head) >= num:
                     problems.append(f"{key}: expert index {head} >= {num} experts")
                 elif name is None:
                     problems.append(f"{key}: not one of the expert Linears {sorted(names)}")

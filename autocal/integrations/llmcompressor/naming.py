@@ -121,13 +121,13 @@ def _match_names(model: nn.Module, linears: list[ExpertLinear], reverted: dict[s
     for linear in linears:
         weight = model.get_submodule(linear.path).weight
         plain_key = plain[_join(linear.path, "weight")]
-        prefix = plain_key[: -len(f"{linear.expert}.{linear.name}.weight")]
+        prefix = plain_key[: -len(_join(linear.child, linear.name, "weight"))]
         candidates = [k for k, t in reverted.items()
-                      if k.startswith(f"{prefix}{linear.expert}.") and k.endswith(".weight")
+                      if k.startswith(f"{prefix}{linear.child}.") and k.endswith(".weight")
                       and t.shape == weight.shape and torch.equal(t, weight)]
         if len(candidates) != 1:
             return {}  # absent (packed checkpoint) or ambiguous: keep autocal's names
-        theirs = candidates[0][len(f"{prefix}{linear.expert}."): -len(".weight")]
+        theirs = candidates[0][len(f"{prefix}{linear.child}."): -len(".weight")]
         if mapping.setdefault(linear.name, theirs) != theirs:
             return {}
     return mapping
