@@ -44,7 +44,7 @@ from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
 from .block import other_children
-from ..trace.gathers import BIAS, GatherTracker, gathered_index, reshaped_view, per_slot, slot_inputs
+from ..trace.gathers import BIAS, GatherTracker, gathered_index, per_slot, reshaped_view, slot_inputs, splits_as_views
 from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
@@ -238,6 +238,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound)
+    splits_as_views(rec.graph)
     params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
         side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
@@ -290,9 +291,11 @@ def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
         return []
     try:
         with torch.no_grad():
-            return [record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph]
+            graph = record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph
     except Exception:  # a block that cannot run on one token has no such branch
         return []
+    splits_as_views(graph)
+    return [graph]
 
 
 def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],
