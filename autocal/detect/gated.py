@@ -15,9 +15,10 @@ from torch import fx
 from .. import errors
 from .block import _routing_weight, module_experts_info, other_children
 from .facts import Facts
-from .graph_utils import Ancestry, is_int_tensor, returns_of, source_of, value
+from .graph_utils import Ancestry, is_int_tensor, returns_of, source_of, target_name, value
 from .plans import GatedPlan, NoMatch
 from .recorded import block_recording, loop_recording, whole_input
+from .router import selects_among
 from .structure import MoEStructure, RouterInfo
 
 __all__ = ["detect_gated"]
@@ -36,6 +37,10 @@ def detect_gated(facts: Facts) -> GatedPlan | NoMatch:
     gated = [_gated_rows(c) for c in calls]
     whole = {whole_input(c) for c in calls}
     if len(calls) != len(facts.entries) or len(whole) != 1 or any(g is None for g in gated):
+        choice = selects_among(found.outer.graph, len(facts.entries))
+        if choice is not None:  # the block routes among them all the same: no rule's kind, never a skip
+            return NoMatch(f"`{name}`'s experts are not each called on the whole input and gated per row, though "
+                           f"the block chooses among them by a {target_name(choice)}", source_of(choice))
         return NoMatch(lambda: f"`{name}`'s experts all run on the whole input, but no per-row factor gates them "
                                "all: not an MoE", source_of(calls[0]), not_moe=True)
     factors = [_routing_weight(c) for c in calls]

@@ -47,7 +47,7 @@ from ..trace.inputs import keyword_arguments
 from .block import _lists_in, identical_entries, module_experts_info, other_children
 from .facts import Facts
 from .graph_utils import Ancestry, returns_of, source_of, target_name, value
-from .linear_like import linear_modules, made_of_linears
+from .linear_like import linear_modules, lookup_tables, made_of_linears
 from .plans import LastResortPlan, NoMatch
 from .recorded import record_expert_calls
 from .router import router_of
@@ -86,10 +86,11 @@ def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
     that reads the features they read (a router of any shape: one score per expert, or per group of experts)."""
     for path, container, holder in _lists_in(block):
         entries = identical_entries(container)
-        if len(entries) < 2 or not made_of_linears(entries[0]):
+        if len(entries) < 2 or not made_of_linears(entries[0], norms=True):
             continue
+        tables = set() if made_of_linears(entries[0]) else lookup_tables(block)  # experts with a norm: see block.py
         width = entries[0].get_submodule(linear_modules(entries[0])[0]).weight.shape[-1]
-        if any(width in p.shape for p in _gates(block, holder)):
+        if any(width in p.shape for p in _gates(block, holder) if id(p) not in tables):
             return path, entries
     return None
 

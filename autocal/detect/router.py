@@ -14,7 +14,7 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["analyze_router", "routing_choice", "router_of", "only_topk"]
+__all__ = ["analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max"}
 _DIVISIONS = {"div", "div_", "truediv", "itruediv", "__truediv__", "__itruediv__"}
@@ -146,12 +146,15 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
 
 
 def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
-    """The module that selects experts, or else the one that computes the logits."""
-    if selection.meta.get("module_path"):
-        return selection.meta["module_path"]
-    if logits is None:
-        return None
-    return logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None)
+    """The module that selects experts where it computes the logits too (they are inside it), or else the one
+    that computes the logits: a selection made inside the experts module (an engine's fused MoE layer given the
+    router logits) does not make the experts the router."""
+    scoring = None if logits is None else (
+        logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None))
+    selecting = selection.meta.get("module_path")
+    if selecting and (scoring is None or f"{scoring}.".startswith(f"{selecting}.")):
+        return selecting
+    return scoring or selecting
 
 
 def _renormalized(nodes: list[fx.Node], ancestry: Ancestry) -> bool:
@@ -232,3 +235,15 @@ def only_topk(graph: fx.Graph) -> fx.Node | None:
     if len(calls) != 1:
         return None
     return next((u for u in calls[0].users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
+
+
+def selects_among(graph: fx.Graph, count: int) -> fx.Node | None:
+    """A top-k, max, argmax or sort of float scores over a last dimension of ``count`` choices: a routing decision
+    among ``count`` experts, whatever the dispatch after it does with it."""
+    for node in graph.nodes:
+        scores = value(node.args[0]) if target_name(node) in _SELECTION_OPS and node.args and isinstance(
+            node.args[0], fx.Node) else None
+        if isinstance(scores, torch.Tensor) and scores.is_floating_point() and scores.dim() and (
+                scores.shape[-1] == count):
+            return node
+    return None
