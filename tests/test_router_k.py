@@ -67,3 +67,11 @@ def test_gshard_top2_is_k_2(masking):
     report = autocal.explain(block, verify=False)
     assert report.blocks[0].failure is None
     assert report.blocks[0].top_k == _experts_per_token(block, x) == 2
+
+
+def test_the_router_is_the_module_scoring_tokens_not_the_experts_choosing_among_them():
+    """An experts layer given the router logits picks the top-k itself: the gate computing the logits is the router
+    (kept out of quantization), not the experts module, and it is no shared expert."""
+    structure = autocal.synthesize(ENTRIES["engine_fused_layer"].build(0)).structure
+    assert structure.router.module_path == "gate"
+    assert structure.experts.module_path == "experts" and "gate" not in structure.shared_modules
