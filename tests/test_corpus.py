@@ -429,6 +429,15 @@ def _ref_split_per_expert(m, x):
     return _dense(t, gates, experts).view_as(x), gates
 
 
+def _ref_plain_layers(m, x):
+    gates = []
+    for layer in m.layers:
+        out, g = _ref_softmax_of_top(layer, x)
+        x = x + out
+        gates.append(g)
+    return x, torch.cat(gates)
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -474,6 +483,7 @@ REFERENCES = {
     "seq_first_aux": _ref_seq_first_aux,
     "engine_fused_layer": _ref_engine,
     "split_per_expert": _ref_split_per_expert,
+    "plain_layers": _ref_plain_layers,
 }
 
 

@@ -1467,6 +1467,26 @@ class SplitWeightsMoE(nn.Module):
         return self.experts(t, *self.router(t)).view_as(x)
 
 
+class ResidualMoE(MixtralReferenceMoE):
+    """A norm-free residual layer that is its own MoE block: ``x + moe(x)``."""
+
+    def forward(self, inputs):
+        return inputs + super().forward(inputs)
+
+
+class PlainLayersModel(nn.Module):
+    """A research model of norm-free MoE layers (a router and its Linear experts each) in an ``nn.ModuleList``."""
+
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(ResidualMoE() for _ in range(layers))
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1610,6 +1630,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "returns (out, aux_loss)", (8,), SeqFirstAuxMoE, seq_first=True),
     CorpusEntry("split_per_expert", f"{_REMOTE}: a router with training-only jitter, [E * I, H] weights split per "
                 "expert (w.split(I)[e]), token lists on the host", (1, 2), SplitWeightsMoE),
+    CorpusEntry("plain_layers", f"{_RESEARCH}: norm-free residual MoE layers (x + moe(x)) in an nn.ModuleList, "
+                "each a router and its Linear experts", (), PlainLayersModel, blocks=("layers.0", "layers.1")),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
