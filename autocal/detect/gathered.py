@@ -45,7 +45,7 @@ from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
 from .block import other_children
 from ..trace.gathers import BIAS, GatherTracker, gathered_index, per_slot, reshaped_view, slot_inputs, splits_as_views
-from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value
+from .graph_utils import Ancestry, flat_args, is_int_tensor, returns_of, source_of, value, viewed_from
 from ..trace.forcing import ChoiceCall
 from .reroute import check_forced_routing, choice_call
 from .router import analyze_router, only_topk, routing_choice
@@ -186,8 +186,9 @@ def _contraction(gather: fx.Node, index: fx.Node | int,
     operands = [a for a in flat_args((*op.args, *op.kwargs.values()))
                 if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     others = [a for a in operands if a is not node]
-    bias = [a for a in others if a in biases and biases[a][1] == index]
-    features = [a for a in others if a not in bias]
+    bias = [viewed_from(a, biases) for a in others if viewed_from(a, biases) is not None]  # b[e], b[idx][:, None]
+    bias = [b for b in bias if biases[b][1] == index]
+    features = [a for a in others if viewed_from(a, bias) is None]
     if len(operands) != len(others) + 1 or len(features) != 1 or len(bias) > 1:
         return None
     bias_value = value(bias[0]) if bias else None

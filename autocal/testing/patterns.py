@@ -41,7 +41,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "ParameterListMoE",
-           "FunctionalEnsembleMoE", "PaddedCapacityMoE"]
+           "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -950,6 +950,28 @@ class PaddedCapacityMoE(nn.Module):
         return (y[flat, position].view(-1, self.k, t.shape[-1]) * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class BiasFirstMoE(nn.Module):
+    """Each slot's weights and biases gathered by the flattened choices and applied by ``baddbmm(b[idx][:, None],
+    rows, W[idx])``: the bias, the first operand, reaches the contraction through a view."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 5, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.gate = k, nn.Linear(hidden, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)
+        self.b_in = nn.Parameter(torch.randn(experts, width) / 10)
+        self.w_out = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
+        self.b_out = nn.Parameter(torch.randn(experts, hidden) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.gate(t).softmax(-1).topk(self.k, dim=-1)
+        slots = idx.reshape(-1)
+        rows = t[:, None].expand(-1, self.k, -1).reshape(-1, 1, t.shape[-1])
+        h = F.silu(torch.baddbmm(self.b_in[slots][:, None], rows, self.w_in[slots]))
+        y = torch.baddbmm(self.b_out[slots].unsqueeze(1), h, self.w_out[slots]).view(*idx.shape, -1)
+        return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -1040,6 +1062,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("decode_gather", "gathered", _seeded(DecodeGatherMoE)),
     Pattern("grouped_side_by_side", "gathered", _seeded(GroupedWeightsMoE)),
     Pattern("whole_contraction", "gathered", _seeded(WholeContractionMoE)),
+    Pattern("bias_first_baddbmm", "gathered", _seeded(BiasFirstMoE)),
     _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
