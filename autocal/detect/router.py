@@ -129,20 +129,37 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         sources["logits"] = source_of(logits)
     if scoring_nodes:
         sources["scoring"] = source_of(scoring_nodes[0])
+    top_k, choices, selection = _expert_choice(graph, final, index) or (
+        _chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
+        or _k_of(final), value(scored).shape[-1], target_name(final))
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
-        top_k=(_chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
-               or _k_of(final)),
-        num_choices=value(scored).shape[-1],
+        top_k=top_k,
+        num_choices=choices,
         renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
         grouped=len(selections) > 1 or value(scored).dim() > 2,
         scaling=_scaling(after_selection),
-        selection=target_name(final),
+        selection=selection,
         scored_after_selection=bool(scoring_nodes) and ancestry.is_ancestor(final, scoring_nodes[0]),
         sources={k: v for k, v in sources.items() if v},
     )
+
+
+def _expert_choice(graph: fx.Graph, selection: fx.Node, index: fx.Node) -> tuple[int, int, str] | None:
+    """``(k, experts, words)`` where the experts choose their tokens (a top-k over ``[experts, tokens]`` scores):
+    k is then the experts a token gets on average, each expert taking ``capacity`` of the tokens."""
+    hidden = next((value(n) for n in graph.nodes if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
+                   and value(n).is_floating_point() and value(n).dim()), None)
+    scores, chosen = value(selection.args[0]), value(index)
+    if hidden is None or target_name(selection) != "topk" or scores.dim() != 2 or chosen.dim() != 2:
+        return None
+    tokens = hidden.numel() // hidden.shape[-1]
+    experts, capacity = scores.shape[0], chosen.shape[-1]
+    if scores.shape[-1] != tokens or experts == tokens:
+        return None
+    return max(1, round(experts * capacity / tokens)), experts, f"expert choice ({capacity} of {tokens} tokens each)"
 
 
 def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
