@@ -438,6 +438,16 @@ def _ref_plain_layers(m, x):
     return x, torch.cat(gates)
 
 
+def _ref_detached_scaled_inputs(m, x):
+    t = _flat(x)
+    logits = t @ m.router_weight
+    gates = torch.where(_top(logits), torch.sigmoid(logits), 0)
+    w = m.experts
+    experts = [functools.partial(_swiglu, w_gate=w.w1[e], w_up=w.w3[e], w_down=w.w2[e]) for e in range(len(w.w1))]
+    out = m.shared_expert(t) + sum(expert(t * gates[:, e, None]) for e, expert in enumerate(experts))
+    return out.view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -484,6 +494,7 @@ REFERENCES = {
     "engine_fused_layer": _ref_engine,
     "split_per_expert": _ref_split_per_expert,
     "plain_layers": _ref_plain_layers,
+    "detached_scaled_inputs": _ref_detached_scaled_inputs,
 }
 
 

@@ -1487,6 +1487,44 @@ class PlainLayersModel(nn.Module):
         return hidden_states
 
 
+class BatchedExperts(nn.Module):
+    """Packed experts ``w1, w3 [E, H, I]``, ``w2 [E, I, H]`` run by ``bmm`` on ``[E, tokens, H]`` (every expert on
+    every token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, rows):
+        x = rows.view(EXPERTS, -1, HIDDEN)
+        return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2).view(-1, HIDDEN)
+
+
+class DetachedScaledInputsMoE(nn.Module):
+    """Reference inference code scaling each expert's copy of every token by its sigmoid score (zero where not
+    chosen): a raw router ``[H, E]``, copies taken by ``gather`` with ``arange``, handed to the experts detached,
+    added into the shared expert's output by ``scatter_add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.router_weight = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.experts = BatchedExperts()
+        self.shared_expert = SwiGLUExpert()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        logits = t @ self.router_weight
+        top, chosen = torch.topk(logits, TOP_K, dim=-1)
+        scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, chosen, top)).t()  # [E, T]
+        copies = torch.arange(t.shape[0]).repeat(EXPERTS).unsqueeze(-1).expand(-1, HIDDEN)
+        routed = torch.gather(t, 0, copies) * scores.reshape(-1, 1)
+        out = self.shared_expert(t)
+        out.scatter_add_(0, copies, self.experts(routed.detach()))
+        return out.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1632,6 +1670,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "expert (w.split(I)[e]), token lists on the host", (1, 2), SplitWeightsMoE),
     CorpusEntry("plain_layers", f"{_RESEARCH}: norm-free residual MoE layers (x + moe(x)) in an nn.ModuleList, "
                 "each a router and its Linear experts", (), PlainLayersModel, blocks=("layers.0", "layers.1")),
+    CorpusEntry("detached_scaled_inputs", f"{_REFERENCE}: every expert on every token, copies gathered by arange "
+                "and scaled by sigmoid scores, handed to bmm experts detached, scatter_add_ into a shared expert",
+                (4,), DetachedScaledInputsMoE),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
