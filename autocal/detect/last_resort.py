@@ -44,10 +44,11 @@ from .. import errors
 from ..numerics import compare_outputs
 from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
 from ..trace.inputs import keyword_arguments
-from .block import _lists_in, expert_lists, identical_entries, module_experts_info, other_children
+from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, identical_entries,
+                    module_experts_info, other_children)
 from .facts import Facts
 from .graph_utils import Ancestry, returns_of, source_of, target_name, value
-from .linear_like import linear_modules, lookup_tables, made_of_linears
+from .linear_like import linear_modules, made_of_linears
 from .plans import LastResortPlan, NoMatch
 from .recorded import record_expert_calls
 from .router import router_of
@@ -90,9 +91,11 @@ def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
         entries = identical_entries(container)
         if len(entries) < 2 or not made_of_linears(entries[0], norms=True) or expert_lists(entries[0]):
             continue
-        tables = set() if made_of_linears(entries[0]) else lookup_tables(block)  # experts with a norm: see block.py
+        if not made_of_linears(entries[0]) and not _scores_experts(block, holder, _expert_counts(container, entries),
+                                                                   lookups=False):
+            continue  # experts with a norm need a router with one row per expert (see block.py): layers have none
         width = entries[0].get_submodule(linear_modules(entries[0])[0]).weight.shape[-1]
-        if any(width in p.shape for p in _gates(block, holder) if id(p) not in tables):
+        if any(width in p.shape for p in _gates(block, holder)):
             return path, entries
     return None
 
