@@ -37,8 +37,8 @@ def detect_gated(facts: Facts) -> GatedPlan | NoMatch:
     gated = [_gated_rows(c) for c in calls]
     whole = {whole_input(c) for c in calls}
     if len(calls) != len(facts.entries) or len(whole) != 1 or any(g is None for g in gated):
-        choice = selects_among(found.outer.graph, len(facts.entries))
-        if choice is not None:  # the block routes among them all the same: no rule's kind, never a skip
+        choice = None if facts.unrouted else selects_among(found.outer.graph, len(facts.entries))
+        if choice is not None:  # a router beside them, and the block routes among them: never a skip
             return NoMatch(f"`{name}`'s experts are not each called on the whole input and gated per row, though "
                            f"the block chooses among them by a {target_name(choice)}", source_of(choice))
         return NoMatch(lambda: f"`{name}`'s experts all run on the whole input, but no per-row factor gates them "
