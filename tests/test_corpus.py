@@ -495,6 +495,7 @@ REFERENCES = {
     "split_per_expert": _ref_split_per_expert,
     "plain_layers": _ref_plain_layers,
     "detached_scaled_inputs": _ref_detached_scaled_inputs,
+    "stacked_then_topk": _ref_top_probs(lambda m: m.w_gate, lambda m: m.experts),
 }
 
 

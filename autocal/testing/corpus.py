@@ -1525,6 +1525,24 @@ class DetachedScaledInputsMoE(nn.Module):
         return out.view_as(x)
 
 
+class StackedThenTopKMoE(nn.Module):
+    """Research code: every expert run on every token, the outputs stacked ``[T, E, H]``, then combined by a gate
+    matrix holding each token's renormalised top-k probabilities (zero elsewhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        probs = self.w_gate(t).softmax(dim=-1)
+        top, chosen = probs.topk(TOP_K, dim=-1)
+        combine = torch.zeros_like(probs).scatter(1, chosen, top / top.sum(dim=-1, keepdim=True))
+        outputs = torch.stack([expert(t) for expert in self.experts], dim=1)
+        return torch.einsum("te,teh->th", combine, outputs).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1673,6 +1691,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("detached_scaled_inputs", f"{_REFERENCE}: every expert on every token, copies gathered by arange "
                 "and scaled by sigmoid scores, handed to bmm experts detached, scatter_add_ into a shared expert",
                 (4,), DetachedScaledInputsMoE),
+    CorpusEntry("stacked_then_topk", f"{_RESEARCH}: every expert on every token, outputs stacked, combined by a "
+                "top-k gate matrix", (), StackedThenTopKMoE),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
