@@ -158,7 +158,14 @@ def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool
         Linear(in_features=16, out_features=24, bias=False)
     """
     call = block_call(block, example_inputs) if example_inputs is not None else None
-    return Converter(calibrate_all_experts, verify).build(block, config, call)
+    converter = Converter(calibrate_all_experts, verify)
+    try:
+        return converter.build(block, config, call)
+    except errors.NotAnMoE as error:  # a block given by name is an error, not a skip
+        decision = next(iter(converter.decisions.values()))
+        reason = next(v.reason for v in decision.verdicts if getattr(v.result, "not_moe", False))
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the rules show the module is no MoE block: {reason}",
+                                  block_class=type(block).__name__) from error
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

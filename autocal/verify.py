@@ -8,6 +8,8 @@ did not see every token with calibration on.
 from __future__ import annotations
 
 import copy
+import os
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -23,6 +25,8 @@ from .trace.inputs import one_token
 
 __all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself", "one_token",
            "hidden_tokens"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 @dataclass
 class Verification:
@@ -117,6 +121,15 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             calibration.calibrate_all_experts = True
             with rows_seen(getattr(calibration, "expert_modules", list)(), counts_itself(calibration)) as seen:
                 on = calibration(*args, **_fresh(kwargs))
+    except errors.AutocalError as error:
+        raise error.with_context(block_class=type(original).__name__)
+    except Exception as error:  # the calibration module fails where the original runs: stated, never raw
+        raise errors.AutocalError(
+            errors.VERIFICATION_FAILED, f"the calibration module raises {type(error).__name__} on "
+            f"{hidden_tokens(args, kwargs)} tokens where the original runs: {error}",
+            block_class=type(original).__name__, source=_innermost_source(error),
+            hints=["report this with the model config; meanwhile " + errors.override_hint(type(original).__name__)],
+        ) from error
     finally:
         calibration.calibrate_all_experts = mode
     implementation = experts_implementation(original)
@@ -148,3 +161,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             hints=["report this with the model config; meanwhile " + errors.override_hint(type(original).__name__)],
         )
     return result
+
+
+def _innermost_source(error: BaseException) -> str | None:
+    """``file:line`` of the innermost frame of ``error``'s traceback outside torch."""
+    found = None
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            found = f"{frame.f_code.co_filename}:{line}"
+    return found

@@ -400,6 +400,59 @@ def _ref_modulelist_model(m, x):
     return m.norm(h), gates
 
 
+def _ref_prenorm(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T, renormalize=False)
+    return _dense(t, gates, m.experts).view_as(x), gates
+
+
+def _ref_seq_first_aux(m, x):
+    t = _flat(x)
+    probs = (t @ m.router.weight.T).softmax(-1)
+    gates = _top_probs(t @ m.router.weight.T)
+    aux = gates.shape[1] * ((gates != 0).float().mean(0) * probs.mean(0)).sum()
+    return (_dense(t, gates, m.experts).view_as(x), aux), gates
+
+
+def _ref_engine(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T)
+    w13, w2 = m.experts.w13_weight, m.experts.w2_weight
+    half = w13.shape[1] // 2
+    experts = [functools.partial(_swiglu, w_gate=w13[e, :half].T, w_up=w13[e, half:].T, w_down=w2[e].T)
+               for e in range(w13.shape[0])]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
+def _ref_split_per_expert(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.router.layer.weight.T)
+    count = gates.shape[1]
+    w1, v1, w2 = (p.view(count, -1, t.shape[1]) for p in (m.experts.w1, m.experts.v1, m.experts.w2))
+    experts = [lambda rows, e=e: (F.gelu(rows @ w1[e].T, approximate="tanh") * (rows @ v1[e].T)) @ w2[e]
+               for e in range(count)]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
+def _ref_plain_layers(m, x):
+    gates = []
+    for layer in m.layers:
+        out, g = _ref_softmax_of_top(layer, x)
+        x = x + out
+        gates.append(g)
+    return x, torch.cat(gates)
+
+
+def _ref_detached_scaled_inputs(m, x):
+    t = _flat(x)
+    logits = t @ m.router_weight
+    gates = torch.where(_top(logits), torch.sigmoid(logits), 0)
+    w = m.experts
+    experts = [functools.partial(_swiglu, w_gate=w.w1[e], w_up=w.w3[e], w_down=w.w2[e]) for e in range(len(w.w1))]
+    out = m.shared_expert(t) + sum(expert(t * gates[:, e, None]) for e, expert in enumerate(experts))
+    return out.view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -442,6 +495,13 @@ REFERENCES = {
     "dense_then_gather": _ref_dense_then_gather,
     "host_token_lists": _ref_host_token_lists,
     "sort_slice": _ref_softmax_of_top_of(lambda m: m.wg, lambda m: m.ffn),
+    "prenorm_experts": _ref_prenorm,
+    "seq_first_aux": _ref_seq_first_aux,
+    "engine_fused_layer": _ref_engine,
+    "split_per_expert": _ref_split_per_expert,
+    "plain_layers": _ref_plain_layers,
+    "detached_scaled_inputs": _ref_detached_scaled_inputs,
+    "stacked_then_topk": _ref_top_probs(lambda m: m.w_gate, lambda m: m.experts),
 }
 
 

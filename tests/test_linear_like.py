@@ -106,6 +106,18 @@ def test_layers_with_a_norm_are_no_experts():
     assert list(find_moe_blocks(model)) == []
 
 
+def test_layers_with_a_norm_beside_a_linear_are_no_experts():
+    """Two encoder layers beside a pooler Linear reading their features: experts holding a norm need a router with
+    one row per expert, so the model is no (last-resort) block."""
+    layer = lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))  # noqa: E731
+    encoder = nn.Module()
+    encoder.layer = nn.ModuleList([layer(), layer()])
+    model = nn.Module()
+    model.encoder, model.pooler = encoder, nn.Linear(4, 4)
+    assert made_of_linears(layer(), norms=True)
+    assert list(find_moe_blocks(model)) == []
+
+
 def test_calibration_module_holds_nn_linear_views_of_the_original_weights():
     block = ENTRIES["deepseek_reference"].build(0)
     module = synthesize(block)

@@ -16,7 +16,9 @@ import autocal
 from autocal import MoECalibrationModule
 from autocal.testing.corpus import ENTRIES, EinsumExperts, GShardTop2MoE, Holder, Mixed, MixtralReferenceMoE, \
     TransposedConv1D, TransposedConvExpert, TypedHolder, init_normal
+from autocal.testing.patterns import PATTERNS
 from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
+from autocal.verify import verify
 
 
 class _AllExperts(nn.Module):
@@ -254,3 +256,47 @@ def test_experts_of_an_in_out_linear_class_convert():
     model = _mixed("conv1d_transposed")
     autocal.convert(model)
     assert isinstance(model.block, MoECalibrationModule) and autocal.unconverted(model) == []
+
+
+def _pattern_beside_a_convertible_block(name: str) -> Mixed:
+    return Mixed(PATTERNS[name].make(), seed=0)
+
+
+@pytest.mark.parametrize("name", ["parameter_list_experts", "functional_ensemble"])
+def test_experts_no_rule_reads_beside_a_convertible_block_are_named(name):
+    """Experts no rule reads (one weight per expert in a ParameterList; modules run only through torch.func), in a
+    model that also holds a block autocal converts: convert names them, explain shows them as failures."""
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(_pattern_beside_a_convertible_block(name))
+    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+    report = autocal.explain(_pattern_beside_a_convertible_block(name), verify=False)
+    assert [b.paths for b in report.blocks if not b.ok] == [["block"]]
+
+
+class _FailingCalibration(MoECalibrationModule):
+    def __init__(self, original: nn.Module, config=None, calibrate_all_experts: bool = True) -> None:
+        super().__init__()
+        self.original, self.calibrate_all_experts = original, calibrate_all_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrate_all_experts:
+            raise RuntimeError("shape '[24, 16]' is invalid for input of size 528")
+        return self.original(x)
+
+
+def test_verification_states_what_the_calibration_module_raised():
+    """A calibration module that raises where the original runs: a verification failure naming the exception, the
+    original exception as its cause, never the raw exception."""
+    block = make_toy_block(ToyMoEConfig())
+    with pytest.raises(autocal.AutocalError) as raised:
+        verify(block, _FailingCalibration(block), (torch.randn(2, 5, 16),))
+    assert raised.value.kind == autocal.errors.VERIFICATION_FAILED
+    assert "RuntimeError" in raised.value.explanation and isinstance(raised.value.__cause__, RuntimeError)
+    assert raised.value.source and __file__.rsplit("/", 1)[-1] in raised.value.source
+
+
+def test_synthesize_states_a_module_the_rules_show_is_no_moe():
+    """``synthesize`` of a module the rules show is no MoE (convert skips such modules): a stated error."""
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.synthesize(PATTERNS["masked_encoder"].make())
+    assert raised.value.kind == autocal.errors.NO_MOE_BLOCK and "no MoE block" in raised.value.explanation

@@ -75,3 +75,23 @@ def test_capacity_top2_with_einsum_gating_is_k_2_scored_by_softmax():
     report = autocal.explain(ENTRIES["gshard_top2"].build(0), verify=False).blocks[0]
     assert report.failure is None
     assert (report.top_k, report.scoring) == (2, "softmax")
+
+
+def test_the_router_is_the_module_scoring_tokens_not_the_experts_choosing_among_them():
+    """An experts layer given the router logits picks the top-k itself: the gate computing the logits is the router
+    (kept out of quantization), not the experts module, and it is no shared expert."""
+    structure = autocal.synthesize(ENTRIES["engine_fused_layer"].build(0)).structure
+    assert structure.router.module_path == "gate"
+    assert structure.experts.module_path == "experts" and "gate" not in structure.shared_modules
+
+
+def test_experts_choosing_their_tokens_report_the_experts_a_token_gets_on_average():
+    """Expert choice (a top-k over the tokens, per expert): not 'k = capacity of T tokens' but k the experts a
+    token gets on average, of the block's experts, and the selection said in words."""
+    from autocal.testing.patterns import PATTERNS
+
+    block = PATTERNS["expert_choice"].make()
+    report = autocal.explain(block, verify=False)
+    (found,) = report.blocks
+    assert (found.top_k, found.num_experts) == (block.k, len(block.experts))
+    assert "expert choice" in found.structure["router"]["selection"]

@@ -24,7 +24,7 @@ from ..trace.inputs import BlockCall
 from ..trace.record import record
 from ..trace.symbolic import annotate, trace_block
 from .entry_template import entry_template, own_weights
-from .linear_like import linear_modules, linear_views, made_of_linears
+from .linear_like import linear_modules, linear_views, lookup_tables, made_of_linears
 from .linears import describe
 from .graph_utils import is_int_tensor, returns_of, source_of, target_name, value
 from .router import analyze_router
@@ -43,9 +43,10 @@ def _signature(module: nn.Module) -> tuple:
     return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
 
 
-def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int]) -> bool:
-    """Does a weight outside ``experts`` produce one score per expert (a router), for one of ``counts``?"""
-    inside = {id(p) for p in experts.parameters()}
+def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int], lookups: bool = True) -> bool:
+    """Does a weight outside ``experts`` produce one score per expert (a router), for one of ``counts``? Without
+    ``lookups``, embedding tables do not count."""
+    inside = {id(p) for p in experts.parameters()} | (set() if lookups else lookup_tables(block))
     return any(len(counts & set(scores)) > 0 for p, scores in router_candidates(block) if id(p) not in inside)
 
 
@@ -102,10 +103,17 @@ def expert_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
     found = {}
     for path, container, holder in _lists_in(block):
         entries = identical_entries(container)
-        if len(entries) >= 2 and (made_of_linears(entries[0]) or own_weights(entries[0])) and _scores_experts(
-                block, holder, _expert_counts(container, entries)):
+        if len(entries) >= 2 and _routed_experts(block, holder, entries, _expert_counts(container, entries)):
             found[path] = entries
     return found
+
+
+def _routed_experts(block: nn.Module, holder: nn.Module, entries: list[nn.Module], counts: set[int]) -> bool:
+    """Are ``entries`` experts made of Linears (or of their own weights) with a router beside them? Experts holding
+    a norm need a router that is no lookup table: a list of encoder layers beside a table is no MoE."""
+    if made_of_linears(entries[0]) or own_weights(entries[0]):
+        return _scores_experts(block, holder, counts)
+    return made_of_linears(entries[0], norms=True) and _scores_experts(block, holder, counts, lookups=False)
 
 
 def unrouted_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
@@ -238,7 +246,7 @@ def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module
                         weights_applied: str, call_roles: dict[str, str] | None = None) -> ExpertsInfo:
     """Facts about experts that are modules of their own, from one recorded call of the first."""
     rows = value(call.args[0])
-    template = None if made_of_linears(entries[0]) else entry_template(entries[0], rows)
+    template = None if made_of_linears(entries[0], norms=True) else entry_template(entries[0], rows)
     return ExpertsInfo(
         module_path=name,
         num_experts=len(entries),

@@ -13,8 +13,9 @@ parameter (or a view of it in the same memory) and one other tensor, the
 features, and checks on the recorded values that its output holds, along one
 dimension of ``E`` entries, ``features @ W[e]`` (or ``@ W[e].T``) for each
 expert ``e``, the features being the same for every expert or their own slice
-along that dimension. No contraction may depend on the routing choice: the
-routing is applied to the outputs only. Calibration (``synthesize/gathered.py``)
+along that dimension. No contraction may depend on the routing choice, nor
+read a buffer the routing wrote into (capacity rows per expert): the routing is
+applied to the outputs only. Calibration (``synthesize/gathered.py``)
 computes those ops with one ``nn.Linear`` per expert; every expert already sees
 every token, so no re-run is needed.
 """
@@ -101,6 +102,18 @@ def _contractions(graph: fx.Graph, params: dict[str, nn.Parameter]) -> list[tupl
     return found
 
 
+def _routed(features: fx.Node, op: fx.Node, index: fx.Node, graph: fx.Graph, ancestry: Ancestry) -> bool:
+    """Do the features ``op`` contracts depend on the routing choice, also through an in-place write before it (a
+    buffer of capacity rows per expert filled by the chosen ids: ``buffer[ids, position] = rows``)?"""
+    sources = {features, *ancestry.of(features)}
+    for node in graph.nodes:
+        if node is op:
+            break
+        if node.meta.get("mutates") in sources and (node is index or ancestry.is_ancestor(index, node)):
+            return True
+    return ancestry.is_ancestor(index, features)
+
+
 def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
                       params: dict[str, nn.Parameter]) -> GatheredPlan | NoMatch:
     """The plan for a block contracting whole expert weights with every token, routing applied to the outputs."""
@@ -128,7 +141,7 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
     last = next(a for a in flat_args(returned.args) if isinstance(a, fx.Node))
     index, weights = routing_choice(graph, last)
     ancestry = Ancestry(graph)
-    if index is not weights and any(ancestry.is_ancestor(index, f) for _, _, _, f in found):
+    if index is not weights and any(_routed(f, op, index, graph, ancestry) for op, _, _, f in found):
         return _dispatched(block, graph, output, found, weights_found, num_experts.pop())
     if index is weights:
         return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "

@@ -27,14 +27,18 @@ from .structure import BlockRewrite, ExpertsInfo, MoEStructure
 
 __all__ = ["detect_dense"]
 
+_SAME_VALUES = {"detach", "contiguous", "clone"}
+
 
 def _scaled_input(graph: fx.Graph, call: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(tokens, scale)`` when the container input is ``tokens * scale``.
+    """``(tokens, scale)`` when the container input is ``tokens * scale`` (or a detached copy of it).
 
     ``scale`` is the factor computed by a submodule (the router) or a selection
     op; ``tokens`` is the one computed from the block inputs alone.
     """
     product = call.args[0] if call.args else None
+    while isinstance(product, fx.Node) and target_name(product) in _SAME_VALUES and product.args:
+        product = product.args[0]  # routed_in.detach(): the same values
     if not (isinstance(product, fx.Node) and target_name(product) in ("mul", "__mul__", "__rmul__")):
         return None
     routed = [

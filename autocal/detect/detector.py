@@ -13,7 +13,7 @@ from torch import nn
 
 from ..trace.hf import declared_routers
 from .entry_template import own_weights
-from .linear_like import made_of_linears
+from .linear_like import lookup_tables, made_of_linears
 from .storage import side_by_side
 
 __all__ = ["unrecognized_experts"]
@@ -55,28 +55,47 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
     return found
 
 
+_NORMED = "modules made of Linears and norms"
+
+
 def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
-    """``(owner path, list path, what)`` for each ``nn.ModuleList`` of 2+ modules of one class (with parameters)
-    whose parent or grandparent (the router may sit beside the list's holder) holds, outside the list, a 2-D
-    weight with one row per entry: the owner is the nearest that does."""
+    """``(owner path, list path, what)`` for each ``nn.ModuleList`` of 2+ expert-like modules of one class, or
+    ``nn.ParameterList`` of 2+ weight matrices of one shape (one per expert), whose parent or grandparent (the
+    router may sit beside the list's holder) holds, outside the list, a 2-D weight with one row per entry: the
+    owner is the nearest that does. Experts holding a norm count beside a weight that is no lookup table."""
     found = []
     for path, module in modules.items():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2 or any(_within(path, b) for b in blocks):
+        if not isinstance(module, (nn.ModuleList, nn.ParameterList)) or len(module) < 2 or any(
+                _within(path, b) for b in blocks):
             continue
-        classes = [type(m) for m in module if any(True for _ in m.parameters()) and _expert_like(m)]
-        if max((classes.count(c) for c in classes), default=0) < 2:  # decoder layers (norms, attention) are not
+        kinds = _list_kinds(module)
+        if kinds is None:
             continue
         below = path
         for owner_path in _ancestors(path, 2):
             owner = modules.get(owner_path)
             if owner is None or any(_within(owner_path, b) for b in blocks):
                 break
-            if any(w.shape[0] == len(module) for w in _beside(owner, modules[below])):
-                found.append((owner_path, path, f"`{path}` holds {len(module)} modules beside a router-shaped "
+            tables = lookup_tables(owner) if kinds == _NORMED else set()
+            if any(w.shape[0] == len(module) and id(w) not in tables for w in _beside(owner, modules[below])):
+                found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside a router-shaped "
                                                 f"weight with one row per entry"))
                 break
             below = owner_path
     return found
+
+
+def _list_kinds(entries: nn.Module) -> str | None:
+    """What makes ``entries`` look like a list of experts (two of one kind), in words; None: nothing does
+    (decoder layers: attention, norms)."""
+    if isinstance(entries, nn.ParameterList):
+        shapes = [tuple(p.shape) for p in entries if p.dim() >= 2]
+        return "weight matrices" if max((shapes.count(s) for s in shapes), default=0) >= 2 else None
+    for kinds, like in (("modules", _expert_like), (_NORMED, lambda m: made_of_linears(m, norms=True))):
+        classes = [type(m) for m in entries if any(True for _ in m.parameters()) and like(m)]
+        if max((classes.count(c) for c in classes), default=0) >= 2:
+            return kinds
+    return None
 
 
 def _expert_like(module: nn.Module) -> bool:
@@ -129,7 +148,7 @@ def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:
     where routers sit)."""
     weights = [p for p in owner.parameters(recurse=False) if p.dim() == 2]
     for child in owner.children():
-        if child is not entries and not isinstance(child, nn.ModuleList):
+        if child is not entries and not isinstance(child, (nn.ModuleList, nn.ParameterList)):
             weights += [p for p in child.parameters(recurse=False) if p.dim() == 2]
     return weights
 

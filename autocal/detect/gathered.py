@@ -42,8 +42,9 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
-from ..trace.gathers import BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, swapped_view
-from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value
+from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, splits_as_views,
+                             swapped_view)
+from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
 from ..trace.forcing import ChoiceCall
 from .contracted import detect_contracted
 from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_parameter
@@ -159,8 +160,9 @@ def _contraction(gather: fx.Node, index: fx.Node | int,
     operands = [a for a in flat_args((*op.args, *op.kwargs.values()))
                 if isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor)]
     others = [a for a in operands if a is not node]
-    bias = [a for a in others if a in biases and biases[a][1] == index]
-    features = [a for a in others if a not in bias]
+    bias = [viewed_from(a, biases) for a in others if viewed_from(a, biases) is not None]  # b[e], b[idx][:, None]
+    bias = [b for b in bias if biases[b][1] == index]
+    features = [a for a in others if viewed_from(a, bias) is None]
     if len(operands) != len(others) + 1 or len(features) != 1 or len(bias) > 1:
         return None
     bias_value = value(bias[0]) if bias else None
@@ -211,6 +213,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
         rec = record(block, (), bound)
+    splits_as_views(rec.graph)
     params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
         side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
@@ -242,9 +245,11 @@ def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
         return []
     try:
         with torch.no_grad():
-            return [record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph]
+            graph = record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph
     except Exception:  # a block that cannot run on one token has no such branch
         return []
+    splits_as_views(graph)
+    return [graph]
 
 
 def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],

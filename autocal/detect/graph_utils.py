@@ -20,7 +20,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
 
 __all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry",
-           "is_int_tensor", "returns_of", "value"]
+           "is_int_tensor", "returns_of", "value", "viewed_from"]
 
 
 def target_name(node: fx.Node) -> str:
@@ -99,3 +99,13 @@ def returns_of(output: Any) -> str:
         return f"tuple of {len(output)}"
     return type(output).__name__
 
+
+
+def viewed_from(node: fx.Node, known: Any) -> fx.Node | None:
+    """The node of ``known`` that ``node`` is, or is a view of (ops of one tensor keeping its element count:
+    ``b[idx].unsqueeze(1)``), or None."""
+    while node not in known and len(node.all_input_nodes) == 1 and isinstance(value(node), torch.Tensor) \
+            and isinstance(value(node.all_input_nodes[0]), torch.Tensor) \
+            and value(node).numel() == value(node.all_input_nodes[0]).numel():
+        node = node.all_input_nodes[0]
+    return node if node in known else None

@@ -44,7 +44,8 @@ from .. import errors
 from ..numerics import compare_outputs
 from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
 from ..trace.inputs import keyword_arguments
-from .block import _lists_in, identical_entries, module_experts_info, other_children
+from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, identical_entries,
+                    module_experts_info, other_children)
 from .facts import Facts
 from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .linear_like import linear_modules, made_of_linears
@@ -83,11 +84,16 @@ class ForcedDispatch:
 
 def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
     """``(path, experts)``: two or more identical modules made of Linears in a list, and beside the list a gate
-    that reads the features they read (a router of any shape: one score per expert, or per group of experts)."""
+    that reads the features they read (a router of any shape: one score per expert, or per group of experts).
+    Modules each holding experts beside a router of their own (decoder layers of norm-free Linears around an MoE
+    block) are blocks, not experts: a model holding them beside another block is no block itself."""
     for path, container, holder in _lists_in(block):
         entries = identical_entries(container)
-        if len(entries) < 2 or not made_of_linears(entries[0]):
+        if len(entries) < 2 or not made_of_linears(entries[0], norms=True) or expert_lists(entries[0]):
             continue
+        if not made_of_linears(entries[0]) and not _scores_experts(block, holder, _expert_counts(container, entries),
+                                                                   lookups=False):
+            continue  # experts with a norm need a router with one row per expert (see block.py): layers have none
         width = entries[0].get_submodule(linear_modules(entries[0])[0]).weight.shape[-1]
         if any(width in p.shape for p in _gates(block, holder)):
             return path, entries

@@ -26,7 +26,8 @@ not one the original class loads; ``restore`` gives back the original modules).
 
 ``made_of_linears`` is what makes a module an expert: it has ``nn.Linear`` or
 Linear-like submodules, and every other parameter is its own (a gating
-multiplier beside its Linears), not a norm's or another layer's.
+multiplier beside its Linears), not another layer's; beside a router that
+scores tokens by a matmul, a norm's too (an expert that normalises its input).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from torch import nn
 from ..trace.record import record
 from .graph_utils import target_name
 
-__all__ = ["linear_like", "linear_orientation", "linear_modules", "made_of_linears", "as_linear", "linear_views"]
+__all__ = ["linear_like", "linear_orientation", "linear_modules", "made_of_linears", "lookup_tables", "as_linear",
+           "linear_views"]
 
 
 # What a Linear class's forward may call beside its one product: shape changes of the input and output, the bias.
@@ -131,13 +133,31 @@ def linear_modules(module: nn.Module) -> list[str]:
     return [name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) or linear_like(sub)]
 
 
-def made_of_linears(module: nn.Module) -> bool:
-    """Does ``module`` hold Linear(-like) submodules, and beside them only parameters of its own (no norm or other
-    layer: a list of decoder layers is no list of experts)?"""
+def made_of_linears(module: nn.Module, norms: bool = False) -> bool:
+    """Does ``module`` hold Linear(-like) submodules, and beside them only parameters of its own or, with
+    ``norms``, of norms (an expert normalising its input or hidden state: leaves with 1-D parameters only)?
+
+    A list of decoder layers is made of Linears and norms too: callers accept norms only beside a router that
+    scores tokens by a matmul (``lookup_tables`` are no routers), never on their shapes alone.
+    """
     paths = linear_modules(module)
     owned = {id(p) for path in paths for p in module.get_submodule(path).parameters()}
     owned |= {id(p) for p in module.parameters(recurse=False)}
+    if norms:
+        owned |= {id(p) for sub in module.modules() if _norm_leaf(sub) for p in sub.parameters()}
     return bool(paths) and all(id(p) in owned for p in module.parameters())
+
+
+def lookup_tables(module: nn.Module) -> set[int]:
+    """Ids of the embedding tables in ``module``: weights looked up by index, never multiplied with the tokens
+    (a 2-layer encoder's ``[2, H]`` token-type table is shaped like a router for its 2 layers, and is none)."""
+    return {id(m.weight) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+
+
+def _norm_leaf(module: nn.Module) -> bool:
+    """A leaf module whose parameters are all 1-D (a LayerNorm, an RMSNorm): it scales features, it maps none."""
+    params = list(module.parameters())
+    return next(module.children(), None) is None and bool(params) and all(p.dim() == 1 for p in params)
 
 
 def linear_views(container: nn.Module, entries: list[nn.Module]) -> list[str]:

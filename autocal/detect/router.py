@@ -14,7 +14,7 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["analyze_router", "routing_choice", "router_of", "only_topk"]
+__all__ = ["analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max", "kthvalue"}
 _COMPARISONS = {"ge", "gt", "le", "lt", "__ge__", "__gt__", "__le__", "__lt__"}
@@ -153,29 +153,49 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         sources["logits"] = source_of(logits)
     if scoring_nodes:
         sources["scoring"] = source_of(scoring_nodes[0])
+    top_k, choices, selection = _expert_choice(graph, final, index) or (
+        _chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
+        or _k_of(final), value(scored).shape[-1], target_name(final))
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
-        top_k=(_chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
-               or _k_of(final)),
-        num_choices=value(scored).shape[-1],
+        top_k=top_k,
+        num_choices=choices,
         renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
         grouped=len(selections) > 1 or value(scored).dim() > 2,
         scaling=_scaling(after_selection),
-        selection=target_name(final),
+        selection=selection,
         scored_after_selection=bool(scoring_nodes) and ancestry.is_ancestor(final, scoring_nodes[0]),
         sources={k: v for k, v in sources.items() if v},
     )
 
 
-def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
-    """The module that selects experts, or else the one that computes the logits."""
-    if selection.meta.get("module_path"):
-        return selection.meta["module_path"]
-    if logits is None:
+def _expert_choice(graph: fx.Graph, selection: fx.Node, index: fx.Node) -> tuple[int, int, str] | None:
+    """``(k, experts, words)`` where the experts choose their tokens (a top-k over ``[experts, tokens]`` scores):
+    k is then the experts a token gets on average, each expert taking ``capacity`` of the tokens."""
+    hidden = next((value(n) for n in graph.nodes if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
+                   and value(n).is_floating_point() and value(n).dim()), None)
+    scores, chosen = value(selection.args[0]), value(index)
+    if hidden is None or target_name(selection) != "topk" or scores.dim() != 2 or chosen.dim() != 2:
         return None
-    return logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None)
+    tokens = hidden.numel() // hidden.shape[-1]
+    experts, capacity = scores.shape[0], chosen.shape[-1]
+    if scores.shape[-1] != tokens or experts == tokens:
+        return None
+    return max(1, round(experts * capacity / tokens)), experts, f"expert choice ({capacity} of {tokens} tokens each)"
+
+
+def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
+    """The module that selects experts where it computes the logits too (they are inside it), or else the one
+    that computes the logits: a selection made inside the experts module (an engine's fused MoE layer given the
+    router logits) does not make the experts the router."""
+    scoring = None if logits is None else (
+        logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None))
+    selecting = selection.meta.get("module_path")
+    if selecting and (scoring is None or f"{scoring}.".startswith(f"{selecting}.")):
+        return selecting
+    return scoring or selecting
 
 
 def _renormalized(nodes: list[fx.Node], ancestry: Ancestry) -> bool:
@@ -256,3 +276,15 @@ def only_topk(graph: fx.Graph) -> fx.Node | None:
     if len(calls) != 1:
         return None
     return next((u for u in calls[0].users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
+
+
+def selects_among(graph: fx.Graph, count: int) -> fx.Node | None:
+    """A top-k, max, argmax or sort of float scores over a last dimension of ``count`` choices: a routing decision
+    among ``count`` experts, whatever the dispatch after it does with it."""
+    for node in graph.nodes:
+        scores = value(node.args[0]) if target_name(node) in _SELECTION_OPS and node.args and isinstance(
+            node.args[0], fx.Node) else None
+        if isinstance(scores, torch.Tensor) and scores.is_floating_point() and scores.dim() and (
+                scores.shape[-1] == count):
+            return node
+    return None

@@ -1362,6 +1362,238 @@ class SortSliceMoE(nn.Module):
         return y.view_as(x)
 
 
+class PreNormExpert(nn.Module):
+    """An expert that normalises its own input (a LayerNorm) before a GELU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(HIDDEN)
+        self.fc_in = nn.Linear(HIDDEN, INTER)
+        self.fc_out = nn.Linear(INTER, HIDDEN)
+
+    def forward(self, x):
+        return self.fc_out(F.gelu(self.fc_in(self.ln(x))))
+
+
+class PreNormExpertsMoE(nn.Module):
+    """Research library: experts with a norm inside, rows found by ``nonzero`` on the chosen mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(PreNormExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        probs = self.gate(t).softmax(dim=-1)
+        top, chosen = probs.topk(TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            picked = chosen == e
+            rows = picked.any(dim=-1).nonzero().squeeze(-1)
+            if rows.numel():
+                out[rows] += (top * picked)[rows].sum(-1, keepdim=True) * expert(t[rows])
+        return out.view_as(x)
+
+
+class SeqFirstAuxMoE(nn.Module):
+    """Training-framework layer over ``[seq, batch, hidden]``: ``s, b, h = x.shape`` and ``x.view(s * b, h)`` (sizes
+    a recording bakes in), rows by ``nonzero`` with an early ``continue``, a load-balancing loss returned beside
+    the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, hidden):
+        s, b, h = hidden.shape
+        t = hidden.view(s * b, h)
+        probs = torch.softmax(self.router(t), dim=-1)
+        weights, ids = torch.topk(probs, TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        load = F.one_hot(ids, EXPERTS).sum(dim=1).float().mean(dim=0)
+        aux_loss = EXPERTS * (load * probs.mean(dim=0)).sum()
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            rows = (ids == e).any(dim=-1).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            out[rows] += (weights * (ids == e)).sum(dim=-1)[rows, None] * self.experts[e](t[rows])
+        return out.view(s, b, h), aux_loss
+
+
+class BiasedLinear(nn.Module):
+    """An inference engine's Linear layer: returns ``(output, output bias)``, the bias None when skipped."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight), None
+
+
+class EngineExperts(nn.Module):
+    """An inference engine's fused-MoE layer in its torch-native form: given the router logits, it picks the top-k
+    itself, gathers each slot's ``w13 [E, 2I, H]`` (gate rows, then up rows) and ``w2 [E, H, I]`` by the chosen
+    ids and contracts them by einsum, ``silu_and_mul`` between."""
+
+    def __init__(self):
+        super().__init__()
+        self.w13_weight = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.w2_weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, hidden_states, router_logits):
+        topk_weights, topk_ids = torch.topk(torch.softmax(router_logits, dim=-1, dtype=torch.float32), TOP_K)
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        x = torch.einsum("th,tkoh->tko", hidden_states, self.w13_weight[topk_ids])
+        half = x.shape[-1] // 2
+        x = F.silu(x[..., :half]) * x[..., half:]
+        x = torch.einsum("tki,tkoi->tko", x, self.w2_weight[topk_ids])
+        return torch.einsum("tko,tk->to", x, topk_weights.to(x.dtype))
+
+
+class EngineMoE(nn.Module):
+    """The engine's MoE block: a gate Linear returning ``(logits, bias)``, then the fused-MoE layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = BiasedLinear(HIDDEN, EXPERTS)
+        self.experts = EngineExperts()
+
+    def forward(self, hidden_states):
+        t = hidden_states.view(-1, hidden_states.shape[-1])
+        router_logits, _ = self.gate(t)
+        return self.experts(t, router_logits=router_logits).view_as(hidden_states)
+
+
+class JitterRouter(nn.Module):
+    """A router multiplying its input by uniform noise in training only, softmax, top-k, p-norm normalised."""
+
+    def __init__(self, jitter: float = 0.01):
+        super().__init__()
+        self.jitter = jitter
+        self.layer = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, x):
+        if self.training and self.jitter:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        probs = self.layer(x).softmax(dim=-1, dtype=torch.float32)
+        top, chosen = torch.topk(probs, TOP_K, dim=-1)
+        return top / top.norm(p=1, dim=-1, keepdim=True), chosen
+
+
+class SplitWeightsExperts(nn.Module):
+    """Every expert's GLU weights side by side in ``[E * I, H]`` tensors, expert ``e``'s taken as piece ``e`` of a
+    split (``w.split(I)[e]``), not a view; token lists and slots read on the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, t, weights, chosen):
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            token, slot = torch.where(chosen == e)
+            if token.shape[0] == 0:
+                continue
+            w1, v1, w2 = (w.split(INTER, dim=0)[e] for w in (self.w1, self.v1, self.w2))
+            rows = t[token.tolist()]
+            y = (F.gelu(rows @ w1.t(), approximate="tanh") * (rows @ v1.t())) @ w2
+            out.index_add_(0, token, y * weights[token, slot, None].to(y.dtype))
+        return out
+
+
+class SplitWeightsMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = JitterRouter()
+        self.experts = SplitWeightsExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        return self.experts(t, *self.router(t)).view_as(x)
+
+
+class ResidualMoE(MixtralReferenceMoE):
+    """A norm-free residual layer that is its own MoE block: ``x + moe(x)``."""
+
+    def forward(self, inputs):
+        return inputs + super().forward(inputs)
+
+
+class PlainLayersModel(nn.Module):
+    """A research model of norm-free MoE layers (a router and its Linear experts each) in an ``nn.ModuleList``."""
+
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(ResidualMoE() for _ in range(layers))
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class BatchedExperts(nn.Module):
+    """Packed experts ``w1, w3 [E, H, I]``, ``w2 [E, I, H]`` run by ``bmm`` on ``[E, tokens, H]`` (every expert on
+    every token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, rows):
+        x = rows.view(EXPERTS, -1, HIDDEN)
+        return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2).view(-1, HIDDEN)
+
+
+class DetachedScaledInputsMoE(nn.Module):
+    """Reference inference code scaling each expert's copy of every token by its sigmoid score (zero where not
+    chosen): a raw router ``[H, E]``, copies taken by ``gather`` with ``arange``, handed to the experts detached,
+    added into the shared expert's output by ``scatter_add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.router_weight = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.experts = BatchedExperts()
+        self.shared_expert = SwiGLUExpert()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        logits = t @ self.router_weight
+        top, chosen = torch.topk(logits, TOP_K, dim=-1)
+        scores = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, chosen, top)).t()  # [E, T]
+        copies = torch.arange(t.shape[0]).repeat(EXPERTS).unsqueeze(-1).expand(-1, HIDDEN)
+        routed = torch.gather(t, 0, copies) * scores.reshape(-1, 1)
+        out = self.shared_expert(t)
+        out.scatter_add_(0, copies, self.experts(routed.detach()))
+        return out.view_as(x)
+
+
+class StackedThenTopKMoE(nn.Module):
+    """Research code: every expert run on every token, the outputs stacked ``[T, E, H]``, then combined by a gate
+    matrix holding each token's renormalised top-k probabilities (zero elsewhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        probs = self.w_gate(t).softmax(dim=-1)
+        top, chosen = probs.topk(TOP_K, dim=-1)
+        combine = torch.zeros_like(probs).scatter(1, chosen, top / top.sum(dim=-1, keepdim=True))
+        outputs = torch.stack([expert(t) for expert in self.experts], dim=1)
+        return torch.einsum("te,teh->th", combine, outputs).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1512,6 +1744,22 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "on the host (tolist)", (1, 3), HostListMoE),
     CorpusEntry("sort_slice", f"{_RESEARCH}: descending sort sliced to k, experts in a list named ffn, "
                 "nonzero(as_tuple=True)", (), SortSliceMoE),
+    CorpusEntry("prenorm_experts", f"{_RESEARCH}: experts holding a LayerNorm before their MLP", (),
+                PreNormExpertsMoE),
+    CorpusEntry("seq_first_aux", f"{_TRAINING}: [seq, batch, hidden], s, b, h = x.shape, x.view(s * b, h), "
+                "returns (out, aux_loss)", (8,), SeqFirstAuxMoE, seq_first=True),
+    CorpusEntry("split_per_expert", f"{_REMOTE}: a router with training-only jitter, [E * I, H] weights split per "
+                "expert (w.split(I)[e]), token lists on the host", (1, 2), SplitWeightsMoE),
+    CorpusEntry("plain_layers", f"{_RESEARCH}: norm-free residual MoE layers (x + moe(x)) in an nn.ModuleList, "
+                "each a router and its Linear experts", (), PlainLayersModel, blocks=("layers.0", "layers.1")),
+    CorpusEntry("detached_scaled_inputs", f"{_REFERENCE}: every expert on every token, copies gathered by arange "
+                "and scaled by sigmoid scores, handed to bmm experts detached, scatter_add_ into a shared expert",
+                (4,), DetachedScaledInputsMoE),
+    CorpusEntry("stacked_then_topk", f"{_RESEARCH}: every expert on every token, outputs stacked, combined by a "
+                "top-k gate matrix", (), StackedThenTopKMoE),
+    CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
+                "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
+                "einsum, silu_and_mul", (2,), EngineMoE),
 )
 
 

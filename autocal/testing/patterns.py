@@ -43,7 +43,8 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
            "PrefixSplitMoE",
-           "BmmExperts", "SwitchCapacityMoE"]
+           "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
+           "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -1006,6 +1007,92 @@ def _image_mask(generator: torch.Generator) -> torch.Tensor:
     return (torch.randperm(10, generator=generator) < 4).reshape(2, 5)
 
 
+class ParameterListMoE(nn.Module):
+    """Experts as one weight per expert in ``nn.ParameterList`` s (``x @ self.w_in[e]``): no Linear, no ``[E, a, b]``
+    tensor to view; no rule reads them, and convert says so (never a silent skip)."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(hidden, experts, bias=False)
+        self.w_in = nn.ParameterList(nn.Parameter(torch.randn(hidden, width) / hidden ** 0.5) for _ in range(experts))
+        self.w_out = nn.ParameterList(nn.Parameter(torch.randn(width, hidden) / width ** 0.5) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(t)
+        for e, (w_in, w_out) in enumerate(zip(self.w_in, self.w_out)):
+            token, slot = torch.where(idx == e)
+            y = F.gelu(t[token] @ w_in) @ w_out * weights[token, slot, None]
+            out.scatter_add_(0, token[:, None].expand(-1, t.shape[-1]), y)
+        return out.view_as(x)
+
+
+class FunctionalEnsembleMoE(nn.Module):
+    """Every expert module run at once through ``torch.func`` (their weights stacked, ``vmap`` over
+    ``functional_call``), the chosen outputs gathered by the top-k: the expert modules are never called on their
+    own, so no calibration can observe them; the block routes among them all the same (an error, never a skip)."""
+
+    def __init__(self, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        params, buffers = torch.func.stack_module_state(list(self.experts))
+        run = lambda p, b, rows: torch.func.functional_call(self.experts[0], (p, b), (rows,))  # noqa: E731
+        outputs = torch.vmap(run, in_dims=(0, 0, None))(params, buffers, t)  # [E, tokens, hidden]
+        picked = outputs[idx, torch.arange(t.shape[0])[:, None]]
+        return (picked * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
+class PaddedCapacityMoE(nn.Module):
+    """Each expert's rows written into a buffer ``[E, C, H]`` padded to the largest count, packed weights
+    contracted whole with it by ``bmm``, each slot's output read back: the contraction is over routed rows, not
+    every token; no rule follows the buffer (stated, where it was once taken for every expert on every token)."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        flat = idx.reshape(-1)
+        hits = F.one_hot(flat, self.w1.shape[0])
+        position = ((hits.cumsum(0) - 1) * hits).sum(-1)
+        buffer = t.new_zeros(self.w1.shape[0], int(hits.sum(0).max()), t.shape[-1])
+        buffer[flat, position] = t.repeat_interleave(self.k, dim=0)
+        y = torch.bmm(F.gelu(torch.bmm(buffer, self.w1)), self.w2)
+        return (y[flat, position].view(-1, self.k, t.shape[-1]) * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
+class BiasFirstMoE(nn.Module):
+    """Each slot's weights and biases gathered by the flattened choices and applied by ``baddbmm(b[idx][:, None],
+    rows, W[idx])``: the bias, the first operand, reaches the contraction through a view."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 5, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.gate = k, nn.Linear(hidden, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)
+        self.b_in = nn.Parameter(torch.randn(experts, width) / 10)
+        self.w_out = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
+        self.b_out = nn.Parameter(torch.randn(experts, hidden) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.gate(t).softmax(-1).topk(self.k, dim=-1)
+        slots = idx.reshape(-1)
+        rows = t[:, None].expand(-1, self.k, -1).reshape(-1, 1, t.shape[-1])
+        h = F.silu(torch.baddbmm(self.b_in[slots][:, None], rows, self.w_in[slots]))
+        y = torch.baddbmm(self.b_out[slots].unsqueeze(1), h, self.w_out[slots]).view(*idx.shape, -1)
+        return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -1101,6 +1188,10 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
             inputs=lambda g: (torch.randn(2, 5, 16, generator=g), _image_mask(g))),
     Pattern("prefix_split", "recorded-block", _seeded(PrefixSplitMoE), (2, 7, 16)),
     Pattern("switch_capacity_bmm", "gathered", _seeded(SwitchCapacityMoE), (2, 9, 16)),
+    Pattern("bias_first_baddbmm", "gathered", _seeded(BiasFirstMoE)),
+    _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
+    _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
+    _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
 ]}
 
 

@@ -3,7 +3,8 @@
 A gather takes entries of an ``[E, …]`` weight along its first dimension by
 expert indices, however it is spelt: ``W[idx]``, ``W[idx, ...]``,
 ``W[idx, :, :]``, ``W[e]`` for one expert, ``index_select(W, 0, idx)``,
-``F.embedding(idx, W)``. Detection (``detect/gathered.py``) also checks on the
+``F.embedding(idx, W)``, and a piece of ``W`` split per expert
+(``torch.chunk(W, E)[e]``, read as ``W.view(E, ...)[e]``). Detection (``detect/gathered.py``) also checks on the
 recorded values that the op gave ``W[idx]``. The contraction that then applies
 the gathered weights to features is any op of two tensors (``einsum`` with any
 subscripts, ``matmul``, ``bmm``, ``F.linear``), possibly with a gathered bias
@@ -14,15 +15,18 @@ the recorded values, never from its name or subscripts.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Callable
 
 import torch
+from torch import fx
 from torch.overrides import TorchFunctionMode
 
 from .decompose import decomposition
-from .record import flat_args
+from .record import flat_args, value
 
-__all__ = ["BIAS", "SWAPPED", "gathered_index", "reshaped_view", "same_entries", "swapped_view",
+__all__ = ["BIAS", "SWAPPED", "gathered_index", "reshaped_view", "same_entries", "split_pieces", "splits_as_views",
+           "swapped_view",
            "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
 
 SWAPPED = {"linear": "matmul", "matmul": "linear"}  # an orientation, for each expert's matrix transposed
@@ -115,6 +119,9 @@ class GatherTracker(TorchFunctionMode):
                                   or id(tensors[0]) in self.wholes):
             out = func(*args, **kwargs)
             key = self._key(tensors[0]) if id(tensors[0]) not in self.wholes else self.wholes[id(tensors[0])][1]
+            if id(tensors[0]) not in self.wholes and split_pieces(tensors[0], out):  # piece e: expert e's
+                self.marks.update({id(piece): (piece, key, e) for e, piece in enumerate(out)})
+                return out
             if reshaped_view(out, tensors[0]) and id(tensors[0]) not in self.wholes:
                 self.views[id(out)] = (out, key)
             elif same_entries(out, tensors[0]):
@@ -145,6 +152,33 @@ class GatherTracker(TorchFunctionMode):
             if result is not None:
                 return result
         return func(*args, **kwargs)
+
+
+def split_pieces(weight: torch.Tensor, out: object) -> bool:
+    """Is ``out`` ``weight`` split along its first dimension into two or more equal pieces, in order (``torch.chunk(
+    w, E)``, ``w.split(I)``, ``w.unbind()``)? Piece ``e`` is then entry ``e`` of ``weight.view(len(out), *piece)``."""
+    if not isinstance(out, (tuple, list)) or len(out) < 2 or not weight.is_contiguous():
+        return False
+    first = out[0]
+    return all(isinstance(p, torch.Tensor) and p.shape == first.shape and p.dtype == weight.dtype
+               and p.is_contiguous() and p.data_ptr() == weight.data_ptr() + e * p.numel() * p.element_size()
+               for e, p in enumerate(out)) and len(out) * first.numel() == weight.numel()
+
+
+def splits_as_views(graph: fx.Graph) -> None:
+    """Rewrite, in a recording, each piece used of a weight split into equal pieces (``split_pieces``) as the
+    entry of a view: ``torch.chunk(w, E)[e]`` becomes ``w.view(E, *piece)[e]``, the gather of expert ``e``."""
+    for node in list(graph.nodes):
+        split = node.args[0] if node.target is operator.getitem and node.args and node.users else None
+        if not isinstance(split, fx.Node) or not split.args or not isinstance(split.args[0], fx.Node):
+            continue
+        weight, pieces = value(split.args[0]), value(split)
+        if not isinstance(weight, torch.Tensor) or not split_pieces(weight, pieces):
+            continue
+        with graph.inserting_before(node):
+            view = graph.call_function(torch.Tensor.view, (split.args[0], (len(pieces), *pieces[0].shape)))
+        view.meta.update(split.meta, value=weight.view(len(pieces), *pieces[0].shape))
+        node.args = (view, *node.args[1:])
 
 
 def reshaped_view(out: object, weight: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ batch. Both run them, so they live below both.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from .. import errors
 from .forcing import ChoiceCall
 from .record import value
 
-__all__ = ["Replay", "TokenRecipe", "SortedDispatch"]
+__all__ = ["Replay", "TokenRecipe", "SortedDispatch", "regrouped"]
 
 
 class Replay:
@@ -55,7 +56,7 @@ class Replay:
                 if n in substitute:
                     position, replacement = substitute[n]
                     args[position] = replacement
-                result = n.target(*args, **fx.node.map_arg(n.kwargs, evaluate))
+                result = _call(n, args, fx.node.map_arg(n.kwargs, evaluate))
             cache[n] = result
             return result
 
@@ -69,6 +70,56 @@ class Replay:
                     found.add(node)
             self._varying[roots] = found
         return self._varying[roots]
+
+
+_VIEWS = {"view", "reshape"}
+
+
+def _call(n: fx.Node, args: list, kwargs: dict) -> Any:
+    """``n``'s op on new arguments. A view or reshape merges the dimensions the recorded one merged, whatever
+    sizes the recording baked in (``x.view(s * b, h)`` with ``s, b, h = x.shape``); any error is an
+    ``AutocalError`` naming the op's source line."""
+    if getattr(n.target, "__name__", None) in _VIEWS and not kwargs and isinstance(args[0], torch.Tensor):
+        sizes = regrouped(tuple(value(n.args[0]).shape), tuple(value(n).shape), tuple(args[0].shape))
+        args = [args[0], sizes] if sizes is not None else args
+    try:
+        return n.target(*args, **kwargs)
+    except Exception as error:
+        raise errors.AutocalError(
+            errors.UNSUPPORTED_DISPATCH, f"the block's dispatch, recorded on other inputs, does not run again on "
+            f"these: `{getattr(n.target, '__name__', n.target)}` fails ({type(error).__name__}: {error}); the "
+            f"recording baked in a number that the inputs decide", source=n.meta.get("source")) from error
+
+
+def regrouped(before: tuple[int, ...], after: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The sizes viewing a tensor of shape ``new`` as the recorded view turned ``before`` into ``after``: each
+    run of dimensions merged into one is merged again, kept ones kept; None where that is not defined (a
+    dimension the view split changed size, another rank, an empty dimension)."""
+    if len(new) != len(before) or 0 in before or 0 in after:
+        return None
+    sizes: list[int] = []
+    i = j = 0
+    while i < len(before) and j < len(after):
+        merged, split, ii, jj = before[i], after[j], i + 1, j + 1
+        while merged != split:
+            if merged < split and ii < len(before):
+                merged, ii = merged * before[ii], ii + 1
+            elif split < merged and jj < len(after):
+                split, jj = split * after[jj], jj + 1
+            else:
+                return None
+        while ii < len(before) and before[ii] == 1 and (jj == len(after) or after[jj] != 1):
+            ii += 1  # a size-1 dimension beside a merge is merged too (which is ambiguous from the sizes alone)
+        if jj - j == 1:
+            sizes.append(math.prod(new[i:ii]))
+        elif new[i:ii] == before[i:ii]:
+            sizes.extend(after[j:jj])
+        else:
+            return None
+        i, j = ii, jj
+    if any(size != 1 for size in (*before[i:], *new[i:])):
+        return None
+    return (*sizes, *after[j:])
 
 
 class TokenRecipe:
