@@ -2,8 +2,8 @@
 
 The flow users run: a random Qwen3-MoE model saved to disk and loaded with
 ``from_pretrained``, then quantized by ``oneshot`` with a static FP8 recipe
-(every expert Linear observed on every calibration token), each run in a fresh
-subprocess:
+(every expert Linear observed on every calibration token) or, with ``--recipe awq``,
+AWQ W4A16 (asymmetric, groups of 32), each run in a fresh subprocess:
 
 - ``autocal``: ``autocal.integrations.llmcompressor.oneshot`` (converts, then
   calls ``llmcompressor.oneshot`` with every expert calibrated; in the
@@ -15,7 +15,7 @@ subprocess:
   offloading wrappers LLM Compressor's pipeline puts on every module (the rule
   of commit 5270eda called each expert under such a wrapper on its own);
 - ``autocal-shared-observers``: ``autocal`` with ``SharedObserverQuantizationModifier`` (the input observer
-  of each group of expert Linears sharing an input hooked on its first member only);
+  of each group of expert Linears sharing an input hooked on its first member only; FP8 only);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
   on the unconverted model (LLM Compressor linearizes the experts itself).
 
@@ -23,13 +23,18 @@ Reported, as medians over the rounds (the methods alternating): the wall time
 of the ``oneshot`` call; for autocal also of ``prepare`` (trace, detect, convert
 and verify), which runs before it, so that "prepare + oneshot" compares with the
 incumbent's ``oneshot``, which linearizes the experts inside; and that every
-expert Linear got an FP8 input scale. On a machine with a GPU, LLM Compressor's
+expert Linear got its scales (FP8: an input scale; AWQ: a weight scale). AWQ's grid
+search replays the module holding the Linears it balances with every hook disabled, so
+in ``autocal`` those replays, like the propagation passes, run the routed experts only.
+On a machine without an accelerator AWQ's ``IntermediatesCache.pin_memory`` (a transfer
+speed-up that needs one) is left out, for every method alike. On a machine with a GPU, LLM Compressor's
 pipeline runs each layer there (the model is loaded on the CPU); use
 ``--dtype bfloat16``.
 
 Usage (from the repository root, with llmcompressor installed)::
 
     python benchmarks/oneshot.py --rounds 3 --json /tmp/oneshot.json
+    python benchmarks/oneshot.py --recipe awq --methods autocal autocal-propagate-all incumbent
     python benchmarks/oneshot.py --dtype bfloat16 --layers 4 --experts 128 --hidden 2048 --width 768 \
         --samples 32 --tokens 512     # on a GPU: Qwen3-30B-A3B's layer shape
 """
@@ -72,11 +77,37 @@ def save_model(args, path: Path) -> None:
                             unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(path)
 
 
+_IGNORE = ["lm_head", "re:.*mlp.gate$"]
+
+
+def make_recipe(args):
+    """The recipe of ``args.recipe`` for ``args.method``."""
+    if args.recipe == "awq":
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+        return AWQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                           ignore=_IGNORE)
+    if args.method == "autocal-shared-observers":
+        from autocal.integrations.llmcompressor.observers import SharedObserverQuantizationModifier
+
+        return SharedObserverQuantizationModifier(targets="Linear", scheme="FP8", ignore=_IGNORE)
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    return QuantizationModifier(targets="Linear", scheme="FP8", ignore=_IGNORE)
+
+
+def _has_scales(module: torch.nn.Module, recipe: str) -> bool:
+    scale = getattr(module, "weight_scale" if recipe == "awq" else "input_scale", None)
+    return scale is not None and bool(torch.isfinite(scale).all())
+
+
 def child(args) -> dict:
     """One oneshot run of ``args.method`` on the saved model (this process)."""
     from compressed_tensors.quantization import QuantizationStatus  # noqa: F401  (llmcompressor's stack)
     from datasets import Dataset
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -85,7 +116,9 @@ def child(args) -> dict:
     kwargs = dict(dataset=dataset, num_calibration_samples=args.samples, max_seq_length=args.tokens,
                   shuffle_calibration_samples=False, batch_size=args.batch_size)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head", "re:.*mlp.gate$"])
+    recipe = make_recipe(args)
+    if not torch.cuda.is_available():
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None  # pinning needs an accelerator
     if args.method == "incumbent":
         import llmcompressor
 
@@ -95,11 +128,6 @@ def child(args) -> dict:
     else:
         from autocal.integrations import llmcompressor as alc
 
-        if args.method == "autocal-shared-observers":
-            from autocal.integrations.llmcompressor.observers import SharedObserverQuantizationModifier
-
-            recipe = SharedObserverQuantizationModifier(targets="Linear", scheme="FP8",
-                                                        ignore=["lm_head", "re:.*mlp.gate$"])
         started = time.perf_counter()
         alc.prepare(model, group_experts=args.method != "autocal-one-by-one")
         prepared = time.perf_counter()
@@ -107,17 +135,17 @@ def child(args) -> dict:
         alc.oneshot(model, recipe=recipe, propagate_routed=routed, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
-    scaled = sum(hasattr(m, "input_scale") and bool(torch.isfinite(m.input_scale).all()) for m in experts)
-    return {"method": args.method, "oneshot_s": seconds, "prepare_s": prepare_seconds,
+    scaled = sum(_has_scales(m, args.recipe) for m in experts)
+    return {"method": args.method, "recipe": args.recipe, "oneshot_s": seconds, "prepare_s": prepare_seconds,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "expert_linears": len(experts),
-            "expert_linears_with_input_scale": scaled}
+            "expert_linears_with_scales": scaled}
 
 
 def run_child(method: str, args) -> dict:
     command = [sys.executable, __file__, "--child", method, "--model", str(args.model)] + [
         f"--{k}={getattr(args, k)}" for k in ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples",
-                                               "tokens", "threads", "dtype", "batch_size") if getattr(args, k) is not None]
+                                               "tokens", "threads", "dtype", "batch_size", "recipe") if getattr(args, k) is not None]
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -137,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each subprocess")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--batch_size", type=int, default=1, help="oneshot's calibration batch size (sequences)")
+    parser.add_argument("--recipe", choices=("fp8", "awq"), default="fp8")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)
@@ -147,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.method = args.child
         print(json.dumps(child(args)))
         return None
+    if args.recipe == "awq" and "autocal-shared-observers" in args.methods:
+        parser.error("autocal-shared-observers runs the FP8 recipe only")
     with tempfile.TemporaryDirectory() as folder:
         args.model = Path(folder) / "model"
         save_model(args, args.model)
@@ -161,16 +192,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     total_medians = {m: statistics.median(r["prepare_s"] + r["oneshot_s"] for r in runs if r["method"] == m)
                      for m in args.methods}
     print()
-    print("| method | prepare s | oneshot s | prepare + oneshot s | every expert Linear has an FP8 input scale |")
+    print(f"| method | prepare s | oneshot s | prepare + oneshot s | every expert Linear has its {args.recipe} scales |")
     print("|---|---|---|---|---|")
     for method in args.methods:
-        complete = all(r["expert_linears_with_input_scale"] == r["expert_linears"] > 0
+        complete = all(r["expert_linears_with_scales"] == r["expert_linears"] > 0
                        for r in runs if r["method"] == method)
         print(f"| {method} | {prepare_medians[method]:.2f} | {medians[method]:.2f} | {total_medians[method]:.2f} | "
               f"{'yes' if complete else 'no'} |")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where LLM Compressor runs the layers
     settings = {k: getattr(args, k) for k in ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples",
-                                              "tokens", "threads", "rounds", "dtype", "batch_size", "methods")}
+                                              "tokens", "threads", "rounds", "dtype", "batch_size", "methods", "recipe")}
     result = run_result("oneshot", machine(device), settings=settings, medians_s=medians,
                         prepare_medians_s=prepare_medians, prepare_plus_oneshot_medians_s=total_medians, runs=runs)
     write_json(result, args.json)
