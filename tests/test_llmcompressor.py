@@ -917,7 +917,8 @@ def test_gathered_weights_are_calibrated_checked_and_saved_per_expert(workdir):
     ``gathered`` rule): every expert's Linear of each of the three gathered weights is listed, calibrated on every
     token and saved as its own tensors. ``expert_linears`` listed the first weight's Linears only, and
     ``save_pretrained`` refused the checkpoint (the second and third weights' Linears were 'not one of the expert
-    Linears')."""
+    Linears'). Their gates (nn.Linear) stay unquantized: the recipe given to LLM Compressor was a copy keeping the
+    ignore list it had resolved before autocal added the gates."""
     from autocal.testing.patterns import GatheredMoE
 
     source = original("qwen3_moe", workdir)
@@ -934,6 +935,8 @@ def test_gathered_weights_are_calibrated_checked_and_saved_per_expert(workdir):
     layers = len(model.model.layers)
     assert len(coverage.linears) == layers * 4 * 3, str(coverage)
     assert {lc.tokens for lc in coverage.linears} == {CALIBRATION[0] * CALIBRATION[1]}
+    gates = [layer.mlp.gate for layer in model.model.layers]
+    assert not any(hasattr(gate, "weight_scale") for gate in gates), "the detected gates stay unquantized"
     with torch.no_grad():
         after = model(input_ids=held_out).logits
     assert rel(after, before) <= MODEL_TOL["fp8"]

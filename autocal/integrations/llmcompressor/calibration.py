@@ -28,9 +28,11 @@ def _with_ignore(recipe: Any, extra: list[str]) -> Any:
     if isinstance(recipe, (list, tuple)):
         return type(recipe)(_with_ignore(r, extra) for r in recipe)
     ignore = getattr(recipe, "ignore", None)
-    if isinstance(ignore, list) and hasattr(recipe, "model_copy"):
+    if isinstance(ignore, list) and hasattr(recipe, "model_dump"):
         merged = ignore + [name for name in extra if name not in ignore]
-        return recipe.model_copy(update={"ignore": merged})
+        # Built anew, not ``model_copy(update=...)``: a quantization modifier resolves its config (ignore list
+        # included) when it is validated, and a copy keeps the resolved one, so the gates were quantized anyway.
+        return type(recipe)(**{**recipe.model_dump(exclude_unset=True), "ignore": merged})
     if isinstance(recipe, (str, Path)) or recipe is None:
         warnings.warn("autocal: the recipe is not a modifier object; add autocal_lc.default_ignore(model) to its "
                       "ignore lists yourself to keep routers out of quantization", stacklevel=3)
