@@ -138,14 +138,19 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("llmcompressor")
 
 
+def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    """A tokenizer of the words ``t0`` … for a model of ``vocab`` tokens (``oneshot`` wants one beside the model)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")),
+        unk_token="t0", pad_token="t0", eos_token="t1")
+
+
 def original(name: str, workdir: Path) -> Original:
     """The tiny model of fixture ``name`` saved as a checkpoint with a tokenizer (built once)."""
     if name not in _ORIGINALS:
         model = zoo.build_model(name)
         vocab = model.config.get_text_config().vocab_size
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0")),
-            unk_token="t0", pad_token="t0", eos_token="t1")
+        tokenizer = word_tokenizer(vocab)
         path = workdir / f"original-{name}"
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
@@ -983,9 +988,7 @@ def hidden16_model(workdir) -> Path:
                                 num_experts=4, num_experts_per_tok=2)
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(config).save_pretrained(path)
-        PreTrainedTokenizerFast(
-            tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0")),
-            unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(path)
+        word_tokenizer(64).save_pretrained(path)
     return path
 
 

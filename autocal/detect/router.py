@@ -27,9 +27,8 @@ _PLUMBING = {
     "masked_fill", "unsqueeze", "squeeze", "expand", "contiguous", "clamp", "clamp_min", "div_", "mul_",
     "sub", "__sub__", "where", "ones_like", "zeros_like", "new_zeros", "flatten", "permute", "transpose",
     "full_like", "full", "new_full", "fill_", "masked_fill_", "index_select", "repeat", "expand_as",
-    "unbind", "split", "chunk", "stack", "cat", "kthvalue", "ge", "gt", "le", "lt", "__ge__", "__gt__", "__le__",
-    "__lt__", "logical_not", "__invert__", "bitwise_not",
-}
+    "unbind", "split", "chunk", "stack", "cat", "kthvalue", "logical_not", "__invert__", "bitwise_not",
+} | _COMPARISONS
 
 
 def _selection_nodes(index: fx.Node, ancestry: Ancestry) -> list[fx.Node]:

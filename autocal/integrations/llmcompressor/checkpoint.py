@@ -48,8 +48,8 @@ class CheckpointLayout:
     ``experts``: saved key prefix of every expert Linear (``…experts.{i}.w1``), to the in-model path.
     ``containers``: saved prefix of each experts container, to the number of experts and the names
     its children may use (their Linears', and tensors an expert holds itself, ``gate_multiplier``);
-    ``members``: other keys allowed under a container (its own shared tensors); ``keys``: experts named
-    otherwise than by their number (a ``ModuleDict``'s ``expert_0``), per container.
+    ``members``: other keys allowed under a container (its own shared tensors); ``keys``: the experts' names
+    in each container (their numbers in a list, ``expert_0`` … in a ``ModuleDict``).
     ``tied``: pairs of keys transformers declares tied (allowed to share storage).
     """
 
@@ -67,32 +67,31 @@ def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
     experts: dict[str, str] = {}
     containers: dict[str, tuple[int, set[str]]] = {}
     counts: dict[str, int] = {}
+    children: dict[str, set[str]] = {}  # the experts' names in each container (in the model)
     for linear in linears:
         key = _join(linear.block, linear.container)
         counts[key] = max(counts.get(key, 0), linear.expert + 1)
+        children.setdefault(key, set()).add(linear.child)
     members: dict[str, frozenset[str]] = {}
-    keys: dict[str, set[str]] = {}
+    keys: dict[str, frozenset[str]] = {}
     for linear in linears:
         prefix = saved[_join(linear.path, "weight")][: -len(".weight")]
         experts[prefix] = linear.path
+        in_model = _join(linear.block, linear.container)
         # ``{container}.{key}.{name}``, or ``{container}.{key}`` for a Linear that is the expert (a gathered weight's)
         container_key, _, rest = f"{prefix}.".rpartition(f".{linear.child}.")
-        num, names = containers.setdefault(container_key, (counts[_join(linear.block, linear.container)], set()))
+        num, names = containers.setdefault(container_key, (counts[in_model], set()))
         names.add(rest.removesuffix("."))
-        names.update(_own_tensors(model.get_submodule(_join(linear.block, linear.container, linear.child))))
-        keys.setdefault(container_key, set()).add(linear.child)
+        names.update(_own_tensors(model.get_submodule(_join(in_model, linear.child))))
         if container_key not in members:
-            container = model.get_submodule(_join(linear.block, linear.container))
-            expert_children = {str(i) for i in range(num)} | {lin.child for lin in linears
-                                                               if (lin.block, lin.container) == (linear.block,
-                                                                                                  linear.container)}
+            container = model.get_submodule(in_model)
+            expert_children = {str(i) for i in range(num)} | children[in_model]
             own = {n for n, _ in container.named_parameters() if n.split(".", 1)[0] not in expert_children}
             own |= {n for n, _ in container.named_buffers() if n.split(".", 1)[0] not in expert_children}
             members[container_key] = frozenset(own)
+            keys[container_key] = frozenset(children[in_model])
     tied = frozenset(frozenset((a, b)) for a, b in (getattr(model, "all_tied_weights_keys", None) or {}).items())
-    named = {k: frozenset(v - {str(i) for i in range(containers[k][0])}) for k, v in keys.items()}
-    return CheckpointLayout(experts, {k: (n, frozenset(v)) for k, (n, v) in containers.items()}, members, tied,
-                            {k: v for k, v in named.items() if v})
+    return CheckpointLayout(experts, {k: (n, frozenset(v)) for k, (n, v) in containers.items()}, members, tied, keys)
 
 
 def _own_tensors(expert: nn.Module) -> set[str]:
