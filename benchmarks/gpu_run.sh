@@ -19,6 +19,11 @@
 #   BENCH=gptq SHAPE=deepseek-v3 bash benchmarks/gpu_run.sh
 #   BENCH=gptq SHAPE=tiny DEVICE=cpu bash benchmarks/gpu_run.sh    # test the script on a CPU
 # Writes $OUT/gptq_shared_<device>_<shape>.json and .log.
+#
+# LLM Compressor's oneshot end to end (benchmarks/oneshot.py; static FP8 unless --recipe awq), arguments passed on:
+#   BENCH=oneshot bash benchmarks/gpu_run.sh --methods autocal autocal-shared-observers incumbent \
+#     --layers 2 --experts 128 --hidden 2048 --width 768 --samples 32 --tokens 512 --rounds 3
+# Writes $OUT/oneshot_<device>.json and .log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/autocal-bench}
@@ -54,6 +59,14 @@ if [ "${BENCH:-calibration_forward}" = gptq ]; then
   name="gptq_shared_${DEVICE}_${SHAPE:?BENCH=gptq needs SHAPE=qwen3-30b-a3b, deepseek-v3 or tiny}"
   "$PY" benchmarks/gptq_shared.py --shape "$SHAPE" --dtype "$dtype" --methods incumbent shared --rounds 1 \
     --json "$OUT/$name.json" "$@" 2>&1 | grep --line-buffered -v "No accelerator available" | tee "$OUT/$name.log"
+  exit 0
+fi
+if [ "${BENCH:-}" = oneshot ]; then
+  dtype=bfloat16
+  if [ "$DEVICE" != cuda ]; then dtype=float32; export CUDA_VISIBLE_DEVICES=""; fi
+  name="oneshot_${DEVICE}"
+  "$PY" benchmarks/oneshot.py --dtype "$dtype" --json "$OUT/$name.json" "$@" 2>&1 \
+    | grep --line-buffered -v "No accelerator available" | tee "$OUT/$name.log"
   exit 0
 fi
 # RUNS=n: n runs, each a fresh process (the host's speed varies between processes), and their summary.
