@@ -25,8 +25,11 @@ Usage (from the repository root, with llmcompressor installed)::
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -145,10 +148,16 @@ def child(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     before = proc_status("VmRSS")
+    profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
+    if profiler:
+        profiler.enable()
     oneshot()
     sync()
     seconds = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        write_profile(profiler, args.profile / f"gptq_profile_{args.method}.txt")
     growth = proc_status("VmHWM") - before
     gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     tensors = quantized_tensors(model)
@@ -159,9 +168,19 @@ def child(args) -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def run_child(method: str, args, scales: Path) -> dict:
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """Where a run's host time went: the 70 calls of largest cumulative time, then the 40 of largest own time."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
+
+
+def run_child(method: str, args, scales: Path, profile: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", method, "--model", str(args.model), "--scales", str(scales)] + [
         f"--{k}={getattr(args, k)}" for k in SIZES if getattr(args, k) is not None]
+    command += ["--profile", str(profile)] if profile else []
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -222,6 +241,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, help="a folder: after the rounds, one more run of each method under "
+                        "cProfile, its statistics written there (gptq_profile_<method>.txt)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scales", type=Path, help=argparse.SUPPRESS)
@@ -247,6 +268,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             for method in args.methods:
                 runs.append(run_child(method, args, Path(folder) / f"{method}.pt"))
                 print(f"round {round_ + 1}: {method:<10} {_format(runs[-1])}", flush=True)
+        for method in args.methods if args.profile else ():  # an extra run each, profiled, not in the figures
+            run_child(method, args, Path(folder) / f"{method}_profiled.pt", args.profile)
+            print(f"profiled: {method} -> {args.profile}/gptq_profile_{method}.txt", flush=True)
         reference = next(m for m in ("gptq", "incumbent", *args.methods) if m in args.methods)
         agreements = {m: agreement(Path(folder) / f"{m}.pt", Path(folder) / f"{reference}.pt")
                       for m in args.methods if m != reference}
