@@ -38,7 +38,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
            "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
-           "ThresholdChoiceMoE",
+           "ThresholdChoiceMoE", "TopPChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
@@ -712,6 +712,38 @@ class ThresholdChoiceMoE(nn.Module):
         return out.view_as(x)
 
 
+class TopPChoiceMoE(nn.Module):
+    """Top-p (dynamic k) routing: each token keeps its best experts until their probabilities reach ``p``, so k
+    varies by token. ``spelling`` "kept": a kept mask (``cumsum - probs < p``) scattered back to the experts,
+    weights the probabilities it keeps; "removed": the sorted probabilities past ``p`` (``cumsum > p``, shifted
+    right so the best stays) filled with 0, renormalised and scattered back."""
+
+    def __init__(self, hidden=16, experts=6, p=0.6, spelling="kept"):
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(ProjExpert(hidden) for _ in range(experts))
+        self.p, self.spelling = p, spelling
+
+    def _weights(self, probs):
+        ranked, order = probs.sort(-1, descending=True)
+        if self.spelling == "kept":
+            kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < self.p)
+            return probs * kept
+        removed = ranked.cumsum(-1) > self.p
+        removed = torch.cat([torch.zeros_like(removed[:, :1]), removed[:, :-1]], dim=-1)
+        ranked = ranked.masked_fill(removed, 0.0)
+        return torch.zeros_like(probs).scatter(-1, order, ranked / ranked.sum(-1, keepdim=True))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights = self._weights(self.router(flat).softmax(-1))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows = (weights[:, e] > 0).nonzero().squeeze(-1)
+            out.index_add_(0, rows, weights[rows, e, None] * expert(flat[rows]))
+        return out.view_as(x)
+
+
 class ScoredInputsMoE(nn.Module):
     """Every expert on every token, its input multiplied by the token's score for it if chosen by the top-k, else
     by zero: no dispatch a specialised rule reads; the last resort forces the top-k.
@@ -1158,6 +1190,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("token_by_token", "recorded-block", _seeded(TokenByTokenMoE), (1, 9, 16)),
     Pattern("sort_then_first_k", "recorded-block", _seeded(SortedChoiceMoE), (1, 9, 16)),
     Pattern("kthvalue_threshold", "recorded-block", _seeded(ThresholdChoiceMoE), (1, 9, 16)),
+    *(Pattern(f"top_p_{spelling}", "block", _seeded(lambda spelling=spelling: TopPChoiceMoE(spelling=spelling)),
+              (1, 9, 16)) for spelling in ("kept", "removed")),
     Pattern("grouped_gemm", "sorted", _seeded(GroupedGemmMoE), (2, 9, 8)),
     Pattern("mixture_of_heads", "sorted", _seeded(lambda: MixtureOfHeadsAttention(experts=5, k=2)), (7, 8)),
     Pattern("gathered_ffn", "gathered", _seeded(GatheredMoE)),
