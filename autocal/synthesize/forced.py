@@ -23,6 +23,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.modules import module as module_globals
 
 from ..coverage import add_tokens
@@ -39,7 +40,9 @@ class ExpertViews(nn.Module):
     ``"slot-sum"`` (``Linear(1, d)``). ``bias`` ``[E, out]``: each Linear's bias views its entry.
 
     Rows are counted for ``autocal.coverage`` where the Linears are called
-    (no counting hook: a hook would turn the plain, bitwise path off).
+    (no counting hook: a hook would turn the plain, bitwise path off). Rows of
+    another dtype than the weight (the block computes with a cast copy of it)
+    are computed in their dtype.
     """
 
     counts_tokens = True
@@ -76,7 +79,16 @@ class ExpertViews(nn.Module):
         if observed is not None and expert not in observed:
             return linear.forward(rows)
         add_tokens(linear, rows.shape[0])
-        return linear(rows)
+        return linear(rows) if rows.dtype == linear.weight.dtype else _in_dtype_of(linear, rows)
+
+
+def _in_dtype_of(linear: nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+    """``linear`` on ``rows`` of another dtype, computed as the block computes it: with its weight (and bias) cast to
+    the rows' dtype, as the block casts its expert weights before using them (``w.bfloat16()``, ``w.to(x.dtype)``).
+    The Linear is still called as a module, so its hooks see the rows the block's op got; they also see the cast
+    weight, the one the block computes with, for the length of the call."""
+    cast = {name: p.to(rows.dtype) for name, p in linear.named_parameters(recurse=False)}
+    return functional_call(linear, cast, (rows,))
 
 
 @contextmanager

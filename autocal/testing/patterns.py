@@ -41,7 +41,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "ThresholdChoiceMoE", "TopPChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
-           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
+           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "CastGroupedMoE", "WholeContractionMoE", "MaskedModalityMoE",
            "PrefixSplitMoE",
            "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
            "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE"]
@@ -951,6 +951,51 @@ class GroupedWeightsMoE(nn.Module):
         return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
 
 
+def _cast(w: torch.Tensor, spelling: str, x: torch.Tensor) -> torch.Tensor:
+    """Expert weights cast before use, as training code writes it (``x`` already in the dtype computed in)."""
+    return {"bfloat16": lambda: w.bfloat16(), "to_dtype": lambda: w.to(x.dtype), "half": lambda: w.half(),
+            "float": lambda: w.float(), "detach_contiguous": lambda: w.detach().contiguous()}[spelling]()
+
+
+class CastGroupedMoE(nn.Module):
+    """torchtitan's grouped experts in a model of another dtype: rows sorted by expert, cast to ``dtype``, and
+    ``F.grouped_mm`` with packed ``[E, out, in]`` weights cast the same way (``w.bfloat16()``, ``w.to(x.dtype)``)
+    and transposed; the output cast back. ``gather``: each token's chosen experts' weights gathered from the cast
+    copy (``w.to(x.dtype)[idx]``) and contracted by einsum instead (gpt-fast's pattern)."""
+
+    def __init__(self, spelling: str = "bfloat16", dtype: torch.dtype = torch.bfloat16, gather: bool = False,
+                 hidden: int = 16, width: int = 32, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.spelling, self.dtype, self.gather, self.k = spelling, dtype, gather, k
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        w1, w2, w3 = (_cast(w, self.spelling, rows).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(F.grouped_mm(rows, w1, offs=offsets)) * F.grouped_mm(rows, w3, offs=offsets)
+        return F.grouped_mm(h, w2, offs=offsets)
+
+    def _gathered(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        rows = t.to(self.dtype)
+        w1, w2, w3 = (_cast(w, self.spelling, rows)[idx] for w in (self.w1, self.w2, self.w3))
+        h = F.silu(torch.einsum("ti,tkoi->tko", rows, w1)) * torch.einsum("ti,tkoi->tko", rows, w3)
+        return torch.einsum("tko,tkio->tki", h, w2).to(t.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        if self.gather:
+            return torch.einsum("tki,tk->ti", self._gathered(t, idx), weights).view_as(x)
+        order = idx.reshape(-1).argsort(stable=True)
+        rows = t[order // self.k].to(self.dtype)
+        out = self._grouped(rows, torch.bincount(idx.reshape(-1), minlength=self.router.out_features))
+        out = out.to(t.dtype) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
+
+
 class InOutLinear(nn.Module):
     """A Linear class of its own storing ``weight [in, out]``, used as ``x @ weight``."""
 
@@ -1223,6 +1268,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("prefix_split", "recorded-block", _seeded(PrefixSplitMoE), (2, 7, 16)),
     Pattern("switch_capacity_bmm", "gathered", _seeded(SwitchCapacityMoE), (2, 9, 16)),
     Pattern("bias_first_baddbmm", "gathered", _seeded(BiasFirstMoE)),
+    Pattern("cast_grouped_mm", "gathered", _seeded(CastGroupedMoE)),
+    Pattern("cast_gathered", "gathered", _seeded(lambda: CastGroupedMoE("to_dtype", gather=True))),
     _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
