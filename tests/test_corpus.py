@@ -460,6 +460,7 @@ REFERENCES = {
     "nested_experts": _ref_top_probs(lambda m: m.router, lambda m: m.experts.experts),
     "packed_einsum_swiglu": _ref_packed_einsum,
     "sorted_split": _ref_top_probs(lambda m: m.router, lambda m: m.experts.mlps),
+    "optional_mask_ones": _ref_top_probs(lambda m: m.router, lambda m: m.experts.mlps),
     "sorted_grouped_mm": _ref_grouped_mm,
     "fused_grouped_mm": _ref_fused_grouped,
     "detached_score_dense": _ref_detached,

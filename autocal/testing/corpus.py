@@ -419,6 +419,18 @@ class SortedSplitMoE(nn.Module):
         return torch.zeros_like(t).index_add_(0, token, out).reshape(x.shape)
 
 
+class OptionalMaskMoE(SortedSplitMoE):
+    """Training framework: an optional padding mask, made of ones from the token count where none is given
+    (``torch.ones(t.shape[0])``: a recording holds the number, not the shape it came from), zeroing padded rows
+    before routing; then the sorted split loop."""
+
+    def forward(self, x, padding_mask=None):
+        t = x.reshape(-1, x.shape[-1])
+        if padding_mask is None:
+            padding_mask = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+        return super().forward(t * padding_mask.reshape(-1, 1)).reshape(x.shape)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Pure-torch stand-in for a grouped matmul: rows ``offsets[i-1]:offsets[i]`` times ``w[i]``."""
     out = x.new_empty(x.shape[0], w.shape[-1])
@@ -1757,6 +1769,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 (4,), DetachedScaledInputsMoE),
     CorpusEntry("stacked_then_topk", f"{_RESEARCH}: every expert on every token, outputs stacked, combined by a "
                 "top-k gate matrix", (), StackedThenTopKMoE),
+    CorpusEntry("optional_mask_ones", f"{_TRAINING}: no padding mask given, one made by torch.ones(t.shape[0]), "
+                "rows sorted by expert, a split loop", (3,), OptionalMaskMoE),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
