@@ -463,6 +463,7 @@ REFERENCES = {
     "optional_mask_ones": _ref_top_probs(lambda m: m.router, lambda m: m.experts.mlps),
     "sorted_grouped_mm": _ref_grouped_mm,
     "fused_grouped_mm": _ref_fused_grouped,
+    "aligned_grouped_mm": _ref_fused_grouped,
     "detached_score_dense": _ref_detached,
     "gshard_top2": _ref_gshard,
     "hierarchical": _ref_hierarchical,

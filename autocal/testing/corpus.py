@@ -531,6 +531,39 @@ class FusedGroupedMoE(nn.Module):
         return combined.reshape(x.shape)
 
 
+def aligned_layout(counts: torch.Tensor, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, padded counts)``: each expert's rows (sorted by expert, ``counts`` of them) followed by ``-1`` up to
+    a multiple of ``alignment`` (at least one), as a grouped matmul kernel wants them; ``-1`` picks a zero row
+    appended after the real ones."""
+    padded = ((counts + alignment - 1) // alignment * alignment).clamp(min=alignment)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(int(padded.sum())) - torch.repeat_interleave(torch.cumsum(padded, 0) - padded, padded)
+    expert = torch.repeat_interleave(torch.arange(len(counts)), padded)
+    index = torch.where(slot < counts[expert], first[expert] + slot, -1)
+    return index, padded
+
+
+class AlignedGroupedMoE(FusedGroupedMoE):
+    """Training framework (torchtitan style): rows sorted by expert, each expert's rows padded with zero rows to a
+    multiple of 8 for the grouped matmul kernel, the padding dropped after it."""
+
+    alignment = 8
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        scores, indices, counts = self.router(t)
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        token = order // TOP_K
+        rows = torch.vstack((t[token], t.new_zeros(t.shape[-1])))
+        index, padded = aligned_layout(counts.long(), self.alignment)
+        out = self.experts(rows[index], padded)
+        unpadded = out.new_zeros(rows.shape)
+        unpadded[index] = out
+        out = unpadded[:-1] * scores.reshape(-1)[order, None].to(t.dtype)
+        combined = torch.zeros_like(t).scatter_add(0, token[:, None].expand(-1, t.shape[-1]), out)
+        return combined.reshape(x.shape)
+
+
 class DetachedScoreMoE(nn.Module):
     """Research code: every expert runs on every token, its input scaled by a detached routing score."""
 
@@ -1769,6 +1802,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 (4,), DetachedScaledInputsMoE),
     CorpusEntry("stacked_then_topk", f"{_RESEARCH}: every expert on every token, outputs stacked, combined by a "
                 "top-k gate matrix", (), StackedThenTopKMoE),
+    CorpusEntry("aligned_grouped_mm", f"{_TRAINING}: each expert's sorted rows padded with zero rows to a multiple "
+                "of 8 for F.grouped_mm (permute indices with -1 for a zero row), unpadded after", (3,),
+                AlignedGroupedMoE),
     CorpusEntry("optional_mask_ones", f"{_TRAINING}: no padding mask given, one made by torch.ones(t.shape[0]), "
                 "rows sorted by expert, a split loop", (3,), OptionalMaskMoE),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
