@@ -54,3 +54,17 @@ def test_a_mask_sized_by_a_number_autocal_cannot_follow_is_refused_naming_its_li
         autocal.synthesize(init_normal(TwiceMaskMoE(), 0))
     assert raised.value.kind == "unsupported-dispatch"
     assert f"`ones` at {__file__}:{line}" in raised.value.explanation and "ones_like" in raised.value.explanation
+
+
+def test_numbers_that_spell_no_shape_stay():
+    """Only the arguments spelling the made tensor's shape follow the inputs: ``torch.ones(n, 1)``, ``torch.full((n,),
+    v)``, ``t.new_ones(n)``; a fill value or data equal to a size of the inputs stays."""
+    from autocal.trace.replay import _made_for
+
+    resized = {10: 3, 2: 1}
+    t = torch.zeros(())
+    assert _made_for([10, 2], torch.ones(10, 2), resized) == [3, 1]
+    assert _made_for([(10,), 10], torch.full((10,), 10), resized) == [(3,), 10]
+    assert _made_for([t, 10], torch.ones(10), resized) == [t, 3]
+    assert _made_for([[10, 2]], torch.tensor([10, 2]), resized) == [[10, 2]]
+    assert _made_for([0, 10, 2], torch.arange(0, 10, 2), resized) == [0, 10, 2]

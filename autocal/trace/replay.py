@@ -111,14 +111,16 @@ def _made_from_numbers(n: fx.Node) -> bool:
 
 
 def _made_for(args: list, recorded: torch.Tensor, resized: dict[int, int]) -> list:
-    """The size arguments of a tensor made from numbers alone (``torch.ones(t.shape[0])``: the recording holds the
-    number, not where it came from), for the new inputs: each number among them that is a size of the recorded
-    tensor and of the recorded inputs becomes that size of the new inputs. Other numbers (a fill value) stay."""
-    def size(a: Any) -> Any:
-        if isinstance(a, int) and not isinstance(a, bool) and a in resized and a in recorded.shape:
-            return resized[a]
-        return type(a)(size(i) for i in a) if isinstance(a, (tuple, list)) else a
-    return [size(a) for a in args]
+    """The arguments of a tensor made from numbers (``torch.ones(t.shape[0])``: the recording holds the number,
+    not where it came from) for the new inputs: where they spell the recorded tensor's shape (its sizes one by
+    one, as ``ones(n, 1)``, or as one tuple, as ``full((n,), v)``), each size that is one of the recorded inputs'
+    becomes that size of the new inputs. Numbers that do not spell the shape (a fill value, data) stay."""
+    shape = list(recorded.shape)
+    numbers = [a for a in args if not isinstance(a, torch.Tensor)]  # past the tensor of ``t.new_ones(n)``
+    if numbers == shape and all(isinstance(a, int) and not isinstance(a, bool) for a in numbers):
+        return [a if isinstance(a, torch.Tensor) else resized.get(a, a) for a in args]
+    return [(list if isinstance(a, list) else tuple)(resized.get(i, i) for i in a)
+            if isinstance(a, (tuple, list)) and list(a) == shape else a for a in args]
 
 
 def _call(n: fx.Node, args: list, kwargs: dict) -> Any:
