@@ -117,10 +117,11 @@ def _experts_of_each_token(block, x) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spelling", ["kept", "removed"])
-@pytest.mark.parametrize("p", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("p", [0.3, 0.6, 0.9, torch.tensor(0.6)])
 def test_top_p_reports_the_range_of_k_and_p(spelling, p):
     """Top-p routing keeps each token's best experts until they reach p: not one k but a range, which the report
-    gives as the fewest and most experts the recorded tokens reach, with p in words (it said k = 1)."""
+    gives as the fewest and most experts the recorded tokens reach, with p in words (it said k = 1); p may be a
+    number or a 0-d tensor."""
     from autocal.testing.patterns import TopPChoiceMoE
 
     torch.manual_seed(0)
@@ -130,5 +131,5 @@ def test_top_p_reports_the_range_of_k_and_p(spelling, p):
     assert reached.min() >= 1 and reached.max() > reached.min()  # k varies
     router = autocal.synthesize(block, example_inputs={"x": x}).structure.router
     assert router.dynamic_k == (int(reached.min()), int(reached.max()))
-    assert router.top_k == int(reached.max()) and f"p={p:g}" in router.selection
+    assert router.top_k == int(reached.max()) and f"p={float(p):g}" in router.selection
     assert "top-p" in router.selection and "(dynamic" in str(autocal.explain(block, verify=False))

@@ -186,13 +186,22 @@ def _top_p(selections: list[fx.Node], routing: tuple[fx.Node, fx.Node],
     for cumsum in (n for n in reached if target_name(n) == "cumsum" and any(ancestry.is_ancestor(s, n) for s in sorts)):
         scores = value(next(s for s in sorts if ancestry.is_ancestor(s, cumsum)).args[0])
         for compared in (n for n in reached if target_name(n) in _COMPARISONS and ancestry.is_ancestor(cumsum, n)):
-            p = next((float(a) for a in compared.args if isinstance(a, float)
-                      or isinstance(a, torch.Tensor) and a.dim() == 0), None)
-            counts = [(value(n).reshape(-1, scores.shape[-1]) != 0).sum(-1) for n in reached
-                      if ancestry.is_ancestor(compared, n) and isinstance(value(n), torch.Tensor)
-                      and value(n).is_floating_point() and value(n).shape == scores.shape]
-            if p is not None and counts and counts[-1].numel():
-                return (int(counts[-1].min()), int(counts[-1].max())), f"top-p (dynamic k, p={p:g})"
+            p = _threshold(compared)
+            weights = [value(n) for n in reached if ancestry.is_ancestor(compared, n)
+                       and isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
+                       and value(n).shape == scores.shape]
+            if p is not None and weights and weights[-1].numel():
+                kept = (weights[-1].reshape(-1, scores.shape[-1]) != 0).sum(-1)
+                return (int(kept.min()), int(kept.max())), f"top-p (dynamic k, p={p:g})"
+    return None
+
+
+def _threshold(comparison: fx.Node) -> float | None:
+    """The number a comparison compares with: a Python float, or a 0-d tensor (a buffer holding p)."""
+    for arg in comparison.args:
+        number = value(arg)
+        if isinstance(number, float) or isinstance(number, torch.Tensor) and number.dim() == 0:
+            return float(number)
     return None
 
 
