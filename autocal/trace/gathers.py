@@ -200,12 +200,14 @@ def swapped_view(out: object, weight: torch.Tensor) -> bool:
 
 def entries_copy(out: object, weight: torch.Tensor) -> bool:
     """Is ``out`` ``weight``'s entries in its shape, cast to another dtype, moved or copied (``w.bfloat16()``,
-    ``w.to(x.dtype)``, ``w.float()``, ``w.contiguous()``, ``w.detach()``, ``w.to(device)``)? Checked on the values:
-    ``out`` equals ``weight`` converted to its dtype and device. Such a copy of expert weights is attributed to the
-    weights it copies; the experts' Linears then compute in the copy's dtype."""
-    return (isinstance(out, torch.Tensor) and out is not weight and out.shape == weight.shape
-            and out.is_floating_point() and weight.is_floating_point()
-            and torch.equal(out, weight.to(dtype=out.dtype, device=out.device)))
+    ``w.to(x.dtype)``, ``w.float()``, ``w.contiguous()``, ``w.detach()``, ``w.to(device)``)? Checked on the values
+    of its first and last entries along the first dimension (one expert's each, not a second copy of all): they
+    equal ``weight``'s converted to its dtype and device. Such a copy of expert weights is attributed to the weights
+    it copies; the experts' Linears then compute in the copy's dtype."""
+    if not (isinstance(out, torch.Tensor) and out is not weight and out.shape == weight.shape and out.dim()
+            and out.is_floating_point() and weight.is_floating_point()):
+        return False
+    return all(torch.equal(out[i], weight[i].to(dtype=out.dtype, device=out.device)) for i in {0, len(out) - 1})
 
 
 def same_entries(out: object, weight: torch.Tensor) -> bool:
