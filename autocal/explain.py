@@ -155,6 +155,14 @@ def _routing_steps(router: dict[str, Any]) -> list[str | None]:
     return steps if router.get("scored_after_selection") else steps[::-1]
 
 
+def _k_words(router: dict[str, Any]) -> str:
+    """k, or the range of k a top-p choice gave the recorded tokens."""
+    if not router.get("dynamic_k"):
+        return str(router["top_k"])
+    fewest, most = router["dynamic_k"]
+    return f"{fewest} to {most} (dynamic: the recorded tokens' range)"
+
+
 def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
     """``(fact, what was found, source file:line)`` for one block class, in reading order."""
     if block.failure:
@@ -164,7 +172,7 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
         if router:  # what the recording still showed
             steps = [step for step in _routing_steps(router) if step]
             rows.append(("router", f"{' → '.join(steps)}"
-                                   f"  top_k {router['top_k']} of {router['num_choices']} choices",
+                                   f"  top_k {_k_words(router)} of {router['num_choices']} choices",
                          router["sources"].get("top_k")))
         steps = errors.next_steps(block.failure["kind"], block.block_class, block.failure.get("hints"))
         return rows + [("next", step, None) for step in steps]
@@ -179,7 +187,7 @@ def _rows(block: BlockReport) -> list[tuple[str, str, str | None]]:
         rows += [
             ("router", router["module_path"] or "none (no router module)", sources.pop("logits", None)),
             ("scoring", " → ".join(str(o) for o in order), sources.pop("scoring", None)),
-            ("top_k", f"{router['top_k']} of {router['num_choices']}", sources.pop("top_k", None)),
+            ("top_k", f"{_k_words(router)} of {router['num_choices']}", sources.pop("top_k", None)),
             ("renormalized", str(router["renormalized"]), None),
             ("correction bias", str(router["correction_bias"]), None),
             ("groups", str(router["grouped"]), None),
@@ -215,7 +223,7 @@ def _more_sets(structure: dict[str, Any]) -> list[tuple[str, str, str | None]]:
     for number, (router, experts) in enumerate(structure.get("more_sets", []), start=2):
         steps = " → ".join(str(step) for step in _routing_steps(router) if step)
         rows.append((f"expert set {number}", f"{experts['module_path']}  {experts['num_experts']} × "
-                     f"{experts['storage']}, router {router['module_path']} ({steps}, top_k {router['top_k']} of "
+                     f"{experts['storage']}, router {router['module_path']} ({steps}, top_k {_k_words(router)} of "
                      f"{router['num_choices']})", router["sources"].get("top_k")))
     return rows
 

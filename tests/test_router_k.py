@@ -95,3 +95,41 @@ def test_experts_choosing_their_tokens_report_the_experts_a_token_gets_on_averag
     (found,) = report.blocks
     assert (found.top_k, found.num_experts) == (block.k, len(block.experts))
     assert "expert choice" in found.structure["router"]["selection"]
+
+
+def _experts_of_each_token(block, x) -> torch.Tensor:
+    """How many experts each token of ``x`` reaches in the block's own forward: the rows each expert gets, matched
+    to the tokens they are (the inputs are distinct random rows)."""
+    rows = x.reshape(-1, x.shape[-1])
+    tokens = []
+
+    def seen(_, args):
+        tokens.append((args[0][:, None] == rows[None]).all(-1).nonzero()[:, 1])
+
+    hooks = [e.register_forward_pre_hook(seen) for e in block.experts]
+    try:
+        with torch.no_grad():
+            block(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.bincount(torch.cat(tokens), minlength=rows.shape[0])
+
+
+@pytest.mark.parametrize("spelling", ["kept", "removed"])
+@pytest.mark.parametrize("p", [0.3, 0.6, 0.9, torch.tensor(0.6)])
+def test_top_p_reports_the_range_of_k_and_p(spelling, p):
+    """Top-p routing keeps each token's best experts until they reach p: not one k but a range, which the report
+    gives as the fewest and most experts the recorded tokens reach, with p in words (it said k = 1); p may be a
+    number or a 0-d tensor."""
+    from autocal.testing.patterns import TopPChoiceMoE
+
+    torch.manual_seed(0)
+    block = TopPChoiceMoE(p=p, spelling=spelling).eval()
+    x = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(1))
+    reached = _experts_of_each_token(block, x)
+    assert reached.min() >= 1 and reached.max() > reached.min()  # k varies
+    router = autocal.synthesize(block, example_inputs={"x": x}).structure.router
+    assert router.dynamic_k == (int(reached.min()), int(reached.max()))
+    assert router.top_k == int(reached.max()) and f"p={float(p):g}" in router.selection
+    assert "top-p" in router.selection and "(dynamic" in str(autocal.explain(block, verify=False))

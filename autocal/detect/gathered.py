@@ -47,7 +47,7 @@ from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_s
 from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
 from ..trace.forcing import ChoiceCall
 from .contracted import detect_contracted
-from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_parameter
+from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_as, stored_parameter
 from .reroute import check_forced_routing, choice_call
 from .router import only_topk, routing_choice
 from .plans import GatheredPlan, NoMatch
@@ -125,7 +125,7 @@ def _viewed(gather: fx.Node) -> tuple[tuple[int, ...] | None, bool]:
     """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own, and
     whether it takes each expert's matrix transposed."""
     weight = next(a for a in gather.all_input_nodes if stored_parameter(a, swapped=True) is not None)
-    viewed, param = value(weight), value(stored_parameter(weight, swapped=True))
+    viewed, param = value(weight), stored_as(weight, swapped=True)[1]
     swapped = swapped_view(viewed, param)
     return (tuple(viewed.shape) if viewed.shape != param.shape and not swapped else None), swapped
 

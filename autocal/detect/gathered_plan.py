@@ -11,14 +11,14 @@ from torch import fx, nn
 
 from ..trace.dispatch import SlotDispatch
 from ..trace.forcing import ChoiceCall
-from ..trace.gathers import reshaped_view, swapped_view
+from ..trace.gathers import entries_copy, reshaped_view, swapped_view
 from .block import other_children
 from .graph_utils import returns_of, value
 from .plans import GatheredPlan
 from .router import analyze_router
 from .structure import ExpertsInfo, MoEStructure
 
-__all__ = ["GatheredWeight", "GatheredDispatch", "gathered_plan", "stored_parameter"]
+__all__ = ["GatheredWeight", "GatheredDispatch", "gathered_plan", "stored_as", "stored_parameter"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,32 @@ class GatheredDispatch:
 
 def stored_parameter(node: fx.Node | None, swapped: bool = False) -> fx.Node | None:
     """The parameter (``get_attr``) ``node`` is, or is a view of in another shape (as ``param.view(shape)``: the
-    same memory, in the same order), or, ``swapped``, with each expert's matrix transposed (``w.transpose(1, 2)``)."""
-    start, weight = node, value(node)
+    same memory, in the same order), or, ``swapped``, with each expert's matrix transposed (``w.transpose(1, 2)``);
+    also where the parameter is first copied (``w.bfloat16()``, ``w.to(x.dtype)``: see :func:`stored_as`)."""
+    found = stored_as(node, swapped)
+    return found[0] if found is not None else None
+
+
+def stored_as(node: fx.Node | None, swapped: bool = False) -> tuple[fx.Node, torch.Tensor] | None:
+    """``(parameter, what node views)`` for :func:`stored_parameter`: the parameter's value, or the copy of it that
+    the views between start from (``w.bfloat16().transpose(-2, -1)``; ``entries_copy``), followed back as the
+    parameter it copies."""
+    chain = []
     while node is not None and node.op != "get_attr":
+        chain.append(node)
         inputs = node.all_input_nodes
         node = inputs[0] if len(inputs) == 1 and isinstance(value(inputs[0]), torch.Tensor) else None
-    return node if node is not None and (node is start or reshaped_view(weight, value(node))
-                                         or swapped and swapped_view(weight, value(node))) else None
+    if node is None:
+        return None
+    base = value(node)
+    for copy in reversed(chain):
+        if not entries_copy(value(copy), base):
+            break
+        base = value(copy)
+    start = value(chain[0]) if chain else base
+    if start is base or reshaped_view(start, base) or swapped and swapped_view(start, base):
+        return node, base
+    return None
 
 
 def gathered_plan(block: nn.Module, graph: fx.Graph, output: object, routing: tuple[fx.Node, fx.Node],

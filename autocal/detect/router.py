@@ -155,6 +155,9 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     top_k, choices, selection = _expert_choice(graph, final, index) or (
         _chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
         or _k_of(final), value(scored).shape[-1], target_name(final))
+    top_p = _top_p(selections, (index, weights), ancestry)
+    if top_p is not None:
+        (fewest, top_k), selection = top_p
     return RouterInfo(
         module_path=_router_path(final, logits),
         scoring=scoring_ops[0] if scoring_ops else None,
@@ -167,7 +170,39 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         selection=selection,
         scored_after_selection=bool(scoring_nodes) and ancestry.is_ancestor(final, scoring_nodes[0]),
         sources={k: v for k, v in sources.items() if v},
+        dynamic_k=(fewest, top_k) if top_p is not None else None,
     )
+
+
+def _top_p(selections: list[fx.Node], routing: tuple[fx.Node, fx.Node],
+           ancestry: Ancestry) -> tuple[tuple[int, int], str] | None:
+    """``((fewest, most) experts per token, words)`` for a top-p choice: scores sorted, summed cumulatively
+    (``cumsum``) and compared with a number p, each token keeping its best experts until they reach p, so k varies
+    by token. The counts are read from the recorded routing weights over the experts after that comparison
+    (non-zero entries per row), whichever way the code compares or masks; None where the routing is no such choice.
+    """
+    sorts = [s for s in selections if target_name(s) in ("sort", "argsort")]
+    reached = [n for n in ancestry.nodes if any(n is end or ancestry.is_ancestor(n, end) for end in routing)]
+    for cumsum in (n for n in reached if target_name(n) == "cumsum" and any(ancestry.is_ancestor(s, n) for s in sorts)):
+        scores = value(next(s for s in sorts if ancestry.is_ancestor(s, cumsum)).args[0])
+        for compared in (n for n in reached if target_name(n) in _COMPARISONS and ancestry.is_ancestor(cumsum, n)):
+            p = _threshold(compared)
+            weights = [value(n) for n in reached if ancestry.is_ancestor(compared, n)
+                       and isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
+                       and value(n).shape == scores.shape]
+            if p is not None and weights and weights[-1].numel():
+                kept = (weights[-1].reshape(-1, scores.shape[-1]) != 0).sum(-1)
+                return (int(kept.min()), int(kept.max())), f"top-p (dynamic k, p={p:g})"
+    return None
+
+
+def _threshold(comparison: fx.Node) -> float | None:
+    """The number a comparison compares with: a Python float, or a 0-d tensor (a buffer holding p)."""
+    for arg in comparison.args:
+        number = value(arg)
+        if isinstance(number, float) or isinstance(number, torch.Tensor) and number.dim() == 0:
+            return float(number)
+    return None
 
 
 def _expert_choice(graph: fx.Graph, selection: fx.Node, index: fx.Node) -> tuple[int, int, str] | None:

@@ -30,6 +30,7 @@ class RouterInfo:
     sources: dict[str, str] = field(default_factory=dict)
     selection: str = "topk"
     scored_after_selection: bool = False
+    dynamic_k: tuple[int, int] | None = None  # a threshold choice (top-p): the fewest and most experts of a token
 
 
 @dataclass

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.modules import module as module_globals
 
 from ..coverage import add_tokens
@@ -39,7 +41,9 @@ class ExpertViews(nn.Module):
     ``"slot-sum"`` (``Linear(1, d)``). ``bias`` ``[E, out]``: each Linear's bias views its entry.
 
     Rows are counted for ``autocal.coverage`` where the Linears are called
-    (no counting hook: a hook would turn the plain, bitwise path off).
+    (no counting hook: a hook would turn the plain, bitwise path off). Rows of
+    another dtype than the weight (the block computes with a cast copy of it)
+    are computed in their dtype.
     """
 
     counts_tokens = True
@@ -73,10 +77,29 @@ class ExpertViews(nn.Module):
         """Expert ``expert``'s Linear on ``rows``: through its hooks unless ``observed`` leaves it out."""
         linear = self._modules[str(expert)]
         observed = self.__dict__.get("observed")  # None: every call is seen, else only these experts'
-        if observed is not None and expert not in observed:
-            return linear.forward(rows)
-        add_tokens(linear, rows.shape[0])
-        return linear(rows)
+        seen = observed is None or expert in observed
+        if seen:
+            add_tokens(linear, rows.shape[0])
+        run = linear if seen else linear.forward
+        return run(rows) if rows.dtype == linear.weight.dtype else _in_dtype_of(linear, run, rows)
+
+
+def _in_dtype_of(linear: nn.Linear, run: Callable, rows: torch.Tensor) -> torch.Tensor:
+    """``run`` (``linear``, or its forward without hooks) on ``rows`` of another dtype: the block casts its expert
+    weights before using them (``w.bfloat16()``, ``w.to(x.dtype)``), and the Linear still views the stored weight.
+
+    A plain Linear computes as the block does, with its weight and bias cast to the rows' dtype for the call
+    (its hooks see the rows the block's op got, and the cast weight). One whose forward was replaced (a
+    quantization framework's wrapper, an offloading hook) reads its weight its own way, which a swap for the call
+    would miss: it gets the rows converted to its weight's dtype, and its output is converted back, so the block's
+    output agrees within the rounding of the narrower dtype."""
+    if type(linear) is not nn.Linear or "forward" in linear.__dict__:
+        return run(rows.to(linear.weight.dtype)).to(rows.dtype)
+    cast = {name: getattr(linear, name).to(rows.dtype) for name in ("weight", "bias")
+            if getattr(linear, name) is not None}
+    if run is linear:
+        return functional_call(linear, cast, (rows,))
+    return F.linear(rows, cast["weight"], cast.get("bias"))
 
 
 @contextmanager

@@ -419,6 +419,18 @@ class SortedSplitMoE(nn.Module):
         return torch.zeros_like(t).index_add_(0, token, out).reshape(x.shape)
 
 
+class OptionalMaskMoE(SortedSplitMoE):
+    """Training framework: an optional padding mask, made of ones from the token count where none is given
+    (``torch.ones(t.shape[0])``: a recording holds the number, not the shape it came from), zeroing padded rows
+    before routing; then the sorted split loop."""
+
+    def forward(self, x, padding_mask=None):
+        t = x.reshape(-1, x.shape[-1])
+        if padding_mask is None:
+            padding_mask = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+        return super().forward(t * padding_mask.reshape(-1, 1)).reshape(x.shape)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Pure-torch stand-in for a grouped matmul: rows ``offsets[i-1]:offsets[i]`` times ``w[i]``."""
     out = x.new_empty(x.shape[0], w.shape[-1])
@@ -515,6 +527,39 @@ class FusedGroupedMoE(nn.Module):
         order = torch.argsort(indices.reshape(-1), stable=True)
         token = order // TOP_K
         out = self.experts(t[token], counts) * scores.reshape(-1)[order, None].to(t.dtype)
+        combined = torch.zeros_like(t).scatter_add(0, token[:, None].expand(-1, t.shape[-1]), out)
+        return combined.reshape(x.shape)
+
+
+def aligned_layout(counts: torch.Tensor, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, padded counts)``: each expert's rows (sorted by expert, ``counts`` of them) followed by ``-1`` up to
+    a multiple of ``alignment`` (at least one), as a grouped matmul kernel wants them; ``-1`` picks a zero row
+    appended after the real ones."""
+    padded = ((counts + alignment - 1) // alignment * alignment).clamp(min=alignment)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(int(padded.sum())) - torch.repeat_interleave(torch.cumsum(padded, 0) - padded, padded)
+    expert = torch.repeat_interleave(torch.arange(len(counts)), padded)
+    index = torch.where(slot < counts[expert], first[expert] + slot, -1)
+    return index, padded
+
+
+class AlignedGroupedMoE(FusedGroupedMoE):
+    """Training framework (torchtitan style): rows sorted by expert, each expert's rows padded with zero rows to a
+    multiple of 8 for the grouped matmul kernel, the padding dropped after it."""
+
+    alignment = 8
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        scores, indices, counts = self.router(t)
+        order = torch.argsort(indices.reshape(-1), stable=True)
+        token = order // TOP_K
+        rows = torch.vstack((t[token], t.new_zeros(t.shape[-1])))
+        index, padded = aligned_layout(counts.long(), self.alignment)
+        out = self.experts(rows[index], padded)
+        unpadded = out.new_zeros(rows.shape)
+        unpadded[index] = out
+        out = unpadded[:-1] * scores.reshape(-1)[order, None].to(t.dtype)
         combined = torch.zeros_like(t).scatter_add(0, token[:, None].expand(-1, t.shape[-1]), out)
         return combined.reshape(x.shape)
 
@@ -1757,6 +1802,11 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 (4,), DetachedScaledInputsMoE),
     CorpusEntry("stacked_then_topk", f"{_RESEARCH}: every expert on every token, outputs stacked, combined by a "
                 "top-k gate matrix", (), StackedThenTopKMoE),
+    CorpusEntry("aligned_grouped_mm", f"{_TRAINING}: each expert's sorted rows padded with zero rows to a multiple "
+                "of 8 for F.grouped_mm (permute indices with -1 for a zero row), unpadded after", (3,),
+                AlignedGroupedMoE),
+    CorpusEntry("optional_mask_ones", f"{_TRAINING}: no padding mask given, one made by torch.ones(t.shape[0]), "
+                "rows sorted by expert, a split loop", (3,), OptionalMaskMoE),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),

@@ -38,10 +38,10 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
            "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
-           "ThresholdChoiceMoE",
+           "ThresholdChoiceMoE", "TopPChoiceMoE",
            "ScoredInputsMoE", "TwoLevelMoE",
            "TupleIndexMoE", "ExpertIdProjection", "ExpertIdMoE", "DecodeGatherMoE", "GroupedWeights",
-           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
+           "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "CastGroupedMoE", "WholeContractionMoE", "MaskedModalityMoE",
            "PrefixSplitMoE",
            "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
            "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE"]
@@ -712,6 +712,38 @@ class ThresholdChoiceMoE(nn.Module):
         return out.view_as(x)
 
 
+class TopPChoiceMoE(nn.Module):
+    """Top-p (dynamic k) routing: each token keeps its best experts until their probabilities reach ``p``, so k
+    varies by token. ``spelling`` "kept": a kept mask (``cumsum - probs < p``) scattered back to the experts,
+    weights the probabilities it keeps; "removed": the sorted probabilities past ``p`` (``cumsum > p``, shifted
+    right so the best stays) filled with 0, renormalised and scattered back."""
+
+    def __init__(self, hidden=16, experts=6, p=0.6, spelling="kept"):
+        super().__init__()
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(ProjExpert(hidden) for _ in range(experts))
+        self.p, self.spelling = p, spelling
+
+    def _weights(self, probs):
+        ranked, order = probs.sort(-1, descending=True)
+        if self.spelling == "kept":
+            kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < self.p)
+            return probs * kept
+        removed = ranked.cumsum(-1) > self.p
+        removed = torch.cat([torch.zeros_like(removed[:, :1]), removed[:, :-1]], dim=-1)
+        ranked = ranked.masked_fill(removed, 0.0)
+        return torch.zeros_like(probs).scatter(-1, order, ranked / ranked.sum(-1, keepdim=True))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights = self._weights(self.router(flat).softmax(-1))
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows = (weights[:, e] > 0).nonzero().squeeze(-1)
+            out.index_add_(0, rows, weights[rows, e, None] * expert(flat[rows]))
+        return out.view_as(x)
+
+
 class ScoredInputsMoE(nn.Module):
     """Every expert on every token, its input multiplied by the token's score for it if chosen by the top-k, else
     by zero: no dispatch a specialised rule reads; the last resort forces the top-k.
@@ -916,6 +948,51 @@ class GroupedWeightsMoE(nn.Module):
         order = idx.reshape(-1).argsort(stable=True)
         counts = torch.bincount(idx.reshape(-1), minlength=self.router.out_features)
         out = self.mlp(t[order // self.k], counts) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
+
+
+def _cast(w: torch.Tensor, spelling: str, x: torch.Tensor) -> torch.Tensor:
+    """Expert weights cast before use, as training code writes it (``x`` already in the dtype computed in)."""
+    return {"bfloat16": lambda: w.bfloat16(), "to_dtype": lambda: w.to(x.dtype), "half": lambda: w.half(),
+            "float": lambda: w.float(), "detach_contiguous": lambda: w.detach().contiguous()}[spelling]()
+
+
+class CastGroupedMoE(nn.Module):
+    """torchtitan's grouped experts in a model of another dtype: rows sorted by expert, cast to ``dtype``, and
+    ``F.grouped_mm`` with packed ``[E, out, in]`` weights cast the same way (``w.bfloat16()``, ``w.to(x.dtype)``)
+    and transposed; the output cast back. ``gather``: each token's chosen experts' weights gathered from the cast
+    copy (``w.to(x.dtype)[idx]``) and contracted by einsum instead (gpt-fast's pattern)."""
+
+    def __init__(self, spelling: str = "bfloat16", dtype: torch.dtype = torch.bfloat16, gather: bool = False,
+                 hidden: int = 16, width: int = 32, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.spelling, self.dtype, self.gather, self.k = spelling, dtype, gather, k
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w3 = nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        w1, w2, w3 = (_cast(w, self.spelling, rows).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(F.grouped_mm(rows, w1, offs=offsets)) * F.grouped_mm(rows, w3, offs=offsets)
+        return F.grouped_mm(h, w2, offs=offsets)
+
+    def _gathered(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        rows = t.to(self.dtype)
+        w1, w2, w3 = (_cast(w, self.spelling, rows)[idx] for w in (self.w1, self.w2, self.w3))
+        h = F.silu(torch.einsum("ti,tkoi->tko", rows, w1)) * torch.einsum("ti,tkoi->tko", rows, w3)
+        return torch.einsum("tko,tkio->tki", h, w2).to(t.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        if self.gather:
+            return torch.einsum("tki,tk->ti", self._gathered(t, idx), weights).view_as(x)
+        order = idx.reshape(-1).argsort(stable=True)
+        rows = t[order // self.k].to(self.dtype)
+        out = self._grouped(rows, torch.bincount(idx.reshape(-1), minlength=self.router.out_features))
+        out = out.to(t.dtype) * weights.reshape(-1)[order, None]
         return torch.zeros_like(t).index_add_(0, order // self.k, out).view_as(x)
 
 
@@ -1158,6 +1235,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("token_by_token", "recorded-block", _seeded(TokenByTokenMoE), (1, 9, 16)),
     Pattern("sort_then_first_k", "recorded-block", _seeded(SortedChoiceMoE), (1, 9, 16)),
     Pattern("kthvalue_threshold", "recorded-block", _seeded(ThresholdChoiceMoE), (1, 9, 16)),
+    *(Pattern(f"top_p_{spelling}", "block", _seeded(lambda spelling=spelling: TopPChoiceMoE(spelling=spelling)),
+              (1, 9, 16)) for spelling in ("kept", "removed")),
     Pattern("grouped_gemm", "sorted", _seeded(GroupedGemmMoE), (2, 9, 8)),
     Pattern("mixture_of_heads", "sorted", _seeded(lambda: MixtureOfHeadsAttention(experts=5, k=2)), (7, 8)),
     Pattern("gathered_ffn", "gathered", _seeded(GatheredMoE)),
@@ -1189,6 +1268,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("prefix_split", "recorded-block", _seeded(PrefixSplitMoE), (2, 7, 16)),
     Pattern("switch_capacity_bmm", "gathered", _seeded(SwitchCapacityMoE), (2, 9, 16)),
     Pattern("bias_first_baddbmm", "gathered", _seeded(BiasFirstMoE)),
+    Pattern("cast_grouped_mm", "gathered", _seeded(CastGroupedMoE)),
+    Pattern("cast_gathered", "gathered", _seeded(lambda: CastGroupedMoE("to_dtype", gather=True))),
     _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),

@@ -48,7 +48,25 @@ def _by_segments(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
     out = rows.new_zeros(rows.shape[0], weight.shape[-1], dtype=dtype)
     start = 0
     for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            out[start:end] = (rows[start:end] @ weight[expert]).to(dtype)
+        kept = _not_padding(rows[start:end])
+        if kept.numel():
+            out[start + kept] = (rows[start + kept] @ weight[expert]).to(dtype)
         start = end
     return out
+
+
+def _not_padding(segment: torch.Tensor) -> torch.Tensor:
+    """The rows of one expert's segment that are not all zeros.
+
+    Training frameworks pad each expert's rows with zero rows to a multiple of
+    an alignment before a grouped matmul (torchtitan's permute indices), and drop
+    them after. Those rows are no tokens: a zero row gives a zero row (no bias
+    here), so leaving it out changes no output, and it keeps what the experts'
+    Linears observe to tokens. Seen by a static observer, zero rows would pull
+    an activation mean (AWQ) towards zero, widen a min/max to include 0, count
+    in a Hessian's token total (GPTQ) and in the coverage counts; an expert with
+    no token routed to it would look calibrated by its padding alone. A real
+    token whose row is all zeros is left out too; the coverage check then
+    reports it.
+    """
+    return segment.ne(0).any(-1).nonzero().squeeze(-1)

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .decompose import decomposition
 from .record import flat_args, value
 
-__all__ = ["BIAS", "SWAPPED", "gathered_index", "reshaped_view", "same_entries", "split_pieces", "splits_as_views",
+__all__ = ["BIAS", "SWAPPED", "entries_copy", "gathered_index", "reshaped_view", "same_entries", "split_pieces", "splits_as_views",
            "swapped_view",
            "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
 
@@ -128,6 +128,8 @@ class GatherTracker(TorchFunctionMode):
                 self.wholes[id(out)] = (out, key)
                 if id(tensors[0]) not in self.wholes and swapped_view(out, tensors[0]):
                     self.swapped.add(id(out))
+            elif id(tensors[0]) not in self.wholes and entries_copy(out, tensors[0]):  # ``w.bfloat16()``
+                self.views[id(out)] = (out, key)
             return out
         marked = [a for a in tensors if id(a) in self.marks]
         if len(marked) == 1 and len(tensors) == 1:  # a view of the gathered weights
@@ -194,6 +196,18 @@ def swapped_view(out: object, weight: torch.Tensor) -> bool:
             and tuple(out.shape) == (weight.shape[0], weight.shape[2], weight.shape[1])
             and out.stride() == (weight.stride(0), weight.stride(2), weight.stride(1))
             and out.storage_offset() == weight.storage_offset())
+
+
+def entries_copy(out: object, weight: torch.Tensor) -> bool:
+    """Is ``out`` ``weight``'s entries in its shape, cast to another dtype, moved or copied (``w.bfloat16()``,
+    ``w.to(x.dtype)``, ``w.float()``, ``w.contiguous()``, ``w.detach()``, ``w.to(device)``)? Checked on the values
+    of its first and last entries along the first dimension (one expert's each, not a second copy of all): they
+    equal ``weight``'s converted to its dtype and device. Such a copy of expert weights is attributed to the weights
+    it copies; the experts' Linears then compute in the copy's dtype."""
+    if not (isinstance(out, torch.Tensor) and out is not weight and out.shape == weight.shape and out.dim()
+            and out.is_floating_point() and weight.is_floating_point()):
+        return False
+    return all(torch.equal(out[i], weight[i].to(dtype=out.dtype, device=out.device)) for i in {0, len(out) - 1})
 
 
 def same_entries(out: object, weight: torch.Tensor) -> bool:

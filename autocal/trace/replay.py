@@ -40,6 +40,7 @@ class Replay:
         given, substitute = given or {}, substitute or {}
         varying = self._descendants(frozenset(given) | frozenset(substitute))
         memo = dict(given)
+        resized = self._resized(bound)
 
         def evaluate(n: fx.Node):
             cache = memo if n in varying else shared
@@ -56,11 +57,32 @@ class Replay:
                 if n in substitute:
                     position, replacement = substitute[n]
                     args[position] = replacement
+                if _made_from_numbers(n):
+                    args = _made_for(args, value(n), resized)
                 result = _call(n, args, fx.node.map_arg(n.kwargs, evaluate))
             cache[n] = result
             return result
 
         return evaluate(node) if isinstance(node, fx.Node) else fx.node.map_arg(node, evaluate)
+
+    def _resized(self, bound: dict[str, Any]) -> dict[int, int]:
+        """Each size of the recorded inputs (a dimension, or the product of leading ones) that the new inputs
+        change, to its new value. A size two of them share but change differently is the token count's (all but
+        the last dimension: blocks flatten their tokens) where that is one of them, else left out; so are sizes
+        of 1."""
+        found: dict[int, set[int]] = {}
+        tokens: dict[int, set[int]] = {}
+        for node in self.graph.nodes:
+            recorded, new = (value(node), bound.get(node.target)) if node.op == "placeholder" else (None, None)
+            if isinstance(recorded, torch.Tensor) and isinstance(new, torch.Tensor) and recorded.dim() == new.dim():
+                for old_size, new_size in zip(_sizes(recorded.shape), _sizes(new.shape)):
+                    found.setdefault(old_size, set()).add(new_size)
+                if recorded.dim() > 1:
+                    tokens.setdefault(math.prod(recorded.shape[:-1]), set()).add(math.prod(new.shape[:-1]))
+        for old, news in found.items():
+            if len(news) > 1 and len(tokens.get(old, ())) == 1:
+                found[old] = set(tokens[old])
+        return {old: news.pop() for old, news in found.items() if len(news) == 1 and old > 1 and old not in news}
 
     def _descendants(self, roots: frozenset) -> set[fx.Node]:
         if roots not in self._varying:
@@ -75,6 +97,32 @@ class Replay:
 _VIEWS = {"view", "reshape"}
 
 
+def _sizes(shape: torch.Size) -> list[int]:
+    """A shape's dimensions, then the products of its leading ones."""
+    return [*shape, *(math.prod(shape[:i]) for i in range(2, len(shape)))]
+
+
+def _made_from_numbers(n: fx.Node) -> bool:
+    """Is ``n`` a tensor made from numbers (``torch.ones(t.shape[0])``, ``torch.arange(n)``), or from numbers and
+    the dtype and device of a tensor (``t.new_ones(t.shape[0])``)?"""
+    numbers_alone = not n.all_input_nodes
+    like = getattr(n.target, "__name__", "").startswith("new_") and len(n.all_input_nodes) == 1
+    return (numbers_alone or like) and isinstance(value(n), torch.Tensor)
+
+
+def _made_for(args: list, recorded: torch.Tensor, resized: dict[int, int]) -> list:
+    """The arguments of a tensor made from numbers (``torch.ones(t.shape[0])``: the recording holds the number,
+    not where it came from) for the new inputs: where they spell the recorded tensor's shape (its sizes one by
+    one, as ``ones(n, 1)``, or as one tuple, as ``full((n,), v)``), each size that is one of the recorded inputs'
+    becomes that size of the new inputs. Numbers that do not spell the shape (a fill value, data) stay."""
+    shape = list(recorded.shape)
+    numbers = [a for a in args if not isinstance(a, torch.Tensor)]  # past the tensor of ``t.new_ones(n)``
+    if numbers == shape and all(isinstance(a, int) and not isinstance(a, bool) for a in numbers):
+        return [a if isinstance(a, torch.Tensor) else resized.get(a, a) for a in args]
+    return [(list if isinstance(a, list) else tuple)(resized.get(i, i) for i in a)
+            if isinstance(a, (tuple, list)) and list(a) == shape else a for a in args]
+
+
 def _call(n: fx.Node, args: list, kwargs: dict) -> Any:
     """``n``'s op on new arguments. A view or reshape merges the dimensions the recorded one merged, whatever
     sizes the recording baked in (``x.view(s * b, h)`` with ``s, b, h = x.shape``); any error is an
@@ -85,10 +133,29 @@ def _call(n: fx.Node, args: list, kwargs: dict) -> Any:
     try:
         return n.target(*args, **kwargs)
     except Exception as error:
+        made = _made_before(n)
+        baked = "the recording baked in a number that the inputs decide" if made is None else (
+            f"it uses a tensor made from numbers (`{getattr(made.target, '__name__', made.target)}` at "
+            f"{made.meta.get('source')}) whose size the recording holds and autocal could not tie to the inputs' "
+            "sizes: make it from the inputs (torch.ones_like(x[..., 0]) for torch.ones(x.shape[0]))")
         raise errors.AutocalError(
             errors.UNSUPPORTED_DISPATCH, f"the block's dispatch, recorded on other inputs, does not run again on "
-            f"these: `{getattr(n.target, '__name__', n.target)}` fails ({type(error).__name__}: {error}); the "
-            f"recording baked in a number that the inputs decide", source=n.meta.get("source")) from error
+            f"these: `{getattr(n.target, '__name__', n.target)}` fails ({type(error).__name__}: {error}); {baked}",
+            source=n.meta.get("source")) from error
+
+
+def _made_before(n: fx.Node) -> fx.Node | None:
+    """The last tensor made from numbers among the nodes ``n`` is computed from."""
+    seen, stack, found = set(), [n], []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        found += [node] if _made_from_numbers(node) else []
+        stack.extend(node.all_input_nodes)
+    order = {node: i for i, node in enumerate(n.graph.nodes)}
+    return max(found, key=order.get, default=None)
 
 
 def regrouped(before: tuple[int, ...], after: tuple[int, ...], new: tuple[int, ...]) -> tuple[int, ...] | None:
