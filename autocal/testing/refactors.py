@@ -167,11 +167,11 @@ class SeparateProjExperts(nn.Module):
 
 class GatheredRouteExperts(_PackedExperts):
     """Compile-friendly experts: no data-dependent Python branch; each route gathers its expert's weights, bmm,
-    and the routes are scattered back (``index_add``)."""
+    and the routes are scattered back (``index_add``); sentinel expert ids clamped in range (their weights are 0)."""
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         k = top_k_index.shape[-1]
-        experts = top_k_index.reshape(-1)
+        experts = top_k_index.reshape(-1).clamp(0, self.num_experts - 1)
         token = torch.arange(experts.numel(), device=experts.device) // k
         h = torch.bmm(self.gate_up_proj[experts], hidden_states[token].unsqueeze(-1)).squeeze(-1)
         gate, up = h.chunk(2, dim=-1)
