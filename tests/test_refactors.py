@@ -22,8 +22,6 @@ from autocal.testing.refactors import HIDDEN, VARIANTS, implementations
 KNOWN_FAILURES = {
     **{("route_rows", impl): "each route's copy of a token is a row of its own: the experts see every token k times "
        "and explain reports k = 1" for impl in ("eager", "batched_mm", "grouped_mm")},
-    ("masked_dense", "eager"): "an expert weighted by a mask of the routing is refused: 'an expert uses the routing "
-                               "weights in more than one form'",
 }
 
 CASES = [pytest.param(name, impl, id=f"{name}-{impl}",
