@@ -22,6 +22,8 @@ from autocal.testing.refactors import HIDDEN, VARIANTS, implementations
 KNOWN_FAILURES = {
     **{("route_rows", impl): "each route's copy of a token is a row of its own: the experts see every token k times "
        "and explain reports k = 1" for impl in ("eager", "batched_mm", "grouped_mm")},
+    ("masked_inputs", "eager"): "every expert's batch holds every token, the unrouted rows zeroed by a 0/1 mask inside "
+                                "the experts module: refused ('not called with one dispatched tensor')",
 }
 
 CASES = [pytest.param(name, impl, id=f"{name}-{impl}",

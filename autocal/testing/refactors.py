@@ -123,6 +123,22 @@ def _backend(cls: type) -> type:
 BackendExperts = _backend(_PackedExperts) if ALL_EXPERTS_FUNCTIONS is not None else PackedExperts
 
 
+class KeywordExperts(PackedExperts):
+    """Experts with an optional argument after the routing (a per-call flag a release might add)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, expert_parallel_mask=None):
+        if expert_parallel_mask is not None:
+            top_k_weights = top_k_weights * expert_parallel_mask
+        return super().forward(hidden_states, top_k_index, top_k_weights)
+
+
+class RoutingObjectExperts(_PackedExperts):
+    """Experts reading the routing from the router's output object (``routing.top_k_index``...)."""
+
+    def forward(self, hidden_states, routing):
+        return super().forward(hidden_states, routing.top_k_index, routing.top_k_weights)
+
+
 class RoutingMapExperts(nn.Module):
     """Experts given a dense ``[tokens, experts]`` routing map (zero where not routed) instead of indices."""
 
@@ -191,6 +207,19 @@ class MaskedDenseExperts(_PackedExperts):
             gate, up = F.linear(hidden_states, self.gate_up_proj[expert]).chunk(2, dim=-1)
             final = final + F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * weight
         return final
+
+
+class MaskedInputsExperts(_PackedExperts):
+    """Compile-friendly experts: every expert's batch holds every token, the rows not routed to it zeroed, one bmm
+    per projection over ``[E, T, H]``, outputs combined by a dense weight map."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        routed = F.one_hot(top_k_index, self.num_experts).to(hidden_states.dtype)  # [T, k, E]
+        dense_weights = (routed * top_k_weights.unsqueeze(-1)).sum(1).transpose(0, 1)  # [E, T]
+        inputs = hidden_states.unsqueeze(0) * routed.sum(1).transpose(0, 1).unsqueeze(-1)  # [E, T, H]
+        gate, up = torch.bmm(inputs, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))  # [E, T, H]
+        return (out * dense_weights.unsqueeze(-1)).sum(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,6 +336,10 @@ class MaskedDenseBlock(_Block):
     experts_class = MaskedDenseExperts
 
 
+class MaskedInputsBlock(_Block):
+    experts_class = MaskedInputsExperts
+
+
 class ScoreBeforeExpertsBlock(_Block):
     """Top-1 routing whose sigmoid score scales the token before the experts, which apply unit weights."""
 
@@ -359,6 +392,55 @@ class LogitsRouterBlock(_Block):
         weights, indices = probs.topk(TOP_K, dim=-1, sorted=False)
         weights = (weights / weights.sum(-1, keepdim=True)).to(hidden_states.dtype)
         return self.experts(hidden_states, indices, weights)
+
+
+@dataclass
+class RouterOutput:
+    """A router's outputs as one object, as transformers' model outputs are."""
+
+    router_logits: torch.Tensor
+    top_k_weights: torch.Tensor
+    top_k_index: torch.Tensor
+
+
+class ObjectRouter(TopKRouter):
+    def forward(self, hidden_states):
+        return RouterOutput(*super().forward(hidden_states))
+
+
+class RouterObjectBlock(_Block):
+    """The router returns a dataclass; the block reads its fields by name."""
+
+    def __init__(self, implementation: str = "eager"):
+        super().__init__(implementation)
+        self.gate = ObjectRouter(self.config)
+
+    def route(self, hidden_states):
+        routing = self.gate(hidden_states)
+        return self.experts(hidden_states, routing.top_k_index, routing.top_k_weights)
+
+
+class KeywordExpertsBlock(_Block):
+    """The experts called by keyword, with an optional argument beyond the routing (left at its default)."""
+
+    experts_class = KeywordExperts
+
+    def route(self, hidden_states):
+        _, weights, indices = self.gate(hidden_states)
+        return self.experts(top_k_weights=weights, top_k_index=indices, hidden_states=hidden_states)
+
+
+class RoutingObjectExpertsBlock(_Block):
+    """The experts given the router's output object whole."""
+
+    experts_class = RoutingObjectExperts
+
+    def __init__(self, implementation: str = "eager"):
+        super().__init__(implementation)
+        self.gate = ObjectRouter(self.config)
+
+    def route(self, hidden_states):
+        return self.experts(hidden_states, self.gate(hidden_states))
 
 
 ZERO_EXPERTS = 2
@@ -426,6 +508,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             GatheredRouteBlock, _EAGER),
     Variant("masked_dense", "compile-friendly experts: static loop, every expert on every token, masked weights",
             MaskedDenseBlock, _EAGER),
+    Variant("masked_inputs", "compile-friendly experts: every expert's batch holds every token, unrouted rows "
+            "zeroed, bmm over [E, T, H]", MaskedInputsBlock, _EAGER),
     Variant("score_before_experts", "a top-1 sigmoid score applied to the experts' input, unit weights after",
             ScoreBeforeExpertsBlock, top_k=1),
     Variant("route_rows", "the routing weight applied to each route's copy of its token, one route per row",
@@ -434,5 +518,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("logits_router", "a Linear router; softmax and an unsorted top-k in the block", LogitsRouterBlock),
     Variant("zero_experts_in_block", "identity experts handled in the block by index remapping",
             ZeroExpertsBlock, num_experts=EXPERTS + ZERO_EXPERTS),
+    Variant("router_object", "the router returns a dataclass read by field", RouterObjectBlock),
+    Variant("keyword_experts", "experts called by keyword, with an optional extra argument", KeywordExpertsBlock),
+    Variant("routing_object_experts", "experts given the router's output object whole", RoutingObjectExpertsBlock,
+            _EAGER),
     Variant("sentinel_routes", "routes dropped through the sentinel expert index E", SentinelBlock, _EAGER),
 )}
