@@ -132,6 +132,28 @@ class KeywordExperts(PackedExperts):
         return super().forward(hidden_states, top_k_index, top_k_weights)
 
 
+class UnflattenedExperts(PackedExperts):
+    """Experts taking ``[batch, seq, ...]`` hidden states and routing, flattening them themselves."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        k, dim = top_k_index.shape[-1], hidden_states.shape[-1]
+        out = super().forward(hidden_states.reshape(-1, dim), top_k_index.reshape(-1, k), top_k_weights.reshape(-1, k))
+        return out.view_as(hidden_states)
+
+
+class Int32Experts(_PackedExperts):
+    """Compile-friendly experts given int32 expert ids (as grouped kernels take them), rows found by ``==``."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        final = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = torch.nonzero(top_k_index == expert, as_tuple=True)
+            gate, up = F.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            final.index_add_(0, token, out * top_k_weights[token, slot, None])
+        return final
+
+
 class RoutingObjectExperts(_PackedExperts):
     """Experts reading the routing from the router's output object (``routing.top_k_index``...)."""
 
@@ -443,6 +465,26 @@ class RoutingObjectExpertsBlock(_Block):
         return self.experts(hidden_states, self.gate(hidden_states))
 
 
+class UnflattenedBlock(_Block):
+    """Neither the hidden states nor the routing flattened in the block: ``[batch, seq, k]`` indices."""
+
+    experts_class = UnflattenedExperts
+
+    def forward(self, hidden_states):
+        _, weights, indices = self.gate(hidden_states)
+        shape = (*hidden_states.shape[:-1], -1)
+        out = self.experts(hidden_states, indices.view(shape), weights.view(shape))
+        return out + self.shared_expert(hidden_states)
+
+
+class Int32IndicesBlock(_Block):
+    experts_class = Int32Experts
+
+    def route(self, hidden_states):
+        _, weights, indices = self.gate(hidden_states)
+        return self.experts(hidden_states, indices.to(torch.int32), weights)
+
+
 ZERO_EXPERTS = 2
 
 
@@ -522,5 +564,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("keyword_experts", "experts called by keyword, with an optional extra argument", KeywordExpertsBlock),
     Variant("routing_object_experts", "experts given the router's output object whole", RoutingObjectExpertsBlock,
             _EAGER),
+    Variant("unflattened", "hidden states and routing passed [batch, seq, ...] to the experts", UnflattenedBlock),
+    Variant("int32_indices", "int32 expert ids, rows found by ==", Int32IndicesBlock, _EAGER),
     Variant("sentinel_routes", "routes dropped through the sentinel expert index E", SentinelBlock, _EAGER),
 )}
