@@ -76,7 +76,8 @@ def test_synthesize(name, impl):
 @pytest.mark.parametrize(("name", "impl"), CASES)
 def test_convert(name, impl, with_example):
     model = Holder(_build(name, impl))
-    example = {"hidden_states": torch.randn(2, 5, HIDDEN)} if with_example else None
+    hidden = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    example = {"hidden_states": hidden} if with_example else None
     autocal.convert(model, example_inputs=example)
     assert isinstance(model.block, MoECalibrationModule)
     _check((name, impl, Holder), model)
