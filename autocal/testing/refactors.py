@@ -1,8 +1,9 @@
 """MoE blocks as a future transformers release might write them (the next step of refactors seen from 5.17 to 5.25).
 
 Each block is a mutated copy, written here, of a transformers v5 sparse MoE block (a router module, a packed
-experts module called with the routing, shared experts): one kind of change that transformers has made to its MoE
-code between releases (``/work/future/CHANGES.md`` lists them), taken one step further. Experts that keep
+experts module called with the routing, shared experts): one kind of change that transformers made to its MoE
+code between 5.17 and 5.25 (router outputs reordered, routers split from blocks, experts rewritten for the
+decorator, sentinel ids, identity experts moved into the block...), taken one step further. Experts that keep
 transformers' runtime contract are decorated with its ``use_experts_implementation`` when it is installed, so that
 every block runs with each experts implementation (``eager``, ``batched_mm``, ``grouped_mm``) its layout allows.
 
