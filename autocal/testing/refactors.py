@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HIDDEN", "MoEOutput", "Variant", "VARIANTS", "implementations"]
+__all__ = ["HIDDEN", "ExpertsNormaliseBlock", "GatheredRouteBlock", "MaskedDenseBlock", "MoEOutput", "RouterOutput",
+           "RouterReorderedBlock", "RoutingMapBlock", "Variant", "VARIANTS", "implementations"]
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 6, 2
 ALL_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
