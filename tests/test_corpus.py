@@ -453,6 +453,15 @@ def _ref_detached_scaled_inputs(m, x):
     return out.view_as(x), gates
 
 
+def _ref_refactor(m, x):  # the refactor_* blocks: packed [E, 2I, H] / [E, H, I] SwiGLU experts, a shared expert
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T)
+    w, inter = m.experts, m.experts.down_proj.shape[-1]
+    experts = [functools.partial(_swiglu, w_gate=w.gate_up_proj[e, :inter].T, w_up=w.gate_up_proj[e, inter:].T,
+                                 w_down=w.down_proj[e].T) for e in range(gates.shape[1])]
+    return (_dense(t, gates, experts) + m.shared_expert(t)).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -500,6 +509,11 @@ REFERENCES = {
     "prenorm_experts": _ref_prenorm,
     "seq_first_aux": _ref_seq_first_aux,
     "engine_fused_layer": _ref_engine,
+    "refactor_router_reordered": _ref_refactor,
+    "refactor_experts_normalise": _ref_refactor,
+    "refactor_routing_map": _ref_refactor,
+    "refactor_gathered_routes": _ref_refactor,
+    "refactor_masked_dense": _ref_refactor,
     "split_per_expert": _ref_split_per_expert,
     "plain_layers": _ref_plain_layers,
     "detached_scaled_inputs": _ref_detached_scaled_inputs,

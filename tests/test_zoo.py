@@ -52,6 +52,21 @@ def test_zoo_architecture(name):
     assert result.passed, result.failure
 
 
+# Decorated experts of distinct layouts: transposed with biases and clamps (gpt_oss), transposed (aria), ungated
+# (nemotron_h), ungated transposed projections wrapped with a per-expert norm (ergo), identity experts remapped in
+# the block (longcat_flash), clamps in `_apply_gate` (step3p7), the usual [E, 2I, H] (qwen3_moe).
+IMPLEMENTED = ["aria", "ergo", "gpt_oss", "longcat_flash", "nemotron_h", "qwen3_moe", "step3p7"]
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("name", [n for n in IMPLEMENTED if n in zoo.moe_architectures()])
+def test_zoo_architecture_with_other_experts_implementations(name, implementation):
+    """transformers' default experts implementation is grouped_mm: convert(model) alone works on models built with
+    it and with batched_mm (calibration off bitwise against the eager experts, on within rounding)."""
+    result = run_architecture(name, given_inputs=False, experts_implementation=implementation)
+    assert result.passed, result.failure
+
+
 @pytest.mark.parametrize("name", sorted(UNBUILDABLE))
 def test_unbuildable_architecture_still_cannot_run(name):
     """A listed architecture is one whose own model fails before autocal runs; once it runs, it is a zoo row."""

@@ -184,6 +184,22 @@ def check_gather(rec: ExpertsRecording, expert: int, rows: fx.Node, routing: fx.
     return order
 
 
+def _orders_differ(rec: ExpertsRecording, expert: int) -> bool:
+    """Do the expert's routed tokens come in another order slot by slot than token by token (on the recording)?"""
+    index = value(rec.index).reshape(-1, value(rec.index).shape[-1])
+    return not torch.equal(torch.where(index.T == expert)[1], torch.where(index == expert)[0])
+
+
+def _row_order(rec: ExpertsRecording, slices: dict, ancestry: Ancestry, order: str) -> str:
+    """The rows' order read from the first expert whose routed tokens tell the two orders apart (``order``, the
+    first expert's, when none does: the recorded routing, a user's example, may not show it for the first)."""
+    expert = next((e for e in sorted(slices) if _orders_differ(rec, e)), None)
+    if expert is None or expert == min(slices):
+        return order
+    rows, _, routing, _ = expert_region(rec, weight_side(rec.graph, slices[expert]), ancestry)
+    return check_gather(rec, expert, rows, routing)
+
+
 def _recipe(node: fx.Node, slices: set[fx.Node], transform: Callable | None) -> Callable:
     """A function ``(container, e) -> Tensor`` that replays ``node`` for expert ``e``."""
 
@@ -348,6 +364,7 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter],
     rows, contribution, routing, region = expert_region(rec, side, ancestry)
     tail = route_tail(rec, contribution, ancestry) if routing is None else (None, [])
     order = check_gather(rec, min(slices), rows, routing) if slices else "slot-major"
+    order = _row_order(rec, slices, ancestry, order) if slices else order
     graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds, tail, ancestry)
     split_kinds = split_outputs(graph, linears)
     eliminate_dead_code(graph)

@@ -228,12 +228,37 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
                                   "experts", block_class=cls)
     num_experts = num_experts.pop()
+    if _every_token(rec.graph, gathers, (index, weights)):
+        return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, None),
+                             "sliced per expert, each slice on every token", "none: every expert already runs on "
+                             "every token", "by the block's own ops", {g[1]: source_of(g[0]) for g in gathers})
     choice, chosen = found_choice
     check_forced_routing(block, choice, (), bound, rec.output, value(chosen),
                          lambda: _rows_per_expert(block, found, num_experts), index)
     return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, choice),
                          "gathered by index", _forcing(choice), "by the block's own ops",
                          {g[1]: source_of(g[0]) for g in gathers if source_of(g[0])})
+
+
+def _every_token(graph: fx.Graph, gathers: list, routing: tuple[fx.Node, fx.Node]) -> bool:
+    """Are the expert weights sliced one expert at a time (``w[e]``), each slice contracted with features the
+    routing does not choose, a row for every token (a static loop over the experts, each run on every token, the
+    routing masking only its weight): every expert already sees every token?"""
+    if not all(isinstance(i, int) for _, _, i in gathers):
+        return False
+    ancestry = Ancestry(graph)
+    for gather, _, _ in gathers:
+        node = _viewed_weights(gather)
+        op = next(iter(node.users)) if node is not None else None
+        if op is None:
+            return False
+        features = [a for a in op.all_input_nodes if a is not node and isinstance(value(a), torch.Tensor)]
+        if len(features) != 1 or any(r is features[0] or ancestry.is_ancestor(r, features[0]) for r in routing):
+            return False
+        rows, tokens = value(features[0]), value(routing[0])
+        if rows.numel() // rows.shape[-1] != tokens.numel() // tokens.shape[-1]:  # rows chosen on the host
+            return False
+    return True
 
 
 def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:

@@ -38,7 +38,7 @@ def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> t
     dimension the ``k`` slots.
     """
     source = index
-    while target_name(source) in ("view", "reshape", "flatten", "contiguous") and isinstance(source.args[0], fx.Node):
+    while _hands_on(source):
         source = source.args[0]
     topk = source.args[0] if target_name(source) in ("getitem", "__getitem__") and source.args[1] == 1 else None
     if isinstance(topk, fx.Node) and target_name(topk) == "topk":
@@ -47,6 +47,19 @@ def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> t
     if unscored and index.op == "call_function" and is_int_tensor(index) and value(index).dim() >= 1:
         return ChoiceCall(index.target, _ordinal(graph, index), -1, value(index).shape[-1], scored=False), index
     return None
+
+
+def _hands_on(node: fx.Node) -> bool:
+    """Does ``node`` hand on its input's indices unchanged: a view, or an op of one index tensor whose recorded
+    output equals its input (a clamp of expert-parallel sentinels that clamped nothing: ``ids.clamp(0, E - 1)``)?"""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return False
+    if target_name(node) in ("view", "reshape", "flatten", "contiguous"):
+        return True
+    tensors = [a for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)]
+    return (tensors == [source] and is_int_tensor(node) and is_int_tensor(source)
+            and value(node).shape == value(source).shape and torch.equal(value(node), value(source)))
 
 
 def _ordinal(graph: fx.Graph, node: fx.Node) -> int:

@@ -47,6 +47,7 @@ from ..explain import explain
 from ..registry import MoECalibrationModule
 from ..verify import compare_outputs
 from .assertions import count_rows, expert_linears
+from . import refactors
 from .toy_moe import ToyMoEConfig, make_toy_block
 
 __all__ = [
@@ -1707,6 +1708,7 @@ _REFERENCE = "reference inference code of an open-weight MoE model"
 _TRAINING = "training framework grouped experts"
 _RESEARCH = "research library MoE layer"
 _REMOTE = "remote code of a hub model"
+_FUTURE = "a future transformers refactor"
 
 ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("deepseek_reference", f"{_REFERENCE}: custom Linear class (F.linear), a Gate module, "
@@ -1807,6 +1809,16 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 AlignedGroupedMoE),
     CorpusEntry("optional_mask_ones", f"{_TRAINING}: no padding mask given, one made by torch.ones(t.shape[0]), "
                 "rows sorted by expert, a split loop", (3,), OptionalMaskMoE),
+    CorpusEntry("refactor_router_reordered", f"{_FUTURE}: a router module returning (indices, weights, logits)", (),
+                refactors.RouterReorderedBlock),
+    CorpusEntry("refactor_experts_normalise", f"{_FUTURE}: the weights renormalised in the experts, before the "
+                "decorated experts run", (), refactors.ExpertsNormaliseBlock),
+    CorpusEntry("refactor_routing_map", f"{_FUTURE}: experts given a dense [tokens, experts] routing map", (),
+                refactors.RoutingMapBlock),
+    CorpusEntry("refactor_gathered_routes", f"{_FUTURE}: compile-friendly experts, W[ids] per route (ids clamped), "
+                "bmm(W, x[..., None]), index_add", (2,), refactors.GatheredRouteBlock),
+    CorpusEntry("refactor_masked_dense", f"{_FUTURE}: compile-friendly experts, a static loop running every expert "
+                "on every token, weighted by a mask of the routing", (4,), refactors.MaskedDenseBlock),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),

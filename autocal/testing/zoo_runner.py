@@ -21,6 +21,7 @@ from .. import errors
 from ..api import convert, restore
 from ..explain import explain
 from ..registry import MoECalibrationModule
+from ..trace.hf import eager_experts
 from ..verify import compare_outputs, counts_itself, rows_seen
 from . import zoo
 
@@ -108,20 +109,22 @@ def _coverage(model: nn.Module, run) -> tuple[str, bool]:
     return f"{covered}/{len(reached)}", covered == len(reached)
 
 
-def run_architecture(name: str, *, given_inputs: bool = True) -> ZooResult:
+def run_architecture(name: str, *, given_inputs: bool = True, experts_implementation: str = "eager") -> ZooResult:
     """Convert the zoo model ``name`` and check it; never raises.
 
     ``given_inputs``: autocal is given the zoo's example inputs (``zoo.example_inputs``); with False it is given
     none (``convert(model)`` alone, as a user would call it) and the inputs only serve to compare the outputs.
+    ``experts_implementation``: the one transformers' decorated experts run (``zoo.build_model``); the outputs are
+    compared with the model run with eager experts, which autocal's modules compute as (docs/how-it-works.md).
     """
     result = ZooResult(name)
     start = time.perf_counter()
     try:
-        model = zoo.build_model(name)
+        model = zoo.build_model(name, experts_implementation=experts_implementation)
         forward = zoo.forward_module(model)
         inputs = zoo.example_inputs(model)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with torch.no_grad():
+        with torch.no_grad(), eager_experts(model):
             reference = _logits(forward(**inputs))
     except Exception as error:  # before autocal runs: the architecture cannot be built or run here
         result.unbuildable = f"the original model fails: {_where(error)}"

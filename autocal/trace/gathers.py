@@ -236,6 +236,8 @@ def slot_features(features: torch.Tensor, slots: torch.Size) -> torch.Tensor | N
 def slot_inputs(orientation: str, features: torch.Tensor, slots: torch.Size, width: int) -> torch.Tensor | None:
     """Each slot's input to its expert's Linear, ``[*slots, in]``, from the contraction's other operand."""
     if orientation in ("linear", "matmul"):
+        if features.dim() >= 2 and features.shape[-1] == 1 and features.shape[-2] == width != 1:
+            features = features.squeeze(-1)  # column vectors, the weights first: bmm(W[index], x[..., None])
         return slot_features(features, slots)
     if orientation == "row":  # the features of each slot or of each token, in any layout of that size
         for leading in (tuple(slots), tuple(slots[:-1])):
