@@ -502,6 +502,7 @@ REFERENCES = {
     "plain_layers": _ref_plain_layers,
     "detached_scaled_inputs": _ref_detached_scaled_inputs,
     "stacked_then_topk": _ref_top_probs(lambda m: m.w_gate, lambda m: m.experts),
+    "keyword_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
 }
 
 

@@ -1594,6 +1594,36 @@ class StackedThenTopKMoE(nn.Module):
         return torch.einsum("te,teh->th", combine, outputs).view_as(x)
 
 
+class KeywordExpert(nn.Module):
+    """A user's expert whose forward names its input and takes the routing weight as a second argument."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.up = nn.Linear(dim, inter)
+        self.down = nn.Linear(inter, dim)
+
+    def forward(self, hidden_states=None, scale=1.0):
+        return self.down(F.silu(self.up(hidden_states))) * scale
+
+
+class KeywordExpertsMoE(nn.Module):
+    """A user's block calling its experts by keyword: ``expert(hidden_states=rows, scale=weights)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(KeywordExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk(self.gate(t).softmax(dim=-1), TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            token, slot = torch.where(chosen == e)
+            out[token] += self.experts[e](hidden_states=t[token], scale=weights[token, slot, None])
+        return out.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1760,6 +1790,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
+    CorpusEntry("keyword_experts", "a user's block: experts called by keyword, the routing weight handed in "
+                "(expert(hidden_states=rows, scale=weights))", (), KeywordExpertsMoE),
 )
 
 
