@@ -44,7 +44,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "WholeContractionMoE", "MaskedModalityMoE",
            "PrefixSplitMoE",
            "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
-           "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE"]
+           "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE", "SampledRoutingMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -1071,6 +1071,31 @@ class PaddedCapacityMoE(nn.Module):
         return (y[flat, position].view(-1, self.k, t.shape[-1]) * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class SampledRoutingMoE(nn.Module):
+    """Experts drawn at inference: ``torch.multinomial`` over the softmax, or, with ``noisy``, a top-k of logits
+    with noise added on every call (a training-time noisy gate left on in eval). No calibration forward can give
+    the experts the tokens a run routes to them: refused, naming the draw."""
+
+    def __init__(self, noisy: bool = False, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.noisy, self.k, self.router = noisy, k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        logits = self.router(t)
+        if self.noisy:
+            weights, idx = (logits + torch.randn_like(logits)).softmax(-1).topk(self.k, dim=-1)
+        else:
+            idx = torch.multinomial(logits.softmax(-1), self.k)
+            weights = logits.softmax(-1).gather(1, idx)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out[token] += weights[token, slot, None] * expert(t[token])
+        return out.view_as(x)
+
+
 class BiasFirstMoE(nn.Module):
     """Each slot's weights and biases gathered by the flattened choices and applied by ``baddbmm(b[idx][:, None],
     rows, W[idx])``: the bias, the first operand, reaches the contraction through a view."""
@@ -1192,6 +1217,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
+    _failing("multinomial_routing", errors.UNSUPPORTED_DISPATCH, SampledRoutingMoE),
+    _failing("noise_at_inference", errors.UNSUPPORTED_DISPATCH, lambda: SampledRoutingMoE(noisy=True)),
 ]}
 
 
