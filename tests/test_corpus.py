@@ -453,6 +453,13 @@ def _ref_detached_scaled_inputs(m, x):
     return out.view_as(x), gates
 
 
+def _ref_raw_router(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.router, renormalize=False)
+    experts = [lambda r, e=e: F.gelu(r @ m.w_up[e].T) @ m.w_down[e].T for e in range(m.w_up.shape[0])]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -503,6 +510,7 @@ REFERENCES = {
     "detached_scaled_inputs": _ref_detached_scaled_inputs,
     "stacked_then_topk": _ref_top_probs(lambda m: m.w_gate, lambda m: m.experts),
     "keyword_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "raw_router_own_weights": _ref_raw_router,
 }
 
 

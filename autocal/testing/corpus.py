@@ -1624,6 +1624,27 @@ class KeywordExpertsMoE(nn.Module):
         return out.view_as(x)
 
 
+class RawRouterMoE(nn.Module):
+    """Research code keeping every weight on the block: a raw ``[H, E]`` router multiplied in (``x @ router``), the
+    experts' ``[E, I, H]`` and ``[E, H, I]`` weights applied one expert at a time in a where loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.w_up = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w_down = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk((t @ self.router).softmax(dim=-1), TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            token, slot = torch.where(chosen == e)
+            h = F.gelu(F.linear(t[token], self.w_up[e]))
+            out[token] += weights[token, slot, None] * F.linear(h, self.w_down[e])
+        return out.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1792,6 +1813,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "einsum, silu_and_mul", (2,), EngineMoE),
     CorpusEntry("keyword_experts", "a user's block: experts called by keyword, the routing weight handed in "
                 "(expert(hidden_states=rows, scale=weights))", (), KeywordExpertsMoE),
+    CorpusEntry("raw_router_own_weights", f"{_RESEARCH}: a raw [H, E] router (x @ router) beside the block's own "
+                "[E, I, H] expert weights, a where loop", (2,), RawRouterMoE),
 )
 
 
