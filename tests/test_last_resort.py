@@ -140,6 +140,16 @@ def test_routing_drawn_at_random_is_refused_naming_the_draw(name, draw):
         assert draw in source.read().splitlines()[int(line) - 1]
 
 
+def test_experts_run_by_their_forward_method_are_refused_saying_how_to_call_them():
+    """``expert.forward(rows)`` runs the expert's weights but no module call: the error says so, not that the
+    forward never calls the experts (a no-moe-block error)."""
+    with pytest.raises(AutocalError) as caught:
+        autocal.synthesize(PATTERNS["direct_forward_calls"].make())
+    assert caught.value.kind == "unsupported-dispatch"
+    assert "runs the modules in `experts` without calling them" in caught.value.explanation
+    assert "`expert(x)`, not `expert.forward(x)`" in caught.value.hints[0]
+
+
 class ChosenByInputMoE(nn.Module):
     """Two expert sets, each token's set chosen by an input (``token_type_ids``), then a top-k in the set."""
 

@@ -144,6 +144,11 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     rec, _, calls = facts.memo("last-resort recording",
                                lambda: record_expert_calls(block, bound, entries, container))
     if not calls:
+        bypassed = _weights_used(rec.graph, name)
+        if bypassed is not None:  # ``expert.forward(x)``: the modules' weights run, their calls (and hooks) do not
+            return NoMatch(f"the forward runs the modules in `{name}` without calling them (`expert.forward(x)` "
+                           "skips module calls, and with them the hooks calibration needs)", source_of(bypassed),
+                           hints=(f"call the experts as modules: `expert(x)`, not `expert.forward(x)`",))
         return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
     draws = _random_draws(rec.graph, calls)
     if draws:
@@ -174,6 +179,12 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
 def _names(container: nn.Module, entries: list[nn.Module]) -> list[str]:
     names = {id(m): n for n, m in container.named_children()}
     return [names[id(e)] for e in entries]
+
+
+def _weights_used(graph: fx.Graph, name: str) -> fx.Node | None:
+    """The first op using a weight of a module in ``name`` (recorded where the module was not called as one)."""
+    weights = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(f"{name}.")]
+    return next((u for n in weights for u in n.users), None)
 
 
 def _random_draws(graph: fx.Graph, calls: list[fx.Node]) -> list[fx.Node]:

@@ -45,7 +45,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "PrefixSplitMoE",
            "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
            "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE", "SampledRoutingMoE",
-           "SoftSlotsMoE"]
+           "SoftSlotsMoE", "DirectForwardMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -1088,6 +1088,25 @@ class SoftSlotsMoE(nn.Module):
         return torch.einsum("besd,bnes->bnd", outputs, logits.flatten(2).softmax(dim=-1).view_as(logits))
 
 
+class DirectForwardMoE(nn.Module):
+    """Experts run as ``expert.forward(rows)``: no module call, so no hook on an expert fires (autocal's, or an
+    observer's on the expert); refused, saying how to call them."""
+
+    def __init__(self, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out[token] += weights[token, slot, None] * expert.forward(t[token])
+        return out.view_as(x)
+
+
 class SampledRoutingMoE(nn.Module):
     """Experts drawn at inference: ``torch.multinomial`` over the softmax, or, with ``noisy``, a top-k of logits
     with noise added on every call (a training-time noisy gate left on in eval). No calibration forward can give
@@ -1235,6 +1254,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
     _failing("soft_slots", NOT_AN_MOE, SoftSlotsMoE),
+    _failing("direct_forward_calls", errors.UNSUPPORTED_DISPATCH, DirectForwardMoE),
     _failing("multinomial_routing", errors.UNSUPPORTED_DISPATCH, SampledRoutingMoE),
     _failing("noise_at_inference", errors.UNSUPPORTED_DISPATCH, lambda: SampledRoutingMoE(noisy=True)),
 ]}
