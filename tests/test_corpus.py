@@ -514,6 +514,13 @@ def _ref_sparse_dispatcher(m, x):
     return _dense(t, gates, m.experts).view_as(x), gates
 
 
+def _ref_weights_handed_in(m, x):
+    t = _flat(x)
+    scores = torch.sigmoid(t @ m.gate.weight.T)
+    gates = torch.where(_top(scores), scores, 0)
+    return sum(expert(t, gates[:, e, None]) for e, expert in enumerate(m.experts)).view_as(x), gates
+
+
 def _ref_any_mask(m, x):
     t = _flat(x)
     gates = _softmax_of_top(t @ m.router.linear.weight.T + m.router.linear.bias)
@@ -577,6 +584,7 @@ REFERENCES = {
     "sparse_dispatcher": _ref_sparse_dispatcher,
     "any_mask_tutorial": _ref_any_mask,
     "lora_experts": _ref_lora,
+    "weights_handed_in": _ref_weights_handed_in,
 }
 
 

@@ -1888,6 +1888,36 @@ class LowRankExpertsMoE(nn.Module):
         return out.view_as(x)
 
 
+class InputScaledExpert(nn.Module):
+    """An expert handed its rows and their routing weights, which scale its input (no biases)."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.up = nn.Linear(dim, inter, bias=False)
+        self.down = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x, weights):
+        return self.down(F.silu(self.up(x * weights)))
+
+
+class WeightsHandedInMoE(nn.Module):
+    """A user's block handing each expert its routing weights: ``expert(rows, weights)``, the weights required."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(InputScaledExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk(torch.sigmoid(self.gate(t)), TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(t[token], weights[token, slot, None]))
+        return out.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2072,6 +2102,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 SparseDispatcherMoE),
     CorpusEntry("any_mask_tutorial", "a tutorial's block: top-k logits kept, -inf elsewhere, softmax; per expert "
                 "(indices == i).any(-1), final[mask] +=", (), AnyMaskMoE),
+    CorpusEntry("weights_handed_in", "a user's block: each expert handed its rows and their routing weights, "
+                "which scale its input (expert(rows, weights))", (), WeightsHandedInMoE),
     CorpusEntry("lora_experts", f"{_RESEARCH}: a mixture of LoRA experts over a base Linear every token takes",
                 (1,), LowRankExpertsMoE),
 )
