@@ -264,7 +264,8 @@ def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: lis
     if missing:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing the routing choice to every group of experts "
                                   f"never gives expert(s) {missing} all {tokens} tokens (a capacity that drops "
-                                  "tokens, or experts chosen by something besides the scores)", source=where) from failure
+                                  "tokens, a threshold that drops a chosen expert by its score, or experts chosen by "
+                                  "something besides the scores)", source=where) from failure
     return runs, taken, k
 
 
