@@ -521,6 +521,18 @@ def _ref_weights_handed_in(m, x):
     return sum(expert(t, gates[:, e, None]) for e, expert in enumerate(m.experts)).view_as(x), gates
 
 
+def _ref_dense_own_weights(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T)
+
+    def expert(e):
+        def run(rows):
+            gate, up = (rows @ m.w13[e].T).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ m.w2[e].T
+        return run
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
 def _ref_any_mask(m, x):
     t = _flat(x)
     gates = _softmax_of_top(t @ m.router.linear.weight.T + m.router.linear.bias)
@@ -585,6 +597,7 @@ REFERENCES = {
     "any_mask_tutorial": _ref_any_mask,
     "lora_experts": _ref_lora,
     "weights_handed_in": _ref_weights_handed_in,
+    "dense_own_weights": _ref_dense_own_weights,
 }
 
 

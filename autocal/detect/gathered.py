@@ -45,7 +45,7 @@ from ..trace.record import record
 from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, splits_as_views,
                              swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
-from ..trace.forcing import ChoiceCall
+from ..trace.forcing import ChoiceCall, fresh_inputs
 from .contracted import detect_contracted
 from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_parameter
 from .reroute import check_forced_routing, choice_call
@@ -229,11 +229,30 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
                                   "experts", block_class=cls)
     num_experts = num_experts.pop()
     choice, chosen = found_choice
+    if _every_row_everywhere(block, call, found, num_experts):
+        return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, None),
+                             "sliced per expert, every expert on every token", "none: every expert already runs on "
+                             "every token", "by the block's own ops", {g[1]: source_of(g[0]) for g in gathers
+                                                                      if source_of(g[0])})
     check_forced_routing(block, choice, (), bound, rec.output, value(chosen),
                          lambda: _rows_per_expert(block, found, num_experts), index)
     return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, choice),
                          "gathered by index", _forcing(choice), "by the block's own ops",
                          {g[1]: source_of(g[0]) for g in gathers if source_of(g[0])})
+
+
+def _every_row_everywhere(block: nn.Module, call: BlockCall, weights: list[GatheredWeight], num_experts: int) -> bool:
+    """Does every expert's slice of the first gathered weight take every token's row in the block's own forward
+    (``x @ w[e]`` on all tokens in a loop over the experts, the routing only in the weights that combine them),
+    also for one token (where a loop over the experts chosen would skip the others)?"""
+    runs = [(call.args, call.kwargs), one_token(call.args, call.kwargs)]
+    for args, kwargs in [(a, k) for a, k in runs if a is not None]:
+        hidden = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        with torch.no_grad(), _rows_per_expert(block, weights, num_experts) as counts:
+            block(*fresh_inputs(args), **fresh_inputs(kwargs))
+        if counts[0] != [hidden.numel() // hidden.shape[-1]] * num_experts:
+            return False
+    return True
 
 
 def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:

@@ -1918,6 +1918,29 @@ class WeightsHandedInMoE(nn.Module):
         return out.view_as(x)
 
 
+class DenseOwnWeightsMoE(nn.Module):
+    """An inference engine's torch-native fallback: the block's own ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` applied
+    to every token for every expert in turn, each output weighted by ``(topk_weights * (topk_ids == e)).sum(-1)``
+    (zero where the expert was not chosen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w13 = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        topk_weights, topk_ids = torch.topk(self.gate(t).softmax(dim=-1), TOP_K, dim=-1)
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            weight = (topk_weights * (topk_ids == e)).sum(dim=-1, keepdim=True)
+            gate, up = (t @ self.w13[e].t()).chunk(2, dim=-1)
+            out = out + (F.silu(gate) * up) @ self.w2[e].t() * weight
+        return out.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2104,6 +2127,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "(indices == i).any(-1), final[mask] +=", (), AnyMaskMoE),
     CorpusEntry("weights_handed_in", "a user's block: each expert handed its rows and their routing weights, "
                 "which scale its input (expert(rows, weights))", (), WeightsHandedInMoE),
+    CorpusEntry("dense_own_weights", "an inference engine's torch-native fallback: the block's own w13/w2 applied "
+                "to every token for every expert, weighted by (topk_weights * (topk_ids == e)).sum(-1)", (2, 4),
+                DenseOwnWeightsMoE),
     CorpusEntry("lora_experts", f"{_RESEARCH}: a mixture of LoRA experts over a base Linear every token takes",
                 (1,), LowRankExpertsMoE),
 )
