@@ -148,7 +148,7 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
         if bypassed is not None:  # ``expert.forward(x)``: the modules' weights run, their calls (and hooks) do not
             return NoMatch(f"the forward runs the modules in `{name}` without calling them (`expert.forward(x)` "
                            "skips module calls, and with them the hooks calibration needs)", source_of(bypassed),
-                           hints=(f"call the experts as modules: `expert(x)`, not `expert.forward(x)`",))
+                           hints=("call the experts as modules: `expert(x)`, not `expert.forward(x)`",))
         return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
     draws = _random_draws(rec.graph, calls)
     if draws:
