@@ -65,6 +65,11 @@ class Converter:
     decisions: dict[tuple, Decision] = field(default_factory=dict)  # every rule's verdict, per class
     not_moe: set[tuple] = field(default_factory=set)  # candidate classes the rules ruled out
 
+    def not_moe_reason(self, block: nn.Module) -> str:
+        """Why the rules ruled ``block``'s class out as an MoE (after ``analyse`` raised ``NotAnMoE`` for it)."""
+        decision = self.decisions[analysis_key(block)]
+        return next(v.reason for v in decision.verdicts if getattr(v.result, "not_moe", False))
+
     def analyse(self, block: nn.Module, call: BlockCall | None = None, twin: nn.Module | None = None) -> ClassAnalysis:
         """Analyse ``block``'s class once (on ``twin``, a runnable copy, when ``block`` is on the meta device)."""
         cls = analysis_key(block)
@@ -162,8 +167,7 @@ def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool
     try:
         return converter.build(block, config, call)
     except errors.NotAnMoE as error:  # a block given by name is an error, not a skip
-        decision = next(iter(converter.decisions.values()))
-        reason = next(v.reason for v in decision.verdicts if getattr(v.result, "not_moe", False))
+        reason = converter.not_moe_reason(block)
         raise errors.AutocalError(errors.NO_MOE_BLOCK, f"the rules show the module is no MoE block: {reason}",
                                   block_class=type(block).__name__) from error
 
@@ -216,6 +220,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
     blocks, calls, twin = locate_blocks(model, blocks, example_inputs, forward)
     config = getattr(model, "config", None)
     built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
+    ruled_out: list[str] = []  # candidates the rules show are no MoE, with the reason
     for path, block in _progress(blocks):
         if id(block) not in built:
             try:
@@ -223,6 +228,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                                                    twin.get_submodule(path) if twin else None)
             except errors.NotAnMoE:
                 built[id(block)] = None
+                ruled_out.append(f"{type(block).__name__} at `{path or '<root>'}`: {converter.not_moe_reason(block)}")
             except errors.AutocalError as error:
                 error = unreached(error, example_inputs, calls, path).with_context(
                     module_path=path, block_class=type(block).__name__)
@@ -242,7 +248,8 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
         warnings.warn(f"autocal: {len(skipped)} MoE block(s) left unconverted (strict=False): "
                       + "; ".join(str(s) for s in skipped), stacklevel=2)
     if not skipped and not any(isinstance(m, MoECalibrationModule) for m in model.modules()):
-        raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block",
+        raise errors.AutocalError(errors.NO_MOE_BLOCK, "the model holds no MoE block" + "".join(
+                                      f"; {line} (nothing to rewrite)" for line in ruled_out),
                                   block_class=type(model).__name__,
                                   hints=["autocal looks for a child module storing weights per expert, "
                                          "called with the indices of a top-k"])

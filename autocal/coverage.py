@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .registry import MoECalibrationModule
@@ -37,12 +38,12 @@ def count_tokens(expert: nn.Module, *, hook: bool = True) -> None:
     if not hook:
         return
 
-    def hook(module, args):
-        rows = args[0] if args else None
-        if rows is not None and hasattr(rows, "shape") and rows.dim():
+    def hook(module, args, kwargs):  # the rows: the first tensor, also where given by keyword
+        rows = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if rows is not None and rows.dim():
             module.__dict__[_COUNTER] += int(rows.numel() // rows.shape[-1])
 
-    expert.register_forward_pre_hook(hook)
+    expert.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @dataclass

@@ -82,9 +82,10 @@ def rows_seen(modules: list[nn.Module], counting_themselves: bool = False) -> It
         return
     handles = []
     for i, module in enumerate(modules):
-        def hook(_, args, i=i):
-            seen[i] += int(args[0].numel() // args[0].shape[-1])
-        handles.append(module.register_forward_pre_hook(hook))
+        def hook(_, args, kwargs, i=i):  # the rows: the first tensor, also where given by keyword
+            rows = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            seen[i] += int(rows.numel() // rows.shape[-1]) if rows is not None and rows.dim() else 0
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         yield seen
     finally:

@@ -125,6 +125,31 @@ def test_a_capacity_that_drops_forced_tokens_is_refused():
     assert "never gives expert(s) [0, 1, 2, 3] all" in str(caught.value)
 
 
+@pytest.mark.parametrize("name, draw", [("multinomial_routing", "multinomial"), ("noise_at_inference", "randn_like")])
+def test_routing_drawn_at_random_is_refused_naming_the_draw(name, draw):
+    """Experts chosen by sampling, or by scores with noise added at inference, route differently on every run: the
+    error names the random call and its line in the block, not a failed forcing or a missing top-k."""
+    pattern = PATTERNS[name]
+    with pytest.raises(AutocalError) as caught:
+        autocal.synthesize(pattern.make())
+    assert caught.value.kind == "unsupported-dispatch"
+    assert f"random numbers the forward draws ({draw})" in caught.value.explanation
+    path, line = caught.value.source.rsplit(":", 1)
+    assert path.endswith("patterns.py")
+    with open(path) as source:
+        assert draw in source.read().splitlines()[int(line) - 1]
+
+
+def test_experts_run_by_their_forward_method_are_refused_saying_how_to_call_them():
+    """``expert.forward(rows)`` runs the expert's weights but no module call: the error says so, not that the
+    forward never calls the experts (a no-moe-block error)."""
+    with pytest.raises(AutocalError) as caught:
+        autocal.synthesize(PATTERNS["direct_forward_calls"].make())
+    assert caught.value.kind == "unsupported-dispatch"
+    assert "runs the modules in `experts` without calling them" in caught.value.explanation
+    assert "`expert(x)`, not `expert.forward(x)`" in caught.value.hints[0]
+
+
 class ChosenByInputMoE(nn.Module):
     """Two expert sets, each token's set chosen by an input (``token_type_ids``), then a top-k in the set."""
 

@@ -300,3 +300,13 @@ def test_synthesize_states_a_module_the_rules_show_is_no_moe():
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.synthesize(PATTERNS["masked_encoder"].make())
     assert raised.value.kind == autocal.errors.NO_MOE_BLOCK and "no MoE block" in raised.value.explanation
+
+
+def test_a_model_whose_only_candidate_is_no_moe_is_told_why():
+    """A soft MoE (experts on softmax mixtures of every token, no choice among them) is no block to rewrite: convert
+    says the model holds none, naming the candidate it ruled out, where, and the rules' reason."""
+    with pytest.raises(autocal.AutocalError) as caught:
+        autocal.convert(Holder(PATTERNS["soft_slots"].make()))
+    assert caught.value.kind == "no-moe-block"
+    assert ("SoftSlotsMoE at `block`: no top-k, max or argmax of scores decides which experts run (nothing to "
+            "rewrite)") in caught.value.explanation

@@ -12,15 +12,19 @@ Covered elsewhere, and part of the catalogue:
 - parameters on the meta device: every zoo row converts its meta-device twin
 """
 
+import copy
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import autocal
 from autocal.testing import zoo
 from autocal.testing.assertions import count_rows
+from autocal.testing.corpus import equivalent
 from autocal.testing.patterns import (
     BanksBelowRouterMoE, CapacityExpert, CapacityMoE, ChainHolder, DeclaringModel, ExpertChoiceMoE, GatheredMoE,
     GroupedGemmMoE, HeadBank, HeadsThenMoE, HostSlicedMoE, ItemAssignmentMoE, LayoutThenMoE, LoopOverOwnWeights,
@@ -601,3 +605,33 @@ def test_a_grouped_matmul_decomposes_into_what_it_computes(counts):
     end = int(offsets[-1])
     assert compare_outputs(fused[:end], decomposed[:end])[2] and not decomposed[end:].any()
     assert decomposition(torch.matmul, (rows, weight[0]), {}) is None
+
+
+class _ChosenExpertsOnEveryToken(nn.Module):
+    """Packed weights on the block, each *chosen* expert (``ids.unique()``) run on every token and weighted by
+    ``(w * (ids == e)).sum(-1)``: dense on a batch where every expert is chosen, not on one token."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 6, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.gate = k, nn.Linear(hidden, experts, bias=False)
+        self.w13 = nn.Parameter(torch.randn(experts, 2 * width, hidden) / hidden ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        w, ids = torch.topk(self.gate(t).softmax(dim=-1), self.k, dim=-1)
+        out = torch.zeros_like(t)
+        for e in ids.unique().tolist():
+            gate, up = (t @ self.w13[e].t()).chunk(2, dim=-1)
+            out = out + (F.silu(gate) * up) @ self.w2[e].t() * (w * (ids == e)).sum(dim=-1, keepdim=True)
+        return out.view_as(x)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 9])
+def test_experts_run_on_every_token_only_when_chosen_are_not_taken_for_dense(tokens):
+    """Every expert on every token in the example's forward is no proof of a dense block: one token runs only its k
+    experts. The block is calibrated by forcing its choice, and every expert Linear sees every token."""
+    torch.manual_seed(0)
+    block = _ChosenExpertsOnEveryToken().eval()
+    module = autocal.synthesize(copy.deepcopy(block))
+    equivalent(block, module, (torch.randn(1, tokens, 16),), {})

@@ -231,11 +231,13 @@ def _router_from_recording(block: nn.Module, call: BlockCall, entries: list[nn.M
     return analyze_router(rec.graph, tokens, weight if weight is not None else tokens)
 
 
-def _expert_computation(expert: nn.Module, rows: torch.Tensor) -> str:
-    """One expert's forward in readable form, e.g. ``w2((silu(w1(x)) * w3(x)))``."""
+def _expert_computation(expert: nn.Module, call: fx.Node) -> str:
+    """One expert's forward in readable form, e.g. ``w2((silu(w1(x)) * w3(x)))``, run on the inputs of its
+    recorded ``call`` (the rows, and whatever else the block hands it)."""
     linears = [expert.get_submodule(path) for path in linear_modules(expert) if path]
+    args, kwargs = fx.node.map_arg((call.args, call.kwargs), value)
     with torch.no_grad():
-        rec = record(expert, (rows,), leaves=linears)
+        rec = record(expert, args, kwargs, leaves=linears)
     for node in rec.graph.nodes:
         if node.op == "placeholder":
             node.target = "x"
@@ -253,7 +255,7 @@ def module_experts_info(name: str, container: nn.Module, entries: list[nn.Module
         storage=type(container).__name__,
         layout={"expert_class": type(entries[0]).__name__,
                 "linears": [r.name for r in template.linears] if template else linear_modules(entries[0])},
-        computation=template.computation if template else _expert_computation(entries[0], rows),
+        computation=template.computation if template else _expert_computation(entries[0], call),
         weights_applied=weights_applied,
         call_roles=call_roles or {},
         output_features=_first_tensor(value(call)).shape[-1],

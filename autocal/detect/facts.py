@@ -64,9 +64,11 @@ def routes_itself(module: nn.Module, packed: dict[str, nn.Parameter]) -> bool:
 
 
 def _router_shaped(weights: list[nn.Parameter], packed: dict[str, nn.Parameter]) -> bool:
-    """Is one of ``weights`` an ``[E, H]`` router for the ``[E, …, H, …]`` packed expert weights?"""
+    """Is one of ``weights`` an ``[E, H]`` router for the ``[E, …, H, …]`` packed expert weights (or ``[H, E]``, as
+    code multiplying by it stores it)?"""
     shapes = [p.shape for p in packed.values() if p.dim() >= 3]
-    return any(w.dim() == 2 and any(w.shape[0] == s[0] and w.shape[1] in s[1:] for s in shapes) for w in weights)
+    return any(w.dim() == 2 and any(r[0] == s[0] and r[1] in s[1:] for s in shapes for r in (w.shape, w.shape[::-1]))
+               for w in weights)
 
 
 def _among(module: nn.Module, weights: dict[str, nn.Parameter]) -> bool:

@@ -45,7 +45,7 @@ from ..trace.record import record
 from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, splits_as_views,
                              swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
-from ..trace.forcing import ChoiceCall
+from ..trace.forcing import ChoiceCall, fresh_inputs
 from .contracted import detect_contracted
 from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_as, stored_parameter
 from .reroute import check_forced_routing, choice_call
@@ -228,11 +228,12 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
                                   "experts", block_class=cls)
     num_experts = num_experts.pop()
-    if _every_token(rec.graph, gathers, (index, weights)):
-        return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, None),
-                             "sliced per expert, each slice on every token", "none: every expert already runs on "
-                             "every token", "by the block's own ops", {g[1]: source_of(g[0]) for g in gathers})
     choice, chosen = found_choice
+    if _every_row_everywhere(block, call, found, num_experts):
+        return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, None),
+                             "sliced per expert, every expert on every token", "none: every expert already runs on "
+                             "every token", "by the block's own ops", {g[1]: source_of(g[0]) for g in gathers
+                                                                      if source_of(g[0])})
     check_forced_routing(block, choice, (), bound, rec.output, value(chosen),
                          lambda: _rows_per_expert(block, found, num_experts), index)
     return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, choice),
@@ -240,23 +241,16 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
                          {g[1]: source_of(g[0]) for g in gathers if source_of(g[0])})
 
 
-def _every_token(graph: fx.Graph, gathers: list, routing: tuple[fx.Node, fx.Node]) -> bool:
-    """Are the expert weights sliced one expert at a time (``w[e]``), each slice contracted with features the
-    routing does not choose, a row for every token (a static loop over the experts, each run on every token, the
-    routing masking only its weight): every expert already sees every token?"""
-    if not all(isinstance(i, int) for _, _, i in gathers):
-        return False
-    ancestry = Ancestry(graph)
-    for gather, _, _ in gathers:
-        node = _viewed_weights(gather)
-        op = next(iter(node.users)) if node is not None else None
-        if op is None:
-            return False
-        features = [a for a in op.all_input_nodes if a is not node and isinstance(value(a), torch.Tensor)]
-        if len(features) != 1 or any(r is features[0] or ancestry.is_ancestor(r, features[0]) for r in routing):
-            return False
-        rows, tokens = value(features[0]), value(routing[0])
-        if rows.numel() // rows.shape[-1] != tokens.numel() // tokens.shape[-1]:  # rows chosen on the host
+def _every_row_everywhere(block: nn.Module, call: BlockCall, weights: list[GatheredWeight], num_experts: int) -> bool:
+    """Does every expert's slice of the first gathered weight take every token's row in the block's own forward
+    (``x @ w[e]`` on all tokens in a loop over the experts, the routing only in the weights that combine them),
+    also for one token (where a loop over the experts chosen would skip the others)?"""
+    runs = [(call.args, call.kwargs), one_token(call.args, call.kwargs)]
+    for args, kwargs in [(a, k) for a, k in runs if a is not None]:
+        hidden = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+        with torch.no_grad(), _rows_per_expert(block, weights, num_experts) as counts:
+            block(*fresh_inputs(args), **fresh_inputs(kwargs))
+        if counts[0] != [hidden.numel() // hidden.shape[-1]] * num_experts:
             return False
     return True
 

@@ -59,6 +59,11 @@ __all__ = ["ForcedRun", "ForcedDispatch", "expert_list", "last_resort_candidate"
 _CHOICE_OPS = ("topk", "max", "argmax")
 _SKIP_HINT = ("or autocal.convert(model, strict=False): the block is left unconverted and listed by "
               "autocal.unconverted(model)")
+_RANDOM_OPS = ("rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "multinomial",
+               "bernoulli", "normal", "poisson", "uniform", "exponential", "geometric", "cauchy", "log_normal",
+               "random", "gumbel_softmax")
+_RANDOM_HINT = ("route by the scores alone at inference: noise and sampling only in training (if self.training), "
+                "a top-k or argmax of the scores otherwise")
 _MAX_PROBES = 64  # forced runs tried at detection (the product of every choice call's groups), or 4 per expert
 
 
@@ -139,7 +144,17 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     rec, _, calls = facts.memo("last-resort recording",
                                lambda: record_expert_calls(block, bound, entries, container))
     if not calls:
+        bypassed = _weights_used(rec.graph, name)
+        if bypassed is not None:  # ``expert.forward(x)``: the modules' weights run, their calls (and hooks) do not
+            return NoMatch(f"the forward runs the modules in `{name}` without calling them (`expert.forward(x)` "
+                           "skips module calls, and with them the hooks calibration needs)", source_of(bypassed),
+                           hints=("call the experts as modules: `expert(x)`, not `expert.forward(x)`",))
         return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
+    draws = _random_draws(rec.graph, calls)
+    if draws:
+        return NoMatch(f"the experts' tokens depend on random numbers the forward draws ({target_name(draws[0])}): "
+                       "its routing is random at inference, and no calibration forward can reproduce it",
+                       source_of(draws[0]), hints=(_RANDOM_HINT, errors.override_hint(facts.block_class)))
     found = _choice_calls(rec.graph, calls)
     if not found:
         return NoMatch("no top-k, max or argmax of scores decides which experts run", source_of(calls[0]),
@@ -164,6 +179,20 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
 def _names(container: nn.Module, entries: list[nn.Module]) -> list[str]:
     names = {id(m): n for n, m in container.named_children()}
     return [names[id(e)] for e in entries]
+
+
+def _weights_used(graph: fx.Graph, name: str) -> fx.Node | None:
+    """The first op using a weight of a module in ``name`` (recorded where the module was not called as one)."""
+    weights = [n for n in graph.nodes if n.op == "get_attr" and str(n.target).startswith(f"{name}.")]
+    return next((u for n in weights for u in n.users), None)
+
+
+def _random_draws(graph: fx.Graph, calls: list[fx.Node]) -> list[fx.Node]:
+    """Calls drawing random numbers (``randn_like``, ``multinomial``, ``bernoulli``, ...) that some expert's input
+    depends on."""
+    ancestry = Ancestry(graph)
+    return [n for n in graph.nodes if n.op == "call_function" and target_name(n).removesuffix("_") in _RANDOM_OPS
+            and any(ancestry.is_ancestor(n, c) for c in calls)]
 
 
 def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
@@ -235,7 +264,8 @@ def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: lis
     if missing:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing the routing choice to every group of experts "
                                   f"never gives expert(s) {missing} all {tokens} tokens (a capacity that drops "
-                                  "tokens, or experts chosen by something besides the scores)", source=where) from failure
+                                  "tokens, a threshold that drops a chosen expert by its score, or experts chosen by "
+                                  "something besides the scores)", source=where) from failure
     return runs, taken, k
 
 

@@ -77,9 +77,11 @@ def router_rows(block: nn.Module, container: nn.Module) -> set[int]:
 
 
 def own_expert_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's own parameters of shape ``[E, a, b]`` (a, b >= 2) with a router-shaped ``[E, H]`` weight beside."""
+    """The block's own parameters of shape ``[E, a, b]`` (a, b >= 2) with a router-shaped weight beside: ``[E, H]``,
+    or ``[H, E]`` as code multiplying by it (``x @ router``) stores it."""
     own = {n: p for n, p in block.named_parameters(recurse=False) if p.dim() == 3 and min(p.shape) >= 2}
     routers = [p.shape for p in block.parameters() if p.dim() == 2]
+    routers += [r[::-1] for r in routers]
     return {n: p for n, p in own.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
 
 

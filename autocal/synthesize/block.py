@@ -37,7 +37,9 @@ def _insert_unrouted(graph: fx.Graph, calls: list[ExpertCall]) -> None:
         with graph.inserting_before(call.node.next):
             expert = graph.get_attr(call.node.target)
             enabled = graph.get_attr("calibrate_all_experts")
-            graph.call_function(run_unrouted, (expert, call.source, call.tokens, enabled))
+            others = call.node.args[1:] if call.node.args else ()  # what the expert is handed beside its rows
+            named = dict(call.node.kwargs) if call.node.args else {}
+            graph.call_function(run_unrouted, (expert, call.source, call.tokens, enabled, *others), named)
 
 
 def _codegen_root(block: nn.Module, graph: fx.Graph) -> dict[str, Any]:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -1640,6 +1641,352 @@ class StackedThenTopKMoE(nn.Module):
         return torch.einsum("te,teh->th", combine, outputs).view_as(x)
 
 
+class KeywordExpert(nn.Module):
+    """A user's expert whose forward names its input and takes the routing weight as a second argument."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.up = nn.Linear(dim, inter)
+        self.down = nn.Linear(inter, dim)
+
+    def forward(self, hidden_states=None, scale=1.0):
+        return self.down(F.silu(self.up(hidden_states))) * scale
+
+
+class KeywordExpertsMoE(nn.Module):
+    """A user's block calling its experts by keyword: ``expert(hidden_states=rows, scale=weights)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(KeywordExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk(self.gate(t).softmax(dim=-1), TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            token, slot = torch.where(chosen == e)
+            out[token] += self.experts[e](hidden_states=t[token], scale=weights[token, slot, None])
+        return out.view_as(x)
+
+
+class RawRouterMoE(nn.Module):
+    """Research code keeping every weight on the block: a raw ``[H, E]`` router multiplied in (``x @ router``), the
+    experts' ``[E, I, H]`` and ``[E, H, I]`` weights applied one expert at a time in a where loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.w_up = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w_down = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk((t @ self.router).softmax(dim=-1), TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            token, slot = torch.where(chosen == e)
+            h = F.gelu(F.linear(t[token], self.w_up[e]))
+            out[token] += weights[token, slot, None] * F.linear(h, self.w_down[e])
+        return out.view_as(x)
+
+
+class ArgmaxTop2Gate(nn.Module):
+    """Training-framework top-2 gate: the first expert by argmax, the second by argmax of the logits with the first
+    masked out; slots by cumulative sums, first choices before second ones; past the capacity (eval factor 1:
+    ``ceil(2 S / E)``, at least 4) a choice is dropped; the kept gates renormalised. Returns (combine, dispatch)
+    ``[S, E, C]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wg = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, x):
+        logits = self.wg(x.float())
+        gates = F.softmax(logits, dim=1)
+        capacity = max(math.ceil(2 * gates.shape[0] / EXPERTS), 4)
+        mask1 = F.one_hot(torch.argmax(gates, dim=1), num_classes=EXPERTS)
+        mask2 = F.one_hot(torch.argmax(logits.masked_fill(mask1.bool(), float("-inf")), dim=1), num_classes=EXPERTS)
+        loc1 = torch.cumsum(mask1, dim=0) - 1
+        loc2 = torch.cumsum(mask2, dim=0) - 1 + torch.sum(mask1, dim=0, keepdim=True)
+        mask1, mask2 = mask1 * torch.lt(loc1, capacity), mask2 * torch.lt(loc2, capacity)
+        g1, g2 = (gates * mask1).sum(dim=1), (gates * mask2).sum(dim=1)
+        denom = torch.clamp(g1 + g2, min=torch.finfo(g1.dtype).eps)
+        slot1 = F.one_hot(torch.sum(loc1 * mask1, dim=1), capacity)
+        slot2 = F.one_hot(torch.sum(loc2 * mask2, dim=1), capacity)
+        combine = (torch.einsum("se,sc->sec", (g1 / denom)[:, None] * mask1, slot1.float())
+                   + torch.einsum("se,sc->sec", (g2 / denom)[:, None] * mask2, slot2.float()))
+        return combine, combine.bool()
+
+
+class ChunkedExperts(nn.Module):
+    """A list of experts run on chunks of ``[groups, E, C, H]`` along the expert dimension, outputs concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, inputs):
+        outputs = []
+        for chunk, expert in zip(inputs.chunk(EXPERTS, dim=1), self.deepspeed_experts):
+            outputs += [expert(chunk)]
+        return torch.cat(outputs, dim=1)
+
+
+class ArgmaxTop2MoE(nn.Module):
+    """Training-framework MoE layer: the gate's dispatch mask contracted with the tokens (``sec,sm->ecm``), the
+    experts module run on it, the outputs combined (``sec,ecm->sm``); tokens past capacity get nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = ArgmaxTop2Gate()
+        self.experts = ChunkedExperts()
+
+    def forward(self, hidden_states):
+        d = hidden_states.shape[-1]
+        tokens = hidden_states.reshape(-1, d)
+        combine, dispatch = self.gate(tokens)
+        dispatched = torch.einsum("sec,sm->ecm", dispatch.type_as(tokens), tokens).reshape(1, EXPERTS, -1, d)
+        outputs = self.experts(dispatched).reshape(EXPERTS, -1, d)
+        return torch.einsum("sec,ecm->sm", combine.type_as(tokens), outputs).reshape(hidden_states.shape)
+
+
+class SizedExperts(nn.Module):
+    """One projection of every expert, ``[E, out, in]``, called with rows sorted by expert and each expert's row
+    count: the rows split by the counts, each part through its expert's weight."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, out_features, in_features))
+
+    def forward(self, inputs, expert_size):
+        parts = inputs.split(expert_size, dim=0)
+        return torch.cat([F.linear(parts[i], self.weight[i]) for i in range(EXPERTS)], dim=0)
+
+
+class SizedExpertsMoE(nn.Module):
+    """Remote code with expert-size splits: gates scattered to ``[T, E]``, counts per expert on the host, the
+    flattened choices sorted, each row's token by integer division by k, two projection modules called with
+    (rows, sizes), a GLU between, ``index_add`` back, an output bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.input_linear = SizedExperts(HIDDEN, 2 * INTER)
+        self.output_linear = SizedExperts(INTER, HIDDEN)
+        self.bias = nn.Parameter(torch.empty(HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        top_logits, top_experts = self.router(t).topk(TOP_K, dim=1)
+        top_gates = top_logits.softmax(dim=1)
+        expert_size = torch.zeros(t.shape[0], EXPERTS).scatter(1, top_experts, 1).long().sum(0).tolist()
+        _, order = top_experts.flatten().sort(0)
+        batch_index = order.div(TOP_K, rounding_mode="trunc")
+        h, g = self.input_linear(t[batch_index], expert_size).chunk(2, dim=-1)
+        out = self.output_linear(F.silu(h) * g, expert_size) * top_gates.flatten()[order][:, None]
+        y = torch.zeros_like(t).index_add(0, batch_index, out)
+        return (y + self.bias).view_as(x)
+
+
+class ScoredGroupedExperts(nn.Module):
+    """Packed ``[E, H, I]`` / ``[E, I, H]`` weights run on rows sorted by expert, split by per-expert counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x, num_tokens_per_expert):
+        outputs = []
+        for e, rows in enumerate(torch.split(x, num_tokens_per_expert.long().tolist(), dim=0)):
+            outputs.append((F.silu(rows @ self.w1[e]) * (rows @ self.w3[e])) @ self.w2[e])
+        return torch.cat(outputs, dim=0)
+
+
+class HistcRouter(nn.Module):
+    """A router returning (top scores, chosen experts, tokens per expert by ``histc``), sigmoid scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, x):
+        top_scores, chosen = torch.topk(torch.sigmoid(self.gate(x).float()), TOP_K, dim=1)
+        return top_scores, chosen, torch.histc(chosen.view(-1).float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
+
+
+class ScoredSortedMoE(nn.Module):
+    """Training-library MoE: a stable argsort of the choices, rows gathered by ``torch.gather``, *scaled by their
+    scores before the experts*, split by the router's counts, ``scatter_add`` onto the shared expert's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = HistcRouter()
+        self.experts = ScoredGroupedExperts()
+        self.shared_expert = SwiGLUExpert()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        top_scores, chosen, counts = self.router(t)
+        order = torch.argsort(chosen.view(-1), stable=True)
+        token_indices = (order // TOP_K).reshape(-1, 1).expand(-1, HIDDEN)
+        routed = torch.gather(t, dim=0, index=token_indices) * top_scores.view(-1)[order].reshape(-1, 1)
+        out = self.shared_expert(t).scatter_add(dim=0, index=token_indices, src=self.experts(routed, counts))
+        return out.view_as(x)
+
+
+class SparseDispatcherMoE(nn.Module):
+    """Research code's sparse dispatcher: gates scattered to ``[T, E]``, ``nonzero`` sorted by expert, part sizes
+    on the host, rows split, expert outputs concatenated, times their gates, ``index_add`` back; the noisy gate
+    draws its noise only in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.w_noise = nn.Parameter(torch.empty(HIDDEN, EXPERTS))
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        logits = t @ self.w_gate
+        if self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(t @ self.w_noise)
+        top_logits, top_indices = logits.topk(TOP_K, dim=1)
+        gates = torch.zeros_like(logits).scatter(1, top_indices, F.softmax(top_logits, dim=1))
+        sorted_experts, index_sorted = torch.nonzero(gates).sort(0)
+        _, expert_index = sorted_experts.split(1, dim=1)
+        batch_index = torch.nonzero(gates)[index_sorted[:, 1], 0]
+        part_sizes = (gates > 0).sum(0).tolist()
+        nonzero_gates = torch.gather(gates[batch_index], 1, expert_index)
+        inputs = torch.split(t[batch_index], part_sizes, dim=0)
+        stitched = torch.cat([self.experts[i](inputs[i]) for i in range(EXPERTS)], 0).mul(nonzero_gates)
+        return torch.zeros_like(t).index_add(0, batch_index, stitched).view_as(x)
+
+
+class SparseSoftmaxRouter(nn.Module):
+    """A tutorial router: the top-k logits kept, the rest ``-inf``, a softmax over all experts."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(HIDDEN, EXPERTS)
+
+    def forward(self, x):
+        logits = self.linear(x)
+        top_logits, indices = logits.topk(TOP_K, dim=-1)
+        sparse = torch.full_like(logits, float("-inf")).scatter(-1, indices, top_logits)
+        return F.softmax(sparse, dim=-1), indices
+
+
+class AnyMaskMoE(nn.Module):
+    """A tutorial block: per expert, the tokens choosing it by ``(indices == i).any(-1)``, its gate read from the
+    router's full softmax at column ``i``, ``final[mask] += ...``; Sequential experts with biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = SparseSoftmaxRouter()
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(HIDDEN, INTER), nn.ReLU(), nn.Linear(INTER, HIDDEN))
+                                     for _ in range(EXPERTS))
+
+    def forward(self, x):
+        gating, indices = self.router(x)
+        final = torch.zeros_like(x)
+        flat_x, flat_gating = x.view(-1, HIDDEN), gating.view(-1, EXPERTS)
+        for i, expert in enumerate(self.experts):
+            mask = (indices == i).any(dim=-1)
+            flat_mask = mask.view(-1)
+            if flat_mask.any():
+                final[mask] += expert(flat_x[flat_mask]) * flat_gating[flat_mask, i].unsqueeze(1)
+        return final
+
+
+class LowRankExpert(nn.Module):
+    """A low-rank adapter: ``B(A(x))``."""
+
+    def __init__(self, rank: int = 4):
+        super().__init__()
+        self.lora_A = nn.Linear(HIDDEN, rank, bias=False)
+        self.lora_B = nn.Linear(rank, HIDDEN, bias=False)
+
+    def forward(self, x):
+        return self.lora_B(self.lora_A(x))
+
+
+class LowRankExpertsMoE(nn.Module):
+    """A mixture of LoRA experts: a base Linear every token goes through, plus its top-k adapters' outputs
+    (``index_add`` out of place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(HIDDEN, HIDDEN)
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(LowRankExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk(self.gate(t).softmax(dim=-1), TOP_K, dim=-1)
+        out = self.base(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out = out.index_add(0, token, weights[token, slot, None] * expert(t[token]))
+        return out.view_as(x)
+
+
+class InputScaledExpert(nn.Module):
+    """An expert handed its rows and their routing weights, which scale its input (no biases)."""
+
+    def __init__(self, dim: int = HIDDEN, inter: int = INTER):
+        super().__init__()
+        self.up = nn.Linear(dim, inter, bias=False)
+        self.down = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x, weights):
+        return self.down(F.silu(self.up(x * weights)))
+
+
+class WeightsHandedInMoE(nn.Module):
+    """A user's block handing each expert its routing weights: ``expert(rows, weights)``, the weights required."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(InputScaledExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk(torch.sigmoid(self.gate(t)), TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(t[token], weights[token, slot, None]))
+        return out.view_as(x)
+
+
+class DenseOwnWeightsMoE(nn.Module):
+    """An inference engine's torch-native fallback: the block's own ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` applied
+    to every token for every expert in turn, each output weighted by ``(topk_weights * (topk_ids == e)).sum(-1)``
+    (zero where the expert was not chosen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w13 = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        topk_weights, topk_ids = torch.topk(self.gate(t).softmax(dim=-1), TOP_K, dim=-1)
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(t)
+        for e in range(EXPERTS):
+            weight = (topk_weights * (topk_ids == e)).sum(dim=-1, keepdim=True)
+            gate, up = (t @ self.w13[e].t()).chunk(2, dim=-1)
+            out = out + (F.silu(gate) * up) @ self.w2[e].t() * weight
+        return out.view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -1822,6 +2169,31 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
+    CorpusEntry("keyword_experts", "a user's block: experts called by keyword, the routing weight handed in "
+                "(expert(hidden_states=rows, scale=weights))", (), KeywordExpertsMoE),
+    CorpusEntry("raw_router_own_weights", f"{_RESEARCH}: a raw [H, E] router (x @ router) beside the block's own "
+                "[E, I, H] expert weights, a where loop", (2,), RawRouterMoE),
+    CorpusEntry("argmax_top2_capacity", "training framework MoE layer: top-2 by argmax then masked argmax, eval "
+                "capacity dropping tokens, (combine, dispatch) [S, E, C], experts in a list run on chunks of the "
+                "dispatched tensor", (5,), ArgmaxTop2MoE),
+    CorpusEntry("expert_size_split", f"{_REMOTE}: projection modules of [E, out, in] called with (rows, expert "
+                "sizes), split per size, rows sorted by expert, index_add back, an output bias", (1, 3),
+                SizedExpertsMoE),
+    CorpusEntry("scored_sorted_rows", f"{_TRAINING}: stable argsort, rows gathered and scaled by their scores "
+                "before the experts, split by histc counts, scatter_add onto the shared expert", (3, 4),
+                ScoredSortedMoE),
+    CorpusEntry("sparse_dispatcher", f"{_RESEARCH}: sparse dispatcher (nonzero of scattered gates sorted, part "
+                "sizes on the host, split, cat, times the gates, index_add), noise in training only", (3,),
+                SparseDispatcherMoE),
+    CorpusEntry("any_mask_tutorial", "a tutorial's block: top-k logits kept, -inf elsewhere, softmax; per expert "
+                "(indices == i).any(-1), final[mask] +=", (), AnyMaskMoE),
+    CorpusEntry("weights_handed_in", "a user's block: each expert handed its rows and their routing weights, "
+                "which scale its input (expert(rows, weights))", (), WeightsHandedInMoE),
+    CorpusEntry("dense_own_weights", "an inference engine's torch-native fallback: the block's own w13/w2 applied "
+                "to every token for every expert, weighted by (topk_weights * (topk_ids == e)).sum(-1)", (2, 4),
+                DenseOwnWeightsMoE),
+    CorpusEntry("lora_experts", f"{_RESEARCH}: a mixture of LoRA experts over a base Linear every token takes",
+                (1,), LowRankExpertsMoE),
 )
 
 

@@ -44,7 +44,8 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "GroupedWeightsMoE", "InOutLinear", "InOutLinearMoE", "CastGroupedMoE", "WholeContractionMoE", "MaskedModalityMoE",
            "PrefixSplitMoE",
            "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
-           "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE"]
+           "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE", "SampledRoutingMoE",
+           "SoftSlotsMoE", "DirectForwardMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -1148,6 +1149,66 @@ class PaddedCapacityMoE(nn.Module):
         return (y[flat, position].view(-1, self.k, t.shape[-1]) * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class SoftSlotsMoE(nn.Module):
+    """Soft MoE: each expert runs on slots, softmax mixtures of every token (dispatch weights over tokens), and each
+    token's output mixes every slot's output: nothing chooses among experts, so there is nothing to rewrite."""
+
+    def __init__(self, experts: int = 3, slots: int = 2) -> None:
+        super().__init__()
+        self.slot_embeds = nn.Parameter(torch.randn(experts, slots, 16) / 4)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.einsum("bnd,esd->bnes", x, self.slot_embeds)
+        slots = torch.einsum("bnd,bnes->besd", x, logits.softmax(dim=1))
+        outputs = torch.stack([expert(slots[:, e]) for e, expert in enumerate(self.experts)], dim=1)
+        return torch.einsum("besd,bnes->bnd", outputs, logits.flatten(2).softmax(dim=-1).view_as(logits))
+
+
+class DirectForwardMoE(nn.Module):
+    """Experts run as ``expert.forward(rows)``: no module call, so no hook on an expert fires (autocal's, or an
+    observer's on the expert); refused, saying how to call them."""
+
+    def __init__(self, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        weights, idx = self.router(t).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out[token] += weights[token, slot, None] * expert.forward(t[token])
+        return out.view_as(x)
+
+
+class SampledRoutingMoE(nn.Module):
+    """Experts drawn at inference: ``torch.multinomial`` over the softmax, or, with ``noisy``, a top-k of logits
+    with noise added on every call (a training-time noisy gate left on in eval). No calibration forward can give
+    the experts the tokens a run routes to them: refused, naming the draw."""
+
+    def __init__(self, noisy: bool = False, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.noisy, self.k, self.router = noisy, k, nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.reshape(-1, x.shape[-1])
+        logits = self.router(t)
+        if self.noisy:
+            weights, idx = (logits + torch.randn_like(logits)).softmax(-1).topk(self.k, dim=-1)
+        else:
+            idx = torch.multinomial(logits.softmax(-1), self.k)
+            weights = logits.softmax(-1).gather(1, idx)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            out[token] += weights[token, slot, None] * expert(t[token])
+        return out.view_as(x)
+
+
 class BiasFirstMoE(nn.Module):
     """Each slot's weights and biases gathered by the flattened choices and applied by ``baddbmm(b[idx][:, None],
     rows, W[idx])``: the bias, the first operand, reaches the contraction through a view."""
@@ -1273,6 +1334,10 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
+    _failing("soft_slots", NOT_AN_MOE, SoftSlotsMoE),
+    _failing("direct_forward_calls", errors.UNSUPPORTED_DISPATCH, DirectForwardMoE),
+    _failing("multinomial_routing", errors.UNSUPPORTED_DISPATCH, SampledRoutingMoE),
+    _failing("noise_at_inference", errors.UNSUPPORTED_DISPATCH, lambda: SampledRoutingMoE(noisy=True)),
 ]}
 
 

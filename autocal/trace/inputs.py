@@ -55,9 +55,11 @@ def keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -
 
 
 def hidden_size_candidates(block: nn.Module, container: nn.Module) -> list[int]:
-    """Sizes that could be the hidden size, most plausible first."""
+    """Sizes that could be the hidden size, most plausible first (a 3-D weight's leading size, its number of
+    experts, adds no plausibility: a block holding its experts' weights beside an ``[E, H]`` router would otherwise
+    rank ``E`` with ``H``)."""
     container_dims = {d for p in container.parameters() for d in p.shape[-2:]}
-    counts = Counter(d for p in block.parameters() for d in p.shape if d > 1)
+    counts = Counter(d for p in block.parameters() for d in (p.shape[1:] if p.dim() >= 3 else p.shape) if d > 1)
     ranked = sorted(container_dims, key=lambda d: (-counts[d], d))
     return ranked + [d for d, _ in counts.most_common() if d not in container_dims]
 

@@ -21,6 +21,7 @@ Calls inside *leaf* modules are not recorded; the leaf call becomes one
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import sys
@@ -198,10 +199,20 @@ def _post_hook(recorder: _Recorder, paths: dict[int, str], leaf_ids: set[int]):
         if id(module) in leaf_ids:
             recorder.leaf_depth -= 1
             if recorder.leaf_depth == 0:
-                call_args, call_kwargs = module.__dict__.pop("_autocal_leaf_call")
+                call_args, call_kwargs = _positional(module, *module.__dict__.pop("_autocal_leaf_call"))
                 recorder.emit("call_module", paths.get(id(module), ""), call_args, call_kwargs, output)
 
     return hook
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A leaf call's arguments with those given by keyword for positional parameters moved into place: passes read
+    an expert's input as its first argument, also where the block wrote ``expert(hidden_states=rows)``."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature to bind to: the call as made
+        return args, kwargs
+    return bound.args, bound.kwargs
 
 
 def value(node: Any) -> Any:
