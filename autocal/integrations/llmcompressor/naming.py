@@ -153,6 +153,25 @@ def _renamings(names: dict[str, dict[str, str]]) -> list:
 _RENAMINGS_ATTR = "_autocal_checkpoint_renamings"
 
 
+def _only_on_unpacked(conversion, keys: list[str], unpacked: list[str]) -> bool:
+    """Would the save-time form of ``conversion``, a converter that splits a packed runtime tensor into the
+    checkpoint's per-expert tensors, act on the keys of Linears autocal unpacked, and on no other key?
+
+    Such a match is never what the converter was written for: the tensor it splits no longer exists, and its
+    pattern (transformers searches it anywhere in a key) found the packed tensor's name inside the name of a
+    list autocal made from it. A block from outside the model's code whose packed weights carry the model's own
+    names (``experts.gate_up_proj`` in a Qwen3-MoE model) had its Linears (``experts.gate_up_proj_experts.0``)
+    split as if packed on save, into wrong tensors, or failed in transformers' split. Those converters are
+    left out of what ``save_pretrained`` reverts; one that also matches other keys stays."""
+    from transformers.core_model_loading import WeightConverter
+
+    if not isinstance(conversion, WeightConverter):
+        return False
+    reverse = conversion.reverse_transform()
+    matched = [k for k in keys if reverse.rename_source_key(k)[1] is not None]
+    return bool(matched) and all(k.startswith(tuple(unpacked)) for k in matched)
+
+
 def install_checkpoint_names(model: nn.Module) -> dict[str, dict[str, str]]:
     """Make ``save_pretrained`` write expert keys under the original checkpoint's names.
 
@@ -164,6 +183,9 @@ def install_checkpoint_names(model: nn.Module) -> dict[str, dict[str, str]]:
     if getattr(model, _RENAMINGS_ATTR, None) == names:
         return names
     conversions = _base_conversions(model, with_autocal=False)
+    unpacked = [f"{lin.path}." for lin in expert_linears(model)]
+    keys = list(model.state_dict())
+    conversions = [c for c in conversions if not _only_on_unpacked(c, keys, unpacked)]
     model._weight_conversions = conversions + _renamings(names)
     setattr(model, _RENAMINGS_ATTR, names)
     return names
