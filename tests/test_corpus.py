@@ -542,6 +542,33 @@ def _ref_dense_own_weights(m, x):
     return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
 
 
+def _ref_index_add_capacity(m, x):
+    """Each expert takes the first choices in token order, then the second ones, up to the capacity; the other
+    choices are dropped (their gates zero, the kept ones not renormalised)."""
+    t = _flat(x)
+    probs = (t @ m.wg.weight.T).softmax(-1)
+    chosen = probs.topk(2, dim=-1).indices
+    capacity = math.ceil(2 * t.shape[0] / probs.shape[1])
+    gates, taken = torch.zeros_like(probs), [0] * probs.shape[1]
+    for j in range(2):
+        for token, e in enumerate(chosen[:, j].tolist()):
+            if taken[e] < capacity:
+                gates[token, e] = probs[token, e]
+            taken[e] += 1
+
+    def expert(e):
+        return lambda rows: F.relu(rows @ m.fc1_w[e] + m.fc1_b[e]) @ m.fc2_w[e] + m.fc2_b[e]
+    return _dense(t, gates, [expert(e) for e in range(probs.shape[1])]).view_as(x), gates
+
+
+def _ref_ranked_buffer(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(t @ m.router.weight.T)
+
+    def expert(e):
+        return lambda rows: F.gelu(rows @ m.c_fc[e]) @ m.c_proj[e]
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
 def _ref_any_mask(m, x):
     t = _flat(x)
     gates = _softmax_of_top(t @ m.router.linear.weight.T + m.router.linear.bias)
@@ -614,6 +641,8 @@ REFERENCES = {
     "lora_experts": _ref_lora,
     "weights_handed_in": _ref_weights_handed_in,
     "dense_own_weights": _ref_dense_own_weights,
+    "index_add_capacity": _ref_index_add_capacity,
+    "ranked_buffer": _ref_ranked_buffer,
 }
 
 
@@ -622,7 +651,8 @@ def test_every_entry_has_a_reference():
     assert len(ENTRIES) >= 18
 
 
-_DROPPING = ("gshard_top2", "argmax_top2_capacity")  # tokens past an expert's capacity are dropped
+# tokens past an expert's capacity are dropped
+_DROPPING = ("gshard_top2", "argmax_top2_capacity", "index_add_capacity")
 _shapes = st.tuples(st.integers(1, 2), st.integers(1, 9))
 
 

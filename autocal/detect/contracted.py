@@ -30,6 +30,7 @@ from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stor
 from ..trace.gathers import same_entries
 from .graph_utils import Ancestry, flat_args, source_of, value
 from .dispatched import slot_dispatch
+from .inline import inline_rows
 from .plans import GatheredPlan, NoMatch
 from .router import routing_choice
 
@@ -114,9 +115,10 @@ def _routed(features: fx.Node, op: fx.Node, index: fx.Node, graph: fx.Graph, anc
     return ancestry.is_ancestor(index, features)
 
 
-def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
-                      params: dict[str, nn.Parameter]) -> GatheredPlan | NoMatch:
-    """The plan for a block contracting whole expert weights with every token, routing applied to the outputs."""
+def detect_contracted(block: nn.Module, graph: fx.Graph, output: object, params: dict[str, nn.Parameter],
+                      inputs: dict) -> GatheredPlan | NoMatch:
+    """The plan for a block contracting whole expert weights with every token, routing applied to the outputs
+    (``inputs``: the recorded call, by name)."""
     cls = type(block).__name__
     found = _contractions(graph, params)
     if not found:
@@ -142,6 +144,8 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object,
     index, weights = routing_choice(graph, last)
     ancestry = Ancestry(graph)
     if index is not weights and any(_routed(f, op, index, graph, ancestry) for op, _, _, f in found):
+        if not found[0][1].rpartition(".")[0]:  # the block's own weights, contracted in its own forward
+            return _inline(block, graph, output, found, weights_found, num_experts.pop(), inputs, (index, weights))
         return _dispatched(block, graph, output, found, weights_found, num_experts.pop())
     if index is weights:
         return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
@@ -169,3 +173,17 @@ def _dispatched(block: nn.Module, graph: fx.Graph, output: object, found: list[t
                          "every token placed in every expert's slots with calibration on (capacity: all tokens); "
                          "each slot then gets its own token's output", "in the combine contraction, by the block's "
                          "own ops", {w: source_of(o) for o, w, _, _ in found if source_of(o)})
+
+
+def _inline(block: nn.Module, graph: fx.Graph, output: object, found: list[tuple], weights: list[GatheredWeight],
+            num_experts: int, inputs: dict, routing: tuple[fx.Node, fx.Node]) -> GatheredPlan | NoMatch:
+    """The plan for the block's own whole expert weights contracted in its forward with rows it wrote token copies
+    into (``detect/inline.py``), or why not."""
+    rows = inline_rows(block, graph, found, num_experts, inputs, output)
+    if not rows:
+        return rows
+    return gathered_plan(block, graph, output, routing, GatheredDispatch(weights, None, rows=rows),
+                         "contracted whole in the block's own forward, on rows it copies tokens into",
+                         "every token in every expert's rows with calibration on; each of the block's rows then gets "
+                         "its own token's output", "by the block's own ops, reading the rows back",
+                         {w: source_of(o) for o, w, _, _ in found if source_of(o)})

@@ -218,7 +218,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
         side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
     if not gathers:
-        return detect_contracted(block, rec.graph, rec.output, params)
+        return detect_contracted(block, rec.graph, rec.output, params, bound)
     found_choice, index, weights = _choice(rec.graph, gathers)
     if found_choice is None:
         return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))

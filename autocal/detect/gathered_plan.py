@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from ..trace.dispatch import SlotDispatch
 from ..trace.forcing import ChoiceCall
+from ..trace.rows import RowDispatch
 from ..trace.gathers import entries_copy, reshaped_view, swapped_view
 from .block import other_children
 from .graph_utils import returns_of, value
@@ -38,6 +39,7 @@ class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
     slots: SlotDispatch | None = None  # whole weights run on tokens dispatched into capacity slots (dispatched.py)
+    rows: RowDispatch | None = None  # the block's own whole weights on rows it copies tokens into (inline.py)
 
 
 def stored_parameter(node: fx.Node | None, swapped: bool = False) -> fx.Node | None:

@@ -202,6 +202,9 @@ class GatheredPlan(Plan):
     dispatch: GatheredDispatch = field(default=None, repr=False)
 
     def describe(self) -> str:
+        if self.dispatch is not None and (self.dispatch.slots or self.dispatch.rows):
+            return ("the block keeps its forward, one Linear per expert; with calibration on every token fills "
+                    "every expert's rows, and each row the block wrote gets its own token's output")
         if self.dispatch is not None and self.dispatch.choice is None:
             return "the block keeps its forward, every expert already on every token, one Linear per expert"
         return "the block is re-run with its routing forced to each group of k experts, one Linear per expert"

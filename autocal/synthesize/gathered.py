@@ -12,7 +12,10 @@ whole with every token (``detect/contracted.py``) are computed by every
 expert's Linear on all of its features; calibration needs no re-run. Where
 those features are tokens dispatched into capacity slots
 (``detect/dispatched.py``), calibration calls the experts module with every
-token in every expert's slots, and gives each slot its token's output.
+token in every expert's slots, and gives each slot its token's output; where
+the block contracts its own weights with rows it copies tokens into
+(``detect/inline.py``), it does the same between its first and last
+contraction (``trace/rows.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..detect.gathered_plan import GatheredWeight
 from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
 from .forced import ExpertViews, forced_forward
+from ..trace.rows import every_token_in_every_row
 from .dispatched import every_token_in_every_slot
 from .module import KeptForwardMoE, adopt, kept_forward_class, owned
 
@@ -74,6 +78,10 @@ class GatheredCalibrationMoE(KeptForwardMoE):
         slots = self.plan.dispatch.slots
         if self.calibrate_all_experts and slots is not None:  # the experts module on every token in every slot
             with _dispatch(by_weight), every_token_in_every_slot(self.get_submodule(slots.experts), slots):
+                return self._block_forward(*args, **kwargs)
+        rows = self.plan.dispatch.rows
+        if self.calibrate_all_experts and rows is not None:  # the block's own contractions on every token
+            with _dispatch(by_weight), every_token_in_every_row(rows, args, kwargs):
                 return self._block_forward(*args, **kwargs)
         if not self.calibrate_all_experts or self.plan.dispatch.choice is None:  # None: experts see every token
             with _dispatch(by_weight):

@@ -1987,6 +1987,72 @@ class DenseOwnWeightsMoE(nn.Module):
         return out.view_as(x)
 
 
+
+class IndexAddCapacityMoE(nn.Module):
+    """A research library's torch path: softmax gate, top-2, each choice's place in its expert by a cumulative sum
+    (first choices before second ones), token rows ``index_add_``-ed into an ``[E * C, H]`` buffer (a capacity of
+    ``ceil(k * T / E)``: choices past it are dropped), contracted with the block's own ``[E, H, I]``/``[E, I, H]``
+    weights and ``[E, 1, d]`` biases by ``torch.matmul``, read back by ``expert * C + place`` times the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.wg = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.fc1_w = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.fc1_b = nn.Parameter(torch.empty(EXPERTS, 1, INTER))
+        self.fc2_w = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.fc2_b = nn.Parameter(torch.empty(EXPERTS, 1, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        gates, chosen = torch.topk(F.softmax(self.wg(t), dim=-1), TOP_K, dim=-1)
+        capacity = math.ceil(TOP_K * t.shape[0] / EXPERTS)
+        places, taken = [], torch.zeros(EXPERTS, dtype=torch.long)
+        for j in range(TOP_K):
+            hits = F.one_hot(chosen[:, j], EXPERTS)
+            places.append(((torch.cumsum(hits, dim=0) - 1 + taken) * hits).sum(-1))
+            taken = taken + hits.sum(0)
+        buffer = torch.zeros(EXPERTS * capacity, HIDDEN, dtype=t.dtype)
+        for j in range(TOP_K):
+            kept = places[j] < capacity
+            buffer.index_add_(0, (chosen[:, j] * capacity + places[j])[kept], t[kept])
+        h = F.relu(torch.matmul(buffer.view(EXPERTS, capacity, HIDDEN), self.fc1_w) + self.fc1_b)
+        h = (torch.matmul(h, self.fc2_w) + self.fc2_b).reshape(EXPERTS * capacity, HIDDEN)
+        out = torch.zeros_like(t)
+        for j in range(TOP_K):
+            kept = (places[j] < capacity)[:, None]
+            rows = h[chosen[:, j] * capacity + places[j].clamp(max=capacity - 1)]
+            out = out + torch.where(kept, rows * gates[:, j:j + 1], 0)
+        return out.view_as(x)
+
+
+class RankedBufferMoE(nn.Module):
+    """A small-GPT MoE: softmax over the top-k logits, each token's row written into ``[E, T, H]`` at (its
+    expert, its rank among that expert's tokens), ``torch.bmm`` with the block's own ``[E, H, 4H]`` and
+    ``[E, 4H, H]`` weights, GELU between, outputs read back at the same pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.c_fc = nn.Parameter(torch.empty(EXPERTS, HIDDEN, 4 * HIDDEN))
+        self.c_proj = nn.Parameter(torch.empty(EXPERTS, 4 * HIDDEN, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        logits = self.router(t)
+        top, chosen = logits.topk(TOP_K, dim=-1)
+        probs = torch.full_like(logits, float("-inf")).scatter(-1, chosen, top).softmax(-1)
+        hits = F.one_hot(chosen, EXPERTS)  # [T, k, E]
+        ranks = (torch.cumsum(hits.reshape(-1, EXPERTS), dim=0) - 1).reshape(hits.shape)
+        ranks = (ranks * hits).sum(-1)
+        batches = torch.zeros(EXPERTS, t.shape[0], HIDDEN, dtype=t.dtype)
+        for j in range(TOP_K):
+            batches[chosen[:, j], ranks[:, j]] = t
+        out = torch.bmm(F.gelu(torch.bmm(batches, self.c_fc)), self.c_proj)
+        y = torch.zeros_like(t)
+        for j in range(TOP_K):
+            y = y + out[chosen[:, j], ranks[:, j]] * probs.gather(1, chosen[:, j:j + 1])
+        return y.view_as(x)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2192,6 +2258,11 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("dense_own_weights", "an inference engine's torch-native fallback: the block's own w13/w2 applied "
                 "to every token for every expert, weighted by (topk_weights * (topk_ids == e)).sum(-1)", (2, 4),
                 DenseOwnWeightsMoE),
+    CorpusEntry("index_add_capacity", f"{_RESEARCH}: token rows index_add_-ed into an [E * C, H] buffer (capacity "
+                "ceil(k * T / E), choices past it dropped), matmul with the block's own weights and biases, read "
+                "back by expert * C + place", (5,), IndexAddCapacityMoE),
+    CorpusEntry("ranked_buffer", "a small-GPT MoE: rows written into [E, T, H] at (expert, rank) pairs, bmm with "
+                "the block's own weights, read back at the same pairs", (), RankedBufferMoE),
     CorpusEntry("lora_experts", f"{_RESEARCH}: a mixture of LoRA experts over a base Linear every token takes",
                 (1,), LowRankExpertsMoE),
 )

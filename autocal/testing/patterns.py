@@ -1129,7 +1129,7 @@ class FunctionalEnsembleMoE(nn.Module):
 class PaddedCapacityMoE(nn.Module):
     """Each expert's rows written into a buffer ``[E, C, H]`` padded to the largest count, packed weights
     contracted whole with it by ``bmm``, each slot's output read back: the contraction is over routed rows, not
-    every token; no rule follows the buffer (stated, where it was once taken for every expert on every token)."""
+    every token (once taken for every expert on every token); the rows are followed as copies of token rows."""
 
     def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
         super().__init__()
@@ -1333,7 +1333,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("cast_gathered", "gathered", _seeded(lambda: CastGroupedMoE("to_dtype", gather=True))),
     _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
-    _failing("padded_capacity_bmm", errors.UNSUPPORTED_DISPATCH, PaddedCapacityMoE),
+    Pattern("padded_capacity_bmm", "gathered", _seeded(PaddedCapacityMoE)),
     _failing("soft_slots", NOT_AN_MOE, SoftSlotsMoE),
     _failing("direct_forward_calls", errors.UNSUPPORTED_DISPATCH, DirectForwardMoE),
     _failing("multinomial_routing", errors.UNSUPPORTED_DISPATCH, SampledRoutingMoE),

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 
 from .record import flat_args
 
-__all__ = ["MaskDispatch", "SlotDispatch"]
+__all__ = ["MaskDispatch", "SlotDispatch", "every_token", "slot_outputs"]
 
 
 @dataclass(frozen=True)
@@ -96,24 +96,30 @@ class SlotDispatch:
         return numbered[..., 0].round().long()
 
     def every_token(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The experts' input with every token in every expert's slots (capacity: all tokens), in ``like``'s layout:
-        the experts along ``expert_axis``, the tokens along the last other dimension, size 1 elsewhere."""
-        shape = [1] * like.dim()
-        shape[self._token_axis(like.dim())], shape[-1] = rows.shape
-        placed = rows.reshape(shape)
-        shape[self.expert_axis] = self.num_experts
-        return placed.expand(shape).contiguous()
+        """The experts' input with every token in every expert's slots (:func:`every_token`)."""
+        return every_token(rows, like, self.expert_axis, self.num_experts)
 
     def slot_outputs(self, every: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The experts' outputs per slot (``slots`` as :meth:`slot_tokens` gives them, in the input's layout) from
-        their outputs on :meth:`every_token`: each filled slot its token's output, an empty one zeros."""
-        axis = self.expert_axis
-        by_expert = every.movedim(axis, 0).reshape(self.num_experts, -1, every.shape[-1])
-        shape = [1] * slots.dim()
-        shape[axis] = self.num_experts
-        experts = torch.arange(self.num_experts, device=slots.device).reshape(shape).expand(slots.shape)
-        outputs = by_expert[experts, (slots - 1).clamp(min=0)]
-        return torch.where((slots > 0)[..., None], outputs, 0)
+        """The experts' outputs per slot from their outputs on :meth:`every_token` (:func:`slot_outputs`)."""
+        return slot_outputs(every, slots, self.expert_axis, self.num_experts)
 
-    def _token_axis(self, dims: int) -> int:
-        return max(d for d in range(dims - 1) if d != self.expert_axis)
+
+def every_token(rows: torch.Tensor, like: torch.Tensor, expert_axis: int, num_experts: int) -> torch.Tensor:
+    """The experts' input with every token in every expert's slots (capacity: all tokens), in ``like``'s layout:
+    the experts along ``expert_axis``, the tokens along the last other dimension, size 1 elsewhere."""
+    shape = [1] * like.dim()
+    shape[max(d for d in range(like.dim() - 1) if d != expert_axis)], shape[-1] = rows.shape
+    placed = rows.reshape(shape)
+    shape[expert_axis] = num_experts
+    return placed.expand(shape).contiguous()
+
+
+def slot_outputs(every: torch.Tensor, slots: torch.Tensor, expert_axis: int, num_experts: int) -> torch.Tensor:
+    """The experts' outputs per slot (``slots``: 1 + the token each holds, 0 for an empty one, in the input's
+    layout) from their outputs on :func:`every_token`: each filled slot its token's output, an empty one zeros."""
+    by_expert = every.movedim(expert_axis, 0).reshape(num_experts, -1, every.shape[-1])
+    shape = [1] * slots.dim()
+    shape[expert_axis] = num_experts
+    experts = torch.arange(num_experts, device=slots.device).reshape(shape).expand(slots.shape)
+    outputs = by_expert[experts, (slots - 1).clamp(min=0)]
+    return torch.where((slots > 0)[..., None], outputs, 0)
