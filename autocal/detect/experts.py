@@ -363,8 +363,7 @@ def analyze_experts(rec: ExpertsRecording, packed: dict[str, nn.Parameter],
     ancestry = Ancestry(rec.graph)
     rows, contribution, routing, region = expert_region(rec, side, ancestry)
     tail = route_tail(rec, contribution, ancestry) if routing is None else (None, [])
-    order = (_row_order(rec, slices, ancestry, check_gather(rec, min(slices), rows, routing)) if slices
-             else "slot-major")
+    order = _row_order(rec, slices, ancestry, check_gather(rec, min(slices), rows, routing)) if slices else "slot-major"
     graph, linears = build_template(rec, region, rows, contribution, routing, side, seeds, tail, ancestry)
     split_kinds = split_outputs(graph, linears)
     eliminate_dead_code(graph)
