@@ -356,7 +356,7 @@ def _ref_group_limited(m, x):
     return (_dense(t, gates, m.experts) + m.shared_experts(t)).view_as(x), gates
 
 
-def _ref_noisy_gate(m, x):
+def _ref_noisy_gate(m, x):  # also sparse_dispatcher's: a raw [H, E] gate, softmax of the top-k
     t = _flat(x)
     gates = _softmax_of_top(t @ m.w_gate)
     return _dense(t, gates, m.experts).view_as(x), gates
@@ -517,12 +517,6 @@ def _ref_lora(m, x):
     return (m.base(t) + _dense(t, gates, m.experts)).view_as(x), gates
 
 
-def _ref_sparse_dispatcher(m, x):
-    t = _flat(x)
-    gates = _softmax_of_top(t @ m.w_gate)
-    return _dense(t, gates, m.experts).view_as(x), gates
-
-
 def _ref_weights_handed_in(m, x):
     t = _flat(x)
     scores = torch.sigmoid(t @ m.gate.weight.T)
@@ -636,7 +630,7 @@ REFERENCES = {
     "argmax_top2_capacity": _ref_argmax_top2,
     "expert_size_split": _ref_expert_size_split,
     "scored_sorted_rows": _ref_scored_sorted,
-    "sparse_dispatcher": _ref_sparse_dispatcher,
+    "sparse_dispatcher": _ref_noisy_gate,
     "any_mask_tutorial": _ref_any_mask,
     "lora_experts": _ref_lora,
     "weights_handed_in": _ref_weights_handed_in,
