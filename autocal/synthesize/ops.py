@@ -5,12 +5,13 @@ The projection numerics that expert templates call are in ``autocal/numerics.py`
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
+
+from ..trace.rows import row_keys
 
 __all__ = ["RowComplement", "Seen", "inputs_seen", "run_on_the_rest", "run_unrouted", "unrouted_input",
            "unrouted_rows"]
@@ -55,7 +56,7 @@ class RowComplement:
 
     def __init__(self, source: torch.Tensor) -> None:
         self.source = source
-        keys = _row_keys(source)
+        keys = row_keys(source)
         self.order = torch.argsort(keys, stable=True)
         self.keys = keys[self.order]
         self.rank = torch.arange(self.keys.numel(), device=source.device) - torch.searchsorted(self.keys, self.keys)
@@ -64,21 +65,12 @@ class RowComplement:
         given = [rows for rows in given if rows.shape[0]]
         if not given or not self.keys.numel():
             return self.source
-        keys, counts = torch.unique(_row_keys(torch.cat(given).to(self.source.dtype)), return_counts=True)
+        keys, counts = torch.unique(row_keys(torch.cat(given).to(self.source.dtype)), return_counts=True)
         slot = torch.searchsorted(keys, self.keys).clamp(max=keys.numel() - 1)
         claimed = torch.where(keys[slot] == self.keys, counts[slot], 0)
         left = torch.empty_like(self.rank, dtype=torch.bool)
         left[self.order] = self.rank >= claimed
         return self.source[left]
-
-
-def _row_keys(rows: torch.Tensor) -> torch.Tensor:
-    """One int64 per row from its bits (wrapping sums are exact, so equal rows get equal keys)."""
-    bits = rows.reshape(rows.shape[0], math.prod(rows.shape[1:])).contiguous()
-    integers = bits.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
-    generator = torch.Generator().manual_seed(0)
-    multipliers = torch.randint(1, 2 ** 62, (bits.shape[1],), generator=generator).to(rows.device) | 1
-    return (integers.to(torch.int64) * multipliers).sum(-1)
 
 
 class Seen(list):

@@ -21,6 +21,7 @@ token they are taken for.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -33,7 +34,7 @@ from .. import errors
 from .dispatch import every_token, slot_outputs
 from .record import flat_args
 
-__all__ = ["RowDispatch", "row_tokens", "token_rows", "every_token_in_every_row"]
+__all__ = ["RowDispatch", "row_keys", "row_tokens", "token_rows", "every_token_in_every_row"]
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,14 @@ def token_rows(args: tuple, kwargs: dict, width: int) -> torch.Tensor | None:
     return found[0].reshape(-1, width) if found else None
 
 
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _keys(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """One integer per row from its values' bits (integer sums: the same bits give the same key, in any order)."""
-    bits = rows.contiguous().view(_BITS[rows.element_size()]).long()
-    return (bits * weights).sum(-1)
+def row_keys(rows: torch.Tensor) -> torch.Tensor:
+    """One int64 per row (the first dimension) from its bits (wrapping sums are exact, so equal rows get equal
+    keys)."""
+    bits = rows.reshape(rows.shape[0], math.prod(rows.shape[1:])).contiguous()
+    integers = bits.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()])
+    generator = torch.Generator().manual_seed(0)
+    multipliers = torch.randint(1, 2 ** 62, (bits.shape[1],), generator=generator).to(rows.device) | 1
+    return (integers.to(torch.int64) * multipliers).sum(-1)
 
 
 def row_tokens(given: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -74,9 +76,8 @@ def row_tokens(given: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None
     rows, tokens = given.reshape(-1, given.shape[-1]), tokens.to(given.dtype)
     if not tokens.shape[0] or rows.element_size() not in (2, 4, 8) or not rows.is_floating_point():
         return None
-    mixing = torch.randint(1, 2 ** 31, (rows.shape[-1],), generator=torch.Generator().manual_seed(0)).to(rows.device)
-    keys, order = _keys(tokens, mixing).sort()
-    candidates = order[torch.searchsorted(keys, _keys(rows, mixing)).clamp(max=len(keys) - 1)]
+    keys, order = row_keys(tokens).sort()
+    candidates = order[torch.searchsorted(keys, row_keys(rows)).clamp(max=len(keys) - 1)]
     copies = (tokens[candidates] == rows).all(-1)
     empty = (rows == 0).all(-1) & ~copies
     if not (copies | empty).all():
