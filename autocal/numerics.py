@@ -1,6 +1,6 @@
 """Numerics shared by the stages: how outputs are compared, and how generated expert code computes a projection.
 
-Below every stage (it imports torch only): detection checks a forced routing
+Below every stage (it imports torch and ``linear_calls`` only): detection checks a forced routing
 against the recorded output with ``compare_outputs``, and the expert templates
 it builds call ``project``, which the synthesized modules run.
 """
@@ -18,8 +18,10 @@ from torch import nn
 from torch.nn.modules import module as module_globals
 from torch.utils._pytree import tree_flatten
 
+from . import linear_calls
+
 __all__ = ["TOLERANCES", "compare_outputs", "Geometry", "ProjectionLayout", "geometry", "assemble_columns",
-           "call_linear", "project", "unobserved", "untouched"]
+           "call_linear", "observation_off", "project", "unobserved", "untouched"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
 # experts compute gate and up as two matmuls where the original did one, and a
@@ -71,11 +73,17 @@ def unobserved() -> Iterator[None]:
     finally:
         _UNOBSERVED.reset(token)
 
+def observation_off() -> bool:
+    """Are we under ``unobserved()``?"""
+    return _UNOBSERVED.get()
+
+
 def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; under ``unobserved()`` its matmul alone, which no hook sees."""
+    """``linear(x)`` (wrappers known to change nothing skipped: ``linear_calls``); under ``unobserved()`` its
+    matmul alone, which no hook sees."""
     if _UNOBSERVED.get():
         return F.linear(x, linear.weight, linear.bias)
-    return linear(x)
+    return linear_calls.call_linear(linear, x)
 
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset

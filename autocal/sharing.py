@@ -23,7 +23,7 @@ from .detect.structure import ExpertTemplate
 from .registry import MoECalibrationModule
 from .synthesize.experts import CalibrationExperts
 
-__all__ = ["linear_inputs", "shared_input_groups"]
+__all__ = ["expert_linear_sets", "linear_inputs", "shared_input_groups"]
 
 _INPUT = "x"  # the template's placeholder for an expert's input rows (``ExpertTemplate``)
 
@@ -67,6 +67,29 @@ def _container_groups(path: str, container: CalibrationExperts, template: Expert
     return [members for members in groups.values() if len(members) > 1]
 
 
+def _containers(model: nn.Module):
+    """``(path, container, template)`` for each experts container autocal unpacked (``CalibrationExperts``)."""
+    blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, MoECalibrationModule)]
+    for block_path, block in blocks:
+        structure = getattr(block, "structure", None)
+        if structure is None:
+            continue
+        container = block.get_submodule(structure.experts.module_path)
+        if isinstance(container, CalibrationExperts):
+            yield ".".join(p for p in (block_path, structure.experts.module_path) if p), container, structure.template
+
+
+def expert_linear_sets(model: nn.Module) -> list[list[str]]:
+    """For each container of experts autocal unpacked and each Linear of its expert template, that Linear in
+    every expert, in expert order (module paths): the Linears the grouped calibration forward computes
+    together, a projection across a run of consecutive experts (``synthesize/grouped.py``)."""
+    sets = []
+    for path, container, template in _containers(model):
+        prefix = f"{path}." if path else ""
+        sets += [[f"{prefix}{expert}.{recipe.name}" for expert in range(len(container))] for recipe in template.linears]
+    return sets
+
+
 def shared_input_groups(model: nn.Module) -> list[list[str]]:
     """Groups of expert Linears (module paths) that receive the same input tensor in calibration mode.
 
@@ -75,13 +98,6 @@ def shared_input_groups(model: nn.Module) -> list[list[str]]:
     structure and contribute nothing, as do blocks whose experts are not a container autocal unpacked.
     """
     groups: list[list[str]] = []
-    blocks = [(p, m) for p, m in model.named_modules() if isinstance(m, MoECalibrationModule)]
-    for block_path, block in blocks:
-        structure = getattr(block, "structure", None)
-        if structure is None:
-            continue
-        container = block.get_submodule(structure.experts.module_path)
-        if isinstance(container, CalibrationExperts):
-            path = ".".join(p for p in (block_path, structure.experts.module_path) if p)
-            groups += _container_groups(path, container, structure.template)
+    for path, container, template in _containers(model):
+        groups += _container_groups(path, container, template)
     return groups

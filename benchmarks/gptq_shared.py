@@ -5,6 +5,8 @@ of 128, or the hidden size if smaller), each run in a fresh subprocess:
 
 - ``shared``: ``autocal_lc.oneshot`` with ``SharedHessianGPTQModifier`` (one Hessian per group of expert Linears
   that take the same input, ``autocal.shared_input_groups``);
+- ``shared-module-calls``: ``shared`` with every expert Linear called as a module, through compressed-tensors'
+  wrappers, one hook call per Linear (``autocal.linear_calls.called_as_modules``), as before session 12;
 - ``gptq``: ``autocal_lc.oneshot`` with LLM Compressor's ``GPTQModifier`` (one Hessian per Linear);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)`` with ``GPTQModifier`` on the
   unconverted model (LLM Compressor linearizes the experts itself).
@@ -25,6 +27,7 @@ Usage (from the repository root, with llmcompressor installed)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -44,7 +47,7 @@ from _common import Shape, machine, proc_status, qwen3_moe_config, run_result, w
 
 __all__ = ["main"]
 
-METHODS = ("shared", "gptq", "incumbent")
+METHODS = ("shared", "shared-module-calls", "gptq", "incumbent")
 SIZES = ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples", "tokens", "threads", "dtype")
 # The layer shapes of issue 21 (layers, experts, hidden, expert width, k, sequences, tokens), and a tiny one to
 # check the script end to end on a CPU.
@@ -81,7 +84,7 @@ def recipe(method: str, group_size: int):
     from autocal.integrations.llmcompressor.gptq import SharedHessianGPTQModifier
 
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size)
-    modifier = SharedHessianGPTQModifier if method == "shared" else GPTQModifier
+    modifier = SharedHessianGPTQModifier if method.startswith("shared") else GPTQModifier
     return modifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                     ignore=["lm_head", "re:.*mlp.gate$"])
 
@@ -144,7 +147,11 @@ def child(args) -> dict:
         started = time.perf_counter()
         alc.prepare(model)
         prepare_s = time.perf_counter() - started
-        oneshot = lambda: alc.oneshot(model, recipe=modifier, **kwargs)  # noqa: E731
+        from autocal.linear_calls import called_as_modules
+
+        def oneshot():
+            with called_as_modules() if args.method == "shared-module-calls" else contextlib.nullcontext():
+                return alc.oneshot(model, recipe=modifier, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     before = proc_status("VmRSS")

@@ -16,6 +16,8 @@ AWQ W4A16 (asymmetric, groups of 32), each run in a fresh subprocess:
   of commit 5270eda called each expert under such a wrapper on its own);
 - ``autocal-shared-observers``: ``autocal`` with ``SharedObserverQuantizationModifier`` (the input observer
   of each group of expert Linears sharing an input hooked on its first member only; FP8 only);
+- ``autocal-shared-observers-module-calls``: the same with every expert Linear called as a module, through
+  compressed-tensors' wrappers (``autocal.linear_calls.called_as_modules``), as before session 12;
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
   on the unconverted model (LLM Compressor linearizes the experts itself).
 
@@ -42,6 +44,7 @@ Usage (from the repository root, with llmcompressor installed)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -58,7 +61,8 @@ from _common import Shape, machine, qwen3_moe_config, run_result, write_json  # 
 
 __all__ = ["main"]
 
-METHODS = ("autocal", "autocal-propagate-all", "autocal-one-by-one", "autocal-shared-observers", "incumbent")
+METHODS = ("autocal", "autocal-propagate-all", "autocal-one-by-one", "autocal-shared-observers",
+           "autocal-shared-observers-module-calls", "incumbent")
 
 
 def save_model(args, path: Path) -> None:
@@ -89,7 +93,7 @@ def make_recipe(args):
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
         return AWQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                            ignore=_IGNORE)
-    if args.method == "autocal-shared-observers":
+    if args.method.startswith("autocal-shared-observers"):
         from autocal.integrations.llmcompressor.observers import SharedObserverQuantizationModifier
 
         return SharedObserverQuantizationModifier(targets="Linear", scheme="FP8", ignore=_IGNORE)
@@ -127,12 +131,14 @@ def child(args) -> dict:
         seconds, prepare_seconds = time.perf_counter() - started, 0.0
     else:
         from autocal.integrations import llmcompressor as alc
+        from autocal.linear_calls import called_as_modules
 
         started = time.perf_counter()
         alc.prepare(model, group_experts=args.method != "autocal-one-by-one")
         prepared = time.perf_counter()
-        routed = args.method in ("autocal", "autocal-shared-observers")
-        alc.oneshot(model, recipe=recipe, propagate_routed=routed, **kwargs)
+        routed = args.method in ("autocal", "autocal-shared-observers", "autocal-shared-observers-module-calls")
+        with called_as_modules() if args.method.endswith("module-calls") else contextlib.nullcontext():
+            alc.oneshot(model, recipe=recipe, propagate_routed=routed, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
     scaled = sum(_has_scales(m, args.recipe) for m in experts)
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.method = args.child
         print(json.dumps(child(args)))
         return None
-    if args.recipe == "awq" and "autocal-shared-observers" in args.methods:
+    if args.recipe == "awq" and any(m.startswith("autocal-shared-observers") for m in args.methods):
         parser.error("autocal-shared-observers runs the FP8 recipe only")
     with tempfile.TemporaryDirectory() as folder:
         args.model = Path(folder) / "model"

@@ -20,6 +20,7 @@ Tolerances (relative L2 error, ||quantized - original|| / ||original||, on 4 hel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -423,6 +424,21 @@ def test_side_by_side_with_llmcompressor_own_path(name, workdir):
     assert ours_as_theirs == theirs
 
 
+@contextlib.contextmanager
+def counting_group_calls():
+    """How many times expert Linears were computed together, their hooks stood for by group hooks."""
+    from autocal import linear_calls
+
+    calls, run_hooks = [0], linear_calls.GroupCall.run_hooks
+
+    def counting(self, *args):
+        calls[0] += 1
+        return run_hooks(self, *args)
+
+    with mock.patch.object(linear_calls.GroupCall, "run_hooks", counting):
+        yield calls
+
+
 def test_shared_hessian_gptq_gives_gptq_result(workdir):
     """``SharedHessianGPTQModifier`` accumulates one Hessian per group of expert Linears that share an input (once
     per calibration batch, under the group's first member), factorizes it once, and quantizes the group's weights
@@ -449,8 +465,9 @@ def test_shared_hessian_gptq_gives_gptq_result(workdir):
 
     with mock.patch.object(base, "accumulate_hessian", counting), \
             mock.patch.object(gptq_quantize, "factorize_hessian", counting_factorizations), \
-            mock.patch.object(group_gptq, "factorize_hessian", counting_factorizations):
+            mock.patch.object(group_gptq, "factorize_hessian", counting_factorizations), counting_group_calls() as calls:
         alc.oneshot(shared, recipe=recipe("w4a16", SharedHessianGPTQModifier), **oneshot_kwargs(result.original.vocab))
+    assert calls[0] > 0, "the group hooks stood for the expert Linears' hooks (autocal.linear_calls)"
     groups = autocal.shared_input_groups(shared)
     assert groups
     for group in groups:
@@ -574,8 +591,9 @@ def test_shared_observers_give_quantization_modifier_result(workdir):
         return observe(module, args)
 
     recipe = SharedObserverQuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])
-    with mock.patch.object(mixin, "calibrate_input_hook", counting):
+    with mock.patch.object(mixin, "calibrate_input_hook", counting), counting_group_calls() as calls:
         alc.oneshot(model, recipe=recipe, **oneshot_kwargs(result.original.vocab))
+    assert calls[0] > 0, "the group hooks stood for the expert Linears' hooks (autocal.linear_calls)"
     groups = autocal.shared_input_groups(model)
     experts = [model.get_submodule(lin.path) for lin in alc.expert_linears(model)]
     assert len(groups) == 2 and len(experts) == 2 * 8 * 3

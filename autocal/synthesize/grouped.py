@@ -29,9 +29,11 @@ import operator
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from ..numerics import assemble_columns, call_linear, project, unobserved, untouched
+from ..linear_calls import linear_calls_for
+from ..numerics import assemble_columns, call_linear, observation_off, project, unobserved, untouched
 
 __all__ = ["GroupedTemplate"]
 
@@ -232,8 +234,16 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
     if untouched_group:
         return torch.stack([project(rows[g], tuple(linear[g] for linear in linears), columns, features, layouts[g])
                             for g in range(group)])
-    pieces = tuple(torch.stack([call_linear(linear, row) for linear, row in zip(per_linear, rows)])
-                   for per_linear in linears)
+    flat = [linear for per_linear in linears for linear in per_linear]
+    calls = None if observation_off() else linear_calls_for(flat, rows[0])
+    if calls is None:
+        pieces = tuple(torch.stack([call_linear(linear, row) for linear, row in zip(per_linear, rows)])
+                       for per_linear in linears)
+    else:  # group hooks stand for every hook on the Linears: each called once, then each Linear's matmul
+        calls.run_hooks(flat, rows * len(linears))
+        weights = iter(calls.weights)
+        pieces = tuple(torch.stack([F.linear(row, next(weights), linear.bias) for linear, row in zip(per_linear, rows)])
+                       for per_linear in linears)
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
 
 

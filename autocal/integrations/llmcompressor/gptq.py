@@ -22,6 +22,7 @@ compression instead of writing wrong weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from compressed_tensors.distributed import greedy_bin_packing
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.utils import getattr_chain
-from llmcompressor.core import State
+from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
 from llmcompressor.modifiers.gptq.helpers import (GPTQ_PRECISION, MIN_BATCHED_CHOLESKY_SIZE, batch_key,
@@ -41,8 +42,11 @@ from torch import distributed as dist
 from torch import nn
 
 from ... import errors
-from ...sharing import shared_input_groups
+from ...linear_calls import register_group_hook
+from ...sharing import expert_linear_sets, shared_input_groups
+from .wrappers import hooked, install_transparency_rules, live
 from .group_gptq import SharedFactorization, quantize_shared
+from .stacked_hessians import StackedHessians
 
 __all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
 
@@ -91,16 +95,55 @@ class SharedHessianGPTQModifier(GPTQModifier):
     """
 
     _groups: dict[nn.Module, _Group] = PrivateAttr(default_factory=dict)
+    _group_hook: Any = PrivateAttr(default=None)
+    _handle_of: dict[nn.Module, Any] = PrivateAttr(default_factory=dict)  # each Linear's GPTQ hook
+    _stacks: dict[nn.Module, StackedHessians] = PrivateAttr(default_factory=dict)  # Linears in no group
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         initialized = super().on_initialize(state, **kwargs)
+        install_transparency_rules()
         self._groups = {}
         for paths in shared_input_groups(state.model):
             members = [state.model.get_submodule(path) for path in paths]
             members = [m for m in members if m in self._module_names]  # targeted, not ignored
             group = _Group(members)
             self._groups.update({member: group for member in members if len(members) > 1})
+        self._stacks = {}
+        for paths in expert_linear_sets(state.model):
+            members = [state.model.get_submodule(path) for path in paths]
+            if all(isinstance(m, nn.Linear) and m in self._module_names and m not in self._groups for m in members):
+                stack = StackedHessians(members)
+                self._stacks.update({member: stack for member in members})
         return initialized
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        """``GPTQModifier``'s hooks, and one group hook standing for them all (``autocal.linear_calls``)."""
+        super().on_calibration_start(state, event, **kwargs)
+        pairs = hooked(self._hooks, self._module_names, self.calibrate_module)
+        self._handle_of = dict(pairs)
+        self._group_hook = register_group_hook(self._calibrate_linears, pairs)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
+        self._group_hook.remove()
+        super().on_calibration_end(state, event, **kwargs)
+
+    def _calibrate_linears(self, linears: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> None:
+        """What their hooks would do, for Linears computed together (one projection across experts): where
+        they are one group on one tensor, its Hessian accumulated once and the others marked as seeing it."""
+        linears, inputs = live(linears, inputs, self._handle_of)
+        if not linears:
+            return
+        group = self._groups.get(linears[0])
+        if group is None or any(i is not inputs[0] for i in inputs) or any(self._groups.get(m) is not group
+                                                                          for m in linears):
+            stack = self._stacks.get(linears[0])
+            if stack is None or not stack.accumulate(linears, inputs, self._hessians, self._num_samples):
+                for linear, inp in zip(linears, inputs):
+                    self.calibrate_module(linear, (inp,), None)
+            return
+        self.calibrate_module(linears[0], (inputs[0],), None)
+        for linear in linears[1:]:
+            group.seen[linear].append(group.accumulated - 1)
 
     def calibrate_module(self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
         group = self._groups.get(module)
@@ -131,6 +174,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
     def compress_modules(self) -> None:
         """Compress each group with one factorization of its Hessian, the others as ``GPTQModifier`` does."""
         groups = self._calibrated_groups()
+        for stack in {id(s): s for s in self._stacks.values()}.values():
+            stack.release()
         if is_distributed():
             return self._compress_distributed(groups)
         for group in groups:

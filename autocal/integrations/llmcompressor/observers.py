@@ -18,8 +18,10 @@ keep their own hook. Output observers and weights are untouched.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -27,7 +29,9 @@ from pydantic import PrivateAttr
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ...linear_calls import register_group_hook
 from ...sharing import shared_input_groups
+from .wrappers import hooked, install_transparency_rules, live
 
 __all__ = ["SharedObserverQuantizationModifier"]
 
@@ -48,9 +52,13 @@ class SharedObserverQuantizationModifier(QuantizationModifier):
     """
 
     _leaders: dict[nn.Module, nn.Module] = PrivateAttr(default_factory=dict)  # member -> its group's first
+    _handle_of: dict[nn.Module, Any] = PrivateAttr(default_factory=dict)  # each Linear's input observer hook
+    _observers: dict[nn.Module, Any] = PrivateAttr(default_factory=dict)  # the function each such hook calls
+    _group_hook: Any = PrivateAttr(default=None)
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         initialized = super().on_initialize(state, **kwargs)
+        install_transparency_rules()
         targeted = {module for _, module in match_named_modules(state.model, self.resolved_targets, self.ignore)}
         self._leaders = {}
         for paths in shared_input_groups(state.model):
@@ -68,6 +76,28 @@ class SharedObserverQuantizationModifier(QuantizationModifier):
                 self.remove_hooks({handle})
                 hooks.discard(handle)
         return hooks
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        """LLM Compressor's observers and hooks, and one group hook standing for the input observers' hooks of
+        all targeted Linears (``autocal.linear_calls``): expert Linears are then computed together."""
+        super().on_calibration_start(state, event, **kwargs)
+        targeted = [module for _, module in match_named_modules(state.model, self.resolved_targets, self.ignore)]
+        pairs = hooked(self._calibration_hooks, targeted, pre_hooks=True)
+        self._handle_of = dict(pairs)
+        self._observers = {module: module._forward_pre_hooks[handle.id].__wrapped__ for module, handle in pairs}
+        self._group_hook = register_group_hook(self._observe_inputs, pairs)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
+        if self._group_hook is not None:
+            self._group_hook.remove()
+            self._group_hook = None
+        super().on_calibration_end(state, event, **kwargs)
+
+    def _observe_inputs(self, linears: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> None:
+        """What the input observers' hooks of Linears computed together would do: each calls the function
+        LLM Compressor registered (``calibrate_input_hook``, which returns nothing) on its input."""
+        for linear, inp in zip(*live(linears, inputs, self._handle_of)):
+            self._observers[linear](linear, (inp,))
 
     def on_sequential_epoch_end(self, state: State, event: Event, modules: list[nn.Module], **kwargs: Any) -> None:
         """Give each member its group's first's input statistics, then compute the scales as LLM Compressor does."""

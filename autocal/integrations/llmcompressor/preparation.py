@@ -12,6 +12,7 @@ from ... import errors
 from .blocks import calibration_blocks, expert_linears, gate_modules
 from .checkpoint import install_checked_save
 from .naming import install_checkpoint_names
+from .wrappers import install_transparency_rules
 
 __all__ = [
     "LinearizationConflict",
@@ -91,7 +92,8 @@ def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: An
     activation memory (``autocal.set_calibration_chunk_size``); ``group_experts=False`` calls each expert module
     on its own (``autocal.convert``). MoE blocks autocal cannot convert are left
     to LLM Compressor's own linearization (``strict=False``), with a warning naming them; ``strict=True``
-    raises instead.
+    raises instead. The calibration forward then calls the expert Linears past compressed-tensors' wrappers
+    while these change nothing (``wrappers``): the same hooks run on the same tensors, with less overhead.
     """
     from ... import api
 
@@ -104,5 +106,6 @@ def prepare(model: nn.Module, *, example_inputs: dict | None = None, forward: An
     linearized = check_linearization(model)
     names = install_checkpoint_names(model) if checkpoint_naming else {}
     install_checked_save(model)
+    install_transparency_rules()
     return Preparation([p for p, _ in calibration_blocks(model)], len(expert_linears(model)), gate_modules(model),
                        names, linearized)

@@ -4,12 +4,14 @@ and the quantization parameters it holds afterwards."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ... import errors
+from ...linear_calls import register_group_hook
 from .blocks import _listing, calibration_blocks, expert_linears
 
 __all__ = [
@@ -79,12 +81,26 @@ class CoverageTracker:
             self.block_tokens.setdefault(path, 0)
             self._handles.append(block.register_forward_pre_hook(self._counter(self.block_tokens, path),
                                                                  with_kwargs=True))
+        counted, path_of = [], {}
         for linear in expert_linears(self.model):
             self.linear_tokens.setdefault(linear.path, 0)
             module = self.model.get_submodule(linear.path)
-            self._handles.append(module.register_forward_pre_hook(self._counter(self.linear_tokens, linear.path),
-                                                                  with_kwargs=True))
+            path_of[module] = linear.path
+            counted.append((module, module.register_forward_pre_hook(self._counter(self.linear_tokens, linear.path),
+                                                                     with_kwargs=True)))
+        self._handles += [handle for _, handle in counted]
+        self._handles.append(register_group_hook(lambda *call: self._count_group(path_of, *call), counted))
         return self
+
+    def _count_group(self, path_of: dict[nn.Module, str], linears: Sequence[nn.Module],
+                     inputs: Sequence[torch.Tensor]) -> None:
+        """The counting hooks of Linears computed together (``autocal.linear_calls``), in one call."""
+        if self.only_live_hooks and not _lc_hooks_live():
+            return
+        for linear, inp in zip(linears, inputs):
+            rows = _rows(inp)
+            if rows is not None:
+                self.linear_tokens[path_of[linear]] += rows
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
