@@ -53,7 +53,9 @@ GroupHook = Callable[[Sequence[nn.Module], Sequence[torch.Tensor]], None]
 _STOOD_FOR = "_autocal_stood_for"  # in a Linear's __dict__: {id of a hook on it: the group hook standing for it}
 _RULES: OrderedDict[int, TransparencyRule] = OrderedDict()  # weakly referenced by handles
 _CALLED_AS_MODULES: ContextVar[bool] = ContextVar("autocal_called_as_modules", default=False)
-_WRAPPERS_DEEP = 8  # wrappers of wrappers followed at most
+_WRAPPERS_DEEP = 8
+_LINEAR_FORWARD = nn.Linear.forward
+_PLAIN_CLASSES: dict[type, bool] = {}  # does the class compute ``nn.Linear.forward`` when called?  # wrappers of wrappers followed at most
 
 
 @contextmanager
@@ -117,6 +119,8 @@ class GroupCall:
 def linear_calls_for(linears: Sequence[nn.Linear], x: torch.Tensor) -> GroupCall | None:
     """A ``GroupCall`` for Linears about to run on inputs on ``x``'s device, if each can be computed without
     calling it and every hook on each is stood for by a group hook; else None (call each: ``call_linear``)."""
+    if not _may_skip_wrappers():
+        return None
     weights, hooks = [], {}
     for position, linear in enumerate(linears):
         weight = _plain_weight(linear, x)
@@ -140,7 +144,7 @@ def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if group is not None:
         group.run_hooks((linear,), (x,))
         return F.linear(x, group.weights[0], linear.bias)
-    weight = _plain_weight(linear, x)
+    weight = _plain_weight(linear, x) if _may_skip_wrappers() else None
     if weight is None:
         return linear(x)
     args = (x,)
@@ -168,32 +172,41 @@ def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return output
 
 
+def _may_skip_wrappers() -> bool:
+    """May any Linear be computed without calling it now: a rule registered, not turned off, no global hook?"""
+    return bool(_RULES) and not _CALLED_AS_MODULES.get() and not (
+        module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+        or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks)
+
+
 def _plain_weight(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The weight to compute ``linear``'s forward with, if it can be computed without calling it; else None."""
-    if not _RULES or _CALLED_AS_MODULES.get() or type(linear).forward is not nn.Linear.forward or type(linear).__call__ is not nn.Module.__call__:
+    """The weight to compute ``linear``'s forward with, if it can be computed without calling it (given
+    ``_may_skip_wrappers``); else None."""
+    plain = _PLAIN_CLASSES.get(type(linear))
+    if plain is None:
+        plain = _PLAIN_CLASSES[type(linear)] = (type(linear).forward is nn.Linear.forward
+                                                and type(linear).__call__ is nn.Module.__call__)
+    if not plain or linear._backward_hooks or linear._backward_pre_hooks:
         return None
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks or \
-            module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks or \
-            linear._backward_hooks or linear._backward_pre_hooks:
-        return None
-    if not _transparent(linear, linear.__dict__.get("forward"), x):
+    forward = linear.__dict__.get("forward")
+    if forward is not None and not _transparent(linear, forward, x):
         return None
     weight = linear._parameters.get("weight")  # as ``nn.Module.__getattr__`` finds it, without its cost
     return weight if weight is not None and weight.device == x.device else None
 
 
-def _transparent(linear: nn.Module, forward: Callable | None, x: torch.Tensor) -> bool:
-    """Is ``forward`` (the instance's, None if it has none) ``nn.Linear.forward`` behind vouched-for wrappers?"""
-    if forward is None:
-        return True
+def _transparent(linear: nn.Module, forward: Callable, x: torch.Tensor) -> bool:
+    """Is ``forward``, set on the instance, ``nn.Linear.forward`` behind wrappers a rule vouches for?"""
     if getattr(forward, "__self__", linear) is not linear:  # a method of another object
         return False
     function = getattr(forward, "__func__", forward)
-    rules = tuple(_RULES.values())
     for _ in range(_WRAPPERS_DEEP):
-        if function is nn.Linear.forward:
+        if function is _LINEAR_FORWARD:
             return True
-        if not any(rule(linear, function, x) for rule in rules):
+        for rule in _RULES.values():
+            if rule(linear, function, x):
+                break
+        else:
             return False
         function = getattr(function, "__wrapped__", None)
         function = getattr(function, "__func__", function)

@@ -30,14 +30,20 @@ __all__ = ["compressed_tensors_transparent", "hooked", "live", "install_transpar
 _QUANTIZED = ("compressed_tensors.quantization.lifecycle.forward", "set_forward_quantized.<locals>.quantized_forward")
 _OFFLOADED = ("compressed_tensors.offload.module", "offload_module.<locals>.forward")
 _installed: RemovableHandle | None = None
+_NAMES: dict = {}  # code object -> (module, qualified name)
 
 
 def _named(function: Callable) -> tuple[str, str]:
     """Where ``function`` was defined: its code's module and qualified name (``functools.wraps`` gives a wrapper
-    the ``__module__`` and ``__qualname__`` of what it wraps, so those name ``nn.Linear.forward``)."""
+    the ``__module__`` and ``__qualname__`` of what it wraps, so those name ``nn.Linear.forward``). Remembered
+    per code object: every Linear's wrapper is a closure of the same code."""
     code = getattr(function, "__code__", None)
-    module = getattr(function, "__globals__", {}).get("__name__", "")
-    return (module, code.co_qualname) if code is not None else ("", "")
+    if code is None:
+        return "", ""
+    name = _NAMES.get(code)
+    if name is None:
+        name = _NAMES[code] = (getattr(function, "__globals__", {}).get("__name__", ""), code.co_qualname)
+    return name
 
 
 def compressed_tensors_transparent(linear: nn.Module, function: Callable, x: torch.Tensor) -> bool:
@@ -47,7 +53,7 @@ def compressed_tensors_transparent(linear: nn.Module, function: Callable, x: tor
         return not (getattr(linear, "quantization_enabled", True) and getattr(linear, "quantization_scheme", None)
                     is not None and getattr(linear, "quantization_status", None) is not None)
     if name == _OFFLOADED:  # calls ``_original_forward_func``, which it wraps
-        original = getattr(linear, "_original_forward_func", None)
+        original = linear.__dict__.get("_original_forward_func")
         return original is not None and getattr(function, "__wrapped__", None) is original
     return False
 
