@@ -53,6 +53,7 @@ GROUP_SIZE = 16  # tiny models have in_features 16..64; the W4A16 preset's group
 BLOCK_TOL = {"w4a16": 0.25, "fp8": 0.12, "nvfp4": 0.35}
 MODEL_TOL = {"w4a16": 0.8, "fp8": 0.65, "nvfp4": 0.8}
 SIDE_BY_SIDE_TOL = 1e-4
+FLIP_TOL = 1e-2  # logits, where GPTQ rounded some weights one step apart (test_side_by_side_with_llmcompressor_own_path)
 # Quantized activations (W8A8: int8 per token, computed at run time) turn a last-bit difference between the two
 # paths' calibration forwards (a sum in another order) into a whole quantization step of some activations:
 # GPT-OSS's logits then differ by 5.4e-4 (relative) on an AVX-512 CPU. An uncalibrated expert differs by ~1e-1.
@@ -396,11 +397,28 @@ def test_reloaded_checkpoint_matches_fake_quantized_model(name, workdir):
     assert rel(logits, result.quantized) <= RELOAD_TOL
 
 
+def step_flips(ours: dict[str, dict[str, torch.Tensor]], model: torch.nn.Module) -> int:
+    """How many of ``ours``' quantized weights (``Run.extra["quantized"]``) differ from ``model``'s; each may
+    differ by one quantization step at most (asserted)."""
+    flips = 0
+    for name, tensors in ours.items():
+        theirs, weight, scale = model.get_submodule(name).weight, tensors["weight"], tensors["weight_scale"]
+        step = scale.repeat_interleave(weight.shape[-1] // scale.shape[-1], dim=-1)
+        assert ((theirs - weight).abs() <= step * (1 + 1e-5)).all(), name
+        flips += (theirs != weight).sum().item()
+    return flips
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_side_by_side_with_llmcompressor_own_path(name, workdir):
     """LLM Compressor's own path (post-load linearization, moe_calibrate_all_experts) on the same model and data
     gives the model autocal's ``oneshot`` gives by default: the same expert scales, and the same logits to
-    rounding (the two paths sum the same rows in another order)."""
+    rounding (the two paths sum the same rows in another order).
+
+    That rounding reaches the Hessians, and GPTQ's rounding of a weight can then flip by one quantization step
+    (``step_flips``): measured on AVX2 kernels (``MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2``),
+    10 of GPT-OSS's 122880 quantized weights, which moved its logits by 2.4e-3; none on AVX-512. Flips must stay
+    within one step and 0.1% of the weights, and the logits within ``FLIP_TOL`` where any weight flipped."""
     from llmcompressor import oneshot
 
     result = run(name, "w4a16", workdir)
@@ -409,7 +427,9 @@ def test_side_by_side_with_llmcompressor_own_path(name, workdir):
     held_out = tokens(HELD_OUT, 1, result.original.vocab)
     with torch.no_grad():
         logits = model(input_ids=held_out).logits
-    assert rel(logits, result.quantized) <= SIDE_BY_SIDE_TOL
+    flips = step_flips(result.extra["quantized"], model)
+    assert flips <= 1e-3 * sum(q["weight"].numel() for q in result.extra["quantized"].values())
+    assert rel(logits, result.quantized) <= (FLIP_TOL if flips else SIDE_BY_SIDE_TOL)
     for path, scales in result.scales.items():
         for scale_name, scale in scales.items():
             torch.testing.assert_close(scale, getattr(model.get_submodule(path), scale_name), rtol=1e-6, atol=0)
