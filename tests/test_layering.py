@@ -1,8 +1,8 @@
 """The import contract between autocal's stages: each imports only the stages below it.
 
 trace < detect < synthesize < rules (the table) and sharing (facts of the synthesized graphs) < the api
-facade < explain, cli and integrations, with errors, numerics, the override registry and the token
-counters beneath them all. An
+facade < explain, cli and integrations, with errors, numerics (and the expert Linear calls it makes), the
+override registry and the token counters beneath them all. An
 import of a higher stage, at module level or inside a function, fails here, naming the file and line.
 """
 
@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autocal"
 
 # Lower rank: lower in the stack. A module may import its own stage and the stages of lower rank.
 RANK = {
-    "errors": 0, "numerics": 1, "registry": 2, "coverage": 3,
+    "errors": 0, "numerics": 1, "linear_calls": 1, "registry": 2, "coverage": 3,
     "trace": 4, "detect": 5, "synthesize": 6, "verify": 7, "rules": 8, "sharing": 8, "unconverted": 8, "api": 9,
     "explain": 10, "__init__": 10, "integrations": 11, "testing": 12, "cli": 13, "__main__": 14,
 }  # ``__init__``: the package itself, which re-exports the facade (api and explain)
