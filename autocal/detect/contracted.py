@@ -144,9 +144,15 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object, params:
     index, weights = routing_choice(graph, last)
     ancestry = Ancestry(graph)
     if index is not weights and any(_routed(f, op, index, graph, ancestry) for op, _, _, f in found):
+        experts = num_experts.pop()
         if not found[0][1].rpartition(".")[0]:  # the block's own weights, contracted in its own forward
-            return _inline(block, graph, output, found, weights_found, num_experts.pop(), inputs, (index, weights))
-        return _dispatched(block, graph, output, found, weights_found, num_experts.pop())
+            return _inline(block, graph, output, found, weights_found, experts, inputs, (index, weights))
+        dispatched = _dispatched(block, graph, output, found, weights_found, experts)
+        if dispatched:
+            return dispatched
+        # A module of experts given every token, the rows not routed to an expert zeroed inside it
+        rows = _inline(block, graph, output, found, weights_found, experts, inputs, (index, weights))
+        return rows if rows else dispatched
     if index is weights:
         return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
                        "outputs alone", source_of(found[0][0]), shallow=True)

@@ -110,6 +110,9 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
     roles = container_roles(bound, found.node)
     if not roles:
         return roles
+    routes = _routes_as_rows(found, bound[roles["hidden"]], bound[roles["index"]])
+    if routes is not None:
+        return routes
     with eager_experts(block):
         router = analyze_router(found.recording.graph, _arg_node(container, found.node, roles["index"]),
                                 _arg_node(container, found.node, roles["weights"]))
@@ -145,6 +148,22 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
         returns=returns_of(found.recording.output),
         template=template,
     ))
+
+
+def _routes_as_rows(found: PackedCall, hidden: torch.Tensor, index: torch.Tensor) -> NoMatch | None:
+    """Why not, where each row the experts get is one route of a token: more rows than the block has tokens, and
+    more routes per token than slots per row (``x.repeat_interleave(k)`` or ``x[flat_index // k]`` with a
+    ``[T * k, 1]`` index). The experts rule would show each expert every token once per route; forced routing
+    (the gathered rule) shows it each token once."""
+    tokens = next(v.numel() // v.shape[-1] for v in map(value, found.recording.graph.nodes)
+                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim())
+    rows, slots = hidden.numel() // hidden.shape[-1], index.shape[-1] if index.dim() else 1
+    routes = rows * slots // tokens
+    if rows <= tokens or rows * slots % tokens or routes <= slots:
+        return None
+    return NoMatch(f"each row `{found.name}` gets is one route of a token ({rows} rows of {slots} slot(s) for "
+                   f"{tokens} tokens: {routes} routes per token, a row each): calibrating every expert on every "
+                   "row would show it each token once per route", found.node.meta.get("source"))
 
 
 def _relative_dtype(dtype: torch.dtype, hidden: torch.dtype) -> str | None:

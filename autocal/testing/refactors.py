@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HIDDEN", "ExpertsNormaliseBlock", "GatheredRouteBlock", "MaskedDenseBlock", "MoEOutput", "RouterOutput",
-           "RouterReorderedBlock", "RoutingMapBlock", "Variant", "VARIANTS", "implementations"]
+__all__ = ["HIDDEN", "ExpertsNormaliseBlock", "GatheredRouteBlock", "MaskedDenseBlock", "MaskedInputsBlock",
+           "MoEOutput", "RouteRowsBlock", "RouterOutput", "RouterReorderedBlock", "RoutingMapBlock",
+           "SortedRouteRowsBlock", "Variant", "VARIANTS", "implementations"]
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 6, 2
 ALL_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -387,6 +388,19 @@ class RouteRowsBlock(_Block):
         return out.view(-1, k, hidden_states.shape[-1]).sum(1)
 
 
+class SortedRouteRowsBlock(_Block):
+    """Each route a row of its own, the routes sorted by expert and their tokens' rows gathered by
+    ``index_select``; the experts weight their outputs, which are put back in route order and summed per token."""
+
+    def route(self, hidden_states):
+        _, weights, indices = self.gate(hidden_states)
+        k, flat = indices.shape[-1], indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        rows = hidden_states.index_select(0, order // k)
+        out = self.experts(rows, flat[order, None], weights.reshape(-1)[order, None])
+        return torch.zeros_like(out).index_copy(0, order, out).view(-1, k, out.shape[-1]).sum(1)
+
+
 class MoEOutput(NamedTuple):
     hidden_states: torch.Tensor
     router_logits: torch.Tensor
@@ -558,6 +572,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ScoreBeforeExpertsBlock, top_k=1),
     Variant("route_rows", "the routing weight applied to each route's copy of its token, one route per row",
             RouteRowsBlock),
+    Variant("sorted_route_rows", "each route a row of its own, routes sorted by expert, rows gathered by "
+            "index_select", SortedRouteRowsBlock),
     Variant("named_output", "the block returns a NamedTuple (hidden_states, router_logits)", NamedOutputBlock),
     Variant("logits_router", "a Linear router; softmax and an unsorted top-k in the block", LogitsRouterBlock),
     Variant("zero_experts_in_block", "identity experts handled in the block by index remapping",
