@@ -634,6 +634,8 @@ REFERENCES = {
     "refactor_route_rows": _ref_route_rows,
     "refactor_sorted_route_rows": _ref_refactor,
     "refactor_masked_inputs": _ref_refactor,
+    "refactor_padded_loop": _ref_refactor,
+    "refactor_transposed_cast": _ref_refactor,
     "split_per_expert": _ref_split_per_expert,
     "plain_layers": _ref_plain_layers,
     "detached_scaled_inputs": _ref_detached_scaled_inputs,

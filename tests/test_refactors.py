@@ -85,3 +85,13 @@ def test_explain_reports_k(name, impl):
     assert block.failure is None, block.failure
     assert block.top_k == VARIANTS[name].top_k
 
+
+@pytest.mark.parametrize("name", ["transposed_cast", "padded_loop", "route_rows", "masked_inputs"])
+def test_synthesize_bfloat16(name):
+    """A bfloat16 model: where the experts cast their weights (``transposed_cast``: a transposed view cast to
+    float32), the cast is a copy, followed back to the parameter it copies."""
+    def build():
+        return _build(name, "eager").to(torch.bfloat16)
+    module = autocal.synthesize(build())
+    for (hidden,) in _inputs():
+        equivalent(build(), module, (hidden.to(torch.bfloat16),), {})

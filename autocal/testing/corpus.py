@@ -2238,6 +2238,10 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "(argsort) and their tokens gathered by index_select", (3,), refactors.SortedRouteRowsBlock),
     CorpusEntry("refactor_masked_inputs", f"{_FUTURE}: compile-friendly experts, every expert's batch holding every "
                 "token, the unrouted rows zeroed by a 0/1 mask, bmm over [E, T, H]", (), refactors.MaskedInputsBlock),
+    CorpusEntry("refactor_padded_loop", f"{_FUTURE}: rows sorted by expert, each expert's segment padded with zero "
+                "rows to a multiple of 4, a plain matmul loop over the segments", (3,), refactors.PaddedLoopBlock),
+    CorpusEntry("refactor_transposed_cast", f"{_FUTURE}: experts computing in float32, their weights transposed and "
+                "that view cast (.float()) before the loop", (), refactors.TransposedCastBlock),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),
