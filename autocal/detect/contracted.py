@@ -183,13 +183,14 @@ def _dispatched(block: nn.Module, graph: fx.Graph, output: object, found: list[t
 
 def _inline(block: nn.Module, graph: fx.Graph, output: object, found: list[tuple], weights: list[GatheredWeight],
             num_experts: int, inputs: dict, routing: tuple[fx.Node, fx.Node]) -> GatheredPlan | NoMatch:
-    """The plan for the block's own whole expert weights contracted in its forward with rows it wrote token copies
-    into (``detect/inline.py``), or why not."""
+    """The plan for whole expert weights contracted with rows that each hold a copy of a token or zeros: rows the
+    block wrote token copies into, or an experts module's batch of every token with the unrouted rows zeroed
+    (``detect/inline.py``), or why not."""
     rows = inline_rows(block, graph, found, num_experts, inputs, output)
     if not rows:
         return rows
     return gathered_plan(block, graph, output, routing, GatheredDispatch(weights, None, rows=rows),
-                         "contracted whole in the block's own forward, on rows it copies tokens into",
+                         "contracted whole, on rows that each hold a copy of a token or zeros",
                          "every token in every expert's rows with calibration on; each of the block's rows then gets "
                          "its own token's output", "by the block's own ops, reading the rows back",
                          {w: source_of(o) for o, w, _, _ in found if source_of(o)})

@@ -39,7 +39,7 @@ class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
     slots: SlotDispatch | None = None  # whole weights run on tokens dispatched into capacity slots (dispatched.py)
-    rows: RowDispatch | None = None  # the block's own whole weights on rows it copies tokens into (inline.py)
+    rows: RowDispatch | None = None  # whole weights on rows that copy tokens or are zeros (inline.py)
 
 
 def stored_parameter(node: fx.Node | None, swapped: bool = False) -> fx.Node | None:

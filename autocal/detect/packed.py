@@ -5,7 +5,9 @@ Two rules read the same recording of the block (the container a leaf):
 - ``experts``: the container is called with (hidden states, expert indices,
   routing weights), as transformers v5 calls its experts; the container is then
   recorded on those inputs and one expert's computation cut out of it
-  (``detect/experts.py``);
+  (``detect/experts.py``). Not where each row it gets is one route of a token
+  (each token in k rows): calibrating every expert on every row would show it
+  each token k times; the gathered rule forces the routing instead;
 - ``block-dense``: the container is called with one tensor, the tokens already
   scaled by their routing scores (``detect/dense.py``).
 """

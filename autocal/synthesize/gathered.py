@@ -13,9 +13,11 @@ expert's Linear on all of its features; calibration needs no re-run. Where
 those features are tokens dispatched into capacity slots
 (``detect/dispatched.py``), calibration calls the experts module with every
 token in every expert's slots, and gives each slot its token's output; where
-the block contracts its own weights with rows it copies tokens into
-(``detect/inline.py``), it does the same between its first and last
-contraction (``trace/rows.py``).
+the block contracts its own weights with rows it copies tokens into, or an
+experts module zeroes the rows of unrouted tokens (``detect/inline.py``), it
+does the same between the first and last contraction (``trace/rows.py``).
+Segment loops (``F.linear(buffer[start:end], w[e])``) give a bias-free Linear
+no all-zero row: padding, as in a decomposed grouped matmul.
 """
 
 from __future__ import annotations
