@@ -25,6 +25,7 @@ from .. import errors
 from ..trace.hf import eager_experts
 from ..trace.inputs import BlockCall
 from ..trace.record import Recording, record
+from ..trace.rows import token_rows
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts
 from .storage import count_experts, packed_parameters, router_rows
@@ -157,9 +158,11 @@ def _routes_as_rows(found: PackedCall, hidden: torch.Tensor, index: torch.Tensor
     more routes per token than slots per row (``x.repeat_interleave(k)`` or ``x[flat_index // k]`` with a
     ``[T * k, 1]`` index). The experts rule would show each expert every token once per route; forced routing
     (the gathered rule) shows it each token once."""
-    tokens = next(v.numel() // v.shape[-1] for v in map(value, found.recording.graph.nodes)
-                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim())
-    rows, slots = hidden.numel() // hidden.shape[-1], index.shape[-1] if index.dim() else 1
+    block_rows = token_rows(found.call.args, found.call.kwargs, hidden.shape[-1])
+    if block_rows is None:
+        return None
+    tokens, rows = block_rows.shape[0], hidden.numel() // hidden.shape[-1]
+    slots = index.shape[-1] if index.dim() else 1
     routes = rows * slots // tokens
     if rows <= tokens or rows * slots % tokens or routes <= slots:
         return None
