@@ -463,6 +463,16 @@ def _ref_refactor(m, x):  # the refactor_* blocks: packed [E, 2I, H] / [E, H, I]
     return (_dense(t, gates, experts) + m.shared_expert(t)).view_as(x), gates
 
 
+def _ref_route_rows(m, x):  # refactor_route_rows: each chosen expert on its token scaled by the gate, unweighted
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T)
+    w, inter = m.experts, m.experts.down_proj.shape[-1]
+    out = sum((gates[:, e, None] != 0) * _swiglu(t * gates[:, e, None], w_gate=w.gate_up_proj[e, :inter].T,
+                                                  w_up=w.gate_up_proj[e, inter:].T, w_down=w.down_proj[e].T)
+              for e in range(gates.shape[1]))
+    return (out + m.shared_expert(t)).view_as(x), gates
+
+
 def _ref_raw_router(m, x):
     t = _flat(x)
     gates = _top_probs(t @ m.router, renormalize=False)
@@ -621,6 +631,11 @@ REFERENCES = {
     "refactor_routing_map": _ref_refactor,
     "refactor_gathered_routes": _ref_refactor,
     "refactor_masked_dense": _ref_refactor,
+    "refactor_route_rows": _ref_route_rows,
+    "refactor_sorted_route_rows": _ref_refactor,
+    "refactor_masked_inputs": _ref_refactor,
+    "refactor_padded_loop": _ref_refactor,
+    "refactor_transposed_cast": _ref_refactor,
     "split_per_expert": _ref_split_per_expert,
     "plain_layers": _ref_plain_layers,
     "detached_scaled_inputs": _ref_detached_scaled_inputs,

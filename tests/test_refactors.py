@@ -19,12 +19,7 @@ from autocal.testing.corpus import Mismatch, equivalent, init_normal
 from autocal.testing.refactors import HIDDEN, VARIANTS, implementations
 
 # (variant, implementation) -> why autocal fails it today (strict xfails).
-KNOWN_FAILURES = {
-    **{("route_rows", impl): "each route's copy of a token is a row of its own: the experts see every token k times "
-       "and explain reports k = 1" for impl in ("eager", "batched_mm", "grouped_mm")},
-    ("masked_inputs", "eager"): "every expert's batch holds every token, the unrouted rows zeroed by a 0/1 mask inside "
-                                "the experts module: refused ('not called with one dispatched tensor')",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 CASES = [pytest.param(name, impl, id=f"{name}-{impl}",
                       marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[name, impl])]
@@ -89,3 +84,14 @@ def test_explain_reports_k(name, impl):
     block = next(b for b in report.blocks if "block" in b.paths)
     assert block.failure is None, block.failure
     assert block.top_k == VARIANTS[name].top_k
+
+
+@pytest.mark.parametrize("name", ["transposed_cast", "padded_loop", "route_rows", "masked_inputs"])
+def test_synthesize_bfloat16(name):
+    """A bfloat16 model: where the experts cast their weights (``transposed_cast``: a transposed view cast to
+    float32), the cast is a copy, followed back to the parameter it copies."""
+    def build():
+        return _build(name, "eager").to(torch.bfloat16)
+    module = autocal.synthesize(build())
+    for (hidden,) in _inputs():
+        equivalent(build(), module, (hidden.to(torch.bfloat16),), {})

@@ -144,9 +144,15 @@ def detect_contracted(block: nn.Module, graph: fx.Graph, output: object, params:
     index, weights = routing_choice(graph, last)
     ancestry = Ancestry(graph)
     if index is not weights and any(_routed(f, op, index, graph, ancestry) for op, _, _, f in found):
+        experts = num_experts.pop()
         if not found[0][1].rpartition(".")[0]:  # the block's own weights, contracted in its own forward
-            return _inline(block, graph, output, found, weights_found, num_experts.pop(), inputs, (index, weights))
-        return _dispatched(block, graph, output, found, weights_found, num_experts.pop())
+            return _inline(block, graph, output, found, weights_found, experts, inputs, (index, weights))
+        dispatched = _dispatched(block, graph, output, found, weights_found, experts)
+        if dispatched:
+            return dispatched
+        # A module of experts given every token, the rows not routed to an expert zeroed inside it
+        rows = _inline(block, graph, output, found, weights_found, experts, inputs, (index, weights))
+        return rows if rows else dispatched
     if index is weights:
         return NoMatch("the experts' weights are contracted with every token, but no top-k is applied to their "
                        "outputs alone", source_of(found[0][0]), shallow=True)
@@ -177,13 +183,14 @@ def _dispatched(block: nn.Module, graph: fx.Graph, output: object, found: list[t
 
 def _inline(block: nn.Module, graph: fx.Graph, output: object, found: list[tuple], weights: list[GatheredWeight],
             num_experts: int, inputs: dict, routing: tuple[fx.Node, fx.Node]) -> GatheredPlan | NoMatch:
-    """The plan for the block's own whole expert weights contracted in its forward with rows it wrote token copies
-    into (``detect/inline.py``), or why not."""
+    """The plan for whole expert weights contracted with rows that each hold a copy of a token or zeros: rows the
+    block wrote token copies into, or an experts module's batch of every token with the unrouted rows zeroed
+    (``detect/inline.py``), or why not."""
     rows = inline_rows(block, graph, found, num_experts, inputs, output)
     if not rows:
         return rows
     return gathered_plan(block, graph, output, routing, GatheredDispatch(weights, None, rows=rows),
-                         "contracted whole in the block's own forward, on rows it copies tokens into",
+                         "contracted whole, on rows that each hold a copy of a token or zeros",
                          "every token in every expert's rows with calibration on; each of the block's rows then gets "
                          "its own token's output", "by the block's own ops, reading the rows back",
                          {w: source_of(o) for o, w, _, _ in found if source_of(o)})

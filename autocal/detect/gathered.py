@@ -45,6 +45,7 @@ from ..trace.record import record
 from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, splits_as_views,
                              swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
+from ..trace.decompose import not_padding
 from ..trace.forcing import ChoiceCall, fresh_inputs
 from .contracted import detect_contracted
 from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_as, stored_parameter
@@ -351,14 +352,16 @@ def _forcing(choice: ChoiceCall) -> str:
 
 @contextmanager
 def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_experts: int) -> Iterator[list]:
-    """Within, the rows per expert that the first gathered weight is contracted with, summed over the forward."""
+    """Within, the rows per expert that the first gathered weight is contracted with, summed over the forward
+    (without a bias, the rows that are not all zeros: ``synthesize/gathered.py`` calibrates no padding)."""
     counts = [0] * num_experts
 
     def count(key, index, features, func, args, kwargs):
         if index is None:  # the parameter itself, not gathered
             return None
-        if isinstance(index, int):
-            counts[index] += features.numel() // features.shape[-1]
+        if isinstance(index, int):  # all-zero rows left out as calibration leaves them out (a loop's padding)
+            rows = features.reshape(-1, features.shape[-1])
+            counts[index] += rows.shape[0] if first.bias else not_padding(rows).numel()
         else:
             for expert, rows in enumerate(torch.bincount(index.flatten(), minlength=num_experts).tolist()):
                 counts[expert] += rows

@@ -39,7 +39,7 @@ class GatheredDispatch:
     weights: list[GatheredWeight]
     choice: ChoiceCall
     slots: SlotDispatch | None = None  # whole weights run on tokens dispatched into capacity slots (dispatched.py)
-    rows: RowDispatch | None = None  # the block's own whole weights on rows it copies tokens into (inline.py)
+    rows: RowDispatch | None = None  # whole weights on rows that copy tokens or are zeros (inline.py)
 
 
 def stored_parameter(node: fx.Node | None, swapped: bool = False) -> fx.Node | None:
@@ -52,8 +52,8 @@ def stored_parameter(node: fx.Node | None, swapped: bool = False) -> fx.Node | N
 
 def stored_as(node: fx.Node | None, swapped: bool = False) -> tuple[fx.Node, torch.Tensor] | None:
     """``(parameter, what node views)`` for :func:`stored_parameter`: the parameter's value, or the copy of it that
-    the views between start from (``w.bfloat16().transpose(-2, -1)``; ``entries_copy``), followed back as the
-    parameter it copies."""
+    the views between start from (``w.bfloat16().transpose(-2, -1)``, or a copy of its transposed view,
+    ``w.transpose(-2, -1).bfloat16()``; ``entries_copy``), followed back as the parameter it copies."""
     chain = []
     while node is not None and node.op != "get_attr":
         chain.append(node)
@@ -62,14 +62,23 @@ def stored_as(node: fx.Node | None, swapped: bool = False) -> tuple[fx.Node, tor
     if node is None:
         return None
     base = value(node)
-    for copy in reversed(chain):
-        if not entries_copy(value(copy), base):
-            break
-        base = value(copy)
+    for step in reversed(chain):
+        base = _copied(value(step.all_input_nodes[0]), value(step), base)
     start = value(chain[0]) if chain else base
     if start is base or reshaped_view(start, base) or swapped and swapped_view(start, base):
         return node, base
     return None
+
+
+def _copied(before: torch.Tensor, after: object, base: torch.Tensor) -> torch.Tensor:
+    """``base`` as ``after`` stands for it: ``after`` itself where it copies ``base``, ``after`` with each expert's
+    matrix transposed back where it copies ``base`` so transposed (``w.transpose(1, 2).float()``: the copy of a
+    view), else ``base`` (a view, left for the caller to check)."""
+    if entries_copy(after, base):
+        return after
+    if swapped_view(before, base) and entries_copy(after, before):
+        return after.transpose(-2, -1)
+    return base
 
 
 def gathered_plan(block: nn.Module, graph: fx.Graph, output: object, routing: tuple[fx.Node, fx.Node],

@@ -19,6 +19,13 @@ the two (``trace/rows.py``) and checks that the block's output stays the
 original's within the tolerances verification holds calibration to: the ops
 between compute each row on its own, and no shape there is fixed to the
 buffer's.
+
+The same holds for an experts module whose weights are contracted whole with
+every token in every expert's batch, the rows of the tokens not routed to an
+expert zeroed by a 0/1 mask inside it (``x[None] * mask[..., None]``, then
+``bmm`` over ``[E, T, H]``): its rows are copies of tokens or zeros, and no
+dispatched tensor marks them (``detect/contracted.py`` tries this after
+``detect/dispatched.py``).
 """
 
 from __future__ import annotations

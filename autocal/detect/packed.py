@@ -5,7 +5,9 @@ Two rules read the same recording of the block (the container a leaf):
 - ``experts``: the container is called with (hidden states, expert indices,
   routing weights), as transformers v5 calls its experts; the container is then
   recorded on those inputs and one expert's computation cut out of it
-  (``detect/experts.py``);
+  (``detect/experts.py``). Not where each row it gets is one route of a token
+  (each token in k rows): calibrating every expert on every row would show it
+  each token k times; the gathered rule forces the routing instead;
 - ``block-dense``: the container is called with one tensor, the tokens already
   scaled by their routing scores (``detect/dense.py``).
 """
@@ -23,6 +25,7 @@ from .. import errors
 from ..trace.hf import eager_experts
 from ..trace.inputs import BlockCall
 from ..trace.record import Recording, record
+from ..trace.rows import token_rows
 from .dense import detect_dense
 from .experts import ExpertsRecording, analyze_experts
 from .storage import count_experts, packed_parameters, router_rows
@@ -110,6 +113,9 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
     roles = container_roles(bound, found.node)
     if not roles:
         return roles
+    routes = _routes_as_rows(found, bound[roles["hidden"]], bound[roles["index"]])
+    if routes is not None:
+        return routes
     with eager_experts(block):
         router = analyze_router(found.recording.graph, _arg_node(container, found.node, roles["index"]),
                                 _arg_node(container, found.node, roles["weights"]))
@@ -145,6 +151,24 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
         returns=returns_of(found.recording.output),
         template=template,
     ))
+
+
+def _routes_as_rows(found: PackedCall, hidden: torch.Tensor, index: torch.Tensor) -> NoMatch | None:
+    """Why not, where each row the experts get is one route of a token: more rows than the block has tokens, and
+    more routes per token than slots per row (``x.repeat_interleave(k)`` or ``x[flat_index // k]`` with a
+    ``[T * k, 1]`` index). The experts rule would show each expert every token once per route; forced routing
+    (the gathered rule) shows it each token once."""
+    block_rows = token_rows(found.call.args, found.call.kwargs, hidden.shape[-1])
+    if block_rows is None:
+        return None
+    tokens, rows = block_rows.shape[0], hidden.numel() // hidden.shape[-1]
+    slots = index.shape[-1] if index.dim() else 1
+    routes = rows * slots // tokens
+    if rows <= tokens or rows * slots % tokens or routes <= slots:
+        return None
+    return NoMatch(f"each row `{found.name}` gets is one route of a token ({rows} rows of {slots} slot(s) for "
+                   f"{tokens} tokens: {routes} routes per token, a row each): calibrating every expert on every "
+                   "row would show it each token once per route", found.node.meta.get("source"))
 
 
 def _relative_dtype(dtype: torch.dtype, hidden: torch.dtype) -> str | None:

@@ -50,16 +50,23 @@ def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> t
 
 
 def _hands_on(node: fx.Node) -> bool:
-    """Does ``node`` hand on its input's indices unchanged: a view, or an op of one index tensor whose recorded
-    output equals its input (a clamp of expert-parallel sentinels that clamped nothing: ``ids.clamp(0, E - 1)``)?"""
+    """Does ``node`` hand on its input's indices unchanged: a view, an op of one index tensor whose recorded
+    output equals its input (a clamp of expert-parallel sentinels that clamped nothing: ``ids.clamp(0, E - 1)``),
+    or one that reorders them by other indices (``ids[order]``: the routes sorted by expert; forcing the choice
+    behind them is then checked to decide which expert gets which token)?"""
     source = node.args[0] if node.args else None
     if not isinstance(source, fx.Node):
         return False
     if target_name(node) in ("view", "reshape", "flatten", "contiguous"):
         return True
     tensors = [a for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)]
-    return (tensors == [source] and is_int_tensor(node) and is_int_tensor(source)
-            and value(node).shape == value(source).shape and torch.equal(value(node), value(source)))
+    if not (tensors and tensors[0] is source and all(is_int_tensor(a) for a in (node, *tensors))):
+        return False
+    given, handed = value(source), value(node)
+    if len(tensors) == 1:
+        return handed.shape == given.shape and torch.equal(handed, given)
+    return handed.numel() == given.numel() and torch.equal(handed.flatten().sort().values,
+                                                           given.flatten().sort().values)
 
 
 def _ordinal(graph: fx.Graph, node: fx.Node) -> int:

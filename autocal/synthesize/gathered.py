@@ -13,9 +13,11 @@ expert's Linear on all of its features; calibration needs no re-run. Where
 those features are tokens dispatched into capacity slots
 (``detect/dispatched.py``), calibration calls the experts module with every
 token in every expert's slots, and gives each slot its token's output; where
-the block contracts its own weights with rows it copies tokens into
-(``detect/inline.py``), it does the same between its first and last
-contraction (``trace/rows.py``).
+the block contracts its own weights with rows it copies tokens into, or an
+experts module zeroes the rows of unrouted tokens (``detect/inline.py``), it
+does the same between the first and last contraction (``trace/rows.py``).
+Segment loops (``F.linear(buffer[start:end], w[e])``) give a bias-free Linear
+no all-zero row: padding, as in a decomposed grouped matmul.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..detect.contracted import expert_slices
 from ..detect.gathered_plan import GatheredWeight
+from ..trace.decompose import not_padding
 from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
 from .forced import ExpertViews, forced_forward
@@ -100,7 +103,7 @@ def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight] | str]) -> G
         if index is None:  # the parameter contracted whole: every expert on every token
             return None if weight.expert_axis is None else _every_expert(views, weight, features, func, args, kwargs)
         if isinstance(index, int):  # one expert's slice, in the block's loop over the experts
-            out = views.call(index, features.reshape(-1, features.shape[-1]))
+            out = _without_padding(views, index, features.reshape(-1, features.shape[-1]))
         else:
             out = _by_expert(views, slot_inputs(weight.orientation, features, index.shape, _width(views, weight)),
                              index)
@@ -108,6 +111,22 @@ def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight] | str]) -> G
         return out.reshape(_shape_of(func, args, kwargs))
 
     return GatherTracker(weights, contract)
+
+
+def _without_padding(views: ExpertViews, expert: int, rows: torch.Tensor) -> torch.Tensor:
+    """Expert ``expert``'s Linear on ``rows``, its all-zero rows left out where it has no bias (a zero row then gives
+    a zero row): the padding a loop over expert segments hands each expert, left out as a decomposed grouped
+    matmul leaves it out (``trace/decompose.not_padding`` says why)."""
+    linear = views.experts()[expert]
+    kept = not_padding(rows) if linear.bias is None else None
+    if kept is None or kept.numel() == rows.shape[0]:
+        return views.call(expert, rows)
+    out = rows.new_zeros(rows.shape[0], linear.out_features)
+    if kept.numel():
+        part = views.call(expert, rows[kept])
+        out = out.to(part.dtype)
+        out[kept] = part
+    return out
 
 
 def _owner(module: nn.Module, original: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -2232,6 +2232,16 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "bmm(W, x[..., None]), index_add", (2,), refactors.GatheredRouteBlock),
     CorpusEntry("refactor_masked_dense", f"{_FUTURE}: compile-friendly experts, a static loop running every expert "
                 "on every token, weighted by a mask of the routing", (4,), refactors.MaskedDenseBlock),
+    CorpusEntry("refactor_route_rows", f"{_FUTURE}: each route's copy of its token a row of its own "
+                "(repeat_interleave), scaled by its routing weight before the experts", (), refactors.RouteRowsBlock),
+    CorpusEntry("refactor_sorted_route_rows", f"{_FUTURE}: each route a row of its own, the routes sorted by expert "
+                "(argsort) and their tokens gathered by index_select", (3,), refactors.SortedRouteRowsBlock),
+    CorpusEntry("refactor_masked_inputs", f"{_FUTURE}: compile-friendly experts, every expert's batch holding every "
+                "token, the unrouted rows zeroed by a 0/1 mask, bmm over [E, T, H]", (), refactors.MaskedInputsBlock),
+    CorpusEntry("refactor_padded_loop", f"{_FUTURE}: rows sorted by expert, each expert's segment padded with zero "
+                "rows to a multiple of 4, a plain matmul loop over the segments", (3,), refactors.PaddedLoopBlock),
+    CorpusEntry("refactor_transposed_cast", f"{_FUTURE}: experts computing in float32, their weights transposed and "
+                "that view cast (.float()) before the loop", (), refactors.TransposedCastBlock),
     CorpusEntry("engine_fused_layer", "an inference engine's torch-native fused MoE: a gate returning (logits, "
                 "bias), the experts layer given the logits picks the top-k itself, w13[topk_ids] contracted by "
                 "einsum, silu_and_mul", (2,), EngineMoE),

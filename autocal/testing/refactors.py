@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HIDDEN", "ExpertsNormaliseBlock", "GatheredRouteBlock", "MaskedDenseBlock", "MoEOutput", "RouterOutput",
-           "RouterReorderedBlock", "RoutingMapBlock", "Variant", "VARIANTS", "implementations"]
+__all__ = ["HIDDEN", "ExpertsNormaliseBlock", "GatheredRouteBlock", "MaskedDenseBlock", "MaskedInputsBlock",
+           "MoEOutput", "PaddedLoopBlock", "RouteRowsBlock", "RouterOutput", "RouterReorderedBlock", "RoutingMapBlock",
+           "SortedRouteRowsBlock", "TransposedCastBlock", "Variant", "VARIANTS", "implementations"]
 
 HIDDEN, INTER, EXPERTS, TOP_K = 16, 12, 6, 2
 ALL_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -246,6 +247,47 @@ class MaskedInputsExperts(_PackedExperts):
         return (out * dense_weights.unsqueeze(-1)).sum(0)
 
 
+ALIGN = 4  # rows per expert padded to a multiple of this (training frameworks pad to 8 or 16 for their kernels)
+
+
+class PaddedLoopExperts(_PackedExperts):
+    """Routes sorted by expert into a buffer whose expert segments are padded with zero rows to a multiple of
+    ``ALIGN``, one plain matmul per segment in a loop (no ``F.grouped_mm``), the padding dropped after."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        k, flat = top_k_index.shape[-1], top_k_index.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        padded = (counts + ALIGN - 1) // ALIGN * ALIGN
+        ends, firsts = padded.cumsum(0), counts.cumsum(0) - counts
+        rank = torch.arange(order.numel(), device=order.device) - firsts.repeat_interleave(counts)
+        position = (ends - padded).repeat_interleave(counts) + rank
+        buffer = hidden_states.new_zeros(int(ends[-1]), hidden_states.shape[-1])
+        buffer[position] = hidden_states[order // k]
+        outputs = hidden_states.new_zeros(buffer.shape[0], hidden_states.shape[-1])
+        for expert, (start, end) in enumerate(zip((ends - padded).tolist(), ends.tolist())):
+            gate, up = F.linear(buffer[start:end], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs[start:end] = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+        routes = outputs[position] * top_k_weights.reshape(-1)[order, None]
+        return torch.zeros_like(hidden_states).index_add(0, order // k, routes)
+
+
+class TransposedCastExperts(_PackedExperts):
+    """Experts computing in float32 whatever the model's dtype: the weights transposed once to ``[E, H, 2I]``, that
+    view cast (``.float()``, a copy in a bfloat16 model), then ``x @ w[e]`` in a loop over the experts."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        gate_up = self.gate_up_proj.transpose(1, 2).float()
+        down = self.down_proj.transpose(1, 2).float()
+        x, final = hidden_states.float(), hidden_states.new_zeros(hidden_states.shape, dtype=torch.float32)
+        for expert in range(self.num_experts):
+            token, slot = torch.nonzero(top_k_index == expert, as_tuple=True)
+            gate, up = (x[token] @ gate_up[expert]).chunk(2, dim=-1)
+            out = (self.act_fn(gate) * up) @ down[expert]
+            final.index_add_(0, token, out * top_k_weights[token, slot, None].float())
+        return final.to(hidden_states.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Routers and blocks
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,6 +406,14 @@ class MaskedInputsBlock(_Block):
     experts_class = MaskedInputsExperts
 
 
+class PaddedLoopBlock(_Block):
+    experts_class = PaddedLoopExperts
+
+
+class TransposedCastBlock(_Block):
+    experts_class = TransposedCastExperts
+
+
 class ScoreBeforeExpertsBlock(_Block):
     """Top-1 routing whose sigmoid score scales the token before the experts, which apply unit weights."""
 
@@ -385,6 +435,19 @@ class RouteRowsBlock(_Block):
         flat = indices.reshape(-1, 1)
         out = self.experts(routed, flat, torch.ones_like(flat, dtype=routed.dtype))
         return out.view(-1, k, hidden_states.shape[-1]).sum(1)
+
+
+class SortedRouteRowsBlock(_Block):
+    """Each route a row of its own, the routes sorted by expert and their tokens' rows gathered by
+    ``index_select``; the experts weight their outputs, which are put back in route order and summed per token."""
+
+    def route(self, hidden_states):
+        _, weights, indices = self.gate(hidden_states)
+        k, flat = indices.shape[-1], indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        rows = hidden_states.index_select(0, order // k)
+        out = self.experts(rows, flat[order, None], weights.reshape(-1)[order, None])
+        return torch.zeros_like(out).index_copy(0, order, out).view(-1, k, out.shape[-1]).sum(1)
 
 
 class MoEOutput(NamedTuple):
@@ -554,10 +617,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             MaskedDenseBlock, _EAGER),
     Variant("masked_inputs", "compile-friendly experts: every expert's batch holds every token, unrouted rows "
             "zeroed, bmm over [E, T, H]", MaskedInputsBlock, _EAGER),
+    Variant("padded_loop", "rows sorted by expert, each segment padded with zero rows, a matmul loop over the "
+            "segments", PaddedLoopBlock, _EAGER),
+    Variant("transposed_cast", "weights transposed, then cast to float32 (the experts' compute dtype), before the loop",
+            TransposedCastBlock, _EAGER),
     Variant("score_before_experts", "a top-1 sigmoid score applied to the experts' input, unit weights after",
             ScoreBeforeExpertsBlock, top_k=1),
     Variant("route_rows", "the routing weight applied to each route's copy of its token, one route per row",
             RouteRowsBlock),
+    Variant("sorted_route_rows", "each route a row of its own, routes sorted by expert, rows gathered by "
+            "index_select", SortedRouteRowsBlock),
     Variant("named_output", "the block returns a NamedTuple (hidden_states, router_logits)", NamedOutputBlock),
     Variant("logits_router", "a Linear router; softmax and an unsorted top-k in the block", LogitsRouterBlock),
     Variant("zero_experts_in_block", "identity experts handled in the block by index remapping",

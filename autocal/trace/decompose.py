@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["decomposition"]
+__all__ = ["decomposition", "not_padding"]
 
 _GROUPED = tuple(op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if op)
 
@@ -48,14 +48,14 @@ def _by_segments(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
     out = rows.new_zeros(rows.shape[0], weight.shape[-1], dtype=dtype)
     start = 0
     for expert, end in enumerate(offsets.tolist()):
-        kept = _not_padding(rows[start:end])
+        kept = not_padding(rows[start:end])
         if kept.numel():
             out[start + kept] = (rows[start + kept] @ weight[expert]).to(dtype)
         start = end
     return out
 
 
-def _not_padding(segment: torch.Tensor) -> torch.Tensor:
+def not_padding(segment: torch.Tensor) -> torch.Tensor:
     """The rows of one expert's segment that are not all zeros.
 
     Training frameworks pad each expert's rows with zero rows to a multiple of

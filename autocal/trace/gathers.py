@@ -128,6 +128,9 @@ class GatherTracker(TorchFunctionMode):
                 self.wholes[id(out)] = (out, key)
                 if id(tensors[0]) not in self.wholes and swapped_view(out, tensors[0]):
                     self.swapped.add(id(out))
+            elif entries_copy(out, tensors[0]) and id(tensors[0]) in self.swapped:  # ``w.transpose(1, 2).float()``
+                self.wholes[id(out)] = (out, key)
+                self.swapped.add(id(out))
             elif id(tensors[0]) not in self.wholes and entries_copy(out, tensors[0]):  # ``w.bfloat16()``
                 self.views[id(out)] = (out, key)
             return out
