@@ -569,6 +569,14 @@ def _ref_any_mask(m, x):
     return _dense(t, gates, m.experts).view_as(x), gates
 
 
+def _ref_gather_permute(m, x):
+    t = _flat(x)
+    scores = torch.sigmoid(t @ m.router.weight.T)
+    gates = torch.where(_top(scores + m.router.expert_bias), scores, 0)
+    gates = gates / gates.sum(-1, keepdim=True)
+    return (_dense(t, gates, m.experts.local_experts).view_as(x), None), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -637,6 +645,7 @@ REFERENCES = {
     "dense_own_weights": _ref_dense_own_weights,
     "index_add_capacity": _ref_index_add_capacity,
     "ranked_buffer": _ref_ranked_buffer,
+    "gather_permute": _ref_gather_permute,
 }
 
 

@@ -2053,6 +2053,60 @@ class RankedBufferMoE(nn.Module):
             y = y + out[chosen[:, j], ranks[:, j]] * probs.gather(1, chosen[:, j:j + 1])
         return y.view_as(x)
 
+
+class BiasedSigmoidRouter(nn.Module):
+    """Megatron-Core-style router in float32: sigmoid scores, experts chosen on the scores plus an
+    ``expert_bias`` buffer (aux-loss-free balancing), the unbiased scores of the chosen renormalised; returns
+    dense ``[tokens, experts]`` probabilities and a boolean routing map."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+        self.register_buffer("expert_bias", torch.zeros(EXPERTS))
+
+    def forward(self, t):
+        scores = torch.sigmoid(F.linear(t.float(), self.weight.float()))
+        chosen = torch.topk(scores + self.expert_bias, TOP_K, dim=1).indices
+        probs = scores.gather(1, chosen)
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        routing_map = torch.zeros_like(scores, dtype=torch.int32).scatter(1, chosen, 1).bool()
+        return torch.zeros_like(scores).scatter(1, chosen, probs), routing_map
+
+
+class SequentialLocalExperts(nn.Module):
+    """Megatron-style sequential MLP: a list of expert modules, each run on its piece of the permuted rows
+    (split by the host list of tokens per expert); returns ``(output, bias)`` with no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, permuted, tokens_per_expert):
+        pieces = torch.split(permuted, tokens_per_expert.tolist())
+        return torch.cat([expert(rows) for expert, rows in zip(self.local_experts, pieces)]), None
+
+
+class GatherPermuteMoE(nn.Module):
+    """Training framework (Megatron-Core style): ``[seq, batch, hidden]``; tokens permuted by the routing map
+    (``masked_select`` of token numbers, rows taken by ``torch.gather`` with the numbers expanded over the
+    features: each token once per chosen expert), the sequential experts, ``scatter_add_`` back; returns
+    ``(output, None)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = BiasedSigmoidRouter()
+        self.experts = SequentialLocalExperts()
+
+    def forward(self, hidden_states):
+        t = hidden_states.view(-1, hidden_states.shape[-1])
+        probs, routing_map = self.router(t)
+        map_t = routing_map.T.contiguous()
+        numbers = torch.arange(t.shape[0], device=t.device).unsqueeze(0).expand(EXPERTS, -1).masked_select(map_t)
+        spread = numbers.view(-1, 1).expand(-1, t.shape[-1])
+        out, _ = self.experts(torch.gather(t, 0, spread), routing_map.sum(dim=0))
+        out = out * probs.T.contiguous().masked_select(map_t).unsqueeze(-1).to(out.dtype)
+        return torch.zeros_like(t).scatter_add_(0, spread, out).view(hidden_states.shape), None
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2265,6 +2319,10 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "the block's own weights, read back at the same pairs", (), RankedBufferMoE),
     CorpusEntry("lora_experts", f"{_RESEARCH}: a mixture of LoRA experts over a base Linear every token takes",
                 (1,), LowRankExpertsMoE),
+    CorpusEntry("gather_permute", "training framework (Megatron-Core style): [seq, batch, hidden], an fp32 sigmoid "
+                "router choosing with an expert bias, tokens permuted by torch.gather of token numbers expanded over "
+                "the features, sequential experts split by host counts, scatter_add_ back, returns (out, None)", (3,),
+                GatherPermuteMoE, seq_first=True),
 )
 
 
