@@ -53,11 +53,15 @@ def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int], look
 
 def router_candidates(module: nn.Module) -> Iterator[tuple[nn.Parameter, tuple[int, ...]]]:
     """``(weight, possible expert counts)`` for each 2-D weight of ``module``: a Linear's scores its rows; a raw
-    parameter may be used either way round (``x @ w_gate`` with ``w_gate [H, E]``, as research code writes)."""
+    parameter may be used either way round (``x @ w_gate`` with ``w_gate [H, E]``, as research code writes). A
+    weight ``[out, in, 1, ...]`` (a kernel-1 convolution, as code that keeps features first routes with) maps each
+    position's features alone, a Linear's: it scores its ``out`` rows."""
     linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     for p in module.parameters():
         if p.dim() == 2:
             yield p, (p.shape[0],) if id(p) in linear_weights else tuple(p.shape)
+        elif p.dim() > 2 and set(p.shape[2:]) == {1}:
+            yield p, (p.shape[0],)
 
 
 def _expert_counts(container: nn.Module, entries: list[nn.Module]) -> set[int]:
