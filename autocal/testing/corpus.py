@@ -2159,6 +2159,165 @@ class IndexCopyBmmMoE(nn.Module):
         return torch.bmm(scores.unsqueeze(1), slots.view(-1, TOP_K, HIDDEN)).view_as(x)
 
 
+class HistcRouter3(nn.Module):
+    """A training framework's router module: softmax, top-k, and each expert's row count by ``histc``; returns
+    ``(weights, indices, counts)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_score = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, t):
+        weights, indices = self.w_score(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        counts = torch.histc(indices.flatten().float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
+        return weights, indices, counts.long()
+
+
+class BinnedExperts(nn.Module):
+    """Packed ``[E, H, I]`` w1/w3 and ``[E, I, H]`` w2 run on rows sorted by expert, expert ``e`` on the slice
+    between the running counts ``bins[e - 1]`` and ``bins[e]`` (0-d tensors), written into a preallocated output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, rows, bins):
+        out = torch.empty_like(rows)
+        for e in range(EXPERTS):
+            start, end = (bins[e - 1] if e else 0), bins[e]
+            if start == end:
+                continue
+            h = rows[start:end]
+            out[start:end] = (F.silu(h @ self.w1[e]) * (h @ self.w3[e])) @ self.w2[e]
+        return out
+
+
+class BinnedDroplessMoE(nn.Module):
+    """Training framework (OLMo-core style) dropless MoE: the router's counts turned into bins by ``cumsum``,
+    the flat choices sorted (stable), each row's token by integer division, weighted rows ``index_add_``-ed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = HistcRouter3()
+        self.experts = BinnedExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices, counts = self.router(t)
+        order = indices.flatten().argsort(stable=True)
+        token = order // TOP_K
+        out = self.experts(t[token], torch.cumsum(counts, dim=0)) * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(t).index_add_(0, token, out).view_as(x)
+
+
+class DenseBufferMoE(nn.Module):
+    """A user's block: the routing as a dense ``[T, E]`` weight matrix (``scatter``), each expert's outputs
+    written into a zero ``[E, T, H]`` buffer at its rows, the buffer combined by ``einsum("te,eth->th")``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        dense = torch.zeros(t.shape[0], EXPERTS, dtype=t.dtype).scatter(1, indices, weights)
+        buffer = t.new_zeros(EXPERTS, t.shape[0], HIDDEN)
+        for e, expert in enumerate(self.experts):
+            rows = (dense[:, e] > 0).nonzero().squeeze(-1)
+            buffer[e, rows] = expert(t[rows])
+        return torch.einsum("te,eth->th", dense, buffer).view_as(x)
+
+
+class PresentExpertsMoE(nn.Module):
+    """A user's block: the flat choices sorted (``torch.sort``, stable), rows split by ``unique_consecutive``
+    counts (only the experts some row chose), each part run by ``experts[int(e)]`` for its expert number."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        chosen, order = torch.sort(indices.flatten(), stable=True)
+        present, counts = torch.unique_consecutive(chosen, return_counts=True)
+        parts = t[order // TOP_K].split(counts.tolist())
+        out = torch.cat([self.experts[int(e)](part) for e, part in zip(present, parts)])
+        out = out * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(t).index_add_(0, order // TOP_K, out).view_as(x)
+
+
+class HiddenScaledExperts(nn.Module):
+    """Packed ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` called with ``(rows, ids, weights)``: the
+    routing weight scales the hidden activation, before the down projection; a loop over ``ids.unique()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.down_proj = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, t, ids, weights):
+        out = torch.zeros_like(t)
+        for e in ids.unique():
+            token, slot = torch.where(ids == e)
+            gate, up = F.linear(t[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, F.linear(F.silu(gate) * up * weights[token, slot, None], self.down_proj[e]))
+        return out
+
+
+class HiddenScaledMoE(nn.Module):
+    """A block handing its packed experts the routing weights, which they apply before the down projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = HiddenScaledExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        return self.experts(t, indices, weights).view_as(x)
+
+
+class _IdentityAllToAll(torch.autograd.Function):
+    """Expert parallelism's all-to-all on one rank: the rows as they are (an autograd Function all the same)."""
+
+    @staticmethod
+    def forward(ctx, rows):
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class OneRankMoE(nn.Module):
+    """Training framework code with expert parallelism left in on one rank: tokens and outputs pass through an
+    identity all-to-all ``autograd.Function``, the local experts numbered from ``rank * local`` (0 here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.ep_rank, self.ep_size = 0, 1
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        local = EXPERTS // self.ep_size
+        t = _IdentityAllToAll.apply(t)
+        out = torch.zeros_like(t)
+        for i in range(local):
+            token, slot = torch.where(indices == self.ep_rank * local + i)
+            out[token] += weights[token, slot, None] * self.experts[i](t[token])
+        return _IdentityAllToAll.apply(out).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2378,6 +2537,19 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("index_copy_bmm", f"{_RESEARCH}: FastMoE-style, an experts module holding two projections of "
                 "[E, out, in] weights and [E, out] biases called with (rows, host counts), rows sorted by expert, "
                 "index_copy_ back in choice order, bmm of the scores with [T, k, H]", (3,), IndexCopyBmmMoE),
+    CorpusEntry("binned_dropless", f"{_TRAINING}: OLMo-core style, a router module returning (weights, indices, "
+                "histc counts), bins by cumsum, packed [E, H, I] experts on slices bounded by 0-d tensors written "
+                "into a preallocated output, index_add_ back", (3,), BinnedDroplessMoE),
+    CorpusEntry("dense_buffer", "a user's block: a dense [T, E] weight matrix by scatter, each expert's outputs "
+                "written into a zero [E, T, H] buffer at its rows, einsum('te,eth->th')", (), DenseBufferMoE),
+    CorpusEntry("present_experts", "a user's block: choices sorted (torch.sort, stable), split by "
+                "unique_consecutive counts of the experts some row chose, experts[int(e)]", (3,), PresentExpertsMoE),
+    CorpusEntry("hidden_scaled", "a user's block: packed experts handed (rows, ids, weights) applying the routing "
+                "weight to the hidden activation before the down projection, a loop over ids.unique()", (2,),
+                HiddenScaledMoE),
+    CorpusEntry("one_rank_parallel", f"{_TRAINING}: expert parallelism left in on one rank, an identity "
+                "all-to-all autograd.Function around the dispatch, local experts numbered from rank * local", (),
+                OneRankMoE),
 )
 
 
