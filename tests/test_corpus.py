@@ -608,6 +608,15 @@ def _ref_hidden_scaled(m, x):
     return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
 
 
+def _ref_lookup_table(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t), renormalize=False)
+
+    def expert(e):
+        return lambda rows: F.gelu(rows @ m.w_in[e].T) @ m.w_out[e].T
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -682,6 +691,7 @@ REFERENCES = {
     "dense_buffer": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "present_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "hidden_scaled": _ref_hidden_scaled,
+    "lookup_table_weights": _ref_lookup_table,
     "one_rank_parallel": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
 }
 

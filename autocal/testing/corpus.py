@@ -2318,6 +2318,26 @@ class OneRankMoE(nn.Module):
         return _IdentityAllToAll.apply(out).view_as(x)
 
 
+class LookupTableMoE(nn.Module):
+    """Each token's experts' weights looked up by ``F.embedding`` in the packed ``[E, I, H]`` / ``[E, H, I]``
+    weights flattened to ``[E, I * H]`` rows, put back in shape, contracted per slot by einsum, GELU between."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w_in = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w_out = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        w_in = F.embedding(indices, self.w_in.view(EXPERTS, -1)).view(*indices.shape, INTER, HIDDEN)
+        w_out = F.embedding(indices, self.w_out.view(EXPERTS, -1)).view(*indices.shape, HIDDEN, INTER)
+        h = F.gelu(torch.einsum("tkih,th->tki", w_in, t))
+        y = torch.einsum("tkhi,tki->tkh", w_out, h)
+        return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2550,6 +2570,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("one_rank_parallel", f"{_TRAINING}: expert parallelism left in on one rank, an identity "
                 "all-to-all autograd.Function around the dispatch, local experts numbered from rank * local", (),
                 OneRankMoE),
+    CorpusEntry("lookup_table_weights", f"{_RESEARCH}: each token's experts' weights looked up by F.embedding in "
+                "the packed weights flattened to [E, I * H], viewed back to [T, k, I, H], einsum per slot", (2,),
+                LookupTableMoE),
 )
 
 
