@@ -63,6 +63,25 @@ class _UnreadExperts(nn.Module):
         return torch.einsum("te,eto->to", weights, self.experts(t)).view_as(hidden_states)
 
 
+class _Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(t)
+
+
+def test_experts_no_rule_reads_below_a_wrapper_are_named():
+    """The unread experts' projections one level further down, in a module that only wraps them: still named
+    (a wrapper holding nothing else does not count as a level between the router and the expert weights)."""
+    block = init_normal(_UnreadExperts(), 0)
+    block.experts = _Wrapper(block.experts)
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(Mixed(block, seed=0))
+    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+
+
 def _mixed(name: str) -> Mixed:
     return Mixed(ENTRIES[name].build(0), seed=0)
 
