@@ -579,6 +579,54 @@ def _ref_any_mask(m, x):
     return _dense(t, gates, m.experts).view_as(x), gates
 
 
+def _ref_gather_permute(m, x):
+    t = _flat(x)
+    scores = torch.sigmoid(t @ m.router.weight.T)
+    gates = torch.where(_top(scores + m.router.expert_bias), scores, 0)
+    gates = gates / gates.sum(-1, keepdim=True)
+    return (_dense(t, gates, m.experts.local_experts).view_as(x), None), gates
+
+
+def _ref_index_copy_bmm(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(m.gate(t))
+    first, second = m.experts.htoh4, m.experts.h4toh
+
+    def expert(e):
+        return lambda rows: F.linear(F.gelu(F.linear(rows, first.weight[e], first.bias[e])), second.weight[e],
+                                     second.bias[e])
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
+def _ref_binned_dropless(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.router.w_score(t), renormalize=False)
+    w = m.experts
+    experts = [functools.partial(_swiglu, w_gate=w.w1[e], w_up=w.w3[e], w_down=w.w2[e]) for e in range(len(w.w1))]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
+def _ref_hidden_scaled(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t), renormalize=False)
+
+    def expert(e):
+        def run(rows):
+            gate, up = (rows @ m.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ m.experts.down_proj[e].T
+        return run
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
+def _ref_lookup_table(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t), renormalize=False)
+
+    def expert(e):
+        return lambda rows: F.gelu(rows @ m.w_in[e].T) @ m.w_out[e].T
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -652,6 +700,14 @@ REFERENCES = {
     "dense_own_weights": _ref_dense_own_weights,
     "index_add_capacity": _ref_index_add_capacity,
     "ranked_buffer": _ref_ranked_buffer,
+    "gather_permute": _ref_gather_permute,
+    "index_copy_bmm": _ref_index_copy_bmm,
+    "binned_dropless": _ref_binned_dropless,
+    "dense_buffer": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "present_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "hidden_scaled": _ref_hidden_scaled,
+    "lookup_table_weights": _ref_lookup_table,
+    "one_rank_parallel": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
 }
 
 

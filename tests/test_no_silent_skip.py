@@ -33,17 +33,23 @@ class _AllExperts(nn.Module):
 
 
 class _SplitProjections(nn.Module):
+    """fc1/fc2 of every expert, and an output scale of the module's own beside them."""
+
     def __init__(self, experts: int = 4, hidden: int = 16, width: int = 24) -> None:
         super().__init__()
         self.fc1, self.fc2 = _AllExperts(experts, hidden, width), _AllExperts(experts, width, hidden)
+        self.scale = nn.Parameter(torch.empty(hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("eeto->eto", self.fc2(torch.nn.functional.gelu(self.fc1(t))))  # expert e on its own
+        hidden = torch.nn.functional.gelu(self.fc1(t))
+        return torch.einsum("eeto->eto", self.fc2(hidden)) * self.scale  # expert e on its own
 
 
 class _UnreadExperts(nn.Module):
-    """Top-2 routing over experts split into fc1/fc2 modules one level below a holder, every expert run densely:
-    the router sits two levels above the expert weights, and no rule reads such experts."""
+    """Top-2 routing over experts split into fc1/fc2 modules one level below a holder that also scales their
+    outputs, every expert run densely: the router sits two levels above the expert weights, and no rule reads such
+    experts (without the scale, the projections are read as an experts module's, ``index_copy_bmm`` in the
+    corpus)."""
 
     def __init__(self, experts: int = 4, hidden: int = 16) -> None:
         super().__init__()
@@ -55,6 +61,25 @@ class _UnreadExperts(nn.Module):
         scores = self.router(t).softmax(-1)
         weights = torch.zeros_like(scores).scatter(1, scores.topk(2, dim=-1).indices, 1.0) * scores
         return torch.einsum("te,eto->to", weights, self.experts(t)).view_as(hidden_states)
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(t)
+
+
+def test_experts_no_rule_reads_below_a_wrapper_are_named():
+    """The unread experts' projections one level further down, in a module that only wraps them: still named
+    (a wrapper holding nothing else does not count as a level between the router and the expert weights)."""
+    block = init_normal(_UnreadExperts(), 0)
+    block.experts = _Wrapper(block.experts)
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(Mixed(block, seed=0))
+    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
 
 
 def _mixed(name: str) -> Mixed:
@@ -262,10 +287,11 @@ def _pattern_beside_a_convertible_block(name: str) -> Mixed:
     return Mixed(PATTERNS[name].make(), seed=0)
 
 
-@pytest.mark.parametrize("name", ["parameter_list_experts", "functional_ensemble"])
+@pytest.mark.parametrize("name", ["parameter_list_experts", "functional_ensemble", "channels_first_conv"])
 def test_experts_no_rule_reads_beside_a_convertible_block_are_named(name):
-    """Experts no rule reads (one weight per expert in a ParameterList; modules run only through torch.func), in a
-    model that also holds a block autocal converts: convert names them, explain shows them as failures."""
+    """Experts no rule reads (one weight per expert in a ParameterList; modules run only through torch.func; conv
+    experts on feature-first columns, routed by a kernel-1 conv), in a model that also holds a block autocal
+    converts: convert names them, explain shows them as failures."""
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.convert(_pattern_beside_a_convertible_block(name))
     assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH

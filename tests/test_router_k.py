@@ -133,3 +133,40 @@ def test_top_p_reports_the_range_of_k_and_p(spelling, p):
     assert router.dynamic_k == (int(reached.min()), int(reached.max()))
     assert router.top_k == int(reached.max()) and f"p={float(p):g}" in router.selection
     assert "top-p" in router.selection and "(dynamic" in str(autocal.explain(block, verify=False))
+
+
+class _TopAny(torch.nn.Module):
+    """Top-any gating: each expert kept where its sigmoid score passes a learned threshold of its own; where none
+    passes, the argmax expert alone (k varies by token, from 1 to every expert)."""
+
+    def __init__(self, hidden: int = 16, experts: int = 6) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, experts, bias=False)
+        self.threshold = torch.nn.Parameter(torch.randn(experts) * 0.3)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        scores = torch.sigmoid(self.proj(t))
+        chosen = scores > torch.sigmoid(self.threshold)
+        best = F.one_hot(scores.argmax(-1), scores.shape[-1]).bool()
+        chosen = torch.where(chosen.any(-1, keepdim=True), chosen, best)
+        weights = scores * chosen / (scores * chosen).sum(-1, keepdim=True)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            rows = chosen[:, e].nonzero().squeeze(-1)
+            out[rows] += weights[rows, e, None] * expert(t[rows])
+        return out.view_as(x)
+
+
+def test_experts_kept_above_thresholds_report_the_range_of_k():
+    """Experts chosen by comparing each score with a threshold, an argmax only where none passes: the report gives
+    the fewest and most experts the recorded tokens reach (it said k = 1, the argmax's)."""
+    torch.manual_seed(0)
+    block = _TopAny().eval()
+    x = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(1))
+    reached = _experts_of_each_token(block, x)
+    assert reached.min() >= 1 and reached.max() > reached.min()  # k varies
+    router = autocal.synthesize(block, example_inputs={"x": x}).structure.router
+    assert router.dynamic_k == (int(reached.min()), int(reached.max())) and router.top_k == int(reached.max())
+    assert "(dynamic" in str(autocal.explain(block, verify=False))

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # facts.py reads this module's candidate tests
 __all__ = ["expert_lists", "unrouted_lists", "expert_calls", "row_gather", "detect_block_level", "module_experts_info"]
 
 _VIEW_OPS = {"reshape", "view", "squeeze", "unsqueeze", "flatten", "contiguous", "to"}
+_INDEX_SPREAD = {"expand", "expand_as", "view", "reshape", "unsqueeze", "repeat"}  # a row index spread over features
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -52,11 +53,15 @@ def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int], look
 
 def router_candidates(module: nn.Module) -> Iterator[tuple[nn.Parameter, tuple[int, ...]]]:
     """``(weight, possible expert counts)`` for each 2-D weight of ``module``: a Linear's scores its rows; a raw
-    parameter may be used either way round (``x @ w_gate`` with ``w_gate [H, E]``, as research code writes)."""
+    parameter may be used either way round (``x @ w_gate`` with ``w_gate [H, E]``, as research code writes). A
+    weight ``[out, in, 1, ...]`` (a kernel-1 convolution, as code that keeps features first routes with) maps each
+    position's features alone, a Linear's: it scores its ``out`` rows."""
     linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     for p in module.parameters():
         if p.dim() == 2:
             yield p, (p.shape[0],) if id(p) in linear_weights else tuple(p.shape)
+        elif p.dim() > 2 and set(p.shape[2:]) == {1}:
+            yield p, (p.shape[0],)
 
 
 def _expert_counts(container: nn.Module, entries: list[nn.Module]) -> set[int]:
@@ -186,9 +191,9 @@ def gathered_rows(rows: Any, masks: bool = False) -> tuple[fx.Node, fx.Node] | N
     node = rows
     while isinstance(node, fx.Node) and target_name(node) in _VIEW_OPS:
         node = node.args[0]
-    if isinstance(node, fx.Node) and target_name(node) in ("getitem", "__getitem__", "index_select"):
+    if isinstance(node, fx.Node) and target_name(node) in ("getitem", "__getitem__", "index_select", "gather"):
         source = node.args[0]
-        found = (0, node.args[2]) if target_name(node) == "index_select" else _index_position(node.args[1])
+        found = _selected_rows(node)
         src = value(source) if isinstance(source, fx.Node) else None
         if found and found[0] == 0 and isinstance(src, torch.Tensor) and (src.dim() == 2 or masks and _mask_of(
                 found[1], src)):
@@ -196,6 +201,23 @@ def gathered_rows(rows: Any, masks: bool = False) -> tuple[fx.Node, fx.Node] | N
             if torch.equal(value(rows).reshape(-1, src.shape[-1]), src[value(tokens)]):
                 return source, tokens
     return None
+
+
+def _selected_rows(node: fx.Node) -> tuple[int, Any] | None:
+    """``(dimension, index)`` an indexing node selects by; a ``gather`` along dimension 0 whose index repeats one
+    row index along the features (``torch.gather(x, 0, idx[:, None].expand(-1, H))``) selects rows by that ``idx``."""
+    name = target_name(node)
+    if name == "index_select":
+        return 0, node.args[2]
+    if name != "gather":
+        return _index_position(node.args[1])
+    given = [*node.args[1:3], None, None]
+    dim, index = node.kwargs.get("dim", given[0]), node.kwargs.get("index", given[1])
+    while isinstance(index, fx.Node) and value(index).dim() > 1 and target_name(index) in _INDEX_SPREAD:
+        index = index.args[0]
+    if dim != 0 or not isinstance(index, fx.Node) or value(index).dim() != 1:
+        return None
+    return 0, index
 
 
 def _mask_of(index: fx.Node, source: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ while the original forward computes the output unchanged.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,8 +25,8 @@ from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .plans import ContainerPlan, NoMatch, RecordedBlockPlan
 from .expert_sets import ExpertSet, RecordedSet, check_sets
 from .recorded import ExpertCalls, block_recording, loop_recording, sets_recording, whole_input
-from .router import analyze_router, router_of, routing_choice
-from .structure import MoEStructure
+from .router import EXPERT_CHOICE, analyze_router, router_of, routing_choice
+from .structure import MoEStructure, RouterInfo
 
 __all__ = ["detect_module_container", "detect_recorded_block"]
 
@@ -237,7 +238,7 @@ def _recorded_set(facts: Facts, found: ExpertCalls, name: str, entries: list) ->
     weight = _routing_weight(calls[0])
     if tokens is not None:
         index, weights = routing_choice(rec.graph, tokens)
-        router = analyze_router(rec.graph, index, weight if weight is not None else weights)
+        router = _k_as_recorded(analyze_router(rec.graph, index, weight if weight is not None else weights), calls)
     else:  # experts picked by numbers read on the host: the router is the block's last top-k
         router = router_of(rec.graph)
         if router is None:
@@ -245,3 +246,30 @@ def _recorded_set(facts: Facts, found: ExpertCalls, name: str, entries: list) ->
     applied = "on the expert output, in the block's loop" if weight is not None else "not found"
     experts = module_experts_info(name, facts.block.get_submodule(name), entries, calls[0], applied)
     return RecordedSet(name, recipe, router, experts)
+
+
+def _k_as_recorded(router: RouterInfo, calls: list[fx.Node]) -> RouterInfo:
+    """``router`` with the range of experts the recorded tokens reached, where some token reached more than its
+    ``top_k`` and every token at least one: the selection read is then not what decides (an argmax kept only where
+    no expert's score passes a threshold, the others chosen by comparing scores with thresholds), and k varies by
+    token. Counted over the calls' row indices into the block's token rows."""
+    reached = _experts_per_row(calls)
+    if reached is None or router.dynamic_k is not None or router.selection.startswith(EXPERT_CHOICE):
+        return router  # experts choosing their tokens: a token reaches any number of them, k is their average
+    fewest, most = int(reached.min()), int(reached.max())
+    if fewest == 0 or most <= router.top_k:
+        return router
+    return replace(router, top_k=most, dynamic_k=(fewest, most),
+                   selection=f"experts chosen per token besides the {router.selection} (dynamic k)")
+
+
+def _experts_per_row(calls: list[fx.Node]) -> torch.Tensor | None:
+    """How many of ``calls`` took each row of the one 2-D tensor of token rows they all gather from (None: they
+    gather from several, or from no 2-D tensor)."""
+    found = [gathered_rows(call.args[0]) if call.args else None for call in calls]
+    sources = {id(f[0]) for f in found if f is not None}
+    if None in found or len(sources) != 1 or value(found[0][0]).dim() != 2:
+        return None
+    rows = [value(tokens) for _, tokens in found]
+    rows = [r.reshape(-1).nonzero().squeeze(-1) if r.dtype == torch.bool else r.reshape(-1) for r in rows]
+    return torch.bincount(torch.cat(rows), minlength=value(found[0][0]).shape[0])

@@ -38,7 +38,8 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
         for name, param in module.named_parameters(recurse=False):
             if param.dim() < 3 or param.shape[0] < 2:
                 continue
-            owner = next((a for a in _ancestors(path, 2) if _scored_by_router(modules.get(a, model), module, param)),
+            owner = next((a for a in _ancestors(path, 2, modules, model)
+                          if _scored_by_router(modules.get(a, model), module, param)),
                          None)  # the router may sit one level further up (experts split into fc1/fc2 containers)
             if owner is not None:
                 found.append((owner, path, f"`{name}` {tuple(param.shape)} stores weights per expert"))
@@ -153,13 +154,22 @@ def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:
     return weights
 
 
-def _ancestors(path: str, levels: int) -> list[str]:
-    """The paths of the ``levels`` modules above ``path``, nearest first (``""``: the model)."""
+def _ancestors(path: str, levels: int, modules: dict[str, nn.Module] | None = None,
+               model: nn.Module | None = None) -> list[str]:
+    """The paths of the ``levels`` modules above ``path``, nearest first (``""``: the model). Given the model's
+    ``modules``, a module holding nothing but the one below it (a wrapper) is passed over, not counted."""
     found = []
     while path and len(found) < levels:
-        path = path.rpartition(".")[0]
-        found.append(path)
+        below, path = path, path.rpartition(".")[0]
+        if modules is None or not _wraps(modules.get(path, model), modules[below]):
+            found.append(path)
     return found
+
+
+def _wraps(module: nn.Module, inner: nn.Module) -> bool:
+    """Are all of ``module``'s parameters ``inner``'s?"""
+    inside = {id(p) for p in inner.parameters()}
+    return all(id(p) in inside for p in module.parameters())
 
 
 def _scored_by_router(owner: nn.Module, module: nn.Module, param: torch.Tensor) -> bool:

@@ -42,8 +42,8 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, keyword_arguments, one_token
 from ..trace.record import record
-from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, gathered_index, per_slot, slot_inputs, splits_as_views,
-                             swapped_view)
+from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, flat_gathers_as_gathers, gathered_index, per_slot,
+                             slot_inputs, splits_as_views, swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
 from ..trace.decompose import not_padding
 from ..trace.forcing import ChoiceCall, fresh_inputs
@@ -215,6 +215,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     with torch.no_grad():
         rec = record(block, (), bound)
     splits_as_views(rec.graph)
+    flat_gathers_as_gathers(rec.graph)
     params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
         side_by_side_weights(block)
     gathers = _gathers(rec.graph, params)
@@ -269,6 +270,7 @@ def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
     except Exception:  # a block that cannot run on one token has no such branch
         return []
     splits_as_views(graph)
+    flat_gathers_as_gathers(graph)
     return [graph]
 
 

@@ -14,7 +14,9 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
+__all__ = ["EXPERT_CHOICE", "analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
+
+EXPERT_CHOICE = "expert choice"  # the words starting a router's selection where experts choose their tokens
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max", "kthvalue"}
 _COMPARISONS = {"ge", "gt", "le", "lt", "__ge__", "__gt__", "__le__", "__lt__"}
@@ -217,7 +219,7 @@ def _expert_choice(graph: fx.Graph, selection: fx.Node, index: fx.Node) -> tuple
     experts, capacity = scores.shape[0], chosen.shape[-1]
     if scores.shape[-1] != tokens or experts == tokens:
         return None
-    return max(1, round(experts * capacity / tokens)), experts, f"expert choice ({capacity} of {tokens} tokens each)"
+    return max(1, round(experts * capacity / tokens)), experts, f"{EXPERT_CHOICE} ({capacity} of {tokens} tokens each)"
 
 
 def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:

@@ -2053,6 +2053,291 @@ class RankedBufferMoE(nn.Module):
             y = y + out[chosen[:, j], ranks[:, j]] * probs.gather(1, chosen[:, j:j + 1])
         return y.view_as(x)
 
+
+class BiasedSigmoidRouter(nn.Module):
+    """Megatron-Core-style router in float32: sigmoid scores, experts chosen on the scores plus an
+    ``expert_bias`` buffer (aux-loss-free balancing), the unbiased scores of the chosen renormalised; returns
+    dense ``[tokens, experts]`` probabilities and a boolean routing map."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+        self.register_buffer("expert_bias", torch.zeros(EXPERTS))
+
+    def forward(self, t):
+        scores = torch.sigmoid(F.linear(t.float(), self.weight.float()))
+        chosen = torch.topk(scores + self.expert_bias, TOP_K, dim=1).indices
+        probs = scores.gather(1, chosen)
+        probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        routing_map = torch.zeros_like(scores, dtype=torch.int32).scatter(1, chosen, 1).bool()
+        return torch.zeros_like(scores).scatter(1, chosen, probs), routing_map
+
+
+class SequentialLocalExperts(nn.Module):
+    """Megatron-style sequential MLP: a list of expert modules, each run on its piece of the permuted rows
+    (split by the host list of tokens per expert); returns ``(output, bias)`` with no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, permuted, tokens_per_expert):
+        pieces = torch.split(permuted, tokens_per_expert.tolist())
+        return torch.cat([expert(rows) for expert, rows in zip(self.local_experts, pieces)]), None
+
+
+class GatherPermuteMoE(nn.Module):
+    """Training framework (Megatron-Core style): ``[seq, batch, hidden]``; tokens permuted by the routing map
+    (``masked_select`` of token numbers, rows taken by ``torch.gather`` with the numbers expanded over the
+    features: each token once per chosen expert), the sequential experts, ``scatter_add_`` back; returns
+    ``(output, None)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = BiasedSigmoidRouter()
+        self.experts = SequentialLocalExperts()
+
+    def forward(self, hidden_states):
+        t = hidden_states.view(-1, hidden_states.shape[-1])
+        probs, routing_map = self.router(t)
+        map_t = routing_map.T.contiguous()
+        numbers = torch.arange(t.shape[0], device=t.device).unsqueeze(0).expand(EXPERTS, -1).masked_select(map_t)
+        spread = numbers.view(-1, 1).expand(-1, t.shape[-1])
+        out, _ = self.experts(torch.gather(t, 0, spread), routing_map.sum(dim=0))
+        out = out * probs.T.contiguous().masked_select(map_t).unsqueeze(-1).to(out.dtype)
+        return torch.zeros_like(t).scatter_add_(0, spread, out).view(hidden_states.shape), None
+
+class CountedProjection(nn.Module):
+    """One projection of every expert, ``weight [E, out, in]`` and ``bias [E, out]``, run on rows sorted by
+    expert: expert ``e`` takes the next ``int(counts[e])`` rows."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(EXPERTS, out_features))
+
+    def forward(self, rows, counts):
+        outputs, start = [], 0
+        for e in range(EXPERTS):
+            end = start + int(counts[e])
+            outputs.append(F.linear(rows[start:end], self.weight[e], self.bias[e]))
+            start = end
+        return torch.cat(outputs)
+
+
+class CountedMLP(nn.Module):
+    """An experts module holding nothing but two counted projections, GELU between."""
+
+    def __init__(self):
+        super().__init__()
+        self.htoh4 = CountedProjection(HIDDEN, INTER)
+        self.h4toh = CountedProjection(INTER, HIDDEN)
+
+    def forward(self, rows, counts):
+        return self.h4toh(F.gelu(self.htoh4(rows, counts)), counts)
+
+
+class IndexCopyBmmMoE(nn.Module):
+    """FastMoE-style pure-torch layer: a biased gate, top-k of the logits (unsorted), softmax over the k; the
+    flat choices sorted (stable), counts by bincount on the host; rows taken by ``index_select``, the experts
+    module called with (rows, counts), its outputs put back in choice order by ``index_copy_`` and combined by
+    ``bmm`` of ``[T, 1, k]`` scores with ``[T, k, H]`` outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS)
+        self.experts = CountedMLP()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        top, chosen = torch.topk(self.gate(t), TOP_K, dim=-1, sorted=False)
+        scores = top.softmax(dim=-1)
+        order = torch.argsort(chosen.flatten(), stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=EXPERTS).cpu()
+        out = self.experts(t.index_select(0, order // TOP_K), counts)
+        slots = torch.zeros(t.shape[0] * TOP_K, HIDDEN, dtype=out.dtype).index_copy_(0, order, out)
+        return torch.bmm(scores.unsqueeze(1), slots.view(-1, TOP_K, HIDDEN)).view_as(x)
+
+
+class HistcRouter3(nn.Module):
+    """A training framework's router module: softmax, top-k, and each expert's row count by ``histc``; returns
+    ``(weights, indices, counts)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_score = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, t):
+        weights, indices = self.w_score(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        counts = torch.histc(indices.flatten().float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
+        return weights, indices, counts.long()
+
+
+class BinnedExperts(nn.Module):
+    """Packed ``[E, H, I]`` w1/w3 and ``[E, I, H]`` w2 run on rows sorted by expert, expert ``e`` on the slice
+    between the running counts ``bins[e - 1]`` and ``bins[e]`` (0-d tensors), written into a preallocated output."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, rows, bins):
+        out = torch.empty_like(rows)
+        for e in range(EXPERTS):
+            start, end = (bins[e - 1] if e else 0), bins[e]
+            if start == end:
+                continue
+            h = rows[start:end]
+            out[start:end] = (F.silu(h @ self.w1[e]) * (h @ self.w3[e])) @ self.w2[e]
+        return out
+
+
+class BinnedDroplessMoE(nn.Module):
+    """Training framework (OLMo-core style) dropless MoE: the router's counts turned into bins by ``cumsum``,
+    the flat choices sorted (stable), each row's token by integer division, weighted rows ``index_add_``-ed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = HistcRouter3()
+        self.experts = BinnedExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices, counts = self.router(t)
+        order = indices.flatten().argsort(stable=True)
+        token = order // TOP_K
+        out = self.experts(t[token], torch.cumsum(counts, dim=0)) * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(t).index_add_(0, token, out).view_as(x)
+
+
+class DenseBufferMoE(nn.Module):
+    """A user's block: the routing as a dense ``[T, E]`` weight matrix (``scatter``), each expert's outputs
+    written into a zero ``[E, T, H]`` buffer at its rows, the buffer combined by ``einsum("te,eth->th")``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        dense = torch.zeros(t.shape[0], EXPERTS, dtype=t.dtype).scatter(1, indices, weights)
+        buffer = t.new_zeros(EXPERTS, t.shape[0], HIDDEN)
+        for e, expert in enumerate(self.experts):
+            rows = (dense[:, e] > 0).nonzero().squeeze(-1)
+            buffer[e, rows] = expert(t[rows])
+        return torch.einsum("te,eth->th", dense, buffer).view_as(x)
+
+
+class PresentExpertsMoE(nn.Module):
+    """A user's block: the flat choices sorted (``torch.sort``, stable), rows split by ``unique_consecutive``
+    counts (only the experts some row chose), each part run by ``experts[int(e)]`` for its expert number."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        chosen, order = torch.sort(indices.flatten(), stable=True)
+        present, counts = torch.unique_consecutive(chosen, return_counts=True)
+        parts = t[order // TOP_K].split(counts.tolist())
+        out = torch.cat([self.experts[int(e)](part) for e, part in zip(present, parts)])
+        out = out * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(t).index_add_(0, order // TOP_K, out).view_as(x)
+
+
+class HiddenScaledExperts(nn.Module):
+    """Packed ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` called with ``(rows, ids, weights)``: the
+    routing weight scales the hidden activation, before the down projection; a loop over ``ids.unique()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(EXPERTS, 2 * INTER, HIDDEN))
+        self.down_proj = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, t, ids, weights):
+        out = torch.zeros_like(t)
+        for e in ids.unique():
+            token, slot = torch.where(ids == e)
+            gate, up = F.linear(t[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, F.linear(F.silu(gate) * up * weights[token, slot, None], self.down_proj[e]))
+        return out
+
+
+class HiddenScaledMoE(nn.Module):
+    """A block handing its packed experts the routing weights, which they apply before the down projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = HiddenScaledExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        return self.experts(t, indices, weights).view_as(x)
+
+
+class _IdentityAllToAll(torch.autograd.Function):
+    """Expert parallelism's all-to-all on one rank: the rows as they are (an autograd Function all the same)."""
+
+    @staticmethod
+    def forward(ctx, rows):
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class OneRankMoE(nn.Module):
+    """Training framework code with expert parallelism left in on one rank: tokens and outputs pass through an
+    identity all-to-all ``autograd.Function``, the local experts numbered from ``rank * local`` (0 here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.ep_rank, self.ep_size = 0, 1
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        local = EXPERTS // self.ep_size
+        t = _IdentityAllToAll.apply(t)
+        out = torch.zeros_like(t)
+        for i in range(local):
+            token, slot = torch.where(indices == self.ep_rank * local + i)
+            out[token] += weights[token, slot, None] * self.experts[i](t[token])
+        return _IdentityAllToAll.apply(out).view_as(x)
+
+
+class LookupTableMoE(nn.Module):
+    """Each token's experts' weights looked up by ``F.embedding`` in the packed ``[E, I, H]`` / ``[E, H, I]``
+    weights flattened to ``[E, I * H]`` rows, put back in shape, contracted per slot by einsum, GELU between."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w_in = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w_out = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        w_in = F.embedding(indices, self.w_in.view(EXPERTS, -1)).view(*indices.shape, INTER, HIDDEN)
+        w_out = F.embedding(indices, self.w_out.view(EXPERTS, -1)).view(*indices.shape, HIDDEN, INTER)
+        h = F.gelu(torch.einsum("tkih,th->tki", w_in, t))
+        y = torch.einsum("tkhi,tki->tkh", w_out, h)
+        return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2275,6 +2560,29 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "the block's own weights, read back at the same pairs", (), RankedBufferMoE),
     CorpusEntry("lora_experts", f"{_RESEARCH}: a mixture of LoRA experts over a base Linear every token takes",
                 (1,), LowRankExpertsMoE),
+    CorpusEntry("gather_permute", "training framework (Megatron-Core style): [seq, batch, hidden], an fp32 sigmoid "
+                "router choosing with an expert bias, tokens permuted by torch.gather of token numbers expanded over "
+                "the features, sequential experts split by host counts, scatter_add_ back, returns (out, None)", (3,),
+                GatherPermuteMoE, seq_first=True),
+    CorpusEntry("index_copy_bmm", f"{_RESEARCH}: FastMoE-style, an experts module holding two projections of "
+                "[E, out, in] weights and [E, out] biases called with (rows, host counts), rows sorted by expert, "
+                "index_copy_ back in choice order, bmm of the scores with [T, k, H]", (3,), IndexCopyBmmMoE),
+    CorpusEntry("binned_dropless", f"{_TRAINING}: OLMo-core style, a router module returning (weights, indices, "
+                "histc counts), bins by cumsum, packed [E, H, I] experts on slices bounded by 0-d tensors written "
+                "into a preallocated output, index_add_ back", (3,), BinnedDroplessMoE),
+    CorpusEntry("dense_buffer", "a user's block: a dense [T, E] weight matrix by scatter, each expert's outputs "
+                "written into a zero [E, T, H] buffer at its rows, einsum('te,eth->th')", (), DenseBufferMoE),
+    CorpusEntry("present_experts", "a user's block: choices sorted (torch.sort, stable), split by "
+                "unique_consecutive counts of the experts some row chose, experts[int(e)]", (3,), PresentExpertsMoE),
+    CorpusEntry("hidden_scaled", "a user's block: packed experts handed (rows, ids, weights) applying the routing "
+                "weight to the hidden activation before the down projection, a loop over ids.unique()", (2,),
+                HiddenScaledMoE),
+    CorpusEntry("one_rank_parallel", f"{_TRAINING}: expert parallelism left in on one rank, an identity "
+                "all-to-all autograd.Function around the dispatch, local experts numbered from rank * local", (),
+                OneRankMoE),
+    CorpusEntry("lookup_table_weights", f"{_RESEARCH}: each token's experts' weights looked up by F.embedding in "
+                "the packed weights flattened to [E, I * H], viewed back to [T, k, I, H], einsum per slot", (2,),
+                LookupTableMoE),
 )
 
 

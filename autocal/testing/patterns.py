@@ -45,7 +45,7 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "PrefixSplitMoE",
            "BmmExperts", "SwitchCapacityMoE", "ParameterListMoE",
            "FunctionalEnsembleMoE", "PaddedCapacityMoE", "BiasFirstMoE", "SampledRoutingMoE",
-           "SoftSlotsMoE", "DirectForwardMoE"]
+           "SoftSlotsMoE", "DirectForwardMoE", "ChannelsFirstMoE"]
 
 NOT_AN_MOE = "not-an-moe"  # a pattern's failure: the rules show the candidate is no MoE (convert skips it)
 
@@ -1231,6 +1231,31 @@ class BiasFirstMoE(nn.Module):
         return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class ChannelsFirstMoE(nn.Module):
+    """A conv net's MoE over positions, features first: ``[B, S, H]`` moved to ``[B, H, S]``, a kernel-1
+    ``Conv1d`` router scoring each position, the top-k over the channel dimension, experts of kernel-1 convs run on
+    the gathered columns and added back. Its router is a ``[E, H, 1]`` weight; its experts take columns, not rows:
+    refused (naming the expert call), never skipped."""
+
+    def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
+        super().__init__()
+        self.k, self.router = k, nn.Conv1d(hidden, experts, kernel_size=1)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(hidden, width, 1), nn.GELU(), nn.Conv1d(width, hidden, 1)) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = x.transpose(1, 2)  # [B, H, S]
+        weights, idx = self.router(columns).softmax(dim=1).topk(self.k, dim=1)  # [B, k, S]
+        flat = columns.permute(1, 0, 2).reshape(x.shape[-1], -1)  # [H, B * S]
+        idx, weights = idx.permute(1, 0, 2).reshape(self.k, -1), weights.permute(1, 0, 2).reshape(self.k, -1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            slot, column = torch.where(idx == e)
+            if column.numel():
+                out[:, column] += expert(flat[:, column].unsqueeze(0)).squeeze(0) * weights[slot, column]
+        return out.view(x.shape[-1], x.shape[0], x.shape[1]).permute(1, 2, 0)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A way of writing an MoE block: how to make one, inputs for it, and the rule it must match.
@@ -1338,6 +1363,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _failing("direct_forward_calls", errors.UNSUPPORTED_DISPATCH, DirectForwardMoE),
     _failing("multinomial_routing", errors.UNSUPPORTED_DISPATCH, SampledRoutingMoE),
     _failing("noise_at_inference", errors.UNSUPPORTED_DISPATCH, lambda: SampledRoutingMoE(noisy=True)),
+    _failing("channels_first_conv", errors.UNSUPPORTED_DISPATCH, ChannelsFirstMoE),
 ]}
 
 

@@ -26,7 +26,7 @@ from .decompose import decomposition
 from .record import flat_args, value
 
 __all__ = ["BIAS", "SWAPPED", "entries_copy", "gathered_index", "reshaped_view", "same_entries", "split_pieces", "splits_as_views",
-           "swapped_view",
+           "flat_gathers_as_gathers", "swapped_view",
            "GatherTracker", "slot_features", "slot_inputs", "per_slot"]
 
 SWAPPED = {"linear": "matmul", "matmul": "linear"}  # an orientation, for each expert's matrix transposed
@@ -184,6 +184,33 @@ def splits_as_views(graph: fx.Graph) -> None:
             view = graph.call_function(torch.Tensor.view, (split.args[0], (len(pieces), *pieces[0].shape)))
         view.meta.update(split.meta, value=weight.view(len(pieces), *pieces[0].shape))
         node.args = (view, *node.args[1:])
+
+
+def flat_gathers_as_gathers(graph: fx.Graph) -> None:
+    """Rewrite, in a recording, a gather of experts' flattened entries put back in shape as a gather of the
+    experts' entries themselves: ``F.embedding(idx, W.view(E, -1)).view(*idx.shape, *W.shape[1:])`` (a lookup
+    table of expert weights) becomes ``W[idx]``, checked on the recorded values."""
+    for node in list(graph.nodes):
+        found = gathered_index(node.target, fx.node.map_arg(node.args, value)) if node.op == "call_function" else None
+        flat = next((a for a in node.all_input_nodes if found and value(a) is found[0]), None)
+        if flat is None or len(node.users) != 1 or not flat.all_input_nodes:
+            continue
+        weight, shaped = flat.all_input_nodes[0], next(iter(node.users))
+        index = next((a for a in node.all_input_nodes if value(a) is found[1]), None)
+        stored, gathered = value(weight), value(shaped)
+        if not (index is not None and isinstance(stored, torch.Tensor) and stored.dim() >= 3
+                and found[0].dim() == 2 and found[0].shape[0] == stored.shape[0] and reshaped_view(found[0], stored)
+                and isinstance(gathered, torch.Tensor) and gathered.shape == (*found[1].shape, *stored.shape[1:])
+                and torch.equal(gathered, stored[found[1]])):
+            continue
+        with graph.inserting_before(shaped):
+            entries = graph.call_function(operator.getitem, (weight, index))
+        entries.meta.update(shaped.meta, value=gathered)
+        shaped.replace_all_uses_with(entries)
+        graph.erase_node(shaped)
+        graph.erase_node(node)
+        if not flat.users:
+            graph.erase_node(flat)
 
 
 def reshaped_view(out: object, weight: torch.Tensor) -> bool:
