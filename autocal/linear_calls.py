@@ -121,13 +121,19 @@ def linear_calls_for(linears: Sequence[nn.Linear], x: torch.Tensor) -> GroupCall
     calling it and every hook on each is stood for by a group hook; else None (call each: ``call_linear``)."""
     if not _may_skip_wrappers():
         return None
-    weights, hooks = [], {}
+    weights = [_plain_weight(linear, x) for linear in linears]
+    if any(weight is None for weight in weights):
+        return None
+    hooks = _group_hooks(linears)
+    return None if hooks is None else GroupCall(weights, hooks)
+
+
+def _group_hooks(linears: Sequence[nn.Linear]) -> list[tuple[GroupHook, list[int]]] | None:
+    """The group hooks standing for every hook on ``linears``, each with the positions of the Linears it stands
+    for; None where some hook is stood for by none."""
+    hooks: dict[GroupHook, list[int]] = {}
     for position, linear in enumerate(linears):
-        weight = _plain_weight(linear, x)
-        stood = linear.__dict__.get(_STOOD_FOR)
-        if weight is None or (stood is None and (linear._forward_pre_hooks or linear._forward_hooks)):
-            return None
-        weights.append(weight)
+        stood = linear.__dict__.get(_STOOD_FOR, {})
         for number in (*linear._forward_pre_hooks, *linear._forward_hooks):
             hook = stood.get(number)
             if hook is None:
@@ -135,18 +141,18 @@ def linear_calls_for(linears: Sequence[nn.Linear], x: torch.Tensor) -> GroupCall
             positions = hooks.setdefault(hook, [])
             if not positions or positions[-1] != position:
                 positions.append(position)
-    return GroupCall(weights, list(hooks.items()))
+    return list(hooks.items())
 
 
 def call_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)``, the wrappers a rule vouches for skipped (see the module docstring)."""
-    group = linear_calls_for((linear,), x)
-    if group is not None:
-        group.run_hooks((linear,), (x,))
-        return F.linear(x, group.weights[0], linear.bias)
     weight = _plain_weight(linear, x) if _may_skip_wrappers() else None
     if weight is None:
         return linear(x)
+    hooks = _group_hooks((linear,))
+    if hooks is not None:
+        GroupCall([weight], hooks).run_hooks((linear,), (x,))
+        return F.linear(x, weight, linear.bias)
     args = (x,)
     for number, hook in linear._forward_pre_hooks.items():
         if number in linear._forward_pre_hooks_with_kwargs:
