@@ -38,26 +38,56 @@ def _base_conversions(model: nn.Module, *, with_autocal: bool = True) -> list:
 
 
 def _revert(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` as transformers' ``save_pretrained`` would name (and convert) it."""
+    """``state_dict`` as transformers' ``save_pretrained`` would name (and convert) it.
+
+    A conversion may look the runtime parameter up in the model by name (transformers' ``Transpose`` checks
+    its shape): the packed parameters in ``state_dict`` are no longer in the model, autocal replaced their
+    container, so they are looked up in ``state_dict`` first."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    return revert_weight_conversion(model, dict(state_dict))
+    model_parameter = model.get_parameter
+    model.get_parameter = lambda name: state_dict[name] if name in state_dict else model_parameter(name)
+    try:
+        return revert_weight_conversion(model, dict(state_dict))
+    finally:
+        del model.get_parameter
 
 
-def _packed_state(block: MoECalibrationModule, block_path: str) -> dict[str, torch.Tensor]:
-    """The parameters of the block's original experts container, under their model paths."""
+SAMPLED_EXPERTS = 2  # experts of a packed container reverted to learn the checkpoint's names
+
+
+def _first_experts(param: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The first ``SAMPLED_EXPERTS`` experts of a packed parameter: the slice along its one dimension of
+    ``num_experts``; the whole parameter where no dimension, or more than one, has that size.
+
+    transformers' save-time conversions (split per expert, un-concatenate gate and up, transpose) act on every
+    expert alike, and copy what they split: on a whole DeepSeek-V3 layer that took most of ``prepare``'s time.
+    The names are learnt from the experts sampled, and each is still checked by value (``_match_names``)."""
+    dims = [d for d, size in enumerate(param.shape) if size == num_experts]
+    if len(dims) != 1 or num_experts <= SAMPLED_EXPERTS:
+        return param
+    return param.narrow(dims[0], 0, SAMPLED_EXPERTS)
+
+
+def _packed_state(block: MoECalibrationModule, block_path: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The parameters of the block's original experts container, under their model paths, narrowed to the
+    first experts where the expert dimension is plain (``_first_experts``); and how many experts every
+    parameter still holds."""
     structure = getattr(block, "structure", None)
     if structure is None:
-        return {}
+        return {}, 0
     try:
         original = block.restore()
     except Exception:
-        return {}
+        return {}, 0
     if original is None:
-        return {}
+        return {}, 0
     container = original.get_submodule(structure.experts.module_path)
-    return {_join(block_path, structure.experts.module_path, name): param
-            for name, param in container.named_parameters(recurse=False)}
+    num_experts = structure.experts.num_experts
+    state = {_join(block_path, structure.experts.module_path, name): _first_experts(param, num_experts)
+             for name, param in container.named_parameters(recurse=False)}
+    narrowed = any(t.shape != p.shape for t, p in zip(state.values(), container.parameters(recurse=False)))
+    return state, SAMPLED_EXPERTS if narrowed else num_experts
 
 
 def saved_names(model: nn.Module, keys: Iterable[str], *, with_autocal: bool = True) -> dict[str, str]:
@@ -81,27 +111,34 @@ def checkpoint_names(model: nn.Module) -> dict[str, dict[str, str]]:
     """How the model's original checkpoint names each expert Linear, per experts container leaf name.
 
     Derived from transformers' conversion mapping for the model (the one it uses to
-    load and save): the original packed parameters of the first block of each class
+    load and save): the original packed parameters (their first experts) of the first block of each class
     are reverted to checkpoint format, and each unpacked Linear is matched to the
     reverted tensor it equals. Returns ``{container_leaf: {linear_name: checkpoint_name}}``
     with only the names that differ (Mixtral: ``{"experts": {"gate_proj": "w1", "up_proj": "w3",
     "down_proj": "w2"}}``); containers whose checkpoint stores packed tensors keep autocal's names.
     """
-    names: dict[str, dict[str, str]] = {}
-    seen_classes: set[type] = set()
     by_block: dict[str, list[ExpertLinear]] = {}
     for linear in expert_linears(model):
         by_block.setdefault(linear.block, []).append(linear)
-    for block_path, block in calibration_blocks(model):
-        if type(block) in seen_classes or block_path not in by_block:
+    blocks = [(path, block) for path, block in calibration_blocks(model) if path in by_block]
+    firsts: dict[type, str] = {}
+    for path, block in blocks:
+        firsts.setdefault(type(block), path)
+    packed, kept = _packed_states([(p, b) for p, b in blocks if _reverted_with(p, firsts.values())])
+    try:
+        reverted = _revert(model, packed) if packed else {}
+    except Exception as error:  # transformers' conversion cannot split what autocal unpacked
+        warnings.warn(f"autocal: transformers' save-time conversion of the experts of {', '.join(firsts.values())} "
+                      f"failed ({type(error).__name__}: {error}); their checkpoint keys keep autocal's names "
+                      "(gate_proj, up_proj, down_proj as unpacked)", stacklevel=2)
+        return {}
+    names: dict[str, dict[str, str]] = {}
+    for block_path in firsts.values():
+        sampled = [linear for linear in by_block[block_path] if linear.expert < kept.get(block_path, 0)]
+        mapping = _match_names(model, sampled, reverted) if sampled else {}
+        if not mapping:  # the checkpoint stores these experts packed, or no unique match: autocal's names
+            _warn_if_stored_elsewhere(model, sampled, reverted)
             continue
-        seen_classes.add(type(block))
-        packed = _packed_state(block, block_path)
-        if not packed:
-            continue
-        mapping = _match_names(model, by_block[block_path], _revert(model, packed))
-        if not mapping:
-            continue  # the checkpoint stores these experts packed, or no unique match: autocal's names
         leaf = by_block[block_path][0].container.rpartition(".")[2]
         previous = names.setdefault(leaf, {})
         for ours, theirs in mapping.items():
@@ -114,14 +151,30 @@ def checkpoint_names(model: nn.Module) -> dict[str, dict[str, str]]:
             if any(k != v for k, v in m.items())}
 
 
+def _reverted_with(path: str, firsts: Iterable[str]) -> bool:
+    """Is the block at ``path`` reverted with the first blocks of each class: one of them, or a named sibling
+    of one (``mlp.text_moe`` beside ``mlp.vision_moe``: transformers may merge both into one checkpoint list,
+    and its conversion then needs both)? Blocks in a list (``layers.3``) are other layers, and left out."""
+    parent, _, name = path.rpartition(".")
+    return any(path == first or (not name.isdigit() and first.rpartition(".")[0] == parent) for first in firsts)
+
+
+def _packed_states(blocks: list[tuple[str, MoECalibrationModule]]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The packed parameters of the blocks' original experts containers (``_packed_state``), and the experts
+    each block's still hold."""
+    packed: dict[str, torch.Tensor] = {}
+    kept: dict[str, int] = {}
+    for path, block in blocks:
+        state, kept[path] = _packed_state(block, path)
+        packed.update(state)
+    return packed, kept
+
+
 def _match_names(model: nn.Module, linears: list[ExpertLinear], reverted: dict[str, torch.Tensor]) -> dict[str, str]:
     """``{linear_name: checkpoint_name}`` from matching every expert's Linear weight to a reverted tensor."""
-    plain = saved_names(model, [_join(lin.path, "weight") for lin in linears], with_autocal=False)
     mapping: dict[str, str] = {}
-    for linear in linears:
+    for linear, prefix in zip(linears, _saved_container_prefixes(model, linears)):
         weight = model.get_submodule(linear.path).weight
-        plain_key = plain[_join(linear.path, "weight")]
-        prefix = plain_key[: -len(_join(linear.child, linear.name, "weight"))]
         candidates = [k for k, t in reverted.items()
                       if k.startswith(f"{prefix}{linear.child}.") and k.endswith(".weight")
                       and t.shape == weight.shape and torch.equal(t, weight)]
@@ -131,6 +184,35 @@ def _match_names(model: nn.Module, linears: list[ExpertLinear], reverted: dict[s
         if mapping.setdefault(linear.name, theirs) != theirs:
             return {}
     return mapping
+
+
+def _saved_container_prefixes(model: nn.Module, linears: list[ExpertLinear]) -> list[str]:
+    """Where ``save_pretrained`` puts each Linear's experts container (``model.layers.0.ffn.experts.``).
+
+    Found by renaming a key of the expert itself: the model's renamings may also rename the Linear's own name
+    (DeepSeek-V4's ``.wgate.`` for ``.gate_proj.``), so its saved weight key cannot be cut at a fixed length."""
+    probes = [_join(linear.block, linear.container, linear.child, "weight") for linear in linears]
+    saved = saved_names(model, probes, with_autocal=False)
+    return [saved[probe][: -len(f"{linear.child}.weight")] for probe, linear in zip(probes, linears)]
+
+
+def _warn_if_stored_elsewhere(model: nn.Module, linears: list[ExpertLinear], reverted: dict[str, torch.Tensor]) -> None:
+    """Warn where the original checkpoint stores expert weights as tensors of their own under keys that a
+    renaming of their leaf names cannot give (Ernie-4.5-VL: text and vision experts in one list, the vision
+    ones numbered after the text ones): the saved checkpoint then keeps autocal's keys for them."""
+    plain = saved_names(model, [_join(lin.path, "weight") for lin in linears], with_autocal=False)
+    moved = []
+    for linear in linears:
+        weight = model.get_submodule(linear.path).weight
+        theirs = [k for k, t in reverted.items() if t.shape == weight.shape and torch.equal(t, weight)]
+        ours = plain[_join(linear.path, "weight")]
+        if theirs and ours not in theirs:
+            moved.append(f"{theirs[0]!r} as {ours!r}")
+    if moved:
+        more = f" (and {len(moved) - 1} more of the experts sampled)" if len(moved) > 1 else ""
+        warnings.warn(f"autocal: cannot rename these experts as the original checkpoint names them, and "
+                      f"will save {moved[0]}{more}; a loader expecting the original's keys will not find them",
+                      stacklevel=3)
 
 
 class AutocalExpertRenaming(WeightRenaming):
