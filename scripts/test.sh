@@ -45,7 +45,7 @@ phase "docs build" env PATH="$PWD/.venv/bin:$PATH" bash scripts/docs.sh
 
 phase "setup transformers 5.17.0 + llmcompressor" setup .venv-5.17 dev,llmcompressor transformers==5.17.0
 phase "tests, transformers 5.17.0 + llmcompressor" .venv-5.17/bin/python -m pytest -q tests/test_models.py \
-  tests/test_zoo_fixtures.py tests/test_zoo.py tests/test_llmcompressor.py tests/test_checkpoint_names.py \
+  tests/test_zoo_fixtures.py tests/test_zoo.py tests/test_llmcompressor.py tests/test_checkpoint_names.py tests/test_zoo_oneshot.py \
   "tests/test_explain.py::test_reports_the_configs_experts_and_k" tests/test_docs.py tests/test_golden_rules.py
 
 phase "setup transformers 5.25.0" setup .venv-5.25 dev transformers==5.25.0

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ... import errors
-from .blocks import _join, _listing, calibration_blocks, expert_linears
+from .blocks import ExpertLinear, _join, _listing, calibration_blocks, expert_linears
 from .naming import _revert, saved_names
 
 __all__ = [
@@ -72,7 +72,6 @@ def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
         key = _join(linear.block, linear.container)
         counts[key] = max(counts.get(key, 0), linear.expert + 1)
         children.setdefault(key, set()).add(linear.child)
-    members: dict[str, frozenset[str]] = {}
     keys: dict[str, frozenset[str]] = {}
     for linear in linears:
         prefix = saved[_join(linear.path, "weight")][: -len(".weight")]
@@ -83,15 +82,20 @@ def checkpoint_layout(model: nn.Module) -> CheckpointLayout:
         num, names = containers.setdefault(container_key, (counts[in_model], set()))
         names.add(rest.removesuffix("."))
         names.update(_own_tensors(model.get_submodule(_join(in_model, linear.child))))
-        if container_key not in members:
-            container = model.get_submodule(in_model)
-            expert_children = {str(i) for i in range(num)} | children[in_model]
-            own = {n for n, _ in container.named_parameters() if n.split(".", 1)[0] not in expert_children}
-            own |= {n for n, _ in container.named_buffers() if n.split(".", 1)[0] not in expert_children}
-            members[container_key] = frozenset(own)
-            keys[container_key] = frozenset(children[in_model])
+        keys.setdefault(container_key, frozenset(children[in_model]))
+    saved_elsewhere = _saved_outside_experts(model, linears)
+    members = {container_key: frozenset(k[len(container_key) + 1:] for k in saved_elsewhere
+                                        if k.startswith(f"{container_key}.")) for container_key in containers}
     tied = frozenset(frozenset((a, b)) for a, b in (getattr(model, "all_tied_weights_keys", None) or {}).items())
     return CheckpointLayout(experts, {k: (n, frozenset(v)) for k, (n, v) in containers.items()}, members, tied, keys)
+
+
+def _saved_outside_experts(model: nn.Module, linears: list[ExpertLinear]) -> list[str]:
+    """The saved keys of the model's tensors that no expert holds: a container's own tensors, and tensors
+    held elsewhere that the model's save-time renamings put under an experts container (Laguna saves its
+    router's ``gate.e_score_correction_bias`` as ``experts.e_score_correction_bias``)."""
+    experts = tuple({f"{_join(linear.block, linear.container, linear.child)}." for linear in linears})
+    return list(saved_names(model, [k for k in model.state_dict() if not k.startswith(experts)]).values())
 
 
 def _own_tensors(expert: nn.Module) -> set[str]:
@@ -116,13 +120,17 @@ def shared_storage_groups(state_dict: Mapping[str, torch.Tensor],
             if len(keys) > 1 and not (len(keys) == 2 and frozenset(keys) in allowed)]
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], layout: CheckpointLayout) -> None:
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], layout: CheckpointLayout, *,
+                     handed: Mapping[str, torch.Tensor] | None = None) -> None:
     """Raise ``CheckpointLayoutError`` unless ``state_dict`` (as it will be written) is per-expert and unshared.
 
     - every expert Linear has a weight under its saved prefix (``P.weight`` or ``P.weight_packed``);
     - under an experts container, only ``{i}.{name}.…`` keys with ``i`` < number of experts and
-      ``name`` one of the expected Linear names (or the container's own tensors): no packed tensor;
-    - no two tensors share storage (safetensors and transformers mishandle them), tied weights aside.
+      ``name`` one of the expected Linear names (or tensors the model saves there): no packed tensor;
+    - no two tensors of ``handed`` (what ``save_pretrained`` is given; ``state_dict`` by default) share
+      storage (safetensors and transformers mishandle them), tied weights aside. Views that transformers'
+      own save-time conversions make of one tensor (Kimi-Linear's q, k and v convolutions split from one
+      weight) are its business: it writes them.
     """
     problems: list[str] = []
     keys = set(state_dict)
@@ -149,7 +157,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], layout: CheckpointL
                     problems.append(f"{key}: not one of the expert Linears {sorted(names)}")
             elif rest not in layout.members.get(container, ()):
                 problems.append(f"{key}: packed or unknown tensor under experts container {container}")
-    for group in shared_storage_groups(state_dict, layout.tied):
+    for group in shared_storage_groups(state_dict if handed is None else handed, layout.tied):
         problems.append(f"tensors share storage: {group[:4]}{' …' if len(group) > 4 else ''}")
     if problems:
         raise CheckpointLayoutError(problems)
@@ -229,7 +237,7 @@ def _checked_save_pretrained(model: nn.Module, save_directory: str | Path, *, st
     """
     layout = checkpoint_layout(model)
     state, to_write = _state_dict_to_write(model, layout, state_dict)
-    check_state_dict(to_write, layout)
+    check_state_dict(to_write, layout, handed=state)
     type(model).save_pretrained(model, str(save_directory), state_dict=state, **kwargs)
     if verify:
         verify_saved(save_directory, to_write)
