@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import errors
 from .inputs import BlockCall
-from .model_inputs import model_example
+from .model_inputs import model_example, token_example
 from .twin import cpu_twin, on_meta
 
 __all__ = ["capture_calls", "locate_blocks", "unreached"]
@@ -49,9 +49,10 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
                   forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
     """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta).
 
-    Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature
-    (``trace/model_inputs.py``); any other module, or a model those inputs do not run, gives no calls: its blocks
-    get inputs made from their own parameters.
+    Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature,
+    any other module holding an embedding table on token ids (``trace/model_inputs.py``); a module given no
+    inputs, or one those inputs do not run, gives no calls: its blocks get inputs made from their own parameters
+    (with a warning for a transformers model only: nothing says another module takes token ids).
     """
     if example_inputs is not None and not isinstance(example_inputs, Mapping):
         raise errors.AutocalError(
@@ -61,14 +62,15 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
                    "example_inputs=tokenizer(text, return_tensors='pt')"])
     if not example_inputs:
         made = model_example(model, forward)
-        if made is None:
-            return {}, None
-        candidates, forward = made
+        guessed = token_example(model) if made is None and forward is None else None
+        candidates, forward = made or (guessed or [], forward)
         for inputs in candidates:
             try:
                 return capture_calls(model, paths, inputs, forward)
             except Exception as error:  # these inputs do not suit this model: try the next ones
                 failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if made is None:  # token ids were a guess: nothing said the model takes them
+            return {}, None
         warnings.warn(f"autocal: {type(model).__name__} did not run on the inputs autocal made for it ({failure}); "
                       f"its blocks are analysed on inputs made from their parameters. Pass example_inputs to "
                       f"convert().", stacklevel=3)
