@@ -248,3 +248,96 @@ def test_a_module_whose_forward_takes_no_token_ids_is_analysed_block_by_block_wi
     _set_calibration(model, False)
     with torch.no_grad():
         assert torch.equal(model(latents, labels), expected)
+
+
+class TypedConfig(RemoteConfig):
+    model_type = "autocal_test_remote_typed"
+
+    def __init__(self, **kwargs):
+        super().__init__(hidden_size=CORPUS_HIDDEN, **kwargs)
+
+
+class TypedModel(PreTrainedModel):
+    """Remote code of a multimodal model: text and image expert sets chosen by token_type_ids (zeros by default)."""
+
+    config_class = TypedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.moes = nn.ModuleList(ENTRIES["modality_experts"].make() for _ in range(2))
+        self.post_init()
+
+    def forward(self, input_ids, token_type_ids=None):
+        types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        h = self.embed(input_ids)
+        for moe in self.moes:
+            h = h + moe(h, token_type_ids=types)
+        return CausalLMOutputWithPast(logits=h)
+
+
+def test_an_expert_set_the_made_up_inputs_never_reach_is_refused_pointing_to_example_inputs():
+    """autocal makes text token types (zeros): the image experts are never called, and the refusal says the block
+    was analysed on inputs autocal made up; the model's own inputs, image tokens among them, convert it."""
+    with pytest.raises(autocal.AutocalError) as refused:
+        autocal.convert(_build(lambda: TypedModel(TypedConfig())))
+    assert refused.value.module_path == "moes.0" and "image_experts" in refused.value.explanation
+    assert any("inputs autocal made up" in hint and "example_inputs" in hint for hint in refused.value.hints)
+    inputs = {"input_ids": _ids(), "token_type_ids": (torch.arange(7) % 3 == 0).long().expand(2, -1)}
+    with torch.no_grad():
+        expected = _build(lambda: TypedModel(TypedConfig()))(**inputs).logits
+    model = autocal.convert(_build(lambda: TypedModel(TypedConfig())), example_inputs=inputs)
+    _set_calibration(model, False)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+class StarInputMoE(PaddingMaskMoE):
+    """fairscale style: forward(*input), the hidden states the first positional input; experts given no rows are
+    skipped (a branch symbolic tracing cannot follow)."""
+
+    def forward(self, *input):
+        t = input[0].reshape(-1, HIDDEN)
+        weights, chosen = self.gate(t).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == e)
+            if rows.numel():
+                out.index_add_(0, rows, weights[rows, slot, None] * expert(t[rows]))
+        return out.view(input[0].shape)
+
+
+class NamedInputMoE(StarInputMoE):
+    """What the refusal's hint says to write: a subclass whose forward names its input."""
+
+    def forward(self, hidden_states):
+        return super().forward(hidden_states)
+
+
+class StarInputLM(HashLM):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(StarInputMoE() for _ in range(2))
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.head(h)
+
+
+def test_a_block_taking_star_args_is_refused_with_a_hint_that_converts_it():
+    with pytest.raises(autocal.AutocalError) as refused:
+        autocal.convert(_build(StarInputLM))
+    assert refused.value.kind == "unsupported-dispatch" and refused.value.module_path == "layers.0"
+    assert any("block.__class__" in hint for hint in refused.value.hints)
+    inputs = {"input_ids": _ids()}
+    with torch.no_grad():
+        expected = _build(StarInputLM)(**inputs)
+    model = _build(StarInputLM)
+    for layer in model.layers:
+        layer.__class__ = NamedInputMoE
+    autocal.convert(model)
+    _set_calibration(model, True)
+    with torch.no_grad():
+        assert compare_outputs(expected, model(**inputs))[2]

@@ -38,10 +38,16 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
 
 
 def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: dict, path: str) -> errors.AutocalError:
-    """``error``, saying so when the example inputs ran the model without ever calling this block's forward."""
+    """``error``, saying so when the example inputs ran the model without ever calling this block's forward; where
+    autocal made the model's inputs itself, and the block found nothing on the call they gave it (an expert set
+    the made-up token types never choose), pointing to the user's own inputs."""
     if example_inputs and path not in calls and "never calls this block" not in error.explanation:
         error.explanation += ("; the example inputs ran the model without calling this block's forward "
                               "(its experts are used through other methods?)")
+    elif not example_inputs and path in calls and error.kind in (errors.NO_MOE_BLOCK, errors.TRACE_FAILED):
+        error.hints.append("the block was analysed on the call its model made on inputs autocal made up (token ids, "
+                           "a mask of ones, token types of zeros: autocal/trace/model_inputs.py); pass inputs that "
+                           "reach each of its branches: autocal.convert(model, example_inputs={...})")
     return error
 
 
