@@ -120,6 +120,20 @@ class HashLM(nn.Module):
         return self.head(h)
 
 
+class StartPosLM(HashLM):
+    """Reference inference code: forward(tokens, start_pos: int), positions counted from start_pos."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = nn.Embedding(32, HIDDEN)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int):
+        h = self.embed(tokens) + self.positions(torch.arange(start_pos, start_pos + tokens.shape[1]))
+        for layer in self.layers:
+            h = h + layer(h, tokens)
+        return self.head(h)
+
+
 class PaddedEncoder(nn.Module):
     """fairseq style encoder: forward(src_tokens, src_lengths), the padding mask made from the padding index."""
 
@@ -203,6 +217,7 @@ def _ids(seed=5):
 
 WHOLE_MODELS = {
     "plain_hash": (HashLM, lambda: {"input_ids": _ids()}),
+    "plain_start_pos": (StartPosLM, lambda: {"tokens": _ids(), "start_pos": 3}),
     "plain_padding_mask": (PaddedEncoder, lambda: {"src_tokens": _ids(), "src_lengths": torch.tensor([7, 5])}),
     "remote_named_tokens": (lambda: NamedTokensModel(RemoteConfig()), lambda: {"tokens": _ids()}),
     "remote_required_positions": (lambda: PositionsModel(RemoteConfig()),

@@ -22,7 +22,7 @@ forward names it otherwise (remote code's ``forward(self, tokens, ...)``).
 
 Any other module (a training framework's or a research repo's language model) that holds an
 embedding table gets token ids below the table's size for every forward parameter without a
-default (``token_example``): its blocks that take more than hidden states (token ids for hash
+default, 0 for one annotated ``int`` (``token_example``): its blocks that take more than hidden states (token ids for hash
 routing, a padding mask) are then analysed on the call the model makes.
 """
 
@@ -97,7 +97,8 @@ def model_example(model: nn.Module, forward: nn.Module | None = None) -> tuple[l
 
 def token_example(model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
     """Keyword inputs for a module that is no transformers model, when it holds an embedding table: token ids below
-    the first table's size (its padding index left out) for every forward parameter without a default.
+    the first table's size (its padding index left out) for every forward parameter without a default, 0 for one
+    annotated ``int`` (reference code's ``forward(tokens, start_pos: int)``).
 
     Nothing in such a module says it takes token ids: where these inputs do not run it (a forward taking images or
     latents, a batch dict), its blocks are analysed on inputs made from their own parameters, as before. None when
@@ -107,12 +108,18 @@ def token_example(model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
     if _is_transformers_model(model) or table is None or _on_meta(model):
         return None
     parameters = inspect.signature(model.forward).parameters.values()
-    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if not required:
         return None
     allowed = torch.tensor([i for i in range(min(table.num_embeddings, 1 << 16)) if i != table.padding_idx] or [0])
     ids = allowed[torch.randint(len(allowed), (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))]
-    return [_placed({name: ids for name in required}, model)]
+    inputs = _placed({p.name: ids for p in required if not _takes_int(p)}, model)
+    return [{**inputs, **{p.name: 0 for p in required if _takes_int(p)}}]
+
+
+def _takes_int(parameter: inspect.Parameter) -> bool:
+    """Annotated ``int`` (a start position, a step): given 0, not token ids."""
+    return parameter.annotation in (int, "int")
 
 
 def _main_parameter(parameters: Mapping[str, inspect.Parameter], main: str) -> str:
