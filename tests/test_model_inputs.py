@@ -356,3 +356,20 @@ def test_a_block_taking_star_args_is_refused_with_a_hint_that_converts_it():
     _set_calibration(model, True)
     with torch.no_grad():
         assert compare_outputs(expected, model(**inputs))[2]
+
+
+def test_a_plain_model_on_the_meta_device_runs_the_token_ids_on_a_cpu_twin(monkeypatch):
+    """Built on the meta device (structure only), the hash-routed layers convert as the real model's do; beyond the
+    twin budget the model is not run."""
+    real = autocal.convert(_build(HashLM))
+    with torch.device("meta"):
+        model = HashLM().eval()
+    autocal.convert(model)
+    converted = {p: type(m).__name__ for p, m in model.named_modules() if isinstance(m, autocal.MoECalibrationModule)}
+    assert converted == {p: type(m).__name__ for p, m in real.named_modules()
+                         if isinstance(m, autocal.MoECalibrationModule)} and set(converted) == {"layers.0", "layers.1"}
+    with torch.device("meta"):
+        unconverted = HashLM()
+    assert model_inputs.token_example(unconverted) is not None
+    monkeypatch.setattr(model_inputs, "TWIN_BUDGET", 0)
+    assert model_inputs.token_example(unconverted) is None

@@ -102,10 +102,11 @@ def token_example(model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
 
     Nothing in such a module says it takes token ids: where these inputs do not run it (a forward taking images or
     latents, a batch dict), its blocks are analysed on inputs made from their own parameters, as before. None when
-    the module holds no table, takes nothing without a default, or is on the meta device.
+    the module holds no table, takes nothing without a default, or is on the meta device and its CPU twin would
+    exceed ``TWIN_BUDGET`` elements.
     """
     table = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    if _is_transformers_model(model) or table is None or _on_meta(model):
+    if _is_transformers_model(model) or table is None or (_on_meta(model) and _twin_elements(model) > TWIN_BUDGET):
         return None
     parameters = inspect.signature(model.forward).parameters.values()
     required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
