@@ -170,3 +170,43 @@ def test_experts_kept_above_thresholds_report_the_range_of_k():
     router = autocal.synthesize(block, example_inputs={"x": x}).structure.router
     assert router.dynamic_k == (int(reached.min()), int(reached.max())) and router.top_k == int(reached.max())
     assert "(dynamic" in str(autocal.explain(block, verify=False))
+
+
+class _HashLookup(torch.nn.Module):
+    """Hash routing: each token's expert is its id modulo the number of experts (no top-k), a sigmoid weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, 4, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.GELU(),
+                                                               torch.nn.Linear(12, 16)) for _ in range(4))
+
+    def forward(self, x, input_ids):
+        t = x.reshape(-1, 16)
+        chosen = (input_ids.reshape(-1) % 4)[:, None]
+        weight = torch.sigmoid(self.gate(t)).gather(1, chosen)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            rows = (chosen[:, 0] == e).nonzero().squeeze(-1)
+            out[rows] = weight[rows] * expert(t[rows])
+        return out.view_as(x)
+
+
+def test_experts_looked_up_by_token_id_report_k_1():
+    """No top-k to read k from: the report said k = the rows the first expert got (4 of 40 tokens here)."""
+    torch.manual_seed(0)
+    block = _HashLookup().eval()
+    x = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 50, (1, 40), generator=torch.Generator().manual_seed(2))
+    report = autocal.explain(block, verify=False, example_inputs={"x": x, "input_ids": ids})
+    assert report.blocks[0].top_k == _experts_per_token_of(block, x, ids) == 1
+
+
+def _experts_per_token_of(block, x, ids) -> float:
+    rows = []
+    handles = [e.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0])) for e in block.experts]
+    with torch.no_grad():
+        block(x, ids)
+    for handle in handles:
+        handle.remove()
+    return sum(rows) / x.shape[1]

@@ -252,11 +252,14 @@ def _k_as_recorded(router: RouterInfo, calls: list[fx.Node]) -> RouterInfo:
     """``router`` with the range of experts the recorded tokens reached, where some token reached more than its
     ``top_k`` and every token at least one: the selection read is then not what decides (an argmax kept only where
     no expert's score passes a threshold, the others chosen by comparing scores with thresholds), and k varies by
-    token. Counted over the calls' row indices into the block's token rows."""
+    token. Experts looked up by token id (hash routing) have no selection to read k from: every token reaching the
+    same number of experts, that number is k. Counted over the calls' row indices into the block's token rows."""
     reached = _experts_per_row(calls)
     if reached is None or router.dynamic_k is not None or router.selection.startswith(EXPERT_CHOICE):
         return router  # experts choosing their tokens: a token reaches any number of them, k is their average
     fewest, most = int(reached.min()), int(reached.max())
+    if router.selection == "lookup" and 0 < fewest == most:  # no selection to read k from: what each token reached
+        return replace(router, top_k=most)
     if fewest == 0 or most <= router.top_k:
         return router
     return replace(router, top_k=most, dynamic_k=(fewest, most),

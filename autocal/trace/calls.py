@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import errors
 from .inputs import BlockCall
-from .model_inputs import model_example
+from .model_inputs import model_example, token_example
 from .twin import cpu_twin, on_meta
 
 __all__ = ["capture_calls", "locate_blocks", "unreached"]
@@ -38,10 +38,16 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
 
 
 def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: dict, path: str) -> errors.AutocalError:
-    """``error``, saying so when the example inputs ran the model without ever calling this block's forward."""
+    """``error``, saying so when the example inputs ran the model without ever calling this block's forward; where
+    autocal made the model's inputs itself, and the block found nothing on the call they gave it (an expert set
+    the made-up token types never choose), pointing to the user's own inputs."""
     if example_inputs and path not in calls and "never calls this block" not in error.explanation:
         error.explanation += ("; the example inputs ran the model without calling this block's forward "
                               "(its experts are used through other methods?)")
+    elif not example_inputs and path in calls and error.kind in (errors.NO_MOE_BLOCK, errors.TRACE_FAILED):
+        error.hints.append("the block was analysed on the call its model made on inputs autocal made up (token ids, "
+                           "a mask of ones, token types of zeros: autocal/trace/model_inputs.py); pass inputs that "
+                           "reach each of its branches: autocal.convert(model, example_inputs={...})")
     return error
 
 
@@ -49,9 +55,10 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
                   forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
     """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta).
 
-    Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature
-    (``trace/model_inputs.py``); any other module, or a model those inputs do not run, gives no calls: its blocks
-    get inputs made from their own parameters.
+    Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature,
+    any other module holding an embedding table on token ids (``trace/model_inputs.py``); a module given no
+    inputs, or one those inputs do not run, gives no calls: its blocks get inputs made from their own parameters
+    (with a warning for a transformers model only: nothing says another module takes token ids).
     """
     if example_inputs is not None and not isinstance(example_inputs, Mapping):
         raise errors.AutocalError(
@@ -61,14 +68,15 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
                    "example_inputs=tokenizer(text, return_tensors='pt')"])
     if not example_inputs:
         made = model_example(model, forward)
-        if made is None:
-            return {}, None
-        candidates, forward = made
+        guessed = token_example(model) if made is None and forward is None else None
+        candidates, forward = made or (guessed or [], forward)
         for inputs in candidates:
             try:
                 return capture_calls(model, paths, inputs, forward)
             except Exception as error:  # these inputs do not suit this model: try the next ones
                 failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if made is None:  # token ids were a guess: nothing said the model takes them
+            return {}, None
         warnings.warn(f"autocal: {type(model).__name__} did not run on the inputs autocal made for it ({failure}); "
                       f"its blocks are analysed on inputs made from their parameters. Pass example_inputs to "
                       f"convert().", stacklevel=3)

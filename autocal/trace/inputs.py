@@ -49,7 +49,11 @@ def keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -
     for name, argument in signature.bind(*args, **kwargs).arguments.items():
         kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "the forward takes *args: its inputs have no names")
+            raise errors.AutocalError(
+                errors.UNSUPPORTED_DISPATCH, "the forward takes *args: its inputs have no names", hints=[
+                    "name them: give the block a class whose forward names its inputs, e.g. a subclass with "
+                    "def forward(self, hidden_states): return super().forward(hidden_states), set as "
+                    "block.__class__ before converting"])
         spread.update(argument if kind is inspect.Parameter.VAR_KEYWORD else {name: argument})
     return spread
 

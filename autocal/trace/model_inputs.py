@@ -14,18 +14,28 @@ forward's own parameters say what it takes, and the config says the sizes.
 - every ``*token_type_ids`` parameter: zeros (plain text);
 - ``decoder_input_ids``: token ids, as the main input (encoder-decoders, block diffusion);
 - every ``*_index`` tensor parameter: ``0, 1, …`` per batch row (an index that picks
-  among experts, such as a per-dataset expert, must reach at least two of them).
+  among experts, such as a per-dataset expert, must reach at least two of them);
+- a ``*position_ids`` parameter without a default: ``0, 1, …`` along the sequence.
+
+The main input goes to the parameter of its name, or to the forward's first parameter where the
+forward names it otherwise (remote code's ``forward(self, tokens, ...)``).
+
+Any other module (a training framework's or a research repo's language model) that holds an
+embedding table gets token ids below the table's size for every forward parameter without a
+default, 0 for one annotated ``int`` (``token_example``): its blocks that take more than hidden states (token ids for hash
+routing, a padding mask) are then analysed on the call the model makes.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["forward_module", "model_example", "TWIN_BUDGET"]
+__all__ = ["forward_module", "model_example", "token_example", "TWIN_BUDGET"]
 
 BATCH = 2
 TOKENS = 8
@@ -63,23 +73,62 @@ def model_example(model: nn.Module, forward: nn.Module | None = None) -> tuple[l
     generator = torch.Generator().manual_seed(0)
     main = getattr(forward, "main_input_name", "input_ids")
     if main == "input_ids":
-        inputs = {"input_ids": _token_ids(config, generator)}
+        inputs = {_main_parameter(parameters, main): _token_ids(config, generator)}
     elif main == "pixel_values" and _image_shape(config) is not None:
-        inputs = {"pixel_values": torch.randn((BATCH, *_image_shape(config)), generator=generator)}
+        inputs = {_main_parameter(parameters, main): torch.randn((BATCH, *_image_shape(config)), generator=generator)}
     else:
         return None
+    tokens = main == "input_ids"
     optional = {}
     for name, parameter in parameters.items():
-        if name == "attention_mask" and "input_ids" in inputs:
-            optional[name] = torch.ones_like(inputs["input_ids"])
-        elif name.endswith("token_type_ids") and "input_ids" in inputs:
-            optional[name] = torch.zeros_like(inputs["input_ids"])
+        if name == "attention_mask" and tokens:
+            optional[name] = torch.ones(BATCH, TOKENS, dtype=torch.long)
+        elif name.endswith("token_type_ids") and tokens:
+            optional[name] = torch.zeros(BATCH, TOKENS, dtype=torch.long)
+        elif name.endswith("position_ids") and tokens and parameter.default is parameter.empty:
+            inputs[name] = torch.arange(TOKENS).expand(BATCH, -1)
         elif name == "decoder_input_ids":
             inputs[name] = _token_ids(config, generator)
         elif name.endswith("_index") and _takes_tensor(parameter):
             inputs[name] = torch.arange(BATCH)
     candidates = [{**inputs, **optional}, inputs] if optional else [inputs]
     return [_placed(c, forward) for c in candidates], forward
+
+
+def token_example(model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
+    """Keyword inputs for a module that is no transformers model, when it holds an embedding table: token ids below
+    the first table's size (its padding index left out) for every forward parameter without a default, 0 for one
+    annotated ``int`` (reference code's ``forward(tokens, start_pos: int)``).
+
+    Nothing in such a module says it takes token ids: where these inputs do not run it (a forward taking images or
+    latents, a batch dict), its blocks are analysed on inputs made from their own parameters, as before. None when
+    the module holds no table, takes nothing without a default, or is on the meta device and its CPU twin would
+    exceed ``TWIN_BUDGET`` elements.
+    """
+    table = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if _is_transformers_model(model) or table is None or (_on_meta(model) and _twin_elements(model) > TWIN_BUDGET):
+        return None
+    parameters = inspect.signature(model.forward).parameters.values()
+    required = [p for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not required:
+        return None
+    allowed = torch.tensor([i for i in range(min(table.num_embeddings, 1 << 16)) if i != table.padding_idx] or [0])
+    ids = allowed[torch.randint(len(allowed), (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))]
+    inputs = _placed({p.name: ids for p in required if not _takes_int(p)}, model)
+    return [{**inputs, **{p.name: 0 for p in required if _takes_int(p)}}]
+
+
+def _takes_int(parameter: inspect.Parameter) -> bool:
+    """Annotated ``int`` (a start position, a step): given 0, not token ids."""
+    return parameter.annotation in (int, "int")
+
+
+def _main_parameter(parameters: Mapping[str, inspect.Parameter], main: str) -> str:
+    """The parameter that takes the main input: the one named so, else the forward's first (``tokens``, ``x``)."""
+    if main in parameters:
+        return main
+    named = [p.name for p in parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return named[0] if named else main
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
