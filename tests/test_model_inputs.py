@@ -373,3 +373,24 @@ def test_a_plain_model_on_the_meta_device_runs_the_token_ids_on_a_cpu_twin(monke
     assert model_inputs.token_example(unconverted) is not None
     monkeypatch.setattr(model_inputs, "TWIN_BUDGET", 0)
     assert model_inputs.token_example(unconverted) is None
+
+
+class CachedLM(StartPosLM):
+    """Reference inference code keeping its key cache as a buffer, written at start_pos on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(2, 32, HIDDEN), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int):
+        h = self.embed(tokens)
+        self.cache[: h.shape[0], start_pos: start_pos + h.shape[1]] = h
+        return super().forward(tokens, start_pos)
+
+
+def test_a_run_of_the_model_that_writes_its_buffers_is_told():
+    """autocal runs the model once on inputs it makes; reference code that writes a cache buffer on every call then
+    holds values the user never put there. convert says so, naming the buffer; the blocks still convert."""
+    with pytest.warns(UserWarning, match=r"wrote into its buffers cache;"):
+        model = autocal.convert(_build(CachedLM))
+    assert all(isinstance(layer, autocal.MoECalibrationModule) for layer in model.layers)

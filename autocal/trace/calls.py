@@ -28,13 +28,28 @@ def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
         def hook(module, args, kwargs, path=path):
             calls.setdefault(path, BlockCall(args, kwargs))
         handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    versions = {name: buffer._version for name, buffer in model.named_buffers()}
     try:
         with torch.no_grad():
             (forward or model)(**example_inputs)
     finally:
         for handle in handles:
             handle.remove()
+    _warn_if_written(model, versions)
     return calls
+
+
+def _warn_if_written(model: nn.Module, versions: dict[str, int]) -> None:
+    """Warn where the model's run wrote into its buffers (a cache that reference code keeps as buffers): their
+    values are no longer those the model had before ``convert``. Copying every buffer first to restore them
+    would double the memory such caches take."""
+    written = [name for name, buffer in model.named_buffers() if buffer._version != versions.get(name, buffer._version)]
+    if written:
+        shown = ", ".join(written[:3]) + (f" and {len(written) - 3} more" if len(written) > 3 else "")
+        warnings.warn(f"autocal: running {type(model).__name__} to find its blocks' inputs wrote into its buffers "
+                      f"{shown}; they no longer hold what they held before convert() (a cache is refilled on its "
+                      "next use; anything else: reload the model, or pass example_inputs that leave them alone)",
+                      stacklevel=4)
 
 
 def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: dict, path: str) -> errors.AutocalError:
