@@ -587,6 +587,17 @@ def _ref_gather_permute(m, x):
     return (_dense(t, gates, m.experts.local_experts).view_as(x), None), gates
 
 
+def _ref_index_copy_bmm(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(m.gate(t))
+    first, second = m.experts.htoh4, m.experts.h4toh
+
+    def expert(e):
+        return lambda rows: F.linear(F.gelu(F.linear(rows, first.weight[e], first.bias[e])), second.weight[e],
+                                     second.bias[e])
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
 def _ref_binned_dropless(m, x):
     t = _flat(x)
     gates = _top_probs(m.router.w_score(t), renormalize=False)
@@ -690,6 +701,7 @@ REFERENCES = {
     "index_add_capacity": _ref_index_add_capacity,
     "ranked_buffer": _ref_ranked_buffer,
     "gather_permute": _ref_gather_permute,
+    "index_copy_bmm": _ref_index_copy_bmm,
     "binned_dropless": _ref_binned_dropless,
     "dense_buffer": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "present_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),

@@ -2107,6 +2107,59 @@ class GatherPermuteMoE(nn.Module):
         out = out * probs.T.contiguous().masked_select(map_t).unsqueeze(-1).to(out.dtype)
         return torch.zeros_like(t).scatter_add_(0, spread, out).view(hidden_states.shape), None
 
+
+class CountedProjection(nn.Module):
+    """One projection of every expert, ``weight [E, out, in]`` and ``bias [E, out]``, run on rows sorted by
+    expert: expert ``e`` takes the next ``int(counts[e])`` rows."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(EXPERTS, out_features))
+
+    def forward(self, rows, counts):
+        outputs, start = [], 0
+        for e in range(EXPERTS):
+            end = start + int(counts[e])
+            outputs.append(F.linear(rows[start:end], self.weight[e], self.bias[e]))
+            start = end
+        return torch.cat(outputs)
+
+
+class CountedMLP(nn.Module):
+    """An experts module holding nothing but two counted projections, GELU between."""
+
+    def __init__(self):
+        super().__init__()
+        self.htoh4 = CountedProjection(HIDDEN, INTER)
+        self.h4toh = CountedProjection(INTER, HIDDEN)
+
+    def forward(self, rows, counts):
+        return self.h4toh(F.gelu(self.htoh4(rows, counts)), counts)
+
+
+class IndexCopyBmmMoE(nn.Module):
+    """FastMoE-style pure-torch layer: a biased gate, top-k of the logits (unsorted), softmax over the k; the
+    flat choices sorted (stable), counts by bincount on the host; rows taken by ``index_select``, the experts
+    module called with (rows, counts), its outputs put back in choice order by ``index_copy_`` and combined by
+    ``bmm`` of ``[T, 1, k]`` scores with ``[T, k, H]`` outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS)
+        self.experts = CountedMLP()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        top, chosen = torch.topk(self.gate(t), TOP_K, dim=-1, sorted=False)
+        scores = top.softmax(dim=-1)
+        order = torch.argsort(chosen.flatten(), stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=EXPERTS).cpu()
+        out = self.experts(t.index_select(0, order // TOP_K), counts)
+        slots = torch.zeros(t.shape[0] * TOP_K, HIDDEN, dtype=out.dtype).index_copy_(0, order, out)
+        return torch.bmm(scores.unsqueeze(1), slots.view(-1, TOP_K, HIDDEN)).view_as(x)
+
+
 class HistcRouter3(nn.Module):
     """A training framework's router module: softmax, top-k, and each expert's row count by ``histc``; returns
     ``(weights, indices, counts)``."""
@@ -2512,6 +2565,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "router choosing with an expert bias, tokens permuted by torch.gather of token numbers expanded over "
                 "the features, sequential experts split by host counts, scatter_add_ back, returns (out, None)", (3,),
                 GatherPermuteMoE, seq_first=True),
+    CorpusEntry("index_copy_bmm", f"{_RESEARCH}: FastMoE-style, an experts module holding two projections of "
+                "[E, out, in] weights and [E, out] biases called with (rows, host counts), rows sorted by expert, "
+                "index_copy_ back in choice order, bmm of the scores with [T, k, H]", (3,), IndexCopyBmmMoE),
     CorpusEntry("binned_dropless", f"{_TRAINING}: OLMo-core style, a router module returning (weights, indices, "
                 "histc counts), bins by cumsum, packed [E, H, I] experts on slices bounded by 0-d tensors written "
                 "into a preallocated output, index_add_ back", (3,), BinnedDroplessMoE),
