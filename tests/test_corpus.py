@@ -627,6 +627,25 @@ def _ref_lookup_table(m, x):
     return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
 
 
+def _ref_grouped_capacity(m, x):
+    """Per sequence (a group), each expert takes the first choices in token order, then the second ones, up to
+    ceil(2 * S / E); the other choices are dropped (their gates zero)."""
+    probs = m.router(x.float()).softmax(-1)
+    top, chosen = probs.topk(2, dim=-1)
+    capacity, experts = math.ceil(2 * x.shape[1] / probs.shape[-1]), probs.shape[-1]
+    gates = torch.zeros_like(probs)
+    for g in range(x.shape[0]):
+        taken = [0] * experts
+        for j in range(2):
+            for s in range(x.shape[1]):
+                e = int(chosen[g, s, j])
+                if taken[e] < capacity:
+                    gates[g, s, e] = top[g, s, j]
+                taken[e] += 1
+    t, gates = _flat(x), gates.reshape(-1, experts)
+    return _dense(t, gates, m.experts).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -702,6 +721,7 @@ REFERENCES = {
     "ranked_buffer": _ref_ranked_buffer,
     "gather_permute": _ref_gather_permute,
     "index_copy_bmm": _ref_index_copy_bmm,
+    "grouped_capacity": _ref_grouped_capacity,
     "binned_dropless": _ref_binned_dropless,
     "dense_buffer": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "present_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
@@ -717,7 +737,7 @@ def test_every_entry_has_a_reference():
 
 
 # tokens past an expert's capacity are dropped
-_DROPPING = ("gshard_top2", "argmax_top2_capacity", "index_add_capacity")
+_DROPPING = ("gshard_top2", "argmax_top2_capacity", "index_add_capacity", "grouped_capacity")
 _shapes = st.tuples(st.integers(1, 2), st.integers(1, 9))
 
 

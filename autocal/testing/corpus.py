@@ -2160,6 +2160,36 @@ class IndexCopyBmmMoE(nn.Module):
         return torch.bmm(scores.unsqueeze(1), slots.view(-1, TOP_K, HIDDEN)).view_as(x)
 
 
+class GroupedCapacityMoE(nn.Module):
+    """Mesh-TensorFlow/GShard-style groups: each sequence a group of tokens with a capacity of its own per expert
+    (``ceil(k * S / E)``, choices past it dropped); first choices take their expert's slots in token order, second
+    choices the slots after every first one; dispatch ``[G, S, E, C]``, ``einsum("gsec,gsm->egcm")``, experts on
+    ``[G, C, M]``, combine by ``einsum("gsec,egcm->gsm")``. The router runs in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        probs = self.router(x.float()).softmax(dim=-1)
+        top, chosen = probs.topk(TOP_K, dim=-1)
+        capacity = math.ceil(TOP_K * x.shape[1] / EXPERTS)
+        dispatch = combine = 0
+        taken = torch.zeros(x.shape[0], 1, EXPERTS, dtype=torch.long)
+        for j in range(TOP_K):
+            mask = F.one_hot(chosen[..., j], EXPERTS)
+            position = (torch.cumsum(mask, dim=1) - 1 + taken) * mask
+            kept = mask * (position < capacity)
+            taken = taken + mask.sum(dim=1, keepdim=True)
+            slot = F.one_hot(position.clamp(max=capacity - 1), capacity) * kept.unsqueeze(-1)
+            dispatch = dispatch + slot
+            combine = combine + slot * top[..., j, None, None]
+        inputs = torch.einsum("gsec,gsm->egcm", dispatch.to(x.dtype), x)
+        outputs = torch.stack([expert(inputs[e]) for e, expert in enumerate(self.experts)])
+        return torch.einsum("gsec,egcm->gsm", combine.to(x.dtype), outputs)
+
+
 class HistcRouter3(nn.Module):
     """A training framework's router module: softmax, top-k, and each expert's row count by ``histc``; returns
     ``(weights, indices, counts)``."""
@@ -2568,6 +2598,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("index_copy_bmm", f"{_RESEARCH}: FastMoE-style, an experts module holding two projections of "
                 "[E, out, in] weights and [E, out] biases called with (rows, host counts), rows sorted by expert, "
                 "index_copy_ back in choice order, bmm of the scores with [T, k, H]", (3,), IndexCopyBmmMoE),
+    CorpusEntry("grouped_capacity", f"{_RESEARCH}: GShard-style groups (each sequence a group, capacity per group, "
+                "choices past it dropped), top-2 slots by cumsum, dispatch mask [G, S, E, C], einsum(gsec,gsm->egcm) "
+                "and back", (5,), GroupedCapacityMoE),
     CorpusEntry("binned_dropless", f"{_TRAINING}: OLMo-core style, a router module returning (weights, indices, "
                 "histc counts), bins by cumsum, packed [E, H, I] experts on slices bounded by 0-d tensors written "
                 "into a preallocated output, index_add_ back", (3,), BinnedDroplessMoE),
