@@ -722,6 +722,7 @@ REFERENCES = {
     "gather_permute": _ref_gather_permute,
     "index_copy_bmm": _ref_index_copy_bmm,
     "grouped_capacity": _ref_grouped_capacity,
+    "chunked_routing": _ref_top_probs(lambda m: m.gate, lambda m: m.experts),
     "binned_dropless": _ref_binned_dropless,
     "dense_buffer": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "present_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),

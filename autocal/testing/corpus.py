@@ -2160,6 +2160,27 @@ class IndexCopyBmmMoE(nn.Module):
         return torch.bmm(scores.unsqueeze(1), slots.view(-1, TOP_K, HIDDEN)).view_as(x)
 
 
+class ChunkedRoutingMoE(nn.Module):
+    """An inference engine bounding the memory of one pass: the tokens routed and run three at a time, each chunk
+    with a top-k of its own (softmax, renormalised), experts on the rows ``where`` picks, ``index_add_`` back."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        parts = []
+        for chunk in torch.split(x.reshape(-1, HIDDEN), 3):
+            weights, indices = _softmax_topk(self.gate(chunk), TOP_K)
+            out = torch.zeros_like(chunk)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(indices == e)
+                out.index_add_(0, token, expert(chunk[token]) * weights[token, slot, None])
+            parts.append(out)
+        return torch.cat(parts).view_as(x)
+
+
 class GroupedCapacityMoE(nn.Module):
     """Mesh-TensorFlow/GShard-style groups: each sequence a group of tokens with a capacity of its own per expert
     (``ceil(k * S / E)``, choices past it dropped); first choices take their expert's slots in token order, second
@@ -2598,6 +2619,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("index_copy_bmm", f"{_RESEARCH}: FastMoE-style, an experts module holding two projections of "
                 "[E, out, in] weights and [E, out] biases called with (rows, host counts), rows sorted by expert, "
                 "index_copy_ back in choice order, bmm of the scores with [T, k, H]", (3,), IndexCopyBmmMoE),
+    CorpusEntry("chunked_routing", "an inference engine's chunked MoE: tokens routed and run three at a time, a "
+                "top-k per chunk (softmax, renormalised), where-loop, index_add_, cat", (), ChunkedRoutingMoE),
     CorpusEntry("grouped_capacity", f"{_RESEARCH}: GShard-style groups (each sequence a group, capacity per group, "
                 "choices past it dropped), top-2 slots by cumsum, dispatch mask [G, S, E, C], einsum(gsec,gsm->egcm) "
                 "and back", (5,), GroupedCapacityMoE),
