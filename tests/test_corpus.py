@@ -587,6 +587,17 @@ def _ref_gather_permute(m, x):
     return (_dense(t, gates, m.experts.local_experts).view_as(x), None), gates
 
 
+def _ref_index_copy_bmm(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(m.gate(t))
+    first, second = m.experts.htoh4, m.experts.h4toh
+
+    def expert(e):
+        return lambda rows: F.linear(F.gelu(F.linear(rows, first.weight[e], first.bias[e])), second.weight[e],
+                                     second.bias[e])
+    return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
 def _ref_binned_dropless(m, x):
     t = _flat(x)
     gates = _top_probs(m.router.w_score(t), renormalize=False)
@@ -614,6 +625,25 @@ def _ref_lookup_table(m, x):
     def expert(e):
         return lambda rows: F.gelu(rows @ m.w_in[e].T) @ m.w_out[e].T
     return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
+
+
+def _ref_grouped_capacity(m, x):
+    """Per sequence (a group), each expert takes the first choices in token order, then the second ones, up to
+    ceil(2 * S / E); the other choices are dropped (their gates zero)."""
+    probs = m.router(x.float()).softmax(-1)
+    top, chosen = probs.topk(2, dim=-1)
+    capacity, experts = math.ceil(2 * x.shape[1] / probs.shape[-1]), probs.shape[-1]
+    gates = torch.zeros_like(probs)
+    for g in range(x.shape[0]):
+        taken = [0] * experts
+        for j in range(2):
+            for s in range(x.shape[1]):
+                e = int(chosen[g, s, j])
+                if taken[e] < capacity:
+                    gates[g, s, e] = top[g, s, j]
+                taken[e] += 1
+    t, gates = _flat(x), gates.reshape(-1, experts)
+    return _dense(t, gates, m.experts).view_as(x), gates
 
 
 REFERENCES = {
@@ -690,6 +720,9 @@ REFERENCES = {
     "index_add_capacity": _ref_index_add_capacity,
     "ranked_buffer": _ref_ranked_buffer,
     "gather_permute": _ref_gather_permute,
+    "index_copy_bmm": _ref_index_copy_bmm,
+    "grouped_capacity": _ref_grouped_capacity,
+    "chunked_routing": _ref_top_probs(lambda m: m.gate, lambda m: m.experts),
     "binned_dropless": _ref_binned_dropless,
     "dense_buffer": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "present_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
@@ -705,7 +738,7 @@ def test_every_entry_has_a_reference():
 
 
 # tokens past an expert's capacity are dropped
-_DROPPING = ("gshard_top2", "argmax_top2_capacity", "index_add_capacity")
+_DROPPING = ("gshard_top2", "argmax_top2_capacity", "index_add_capacity", "grouped_capacity")
 _shapes = st.tuples(st.integers(1, 2), st.integers(1, 9))
 
 

@@ -125,6 +125,50 @@ def test_a_capacity_that_drops_forced_tokens_is_refused():
     assert "never gives expert(s) [0, 1, 2, 3] all" in str(caught.value)
 
 
+class ChunkedMoE(nn.Module):
+    """Tokens routed ``chunk`` at a time, a top-k per chunk; ``peak``: the forward also keeps the positions of the
+    two tokens of largest norm (a statistic, another top-k call)."""
+
+    def __init__(self, experts=5, k=2, chunk=3, peak=False):
+        super().__init__()
+        self.k, self.chunk, self.peak = k, chunk, peak
+        self.router = nn.Linear(16, experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU() for _ in range(experts))
+
+    def forward(self, x):
+        flat, parts = x.reshape(-1, x.shape[-1]), []
+        if self.peak:
+            self.loudest = flat.norm(dim=-1).topk(min(2, flat.shape[0])).indices
+        for part in flat.split(self.chunk):
+            top, chosen = self.router(part).topk(self.k, dim=-1)
+            weights, out = top.softmax(-1), torch.zeros_like(part)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(chosen == e)
+                out.index_add_(0, token, expert(part[token]) * weights[token, slot, None])
+            parts.append(out)
+        return torch.cat(parts).view_as(x)
+
+
+def test_a_top_k_per_chunk_is_forced_alike_in_every_chunk_on_any_number_of_chunks():
+    """Forced one by one, 8 chunks of the made-up tokens would take 3^8 runs to probe; forced alike, 3 runs, and
+    a batch of more chunks than detection saw gives every expert every token."""
+    torch.manual_seed(0)
+    block = ChunkedMoE().eval()
+    module = autocal.synthesize(block)
+    assert module.structure.level == "last-resort" and len(module.plan.dispatch.runs) == 3
+    assert module.structure.router.top_k == 2 and not module.structure.router.grouped
+    for shape in ((1, 1), (2, 5), (4, 11)):
+        _check(block, module, _inputs(*shape))
+
+
+def test_chunks_not_forced_alike_are_refused_saying_the_block_routes_part_by_part():
+    torch.manual_seed(0)
+    with pytest.raises(AutocalError) as caught:
+        autocal.synthesize(ChunkedMoE(peak=True).eval())
+    assert caught.value.kind == "unsupported-dispatch"
+    assert "called in a loop at" in str(caught.value) and "routes its tokens part by part" in str(caught.value)
+
+
 @pytest.mark.parametrize("name, draw", [("multinomial_routing", "multinomial"), ("noise_at_inference", "randn_like")])
 def test_routing_drawn_at_random_is_refused_naming_the_draw(name, draw):
     """Experts chosen by sampling, or by scores with noise added at inference, route differently on every run: the

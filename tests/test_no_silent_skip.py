@@ -33,17 +33,23 @@ class _AllExperts(nn.Module):
 
 
 class _SplitProjections(nn.Module):
+    """fc1/fc2 of every expert, and an output scale of the module's own beside them."""
+
     def __init__(self, experts: int = 4, hidden: int = 16, width: int = 24) -> None:
         super().__init__()
         self.fc1, self.fc2 = _AllExperts(experts, hidden, width), _AllExperts(experts, width, hidden)
+        self.scale = nn.Parameter(torch.empty(hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("eeto->eto", self.fc2(torch.nn.functional.gelu(self.fc1(t))))  # expert e on its own
+        hidden = torch.nn.functional.gelu(self.fc1(t))
+        return torch.einsum("eeto->eto", self.fc2(hidden)) * self.scale  # expert e on its own
 
 
 class _UnreadExperts(nn.Module):
-    """Top-2 routing over experts split into fc1/fc2 modules one level below a holder, every expert run densely:
-    the router sits two levels above the expert weights, and no rule reads such experts."""
+    """Top-2 routing over experts split into fc1/fc2 modules one level below a holder that also scales their
+    outputs, every expert run densely: the router sits two levels above the expert weights, and no rule reads such
+    experts (without the scale, the projections are read as an experts module's, ``index_copy_bmm`` in the
+    corpus)."""
 
     def __init__(self, experts: int = 4, hidden: int = 16) -> None:
         super().__init__()

@@ -27,7 +27,8 @@ from autocal.testing.assertions import count_rows
 from autocal.testing.corpus import equivalent
 from autocal.testing.patterns import (
     BanksBelowRouterMoE, CapacityExpert, CapacityMoE, ChainHolder, DeclaringModel, ExpertChoiceMoE, GatheredMoE,
-    GroupedGemmMoE, HeadBank, HeadsThenMoE, HostSlicedMoE, ItemAssignmentMoE, LayoutThenMoE, LoopOverOwnWeights,
+    GroupedGemmMoE, HeadBank, HeadsThenMoE, HostSlicedMoE, ItemAssignmentMoE, LayoutThenMoE, LogitsToBanksMoE,
+    LoopOverOwnWeights,
     MaskedDictMoE, MaskedEncoder, MixtureOfHeadsAttention, NeuronExperts, OwnWeightsMoE, PerSampleModel, PerSampleMoE,
     SoftMixture, SortedChoiceMoE, ThresholdChoiceMoE, TokenByTokenMoE, TwoPositionTables, UnroutedSlice, WeightlessChoicesMoE
 )
@@ -250,6 +251,21 @@ def test_sorted_dispatch_through_weight_banks():
         else:
             assert sum(up_rows.values()) == sum(down_rows.values()) == 18 * 2
     assert autocal.restore(nn.Sequential(module))[0] is block
+
+
+def test_experts_routing_through_weight_banks_below_the_router_are_one_block():
+    """The experts module holding the banks is the block (the sorted-banks rule reads it, its router's logits an
+    input); the layer holding the router beside it is not a second block over the same banks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(LogitsToBanksMoE())
+    x = torch.randn(2, 7, 8)
+    autocal.convert(model, example_inputs={"input": x})
+    converted = [n for n, m in model.named_modules() if isinstance(m, autocal.MoECalibrationModule)]
+    assert converted == ["0.experts"] and model[0].experts.structure.level == "sorted"
+    torch.manual_seed(0)
+    original = nn.Sequential(LogitsToBanksMoE())
+    for shape in ((1, 1, 8), (2, 5, 8), (1, 9, 8)):
+        equivalent(original, model, (torch.randn(shape),), {})
 
 
 def test_a_soft_mixture_already_calibrates_every_expert():

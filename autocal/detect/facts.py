@@ -24,8 +24,8 @@ from torch import nn
 from .. import errors
 from ..trace.inputs import BlockCall, capture_block_inputs
 from .block import expert_lists, has_own_forward, unrouted_lists
-from .storage import (expert_tables, own_expert_weights, packed_parameters, projection_weights, router_rows,
-                      side_by_side_weights)
+from .storage import (expert_tables, own_expert_weights, packed_parameters, projection_children, projection_weights,
+                      router_rows, side_by_side_weights)
 from .sorted import banks_of_a_child, weight_banks
 
 __all__ = ["Facts", "experts_container", "routes_itself"]
@@ -75,6 +75,22 @@ def _among(module: nn.Module, weights: dict[str, nn.Parameter]) -> bool:
     """Does ``module`` hold one of ``weights``?"""
     ids = {id(p) for p in weights.values()}
     return any(id(p) in ids for p in module.parameters())
+
+
+def _one_of_projections(module: nn.Module, parent: nn.Module) -> bool:
+    """Is ``module`` one of two or more children of ``parent`` each holding one projection of every expert? Its
+    ``[E, a]`` companion is then its bias, not a router: the block routing to those experts is further up."""
+    projections = projection_children(parent)
+    return len(projections) >= 2 and _among(module, projections)
+
+
+def _unbanked(block: nn.Module) -> dict[str, nn.Parameter]:
+    """The block's projection weights (``projection_weights``) but those of a child holding weight banks: such a
+    child (bias-free ``[E, a, b]`` projections called with rows and counts, Aria's ``experts.fc1``) is read by the
+    sorted-banks rule, as a block of its own where the model is walked; read here too, the block holding it would
+    be a second block over the same experts."""
+    banked = {id(p) for _, child in block.named_children() for p in weight_banks(child).values()}
+    return {n: p for n, p in projection_weights(block).items() if id(p) not in banked}
 
 
 @dataclass
@@ -140,9 +156,10 @@ class Facts:
         """Expert weights of the block, with a router beside them, that its forward may gather per expert: its own
         ``[E, a, b]`` parameters, those of children holding one projection of every expert each, or a child's
         weights holding every expert side by side (not its parent's packed experts or projections)."""
-        found = own_expert_weights(self.block) | projection_weights(self.block) | side_by_side_weights(self.block)
+        found = own_expert_weights(self.block) | _unbanked(self.block) | side_by_side_weights(self.block)
         if found and self.parent is not None and ((experts_container(self.parent) or (None, None))[1] is self.block
-                                                  or _among(self.block, projection_weights(self.parent))):
+                                                  or _among(self.block, projection_weights(self.parent))
+                                                  or _one_of_projections(self.block, self.parent)):
             return {}
         return found
 

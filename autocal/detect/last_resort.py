@@ -15,7 +15,9 @@ calls (``trace/forcing.py``) decides which experts run:
 2. every combination of groups of ``k`` choices per call (a two-level gate: a
    group, then ``k`` experts in it) is forced once; an expert *takes every
    token* under a combination when it is given one non-zero row per token
-   (an expert run on every token with its input scaled by a zero score is not);
+   (an expert run on every token with its input scaled by a zero score is not).
+   Calls of one line in a loop (a block routing its tokens chunk by chunk) are
+   first forced alike, as one choice, on however many chunks a batch has;
 3. the combinations that first give an expert every token are kept, until every
    expert has had every token; an expert that never does (a capacity dropping
    tokens, experts chosen by an input as well as by scores) makes the rule fail,
@@ -31,6 +33,7 @@ top-k, the product of the groups for chained choices.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 from contextlib import contextmanager
@@ -166,14 +169,55 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     where = source_of(found[-1][0])
     try:
         _check_identity(block, bound, rec.output, found, where)
-        sizes = [value(node.args[0]).shape[choice.dim] for node, choice, _ in found]
-        runs, taken, k = _cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where)
+        runs, taken, k, lockstep = _cover_found(block, bound, entries, rec.graph, found, tokens, where)
         _check_rows(block, entries, calls, taken, where)
     except errors.AutocalError as error:
         error.hints = error.hints or [errors.override_hint(facts.block_class), _SKIP_HINT]
         raise
-    return LastResortPlan(_structure(facts, name, entries, rec, calls, found, k, len(runs)),
+    return LastResortPlan(_structure(facts, name, entries, rec, calls, found, k, len(runs), lockstep),
                           ForcedDispatch(tuple(_names(container, entries)), hidden, tuple(runs)))
+
+
+def _cover_found(block: nn.Module, bound: dict, entries: list[nn.Module], graph: fx.Graph, found: list, tokens: int,
+                 where: str | None) -> tuple[list[ForcedRun], dict[int, torch.Tensor], int, bool]:
+    """``_cover`` of the choices found: first forced alike where they are one choice made in a loop (``_lockstep``),
+    else each on its own; and whether in lockstep."""
+    lockstep = _lockstep(graph, found)
+    if lockstep is not None:
+        try:
+            return (*_cover(block, bound, entries, [lockstep], [value(found[0][0].args[0]).shape[lockstep.dim]],
+                            tokens, where), True)
+        except errors.AutocalError:
+            pass  # not alike: each call on its own
+    sizes = [value(node.args[0]).shape[choice.dim] for node, choice, _ in found]
+    return (*_cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where, _loop_words(found)), False)
+
+
+def _loop_words(found: list) -> str:
+    """Words on the choices made by one call in a loop (a block routing its tokens part by part), or none."""
+    lines = [source_of(node) for node, _, _ in found if source_of(node)]
+    line = max(lines, key=lines.count, default=None)
+    if line is None or lines.count(line) < 2:
+        return ""
+    count = "all" if lines.count(line) == len(found) else lines.count(line)
+    return (f" ({count} of them one `{target_name(found[0][0])}` called in a loop at {line}: the block "
+            "routes its tokens part by part, and such calls are forced alike only where no other call of the same "
+            "function runs in the forward and forcing them alike gives every expert every token)")
+
+
+def _lockstep(graph: fx.Graph, found: list) -> ChoiceCall | None:
+    """One choice standing for every call of the choices' function, where those are two or more calls from one line
+    along one dimension, with one k, and no other call of that function runs: a loop routing the tokens part by part
+    (chunk by chunk), whose parts, forced alike, each go to the same group of experts (checked by the forced runs)."""
+    nodes, choices = [n for n, _, _ in found], [c for _, c, _ in found]
+    first = dataclasses.replace(choices[0], ordinal=None)
+    every = [n for n in graph.nodes if n.op == "call_function" and n.target is first.function]
+    if len(found) < 2 or len(every) != len(found) or source_of(nodes[0]) is None:
+        return None
+    if any(source_of(n) != source_of(nodes[0]) for n in nodes) or any(
+            dataclasses.replace(c, ordinal=None) != first for c in choices):
+        return None
+    return first
 
 
 def _names(container: nn.Module, entries: list[nn.Module]) -> list[str]:
@@ -244,12 +288,13 @@ def _groups(choice: ChoiceCall, size: int) -> list[tuple[int, ...]]:
 
 
 def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: list[ChoiceCall], sizes: list[int],
-           tokens: int, where: str | None) -> tuple[list[ForcedRun], dict[int, torch.Tensor], int]:
-    """The forced runs that give every expert every token (module docstring, 2-3), each expert's rows there, and k."""
+           tokens: int, where: str | None, loop: str = "") -> tuple[list[ForcedRun], dict[int, torch.Tensor], int]:
+    """The forced runs that give every expert every token (module docstring, 2-3), each expert's rows there, and k
+    (``loop``: words on choices made in a loop, for the refusal)."""
     combinations = list(itertools.product(*(_groups(c, s) for c, s in zip(choices, sizes))))
     if len(combinations) > max(_MAX_PROBES, 4 * len(entries)):
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing its {len(choices)} routing choices would "
-                                  f"take {len(combinations)} runs to probe", source=where)
+        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing its {len(choices)} routing choices{loop} "
+                                  f"would take {len(combinations)} runs to probe", source=where)
     runs, taken, k, failure = [], {}, 0, None
     for combination in combinations:
         run = ForcedRun(tuple(zip(choices, combination)), frozenset())
@@ -331,17 +376,19 @@ def _among(rows: torch.Tensor, pool: torch.Tensor) -> bool:
 
 
 def _structure(facts: Facts, name: str, entries: list[nn.Module], rec, calls: list[fx.Node], found: list, k: int,
-               runs: int) -> MoEStructure:
+               runs: int, lockstep: bool) -> MoEStructure:
     """What ``explain`` reports: the router read from the recording (its last choice), the experts, the runs."""
     router = router_of(rec.graph) or RouterInfo(None, None, k, len(entries), False, None, False, None,
                                                 selection=target_name(found[-1][0]))
-    router.top_k, router.num_choices, router.grouped = k, len(entries), router.grouped or len(found) > 1
+    router.top_k, router.num_choices = k, len(entries)
+    router.grouped = router.grouped or (len(found) > 1 and not lockstep)
     container = facts.block.get_submodule(name)
     experts = module_experts_info(name, container, entries, calls[0], "where the block's own code applies them")
-    forced = ", then ".join(target_name(node) for node, _, _ in found)
+    forced = (f"every {target_name(found[0][0])} (one per part of the tokens)" if lockstep
+              else ", then ".join(target_name(node) for node, _, _ in found))
     experts.layout["unrouted tokens"] = f"the block runs {runs} more times, {forced} forced to each group of experts"
     experts.sources.update({f"forced choice {i + 1}": source_of(node) for i, (node, _, _) in enumerate(found)
-                            if source_of(node)})
+                            if source_of(node) and not (lockstep and i)})
     return MoEStructure(block_class=facts.block_class, router=router, experts=experts,
                         shared_modules=other_children(facts.block, name, router.module_path),
                         returns=returns_of(rec.output))

@@ -8,8 +8,11 @@ Each expert gets ``capacity`` rows, each one token's row or zeros (an unfilled
 slot); tokens past an expert's capacity are dropped. The pass finds the
 contraction whose output the expert inputs are slices of: one operand the token
 rows ``[S, M]``, the other a 0/1 mask with a dimension of the tokens and one of
-the experts. It checks that each expert's non-zero input rows are exactly the
-rows of the tokens its slice of the mask marks. Where each expert is called once
+the experts. Tokens in batches (``[G, S, M]``, with a capacity per group:
+``einsum("gsec,gsm->egcm", mask, tokens)``) are rows too, the mask's
+dimensions matching the batches' found alike. It checks that each expert's
+non-zero input rows are exactly the rows of the tokens its slice of the mask
+marks. Where each expert is called once
 and its input rows are its slots in the mask's order (``_slot_width``), the
 calibration module knows which rows are empty slots.
 
@@ -75,20 +78,19 @@ def _slot_width(dispatch: MaskDispatch, mask: torch.Tensor, tokens: torch.Tensor
     for call in calls:
         given, output = value(call.args[0]), value(call)
         if not (isinstance(output, torch.Tensor) and output.shape[:-1] == given.shape[:-1]
-                and _given_its_slots(given, dispatch.slots(mask, expert_paths[call.target]), tokens)):
+                and _given_its_slots(given, dispatch.slot_tokens(mask, expert_paths[call.target]), tokens)):
             return None
         widths.add(output.shape[-1])
     return widths.pop() if len(widths) == 1 else None
 
 
-def _given_its_slots(given: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor) -> bool:
+def _given_its_slots(given: torch.Tensor, slot_tokens: torch.Tensor | None, tokens: torch.Tensor) -> bool:
     """Is row p of ``given`` the row of the token the mask puts in slot p, or zeros where it puts none?"""
-    if given.shape[-1] != tokens.shape[-1] or given.numel() != tokens.shape[-1] * slots.shape[1]:
+    if slot_tokens is None or given.shape[-1] != tokens.shape[-1] or given.numel() != tokens.shape[-1] * len(
+            slot_tokens):
         return False
-    if (slots.sum(0) > 1).any():
-        return False
-    filling = tokens[slots.int().argmax(0)]
-    return torch.equal(given.reshape(filling.shape), torch.where(slots.any(0)[:, None], filling, 0))
+    filling = tokens[slot_tokens.clamp(min=0)]
+    return torch.equal(given.reshape(filling.shape), torch.where((slot_tokens >= 0)[:, None], filling, 0))
 
 
 def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
@@ -107,16 +109,17 @@ def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
     same = [n for n in rec.graph.nodes if n.op == "call_function" and n.target is node.target]
     for mask_node, token_node in (tensors, tensors[::-1]) if len(tensors) == 2 else ():
         mask, tokens = value(mask_node), value(token_node)
-        if tokens.dim() != 2 or not ((mask == 0) | (mask == 1)).all():
+        if tokens.dim() < 2 or not ((mask == 0) | (mask == 1)).all():
             continue
-        for token_dim, expert_dim in itertools.permutations(range(mask.dim()), 2):
-            if mask.shape[token_dim] != tokens.shape[0] or mask.shape[expert_dim] != len(entries):
+        for dims in itertools.permutations(range(mask.dim()), tokens.dim()):  # batches..., tokens, experts
+            if tuple(mask.shape[d] for d in dims[:-1]) != tokens.shape[:-1] or mask.shape[dims[-1]] != len(entries):
                 continue
-            dispatch = MaskDispatch(node.target, 0, token_dim, expert_dim, len(entries))
+            dispatch = MaskDispatch(node.target, 0, dims[-2], dims[-1], len(entries), batch_dims=dims[:-2])
             ordinal = [n for n in same if dispatch.operands(tuple(value(a) for a in n.args))].index(node)
-            dispatch = MaskDispatch(node.target, ordinal, token_dim, expert_dim, len(entries))
-            if _check(dispatch, mask, tokens, calls, expert_paths):
-                width = _slot_width(dispatch, mask, tokens, calls, expert_paths)
+            dispatch = dataclasses.replace(dispatch, ordinal=ordinal)
+            rows = tokens.reshape(-1, tokens.shape[-1])
+            if _check(dispatch, mask, rows, calls, expert_paths):
+                width = _slot_width(dispatch, mask, rows, calls, expert_paths)
                 dispatch = dataclasses.replace(dispatch, out_features=width)
                 return _structure(block, name, entries, rec, calls, dispatch, mask_node)
     return NoMatch("the experts' inputs are a contraction, but not of the token rows with a 0/1 mask that marks "

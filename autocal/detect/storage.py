@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["packed_parameters", "count_experts", "router_rows", "resolve", "own_expert_weights",
-           "projection_weights", "expert_tables", "side_by_side", "side_by_side_weights"]
+           "projection_weights", "projection_children", "expert_tables", "side_by_side", "side_by_side_weights"]
 
 
 def _raw_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
@@ -90,11 +90,27 @@ def projection_weights(block: nn.Module) -> dict[str, nn.Parameter]:
 
     Such a child holds one ``[E, a, b]`` weight (a, b >= 2) and at most its
     ``[E, a]`` or ``[E, b]`` bias, and the block applies it to one expert at a
-    time (``proj(x, expert_id)``); the block holds the router-shaped ``[E, H]``
-    weight outside those children.
+    time (``proj(x, expert_id)``, or rows and per-expert counts); the block holds
+    the router-shaped ``[E, H]`` weight outside those children. The children may
+    sit one level down, in an experts module holding nothing but them (FastMoE's
+    ``experts.htoh4`` and ``experts.h4toh``).
     """
-    found, inside = {}, set()
+    found = dict(projection_children(block))
     for name, child in block.named_children():
+        inner = projection_children(child)
+        if inner and _holds_only_these(child, inner):
+            found |= {f"{name}.{path}": p for path, p in inner.items()}
+    inside = {id(p) for path, weight in found.items()
+              for p in block.get_submodule(path.rpartition(".")[0]).parameters()}
+    routers = [p.shape for p in block.parameters() if p.dim() == 2 and id(p) not in inside]
+    return {n: p for n, p in found.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
+
+
+def projection_children(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The ``[E, a, b]`` weight of each child of ``module`` that holds one projection of every expert: that weight
+    (a, b >= 2) and at most its ``[E, a]`` or ``[E, b]`` bias, in a class of the model's own."""
+    found = {}
+    for name, child in module.named_children():
         params = dict(child.named_parameters())
         weights = [(n, p) for n, p in params.items() if p.dim() == 3 and min(p.shape[1:]) >= 2]
         if type(child).__module__.startswith("torch.nn.") or len(weights) != 1 or len(params) > 2:
@@ -103,9 +119,13 @@ def projection_weights(block: nn.Module) -> dict[str, nn.Parameter]:
         if all(p is weight or p.dim() == 2 and p.shape[0] == weight.shape[0] and p.shape[1] in weight.shape[1:]
                for p in params.values()):
             found[f"{name}.{weights[0][0]}"] = weight
-            inside |= {id(p) for p in params.values()}
-    routers = [p.shape for p in block.parameters() if p.dim() == 2 and id(p) not in inside]
-    return {n: p for n, p in found.items() if any(r[0] == p.shape[0] and r[1] in p.shape[1:] for r in routers)}
+    return found
+
+
+def _holds_only_these(module: nn.Module, projections: dict[str, nn.Parameter]) -> bool:
+    """Are all of ``module``'s parameters those of its children holding ``projections``?"""
+    inside = {id(p) for path in projections for p in module.get_submodule(path.rpartition(".")[0]).parameters()}
+    return all(id(p) in inside for p in module.parameters())
 
 
 def expert_tables(block: nn.Module) -> dict[str, nn.Parameter]:

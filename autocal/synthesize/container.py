@@ -195,7 +195,7 @@ def _filled_slots_only(module: nn.Module, expert: int, dispatch: MaskDispatch, c
 
     def narrow(_, args, kwargs):
         given = args[0] if args and isinstance(args[0], torch.Tensor) and capture.found is not None else None
-        filled = None if given is None or not given.dim() else dispatch.slots(capture.found[0], expert).any(0)
+        filled = None if given is None or not given.dim() else dispatch.filled(capture.found[0], expert)
         if filled is None or given.numel() != filled.shape[0] * given.shape[-1]:
             narrowed.append(None)
             return None

@@ -2107,6 +2107,110 @@ class GatherPermuteMoE(nn.Module):
         out = out * probs.T.contiguous().masked_select(map_t).unsqueeze(-1).to(out.dtype)
         return torch.zeros_like(t).scatter_add_(0, spread, out).view(hidden_states.shape), None
 
+
+class CountedProjection(nn.Module):
+    """One projection of every expert, ``weight [E, out, in]`` and ``bias [E, out]``, run on rows sorted by
+    expert: expert ``e`` takes the next ``int(counts[e])`` rows."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(EXPERTS, out_features))
+
+    def forward(self, rows, counts):
+        outputs, start = [], 0
+        for e in range(EXPERTS):
+            end = start + int(counts[e])
+            outputs.append(F.linear(rows[start:end], self.weight[e], self.bias[e]))
+            start = end
+        return torch.cat(outputs)
+
+
+class CountedMLP(nn.Module):
+    """An experts module holding nothing but two counted projections, GELU between."""
+
+    def __init__(self):
+        super().__init__()
+        self.htoh4 = CountedProjection(HIDDEN, INTER)
+        self.h4toh = CountedProjection(INTER, HIDDEN)
+
+    def forward(self, rows, counts):
+        return self.h4toh(F.gelu(self.htoh4(rows, counts)), counts)
+
+
+class IndexCopyBmmMoE(nn.Module):
+    """FastMoE-style pure-torch layer: a biased gate, top-k of the logits (unsorted), softmax over the k; the
+    flat choices sorted (stable), counts by bincount on the host; rows taken by ``index_select``, the experts
+    module called with (rows, counts), its outputs put back in choice order by ``index_copy_`` and combined by
+    ``bmm`` of ``[T, 1, k]`` scores with ``[T, k, H]`` outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS)
+        self.experts = CountedMLP()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        top, chosen = torch.topk(self.gate(t), TOP_K, dim=-1, sorted=False)
+        scores = top.softmax(dim=-1)
+        order = torch.argsort(chosen.flatten(), stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=EXPERTS).cpu()
+        out = self.experts(t.index_select(0, order // TOP_K), counts)
+        slots = torch.zeros(t.shape[0] * TOP_K, HIDDEN, dtype=out.dtype).index_copy_(0, order, out)
+        return torch.bmm(scores.unsqueeze(1), slots.view(-1, TOP_K, HIDDEN)).view_as(x)
+
+
+class ChunkedRoutingMoE(nn.Module):
+    """An inference engine bounding the memory of one pass: the tokens routed and run three at a time, each chunk
+    with a top-k of its own (softmax, renormalised), experts on the rows ``where`` picks, ``index_add_`` back."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        parts = []
+        for chunk in torch.split(x.reshape(-1, HIDDEN), 3):
+            weights, indices = _softmax_topk(self.gate(chunk), TOP_K)
+            out = torch.zeros_like(chunk)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(indices == e)
+                out.index_add_(0, token, expert(chunk[token]) * weights[token, slot, None])
+            parts.append(out)
+        return torch.cat(parts).view_as(x)
+
+
+class GroupedCapacityMoE(nn.Module):
+    """Mesh-TensorFlow/GShard-style groups: each sequence a group of tokens with a capacity of its own per expert
+    (``ceil(k * S / E)``, choices past it dropped); first choices take their expert's slots in token order, second
+    choices the slots after every first one; dispatch ``[G, S, E, C]``, ``einsum("gsec,gsm->egcm")``, experts on
+    ``[G, C, M]``, combine by ``einsum("gsec,egcm->gsm")``. The router runs in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        probs = self.router(x.float()).softmax(dim=-1)
+        top, chosen = probs.topk(TOP_K, dim=-1)
+        capacity = math.ceil(TOP_K * x.shape[1] / EXPERTS)
+        dispatch = combine = 0
+        taken = torch.zeros(x.shape[0], 1, EXPERTS, dtype=torch.long)
+        for j in range(TOP_K):
+            mask = F.one_hot(chosen[..., j], EXPERTS)
+            position = (torch.cumsum(mask, dim=1) - 1 + taken) * mask
+            kept = mask * (position < capacity)
+            taken = taken + mask.sum(dim=1, keepdim=True)
+            slot = F.one_hot(position.clamp(max=capacity - 1), capacity) * kept.unsqueeze(-1)
+            dispatch = dispatch + slot
+            combine = combine + slot * top[..., j, None, None]
+        inputs = torch.einsum("gsec,gsm->egcm", dispatch.to(x.dtype), x)
+        outputs = torch.stack([expert(inputs[e]) for e, expert in enumerate(self.experts)])
+        return torch.einsum("gsec,egcm->gsm", combine.to(x.dtype), outputs)
+
+
 class HistcRouter3(nn.Module):
     """A training framework's router module: softmax, top-k, and each expert's row count by ``histc``; returns
     ``(weights, indices, counts)``."""
@@ -2512,6 +2616,14 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "router choosing with an expert bias, tokens permuted by torch.gather of token numbers expanded over "
                 "the features, sequential experts split by host counts, scatter_add_ back, returns (out, None)", (3,),
                 GatherPermuteMoE, seq_first=True),
+    CorpusEntry("index_copy_bmm", f"{_RESEARCH}: FastMoE-style, an experts module holding two projections of "
+                "[E, out, in] weights and [E, out] biases called with (rows, host counts), rows sorted by expert, "
+                "index_copy_ back in choice order, bmm of the scores with [T, k, H]", (3,), IndexCopyBmmMoE),
+    CorpusEntry("chunked_routing", "an inference engine's chunked MoE: tokens routed and run three at a time, a "
+                "top-k per chunk (softmax, renormalised), where-loop, index_add_, cat", (), ChunkedRoutingMoE),
+    CorpusEntry("grouped_capacity", f"{_RESEARCH}: GShard-style groups (each sequence a group, capacity per group, "
+                "choices past it dropped), top-2 slots by cumsum, dispatch mask [G, S, E, C], einsum(gsec,gsm->egcm) "
+                "and back", (5,), GroupedCapacityMoE),
     CorpusEntry("binned_dropless", f"{_TRAINING}: OLMo-core style, a router module returning (weights, indices, "
                 "histc counts), bins by cumsum, packed [E, H, I] experts on slices bounded by 0-d tensors written "
                 "into a preallocated output, index_add_ back", (3,), BinnedDroplessMoE),

@@ -34,7 +34,8 @@ __all__ = ["Pattern", "PATTERNS", "NOT_AN_MOE", "registered_pass_through", "SwiG
            "DictLoopMoE", "NoRuleMatches", "PackedButUnrouted", "UnroutedSlice", "ReluMLP", "PerSampleExperts",
            "PerSampleMoE", "PerSampleModel", "ChainedLayers", "ChainHolder", "TableRoutingMoE", "DeclaringModel",
            "ExpertsWithWeightlessChoices", "WeightlessChoicesMoE", "ItemAssignmentMoE", "MaskedDictMoE",
-           "WeightBank", "BankedExperts", "BanksBelowRouterMoE", "GroupedGemmMoE", "HeadBank", "HeadExperts",
+           "WeightBank", "BankedExperts", "BanksBelowRouterMoE", "GroupedGemmMoE", "RoutingBanks",
+           "LogitsToBanksMoE", "HeadBank", "HeadExperts",
            "MixtureOfHeadsAttention", "GatheredFFN", "GatheredMoE", "OwnWeightsMoE", "NeuronExperts",
            "TwoPositionTables", "LayoutThenMoE", "ExpertChoiceMoE", "LoopOverOwnWeights", "SummedHeads",
            "MaskedEncoder", "HeadsThenMoE", "ProjExpert", "HostSlicedMoE", "TokenByTokenMoE", "SortedChoiceMoE",
@@ -379,6 +380,37 @@ class GroupedGemmMoE(nn.Module):
         out = self.down(F.gelu(self.up(rows, counts)), counts)
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(flat).index_add(0, order // self.k, out).view_as(x)
+
+
+class RoutingBanks(nn.Module):
+    """An experts module that routes: given the token rows and the router's logits, it takes the top-k, sorts the
+    slots by expert and runs two weight banks (GELU between) on the sorted rows."""
+
+    def __init__(self, experts: int = 5, k: int = 2):
+        super().__init__()
+        self.k, self.up, self.down = k, WeightBank(experts, 8, 12), WeightBank(experts, 12, 8)
+
+    def forward(self, rows, logits):
+        top, chosen = torch.topk(logits, self.k, dim=-1)
+        order = chosen.flatten().argsort(stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=logits.shape[-1]).tolist()
+        out = self.down(F.gelu(self.up(rows[order // self.k], counts)), counts)
+        out = out * top.softmax(dim=-1).flatten()[order, None]
+        return torch.zeros_like(rows).index_add_(0, order // self.k, out)
+
+
+class LogitsToBanksMoE(nn.Module):
+    """A layer holding the router and a shared expert, handing the router's logits to experts that route them
+    through their weight banks (Aria's layout in transformers 5.17)."""
+
+    def __init__(self, experts: int = 5):
+        super().__init__()
+        self.router = nn.Linear(8, experts, bias=False)
+        self.experts, self.shared = RoutingBanks(experts), SwiGLU(8, 12)
+
+    def forward(self, x):
+        t = x.reshape(-1, 8)
+        return (self.experts(t, self.router(t)) + self.shared(t)).view_as(x)
 
 
 class HeadBank(nn.Module):

@@ -13,6 +13,7 @@ of whose dimensions indexes the experts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +30,11 @@ class MaskDispatch:
     """Where the dispatch contraction is, and which of its mask's dimensions are tokens and experts (the others
     are the experts' capacity slots).
 
+    ``batch_dims``: the mask's dimensions matching the tokens' leading ones, where the tokens come in batches
+    (t5x's groups: ``einsum("gsec,gsh->egch", mask, tokens)``, capacity per group). The token rows are then the
+    tokens flattened, and an expert's slots are its capacity slots of every batch, a token only ever in its own
+    batch's.
+
     ``out_features`` is set where detection saw each expert given its slots as its input rows, in the mask's order
     (a token's row or zeros), and return one row of that width per input row: calibration can then give an
     expert only the slots its mask fills.
@@ -40,25 +46,44 @@ class MaskDispatch:
     expert_dim: int
     num_experts: int
     out_features: int | None = None
+    batch_dims: tuple[int, ...] = ()
 
-    def slots(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
-        """``[tokens, slots]`` bools: which token ``expert``'s slice of the mask puts in each of its slots."""
-        part = mask.movedim((self.token_dim, self.expert_dim), (0, 1))[:, expert]
-        return part.reshape(part.shape[0], -1) != 0
+    def _part(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
+        """``[batches, tokens, slots]`` bools: ``expert``'s slice of the mask, the tokens of each batch by the
+        capacity slots of that batch."""
+        dims = (*self.batch_dims, self.token_dim, self.expert_dim)
+        part = mask.movedim(dims, tuple(range(len(dims)))).select(len(dims) - 1, expert)
+        batches = math.prod(mask.shape[d] for d in self.batch_dims)
+        return part.reshape(batches, mask.shape[self.token_dim], math.prod(part.shape[len(dims) - 1:])) != 0
 
     def unrouted(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
-        """The tokens (a bool per row) ``expert``'s slice of the mask leaves out."""
-        return ~self.slots(mask, expert).any(-1)
+        """The token rows (a bool per row) ``expert``'s slice of the mask leaves out."""
+        return ~self._part(mask, expert).any(-1).reshape(-1)
+
+    def filled(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
+        """Which of ``expert``'s slots (batch by batch, each batch's in the mask's order) the mask fills."""
+        return self._part(mask, expert).any(1).reshape(-1)
+
+    def slot_tokens(self, mask: torch.Tensor, expert: int) -> torch.Tensor | None:
+        """Per slot of ``expert`` (as :meth:`filled` orders them), the number of the token row it holds, -1 for an
+        empty slot; None where a slot holds more than one token."""
+        part = self._part(mask, expert)
+        if (part.sum(1) > 1).any():
+            return None
+        batch = torch.arange(part.shape[0], device=part.device)[:, None] * part.shape[1]
+        return torch.where(part.any(1), part.int().argmax(1) + batch, -1).reshape(-1)
 
     def operands(self, args: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(mask, tokens)`` if a call's operands fit this dispatch."""
+        """``(mask, token rows)`` if a call's operands fit this dispatch (tokens in batches flattened to rows)."""
         tensors = [a for a in flat_args(args) if isinstance(a, torch.Tensor)]
         if len(tensors) != 2:
             return None
+        dims = (*self.batch_dims, self.token_dim)
         for mask, tokens in (tensors, tensors[::-1]):
-            if tokens.dim() == 2 and mask.dim() > max(self.token_dim, self.expert_dim) and (
-                    mask.shape[self.token_dim] == tokens.shape[0] and mask.shape[self.expert_dim] == self.num_experts):
-                return mask, tokens
+            if tokens.dim() == len(dims) + 1 and mask.dim() > max(*dims, self.expert_dim) and (
+                    tuple(mask.shape[d] for d in dims) == tokens.shape[:-1]
+                    and mask.shape[self.expert_dim] == self.num_experts):
+                return mask, tokens.reshape(-1, tokens.shape[-1])
         return None
 
 

@@ -21,7 +21,8 @@ __all__ = ["ChoiceCall", "forcing", "fresh_inputs"]
 
 @dataclass(frozen=True)
 class ChoiceCall:
-    """The call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward.
+    """The call that makes the routing choice: the ``ordinal``-th call of ``function`` in the forward (None: every
+    call of it, a block routing its tokens chunk by chunk in a loop).
 
     ``scored``: a top-k (or a ``max`` over a dimension), returning ``(values,
     indices)``; forced, it returns the forced experts' scores with them.
@@ -33,7 +34,7 @@ class ChoiceCall:
     """
 
     function: Callable
-    ordinal: int
+    ordinal: int | None
     dim: int
     k: int
     scored: bool = True
@@ -69,7 +70,7 @@ class _Forcing(TorchFunctionMode):
         if not any(f is func for f, _ in self.wanted):
             return out
         ordinal = self.seen[func] = self.seen.get(func, -1) + 1
-        choice = self.wanted.get((func, ordinal))
+        choice = self.wanted.get((func, ordinal), self.wanted.get((func, None)))
         return out if choice is None else _forced_result(choice, self.choices[choice], args[0], out)
 
 
