@@ -616,6 +616,12 @@ def _ref_lookup_table(m, x):
     return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
 
 
+def _ref_centroids(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(-torch.cdist(t, m.centroids))
+    return _dense(t, gates, m.experts).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -696,6 +702,7 @@ REFERENCES = {
     "hidden_scaled": _ref_hidden_scaled,
     "lookup_table_weights": _ref_lookup_table,
     "one_rank_parallel": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "centroid_router": _ref_centroids,
 }
 
 

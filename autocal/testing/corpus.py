@@ -2286,6 +2286,21 @@ class LookupTableMoE(nn.Module):
         return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class CentroidRoutedMoE(nn.Module):
+    """No learned router: each token goes to the experts whose fixed centroid (a buffer, one per expert) is
+    nearest, ``torch.cdist`` to the centroids, top-k of the negative distances, softmax over the k."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("centroids", torch.empty(EXPERTS, HIDDEN))
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        closeness, indices = (-torch.cdist(t, self.centroids)).topk(TOP_K, dim=-1)
+        return _loop_experts(t, closeness.softmax(dim=-1), indices, self.experts).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2528,6 +2543,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("lookup_table_weights", f"{_RESEARCH}: each token's experts' weights looked up by F.embedding in "
                 "the packed weights flattened to [E, I * H], viewed back to [T, k, I, H], einsum per slot", (2,),
                 LookupTableMoE),
+    CorpusEntry("centroid_router", f"{_RESEARCH}: time-series MoE routing by distance to fixed cluster centroids "
+                "(a buffer, no router weights), top-k of -cdist, softmax over the k, a where loop", (),
+                CentroidRoutedMoE),
 )
 
 
