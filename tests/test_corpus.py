@@ -703,6 +703,7 @@ REFERENCES = {
     "lookup_table_weights": _ref_lookup_table,
     "one_rank_parallel": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "centroid_router": _ref_centroids,
+    "chunked_experts": _ref_host_token_lists,
 }
 
 

@@ -2301,6 +2301,31 @@ class CentroidRoutedMoE(nn.Module):
         return _loop_experts(t, closeness.softmax(dim=-1), indices, self.experts).view_as(x)
 
 
+class ChunkedGLU(nn.Module):
+    """Every expert's GLU weights side by side (``[E * I, H]``), viewed ``[E, I, H]``, cut into one ``[1, I, H]``
+    piece per expert by ``chunk`` and each piece squeezed, the piece of the expert asked for applied."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, x, expert):
+        w1, v1, w2 = ([piece.squeeze(0) for piece in w.view(EXPERTS, INTER, HIDDEN).chunk(EXPERTS, dim=0)][expert]
+                      for w in (self.w1, self.v1, self.w2))
+        return (F.silu(x.matmul(w1.t())) * x.matmul(v1.t())).matmul(w2)
+
+
+class ChunkedExpertsMoE(HostListMoE):
+    """The host-token-lists block (its router module, a one-hot mask, ``tolist``, ``index_add_``) over the chunked
+    GLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts.mlp = ChunkedGLU()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2546,6 +2571,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("centroid_router", f"{_RESEARCH}: time-series MoE routing by distance to fixed cluster centroids "
                 "(a buffer, no router weights), top-k of -cdist, softmax over the k, a where loop", (),
                 CentroidRoutedMoE),
+    CorpusEntry("chunked_experts", f"{_REMOTE}: an older DBRX's experts, [E * I, H] weights viewed [E, I, H] and "
+                "chunked into one squeezed piece per expert, the expert's piece picked from the list; p-norm "
+                "normalised top weights, a one-hot mask, token lists on the host", (1, 2), ChunkedExpertsMoE),
 )
 
 

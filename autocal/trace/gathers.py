@@ -172,7 +172,10 @@ def split_pieces(weight: torch.Tensor, out: object) -> bool:
 
 def splits_as_views(graph: fx.Graph) -> None:
     """Rewrite, in a recording, each piece used of a weight split into equal pieces (``split_pieces``) as the
-    entry of a view: ``torch.chunk(w, E)[e]`` becomes ``w.view(E, *piece)[e]``, the gather of expert ``e``."""
+    entry of a view: ``torch.chunk(w, E)[e]`` becomes ``w.view(E, *piece)[e]``, the gather of expert ``e``. A piece
+    that keeps a leading size-1 dimension (``w.view(E, I, H).chunk(E)[e]``, ``[1, I, H]``, as DBRX's older code
+    splits its experts) becomes ``w.view(E, I, H)[e].unsqueeze(0)``: the gather of one expert's ``[I, H]`` matrix,
+    then the piece's shape."""
     for node in list(graph.nodes):
         split = node.args[0] if node.target is operator.getitem and node.args and node.users else None
         if not isinstance(split, fx.Node) or not split.args or not isinstance(split.args[0], fx.Node):
@@ -180,10 +183,18 @@ def splits_as_views(graph: fx.Graph) -> None:
         weight, pieces = value(split.args[0]), value(split)
         if not isinstance(weight, torch.Tensor) or not split_pieces(weight, pieces):
             continue
+        piece = tuple(pieces[0].shape)
+        kept = piece[1:] if len(piece) > 1 and piece[0] == 1 else piece  # a leading 1 of each piece: gather beneath
         with graph.inserting_before(node):
-            view = graph.call_function(torch.Tensor.view, (split.args[0], (len(pieces), *pieces[0].shape)))
-        view.meta.update(split.meta, value=weight.view(len(pieces), *pieces[0].shape))
-        node.args = (view, *node.args[1:])
+            view = graph.call_function(torch.Tensor.view, (split.args[0], (len(pieces), *kept)))
+        view.meta.update(split.meta, value=weight.view(len(pieces), *kept))
+        if kept == piece:
+            node.args = (view, *node.args[1:])
+            continue
+        with graph.inserting_before(node):
+            entry = graph.call_function(operator.getitem, (view, *node.args[1:]))
+        entry.meta.update(node.meta, value=value(view)[node.args[1]])
+        node.target, node.args, node.kwargs = torch.Tensor.unsqueeze, (entry, 0), {}
 
 
 def flat_gathers_as_gathers(graph: fx.Graph) -> None:
