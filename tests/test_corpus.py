@@ -616,6 +616,15 @@ def _ref_lookup_table(m, x):
     return _dense(t, gates, [expert(e) for e in range(gates.shape[1])]).view_as(x), gates
 
 
+def _ref_embedding_tables(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t), renormalize=False)
+    count, width = gates.shape[1], t.shape[1]
+    w_in, w_out = m.w_in.weight.view(count, -1, width), m.w_out.weight.view(count, width, -1)
+    return _dense(t, gates, [lambda rows, e=e: F.gelu(rows @ w_in[e].T) @ w_out[e].T for e in range(count)]).view_as(
+        x), gates
+
+
 def _ref_centroids(m, x):
     t = _flat(x)
     gates = _softmax_of_top(-torch.cdist(t, m.centroids))
@@ -704,6 +713,7 @@ REFERENCES = {
     "one_rank_parallel": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
     "centroid_router": _ref_centroids,
     "chunked_experts": _ref_host_token_lists,
+    "embedding_tables": _ref_embedding_tables,
 }
 
 

@@ -2326,6 +2326,25 @@ class ChunkedExpertsMoE(HostListMoE):
         self.experts.mlp = ChunkedGLU()
 
 
+class EmbeddingTablesMoE(nn.Module):
+    """Each expert's matrices flattened into a row of an ``nn.Embedding`` (``[E, I * H]``, ``[E, H * I]``), each
+    token's experts' rows looked up by the module and put back in shape, contracted per slot by einsum, GELU
+    between."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w_in = nn.Embedding(EXPERTS, INTER * HIDDEN)
+        self.w_out = nn.Embedding(EXPERTS, HIDDEN * INTER)
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        h = F.gelu(torch.einsum("th,tkih->tki", t, self.w_in(indices).view(*indices.shape, INTER, HIDDEN)))
+        y = torch.einsum("tki,tkhi->tkh", h, self.w_out(indices).view(*indices.shape, HIDDEN, INTER))
+        return torch.einsum("tkh,tk->th", y, weights).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2574,6 +2593,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("chunked_experts", f"{_REMOTE}: an older DBRX's experts, [E * I, H] weights viewed [E, I, H] and "
                 "chunked into one squeezed piece per expert, the expert's piece picked from the list; p-norm "
                 "normalised top weights, a one-hot mask, token lists on the host", (1, 2), ChunkedExpertsMoE),
+    CorpusEntry("embedding_tables", f"{_RESEARCH}: each expert's matrices flattened into the rows of nn.Embedding "
+                "modules ([E, I * H]), looked up by the chosen ids and viewed back to [T, k, I, H], einsum per slot",
+                (2,), EmbeddingTablesMoE),
 )
 
 

@@ -200,28 +200,50 @@ def splits_as_views(graph: fx.Graph) -> None:
 def flat_gathers_as_gathers(graph: fx.Graph) -> None:
     """Rewrite, in a recording, a gather of experts' flattened entries put back in shape as a gather of the
     experts' entries themselves: ``F.embedding(idx, W.view(E, -1)).view(*idx.shape, *W.shape[1:])`` (a lookup
-    table of expert weights) becomes ``W[idx]``, checked on the recorded values."""
+    table of expert weights) becomes ``W[idx]``, checked on the recorded values; so does a lookup in a table of
+    each expert's flattened matrices (an ``nn.Embedding`` of ``[E, a * b]``: ``table(idx).view(*idx.shape, a, b)``
+    becomes ``table.weight.view(E, a, b)[idx]``)."""
     for node in list(graph.nodes):
         found = gathered_index(node.target, fx.node.map_arg(node.args, value)) if node.op == "call_function" else None
         flat = next((a for a in node.all_input_nodes if found and value(a) is found[0]), None)
-        if flat is None or len(node.users) != 1 or not flat.all_input_nodes:
+        if flat is None or len(node.users) != 1:
             continue
-        weight, shaped = flat.all_input_nodes[0], next(iter(node.users))
+        shaped = next(iter(node.users))
+        weight, stored = _stored_matrices(flat, value(shaped), found) or (None, None)
         index = next((a for a in node.all_input_nodes if value(a) is found[1]), None)
-        stored, gathered = value(weight), value(shaped)
+        gathered = value(shaped)
         if not (index is not None and isinstance(stored, torch.Tensor) and stored.dim() >= 3
                 and found[0].dim() == 2 and found[0].shape[0] == stored.shape[0] and reshaped_view(found[0], stored)
                 and isinstance(gathered, torch.Tensor) and gathered.shape == (*found[1].shape, *stored.shape[1:])
                 and torch.equal(gathered, stored[found[1]])):
             continue
+        if weight is flat:  # the table itself holds each expert's matrix flattened: gathered from its view
+            with graph.inserting_before(shaped):
+                weight = graph.call_function(torch.Tensor.view, (flat, tuple(stored.shape)))
+            weight.meta.update(flat.meta, value=stored)
+            flat = None
         with graph.inserting_before(shaped):
             entries = graph.call_function(operator.getitem, (weight, index))
         entries.meta.update(shaped.meta, value=gathered)
         shaped.replace_all_uses_with(entries)
         graph.erase_node(shaped)
         graph.erase_node(node)
-        if not flat.users:
+        if flat is not None and not flat.users:
             graph.erase_node(flat)
+
+
+def _stored_matrices(flat: fx.Node, shaped: object, found: tuple) -> tuple[fx.Node, object] | None:
+    """``(node, value)``: the ``[E, a, b]`` weight whose experts' matrices the flat ``[E, a * b]`` rows a gather
+    took hold: the weight they view (``W.view(E, -1)``), or the rows themselves where they are a table of their
+    own (an ``nn.Embedding``'s weight) whose gathered rows are put in that shape (``table(idx).view(*idx.shape, a,
+    b)``), with the table's values in that shape. Checked by the caller."""
+    if flat.all_input_nodes:
+        return flat.all_input_nodes[0], value(flat.all_input_nodes[0])
+    table, index = found
+    if not (isinstance(shaped, torch.Tensor) and isinstance(index, torch.Tensor) and table.dim() == 2
+            and shaped.dim() == index.dim() + 2 and shaped.shape[:index.dim()] == index.shape):
+        return None
+    return flat, table.view(table.shape[0], *shaped.shape[index.dim():])
 
 
 def reshaped_view(out: object, weight: torch.Tensor) -> bool:
