@@ -241,7 +241,8 @@ def _stored_matrices(flat: fx.Node, shaped: object, found: tuple) -> tuple[fx.No
         return flat.all_input_nodes[0], value(flat.all_input_nodes[0])
     table, index = found
     if not (isinstance(shaped, torch.Tensor) and isinstance(index, torch.Tensor) and table.dim() == 2
-            and shaped.dim() == index.dim() + 2 and shaped.shape[:index.dim()] == index.shape):
+            and shaped.dim() == index.dim() + 2 and shaped.shape[:index.dim()] == index.shape
+            and min(shaped.shape[index.dim():]) >= 2):  # matrices: a gathered bias given a size-1 dimension is none
         return None
     return flat, table.view(table.shape[0], *shaped.shape[index.dim():])
 
