@@ -646,6 +646,57 @@ def _ref_grouped_capacity(m, x):
     return _dense(t, gates, m.experts).view_as(x), gates
 
 
+def _ref_embedding_tables(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t), renormalize=False)
+    count, width = gates.shape[1], t.shape[1]
+    w_in, w_out = m.w_in.weight.view(count, -1, width), m.w_out.weight.view(count, width, -1)
+    return _dense(t, gates, [lambda rows, e=e: F.gelu(rows @ w_in[e].T) @ w_out[e].T for e in range(count)]).view_as(
+        x), gates
+
+
+def _ref_quantizable(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t))
+    w = m.cond_ffn
+    return _dense(t, gates, _ref_swiglu_views(w.w1, w.w3, w.w2.transpose(1, 2), gates.shape[1])).view_as(x), gates
+
+
+def _ref_matmul_capacity(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate_weight.T, renormalize=False)
+    w = m.experts
+    return _dense(t, gates, _ref_swiglu_views(w.wi_gate.transpose(1, 2), w.wi_up.transpose(1, 2), w.wo,
+                                              gates.shape[1])).view_as(x), gates
+
+
+def _ref_sinkhorn(m, x):
+    t = _flat(x)
+    logits = m.router(t)
+    cost = logits.exp()
+    rows, cols = torch.ones(cost.shape[0]), torch.ones(cost.shape[1])
+    for _ in range(10_000):  # column scales that stop moving (by less than 1e-4 on average)
+        rows = 1 / (cost.shape[0] * ((cols * cost).sum(1) + 1e-8))
+        updated = 1 / (cost.shape[1] * ((rows[:, None] * cost).sum(0) + 1e-8))
+        moved, cols = (updated - cols).abs().mean(), updated
+        if moved <= 1e-4:
+            break
+    gates = torch.where(_top(cols * cost * rows[:, None]), logits.sigmoid(), 0)
+    return _dense(t, gates, m.experts).view_as(x), gates
+
+
+def _ref_shared_down(m, x):
+    t = _flat(x)
+    gates = _top_probs(m.gate(t), renormalize=False)
+    return m.down_proj(_dense(t, gates, m.experts)).view_as(x), gates
+
+
+def _ref_centroids(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(-torch.cdist(t, m.centroids))
+    return _dense(t, gates, m.experts).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -729,6 +780,13 @@ REFERENCES = {
     "hidden_scaled": _ref_hidden_scaled,
     "lookup_table_weights": _ref_lookup_table,
     "one_rank_parallel": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "centroid_router": _ref_centroids,
+    "chunked_experts": _ref_host_token_lists,
+    "embedding_tables": _ref_embedding_tables,
+    "quantizable_sorted": _ref_quantizable,
+    "matmul_capacity": _ref_matmul_capacity,
+    "sinkhorn_router": _ref_sinkhorn,
+    "shared_down": _ref_shared_down,
 }
 
 

@@ -210,3 +210,59 @@ def _experts_per_token_of(block, x, ids) -> float:
     for handle in handles:
         handle.remove()
     return sum(rows) / x.shape[1]
+
+
+class _ReluGates(torch.nn.Module):
+    """ReMoE-style routing: ReLU of the router's logits gates the experts, no top-k; an expert runs on the rows whose
+    gate for it is positive (``(gates[:, e] > 0).nonzero()``), so a token reaches any number of experts, none
+    included."""
+
+    def __init__(self, hidden: int = 16, experts: int = 6) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        gates = F.relu(self.router(t))
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            rows = torch.nonzero(gates[:, e] > 0).squeeze(-1)
+            out.index_add_(0, rows, gates[rows, e, None] * expert(t[rows]))
+        return out.view_as(x)
+
+
+@torch.jit.script
+def _scripted_top2(logits: torch.Tensor):
+    weights, indices = torch.softmax(logits, dim=-1).topk(2, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), indices
+
+
+class _ScriptedGate(_ReluGates):
+    """The top-2 made inside a TorchScript function, where the recording does not see it."""
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, indices = _scripted_top2(self.router(t))
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(indices == e)
+            out.index_add_(0, token, weights[token, slot, None] * expert(t[token]))
+        return out.view_as(x)
+
+
+@pytest.mark.parametrize("block_class", [_ReluGates, _ScriptedGate])
+def test_rows_chosen_without_a_selection_report_the_recorded_k(block_class):
+    """Where no top-k, argmax or sort is seen behind an expert's rows, k is what the recorded tokens reached: for
+    ReLU gates a range (from none), for a top-2 inside a TorchScript function 2. The report gave the length of the
+    last expert's row list as k (10 and 5 of 0 experts)."""
+    torch.manual_seed(0)
+    block = block_class().eval()
+    x = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(1))
+    reached = _experts_of_each_token(block, x)
+    router = autocal.synthesize(block, example_inputs={"x": x}).structure.router
+    assert router.top_k == int(reached.max())
+    if block_class is _ScriptedGate:
+        assert router.dynamic_k is None and router.top_k == 2 and bool((reached == 2).all())
+    else:
+        assert reached.max() > reached.min() and router.dynamic_k == (int(reached.min()), int(reached.max()))

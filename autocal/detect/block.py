@@ -51,17 +51,22 @@ def _scores_experts(block: nn.Module, experts: nn.Module, counts: set[int], look
     return any(len(counts & set(scores)) > 0 for p, scores in router_candidates(block) if id(p) not in inside)
 
 
-def router_candidates(module: nn.Module) -> Iterator[tuple[nn.Parameter, tuple[int, ...]]]:
+def router_candidates(module: nn.Module) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
     """``(weight, possible expert counts)`` for each 2-D weight of ``module``: a Linear's scores its rows; a raw
     parameter may be used either way round (``x @ w_gate`` with ``w_gate [H, E]``, as research code writes). A
     weight ``[out, in, 1, ...]`` (a kernel-1 convolution, as code that keeps features first routes with) maps each
-    position's features alone, a Linear's: it scores its ``out`` rows."""
+    position's features alone, a Linear's: it scores its ``out`` rows. A 2-D floating buffer ``[E, H]`` scores its
+    rows too: fixed vectors, one per expert, that tokens are compared with (cluster centroids, the router of a
+    model whose routing is not learned: ``torch.cdist(x, centroids)``)."""
     linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
     for p in module.parameters():
         if p.dim() == 2:
             yield p, (p.shape[0],) if id(p) in linear_weights else tuple(p.shape)
         elif p.dim() > 2 and set(p.shape[2:]) == {1}:
             yield p, (p.shape[0],)
+    for b in module.buffers():
+        if b.dim() == 2 and b.is_floating_point():
+            yield b, (b.shape[0],)
 
 
 def _expert_counts(container: nn.Module, entries: list[nn.Module]) -> set[int]:

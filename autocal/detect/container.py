@@ -25,7 +25,7 @@ from .graph_utils import Ancestry, returns_of, source_of, target_name, value
 from .plans import ContainerPlan, NoMatch, RecordedBlockPlan
 from .expert_sets import ExpertSet, RecordedSet, check_sets
 from .recorded import ExpertCalls, block_recording, loop_recording, sets_recording, whole_input
-from .router import EXPERT_CHOICE, analyze_router, router_of, routing_choice
+from .router import EXPERT_CHOICE, LOOKUP, analyze_router, router_of, routing_choice
 from .structure import MoEStructure, RouterInfo
 
 __all__ = ["detect_module_container", "detect_recorded_block"]
@@ -252,14 +252,21 @@ def _k_as_recorded(router: RouterInfo, calls: list[fx.Node]) -> RouterInfo:
     """``router`` with the range of experts the recorded tokens reached, where some token reached more than its
     ``top_k`` and every token at least one: the selection read is then not what decides (an argmax kept only where
     no expert's score passes a threshold, the others chosen by comparing scores with thresholds), and k varies by
-    token. Experts looked up by token id (hash routing) have no selection to read k from: every token reaching the
-    same number of experts, that number is k. Counted over the calls' row indices into the block's token rows."""
+    token. Counted over the calls' row indices into the block's token rows.
+
+    Where no selection was read at all (``lookup``: no top-k, argmax or sort behind the rows), the counts are the
+    only k there is: the ``top_k`` read then is the size of one expert's row list, not a number of experts (experts
+    looked up by token id, hash routing; ReLU gates, ``rows = (gates[:, e] > 0).nonzero()``; a top-k run where the
+    recording cannot see it, inside a TorchScript function); a token reaching none is then no dropped token but the
+    routing itself."""
     reached = _experts_per_row(calls)
     if reached is None or router.dynamic_k is not None or router.selection.startswith(EXPERT_CHOICE):
         return router  # experts choosing their tokens: a token reaches any number of them, k is their average
     fewest, most = int(reached.min()), int(reached.max())
-    if router.selection == "lookup" and 0 < fewest == most:  # no selection to read k from: what each token reached
-        return replace(router, top_k=most)
+    if router.selection == LOOKUP and most:
+        return replace(router, top_k=most, dynamic_k=(fewest, most) if fewest != most else None,
+                       selection=LOOKUP if fewest == most else "experts chosen per token without a selection "
+                                                               "(dynamic k)")
     if fewest == 0 or most <= router.top_k:
         return router
     return replace(router, top_k=most, dynamic_k=(fewest, most),

@@ -103,13 +103,24 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
         index = next((a for a in node.all_input_nodes if value(a) is gathered[1]), gathered[1])
         if isinstance(index, fx.Node) and not is_int_tensor(index):
             continue
-        if not _takes_entries(value(node), *gathered):
+        if not _takes_entries(value(node), *gathered) or not _applied(node):
             continue
         if isinstance(index, fx.Node):
             found.append((node, source.target, int(value(index)) if value(index).dim() == 0 else index))
         elif gathered[0].dim() == 3 or biases:
             found.append((node, source.target, index))
     return found
+
+
+def _applied(node: fx.Node) -> bool:
+    """Does what ``node`` gives reach an op of more than one tensor, or the output? An expert's piece only reshaped
+    and left unused (``[w.squeeze(0) for w in W.view(E, I, H).chunk(E)][e]`` squeezes every expert's piece, one of
+    them applied) is no gather of the experts' weights."""
+    for user in node.users:
+        tensors = [a for a in user.all_input_nodes if isinstance(value(a), torch.Tensor)]
+        if user.op == "output" or len(tensors) > 1 or _applied(user):
+            return True
+    return False
 
 
 def _takes_entries(out: object, weight: torch.Tensor, index: torch.Tensor | int) -> bool:

@@ -14,9 +14,10 @@ from torch import fx
 from .graph_utils import Ancestry, source_of, target_name, value
 from .structure import RouterInfo
 
-__all__ = ["EXPERT_CHOICE", "analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
+__all__ = ["EXPERT_CHOICE", "LOOKUP", "analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
 
 EXPERT_CHOICE = "expert choice"  # the words starting a router's selection where experts choose their tokens
+LOOKUP = "lookup"  # a router's selection where no top-k, argmax or sort is behind the experts' indices
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max", "kthvalue"}
 _COMPARISONS = {"ge", "gt", "le", "lt", "__ge__", "__gt__", "__le__", "__lt__"}
@@ -141,7 +142,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         path = ancestry.between(logits, weights) if logits is not None else []
         scoring = next((target_name(n) for n in path if target_name(n) not in _PLUMBING and n is not logits), None)
         return RouterInfo(_router_path(weights, logits), scoring, value(index).shape[-1], 0,
-                          _renormalized(path, ancestry), None, False, _scaling(path), selection="lookup")
+                          _renormalized(path, ancestry), None, False, _scaling(path), selection=LOOKUP)
     final = selections[-1]
     logits = _logits(final, ancestry)
     scored = final.args[0]

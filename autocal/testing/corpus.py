@@ -2390,6 +2390,208 @@ class LookupTableMoE(nn.Module):
         return (y * weights.unsqueeze(-1)).sum(1).view_as(x)
 
 
+class CentroidRoutedMoE(nn.Module):
+    """No learned router: each token goes to the experts whose fixed centroid (a buffer, one per expert) is
+    nearest, ``torch.cdist`` to the centroids, top-k of the negative distances, softmax over the k."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("centroids", torch.empty(EXPERTS, HIDDEN))
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        closeness, indices = (-torch.cdist(t, self.centroids)).topk(TOP_K, dim=-1)
+        return _loop_experts(t, closeness.softmax(dim=-1), indices, self.experts).view_as(x)
+
+
+class ChunkedGLU(nn.Module):
+    """Every expert's GLU weights side by side (``[E * I, H]``), viewed ``[E, I, H]``, cut into one ``[1, I, H]``
+    piece per expert by ``chunk`` and each piece squeezed, the piece of the expert asked for applied."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, x, expert):
+        w1, v1, w2 = ([piece.squeeze(0) for piece in w.view(EXPERTS, INTER, HIDDEN).chunk(EXPERTS, dim=0)][expert]
+                      for w in (self.w1, self.v1, self.w2))
+        return (F.silu(x.matmul(w1.t())) * x.matmul(v1.t())).matmul(w2)
+
+
+class ChunkedExpertsMoE(HostListMoE):
+    """The host-token-lists block (its router module, a one-hot mask, ``tolist``, ``index_add_``) over the chunked
+    GLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts.mlp = ChunkedGLU()
+
+
+class EmbeddingTablesMoE(nn.Module):
+    """Each expert's matrices flattened into a row of an ``nn.Embedding`` (``[E, I * H]``, ``[E, H * I]``), each
+    token's experts' rows looked up by the module and put back in shape, contracted per slot by einsum, GELU
+    between."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w_in = nn.Embedding(EXPERTS, INTER * HIDDEN)
+        self.w_out = nn.Embedding(EXPERTS, HIDDEN * INTER)
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        h = F.gelu(torch.einsum("th,tkih->tki", t, self.w_in(indices).view(*indices.shape, INTER, HIDDEN)))
+        y = torch.einsum("tki,tkhi->tkh", h, self.w_out(indices).view(*indices.shape, HIDDEN, INTER))
+        return torch.einsum("tkh,tk->th", y, weights).view_as(x)
+
+
+class QuantizableExperts(nn.Module):
+    """Packed SwiGLU experts given ``(rows, ids)``: one token gathers its experts' weights and runs ``F.linear`` per
+    slot; more tokens are sorted by expert (stable argsort of the flat ids, token = position // k), counted by
+    ``histc`` over ``E + 1`` bins from -1, cut at the cumulative counts, and put back in choice order by the
+    inverse permutation (``argsort`` of the order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.w3 = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def _mlp(self, rows, e):
+        return F.linear(F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e]), self.w2[e])
+
+    def forward(self, x, ids):
+        if x.shape[0] == 1:
+            return torch.stack([self._mlp(x, e) for e in ids[0]], dim=1)
+        order = ids.view(-1).argsort(stable=True)
+        tokens = order.div(ids.shape[-1]).floor().long()
+        bounds = torch.histc(ids.float(), bins=EXPERTS + 1, min=-1, max=EXPERTS).cumsum(0).long().tolist()
+        out = torch.cat([self._mlp(x[tokens[bounds[e]:bounds[e + 1]]], e) for e in range(EXPERTS)])
+        return out[order.argsort()].view(x.shape[0], ids.shape[-1], -1)
+
+
+class QuantizableMoE(nn.Module):
+    """A quantization library's MoE: softmax, top-k renormalised, the experts module given (rows, ids), the slots'
+    outputs combined by ``einsum("tai,ta->ti")``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.cond_ffn = QuantizableExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, ids = self.gate(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return torch.einsum("tai,ta->ti", self.cond_ffn(t, ids), weights).view_as(x)
+
+
+class CapacityBmmExperts(nn.Module):
+    """Packed SwiGLU experts computing on ``[E, C, H]`` capacity buffers with ``torch.bmm`` (``[E, H, I]``
+    weights, applied as ``x @ W``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi_gate = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.wi_up = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.wo = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, x):
+        return torch.bmm(F.silu(torch.bmm(x, self.wi_gate)) * torch.bmm(x, self.wi_up), self.wo)
+
+
+class MatmulDispatchMoE(nn.Module):
+    """Top-2 into capacity slots (no token dropped: twice the tokens per expert), the ``[T, E, C]`` combine
+    weights' 0/1 mask permuted to ``[E, C, T]`` and multiplied with the tokens (``matmul``) to dispatch, the packed
+    experts run on the buffers, the output a ``matmul`` of the combine weights flattened to ``[T, E * C]`` with the
+    outputs flattened to ``[E * C, H]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_weight = nn.Parameter(torch.empty(EXPERTS, HIDDEN))
+        self.experts = CapacityBmmExperts()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        tokens, capacity = t.shape[0], 2 * t.shape[0]
+        weights, ids = F.linear(t, self.gate_weight).softmax(dim=-1).topk(TOP_K, dim=-1)
+        combine, filled = t.new_zeros(tokens, EXPERTS, capacity), torch.zeros(EXPERTS, dtype=torch.long)
+        for slot in range(TOP_K):
+            mask = F.one_hot(ids[:, slot], EXPERTS)
+            position = ((filled + mask.cumsum(0) - 1) * mask).sum(-1)
+            filled = filled + mask.sum(0)
+            combine = combine + weights[:, slot, None, None] * mask[..., None] * F.one_hot(position, capacity)[:, None]
+        dispatched = torch.matmul(combine.bool().to(t.dtype).permute(1, 2, 0), t)
+        outputs = self.experts(dispatched)
+        return torch.matmul(combine.view(tokens, -1), outputs.view(EXPERTS * capacity, HIDDEN)).view_as(x)
+
+
+def balanced(logits: torch.Tensor, tolerance: float = 1e-4) -> torch.Tensor:
+    """Sinkhorn's balancing of ``exp(logits)``: rows and columns rescaled in turn until the column scales move by
+    less than ``tolerance`` on average (a loop whose length depends on the values)."""
+    cost = logits.exp()
+    rows, cols = cost.new_ones(cost.shape[0]), cost.new_ones(cost.shape[1])
+    change = math.inf
+    while change > tolerance:
+        rows = 1 / (rows.numel() * ((cols * cost).sum(1) + 1e-8))
+        updated = 1 / (cols.numel() * ((rows[:, None] * cost).sum(0) + 1e-8))
+        change, cols = float((updated - cols).abs().mean()), updated
+    return cols * cost * rows[:, None]
+
+
+class SinkhornRoutedMoE(nn.Module):
+    """Sinkhorn routing at inference: the top-k of the balanced logits (without gradients), the weights the
+    sigmoid of the raw logits at those experts, a where loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        logits = self.router(t)
+        with torch.no_grad():
+            indices = balanced(logits.float()).topk(TOP_K, dim=-1).indices
+        return _loop_experts(t, logits.sigmoid().gather(1, indices), indices, self.experts).view_as(x)
+
+
+class GateUpExpert(nn.Module):
+    """An expert's gate and up projections only: its down projection is the block's, shared by every expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = nn.Linear(HIDDEN, INTER, bias=False)
+        self.up_proj = nn.Linear(HIDDEN, INTER, bias=False)
+
+    def forward(self, x):
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
+
+class SharedDownMoE(nn.Module):
+    """Experts with their own gate and up projections; the routing-weighted sum of their activations goes through
+    one down projection every expert shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GateUpExpert() for _ in range(EXPERTS))
+        self.down_proj = nn.Linear(INTER, HIDDEN, bias=False)
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, indices = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        inner = t.new_zeros(t.shape[0], INTER)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(indices == e)
+            inner[token] += weights[token, slot, None] * expert(t[token])
+        return self.down_proj(inner).view_as(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entries
 # ---------------------------------------------------------------------------------------------------------------
@@ -2640,6 +2842,28 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("lookup_table_weights", f"{_RESEARCH}: each token's experts' weights looked up by F.embedding in "
                 "the packed weights flattened to [E, I * H], viewed back to [T, k, I, H], einsum per slot", (2,),
                 LookupTableMoE),
+    CorpusEntry("centroid_router", f"{_RESEARCH}: time-series MoE routing by distance to fixed cluster centroids "
+                "(a buffer, no router weights), top-k of -cdist, softmax over the k, a where loop", (),
+                CentroidRoutedMoE),
+    CorpusEntry("chunked_experts", f"{_REMOTE}: an older DBRX's experts, [E * I, H] weights viewed [E, I, H] and "
+                "chunked into one squeezed piece per expert, the expert's piece picked from the list; p-norm "
+                "normalised top weights, a one-hot mask, token lists on the host", (1, 2), ChunkedExpertsMoE),
+    CorpusEntry("embedding_tables", f"{_RESEARCH}: each expert's matrices flattened into the rows of nn.Embedding "
+                "modules ([E, I * H]), looked up by the chosen ids and viewed back to [T, k, I, H], einsum per slot",
+                (2,), EmbeddingTablesMoE),
+    CorpusEntry("quantizable_sorted", "a quantization library's MoE: packed experts given (rows, ids), sorted by a "
+                "stable argsort, histc counts over E + 1 bins from -1, cut at cumulative counts, put back by the "
+                "inverse permutation; one token gathers its experts' weights; einsum('tai,ta->ti')", (2, 3, 6),
+                QuantizableMoE),
+    CorpusEntry("matmul_capacity", f"{_TRAINING}: top-2 into capacity slots, dispatch by matmul of the permuted "
+                "[E, C, T] mask with the tokens, packed bmm experts ([E, H, I]) on the buffers, combine by matmul of "
+                "[T, E * C] weights with [E * C, H] outputs", (5,), MatmulDispatchMoE),
+    CorpusEntry("sinkhorn_router", f"{_TRAINING}: Sinkhorn routing at inference, the logits balanced in a loop "
+                "until they converge, top-k of the balanced scores, the sigmoid of the raw logits as weights", (),
+                SinkhornRoutedMoE),
+    CorpusEntry("shared_down", f"{_RESEARCH}: experts holding only their gate and up projections, the "
+                "routing-weighted sum of their activations through one down projection they share", (),
+                SharedDownMoE),
 )
 
 

@@ -172,7 +172,10 @@ def split_pieces(weight: torch.Tensor, out: object) -> bool:
 
 def splits_as_views(graph: fx.Graph) -> None:
     """Rewrite, in a recording, each piece used of a weight split into equal pieces (``split_pieces``) as the
-    entry of a view: ``torch.chunk(w, E)[e]`` becomes ``w.view(E, *piece)[e]``, the gather of expert ``e``."""
+    entry of a view: ``torch.chunk(w, E)[e]`` becomes ``w.view(E, *piece)[e]``, the gather of expert ``e``. A piece
+    that keeps a leading size-1 dimension (``w.view(E, I, H).chunk(E)[e]``, ``[1, I, H]``, as DBRX's older code
+    splits its experts) becomes ``w.view(E, I, H)[e].unsqueeze(0)``: the gather of one expert's ``[I, H]`` matrix,
+    then the piece's shape."""
     for node in list(graph.nodes):
         split = node.args[0] if node.target is operator.getitem and node.args and node.users else None
         if not isinstance(split, fx.Node) or not split.args or not isinstance(split.args[0], fx.Node):
@@ -180,37 +183,68 @@ def splits_as_views(graph: fx.Graph) -> None:
         weight, pieces = value(split.args[0]), value(split)
         if not isinstance(weight, torch.Tensor) or not split_pieces(weight, pieces):
             continue
+        piece = tuple(pieces[0].shape)
+        kept = piece[1:] if len(piece) > 1 and piece[0] == 1 else piece  # a leading 1 of each piece: gather beneath
         with graph.inserting_before(node):
-            view = graph.call_function(torch.Tensor.view, (split.args[0], (len(pieces), *pieces[0].shape)))
-        view.meta.update(split.meta, value=weight.view(len(pieces), *pieces[0].shape))
-        node.args = (view, *node.args[1:])
+            view = graph.call_function(torch.Tensor.view, (split.args[0], (len(pieces), *kept)))
+        view.meta.update(split.meta, value=weight.view(len(pieces), *kept))
+        if kept == piece:
+            node.args = (view, *node.args[1:])
+            continue
+        with graph.inserting_before(node):
+            entry = graph.call_function(operator.getitem, (view, *node.args[1:]))
+        entry.meta.update(node.meta, value=value(view)[node.args[1]])
+        node.target, node.args, node.kwargs = torch.Tensor.unsqueeze, (entry, 0), {}
 
 
 def flat_gathers_as_gathers(graph: fx.Graph) -> None:
     """Rewrite, in a recording, a gather of experts' flattened entries put back in shape as a gather of the
     experts' entries themselves: ``F.embedding(idx, W.view(E, -1)).view(*idx.shape, *W.shape[1:])`` (a lookup
-    table of expert weights) becomes ``W[idx]``, checked on the recorded values."""
+    table of expert weights) becomes ``W[idx]``, checked on the recorded values; so does a lookup in a table of
+    each expert's flattened matrices (an ``nn.Embedding`` of ``[E, a * b]``: ``table(idx).view(*idx.shape, a, b)``
+    becomes ``table.weight.view(E, a, b)[idx]``)."""
     for node in list(graph.nodes):
         found = gathered_index(node.target, fx.node.map_arg(node.args, value)) if node.op == "call_function" else None
         flat = next((a for a in node.all_input_nodes if found and value(a) is found[0]), None)
-        if flat is None or len(node.users) != 1 or not flat.all_input_nodes:
+        if flat is None or len(node.users) != 1:
             continue
-        weight, shaped = flat.all_input_nodes[0], next(iter(node.users))
+        shaped = next(iter(node.users))
+        weight, stored = _stored_matrices(flat, value(shaped), found) or (None, None)
         index = next((a for a in node.all_input_nodes if value(a) is found[1]), None)
-        stored, gathered = value(weight), value(shaped)
+        gathered = value(shaped)
         if not (index is not None and isinstance(stored, torch.Tensor) and stored.dim() >= 3
                 and found[0].dim() == 2 and found[0].shape[0] == stored.shape[0] and reshaped_view(found[0], stored)
                 and isinstance(gathered, torch.Tensor) and gathered.shape == (*found[1].shape, *stored.shape[1:])
                 and torch.equal(gathered, stored[found[1]])):
             continue
+        if weight is flat:  # the table itself holds each expert's matrix flattened: gathered from its view
+            with graph.inserting_before(shaped):
+                weight = graph.call_function(torch.Tensor.view, (flat, tuple(stored.shape)))
+            weight.meta.update(flat.meta, value=stored)
+            flat = None
         with graph.inserting_before(shaped):
             entries = graph.call_function(operator.getitem, (weight, index))
         entries.meta.update(shaped.meta, value=gathered)
         shaped.replace_all_uses_with(entries)
         graph.erase_node(shaped)
         graph.erase_node(node)
-        if not flat.users:
+        if flat is not None and not flat.users:
             graph.erase_node(flat)
+
+
+def _stored_matrices(flat: fx.Node, shaped: object, found: tuple) -> tuple[fx.Node, object] | None:
+    """``(node, value)``: the ``[E, a, b]`` weight whose experts' matrices the flat ``[E, a * b]`` rows a gather
+    took hold: the weight they view (``W.view(E, -1)``), or the rows themselves where they are a table of their
+    own (an ``nn.Embedding``'s weight) whose gathered rows are put in that shape (``table(idx).view(*idx.shape, a,
+    b)``), with the table's values in that shape. Checked by the caller."""
+    if flat.all_input_nodes:
+        return flat.all_input_nodes[0], value(flat.all_input_nodes[0])
+    table, index = found
+    if not (isinstance(shaped, torch.Tensor) and isinstance(index, torch.Tensor) and table.dim() == 2
+            and shaped.dim() == index.dim() + 2 and shaped.shape[:index.dim()] == index.shape
+            and min(shaped.shape[index.dim():]) >= 2):  # matrices: a gathered bias given a size-1 dimension is none
+        return None
+    return flat, table.view(table.shape[0], *shaped.shape[index.dim():])
 
 
 def reshaped_view(out: object, weight: torch.Tensor) -> bool:
