@@ -82,39 +82,6 @@ def test_experts_no_rule_reads_below_a_wrapper_are_named():
     assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
 
 
-class _AttributeExperts(nn.Module):
-    """Experts held as attributes of the block (``setattr(self, f"expert_{i}", ...)``), no list around them, fetched
-    by ``getattr`` in a where loop beside a top-2 router: no rule reads experts that no list holds."""
-
-    def __init__(self, experts: int = 4, hidden: int = 16) -> None:
-        super().__init__()
-        self.count = experts
-        self.router = nn.Linear(hidden, experts, bias=False)
-        for e in range(experts):
-            setattr(self, f"expert_{e}", nn.Sequential(nn.Linear(hidden, 24), nn.GELU(), nn.Linear(24, hidden)))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        t = hidden_states.reshape(-1, hidden_states.shape[-1])
-        weights, chosen = self.router(t).softmax(-1).topk(2, dim=-1)
-        out = torch.zeros_like(t)
-        for e in range(self.count):
-            token, slot = torch.where(chosen == e)
-            out[token] += weights[token, slot, None] * getattr(self, f"expert_{e}")(t[token])
-        return out.view_as(hidden_states)
-
-
-def test_experts_held_as_attributes_are_named():
-    """Experts that are attributes of the block, beside a convertible block: convert named nothing and converted the
-    rest (the block was no candidate: no list holds its experts); it now refuses, naming the block, and explain
-    shows it as a failure."""
-    with pytest.raises(autocal.AutocalError) as raised:
-        autocal.convert(Mixed(init_normal(_AttributeExperts(), 0), seed=0))
-    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
-    assert "attributes" in raised.value.explanation
-    report = autocal.explain(Mixed(init_normal(_AttributeExperts(), 0), seed=0), verify=False)
-    assert [b.paths for b in report.blocks if not b.ok] == [["block"]]
-
-
 def _mixed(name: str) -> Mixed:
     return Mixed(ENTRIES[name].build(0), seed=0)
 
