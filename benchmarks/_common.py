@@ -6,11 +6,14 @@ repository root (``python benchmarks/<script>.py``).
 
 from __future__ import annotations
 
+import cProfile
 import importlib
+import io
 import json
 import importlib.util
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -231,6 +234,15 @@ def machine(device: torch.device) -> dict:
 def run_result(benchmark: str, machine_info: dict, **fields) -> dict:
     """A run's JSON: the benchmark, the command that ran it and the machine (``machine``), then ``fields``."""
     return {"benchmark": benchmark, "command": " ".join(["python", *sys.argv]), "machine": machine_info, **fields}
+
+
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    """Where a run's host time went: the 70 calls of largest cumulative time, then the 40 of largest own time."""
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(40)
+    path.write_text(text.getvalue())
 
 
 def write_json(result: dict, path: Path | None) -> None:

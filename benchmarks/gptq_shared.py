@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import io
 import json
 import os
-import pstats
 import statistics
 import subprocess
 import sys
@@ -43,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, machine, proc_status, qwen3_moe_config, run_result, write_json  # noqa: E402
+from _common import Shape, machine, proc_status, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
 
 __all__ = ["main"]
 
@@ -71,7 +69,11 @@ def save_model(args, path: Path) -> None:
                               intermediate_size=args.hidden * 2, num_attention_heads=4, num_key_value_heads=2,
                               head_dim=args.hidden // 4)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
+    # Initialized on the GPU where there is one: DeepSeek-V3's layer (22 GB) took 6 minutes to initialize on a CPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    del model
     vocabulary = {f"t{i}": i for i in range(args.vocab)}
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
                             unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(path)
@@ -175,15 +177,6 @@ def child(args) -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def write_profile(profiler: cProfile.Profile, path: Path) -> None:
-    """Where a run's host time went: the 70 calls of largest cumulative time, then the 40 of largest own time."""
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.sort_stats("cumulative").print_stats(70)
-    stats.sort_stats("tottime").print_stats(40)
-    path.write_text(text.getvalue())
-
-
 def run_child(method: str, args, scales: Path, profile: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", method, "--model", str(args.model), "--scales", str(scales)] + [
         f"--{k}={getattr(args, k)}" for k in SIZES if getattr(args, k) is not None]
@@ -250,6 +243,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path, help="a folder: after the rounds, one more run of each method under "
                         "cProfile, its statistics written there (gptq_profile_<method>.txt)")
+    parser.add_argument("--model_dir", type=Path, help="where the random model is saved, and kept: a later command "
+                        "with the same sizes reuses it (default: a temporary folder)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scales", type=Path, help=argparse.SUPPRESS)
@@ -266,10 +261,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(child(args)))
         return None
     with tempfile.TemporaryDirectory() as folder:
-        args.model = Path(folder) / "model"
-        started = time.perf_counter()
-        save_model(args, args.model)
-        print(f"model saved in {time.perf_counter() - started:.1f} s", flush=True)
+        args.model = args.model_dir or Path(folder) / "model"
+        if not (args.model / "config.json").exists():
+            started = time.perf_counter()
+            save_model(args, args.model)
+            print(f"model saved in {time.perf_counter() - started:.1f} s", flush=True)
         runs = []
         for round_ in range(args.rounds):
             for method in args.methods:

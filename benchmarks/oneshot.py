@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
 import os
 import statistics
@@ -57,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, machine, qwen3_moe_config, run_result, write_json  # noqa: E402
+from _common import Shape, machine, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
 
 __all__ = ["main"]
 
@@ -127,7 +128,8 @@ def child(args) -> dict:
         import llmcompressor
 
         started = time.perf_counter()
-        llmcompressor.oneshot(model=model, recipe=recipe, moe_calibrate_all_experts=True, **kwargs)
+        with profiled(args.profile, args.method):
+            llmcompressor.oneshot(model=model, recipe=recipe, moe_calibrate_all_experts=True, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - started, 0.0
     else:
         from autocal.integrations import llmcompressor as alc
@@ -137,7 +139,8 @@ def child(args) -> dict:
         alc.prepare(model, group_experts=args.method != "autocal-one-by-one")
         prepared = time.perf_counter()
         routed = args.method in ("autocal", "autocal-shared-observers", "autocal-shared-observers-module-calls")
-        with called_as_modules() if args.method.endswith("module-calls") else contextlib.nullcontext():
+        with called_as_modules() if args.method.endswith("module-calls") else contextlib.nullcontext(), \
+                profiled(args.profile, args.method):
             alc.oneshot(model, recipe=recipe, propagate_routed=routed, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
@@ -148,10 +151,26 @@ def child(args) -> dict:
             "expert_linears_with_scales": scaled}
 
 
-def run_child(method: str, args) -> dict:
+@contextlib.contextmanager
+def profiled(folder: Path | None, method: str):
+    """Under cProfile, its statistics written to ``folder/oneshot_profile_<method>.txt``, if ``folder``."""
+    if folder is None:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        write_profile(profiler, folder / f"oneshot_profile_{method}.txt")
+
+
+def run_child(method: str, args, profile: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--child", method, "--model", str(args.model)] + [
         f"--{k}={getattr(args, k)}" for k in ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples",
                                                "tokens", "threads", "dtype", "batch_size", "recipe") if getattr(args, k) is not None]
+    command += ["--profile", str(profile)] if profile else []
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     if out.returncode:
         raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
@@ -175,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, help="a folder: after the rounds, one more run of each method under "
+                        "cProfile, its statistics written there (oneshot_profile_<method>.txt)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -193,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                 runs.append(run_child(method, args))
                 print(f"round {round_ + 1}: {method:<22} prepare {runs[-1]['prepare_s']:6.2f} s, "
                       f"oneshot {runs[-1]['oneshot_s']:6.2f} s", flush=True)
+        for method in args.methods if args.profile else ():  # an extra run each, profiled, not in the figures
+            run_child(method, args, args.profile)
+            print(f"profiled: {method} -> {args.profile}/oneshot_profile_{method}.txt", flush=True)
     medians = {m: statistics.median(r["oneshot_s"] for r in runs if r["method"] == m) for m in args.methods}
     prepare_medians = {m: statistics.median(r["prepare_s"] for r in runs if r["method"] == m) for m in args.methods}
     total_medians = {m: statistics.median(r["prepare_s"] + r["oneshot_s"] for r in runs if r["method"] == m)

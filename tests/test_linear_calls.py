@@ -7,13 +7,16 @@ bitwise, and hooks that see the same inputs.
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import autocal
 from autocal import linear_calls
+from autocal.synthesize import grouped
 from autocal.integrations.llmcompressor import expert_linears
 from autocal.testing import zoo
 
@@ -131,16 +134,22 @@ def calibration_run(model: nn.Module, ids: torch.Tensor, group_hook: bool, extra
     return output, inputs, calls, stats
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked weights", "one matmul per Linear"])
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
-def test_group_hooks_see_what_module_hooks_see(name):
+def test_group_hooks_see_what_module_hooks_see(name, stacked, monkeypatch):
     """A group hook standing for every expert Linear's hook is called once per projection and group of
-    experts, with the inputs each Linear's hook would have seen; outputs are bitwise the module calls'."""
+    experts, with the inputs each Linear's hook would have seen; outputs are bitwise the module calls', whether
+    a group's Linears are computed by one batched matmul on their stacked weights or one by one."""
     model = zoo.build_model(name)
     autocal.convert(model, calibrate_all_experts=True)
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     reference, reference_inputs, _, reference_stats = calibration_run(model, ids, group_hook=False)
+    monkeypatch.setattr(grouped, "STACK_BYTES", {False: 1 << 40, True: 1 << 40} if stacked else {False: 0, True: 0})
+    linear_calls_made = []
+    monkeypatch.setattr(grouped, "F", SimpleNamespace(linear=lambda *a: linear_calls_made.append(1) or F.linear(*a)))
     output, inputs, calls, stats = calibration_run(model, ids, group_hook=True)
     assert torch.equal(output, reference)
+    assert (not linear_calls_made) if stacked else linear_calls_made
     assert calls == [], "no expert Linear was called as a module"
     assert stats["module hooks"] == 0 and 0 < stats["group calls"] < reference_stats["module hooks"]
     assert inputs.keys() == reference_inputs.keys()

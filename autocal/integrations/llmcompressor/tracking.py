@@ -232,14 +232,13 @@ class Coverage:
 def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
              require_all_tokens: bool = True) -> Coverage:
     """Quantization parameters of every expert Linear (and, with a tracker, the tokens each saw)."""
-    result = []
+    result, checks = [], []
     tracked = tracker is not None and any(tracker.block_tokens.values())  # data-free recipes run no forward
     quantized = any(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
     for linear in expert_linears(model):
         module = model.get_submodule(linear.path)
         scheme = getattr(module, "quantization_scheme", None)
-        tensors = {name: t for name, t in list(module.named_parameters(recurse=False))
-                   + list(module.named_buffers(recurse=False)) if name.endswith(QPARAM_SUFFIXES)}
+        tensors = _qparams(module)
         required = _required_qparams(scheme) if scheme is not None else []
         entry = LinearCoverage(
             path=linear.path, block=linear.block, expert=linear.expert, name=linear.name,
@@ -249,16 +248,51 @@ def coverage(model: nn.Module, tracker: CoverageTracker | None = None, *,
             qparams={n: tuple(t.shape) for n, t in tensors.items()},
             missing=[n for n in required if n not in tensors],
         )
-        for name, tensor in tensors.items():
-            values = tensor.detach()
-            if values.is_floating_point() and values.dtype.itemsize == 1:
-                values = values.float()
-            if values.is_floating_point() and not torch.isfinite(values).all():
-                entry.nonfinite.append(name)
-            elif name.endswith("scale") and values.numel() and (values == 0).any():
-                entry.zero.append(name)
+        checks += [(entry, name, tensor) for name, tensor in tensors.items()]
         result.append(entry)
+    _check_values(checks)
     return Coverage(result, dict(tracker.block_tokens) if tracker else {}, require_all_tokens)
+
+
+def _qparams(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own quantization parameters and buffers, read by name: reading every parameter would bring
+    each offloaded weight to the device (compressed-tensors' offloading hands parameters out that way)."""
+    tensors = {}
+    for table in (module._parameters, module._buffers):
+        for name in [n for n in table if n.endswith(QPARAM_SUFFIXES)]:
+            if table[name] is not None:
+                tensors[name] = table[name]
+    return tensors
+
+
+def _check_values(checks: list[tuple[LinearCoverage, str, torch.Tensor]]) -> None:
+    """Note NaN/inf and zero scales on each entry. The flags are read from their device at once: one wait for
+    a GPU, not one per tensor."""
+    flags = []
+    for _, name, tensor in checks:
+        values = tensor.detach()
+        values = values.float() if values.is_floating_point() and values.dtype.itemsize == 1 else values
+        no = torch.zeros((), dtype=torch.bool, device=values.device)
+        nonfinite = ~torch.isfinite(values).all() if values.is_floating_point() else no
+        zero = (values == 0).any() if name.endswith("scale") and values.numel() else no
+        flags.append(torch.stack([nonfinite, zero]))
+    for (entry, name, _), (nonfinite, zero) in zip(checks, _read(flags)):
+        if nonfinite:
+            entry.nonfinite.append(name)
+        elif zero:
+            entry.zero.append(name)
+
+
+def _read(tensors: list[torch.Tensor]) -> list[list]:
+    """``t.tolist()`` for each tensor (all of one shape), with one copy to the host per device."""
+    positions: dict[torch.device, list[int]] = {}
+    for position, tensor in enumerate(tensors):
+        positions.setdefault(tensor.device, []).append(position)
+    read: list[list] = [[] for _ in tensors]
+    for device_positions in positions.values():
+        for position, values in zip(device_positions, torch.stack([tensors[p] for p in device_positions]).tolist()):
+            read[position] = values
+    return read
 
 
 def check_coverage(model: nn.Module, tracker: CoverageTracker | None = None) -> Coverage:
