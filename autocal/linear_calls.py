@@ -24,7 +24,7 @@ the first accumulates while the others only confirm they saw the same tensor. A 
 register a *group hook* (``register_group_hook``) that stands for its hooks on many Linears: where every
 hook of a projection's Linears across a group of experts is stood for, ``synthesize/grouped.py`` calls
 each group hook once with all of them and their inputs (``linear_calls_for``), then computes each Linear's
-``F.linear``.
+``F.linear``: small bias-free Linears as one batched matmul on their stacked weights (``grouped.STACK_BYTES``).
 """
 
 from __future__ import annotations

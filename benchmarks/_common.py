@@ -200,6 +200,31 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repe
     return times
 
 
+class PassTimer:
+    """Seconds LLM Compressor's sequential pipeline spends in its subgraphs' forwards, calibration passes
+    (hooks live) and propagation passes (hooks disabled) apart, the device synchronized around each: a
+    benchmark probe on ``Subgraph.forward``, installed for the life of the process."""
+
+    def __init__(self) -> None:
+        from llmcompressor.modifiers.utils.hooks import HooksMixin
+        from llmcompressor.pipelines.sequential.helpers import Subgraph
+
+        self.seconds = {"calibrating_s": 0.0, "propagating_s": 0.0}
+        forward = Subgraph.forward
+
+        def timed(subgraph, *args, **kwargs):
+            sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            started = time.perf_counter()
+            try:
+                return forward(subgraph, *args, **kwargs)
+            finally:
+                sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                key = "propagating_s" if HooksMixin._HOOKS_DISABLED else "calibrating_s"
+                self.seconds[key] += time.perf_counter() - started
+
+        Subgraph.forward = timed
+
+
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, machine, proc_status, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
+from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
 
 __all__ = ["main"]
 
@@ -156,6 +156,7 @@ def child(args) -> dict:
                 return alc.oneshot(model, recipe=modifier, **kwargs)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    passes = PassTimer()
     before = proc_status("VmRSS")
     profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
@@ -172,7 +173,7 @@ def child(args) -> dict:
     tensors = quantized_tensors(model)
     torch.save(tensors, args.scales)
     return {"method": args.method, "oneshot_s": seconds, "prepare_s": prepare_s, "compress_s": compressing[0],
-            "peak_growth_bytes": growth, "gpu_peak_bytes": gpu_peak, "hessian_bytes": peak_hessians[0],
+            **passes.seconds, "peak_growth_bytes": growth, "gpu_peak_bytes": gpu_peak, "hessian_bytes": peak_hessians[0],
             "expert_linears": sum(k.endswith("weight_scale") for k in tensors),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
@@ -210,7 +211,8 @@ def agreement(ours: Path, reference: Path) -> dict:
 
 def _format(run: dict) -> str:
     gpu = f", GPU peak {run['gpu_peak_bytes'] / 2**30:6.1f} GiB" if run["gpu_peak_bytes"] is not None else ""
-    return (f"oneshot {run['oneshot_s']:7.2f} s (compressing {run['compress_s']:6.2f} s; prepare "
+    return (f"oneshot {run['oneshot_s']:7.2f} s (compressing {run['compress_s']:6.2f} s, calibration passes "
+            f"{run['calibrating_s']:6.2f} s, propagation passes {run['propagating_s']:6.2f} s; prepare "
             f"{run['prepare_s']:5.2f} s), peak growth {run['peak_growth_bytes'] / 2**20:8.1f} MiB{gpu}, Hessians "
             f"{run['hessian_bytes'] / 2**20:8.1f} MiB")
 

@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Shape, machine, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
+from _common import PassTimer, Shape, machine, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
 
 __all__ = ["main"]
 
@@ -124,6 +124,7 @@ def child(args) -> dict:
     recipe = make_recipe(args)
     if not torch.cuda.is_available():
         IntermediatesCache.pin_memory = lambda self, *a, **k: None  # pinning needs an accelerator
+    passes = PassTimer()
     if args.method == "incumbent":
         import llmcompressor
 
@@ -146,6 +147,7 @@ def child(args) -> dict:
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
     scaled = sum(_has_scales(m, args.recipe) for m in experts)
     return {"method": args.method, "recipe": args.recipe, "oneshot_s": seconds, "prepare_s": prepare_seconds,
+            **passes.seconds,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "expert_linears": len(experts),
             "expert_linears_with_scales": scaled}
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             for method in args.methods:
                 runs.append(run_child(method, args))
                 print(f"round {round_ + 1}: {method:<22} prepare {runs[-1]['prepare_s']:6.2f} s, "
-                      f"oneshot {runs[-1]['oneshot_s']:6.2f} s", flush=True)
+                      f"oneshot {runs[-1]['oneshot_s']:6.2f} s (calibration passes {runs[-1]['calibrating_s']:6.2f} s, "
+                      f"propagation passes {runs[-1]['propagating_s']:6.2f} s)", flush=True)
         for method in args.methods if args.profile else ():  # an extra run each, profiled, not in the figures
             run_child(method, args, args.profile)
             print(f"profiled: {method} -> {args.profile}/oneshot_profile_{method}.txt", flush=True)
