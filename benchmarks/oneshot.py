@@ -16,6 +16,7 @@ AWQ W4A16 (asymmetric, groups of 32), each run in a fresh subprocess:
   of commit 5270eda called each expert under such a wrapper on its own);
 - ``autocal-shared-observers``: ``autocal`` with ``SharedObserverQuantizationModifier`` (the input observer
   of each group of expert Linears sharing an input hooked on its first member only; FP8 only);
+- ``autocal-shared-observers-propagate-all``: the same with ``propagate_routed=False`` (LLM Compressor's result);
 - ``autocal-shared-observers-module-calls``: the same with every expert Linear called as a module, through
   compressed-tensors' wrappers (``autocal.linear_calls.called_as_modules``), as before session 12;
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)``
@@ -63,7 +64,7 @@ from _common import PassTimer, Shape, machine, qwen3_moe_config, run_result, wri
 __all__ = ["main"]
 
 METHODS = ("autocal", "autocal-propagate-all", "autocal-one-by-one", "autocal-shared-observers",
-           "autocal-shared-observers-module-calls", "incumbent")
+           "autocal-shared-observers-propagate-all", "autocal-shared-observers-module-calls", "incumbent")
 
 
 def save_model(args, path: Path) -> None:
