@@ -82,6 +82,69 @@ def test_experts_no_rule_reads_below_a_wrapper_are_named():
     assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
 
 
+class _AttributeExperts(nn.Module):
+    """Experts held as attributes of the block (``setattr(self, f"expert_{i}", ...)``), no list around them, fetched
+    by ``getattr`` in a where loop beside a top-2 router: no rule reads experts that no list holds."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16) -> None:
+        super().__init__()
+        self.count = experts
+        self.router = nn.Linear(hidden, experts, bias=False)
+        for e in range(experts):
+            setattr(self, f"expert_{e}", nn.Sequential(nn.Linear(hidden, 24), nn.GELU(), nn.Linear(24, hidden)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, chosen = self.router(t).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(self.count):
+            token, slot = torch.where(chosen == e)
+            out[token] += weights[token, slot, None] * getattr(self, f"expert_{e}")(t[token])
+        return out.view_as(hidden_states)
+
+
+def test_experts_held_as_attributes_are_named():
+    """Experts that are attributes of the block, beside a convertible block: convert named nothing and converted the
+    rest (the block was no candidate: no list holds its experts); it now refuses, naming the block, and explain
+    shows it as a failure."""
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(Mixed(init_normal(_AttributeExperts(), 0), seed=0))
+    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+    assert "attributes" in raised.value.explanation
+    report = autocal.explain(Mixed(init_normal(_AttributeExperts(), 0), seed=0), verify=False)
+    assert [b.paths for b in report.blocks if not b.ok] == [["block"]]
+
+
+class _StreamGates(nn.Module):
+    """One gate per stream (q, k, v, mlp), of one class, held as attributes beside a ``[4, hidden]`` mixing weight,
+    as Inkling2-Loop's decoder layer holds its message gates: the structure of experts held as attributes, but
+    every gate sees every row (no routing)."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.mixing = nn.Parameter(torch.randn(4, hidden))
+        for name in ("q_gate", "k_gate", "v_gate", "mlp_gate"):
+            setattr(self, name, nn.Sequential(nn.Linear(hidden, 24), nn.GELU(), nn.Linear(24, hidden)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gates = (self.q_gate, self.k_gate, self.v_gate, self.mlp_gate)
+        return hidden_states + sum(g(hidden_states) * w for g, w in zip(gates, self.mixing))
+
+
+def test_modules_of_one_class_that_see_every_row_are_no_experts():
+    """The attribute-experts structure without routing (each gate on every row): converted without a word about it,
+    the neighbouring MoE block converted, the output unchanged."""
+    model = Mixed(init_normal(_StreamGates(), 0), seed=0)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+    autocal.convert(model)
+    assert isinstance(model.toy, MoECalibrationModule) and type(model.block) is _StreamGates
+    assert autocal.unconverted(model) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
 def _mixed(name: str) -> Mixed:
     return Mixed(ENTRIES[name].build(0), seed=0)
 

@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from ..trace.hf import declared_routers
+from ..trace.inputs import synthesize_inputs
 from .entry_template import own_weights
 from .linear_like import lookup_tables, made_of_linears
 from .storage import side_by_side
 
 __all__ = ["unrecognized_experts"]
+
+ROUTING_TOKENS = 16  # rows the owner of attribute experts is run on: enough that a top-k leaves some expert out
 
 
 def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str, str, str]]:
@@ -26,7 +29,9 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
     more dimensions whose leading size is the row count of a router-shaped
     weight beside it; a list of two or more modules of one class beside a
     router-shaped weight with one row per entry (``_routed_lists``), or a module of
-    flat weights ``[H, E * m]`` / ``[E * m, H]`` beside an ``[E, H]`` one (``_flat_experts``); and a module
+    flat weights ``[H, E * m]`` / ``[E * m, H]`` beside an ``[E, H]`` one (``_flat_experts``); two or more
+    expert-like modules held as attributes, not in a list, beside such a weight, each sent some of the rows
+    (``_attribute_experts``); and a module
     the model itself declares as producing router logits (transformers' output
     recorders).
     """
@@ -46,6 +51,7 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
                 break
     found += _routed_lists(modules, blocks + [b for b, _, _ in found])
     found += _flat_experts(modules, blocks + [b for b, _, _ in found])
+    found += _attribute_experts(modules, blocks + [b for b, _, _ in found])
     flagged = [b for b, _, _ in found]
     for path in declared_routers(model):
         module = modules[path]
@@ -142,6 +148,74 @@ def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
             found.append((owner_path, path, f"`{path or '<model>'}` holds weights of every expert side by side "
                                             f"beside a router-shaped weight"))
     return found
+
+
+def _attribute_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tuple[str, str, str]]:
+    """``(owner path, first expert path, what)`` for a module holding two or more children of one class and shape,
+    made of Linears, as attributes of its own (``setattr(self, f"expert_{i}", ...)``: no list holds them), beside
+    a 2-D weight or floating buffer, outside them, with one row per such child and a width of theirs (``[E, H]``),
+    and that calls one of them on fewer rows than it was given (``_routes_rows_among``, recorded: the structure
+    alone matches a layer's per-stream gates too). Bare Linears are no such experts (an attention's projections)."""
+    found = []
+    for path, module in modules.items():
+        if type(module).__module__.startswith("torch.nn.") or any(_within(path, b) for b in blocks):
+            continue
+        groups: dict[tuple, list[str]] = {}
+        for name, child in module.named_children():
+            if not isinstance(child, (nn.Linear, nn.ModuleList, nn.ModuleDict)) and made_of_linears(child):
+                groups.setdefault(_kind(child), []).append(name)
+        for names in (g for g in groups.values() if len(g) >= 2):
+            first = modules[_join(path, names[0])]
+            sizes = {d for p in first.parameters() for d in p.shape}
+            inside = {id(t) for n in names for t in (*modules[_join(path, n)].parameters(),
+                                                     *modules[_join(path, n)].buffers())}
+            beside = [t for t in (*module.parameters(), *module.buffers())
+                      if t.dim() == 2 and t.is_floating_point() and id(t) not in inside]
+            if any(t.shape[0] == len(names) and t.shape[1] in sizes for t in beside) and _routes_rows_among(
+                    module, [modules[_join(path, n)] for n in names]):
+                found.append((path, _join(path, names[0]), f"`{path or '<model>'}` holds {len(names)} expert-like "
+                                                           f"modules as attributes ({', '.join(names[:3])}, …) beside "
+                                                           f"a router-shaped weight with one row per module, and sends each "
+                                                           f"only some of its rows"))
+                break
+    return found
+
+
+def _routes_rows_among(owner: nn.Module, children: list[nn.Module]) -> bool:
+    """Does ``owner``, run on hidden states made from its parameters, call one of ``children`` on fewer rows than it
+    was given? Experts held as attributes see the rows routed to them; modules of one class that all see every row
+    (a layer's message gates, one per stream, beside a weight with a row per gate) do not. False where no such
+    input runs ``owner`` and calls them: nothing recorded, nothing said."""
+    rows: list[int] = []
+
+    def record(_module: nn.Module, args: tuple) -> None:
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
+        if first is not None:
+            rows.append(first.numel() // first.shape[-1])
+
+    def accepts(args: tuple) -> bool:
+        rows.clear()
+        handles = [child.register_forward_pre_hook(record) for child in children]
+        try:
+            with torch.no_grad():
+                owner(*args)
+        except Exception:  # noqa: BLE001 - any failure means: this input does not run it
+            return False
+        finally:
+            for handle in handles:
+                handle.remove()
+        return bool(rows)
+
+    args = synthesize_inputs(owner, children[0], accepts, num_tokens=ROUTING_TOKENS)
+    return args is not None and any(count < args[0].numel() // args[0].shape[-1] for count in rows)
+
+
+def _kind(module: nn.Module) -> tuple:
+    return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:
