@@ -152,3 +152,14 @@ def test_eager_experts_need_no_word_on_the_implementation():
     assert verification["experts_implementation"] == "eager"
     assert verification["bitwise_off_eager"] == verification["bitwise_off"] is True
     assert "experts impl" not in str(report)
+
+
+@pytest.mark.parametrize("name, grouped", [("group_limited", True), ("hierarchical", True), ("gshard_top2", False),
+                                           ("switch_top1", False), ("megatron_grouped", False)])
+def test_groups_are_said_only_of_group_limited_routing(name, grouped):
+    """``groups`` says whether the routing picks groups of experts before experts (a selection over fewer choices
+    first): not of GShard's second choice among the experts left, nor of scores kept ``[batch, seq, E]``."""
+    from autocal.testing.corpus import ENTRIES, Holder
+
+    report = autocal.explain(Holder(ENTRIES[name].build(0)), verify=False)
+    assert report.blocks[0].structure["router"]["grouped"] is grouped

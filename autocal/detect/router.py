@@ -168,13 +168,21 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         num_choices=choices,
         renormalized=_renormalized(after_selection, ancestry),
         correction_bias=_correction_bias(graph, scored, weights, ancestry),
-        grouped=len(selections) > 1 or value(scored).dim() > 2,
+        grouped=_group_limited(selections),
         scaling=_scaling(after_selection),
         selection=selection,
         scored_after_selection=bool(scoring_nodes) and ancestry.is_ancestor(final, scoring_nodes[0]),
         sources={k: v for k, v in sources.items() if v},
         dynamic_k=(fewest, top_k) if top_p is not None else None,
     )
+
+
+def _group_limited(selections: list[fx.Node]) -> bool:
+    """Is the routing group-limited: an earlier selection over fewer choices than the last one's (the best groups
+    of experts, then the best experts within them)? A selection repeated over the same choices (GShard's second
+    choice among the experts left) and scores kept ``[batch, seq, E]`` are no groups."""
+    last = value(selections[-1].args[0]).shape[-1]
+    return any(value(s.args[0]).shape[-1] != last for s in selections[:-1])
 
 
 def _top_p(selections: list[fx.Node], routing: tuple[fx.Node, fx.Node],
