@@ -6,6 +6,7 @@ repository root (``python benchmarks/<script>.py``).
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import importlib
 import io
@@ -212,13 +213,15 @@ class PassTimer:
         self.seconds = {"calibrating_s": 0.0, "propagating_s": 0.0}
         forward = Subgraph.forward
 
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
         def timed(subgraph, *args, **kwargs):
-            sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            sync(device)
             started = time.perf_counter()
             try:
                 return forward(subgraph, *args, **kwargs)
             finally:
-                sync(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                sync(device)
                 key = "propagating_s" if HooksMixin._HOOKS_DISABLED else "calibrating_s"
                 self.seconds[key] += time.perf_counter() - started
 
@@ -259,6 +262,21 @@ def machine(device: torch.device) -> dict:
 def run_result(benchmark: str, machine_info: dict, **fields) -> dict:
     """A run's JSON: the benchmark, the command that ran it and the machine (``machine``), then ``fields``."""
     return {"benchmark": benchmark, "command": " ".join(["python", *sys.argv]), "machine": machine_info, **fields}
+
+
+@contextlib.contextmanager
+def profiled(path: Path | None):
+    """Under cProfile, its statistics written to ``path`` (``write_profile``); nothing without a path."""
+    if path is None:
+        yield
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        write_profile(profiler, path)
 
 
 def write_profile(profiler: cProfile.Profile, path: Path) -> None:

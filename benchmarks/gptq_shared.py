@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import json
 import os
 import statistics
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
+from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, profiled, run_result, write_json  # noqa: E402
 
 __all__ = ["main"]
 
@@ -158,16 +157,11 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     passes = PassTimer()
     before = proc_status("VmRSS")
-    profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
-    if profiler:
-        profiler.enable()
-    oneshot()
-    sync()
+    with profiled(args.profile / f"gptq_profile_{args.method}.txt" if args.profile else None):
+        oneshot()
+        sync()
     seconds = time.perf_counter() - started
-    if profiler:
-        profiler.disable()
-        write_profile(profiler, args.profile / f"gptq_profile_{args.method}.txt")
     growth = proc_status("VmHWM") - before
     gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     tensors = quantized_tensors(model)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import json
 import os
 import statistics
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PassTimer, Shape, machine, qwen3_moe_config, run_result, write_json, write_profile  # noqa: E402
+from _common import PassTimer, Shape, machine, qwen3_moe_config, profiled, run_result, write_json  # noqa: E402
 
 __all__ = ["main"]
 
@@ -126,11 +125,12 @@ def child(args) -> dict:
     if not torch.cuda.is_available():
         IntermediatesCache.pin_memory = lambda self, *a, **k: None  # pinning needs an accelerator
     passes = PassTimer()
+    profile = args.profile / f"oneshot_profile_{args.method}.txt" if args.profile else None
     if args.method == "incumbent":
         import llmcompressor
 
         started = time.perf_counter()
-        with profiled(args.profile, args.method):
+        with profiled(profile):
             llmcompressor.oneshot(model=model, recipe=recipe, moe_calibrate_all_experts=True, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - started, 0.0
     else:
@@ -142,7 +142,7 @@ def child(args) -> dict:
         prepared = time.perf_counter()
         routed = args.method in ("autocal", "autocal-shared-observers", "autocal-shared-observers-module-calls")
         with called_as_modules() if args.method.endswith("module-calls") else contextlib.nullcontext(), \
-                profiled(args.profile, args.method):
+                profiled(profile):
             alc.oneshot(model, recipe=recipe, propagate_routed=routed, **kwargs)
         seconds, prepare_seconds = time.perf_counter() - prepared, prepared - started
     experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, torch.nn.Linear)]
@@ -152,21 +152,6 @@ def child(args) -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "expert_linears": len(experts),
             "expert_linears_with_scales": scaled}
-
-
-@contextlib.contextmanager
-def profiled(folder: Path | None, method: str):
-    """Under cProfile, its statistics written to ``folder/oneshot_profile_<method>.txt``, if ``folder``."""
-    if folder is None:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        write_profile(profiler, folder / f"oneshot_profile_{method}.txt")
 
 
 def run_child(method: str, args, profile: Path | None = None) -> dict:

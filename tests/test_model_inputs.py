@@ -64,14 +64,17 @@ def _set_calibration(model, on: bool) -> None:
 VOCAB, HIDDEN, EXPERTS = 24, 8, 4
 
 
+def _gelu_experts() -> nn.ModuleList:
+    return nn.ModuleList(nn.Sequential(nn.Linear(HIDDEN, 12), nn.GELU(), nn.Linear(12, HIDDEN)) for _ in range(EXPERTS))
+
+
 class HashMoE(nn.Module):
     """Hash routing: each token's expert is its id modulo the number of experts, weighted by a sigmoid gate."""
 
     def __init__(self):
         super().__init__()
         self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(HIDDEN, 12), nn.GELU(), nn.Linear(12, HIDDEN))
-                                     for _ in range(EXPERTS))
+        self.experts = _gelu_experts()
 
     def forward(self, hidden_states, input_ids):
         t = hidden_states.reshape(-1, HIDDEN)
@@ -90,8 +93,7 @@ class PaddingMaskMoE(nn.Module):
     def __init__(self):
         super().__init__()
         self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(HIDDEN, 12), nn.GELU(), nn.Linear(12, HIDDEN))
-                                     for _ in range(EXPERTS))
+        self.experts = _gelu_experts()
 
     def forward(self, hidden_states, padding_mask):
         t = hidden_states.reshape(-1, HIDDEN)

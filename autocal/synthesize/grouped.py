@@ -246,25 +246,23 @@ def _project(x: Any, linears: tuple[list[nn.Linear], ...], columns: tuple[slice,
     else:  # group hooks stand for every hook on the Linears: each called once, then the Linears' matmuls
         calls.run_hooks(flat, rows * len(linears))
         weights = iter(calls.weights)
-        pieces = tuple(_linears(inputs, isinstance(x, Shared), per_linear, [next(weights) for _ in per_linear])
-                       for per_linear in linears)
+        pieces = tuple(_linears(inputs, rows, per_linear, [next(weights) for _ in per_linear]) for per_linear in linears)
     return pieces[0] if len(pieces) == 1 else _Columns(pieces, columns, features)
 
 
-def _linears(inputs: torch.Tensor, shared: bool, linears: list[nn.Linear], weights: list[torch.Tensor]) -> torch.Tensor:
-    """``[G, rows, out]``: each Linear's ``F.linear`` with ``weights[g]`` on ``inputs`` (shared) or ``inputs[g]``.
+def _linears(inputs: torch.Tensor, rows: list[torch.Tensor], linears: list[nn.Linear],
+             weights: list[torch.Tensor]) -> torch.Tensor:
+    """``[G, rows, out]``: each Linear's ``F.linear`` with ``weights[g]`` on ``rows[g]``, which are ``inputs``
+    (shared by the group) or its ``[g]`` (stacked).
 
-    Small bias-free Linears (``STACK_BYTES``) run as one batched matmul on their stacked weights: a launch
-    per Linear costs the host more than the copy costs the device.
+    Small bias-free Linears (``STACK_BYTES``) run as one batched matmul on their stacked weights (``inputs``
+    broadcast or batched alike): a launch per Linear costs the host more than the copy costs the device.
     """
-    rows = [inputs] * len(weights) if shared else inputs.unbind(0)
     first = weights[0]
-    budget = STACK_BYTES[first.device.type == "cpu"]
-    if len(weights) == 1 or first.numel() * first.element_size() > budget or any(
+    if len(weights) == 1 or first.numel() * first.element_size() > STACK_BYTES[first.device.type == "cpu"] or any(
             linear.bias is not None for linear in linears):
         return torch.stack([F.linear(row, weight, linear.bias) for linear, row, weight in zip(linears, rows, weights)])
-    stacked = torch.stack(weights).transpose(-1, -2)
-    return torch.matmul(inputs, stacked) if shared else torch.bmm(inputs, stacked)
+    return torch.matmul(inputs, torch.stack(weights).transpose(-1, -2))
 
 
 def _per_expert(value: Any, group: int) -> list:

@@ -2405,15 +2405,9 @@ class CentroidRoutedMoE(nn.Module):
         return _loop_experts(t, closeness.softmax(dim=-1), indices, self.experts).view_as(x)
 
 
-class ChunkedGLU(nn.Module):
-    """Every expert's GLU weights side by side (``[E * I, H]``), viewed ``[E, I, H]``, cut into one ``[1, I, H]``
-    piece per expert by ``chunk`` and each piece squeezed, the piece of the expert asked for applied."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
-        self.v1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
-        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+class ChunkedGLU(ExpertGLU):
+    """``ExpertGLU``'s weights, viewed ``[E, I, H]``, cut into one ``[1, I, H]`` piece per expert by ``chunk`` and
+    each piece squeezed, the piece of the expert asked for applied."""
 
     def forward(self, x, expert):
         w1, v1, w2 = ([piece.squeeze(0) for piece in w.view(EXPERTS, INTER, HIDDEN).chunk(EXPERTS, dim=0)][expert]
