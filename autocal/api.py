@@ -314,7 +314,11 @@ def restore(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def calibration_context(model: nn.Module, calibrate_all_experts: bool = True) -> Iterator[nn.Module]:
-    """Convert on entry; on exit (also on error) restore non-permanent blocks and end calibration mode.
+    """Convert on entry and set every calibration module's mode; on exit (also on error) restore the
+    non-permanent blocks it converted and end calibration mode.
+
+    Blocks the model already held converted (an earlier ``convert``) stay converted, and get their earlier
+    mode back on exit: the context is about calibration mode, not about undoing the user's own ``convert``.
 
     Example:
         >>> from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
@@ -323,11 +327,19 @@ def calibration_context(model: nn.Module, calibrate_all_experts: bool = True) ->
         ...     m[0].calibrate_all_experts
         True
     """
+    earlier = {module: module.calibrate_all_experts for module in model.modules()
+               if isinstance(module, MoECalibrationModule)}
     convert(model, calibrate_all_experts)
     try:
-        yield model
-    finally:
-        restore(model)
         for module in model.modules():
             if isinstance(module, MoECalibrationModule):
+                module.calibrate_all_experts = calibrate_all_experts
+        yield model
+    finally:
+        for path, module in list(model.named_modules()):
+            if isinstance(module, MoECalibrationModule) and module not in earlier:
                 module.calibrate_all_experts = False
+                if not module.is_permanent and path:
+                    _set_submodule(model, path, module.restore(module.__dict__.get("_original")))
+        for module, mode in earlier.items():
+            module.calibrate_all_experts = mode

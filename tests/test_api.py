@@ -117,6 +117,26 @@ def test_calibration_context_restores_on_error(kind):
     assert _checksums(nn.Sequential(block)) == before
 
 
+@pytest.mark.parametrize("kind", ["concat", "modulelist_loop"])
+def test_calibration_context_turns_calibration_on_for_blocks_converted_before(kind):
+    """A model converted with calibration off: inside the context every expert sees every token and the output
+    is the original's; after it, the user's conversion stays and calibration is off again."""
+    config = ToyMoEConfig(kind=kind)
+    model = nn.Sequential(make_toy_block(config))
+    original = copy.deepcopy(model)
+    hidden = example_hidden_states(config)
+    autocal.convert(model, calibrate_all_experts=False)
+    converted = model[0]
+    tokens = hidden.numel() // hidden.shape[-1]
+    with torch.no_grad(), autocal.calibration_context(model):
+        assert model[0] is converted and converted.calibrate_all_experts
+        with count_rows(expert_linears(model)) as rows:
+            out = model(hidden)
+        assert set(rows.values()) == {tokens}
+    assert compare_outputs(main_output(original(hidden)), main_output(out))[2]
+    assert model[0] is converted and not converted.calibrate_all_experts
+
+
 def test_convert_twice_is_idempotent():
     model = nn.Sequential(make_toy_block(ToyMoEConfig()))
     autocal.convert(model)
