@@ -147,6 +147,13 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
                           close_off and close_on and covered == len(seen), implementation,
                           bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
+    if not (close_off and close_on) and not _repeatable(original, args, kwargs, expected):
+        raise errors.AutocalError(
+            errors.VERIFICATION_FAILED, "the original block gives different outputs when run twice on the same "
+            "input: its forward draws random numbers (random token selection, noise on the router scores) or "
+            "changes state it reads, so no calibration module can reproduce it", block_class=type(original).__name__,
+            hints=["make its forward deterministic in eval mode (turn off the random token selection or the "
+                   "noise), then convert"])
     if not result.passed:
         problem = (
             f"outputs differ by up to {max(diff_off, diff_on):.3g} on {tokens} tokens"
@@ -162,6 +169,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
             hints=["report this with the model config; meanwhile " + errors.override_hint(type(original).__name__)],
         )
     return result
+
+
+def _repeatable(original: nn.Module, args: tuple, kwargs: dict, expected: Any) -> bool:
+    """Does the original, run again on the same inputs, give ``expected`` again (within tolerance)?"""
+    with torch.no_grad():
+        return compare_outputs(expected, original(*args, **_fresh(kwargs)))[2]
 
 
 def _innermost_source(error: BaseException) -> str | None:

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from autocal.errors import AutocalError
 from autocal.testing.corpus import (
     ENTRIES,
+    VariadicMoELayer,
     check_convert,
     check_explain_k,
     check_mixed,
@@ -405,6 +406,34 @@ def _ref_prenorm(m, x):
     t = _flat(x)
     gates = _top_probs(t @ m.gate.weight.T, renormalize=False)
     return _dense(t, gates, m.experts).view_as(x), gates
+
+
+def _ref_tensor_parallel(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.router.weight.T)
+
+    def expert(e):
+        return lambda rows: F.linear(F.gelu(F.linear(rows, e.linear_fc1.weight) + e.linear_fc1.bias),
+                                     e.linear_fc2.weight, e.linear_fc2.bias)
+    return _dense(t, gates, [expert(e) for e in m.local_experts]).view_as(x), gates
+
+
+def _ref_flat_mask(m, x):
+    t = _flat(x)
+    probs = (t @ m.wg.weight.T).softmax(-1)
+    gates = _top_probs(t @ m.wg.weight.T)
+    aux = gates.shape[1] * (probs.mean(0) * F.one_hot(probs.argmax(-1), gates.shape[1]).float().mean(0)).sum()
+    return (_dense(t, gates, m.experts).view_as(x), aux), gates
+
+
+def _ref_variadic(m, x):
+    t = _flat(x)
+    probs = (t.float() @ m.moe_layer.gate.wg.weight.T).softmax(-1)
+    gates = torch.where(_top(probs, 1), probs, 0)
+    chosen = (gates != 0).float()
+    aux = gates.shape[1] * (probs.mean(0) * chosen.mean(0)).sum()
+    out = _dense(t, gates, m.moe_layer.experts.local_experts).view_as(x)
+    return (out, aux, chosen.sum(0).long()), gates
 
 
 def _ref_seq_first_aux(m, x):
@@ -787,6 +816,9 @@ REFERENCES = {
     "matmul_capacity": _ref_matmul_capacity,
     "sinkhorn_router": _ref_sinkhorn,
     "shared_down": _ref_shared_down,
+    "variadic_forward": _ref_variadic,
+    "tensor_parallel_linears": _ref_tensor_parallel,
+    "flat_mask_mm": _ref_flat_mask,
 }
 
 
@@ -891,3 +923,26 @@ def test_known_failures_name_entries_and_checks():
     checks = {"synthesize", "tokens", "convert", "convert_example", "mixed", "explain_k"}
     assert {name for name, _ in KNOWN_FAILURES} <= ENTRIES.keys()
     assert {check for _, check in KNOWN_FAILURES} <= checks
+
+
+class _SecondInputRead(VariadicMoELayer):
+    """``VariadicMoELayer`` as training frameworks write it: ``inputs[1]`` read whether given or not."""
+
+    def forward(self, *inputs):
+        return super().forward(inputs[0], inputs[1])
+
+
+def test_a_forward_taking_args_gets_a_none_beside_the_hidden_states():
+    """No example inputs: a block whose ``*inputs`` forward reads a second input is run with None there."""
+    import copy
+
+    import autocal
+
+    block = ENTRIES["variadic_forward"].build(0).moe_layer
+    block.__class__ = _SecondInputRead
+    model = torch.nn.ModuleDict({"block": block})
+    original = copy.deepcopy(block)
+    autocal.convert(model)
+    assert isinstance(model["block"], autocal.MoECalibrationModule)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    equivalent(original, model["block"], (x, None), {})

@@ -87,3 +87,19 @@ def test_saving_a_model_that_was_never_prepared_says_to_prepare_it(tmp_path):
     assert caught.value.kind == autocal.errors.BAD_INPUT
     assert any("autocal_lc.prepare(model)" in hint for hint in caught.value.hints)
     assert not target.exists()
+
+
+def test_a_block_whose_output_is_random_is_refused_as_such():
+    """Tokens past an expert's capacity dropped at random, in eval mode too: routing is not random, so the rules
+    take the block; the original gives another output each run, which verification says, not a bare mismatch."""
+    from autocal.testing.corpus import ENTRIES
+
+    model = ENTRIES["variadic_forward"].build(0)
+    model.moe_layer.gate.capacity_factor = 1.0
+    with pytest.raises(autocal.AutocalError) as caught:
+        autocal.convert(model)
+    error = caught.value
+    assert error.kind == autocal.errors.VERIFICATION_FAILED
+    assert "different outputs when run twice on the same input" in error.explanation
+    assert any("deterministic" in hint for hint in error.hints)
+    assert not isinstance(model.moe_layer, autocal.MoECalibrationModule)

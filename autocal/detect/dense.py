@@ -85,7 +85,7 @@ def detect_dense(block: nn.Module, name: str, container: nn.Module, call: BlockC
     tokens, scale = scaled
     with torch.no_grad():
         rec = record(container, (value(container_call.args[0]),))
-    template, layout, sources = analyze_experts(ExpertsRecording(rec.graph, container, rec.inputs["arg0"]), packed,
+    template, layout, sources = analyze_experts(ExpertsRecording(rec.graph, container, next(iter(rec.inputs.values()))), packed,
                                                 num_experts)
     recorded = _scaled_input(recorded_call.graph, recorded_call)
     router = analyze_router(recorded_call.graph, recorded[1], recorded[1]) if recorded else analyze_router(graph, scale, scale)

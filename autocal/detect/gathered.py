@@ -40,7 +40,7 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..trace.inputs import BlockCall, keyword_arguments, one_token
+from ..trace.inputs import BlockCall, call_arguments, keyword_arguments, one_token
 from ..trace.record import record
 from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, flat_gathers_as_gathers, gathered_index, per_slot,
                              slot_inputs, splits_as_views, swapped_view)
@@ -224,7 +224,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     cls = type(block).__name__
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     with torch.no_grad():
-        rec = record(block, (), bound)
+        rec = record(block, *call_arguments(inspect.signature(block.forward), bound))
     splits_as_views(rec.graph)
     flat_gathers_as_gathers(rec.graph)
     params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
@@ -277,7 +277,7 @@ def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
         return []
     try:
         with torch.no_grad():
-            graph = record(block, (), keyword_arguments(inspect.signature(block.forward), args, kwargs)).graph
+            graph = record(block, args, kwargs).graph
     except Exception:  # a block that cannot run on one token has no such branch
         return []
     splits_as_views(graph)

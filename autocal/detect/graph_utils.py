@@ -17,7 +17,7 @@ from ..trace.record import flat_args, value
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
-CONTRACTIONS = ("einsum", "matmul", "__matmul__", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
+CONTRACTIONS = ("einsum", "matmul", "__matmul__", "mm", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
 
 __all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry",
            "is_int_tensor", "returns_of", "value", "viewed_from"]

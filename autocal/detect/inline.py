@@ -35,6 +35,7 @@ from torch import fx, nn
 
 from ..numerics import compare_outputs
 from ..trace.forcing import fresh_inputs
+from ..trace.inputs import call_by_name
 from ..trace.rows import RowDispatch, every_token_in_every_row, row_tokens, token_rows
 from .graph_utils import Ancestry, flat_args, source_of, value
 from .plans import NoMatch
@@ -58,7 +59,7 @@ def _keeps_output(block: nn.Module, dispatch: RowDispatch, inputs: dict, output:
     inputs = fresh_inputs(inputs)
     try:
         with torch.no_grad(), every_token_in_every_row(dispatch, (), inputs):
-            again = block(**inputs)
+            again = call_by_name(block, inputs)
     except Exception:  # a shape fixed to the buffer's between the contractions, or rows the mode cannot place
         return False
     return compare_outputs(output, again)[2]

@@ -46,7 +46,7 @@ from torch import fx, nn
 from .. import errors
 from ..numerics import compare_outputs
 from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
-from ..trace.inputs import keyword_arguments
+from ..trace.inputs import call_by_name, keyword_arguments
 from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, identical_entries,
                     module_experts_info, other_children)
 from .facts import Facts
@@ -275,7 +275,7 @@ def _choice_call(graph: fx.Graph, node: fx.Node, indices: torch.Tensor) -> Choic
 def _check_identity(block: nn.Module, bound: dict, output: Any, found: list, where: str | None) -> None:
     """Forcing every choice call to what it chose gives the recorded output."""
     with torch.no_grad(), forcing({choice: value(indices) for _, choice, indices in found}):
-        again = block(**fresh_inputs(bound))
+        again = call_by_name(block, fresh_inputs(bound))
     if not compare_outputs(output, again)[2]:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "forcing the routing choices to what they chose "
                                   "changes the block's output: they are not what routes it", source=where)
@@ -319,7 +319,7 @@ def _full_experts(block: nn.Module, bound: dict, entries: list[nn.Module], run: 
     """The experts given one non-zero row per token under ``run``'s forcing, and those rows (or what it raised)."""
     try:
         with torch.no_grad(), forcing(run.forcing()), _rows_given(entries) as seen:
-            block(**fresh_inputs(bound))
+            call_by_name(block, fresh_inputs(bound))
     except Exception as error:  # a combination the block's code cannot take (one expert chosen twice) covers nothing
         return {}, error
     full = {}

@@ -9,6 +9,10 @@ input with that weight, in either orientation: ``F.linear`` with ``weight
 additions and shape changes of the input with the module's own parameters, and
 an output bitwise ``F.linear``'s on a random input of 2 and of 3 dimensions (so
 the ``nn.Linear`` standing in for it gives the original's output, bitwise).
+Tensor-parallel Linears may also return a pair (``skip_bias_add``: the product
+and the bias apart, the caller adding it, often fused with the activation; or
+the biased product and None): ``linear_output`` reads which, and the
+``SplitLinear`` standing in for such a module returns the same pair.
 
 ``as_linear`` gives an ``nn.Linear`` over the same storage (no copies): the
 same parameter objects for ``[out, in]``; for ``[in, out]``, a weight that is
@@ -39,8 +43,12 @@ from torch import nn
 from ..trace.record import record
 from .graph_utils import target_name
 
-__all__ = ["linear_like", "linear_orientation", "linear_modules", "made_of_linears", "lookup_tables", "as_linear",
-           "linear_views"]
+__all__ = ["linear_like", "linear_orientation", "linear_output", "linear_modules", "made_of_linears", "lookup_tables",
+           "as_linear", "linear_views", "SplitLinear", "TENSOR", "BIAS_APART", "WITH_NONE"]
+
+# What a Linear-like module returns: the product with the bias added, or a pair of the product and its bias apart
+# (Megatron's ``skip_bias_add``), or a pair of the biased product and None.
+TENSOR, BIAS_APART, WITH_NONE = "tensor", "bias apart", "with None"
 
 
 # What a Linear class's forward may call beside its one product: shape changes of the input and output, the bias.
@@ -55,6 +63,18 @@ def linear_like(module: nn.Module) -> bool:
 
 def linear_orientation(module: nn.Module) -> str | None:
     """``"linear"`` (``weight [out, in]``), ``"matmul"`` (``weight [in, out]``), or None: no Linear-like leaf."""
+    form = _form(module)
+    return form[0] if form else None
+
+
+def linear_output(module: nn.Module) -> str | None:
+    """What a Linear-like leaf returns: ``TENSOR``, ``BIAS_APART`` or ``WITH_NONE`` (None: no Linear-like leaf)."""
+    form = _form(module)
+    return form[1] if form else None
+
+
+def _form(module: nn.Module) -> tuple[str, str] | None:
+    """``(orientation, output)`` of a Linear-like leaf, or None."""
     params = dict(module.named_parameters())
     weight = params.get("weight")
     if isinstance(module, nn.Linear) or next(module.children(), None) is not None or weight is None:
@@ -63,10 +83,12 @@ def linear_orientation(module: nn.Module) -> str | None:
         return None
     bias = params.get("bias")
     if _calls_f_linear(module, weight, bias):
-        return "linear"
+        return "linear", TENSOR
     for orientation, (out_features, in_features) in (("linear", weight.shape), ("matmul", weight.shape[::-1])):
-        if (bias is None or bias.shape == (out_features,)) and _computes_linear(module, orientation, in_features):
-            return orientation
+        if bias is None or bias.shape == (out_features,):
+            output = _computes_linear(module, orientation, in_features)
+            if output is not None:
+                return orientation, output
     return None
 
 
@@ -93,26 +115,40 @@ def _calls_f_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
     return calls[0].args[0].op == "placeholder" and operands in expected
 
 
-def _computes_linear(module: nn.Module, orientation: str, in_features: int) -> bool:
+def _computes_linear(module: nn.Module, orientation: str, in_features: int) -> str | None:
     """Does the forward compute, with one product and shape changes, bitwise ``F.linear`` in ``orientation``?
+    What it returns (``TENSOR``, ``BIAS_APART``, ``WITH_NONE``), or None where it does not.
 
     Bitwise, so that the ``nn.Linear`` standing in for the module (calibration off) gives the original's output.
     """
     weight = module.weight
     if weight.is_meta:
-        return False  # no values to compare
+        return None  # no values to compare
     generator = torch.Generator().manual_seed(0)
     linear_weight = weight if orientation == "linear" else weight.t()
+    outputs = set()
     for shape in ((3, in_features), (2, 3, in_features)):
         x = torch.randn(shape, generator=generator).to(device=weight.device, dtype=weight.dtype)
         rec = _record(module, x)
         if rec is None or not _one_product_of_own_weights(rec.graph):
-            return False
+            return None
         with torch.no_grad():
-            out, expected = module(x), F.linear(x, linear_weight, getattr(module, "bias", None))
-        if not isinstance(out, torch.Tensor) or not _bitwise_equal(out, expected):
-            return False
-    return True
+            outputs.add(_output_kind(module, module(x), x, linear_weight))
+    return outputs.pop() if len(outputs) == 1 else None
+
+
+def _output_kind(module: nn.Module, out, x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """``TENSOR``, ``BIAS_APART`` or ``WITH_NONE``: which of them ``out`` is, bitwise; None: none of them."""
+    bias = getattr(module, "bias", None)
+    if isinstance(out, torch.Tensor):
+        return TENSOR if _bitwise_equal(out, F.linear(x, weight, bias)) else None
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+        return None
+    if out[1] is None and _bitwise_equal(out[0], F.linear(x, weight, bias)):
+        return WITH_NONE
+    if bias is not None and out[1] is bias and _bitwise_equal(out[0], F.linear(x, weight)):
+        return BIAS_APART
+    return None
 
 
 def _one_product_of_own_weights(graph) -> bool:
@@ -167,13 +203,34 @@ def linear_views(container: nn.Module, entries: list[nn.Module]) -> list[str]:
     return [f"{names[id(entry)]}.{path}".strip(".") for entry in entries for path in inner]
 
 
+class SplitLinear(nn.Linear):
+    """An ``nn.Linear`` returning a pair, as the tensor-parallel Linear it stands for does: ``(x Wᵀ, bias)`` with
+    the bias apart (``output`` ``BIAS_APART``), or ``(x Wᵀ + bias, None)`` (``WITH_NONE``). Quantizers that
+    target ``Linear`` match it (by class ancestry); the product is the weight's alone either way."""
+
+    def __init__(self, in_features: int, out_features: int, output: str, **kwargs) -> None:
+        super().__init__(in_features, out_features, **kwargs)
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.output == BIAS_APART:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias), None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, returns={self.output}"
+
+
 def as_linear(module: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` over ``module``'s own weight and bias: the same parameter objects for ``weight [out, in]``,
-    a transposed view of it for ``weight [in, out]`` (no copy; see the module docstring for what a quantizer sees)."""
+    a transposed view of it for ``weight [in, out]`` (no copy; see the module docstring for what a quantizer sees);
+    a ``SplitLinear`` where the module returns a pair."""
     weight = module.weight
-    if linear_orientation(module) == "matmul":
+    orientation, output = _form(module)
+    if orientation == "matmul":
         weight = nn.Parameter(weight.detach().t(), requires_grad=weight.requires_grad)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta") if output == TENSOR else \
+        SplitLinear(weight.shape[1], weight.shape[0], output, bias=False, device="meta")
     linear.weight = weight
     linear.register_parameter("bias", getattr(module, "bias", None))
     return linear

@@ -10,7 +10,9 @@ contraction whose output the expert inputs are slices of: one operand the token
 rows ``[S, M]``, the other a 0/1 mask with a dimension of the tokens and one of
 the experts. Tokens in batches (``[G, S, M]``, with a capacity per group:
 ``einsum("gsec,gsm->egcm", mask, tokens)``) are rows too, the mask's
-dimensions matching the batches' found alike. It checks that each expert's
+dimensions matching the batches' found alike. A mask whose experts' dimension
+also holds their slots, experts first (``torch.mm(mask.view(E * C, S), tokens)``,
+fairseq) is read as ``[E, C]`` there. It checks that each expert's
 non-zero input rows are exactly the rows of the tokens its slice of the mask
 marks. Where each expert is called once
 and its input rows are its slots in the mask's order (``_slot_width``), the
@@ -112,9 +114,11 @@ def detect_mask_dispatch(facts: Facts) -> MaskDispatchPlan | NoMatch:
         if tokens.dim() < 2 or not ((mask == 0) | (mask == 1)).all():
             continue
         for dims in itertools.permutations(range(mask.dim()), tokens.dim()):  # batches..., tokens, experts
-            if tuple(mask.shape[d] for d in dims[:-1]) != tokens.shape[:-1] or mask.shape[dims[-1]] != len(entries):
+            experts_size = mask.shape[dims[-1]]
+            if tuple(mask.shape[d] for d in dims[:-1]) != tokens.shape[:-1] or experts_size % len(entries):
                 continue
-            dispatch = MaskDispatch(node.target, 0, dims[-2], dims[-1], len(entries), batch_dims=dims[:-2])
+            dispatch = MaskDispatch(node.target, 0, dims[-2], dims[-1], len(entries), batch_dims=dims[:-2],
+                                    flat=experts_size != len(entries))
             ordinal = [n for n in same if dispatch.operands(tuple(value(a) for a in n.args))].index(node)
             dispatch = dataclasses.replace(dispatch, ordinal=ordinal)
             rows = tokens.reshape(-1, tokens.shape[-1])

@@ -35,7 +35,20 @@ _PLUMBING = {
 
 
 def _selection_nodes(index: fx.Node, ancestry: Ancestry) -> list[fx.Node]:
-    return [n for n in [*ancestry.of(index), index] if target_name(n) in _SELECTION_OPS]
+    """The selections behind ``index`` that choose along the last dimension of what they select from (the
+    experts, or the tokens of an expert-choice router's transposed scores); one along another dimension picks
+    the tokens an expert keeps within its capacity, after the choice (DeepSpeed's top-1 gating)."""
+    return [n for n in [*ancestry.of(index), index] if target_name(n) in _SELECTION_OPS and _along_last(n)]
+
+
+def _along_last(selection: fx.Node) -> bool:
+    scores = value(selection.args[0]) if selection.args and isinstance(selection.args[0], fx.Node) else None
+    if not isinstance(scores, torch.Tensor) or scores.dim() < 2:
+        return True
+    names = ("input", "k", "dim") if target_name(selection) in ("topk", "kthvalue") else ("input", "dim")
+    dim = selection.kwargs.get("dim", selection.args[names.index("dim")] if len(selection.args) > names.index("dim")
+                               else -1)
+    return not isinstance(dim, int) or dim % scores.dim() == scores.dim() - 1
 
 
 def _k_of(node: fx.Node) -> int:
@@ -236,11 +249,25 @@ def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
     that computes the logits: a selection made inside the experts module (an engine's fused MoE layer given the
     router logits) does not make the experts the router."""
     scoring = None if logits is None else (
-        logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else None))
+        logits.meta.get("module_path") or (logits.target if logits.op == "call_module" else _weight_owner(logits)))
     selecting = selection.meta.get("module_path")
     if selecting and (scoring is None or f"{scoring}.".startswith(f"{selecting}.")):
         return selecting
     return scoring or selecting
+
+
+_CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "t", "transpose", "contiguous", "detach"}
+
+
+def _weight_owner(product: fx.Node) -> str | None:
+    """The module whose weight the block's own product of the logits reads (``F.linear(x.double(),
+    self.gate.weight.double())``: ``gate``), through casts and transposes; None for a weight of the block's own."""
+    for operand in product.all_input_nodes:
+        while operand.op != "get_attr" and target_name(operand) in _CASTS and operand.all_input_nodes:
+            operand = operand.all_input_nodes[0]
+        if operand.op == "get_attr" and "." in operand.target:
+            return operand.target.rpartition(".")[0]
+    return None
 
 
 def _renormalized(nodes: list[fx.Node], ancestry: Ancestry) -> bool:
@@ -286,7 +313,7 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
     top-k values; without a top-k, the sorting index stands for both.
     """
     ancestry = Ancestry(graph)
-    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max", "argmax")]
+    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
     if not choices:
         return tokens, tokens
     choice = choices[-1]
@@ -302,7 +329,7 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
 
 def router_of(graph: fx.Graph) -> RouterInfo | None:
     """The router facts of a recorded block whose experts were not recognised: its last top-k (or max)."""
-    choices = [n for n in graph.nodes if target_name(n) in ("topk", "max", "argmax")]
+    choices = [n for n in graph.nodes if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
     if not choices:
         return None
     last = choices[-1]

@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from .. import errors
-from ..trace.inputs import BlockCall, keyword_arguments
+from ..trace.inputs import BlockCall, call_arguments, keyword_arguments
 from ..trace.record import record
 from ..trace.replay import SortedDispatch
 from .block import _routing_weight, other_children, row_gather
@@ -129,7 +129,7 @@ def detect_sorted(block: nn.Module, banks: dict[str, nn.Parameter], call: BlockC
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
     modules = [block.get_submodule(name) for name in banks]
     with torch.no_grad():
-        rec = record(block, (), bound, leaves=modules)
+        rec = record(block, *call_arguments(inspect.signature(block.forward), bound), leaves=modules)
     calls = [n for n in rec.graph.nodes if n.op == "call_module" and n.target in banks]
     if sorted(c.target for c in calls) != sorted(banks):
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "each weight bank must be called once", block_class=cls)

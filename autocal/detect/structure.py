@@ -136,6 +136,12 @@ class MoEStructure:
     level: str = ""  # the rewrite level: set by the plan that carries this structure (``detect/plans.py``)
     more_sets: list[tuple[RouterInfo, ExpertsInfo]] = field(default_factory=list)  # other expert lists, own routers
 
+    def __post_init__(self) -> None:
+        """A router that looks its experts up (hash routing) has no scores to count its choices by: they are the
+        experts."""
+        if self.router.num_choices < 2:
+            self.router.num_choices = self.experts.num_experts
+
     def to_dict(self) -> dict[str, Any]:
         data = {"block_class": self.block_class, "level": self.level}  # in the order the report has always had
         skipped = ("template", *data, *(("more_sets",) if not self.more_sets else ()))

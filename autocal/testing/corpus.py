@@ -2602,6 +2602,168 @@ def _tokens_of_its_modality(path: str, kwargs: dict) -> int | None:
     return None if kind is None else int((kwargs["token_type_ids"] == kind).sum())
 
 
+class CapacityTop1Gate(nn.Module):
+    """A training framework's top-1 gate: float32 logits, softmax, argmax; each expert keeps at most ``capacity``
+    of its tokens, picked by a top-k over the tokens of a randomly scaled one-hot mask (random token selection),
+    where the capacity is the largest count, so no token is dropped (with a ``capacity_factor``: that many times
+    the even share, the tokens past it dropped at random). Returns (aux loss, combine [S, E, C], dispatch mask,
+    counts)."""
+
+    def __init__(self, capacity_factor: float | None = None):
+        super().__init__()
+        self.wg = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.capacity_factor = capacity_factor
+
+    def forward(self, tokens, used_token=None):
+        gates = F.softmax(self.wg(tokens.float()), dim=1)
+        mask = F.one_hot(gates.argmax(dim=1), EXPERTS)
+        if used_token is not None:
+            mask = mask * used_token[:, None]
+        counts = mask.sum(dim=0)
+        capacity = int(counts.max()) if self.capacity_factor is None else \
+            math.ceil(self.capacity_factor * tokens.shape[0] / EXPERTS)
+        picked = torch.topk(mask * torch.rand(mask.shape), k=capacity, dim=0).indices
+        mask = mask * torch.zeros_like(mask).scatter_(0, picked, 1)
+        slot = ((mask.cumsum(dim=0) - 1) * mask).sum(dim=1)
+        combine = torch.einsum("se,sc->sec", gates * mask, F.one_hot(slot, capacity).float())
+        aux = EXPERTS * (gates.mean(dim=0) * mask.float().mean(dim=0)).sum()
+        return aux, combine, combine.bool(), counts
+
+
+class ChunkRunExperts(nn.Module):
+    """Experts in a list, each run on its chunk of the dispatched ``[ranks, E, C, H]`` tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, dispatched):
+        chunks = dispatched.chunk(len(self.local_experts), dim=1)
+        return torch.cat([expert(chunk) for chunk, expert in zip(chunks, self.local_experts)], dim=1)
+
+
+class VariadicMoELayer(nn.Module):
+    """A training framework's MoE layer whose forward takes ``*inputs`` (the hidden states, then an optional
+    token mask), dispatching by einsum ``sec,sm->ecm`` and combining by ``sec,ecm->sm``; the aux loss and counts
+    kept on the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = CapacityTop1Gate()
+        self.experts = ChunkRunExperts()
+        self.aux, self.counts = None, None
+
+    def forward(self, *inputs):
+        hidden = inputs[0]
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        self.aux, combine, dispatch, self.counts = self.gate(tokens, inputs[1] if len(inputs) > 1 else None)
+        dispatched = torch.einsum("sec,sm->ecm", dispatch.type_as(hidden), tokens)
+        out = self.experts(dispatched.reshape(1, EXPERTS, -1, tokens.shape[-1]))
+        out = torch.einsum("sec,ecm->sm", combine.type_as(hidden), out.reshape(EXPERTS, -1, tokens.shape[-1]))
+        return out.reshape(hidden.shape)
+
+
+class VariadicWrapperMoE(nn.Module):
+    """The user-facing wrapper around ``VariadicMoELayer``: named inputs, returns (output, aux loss, counts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.moe_layer = VariadicMoELayer()
+
+    def forward(self, hidden_states, used_token=None):
+        out = self.moe_layer(hidden_states, used_token)
+        return out, self.moe_layer.aux, self.moe_layer.counts
+
+
+class TensorParallelLinear(nn.Module):
+    """A tensor-parallel Linear on one rank: ``(x Wᵀ, bias)`` with ``skip_bias_add`` (the caller adds the bias,
+    fused with what follows), else ``(x Wᵀ + bias, None)``."""
+
+    def __init__(self, fan_in: int, fan_out: int, skip_bias_add: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
+        self.bias = nn.Parameter(torch.empty(fan_out))
+        self.skip_bias_add = skip_bias_add
+
+    def forward(self, x):
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias), None
+
+
+class TensorParallelMLP(nn.Module):
+    """An expert of ``TensorParallelLinear`` s: the first's bias added inside the GELU, the pair of the second
+    returned as it comes."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear_fc1 = TensorParallelLinear(HIDDEN, INTER, skip_bias_add=True)
+        self.linear_fc2 = TensorParallelLinear(INTER, HIDDEN, skip_bias_add=False)
+
+    def forward(self, x):
+        hidden, bias = self.linear_fc1(x)
+        return self.linear_fc2(F.gelu(hidden + bias))
+
+
+class SequentialTensorParallelMoE(nn.Module):
+    """Training framework (Megatron-Core style, one rank): softmax top-k, renormalised; rows sorted by expert,
+    split by host counts, each expert returning ``(output, bias or None)``, the bias added, the rows weighted and
+    put back with ``index_add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.local_experts = nn.ModuleList(TensorParallelMLP() for _ in range(EXPERTS))
+
+    def forward(self, hidden_states):
+        t = hidden_states.reshape(-1, hidden_states.shape[-1])
+        weights, ids = self.router(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        order = ids.reshape(-1).argsort(stable=True)
+        token_of = order // TOP_K
+        counts = torch.bincount(ids.reshape(-1), minlength=EXPERTS).tolist()
+        outputs = []
+        for rows, expert in zip(t[token_of].split(counts), self.local_experts):
+            out, bias = expert(rows)
+            outputs.append(out if bias is None else out + bias)
+        weighted = torch.cat(outputs) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(t).index_add_(0, token_of, weighted).view_as(hidden_states)
+
+
+class FlatMaskMoE(nn.Module):
+    """A research library's MoE layer (fairseq style): ``forward(*inputs, padding_mask=None)`` over
+    ``[seq, batch, hidden]``; top-2 of the softmax, renormalised, each choice a slot by a running count (capacity:
+    every token fits); the ``[S, E, C]`` dispatch mask permuted to ``[E, C, S]``, viewed ``[E * C, S]`` and
+    ``torch.mm`` -ed with the tokens; experts in a list on chunks; combined by ``mm`` of the combine weights viewed
+    ``[S, E * C]`` with the outputs; returns ``(out, aux)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.wg = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, *inputs, padding_mask=None):
+        x = inputs[0]
+        tokens = x.reshape(-1, x.shape[-1])
+        probs = self.wg(tokens).softmax(dim=-1)
+        weights, ids = probs.topk(TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        capacity = tokens.shape[0]
+        combine, filled = tokens.new_zeros(capacity, EXPERTS, capacity), torch.zeros(EXPERTS, dtype=torch.long)
+        for slot in range(TOP_K):
+            chosen = F.one_hot(ids[:, slot], EXPERTS)
+            place = ((filled + chosen.cumsum(dim=0) - 1) * chosen).sum(dim=-1)
+            filled = filled + chosen.sum(dim=0)
+            combine = combine + weights[:, slot, None, None] * chosen[..., None] * _slot_one_hot(place, capacity)[:, None]
+        mask = combine.bool().to(tokens.dtype).permute(1, 2, 0)
+        e, c, s = mask.size()
+        dispatched = torch.mm(mask.view(e * c, s), tokens).reshape(1, e, c, -1)
+        out = torch.cat([expert(chunk) for chunk, expert in zip(dispatched.chunk(e, dim=1), self.experts)], dim=1)
+        combined = combine.view(s, e * c).mm(out.view(e * c, -1))
+        aux = EXPERTS * (probs.mean(dim=0) * F.one_hot(ids[:, 0], EXPERTS).float().mean(dim=0)).sum()
+        return combined.reshape(x.shape), aux
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -2858,6 +3020,17 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("shared_down", f"{_RESEARCH}: experts holding only their gate and up projections, the "
                 "routing-weighted sum of their activations through one down projection they share", (),
                 SharedDownMoE),
+    CorpusEntry("variadic_forward", f"{_TRAINING}: a layer whose forward takes *inputs (hidden states, an "
+                "optional token mask) inside a wrapper naming them; fp32 top-1 gate, random token selection within a "
+                "capacity of the largest count, einsum sec,sm->ecm dispatch, experts on chunks, (out, aux, counts)",
+                (5,), VariadicWrapperMoE, top_k=1, blocks=("moe_layer",)),
+    CorpusEntry("tensor_parallel_linears", f"{_TRAINING}: Megatron-Core style sequential experts of "
+                "tensor-parallel Linears returning (x @ W.T, bias) with skip_bias_add or (x @ W.T + b, None), the "
+                "bias added inside the GELU; rows sorted by expert, split by host counts, index_add_", (1, 3),
+                SequentialTensorParallelMoE),
+    CorpusEntry("flat_mask_mm", f"{_RESEARCH}: fairseq style, forward(*inputs, padding_mask=None) over [seq, "
+                "batch, hidden], top-2 into capacity slots, the [S, E, C] mask permuted and viewed [E * C, S], "
+                "torch.mm dispatch and combine, experts on chunks, (out, aux)", (5,), FlatMaskMoE, seq_first=True),
 )
 
 

@@ -38,6 +38,9 @@ class MaskDispatch:
     ``out_features`` is set where detection saw each expert given its slots as its input rows, in the mask's order
     (a token's row or zeros), and return one row of that width per input row: calibration can then give an
     expert only the slots its mask fills.
+
+    ``flat``: the experts' dimension also holds their slots, experts first (fairseq's ``mm`` of the mask viewed
+    ``[E * C, S]`` with the tokens); it is unflattened to ``[E, C]`` before the slices are read.
     """
 
     function: Callable
@@ -47,14 +50,25 @@ class MaskDispatch:
     num_experts: int
     out_features: int | None = None
     batch_dims: tuple[int, ...] = ()
+    flat: bool = False
 
     def _part(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
         """``[batches, tokens, slots]`` bools: ``expert``'s slice of the mask, the tokens of each batch by the
         capacity slots of that batch."""
-        dims = (*self.batch_dims, self.token_dim, self.expert_dim)
+        batch_dims, token_dim = self.batch_dims, self.token_dim
+        if self.flat:
+            mask = mask.unflatten(self.expert_dim, (self.num_experts, -1))
+            batch_dims, token_dim = (tuple(d + (d > self.expert_dim) for d in batch_dims),
+                                     token_dim + (token_dim > self.expert_dim))
+        dims = (*batch_dims, token_dim, self.expert_dim)
         part = mask.movedim(dims, tuple(range(len(dims)))).select(len(dims) - 1, expert)
-        batches = math.prod(mask.shape[d] for d in self.batch_dims)
-        return part.reshape(batches, mask.shape[self.token_dim], math.prod(part.shape[len(dims) - 1:])) != 0
+        batches = math.prod(mask.shape[d] for d in batch_dims)
+        return part.reshape(batches, mask.shape[token_dim], math.prod(part.shape[len(dims) - 1:])) != 0
+
+    def fits(self, experts_size: int) -> bool:
+        """Is ``experts_size`` what this dispatch's mask has along the experts' dimension?"""
+        return experts_size == self.num_experts or (self.flat and experts_size > 0
+                                                    and experts_size % self.num_experts == 0)
 
     def unrouted(self, mask: torch.Tensor, expert: int) -> torch.Tensor:
         """The token rows (a bool per row) ``expert``'s slice of the mask leaves out."""
@@ -82,7 +96,7 @@ class MaskDispatch:
         for mask, tokens in (tensors, tensors[::-1]):
             if tokens.dim() == len(dims) + 1 and mask.dim() > max(*dims, self.expert_dim) and (
                     tuple(mask.shape[d] for d in dims) == tokens.shape[:-1]
-                    and mask.shape[self.expert_dim] == self.num_experts):
+                    and self.fits(mask.shape[self.expert_dim])):
                 return mask, tokens.reshape(-1, tokens.shape[-1])
         return None
 

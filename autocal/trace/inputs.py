@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import errors
 
-__all__ = ["BlockCall", "block_call", "keyword_arguments", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs",
+__all__ = ["BlockCall", "block_call", "keyword_arguments", "call_arguments", "call_by_name", "hidden_size_candidates", "synthesize_inputs", "required_inputs", "capture_block_inputs",
            "mixed_dtypes", "one_token"]
 
 
@@ -44,18 +44,41 @@ def block_call(block: nn.Module, inputs: dict) -> BlockCall:
 
 
 def keyword_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
-    """A call's inputs by parameter name, ``**kwargs`` spread out: how recordings and recipes take them."""
+    """A call's inputs by parameter name, ``**kwargs`` spread out: how recordings and recipes take them. The
+    values of ``*args`` are named by their place in it (``input0``, ``input1`` for ``*input``; DeepSpeed's and
+    fairseq's MoE layers take their inputs so); ``call_arguments`` turns the names back into a call."""
     spread = {}
     for name, argument in signature.bind(*args, **kwargs).arguments.items():
         kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            raise errors.AutocalError(
-                errors.UNSUPPORTED_DISPATCH, "the forward takes *args: its inputs have no names", hints=[
-                    "name them: give the block a class whose forward names its inputs, e.g. a subclass with "
-                    "def forward(self, hidden_states): return super().forward(hidden_states), set as "
-                    "block.__class__ before converting"])
-        spread.update(argument if kind is inspect.Parameter.VAR_KEYWORD else {name: argument})
+            spread.update({f"{name}{place}": value for place, value in enumerate(argument)})
+        else:
+            spread.update(argument if kind is inspect.Parameter.VAR_KEYWORD else {name: argument})
     return spread
+
+
+def call_arguments(signature: inspect.Signature, named: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that call a forward of ``signature`` with the inputs ``keyword_arguments`` named: all by
+    keyword, unless the forward takes ``*args``, whose values (and the parameters before them) go by position."""
+    variadic = next((p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if variadic is None:
+        return (), dict(named)
+    kwargs, args = dict(named), []
+    for parameter in signature.parameters.values():
+        if parameter is variadic:
+            break
+        args.append(kwargs.pop(parameter.name, parameter.default))  # a default kept in its place
+    place = 0
+    while f"{variadic.name}{place}" in kwargs:
+        args.append(kwargs.pop(f"{variadic.name}{place}"))
+        place += 1
+    return tuple(args), kwargs
+
+
+def call_by_name(module: nn.Module, named: dict) -> Any:
+    """``module`` called with inputs named as ``keyword_arguments`` names them."""
+    args, kwargs = call_arguments(inspect.signature(module.forward), named)
+    return module(*args, **kwargs)
 
 
 def hidden_size_candidates(block: nn.Module, container: nn.Module) -> list[int]:
@@ -88,15 +111,19 @@ def synthesize_inputs(
 ) -> tuple | None:
     """The first ``(hidden_states,)`` that ``accepts`` takes, or None.
 
-    Tries ``[1, tokens, H]`` then ``[tokens, H]`` for each candidate ``H``.
+    Tries ``[1, tokens, H]`` then ``[tokens, H]`` for each candidate ``H``; for a forward taking ``*args``,
+    each also followed by None.
     """
     reference = next(container.parameters())  # dtype and device of the experts
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(block.forward).parameters.values())
     for hidden in hidden_size_candidates(block, container):
         for shape in ((1, num_tokens, hidden), (num_tokens, hidden)):
             x = torch.randn(shape, generator=generator).to(dtype=reference.dtype, device=reference.device)
-            if accepts((x,)):
-                return (x,)
+            # a forward taking *args may read a second input that is optional in meaning (a token mask): None
+            for args in ((x,), (x, None)) if variadic else ((x,),):
+                if accepts(args):
+                    return args
     return None
 
 

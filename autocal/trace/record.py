@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .decompose import decomposition
+from .inputs import keyword_arguments
 
 __all__ = ["Recording", "record", "value", "flat_args"]
 
@@ -157,7 +158,7 @@ def record(
     graph = fx.Graph()
     recorder = _Recorder(graph, root)
     inputs: dict[str, fx.Node] = {}
-    for name, value in [*((f"arg{i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+    for name, value in _named_inputs(root, args, kwargs).items():
         if isinstance(value, torch.Tensor):
             node = graph.placeholder(name)
             recorder.bind(value, node)
@@ -179,6 +180,15 @@ def record(
             handle.remove()
     graph.output(recorder.map_args(output))
     return Recording(graph=graph, root=root, inputs=inputs, output=output)
+
+
+def _named_inputs(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The inputs by the names a replay binds them by (``trace.inputs.keyword_arguments``): positional ones by
+    their parameter's name, or ``arg0``, ``arg1``... where the forward's signature does not take them."""
+    try:
+        return keyword_arguments(inspect.signature(root.forward), args, kwargs)
+    except (TypeError, ValueError):
+        return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
 
 
 def _pre_hook(recorder: _Recorder, paths: dict[int, str], leaf_ids: set[int]):
