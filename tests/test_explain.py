@@ -163,3 +163,41 @@ def test_groups_are_said_only_of_group_limited_routing(name, grouped):
 
     report = autocal.explain(Holder(ENTRIES[name].build(0)), verify=False)
     assert report.blocks[0].structure["router"]["grouped"] is grouped
+
+
+class _DoubleRouterMoE(nn.Module):
+    """The router's product in the block's own code, in float64: ``F.linear(x.double(), self.gate.weight.double())``."""
+
+    def __init__(self):
+        super().__init__()
+        from autocal.testing.corpus import ENTRIES
+
+        reference = ENTRIES["mixtral_reference"].build(0)
+        self.gate, self.experts = reference.gate, reference.experts
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        logits = nn.functional.linear(t.double(), self.gate.weight.double())
+        weights, selected = torch.topk(logits.softmax(dim=-1), 2)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(t.dtype)
+        out = torch.zeros_like(t)
+        for i, expert in enumerate(self.experts):
+            rows, slot = torch.where(selected == i)
+            out[rows] += weights[rows, slot, None] * expert(t[rows])
+        return out.view_as(x)
+
+
+def test_a_router_weight_read_in_the_blocks_own_code_is_the_router_not_a_shared_module():
+    from autocal.testing.corpus import Holder
+
+    structure = autocal.explain(Holder(_DoubleRouterMoE()), verify=False).blocks[0].structure
+    assert structure["router"]["module_path"] == "gate"
+    assert "gate" not in structure["shared_modules"]
+
+
+def test_a_capacity_top_k_over_the_tokens_is_not_the_routers_k():
+    """A top-1 gate whose experts keep their tokens by a top-k over the tokens (``dim=0``) routes each token to 1."""
+    from autocal.testing.corpus import ENTRIES
+
+    report = autocal.explain(ENTRIES["variadic_forward"].build(0), verify=False)
+    assert (report.blocks[0].structure["router"]["top_k"], report.blocks[0].structure["router"]["num_choices"]) == (1, 6)
