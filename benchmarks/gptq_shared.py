@@ -73,6 +73,8 @@ def save_model(args, path: Path) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(path)
     del model
+    if torch.cuda.is_available():  # the runs are other processes: this one must not keep the model's GPU memory
+        torch.cuda.empty_cache()
     vocabulary = {f"t{i}": i for i in range(args.vocab)}
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocabulary, unk_token="t0")),
                             unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(path)

@@ -153,6 +153,44 @@ def _unread() -> Mixed:
     return Mixed(init_normal(_UnreadExperts(), 0), seed=0)
 
 
+class _HashRoutedExperts(nn.Module):
+    """Hash layers: each token's expert looked up in a fixed table by its token id, no router weight at all."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16, vocab: int = 50) -> None:
+        super().__init__()
+        self.register_buffer("expert_of_token", torch.arange(vocab) % experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(hidden, 24), nn.GELU(), nn.Linear(24, hidden))
+                                     for _ in range(experts))
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        t, route = hidden_states.reshape(-1, hidden_states.shape[-1]), self.expert_of_token[input_ids.reshape(-1)]
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            rows = (route == e).nonzero().squeeze(-1)
+            out[rows] = expert(t[rows])
+        return out.view_as(hidden_states)
+
+
+class _HashModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.toy = make_toy_block(ToyMoEConfig(hidden_size=16), seed=0)
+        self.block = init_normal(_HashRoutedExperts(), 0)
+
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.block(self.toy(hidden_states), input_ids)
+
+
+def test_experts_looked_up_by_token_id_are_named():
+    """Hash routing beside a convertible block: no router weight, so the block was no candidate, and convert
+    converted the toy block and said nothing of these experts; it now refuses, naming the table."""
+    example = {"hidden_states": torch.randn(2, 5, 16), "input_ids": torch.randint(0, 50, (2, 5))}
+    with pytest.raises(autocal.AutocalError) as raised:
+        autocal.convert(_HashModel(), example_inputs=example)
+    assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+    assert "`expert_of_token`" in raised.value.explanation
+
+
 def test_convert_names_experts_no_rule_converts_and_converts_nothing():
     model = _unread()
     with pytest.raises(autocal.AutocalError) as raised:

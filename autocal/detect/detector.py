@@ -28,7 +28,7 @@ def unrecognized_experts(model: nn.Module, blocks: list[str]) -> list[tuple[str,
     Signs of experts, so that none is skipped silently: a parameter of 3 or
     more dimensions whose leading size is the row count of a router-shaped
     weight beside it; a list of two or more modules of one class beside a
-    router-shaped weight with one row per entry (``_routed_lists``), or a module of
+    router-shaped weight with one row per entry, or an integer table of entry numbers (``_routed_lists``), or a module of
     flat weights ``[H, E * m]`` / ``[E * m, H]`` beside an ``[E, H]`` one (``_flat_experts``); two or more
     expert-like modules held as attributes, not in a list, beside such a weight, each sent some of the rows
     (``_attribute_experts``); and a module
@@ -88,8 +88,25 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
                 found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside a router-shaped "
                                                 f"weight with one row per entry"))
                 break
+            table = _routing_table(owner, len(module))
+            if table is not None:
+                found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside `{table}`, an integer "
+                                                f"table of their numbers (experts looked up by token id)"))
+                break
             below = owner_path
     return found
+
+
+def _routing_table(owner: nn.Module, entries: int) -> str | None:
+    """The name of an integer buffer of ``owner``'s own, longer than its ``entries``, whose values are entry numbers,
+    two or more of them: a table from token ids to experts (hash routing), no router weight beside it."""
+    for name, buffer in owner.named_buffers(recurse=False):
+        if (buffer.is_floating_point() or buffer.is_complex() or buffer.dtype == torch.bool or buffer.is_meta
+                or buffer.numel() <= entries):
+            continue
+        if int(buffer.min()) >= 0 and int(buffer.max()) < entries and buffer.unique().numel() >= 2:
+            return name
+    return None
 
 
 def _list_kinds(entries: nn.Module) -> str | None:
