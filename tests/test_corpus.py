@@ -819,6 +819,7 @@ REFERENCES = {
     "variadic_forward": _ref_variadic,
     "tensor_parallel_linears": _ref_tensor_parallel,
     "flat_mask_mm": _ref_flat_mask,
+    "per_token_loop": _ref_softmax_of_top_of(lambda m: m.gate, lambda m: m.experts),
 }
 
 

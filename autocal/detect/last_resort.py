@@ -38,7 +38,7 @@ import inspect
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -240,8 +240,32 @@ def _random_draws(graph: fx.Graph, calls: list[fx.Node]) -> list[fx.Node]:
 
 
 def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
-    """``(node, choice, indices)`` of each top-k, max or argmax over float scores whose indices reach an expert."""
-    ancestry, found = Ancestry(graph), []
+    """``(node, choice, indices)`` of each top-k, max or argmax over float scores whose indices reach an expert; where
+    none does, of those whose indices are read on the host (``experts[int(indices[t, j])]``: which module runs is
+    decided in Python, out of the graph's sight; the forced runs check that the choice decides it)."""
+    ancestry = Ancestry(graph)
+    found = _choices(graph, lambda indices: any(ancestry.is_ancestor(indices, c) for c in calls))
+    return found or _choices(graph, _read_on_host)
+
+
+_INDEXING = {"getitem", "__getitem__", "select", "view", "reshape", "squeeze", "flatten", "contiguous", "to", "cpu"}
+
+
+def _read_on_host(indices: fx.Node) -> bool:
+    """Does a part of ``indices`` (an element, a row, a view) end the recording unused: read by Python?"""
+    frontier = [indices]
+    while frontier:
+        node = frontier.pop()
+        parts = [u for u in node.users if target_name(u) in _INDEXING]
+        if node is not indices and not node.users:
+            return True
+        frontier += parts
+    return False
+
+
+def _choices(graph: fx.Graph, decides: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
+    """``(node, choice, indices)`` of each top-k, max or argmax over float scores whose indices ``decides``."""
+    found = []
     for node in graph.nodes:
         if node.op != "call_function" or target_name(node) not in _CHOICE_OPS:
             continue
@@ -250,7 +274,7 @@ def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, 
             (u for u in node.users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
         if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or indices is None:
             continue
-        if any(ancestry.is_ancestor(indices, c) for c in calls):
+        if decides(indices):
             choice = _choice_call(graph, node, value(indices))
             if choice is not None:
                 found.append((node, choice, indices))

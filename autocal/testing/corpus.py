@@ -2764,6 +2764,26 @@ class FlatMaskMoE(nn.Module):
         return combined.reshape(x.shape), aux
 
 
+class PerTokenLoopMoE(nn.Module):
+    """A tutorial's block: top-k of the logits, softmax over the k, then a loop over tokens and slots calling
+    ``experts[int(ids[t, j])]`` on one token at a time (which expert runs is read on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(GeluExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        top, ids = self.gate(t).topk(TOP_K, dim=-1)
+        weights = top.softmax(dim=-1)
+        out = torch.zeros_like(t)
+        for token in range(t.shape[0]):
+            for slot in range(TOP_K):
+                out[token] += weights[token, slot] * self.experts[int(ids[token, slot])](t[token])
+        return out.view_as(x)
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -3031,6 +3051,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("flat_mask_mm", f"{_RESEARCH}: fairseq style, forward(*inputs, padding_mask=None) over [seq, "
                 "batch, hidden], top-2 into capacity slots, the [S, E, C] mask permuted and viewed [E * C, S], "
                 "torch.mm dispatch and combine, experts on chunks, (out, aux)", (5,), FlatMaskMoE, seq_first=True),
+    CorpusEntry("per_token_loop", "a tutorial's block: top-k logits, softmax over the k, a loop over tokens and "
+                "slots calling experts[int(ids[t, j])] on one token (the expert picked on the host)", (),
+                PerTokenLoopMoE),
 )
 
 
