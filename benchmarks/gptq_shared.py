@@ -45,7 +45,8 @@ from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, pr
 __all__ = ["main"]
 
 METHODS = ("shared", "shared-module-calls", "gptq", "incumbent")
-SIZES = ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples", "tokens", "threads", "dtype")
+SIZES = ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples", "tokens", "threads", "dtype",
+         "batch_bytes")
 # The layer shapes of issue 21 (layers, experts, hidden, expert width, k, sequences, tokens), and a tiny one to
 # check the script end to end on a CPU.
 SHAPES = {
@@ -146,6 +147,9 @@ def child(args) -> dict:
                                                 moe_calibrate_all_experts=True, **kwargs)
     else:
         from autocal.integrations import llmcompressor as alc
+        from autocal.integrations.llmcompressor import gptq
+
+        gptq.BATCH_BYTES = args.batch_bytes or gptq.BATCH_BYTES
 
         started = time.perf_counter()
         alc.prepare(model)
@@ -236,6 +240,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="of the saved and loaded model")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each subprocess")
+    parser.add_argument("--batch_bytes", type=int, help="the shared methods' BATCH_BYTES (autocal's default: 2**30)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)
