@@ -255,7 +255,21 @@ def decide(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
     return decision
 
 
+def _compiled(module: nn.Module) -> bool:
+    """Is ``module`` a ``torch.compile`` wrapper? (None can exist before torch's compiler is imported.)"""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
 def _facts(block: nn.Module, call: BlockCall | None, num_tokens: int | None) -> Facts:
+    compiled = [name or "<block>" for name, m in block.named_modules() if _compiled(m)]
+    if compiled:
+        raise errors.AutocalError(
+            errors.HOOKED_MODULE, f"{', '.join(compiled[:3])} are torch.compile wrappers (OptimizedModule): the "
+            "modules they wrap run as compiled code, out of the sight of autocal's recording and of calibration "
+            "hooks", block_class=type(block).__name__,
+            hints=["convert the model before compiling its parts (autocal.convert, then torch.compile); "
+                   "compiling the whole model after converting it works"])
     hooked = [name or "<block>" for name, m in block.named_modules() if "forward" in m.__dict__]
     if hooked:
         raise errors.AutocalError(

@@ -7,7 +7,6 @@ did not see every token with calibration on.
 
 from __future__ import annotations
 
-import copy
 import os
 import traceback
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from torch import nn
 from . import errors
 from .coverage import _COUNTER
 from .numerics import TOLERANCES, compare_outputs
+from .trace.forcing import fresh_inputs
 from .trace.hf import eager_experts, experts_implementation
 from .trace.inputs import one_token
 
@@ -53,8 +53,8 @@ def hidden_tokens(args: tuple, kwargs: dict) -> int:
 
 
 def _fresh(kwargs: dict) -> dict:
-    """A copy of the non-tensor inputs (a KV cache, say), which a forward may update in place."""
-    return {k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in kwargs.items()}
+    """A copy of the inputs (a KV cache, say, or the hidden states a forward scales in place) for one run."""
+    return fresh_inputs(kwargs)
 
 
 @contextmanager
@@ -116,12 +116,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     mode = calibration.calibrate_all_experts
     try:
         with torch.no_grad():
-            expected = original(*args, **_fresh(kwargs))
+            expected = original(*fresh_inputs(args), **_fresh(kwargs))
             calibration.calibrate_all_experts = False
-            off = calibration(*args, **_fresh(kwargs))
+            off = calibration(*fresh_inputs(args), **_fresh(kwargs))
             calibration.calibrate_all_experts = True
             with rows_seen(getattr(calibration, "expert_modules", list)(), counts_itself(calibration)) as seen:
-                on = calibration(*args, **_fresh(kwargs))
+                on = calibration(*fresh_inputs(args), **_fresh(kwargs))
     except errors.AutocalError as error:
         raise error.with_context(block_class=type(original).__name__)
     except Exception as error:  # the calibration module fails where the original runs: stated, never raw
@@ -137,7 +137,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     bitwise_eager = None
     if implementation not in (None, "eager"):  # the calibration module computes experts as the eager loop does
         with torch.no_grad(), eager_experts(original):
-            bitwise_eager = compare_outputs(original(*args, **_fresh(kwargs)), off)[1]
+            bitwise_eager = compare_outputs(original(*fresh_inputs(args), **_fresh(kwargs)), off)[1]
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)
@@ -174,7 +174,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
 def _repeatable(original: nn.Module, args: tuple, kwargs: dict, expected: Any) -> bool:
     """Does the original, run again on the same inputs, give ``expected`` again (within tolerance)?"""
     with torch.no_grad():
-        return compare_outputs(expected, original(*args, **_fresh(kwargs)))[2]
+        return compare_outputs(expected, original(*fresh_inputs(args), **_fresh(kwargs)))[2]
 
 
 def _innermost_source(error: BaseException) -> str | None:

@@ -103,3 +103,17 @@ def test_a_block_whose_output_is_random_is_refused_as_such():
     assert "different outputs when run twice on the same input" in error.explanation
     assert any("deterministic" in hint for hint in error.hints)
     assert not isinstance(model.moe_layer, autocal.MoECalibrationModule)
+
+
+def test_experts_compiled_one_by_one_are_named_as_compiled():
+    """``experts[i] = torch.compile(expert)``: the error names the compile wrappers, not an offloading hook."""
+    from autocal.testing.corpus import ENTRIES
+
+    model = nn.Sequential(ENTRIES["mixtral_reference"].build(0))
+    for i, expert in enumerate(model[0].experts):
+        model[0].experts[i] = torch.compile(expert, backend="eager")
+    with pytest.raises(autocal.AutocalError) as caught:
+        autocal.convert(model)
+    assert caught.value.kind == autocal.errors.HOOKED_MODULE
+    assert "torch.compile wrappers" in caught.value.explanation and "experts.0" in caught.value.explanation
+    assert any("torch.compile" in hint for hint in caught.value.hints)

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from .. import errors
+from ..trace.forcing import fresh_inputs
 from ..trace.inputs import BlockCall, call_arguments, keyword_arguments
 from ..trace.record import Recording, record
 from .facts import Facts
@@ -46,7 +47,8 @@ def record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[
     """``module`` recorded on ``bound`` with its experts as leaves; each expert's path (to its number: its place in
     ``container``, where a zero or identity expert also takes one); their calls."""
     with torch.no_grad():
-        rec = record(module, *call_arguments(inspect.signature(module.forward), bound), leaves=entries)
+        # on a copy: the forward may change its inputs in place, and ``bound`` is replayed as given
+        rec = record(module, *call_arguments(inspect.signature(module.forward), fresh_inputs(bound)), leaves=entries)
     paths = {id(m): p for p, m in module.named_modules()}
     numbers = {id(m): i for i, m in enumerate(container.children())}
     expert_paths = {paths[id(e)]: numbers[id(e)] for e in entries}
@@ -109,7 +111,7 @@ def sets_recording(facts: Facts) -> ExpertCalls | NoMatch:
         block = facts.block
         bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
         with torch.no_grad():
-            rec = record(block, *call_arguments(inspect.signature(block.forward), bound),
+            rec = record(block, *call_arguments(inspect.signature(block.forward), fresh_inputs(bound)),
                          leaves=[e for entries in facts.lists.values() for e in entries])
         paths, expert_paths = {id(m): p for p, m in block.named_modules()}, {}
         for name, entries in facts.lists.items():

@@ -141,13 +141,15 @@ def forced_runs(module: nn.Module, runs: list[tuple[dict[ChoiceCall, torch.Tenso
     in the forced runs, whose outputs are discarded.
     """
     run = run or _nothing
+    given = fresh_inputs((args, kwargs))  # as given: the real forward may change its inputs in place
     with observe(set()), run():
         output = module._block_forward(*args, **kwargs)
     quiet = [m for m in module.modules() if m is not module and id(m) not in experts]
     with torch.no_grad(), hooks_held(quiet):
         for choices, observed in runs:
             with observe(observed), forcing(choices), run():
-                module._block_forward(*fresh_inputs(args), **fresh_inputs(kwargs))
+                again_args, again_kwargs = fresh_inputs(given)
+                module._block_forward(*again_args, **again_kwargs)
     return output
 
 

@@ -19,6 +19,7 @@ from ..detect.linear_like import as_linear
 from ..detect.plans import PackedExpertsPlan, Plan
 from ..detect.structure import MoEStructure
 from ..registry import MoECalibrationModule
+from ..trace.forcing import fresh_inputs
 from ..trace.inputs import keyword_arguments
 from .experts import CalibrationExperts
 from .unpack import expert_class, view_entries
@@ -159,9 +160,10 @@ class KeptForwardMoE(AdoptedMoE):
     def forward(self, *args, **kwargs):
         if not self.calibrate_all_experts:
             return self._block_forward(*args, **kwargs)
+        given = fresh_inputs((args, kwargs))  # the forward may change its inputs in place (``x *= k``)
         with self.watching() as seen:
             output = self._block_forward(*args, **kwargs)
-        self.run_unrouted(keyword_arguments(self._signature, args, kwargs), seen)
+        self.run_unrouted(keyword_arguments(self._signature, *given), seen)
         return output
 
     def watching(self) -> ContextManager:

@@ -46,6 +46,7 @@ from .. import errors
 from ..api import convert, synthesize
 from ..explain import explain
 from ..registry import MoECalibrationModule
+from ..trace.forcing import fresh_inputs
 from ..verify import compare_outputs
 from .assertions import count_rows, expert_linears
 from . import refactors
@@ -2784,6 +2785,27 @@ class PerTokenLoopMoE(nn.Module):
         return out.view_as(x)
 
 
+class InPlaceScaledMoE(nn.Module):
+    """Remote code of a hub model: the token rows (a view of the block's input) scaled in place by k before the
+    experts (``x *= k``), each expert's output divided by k again; softmax top-k, renormalised, a where loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, hidden_states):
+        rows = hidden_states.view(-1, hidden_states.shape[-1])
+        weights, ids = self.gate(rows).softmax(dim=-1).topk(TOP_K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        rows *= TOP_K
+        out = torch.zeros_like(rows)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out[token] += weights[token, slot, None] * expert(rows[token]) / TOP_K
+        return out.view_as(hidden_states)
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -3054,6 +3076,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("per_token_loop", "a tutorial's block: top-k logits, softmax over the k, a loop over tokens and "
                 "slots calling experts[int(ids[t, j])] on one token (the expert picked on the host)", (),
                 PerTokenLoopMoE),
+    CorpusEntry("in_place_scaled_input", f"{_REMOTE}: the block's input rows (a view) scaled in place by k "
+                "before the experts (x *= k), each expert's output divided by k; a where loop", (), InPlaceScaledMoE),
 )
 
 
@@ -3130,15 +3154,18 @@ def equivalent(original: nn.Module, converted: nn.Module, args: tuple, kwargs: d
     expert Linear of every calibration module sees every token once (with ``reach``, the entry's: every token
     reaching its expert set). Raises :class:`Mismatch` otherwise."""
     tokens = args[0].numel() // args[0].shape[-1]
-    with torch.no_grad():
-        expected = original(*args, **kwargs)
+    given = args, kwargs
+    with torch.no_grad():  # each run on a copy of the inputs, as a model passes a block a fresh tensor
+        expected = original(*fresh_inputs(given)[0], **fresh_inputs(given)[1])
         _set_calibration(converted, False)
+        args, kwargs = fresh_inputs(given)
         off = converted(*args, **kwargs)
         diff, bitwise, _ = compare_outputs(expected, off)
         if not bitwise:
             raise Mismatch(f"calibration off differs from the original ({tokens} tokens): max |diff| {diff:.3g}")
         _set_calibration(converted, True)
         linears = expert_linears(converted)
+        args, kwargs = fresh_inputs(given)
         with count_rows(linears) as rows:
             on = converted(*args, **kwargs)
     diff, _, close = compare_outputs(expected, on)

@@ -93,8 +93,11 @@ def _forced_result(choice: ChoiceCall, experts: torch.Tensor, scores: torch.Tens
 
 
 def fresh_inputs(inputs: Any) -> Any:
-    """``inputs`` with every object that is not a tensor, number or string copied (a cache a forward updates)."""
-    if isinstance(inputs, (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)):
+    """``inputs`` copied for one more run of a forward: tensors cloned (a forward may scale its input in place,
+    ``x *= k``), and every other object that is not a number or string copied (a cache a forward updates)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.clone()
+    if isinstance(inputs, (int, float, bool, str, type(None), torch.dtype, torch.device)):
         return inputs
     if isinstance(inputs, (tuple, list)) and type(inputs) in (tuple, list):
         return type(inputs)(fresh_inputs(i) for i in inputs)
