@@ -955,3 +955,25 @@ def test_a_forward_taking_args_gets_a_none_beside_the_hidden_states():
     assert isinstance(model["block"], autocal.MoECalibrationModule)
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
     equivalent(original, model["block"], (x, None), {})
+
+
+def test_a_block_scaling_its_input_in_place_calibrates_on_the_inputs_as_given():
+    """``x *= k`` inside the forward: every expert sees each token once, scaled once (not again by the real
+    forward's scaling of the caller's tensor)."""
+    import autocal
+    from autocal.testing.corpus import Holder
+
+    model = Holder(ENTRIES["in_place_scaled_input"].build(0))
+    autocal.convert(model)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    seen = {e: [] for e in range(len(model.block.experts))}
+    handles = [expert.w1.register_forward_pre_hook(lambda _, args, e=e: seen[e].append(args[0].reshape(-1, 16)))
+               for e, expert in enumerate(model.block.experts)]
+    with torch.no_grad():
+        model(x.clone())
+    for handle in handles:
+        handle.remove()
+    for rows in seen.values():
+        rows = torch.cat(rows)
+        assert rows.shape[0] == 10
+        torch.testing.assert_close(rows.sum(0), TOP_K * x.reshape(-1, 16).sum(0))
