@@ -20,7 +20,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 CONTRACTIONS = ("einsum", "matmul", "__matmul__", "mm", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
 
 __all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry",
-           "is_int_tensor", "returns_of", "value", "viewed_from"]
+           "is_int_tensor", "read_on_host", "returns_of", "value", "viewed_from"]
 
 
 def target_name(node: fx.Node) -> str:
@@ -109,3 +109,18 @@ def viewed_from(node: fx.Node, known: Any) -> fx.Node | None:
             and value(node).numel() == value(node.all_input_nodes[0]).numel():
         node = node.all_input_nodes[0]
     return node if node in known else None
+
+
+_PARTS = {"getitem", "__getitem__", "select", "view", "reshape", "squeeze", "flatten", "contiguous", "to", "cpu"}
+
+
+def read_on_host(node: fx.Node) -> bool:
+    """Does a part of ``node``'s tensor (an element, a row, a view) end the recording unused: read by Python
+    (``int(ids[t, j])``), which the recording does not see?"""
+    frontier = [node]
+    while frontier:
+        part = frontier.pop()
+        if part is not node and not part.users:
+            return True
+        frontier += [u for u in part.users if target_name(u) in _PARTS]
+    return False

@@ -50,7 +50,7 @@ from ..trace.inputs import call_by_name, keyword_arguments
 from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, identical_entries,
                     module_experts_info, other_children)
 from .facts import Facts
-from .graph_utils import Ancestry, returns_of, source_of, target_name, value
+from .graph_utils import Ancestry, read_on_host, returns_of, source_of, target_name, value
 from .linear_like import linear_modules, made_of_linears
 from .plans import LastResortPlan, NoMatch
 from .recorded import record_expert_calls
@@ -245,22 +245,7 @@ def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, 
     decided in Python, out of the graph's sight; the forced runs check that the choice decides it)."""
     ancestry = Ancestry(graph)
     found = _choices(graph, lambda indices: any(ancestry.is_ancestor(indices, c) for c in calls))
-    return found or _choices(graph, _read_on_host)
-
-
-_INDEXING = {"getitem", "__getitem__", "select", "view", "reshape", "squeeze", "flatten", "contiguous", "to", "cpu"}
-
-
-def _read_on_host(indices: fx.Node) -> bool:
-    """Does a part of ``indices`` (an element, a row, a view) end the recording unused: read by Python?"""
-    frontier = [indices]
-    while frontier:
-        node = frontier.pop()
-        parts = [u for u in node.users if target_name(u) in _INDEXING]
-        if node is not indices and not node.users:
-            return True
-        frontier += parts
-    return False
+    return found or _choices(graph, read_on_host)
 
 
 def _choices(graph: fx.Graph, decides: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
