@@ -7,6 +7,7 @@ verified against the original before anything is swapped.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,6 +97,15 @@ class Converter:
 
     def build(self, block: nn.Module, config: Any = None, call: BlockCall | None = None,
               twin: nn.Module | None = None) -> MoECalibrationModule:
+        with _state_kept(block):  # detection and verification run the block many times
+            module = self._verified(block, config, call, twin)
+        hook = not counts_itself(module)
+        for expert in getattr(module, "expert_modules", list)():
+            count_tokens(expert, hook=hook)  # after verification: coverage counts the user's tokens
+        return module
+
+    def _verified(self, block: nn.Module, config: Any, call: BlockCall | None,
+                  twin: nn.Module | None) -> MoECalibrationModule:
         analysis = self.analyse(block, call, twin)
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
         module.__dict__.setdefault("_original", block)  # what restore() puts back, for overrides too
@@ -105,10 +115,29 @@ class Converter:
                 analysis.verification = verify(block, module, args, kwargs)
                 for more_args, more_kwargs in _branch_inputs(block, args, kwargs, analysis.structure):
                     verify(block, module, more_args, more_kwargs)
-        hook = not counts_itself(module)
-        for expert in getattr(module, "expert_modules", list)():
-            count_tokens(expert, hook=hook)  # after verification: coverage counts the user's tokens
         return module
+
+
+_MODULE_STATE = frozenset(nn.Module().__dict__)  # what nn.Module keeps in an instance's __dict__ itself
+
+
+@contextmanager
+def _state_kept(block: nn.Module) -> Iterator[None]:
+    """Within, the forward may change what the block's modules keep besides their parameters, buffers and
+    children; after, each attribute they had holds what it held before, and a list, dict or set the same items
+    (a forward that appends its aux loss to a list, counts its calls or keeps its last routing)."""
+    saved = [(module.__dict__, key, value, copy.copy(value) if isinstance(value, (list, dict, set)) else None)
+             for module in block.modules() for key, value in module.__dict__.items() if key not in _MODULE_STATE]
+    try:
+        yield
+    finally:
+        for attributes, key, value, items in saved:
+            attributes[key] = value
+            if isinstance(value, list):
+                value[:] = items
+            elif isinstance(value, (dict, set)):
+                value.clear()
+                value.update(items)
 
 
 def _verification_inputs(block: nn.Module, call: BlockCall | None,
@@ -182,6 +211,9 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             converter: Converter | None = None, calibration_chunk_size: int | None = None,
             strict: bool = True, group_experts: bool = True) -> nn.Module:
     """Swap every MoE block of ``model`` for its calibration module, in place.
+
+    Detection and verification run each block several times; what a block's forward keeps on its modules (an
+    aux-loss list it appends to, a call counter) is left as it was before.
 
     Args:
         model: any model; blocks are found by what they hold and do.

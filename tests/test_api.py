@@ -286,3 +286,41 @@ def test_a_deep_copy_of_a_converted_model_runs_as_the_model_does(kind):
     with torch.no_grad():
         next(iter(linears.values())).weight.add_(1.0)
     assert not torch.equal(next(iter(linears.values())).weight, next(iter(expert_linears(model).values())).weight)
+
+
+class _AuxListMoE(nn.Module):
+    """A training framework's block: each forward appends its load-balancing loss to a list the model sums, counts
+    its calls and keeps its last routing."""
+
+    def __init__(self):
+        super().__init__()
+        from autocal.testing.corpus import ENTRIES
+
+        self.inner = ENTRIES["mixtral_reference"].build(0)
+        self.gate, self.experts = self.inner.gate, self.inner.experts
+        self.aux_losses, self.calls, self.last_routing = [], 0, None
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        probs = self.gate(t).softmax(dim=-1)
+        weights, chosen = probs.topk(2, dim=-1)
+        self.aux_losses.append(probs.mean(0).square().sum())
+        self.calls, self.last_routing = self.calls + 1, chosen
+        out = torch.zeros_like(t)
+        for i, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == i)
+            out[rows] += weights[rows, slot, None] * expert(t[rows])
+        return out.view_as(x)
+
+
+def test_convert_leaves_what_the_blocks_forward_keeps_as_it_was():
+    """Detection and verification run the block many times: its aux-loss list, call count and last routing are
+    what they were before ``convert``; the forward then keeps them as it did."""
+    block = _AuxListMoE()
+    del block.inner
+    model = nn.Sequential(block)
+    losses = block.aux_losses
+    autocal.convert(model)
+    assert block.aux_losses is losses and losses == [] and block.calls == 0 and block.last_routing is None
+    model(torch.randn(2, 3, 16))
+    assert len(losses) == 1
