@@ -38,7 +38,7 @@ import inspect
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
@@ -240,16 +240,15 @@ def _random_draws(graph: fx.Graph, calls: list[fx.Node]) -> list[fx.Node]:
 
 
 def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
-    """``(node, choice, indices)`` of each top-k, max or argmax over float scores whose indices reach an expert; where
-    none does, of those whose indices are read on the host (``experts[int(indices[t, j])]``: which module runs is
-    decided in Python, out of the graph's sight; the forced runs check that the choice decides it)."""
-    ancestry = Ancestry(graph)
-    found = _choices(graph, lambda indices: any(ancestry.is_ancestor(indices, c) for c in calls))
-    return found or _choices(graph, read_on_host)
+    """The choices (``_choices``) whose indices reach an expert; where none does, those read on the host
+    (``experts[int(ids[t, j])]``: the forced runs check that they decide which experts run)."""
+    ancestry, choices = Ancestry(graph), _choices(graph)
+    found = [c for c in choices if any(ancestry.is_ancestor(c[2], call) for call in calls)]
+    return found or [c for c in choices if read_on_host(c[2])]
 
 
-def _choices(graph: fx.Graph, decides: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
-    """``(node, choice, indices)`` of each top-k, max or argmax over float scores whose indices ``decides``."""
+def _choices(graph: fx.Graph) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
+    """``(node, choice, indices)`` of each top-k, max or argmax over float scores."""
     found = []
     for node in graph.nodes:
         if node.op != "call_function" or target_name(node) not in _CHOICE_OPS:
@@ -257,12 +256,10 @@ def _choices(graph: fx.Graph, decides: Callable[[fx.Node], bool]) -> list[tuple[
         scores = value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         indices = node if target_name(node) == "argmax" else next(
             (u for u in node.users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
-        if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or indices is None:
-            continue
-        if decides(indices):
-            choice = _choice_call(graph, node, value(indices))
-            if choice is not None:
-                found.append((node, choice, indices))
+        choice = None if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or indices is None \
+            else _choice_call(graph, node, value(indices))
+        if choice is not None:
+            found.append((node, choice, indices))
     return found
 
 
