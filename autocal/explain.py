@@ -70,12 +70,14 @@ class Report:
     """Every distinct MoE block class in a model, with what was detected."""
 
     blocks: list[BlockReport] = field(default_factory=list)
+    ruled_out: list[str] = field(default_factory=list)  # candidates the rules showed are no MoE, with the reason
 
     def successful(self) -> bool:
         return bool(self.blocks) and all(b.ok for b in self.blocks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"versions": versions(), "blocks": [b.to_dict() for b in self.blocks]}
+        data = {"versions": versions(), "blocks": [b.to_dict() for b in self.blocks]}
+        return data | ({"ruled_out": self.ruled_out} if self.ruled_out else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -86,7 +88,8 @@ class Report:
     def render(self, table: bool | None = None) -> str:
         """The report as text: a table when ``table`` (default: when stdout is a terminal), else plain lines."""
         if not self.blocks:
-            return "No MoE block found."
+            return "\n".join(["No MoE block found.", *(["Ruled out:"] if self.ruled_out else []),
+                              *(f"  {reason}" for reason in self.ruled_out)])
         if table is None:
             table = sys.stdout.isatty()
         return "\n\n".join(_format_table(b) if table else _format_plain(b) for b in self.blocks)
@@ -278,6 +281,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
     """
     converter = Converter(verify=verify)
     by_class: dict[tuple, BlockReport] = {}
+    ruled_out: list[str] = []
     converted = _converted(model_or_block)
     blocks = [(p, b) for p, b in find_moe_blocks(model_or_block)
               if not any(p == c or p.startswith(f"{c}.") or not c for c in converted)]
@@ -300,6 +304,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             module = converter.build(block, None, calls.get(path), twin.get_submodule(path) if twin else None)
         except errors.NotAnMoE:
             del by_class[cls]
+            ruled_out.append(f"{type(block).__name__} at `{path or '<root>'}`: {converter.not_moe_reason(block)}")
             continue
         except errors.AutocalError as error:
             error = unreached(error, example_inputs, calls, path)
@@ -325,7 +330,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             entry.paths.append(block_path or "<root>")
         if entry.structure is None and block_path in calls:
             entry.structure = _router_only(model_or_block.get_submodule(block_path), calls[block_path])
-    return Report(list(by_class.values()))
+    return Report(list(by_class.values()), ruled_out)
 
 
 def _converted(model: nn.Module) -> dict[str, MoECalibrationModule]:

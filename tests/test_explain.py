@@ -107,6 +107,29 @@ def test_no_moe_report_says_so():
     assert report.blocks == [] and str(report) == "No MoE block found."
 
 
+class _MergedExperts(nn.Module):
+    """SMEAR-style: the experts' weights averaged by the router's scores of each sequence, one merged MLP run on
+    every token; a candidate (a list of experts beside a router) that routes no token anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8)) for _ in range(4))
+
+    def forward(self, x):
+        scores = self.router(x.mean(dim=1)).softmax(dim=-1)[0]  # the first sequence's, for brevity
+        merged = {name: sum(s * dict(e.named_parameters())[name] for s, e in zip(scores, self.experts))
+                  for name, _ in self.experts[0].named_parameters()}
+        return torch.func.functional_call(self.experts[0], merged, (x,))
+
+
+def test_no_moe_report_names_the_candidates_ruled_out_and_why():
+    report = autocal.explain(nn.Sequential(_MergedExperts()))
+    assert report.blocks == [] and str(report).splitlines()[:2] == ["No MoE block found.", "Ruled out:"]
+    assert len(report.ruled_out) == 1 and report.ruled_out[0].startswith("_MergedExperts at `0`: ")
+    assert report.to_dict()["ruled_out"] == report.ruled_out
+
+
 def test_table_in_a_terminal_plain_text_when_piped(monkeypatch):
     report = autocal.explain(make_toy_block(ToyMoEConfig(num_experts=4, top_k=2)))
     table = report.render(table=True)
