@@ -224,3 +224,24 @@ def test_a_capacity_top_k_over_the_tokens_is_not_the_routers_k():
 
     report = autocal.explain(ENTRIES["variadic_forward"].build(0), verify=False)
     assert (report.blocks[0].structure["router"]["top_k"], report.blocks[0].structure["router"]["num_choices"]) == (1, 6)
+
+
+class _SoftCappedMoE(_DoubleRouterMoE):
+    """Logits soft-capped by ``tanh`` before the softmax (Grok's routers): the softmax scores them."""
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        probs = (30 * torch.tanh(self.gate(t) / 30)).softmax(dim=-1)
+        weights, selected = torch.topk(probs, 2)
+        out = torch.zeros_like(t)
+        for i, expert in enumerate(self.experts):
+            rows, slot = torch.where(selected == i)
+            out[rows] += weights[rows, slot, None] * expert(t[rows])
+        return out.view_as(x)
+
+
+def test_the_scoring_is_the_softmax_after_a_soft_cap():
+    from autocal.testing.corpus import Holder
+
+    router = autocal.explain(Holder(_SoftCappedMoE()), verify=False).blocks[0].structure["router"]
+    assert (router["scoring"], router["selection"]) == ("softmax", "topk")

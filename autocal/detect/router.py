@@ -161,13 +161,12 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
     scored = final.args[0]
     path = ancestry.between(logits, weights) if logits is not None else []
     after_selection = [n for n in path if ancestry.is_ancestor(final, n)]
-    scoring_nodes = [n for n in path if target_name(n) not in _PLUMBING and n is not logits]
-    scoring_ops = [target_name(n) for n in scoring_nodes]
+    scoring = _scoring([n for n in path if target_name(n) not in _PLUMBING and n is not logits])
     sources = {"top_k": source_of(final)}
     if logits is not None:
         sources["logits"] = source_of(logits)
-    if scoring_nodes:
-        sources["scoring"] = source_of(scoring_nodes[0])
+    if scoring is not None:
+        sources["scoring"] = source_of(scoring)
     top_k, choices, selection = _expert_choice(graph, final, index) or (
         _chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
         or _k_of(final), value(scored).shape[-1], target_name(final))
@@ -176,7 +175,7 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         (fewest, top_k), selection = top_p
     return RouterInfo(
         module_path=_router_path(final, logits),
-        scoring=scoring_ops[0] if scoring_ops else None,
+        scoring=target_name(scoring) if scoring is not None else None,
         top_k=top_k,
         num_choices=choices,
         renormalized=_renormalized(after_selection, ancestry),
@@ -184,10 +183,20 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         grouped=_group_limited(selections),
         scaling=_scaling(after_selection),
         selection=selection,
-        scored_after_selection=bool(scoring_nodes) and ancestry.is_ancestor(final, scoring_nodes[0]),
+        scored_after_selection=scoring is not None and ancestry.is_ancestor(final, scoring),
         sources={k: v for k, v in sources.items() if v},
         dynamic_k=(fewest, top_k) if top_p is not None else None,
     )
+
+
+_SCORE_FUNCTIONS = ("softmax", "sigmoid", "log_softmax", "exp")
+
+
+def _scoring(nodes: list[fx.Node]) -> fx.Node | None:
+    """The op that turns the logits into scores: the first softmax, sigmoid, ... among the ops between them and
+    the weights, else the first op (a soft cap or a normalisation of the logits, ``tanh``, ``std``, comes before
+    the softmax, and is not what scores them)."""
+    return next((n for n in nodes if target_name(n) in _SCORE_FUNCTIONS), nodes[0] if nodes else None)
 
 
 def _group_limited(selections: list[fx.Node]) -> bool:
