@@ -52,11 +52,6 @@ def hidden_tokens(args: tuple, kwargs: dict) -> int:
     return int(hidden.numel() // hidden.shape[-1])
 
 
-def _fresh(kwargs: dict) -> dict:
-    """A copy of the inputs (a KV cache, say, or the hidden states a forward scales in place) for one run."""
-    return fresh_inputs(kwargs)
-
-
 @contextmanager
 def rows_seen(modules: list[nn.Module], counting_themselves: bool = False) -> Iterator[list[int]]:
     """Count the input rows each module receives while the context is open.
@@ -102,7 +97,7 @@ def _tokens_due(calibration: nn.Module, args: tuple, kwargs: dict, tokens: int, 
     """The tokens each expert must see with calibration on: every token, or, for a module with several expert sets
     (``detect/expert_sets.py``), every token reaching the expert's set, as the module counts them."""
     due = getattr(calibration, "tokens_due", None)
-    return due(args, _fresh(kwargs)) if due is not None else [tokens] * experts
+    return due(args, fresh_inputs(kwargs)) if due is not None else [tokens] * experts
 
 
 def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
@@ -116,12 +111,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     mode = calibration.calibrate_all_experts
     try:
         with torch.no_grad():
-            expected = original(*fresh_inputs(args), **_fresh(kwargs))
+            expected = original(*fresh_inputs(args), **fresh_inputs(kwargs))
             calibration.calibrate_all_experts = False
-            off = calibration(*fresh_inputs(args), **_fresh(kwargs))
+            off = calibration(*fresh_inputs(args), **fresh_inputs(kwargs))
             calibration.calibrate_all_experts = True
             with rows_seen(getattr(calibration, "expert_modules", list)(), counts_itself(calibration)) as seen:
-                on = calibration(*fresh_inputs(args), **_fresh(kwargs))
+                on = calibration(*fresh_inputs(args), **fresh_inputs(kwargs))
     except errors.AutocalError as error:
         raise error.with_context(block_class=type(original).__name__)
     except Exception as error:  # the calibration module fails where the original runs: stated, never raw
@@ -137,7 +132,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     bitwise_eager = None
     if implementation not in (None, "eager"):  # the calibration module computes experts as the eager loop does
         with torch.no_grad(), eager_experts(original):
-            bitwise_eager = compare_outputs(original(*fresh_inputs(args), **_fresh(kwargs)), off)[1]
+            bitwise_eager = compare_outputs(original(*fresh_inputs(args), **fresh_inputs(kwargs)), off)[1]
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)
@@ -174,7 +169,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
 def _repeatable(original: nn.Module, args: tuple, kwargs: dict, expected: Any) -> bool:
     """Does the original, run again on the same inputs, give ``expected`` again (within tolerance)?"""
     with torch.no_grad():
-        return compare_outputs(expected, original(*fresh_inputs(args), **_fresh(kwargs)))[2]
+        return compare_outputs(expected, original(*fresh_inputs(args), **fresh_inputs(kwargs)))[2]
 
 
 def _innermost_source(error: BaseException) -> str | None:

@@ -198,11 +198,14 @@ class _DoubleRouterMoE(nn.Module):
         reference = ENTRIES["mixtral_reference"].build(0)
         self.gate, self.experts = reference.gate, reference.experts
 
-    def forward(self, x):
-        t = x.reshape(-1, x.shape[-1])
+    def route(self, t):
         logits = nn.functional.linear(t.double(), self.gate.weight.double())
         weights, selected = torch.topk(logits.softmax(dim=-1), 2)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(t.dtype)
+        return (weights / weights.sum(-1, keepdim=True)).to(t.dtype), selected
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, selected = self.route(t)
         out = torch.zeros_like(t)
         for i, expert in enumerate(self.experts):
             rows, slot = torch.where(selected == i)
@@ -229,15 +232,8 @@ def test_a_capacity_top_k_over_the_tokens_is_not_the_routers_k():
 class _SoftCappedMoE(_DoubleRouterMoE):
     """Logits soft-capped by ``tanh`` before the softmax (Grok's routers): the softmax scores them."""
 
-    def forward(self, x):
-        t = x.reshape(-1, x.shape[-1])
-        probs = (30 * torch.tanh(self.gate(t) / 30)).softmax(dim=-1)
-        weights, selected = torch.topk(probs, 2)
-        out = torch.zeros_like(t)
-        for i, expert in enumerate(self.experts):
-            rows, slot = torch.where(selected == i)
-            out[rows] += weights[rows, slot, None] * expert(t[rows])
-        return out.view_as(x)
+    def route(self, t):
+        return torch.topk((30 * torch.tanh(self.gate(t) / 30)).softmax(dim=-1), 2)
 
 
 def test_the_scoring_is_the_softmax_after_a_soft_cap():
