@@ -240,7 +240,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="of the saved and loaded model")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each subprocess")
-    parser.add_argument("--batch_bytes", type=int, help="the shared methods' BATCH_BYTES (autocal's default: 2**30)")
+    parser.add_argument("--batch_bytes", type=int, help="the shared methods' BATCH_BYTES (autocal's default: 4 * 2**30)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)

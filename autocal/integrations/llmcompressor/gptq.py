@@ -52,8 +52,10 @@ __all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
 
 # With ``batched_quantization="auto"``, how much memory a batch of a group's Linears may take while quantized
 # together. Fixed, rather than LLM Compressor's share of the free GPU memory, so that the peak does not grow with
-# the group: batches of 9 DeepSeek-V3 expert projections (2048 x 7168), of 85 of Qwen3-30B-A3B (768 x 2048).
-BATCH_BYTES = 2**30
+# the group: batches of 36 DeepSeek-V3 expert projections (2048 x 7168), all 256 of a Qwen3-30B-A3B block
+# (768 x 2048). 4 GiB rather than 1: at DeepSeek-V3's shape on an H100 it took compression from 9.9 s to 8.1 s
+# (fewer batches, each with its own host work and syncs) for 3 GiB more of GPU peak (docs/benchmarks.md).
+BATCH_BYTES = 4 * 2**30
 
 
 class SharingError(errors.AutocalError, RuntimeError):
