@@ -7,6 +7,8 @@ of 128, or the hidden size if smaller), each run in a fresh subprocess:
   that take the same input, ``autocal.shared_input_groups``);
 - ``shared-module-calls``: ``shared`` with every expert Linear called as a module, through compressed-tensors'
   wrappers, one hook call per Linear (``autocal.linear_calls.called_as_modules``), as before session 12;
+- ``shared-sync-writes``: ``shared`` with each batch of a group written back before the next is quantized (as
+  before session 16; ``autocal.integrations.llmcompressor.writes``);
 - ``gptq``: ``autocal_lc.oneshot`` with LLM Compressor's ``GPTQModifier`` (one Hessian per Linear);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)`` with ``GPTQModifier`` on the
   unconverted model (LLM Compressor linearizes the experts itself).
@@ -44,7 +46,7 @@ from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, pr
 
 __all__ = ["main"]
 
-METHODS = ("shared", "shared-module-calls", "gptq", "incumbent")
+METHODS = ("shared", "shared-module-calls", "shared-sync-writes", "gptq", "incumbent")
 SIZES = ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples", "tokens", "threads", "dtype",
          "batch_bytes")
 # The layer shapes of issue 21 (layers, experts, hidden, expert width, k, sequences, tokens), and a tiny one to
@@ -115,6 +117,16 @@ def quantized_tensors(model) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class SyncWrites(contextlib.nullcontext):
+    """``BackgroundWrites`` made synchronous: each write in the caller's thread, when submitted."""
+
+    def __enter__(self):
+        return self
+
+    def submit(self, write, device) -> None:
+        write()
+
+
 def child(args) -> dict:
     """One oneshot run of ``args.method`` on the saved model (this process)."""
     from datasets import Dataset
@@ -150,6 +162,8 @@ def child(args) -> dict:
         from autocal.integrations.llmcompressor import gptq
 
         gptq.BATCH_BYTES = args.batch_bytes or gptq.BATCH_BYTES
+        if args.method == "shared-sync-writes":
+            gptq.BackgroundWrites = SyncWrites
 
         started = time.perf_counter()
         alc.prepare(model)

@@ -459,15 +459,17 @@ def counting_group_calls():
         yield calls
 
 
-def test_shared_hessian_gptq_gives_gptq_result(workdir):
+@pytest.mark.parametrize("batch_bytes", [None, 1], ids=["one-batch", "batches-of-one"])
+def test_shared_hessian_gptq_gives_gptq_result(workdir, batch_bytes):
     """``SharedHessianGPTQModifier`` accumulates one Hessian per group of expert Linears that share an input (once
     per calibration batch, under the group's first member), factorizes it once, and quantizes the group's weights
     together: the quantized weights, the expert scales and the logits are bitwise those of ``GPTQModifier``
     through autocal, and equal LLM Compressor's own path's as that does
-    (``test_side_by_side_with_llmcompressor_own_path``)."""
+    (``test_side_by_side_with_llmcompressor_own_path``). With batches of one Linear, each is written back while
+    the next is quantized (``writes.BackgroundWrites``)."""
     from llmcompressor.modifiers.gptq import base, gptq_quantize
 
-    from autocal.integrations.llmcompressor import group_gptq
+    from autocal.integrations.llmcompressor import gptq, group_gptq
     from autocal.integrations.llmcompressor.gptq import SharedHessianGPTQModifier
 
     result = run("qwen3_moe", "w4a16", workdir)  # GPTQModifier through autocal
@@ -485,7 +487,8 @@ def test_shared_hessian_gptq_gives_gptq_result(workdir):
 
     with mock.patch.object(base, "accumulate_hessian", counting), \
             mock.patch.object(gptq_quantize, "factorize_hessian", counting_factorizations), \
-            mock.patch.object(group_gptq, "factorize_hessian", counting_factorizations), counting_group_calls() as calls:
+            mock.patch.object(group_gptq, "factorize_hessian", counting_factorizations), \
+            mock.patch.object(gptq, "BATCH_BYTES", batch_bytes or gptq.BATCH_BYTES), counting_group_calls() as calls:
         alc.oneshot(shared, recipe=recipe("w4a16", SharedHessianGPTQModifier), **oneshot_kwargs(result.original.vocab))
     assert calls[0] > 0, "the group hooks stood for the expert Linears' hooks (autocal.linear_calls)"
     groups = autocal.shared_input_groups(shared)
@@ -503,6 +506,41 @@ def test_shared_hessian_gptq_gives_gptq_result(workdir):
     for path, scales in result.scales.items():
         for name, scale in scales.items():
             assert torch.equal(scale, getattr(shared.get_submodule(path), name)), (path, name)
+
+
+def test_background_writes_run_in_order_one_at_a_time_and_raise_their_errors():
+    """``BackgroundWrites`` runs each write after the one before has ended, has ended them all when its context
+    is left, and raises a write's error in the caller's thread (at the next submit or on leaving)."""
+    import threading
+    import time
+
+    from autocal.integrations.llmcompressor.writes import BackgroundWrites
+
+    done, running, threads = [], [], set()
+
+    def write(index):
+        running.append(index)
+        assert len(running) == 1, "two writes at once"
+        time.sleep(0.01)
+        threads.add(threading.get_ident())
+        done.append(index)
+        running.remove(index)
+
+    with BackgroundWrites() as writes:
+        for index in range(4):
+            writes.submit(lambda index=index: write(index), torch.device("cpu"))
+    assert done == [0, 1, 2, 3]
+    assert threads and threading.get_ident() not in threads
+
+    def failing():
+        raise ValueError("disk full")
+
+    with pytest.raises(ValueError, match="disk full"), BackgroundWrites() as writes:
+        writes.submit(failing, torch.device("cpu"))
+    with pytest.raises(ValueError, match="disk full"), BackgroundWrites() as writes:
+        writes.submit(failing, torch.device("cpu"))
+        writes.submit(lambda: done.append("after"), torch.device("cpu"))
+    assert "after" not in done
 
 
 @pytest.mark.parametrize("scheme", [
