@@ -509,8 +509,9 @@ def test_shared_hessian_gptq_gives_gptq_result(workdir, batch_bytes):
 
 
 def test_background_writes_run_in_order_one_at_a_time_and_raise_their_errors():
-    """``BackgroundWrites`` runs each write after the one before has ended, has ended them all when its context
-    is left, and raises a write's error in the caller's thread (at the next submit or on leaving)."""
+    """``BackgroundWrites`` runs each write after the one before has ended, without autograd (an in-place write to a
+    parameter), has ended them all when its context is left, and raises a write's error in the caller's thread (at
+    the next submit or on leaving)."""
     import threading
     import time
 
@@ -531,6 +532,11 @@ def test_background_writes_run_in_order_one_at_a_time_and_raise_their_errors():
             writes.submit(lambda index=index: write(index), torch.device("cpu"))
     assert done == [0, 1, 2, 3]
     assert threads and threading.get_ident() not in threads
+
+    weight = torch.nn.Parameter(torch.zeros(3))  # written in place, as update_offload_parameter writes onloaded copies
+    with torch.no_grad(), BackgroundWrites() as writes:  # the caller's no_grad is not the worker thread's
+        writes.submit(lambda: weight.copy_(torch.ones(3)), torch.device("cpu"))
+    assert torch.equal(weight, torch.ones(3))
 
     def failing():
         raise ValueError("disk full")

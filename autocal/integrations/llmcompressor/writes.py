@@ -57,6 +57,7 @@ class BackgroundWrites:
             self._worker.shutdown(wait=True)
 
 
+@torch.no_grad()  # grad mode is per thread: the caller's ``no_grad`` does not reach this one
 def _write(write: Callable[[], None], ready: torch.cuda.Event | None, device: torch.device) -> None:
     if ready is None:
         write()
