@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import linear_calls
 
-__all__ = ["TOLERANCES", "compare_outputs", "Geometry", "ProjectionLayout", "geometry", "assemble_columns",
+__all__ = ["TOLERANCES", "compare_outputs", "output_tensors", "Geometry", "ProjectionLayout", "geometry", "assemble_columns",
            "call_linear", "observation_off", "project", "unobserved", "untouched"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
@@ -35,12 +35,22 @@ TOLERANCES = {
 }
 
 
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor of a block's output, in order: in tuples, lists, dicts, named tuples and transformers'
+    ``ModelOutput`` (pytree containers), and in the fields of a dataclass, which pytree takes for one opaque leaf
+    unless registered (a block returning ``@dataclass`` outputs would otherwise compare equal to anything)."""
+    tensors = []
+    for leaf in tree_flatten(output)[0]:
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+        elif is_dataclass(leaf) and not isinstance(leaf, type):
+            tensors += output_tensors([getattr(leaf, field.name) for field in fields(leaf)])
+    return tensors
+
+
 def compare_outputs(expected: Any, actual: Any) -> tuple[float, bool, bool]:
     """``(max abs difference, bitwise equal, within tolerance)`` over all tensors of two outputs."""
-    left, _ = tree_flatten(expected)
-    right, _ = tree_flatten(actual)
-    left = [t for t in left if isinstance(t, torch.Tensor)]
-    right = [t for t in right if isinstance(t, torch.Tensor)]
+    left, right = output_tensors(expected), output_tensors(actual)
     if len(left) != len(right) or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(left, right)):
         return float("inf"), False, False
     diff, bitwise, close = 0.0, True, True

@@ -9,6 +9,7 @@ from torch import nn
 
 import autocal
 from autocal.testing.assertions import count_rows, expert_linears
+from autocal.testing.corpus import EXPERTS, HIDDEN, TOP_K, SwiGLUExpert, _loop_experts, init_normal
 from autocal.testing.toy_moe import KINDS, ToyMoEConfig, example_hidden_states, main_output, make_toy_block
 from autocal.verify import compare_outputs
 
@@ -169,6 +170,30 @@ def test_explain_reports_structure_and_sources():
     assert "toy_moe.py:" in block.structure["router"]["sources"]["top_k"]
     assert report.successful() and "sigmoid → topk" in str(report)
     assert report.to_json()
+
+
+class _BroadcastBiasMoE(nn.Module):
+    """Sigmoid scores chosen with a correction bias broadcast by ``unsqueeze(0)`` (DeepSeek-V3's remote code), the
+    weights taken from the unbiased scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.e_score_correction_bias = nn.Parameter(torch.randn(EXPERTS))
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        scores = self.gate(t).sigmoid()
+        ids = (scores + self.e_score_correction_bias.unsqueeze(0)).topk(TOP_K, dim=-1).indices
+        return _loop_experts(t, scores.gather(1, ids), ids, self.experts).view_as(x)
+
+
+def test_explain_names_a_correction_bias_added_through_a_view():
+    block = init_normal(_BroadcastBiasMoE(), 0)
+    report = autocal.explain(nn.Sequential(block))
+    assert report.successful()
+    assert report.blocks[0].correction_bias == "e_score_correction_bias"
 
 
 def test_permanent_unpacking_reproduces_the_packed_tensors():

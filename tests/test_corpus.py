@@ -733,6 +733,27 @@ def _ref_centroids(m, x):
     return _dense(t, gates, m.experts).view_as(x), gates
 
 
+def _ref_slot_capacity(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.router.weight.T, renormalize=False)
+    experts = [lambda rows, e=e: F.gelu(rows @ m.wi[e]) @ m.wo[e] for e in range(gates.shape[1])]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
+def _ref_binned_scatter(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.router.weight.T)
+    w1, w2 = m.w1.view(gates.shape[1], -1, t.shape[1]), m.w2.view(gates.shape[1], -1, t.shape[1])
+    experts = [lambda rows, e=e: F.gelu(rows @ w1[e].T, approximate="tanh") @ w2[e] for e in range(gates.shape[1])]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
+def _ref_host_list_rows(m, x):
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T)
+    return (_dense(t, gates, m.experts) + m.residual_mlp(t)).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -828,6 +849,12 @@ REFERENCES = {
     "flat_mask_mm": _ref_flat_mask,
     "per_token_loop": _ref_softmax_of_top_of(lambda m: m.gate, lambda m: m.experts),
     "in_place_scaled_input": _ref_in_place,
+    "slot_capacity": _ref_slot_capacity,
+    "binned_scatter": _ref_binned_scatter,
+    "sorted_copies": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "flattened_one_hot": _ref_softmax_of_top_of(lambda m: m.gate, lambda m: m.experts),
+    "host_list_rows": _ref_host_list_rows,
+    "histc_counts": _ref_expert_size_split,
 }
 
 

@@ -7,6 +7,8 @@ converts, naming it; ``strict=False`` leaves it, warns and lists it
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from torch import nn
 
 import autocal
 from autocal import MoECalibrationModule
-from autocal.testing.corpus import ENTRIES, EinsumExperts, GShardTop2MoE, Holder, Mixed, MixtralReferenceMoE, \
+from autocal.testing.corpus import HIDDEN, ENTRIES, EinsumExperts, GShardTop2MoE, Holder, Mixed, MixtralReferenceMoE, \
     TransposedConv1D, TransposedConvExpert, TypedHolder, init_normal
 from autocal.testing.patterns import PATTERNS
 from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
@@ -437,3 +439,31 @@ def test_a_model_whose_only_candidate_is_no_moe_is_told_why():
     assert caught.value.kind == "no-moe-block"
     assert ("SoftSlotsMoE at `block`: no top-k, max or argmax of scores decides which experts run (nothing to "
             "rewrite)") in caught.value.explanation
+
+
+@dataclasses.dataclass
+class _RoutedOutput:
+    """A block's output as a plain dataclass (no pytree registration)."""
+
+    hidden_states: torch.Tensor
+    router_probs: torch.Tensor
+
+
+class _DataclassOutputMoE(MixtralReferenceMoE):
+    def forward(self, hidden_states):
+        out = super().forward(hidden_states)
+        return _RoutedOutput(out, self.gate(hidden_states).softmax(-1))
+
+
+def test_verification_compares_outputs_inside_a_dataclass():
+    """A block returning a ``@dataclass`` is compared field by field: a calibration module whose output differs is
+    refused (pytree takes an unregistered dataclass for one opaque leaf, equal to anything)."""
+    block = _DataclassOutputMoE().eval()
+    init_normal(block, 0)
+    module = autocal.synthesize(block)
+    assert isinstance(module(torch.randn(1, 3, HIDDEN)), _RoutedOutput)
+    broken = autocal.synthesize(block, verify=False)
+    forward = broken.forward
+    broken.forward = lambda x: dataclasses.replace(forward(x), hidden_states=3 * forward(x).hidden_states)
+    with pytest.raises(autocal.AutocalError, match="outputs differ"):
+        verify(block, broken, (torch.randn(1, 5, HIDDEN),))

@@ -110,12 +110,14 @@ def _views(source: fx.Node, placeholder: fx.Node) -> bool:
 
 def _unrepeated(source: fx.Node) -> fx.Node:
     """The tensor whose rows ``source`` repeats, each the same number of times (tokens repeated once per slot,
-    ``repeat_interleave(k, dim=0)`` or ``repeat(1, k, 1)``): the rows calibration gives every expert once. Found
-    by value, through the ops with one tensor input between them; ``source`` itself where there is none."""
+    ``repeat_interleave(k, dim=0)``, ``repeat(1, k, 1)`` or gathered once per slot, ``x[order // k]``): the rows
+    calibration gives every expert once. Found by value, through the ops with one float tensor input between them
+    (an index is no rows); ``source`` itself where there is none."""
     rows = value(source).reshape(-1, value(source).shape[-1])
     found, node = source, source
     while True:
-        inputs = [n for n in node.all_input_nodes if isinstance(value(n), torch.Tensor)]
+        inputs = [n for n in node.all_input_nodes
+                  if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()]
         if len(inputs) != 1 or value(inputs[0]).shape[-1] != rows.shape[-1] or value(inputs[0]).dim() < 2:
             return found
         node = inputs[0]

@@ -84,9 +84,12 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
             if owner is None or any(_within(owner_path, b) for b in blocks):
                 break
             tables = lookup_tables(owner) if kinds == _NORMED else set()
-            if any(w.shape[0] == len(module) and id(w) not in tables for w in _beside(owner, modules[below])):
-                found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside a router-shaped "
-                                                f"weight with one row per entry"))
+            router = next((name for name, w in _beside(owner, modules[below]).items()
+                           if w.shape[0] == len(module) and id(w) not in tables), None)
+            if router is not None:
+                found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside "
+                                                f"`{_joined(owner_path, router)}`, a router-shaped weight with one "
+                                                f"row per entry"))
                 break
             table = _routing_table(owner, len(module))
             if table is not None:
@@ -160,7 +163,7 @@ def _flat_experts(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
         elif any(_within(owner_path, b) for b in blocks) or len(params) != len(list(module.parameters())):
             continue
         else:
-            routers = {tuple(w.shape) for w in _beside(modules[owner_path], module) if w.shape[0] >= 2}
+            routers = {tuple(w.shape) for w in _beside(modules[owner_path], module).values() if w.shape[0] >= 2}
         if any(sum(side_by_side(p.shape, experts, hidden) for p in params) >= 2 for experts, hidden in routers):
             found.append((owner_path, path, f"`{path or '<model>'}` holds weights of every expert side by side "
                                             f"beside a router-shaped weight"))
@@ -235,14 +238,18 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _beside(owner: nn.Module, entries: nn.Module) -> list[torch.Tensor]:
+def _beside(owner: nn.Module, entries: nn.Module) -> dict[str, torch.Tensor]:
     """2-D weights of ``owner`` itself and of its children other than the one holding ``entries`` (one level:
-    where routers sit)."""
-    weights = [p for p in owner.parameters(recurse=False) if p.dim() == 2]
-    for child in owner.children():
+    where routers sit), by their path in ``owner``."""
+    weights = {name: p for name, p in owner.named_parameters(recurse=False) if p.dim() == 2}
+    for child_name, child in owner.named_children():
         if child is not entries and not isinstance(child, (nn.ModuleList, nn.ParameterList)):
-            weights += [p for p in child.parameters(recurse=False) if p.dim() == 2]
+            weights |= {f"{child_name}.{name}": p for name, p in child.named_parameters(recurse=False) if p.dim() == 2}
     return weights
+
+
+def _joined(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _ancestors(path: str, levels: int, modules: dict[str, nn.Module] | None = None,

@@ -132,7 +132,10 @@ def slot_dispatch(block: nn.Module, graph: fx.Graph, first: fx.Node, features: f
         dispatch = SlotDispatch(node.target, same.index(node), position, module, expert_axis, num_experts)
         slots = _slots(dispatch, node, value(given))
         placed |= slots is not None
-        token_rows = value(tensors[position]).reshape(-1, value(given).shape[-1])
+        operand = value(tensors[position])
+        if operand.numel() % value(given).shape[-1]:  # the mask, whose size is no multiple of the features
+            continue
+        token_rows = operand.reshape(-1, value(given).shape[-1])
         if slots is not None and _row_wise(block.get_submodule(module), dispatch, token_rows, value(given), slots,
                                            value(returned[0])):
             return dispatch, tensors[1 - position]

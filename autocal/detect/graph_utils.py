@@ -64,20 +64,26 @@ def is_int_tensor(node: fx.Node) -> bool:
 
 
 class Ancestry:
-    """Ancestor sets of every node of one graph, as bitmasks (graphs are topologically ordered)."""
+    """Ancestor sets of every node of one graph, as bitmasks (graphs are topologically ordered).
+
+    A write into a tensor that returns nothing (``buffer[rows] = expert(x)``, recorded with ``meta["mutates"]``)
+    is an ancestor of every later reader of that tensor, and of the tensors it is a view of: the recording's
+    edges lead those readers to the tensor as it was made, not as written.
+    """
 
     def __init__(self, graph: fx.Graph) -> None:
         self.nodes = list(graph.nodes)
         self._index = {n: i for i, n in enumerate(self.nodes)}
         self._mask: dict[fx.Node, int] = {}
+        written: dict[fx.Node, int] = {}  # a tensor's node -> the writes into it so far, with their ancestors
         for node in self.nodes:
             mask = 0
-            parents = list(node.all_input_nodes)
-            if node.meta.get("mutates") is not None:
-                parents.append(node.meta["mutates"])
-            for parent in parents:
-                mask |= self._mask[parent] | (1 << self._index[parent])
+            mutated = node.meta.get("mutates")
+            for parent in [*node.all_input_nodes, *([mutated] if mutated is not None else [])]:
+                mask |= self._mask[parent] | (1 << self._index[parent]) | written.get(parent, 0)
             self._mask[node] = mask
+            for target in _viewed_bases(mutated):
+                written[target] = written.get(target, 0) | mask | (1 << self._index[node])
 
     def is_ancestor(self, ancestor: fx.Node, node: fx.Node) -> bool:
         return bool(self._mask[node] >> self._index[ancestor] & 1)
@@ -89,6 +95,20 @@ class Ancestry:
     def between(self, start: fx.Node, end: fx.Node) -> list[fx.Node]:
         """Nodes on some path from ``start`` to ``end`` (both included), in graph order."""
         return [n for n in self.of(end) + [end] if n is start or self.is_ancestor(start, n)]
+
+
+_VIEWS = {"view", "reshape", "getitem", "__getitem__", "select", "narrow", "squeeze", "unsqueeze", "flatten",
+          "unflatten", "permute", "transpose", "t", "view_as"}
+
+
+def _viewed_bases(node: fx.Node | None) -> list[fx.Node]:
+    """``node`` and the tensors it views, through ops of one tensor input that may return a view."""
+    bases = []
+    while isinstance(node, fx.Node):
+        bases.append(node)
+        inputs = [n for n in node.all_input_nodes if isinstance(value(n), torch.Tensor)]
+        node = inputs[0] if target_name(node) in _VIEWS and len(inputs) == 1 else None
+    return bases
 
 
 def returns_of(output: Any) -> str:

@@ -12,12 +12,11 @@ calls (``trace/forcing.py``) decides which experts run:
 
 1. forcing every choice to what it chose gives the recorded output (the calls
    forced are the ones that routed);
-2. every combination of groups of ``k`` choices per call (a two-level gate: a
-   group, then ``k`` experts in it) is forced once; an expert *takes every
-   token* under a combination when it is given one non-zero row per token
-   (an expert run on every token with its input scaled by a zero score is not).
-   Calls of one line in a loop (a block routing its tokens chunk by chunk) are
-   first forced alike, as one choice, on however many chunks a batch has;
+2. every combination of groups of ``k`` choices per call (a two-level gate: a group, then ``k`` experts in it)
+   is forced once; an expert *takes every token* under a combination when it is given one non-zero row per
+   token (an expert run on every token with its input scaled by a zero score is not). Calls of one line in a
+   loop (a block routing its tokens chunk by chunk) are first forced alike, as one choice, on however many
+   chunks a batch has;
 3. the combinations that first give an expert every token are kept, until every
    expert has had every token; an expert that never does (a capacity dropping
    tokens, experts chosen by an input as well as by scores) makes the rule fail,
@@ -158,7 +157,7 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
         return NoMatch(f"the experts' tokens depend on random numbers the forward draws ({target_name(draws[0])}): "
                        "its routing is random at inference, and no calibration forward can reproduce it",
                        source_of(draws[0]), hints=(_RANDOM_HINT, errors.override_hint(facts.block_class)))
-    found = _choice_calls(rec.graph, calls)
+    found = _choice_calls(rec.graph, calls, routed=not weak)
     if not found:
         return NoMatch("no top-k, max or argmax of scores decides which experts run", source_of(calls[0]),
                        not_moe=weak)
@@ -239,12 +238,13 @@ def _random_draws(graph: fx.Graph, calls: list[fx.Node]) -> list[fx.Node]:
             and any(ancestry.is_ancestor(n, c) for c in calls)]
 
 
-def _choice_calls(graph: fx.Graph, calls: list[fx.Node]) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:
-    """The choices (``_choices``) whose indices reach an expert; where none does, those read on the host
-    (``experts[int(ids[t, j])]``: the forced runs check that they decide which experts run)."""
+def _choice_calls(graph: fx.Graph, calls: list[fx.Node], routed: bool) -> list[tuple]:
+    """The choices (``_choices``) whose indices reach an expert, else those read on the host (``experts[int(i)]``),
+    else, in a block of routed experts, all (rows picked by host lists, ``x[None, top_x.tolist()]``, leave no edge
+    to follow). The forced runs check that they decide which experts run."""
     ancestry, choices = Ancestry(graph), _choices(graph)
     found = [c for c in choices if any(ancestry.is_ancestor(c[2], call) for call in calls)]
-    return found or [c for c in choices if read_on_host(c[2])]
+    return found or [c for c in choices if read_on_host(c[2])] or (choices if routed else [])
 
 
 def _choices(graph: fx.Graph) -> list[tuple[fx.Node, ChoiceCall, fx.Node]]:

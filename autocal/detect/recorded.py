@@ -123,9 +123,14 @@ def sets_recording(facts: Facts) -> ExpertCalls | NoMatch:
     return facts.memo("sets", make)
 
 
+_WHOLE = ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
+          "to", "float", "type_as")
+
+
 def whole_input(call: fx.Node) -> fx.Node | None:
-    """The recorded module's input an expert call receives whole (up to views), if it does."""
+    """The recorded module's input an expert call receives whole (up to views and casts that keep its elements in
+    order), if it does."""
     node = call.args[0] if call.args else None
-    while isinstance(node, fx.Node) and target_name(node) in ("view", "reshape", "contiguous", "to"):
+    while isinstance(node, fx.Node) and target_name(node) in _WHOLE:
         node = node.args[0]
     return node if isinstance(node, fx.Node) and node.op == "placeholder" else None

@@ -51,6 +51,14 @@ def _along_last(selection: fx.Node) -> bool:
     return not isinstance(dim, int) or dim % scores.dim() == scores.dim() - 1
 
 
+def _indices(selection: fx.Node) -> fx.Node | None:
+    """The node holding a top-k's, max's or argmax's indices (None: only its values are read)."""
+    if target_name(selection) == "argmax":
+        return selection
+    return next((user for user in selection.users
+                 if target_name(user) in ("getitem", "__getitem__") and user.args[1] == 1), None)
+
+
 def _k_of(node: fx.Node) -> int:
     if target_name(node) == "topk":
         return int(node.kwargs.get("k", node.args[1] if len(node.args) > 1 else 1))
@@ -299,13 +307,24 @@ def _scaling(nodes: list[fx.Node]) -> float | None:
     return None
 
 
+_BIAS_VIEWS = ("unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "to", "float", "contiguous", "detach")
+
+
+def _stored(node: fx.Node) -> fx.Node | None:
+    """The parameter or buffer ``node`` is, or is a view or cast of (``bias.unsqueeze(0)``, ``bias[None]``)."""
+    while node.op != "get_attr" and target_name(node) in _BIAS_VIEWS and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    return node if node.op == "get_attr" else None
+
+
 def _correction_bias(graph: fx.Graph, scored: fx.Node, weights: fx.Node, ancestry: Ancestry) -> str | None:
     """A per-expert parameter or buffer added to the scores used for selection, but not to the weights."""
     for n in ancestry.of(scored) + [scored]:
         if target_name(n) not in ("add", "__add__", "__radd__") or len(n.all_input_nodes) != 2:
             continue
-        for bias, scores in (n.all_input_nodes, reversed(n.all_input_nodes)):
-            if bias.op == "get_attr" and isinstance(value(bias), torch.Tensor) and value(bias).dim() == 1:
+        for added, scores in (n.all_input_nodes, reversed(n.all_input_nodes)):
+            bias = _stored(added)
+            if bias is not None and isinstance(value(bias), torch.Tensor) and value(bias).dim() == 1:
                 # The weights must come from the unbiased scores, by a path that skips the add.
                 if any(u is not n and (u is weights or ancestry.is_ancestor(u, weights)) for u in scores.users):
                     return bias.target
@@ -322,14 +341,13 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
     top-k values; without a top-k, the sorting index stands for both.
     """
     ancestry = Ancestry(graph)
-    choices = [n for n in ancestry.of(tokens) if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
+    behind = set(ancestry.of(tokens))
+    choices = [(n, _indices(n)) for n in ancestry.of(tokens)
+               if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
+    choices = [(n, index) for n, index in choices if index is not None]  # a max of values alone chooses nothing
     if not choices:
         return tokens, tokens
-    choice = choices[-1]
-    parts = {user.args[1]: user for user in choice.users if target_name(user) in ("getitem", "__getitem__")}
-    index = choice if target_name(choice) == "argmax" else parts.get(1)
-    if index is None:
-        return tokens, tokens
+    choice, index = ([(n, index) for n, index in choices if index is tokens or index in behind] or choices)[-1]
     shape = value(index).shape
     weights = [n for n in graph.nodes if isinstance(value(n), torch.Tensor) and value(n).is_floating_point()
                and value(n).shape == shape and ancestry.is_ancestor(choice, n)]
@@ -337,15 +355,13 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
 
 
 def router_of(graph: fx.Graph) -> RouterInfo | None:
-    """The router facts of a recorded block whose experts were not recognised: its last top-k (or max)."""
-    choices = [n for n in graph.nodes if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
-    if not choices:
+    """The router facts of a recorded block whose experts were not recognised: its last top-k (or max) whose
+    indices are read."""
+    indices = [_indices(n) for n in graph.nodes if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
+    indices = [index for index in indices if index is not None and index.users]
+    if not indices:
         return None
-    last = choices[-1]
-    index = last if target_name(last) == "argmax" else next(
-        (u for u in last.users if target_name(u) in ("getitem", "__getitem__") and u.args[1] == 1), None)
-    if index is None:
-        return None
+    index = indices[-1]
     _, weights = routing_choice(graph, index)
     return analyze_router(graph, index, weights)
 

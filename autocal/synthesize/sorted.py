@@ -38,13 +38,18 @@ class SegmentBank(ExpertViews):
     def forward(self, rows: torch.Tensor, counts, *args, **kwargs) -> torch.Tensor:
         self.__dict__["last_counts"] = counts  # the block may compute them on the host: kept, not replayed
         self.__dict__["last_rows"] = rows
-        sizes = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        sizes = _sizes(counts)
         quiet = self.__dict__.get("observed") == set()
         if self.plain() and (quiet or not self.hooked()):
             for linear, size in zip(self.children(), sizes if not quiet else ()):
                 add_tokens(linear, size)
             return self._bank(rows, counts, *args, **kwargs)
         return torch.cat([self.call(expert, part) for expert, part in enumerate(rows.split(sizes))])
+
+
+def _sizes(counts) -> list[int]:
+    """Each expert's row count, as ints: counts made by ``torch.histc`` are floats."""
+    return [int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
 
 
 class SortedCalibrationMoE(KeptForwardMoE):
@@ -82,7 +87,7 @@ class SortedCalibrationMoE(KeptForwardMoE):
         dispatch, shared = self.plan.dispatch, {}
         banks = self._banks()
         counts = banks[0].__dict__["last_counts"]
-        counts = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+        counts = _sizes(counts)
         given = banks[0].__dict__["last_rows"].split(counts)  # each expert's segment of the first bank's rows
         rows = RowComplement(dispatch.rows(bound, shared))
         for expert in range(len(counts)):

@@ -1762,6 +1762,8 @@ class SizedExperts(nn.Module):
         self.weight = nn.Parameter(torch.empty(EXPERTS, out_features, in_features))
 
     def forward(self, inputs, expert_size):
+        if isinstance(expert_size, torch.Tensor):
+            expert_size = expert_size.long().tolist()
         parts = inputs.split(expert_size, dim=0)
         return torch.cat([F.linear(parts[i], self.weight[i]) for i in range(EXPERTS)], dim=0)
 
@@ -2806,6 +2808,156 @@ class InPlaceScaledMoE(nn.Module):
         return out.view_as(hidden_states)
 
 
+class SlotCapacityMoE(nn.Module):
+    """Research library MoE layer, flaxformer style: top-k slots numbered per expert by a cumulative sum over the
+    k-major choices, each choice's slot read back by ``position.max(dim=-1).values``, the one-hot width taken from
+    ``int(position.max()) + 1`` (neither max chooses experts), dispatch and combine einsums over ``[T, E, C]``, packed
+    GELU experts. The capacity is the token count: no choice is dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.wi = nn.Parameter(torch.empty(EXPERTS, HIDDEN, INTER))
+        self.wo = nn.Parameter(torch.empty(EXPERTS, INTER, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        probs = self.router(t).softmax(-1)
+        gates, ids = probs.topk(TOP_K, dim=-1)
+        mask = F.one_hot(ids, EXPERTS).transpose(0, 1).reshape(-1, EXPERTS)  # [k * T, E], the first choices first
+        position = ((mask.cumsum(0) - 1) * mask).reshape(TOP_K, -1, EXPERTS).transpose(0, 1)  # [T, k, E]
+        slot = position.max(dim=-1).values  # [T, k]
+        slots = F.one_hot(slot, int(position.max()) + 1).to(t.dtype)  # [T, k, C]
+        chosen = F.one_hot(ids, EXPERTS).to(t.dtype)  # [T, k, E]
+        dispatch = torch.einsum("tke,tkc->tec", chosen, slots)
+        combine = torch.einsum("tk,tke,tkc->tec", gates, chosen, slots)
+        buffers = torch.einsum("tec,th->ech", dispatch, t)
+        outputs = torch.einsum("eci,eih->ech", F.gelu(torch.einsum("ech,ehi->eci", buffers, self.wi)), self.wo)
+        return torch.einsum("ech,tec->th", outputs, combine).view_as(x)
+
+
+class BinnedScatterMoE(nn.Module):
+    """Training framework grouped experts, MegaBlocks style in plain torch: choices sorted by expert, bins by the
+    cumulative histc counts, each expert's rows gathered into an ``[E, C, H]`` buffer, one bmm pair over packed
+    ``[E * I, H]`` weights, and each row written back in place into a ``[T * k, H]`` buffer (``out[rows] = ...``)
+    summed over the k."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w1 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+        self.w2 = nn.Parameter(torch.empty(EXPERTS * INTER, HIDDEN))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, experts = self.router(t).softmax(-1).topk(TOP_K, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).flatten()
+        experts = experts.flatten()
+        _, order = torch.sort(experts, stable=True)
+        counts = torch.histc(experts.float(), bins=EXPERTS, min=0, max=EXPERTS - 1).long()
+        ends, starts = counts.cumsum(0), counts.cumsum(0) - counts
+        buffer = t.new_zeros(EXPERTS, int(counts.max()), HIDDEN)
+        for e in range(EXPERTS):
+            if counts[e]:
+                buffer[e, :counts[e]] = t[order[starts[e]:ends[e]] // TOP_K]
+        w1, w2 = self.w1.view(EXPERTS, INTER, HIDDEN), self.w2.view(EXPERTS, INTER, HIDDEN)
+        outputs = torch.bmm(F.gelu(torch.bmm(buffer, w1.transpose(1, 2)), approximate="tanh"), w2)
+        out = t.new_zeros(t.shape[0] * TOP_K, HIDDEN)
+        for e in range(EXPERTS):
+            if counts[e]:
+                rows = order[starts[e]:ends[e]]
+                out[rows] = outputs[e, :counts[e]] * weights[rows, None]
+        return out.view(-1, TOP_K, HIDDEN).sum(1).view_as(x)
+
+
+class SortedCopiesMoE(nn.Module):
+    """A user's block: the choices sorted by expert, each choice's token copied (``t[order // k]``), the expert of
+    each sorted row found by ``torch.bucketize`` over the cumulative counts, a mask loop over the copies, the
+    weighted copies summed onto their tokens by ``scatter_reduce``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, ids = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        order = ids.reshape(-1).argsort(stable=True)
+        token = order // TOP_K
+        ends = torch.bincount(ids.reshape(-1), minlength=EXPERTS).cumsum(0)
+        expert_of = torch.bucketize(torch.arange(order.numel()), ends, right=True)
+        copies = t[token]
+        y = torch.zeros_like(copies)
+        for e, expert in enumerate(self.experts):
+            rows = expert_of == e
+            y[rows] = expert(copies[rows])
+        y = y * weights.reshape(-1)[order, None]
+        out = torch.zeros_like(t).scatter_reduce(0, token[:, None].expand(-1, HIDDEN), y, reduce="sum")
+        return out.view_as(x)
+
+
+class FlattenedOneHotMoE(nn.Module):
+    """A user's block: ``x.flatten(0, 1)``, a gate matrix summed from ``F.one_hot`` of the top-k indices times their
+    softmaxed logits, every expert on every token (``torch.stack``), combined by ``einsum('te,eth->th')``,
+    ``unflatten`` back."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        t = x.flatten(0, 1)
+        logits, ids = self.gate(t).topk(TOP_K, dim=-1)
+        gates = (F.one_hot(ids, EXPERTS).to(t.dtype) * logits.softmax(-1).unsqueeze(-1)).sum(1)
+        every = torch.stack([expert(t) for expert in self.experts])
+        return torch.einsum("te,eth->th", gates, every).unflatten(0, x.shape[:2])
+
+
+class HostListRowsMoE(nn.Module):
+    """Remote code of a hub model copying an older transformers Mixtral: each expert's rows and slots read to
+    Python lists (``top_x.tolist()``) and picked by them (``x[None, top_x_list]``), a dense residual MLP beside
+    the experts (Arctic style), softmax then top-k, renormalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.residual_mlp = SwiGLUExpert()
+
+    def forward(self, hidden_states):
+        t = hidden_states.view(-1, HIDDEN)
+        weights, selected = F.softmax(self.gate(t), dim=1, dtype=torch.float).topk(TOP_K, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(t.dtype)
+        out = torch.zeros_like(t)
+        mask = F.one_hot(selected, num_classes=EXPERTS).permute(2, 1, 0)
+        for e, expert in enumerate(self.experts):
+            slot, top_x = torch.where(mask[e])
+            if top_x.shape[0] == 0:
+                continue
+            top_x_list, slot_list = top_x.tolist(), slot.tolist()
+            rows = t[None, top_x_list].reshape(-1, HIDDEN)
+            out.index_add_(0, top_x, expert(rows) * weights[top_x_list, slot_list, None])
+        return (out + self.residual_mlp(t)).view_as(hidden_states)
+
+
+class HistcCountsMoE(SizedExpertsMoE):
+    """``expert_size_split`` with the counts made by ``torch.histc`` (floats, as grouped-GEMM code makes them) and
+    handed to the projections as a tensor, which they turn into ints themselves."""
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        top_logits, top_experts = self.router(t).topk(TOP_K, dim=1)
+        top_gates = top_logits.softmax(dim=1)
+        counts = torch.histc(top_experts.flatten().float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
+        _, order = top_experts.flatten().sort(stable=True)
+        token = order // TOP_K
+        h, g = self.input_linear(t[token], counts).chunk(2, dim=-1)
+        out = self.output_linear(F.silu(h) * g, counts) * top_gates.flatten()[order][:, None]
+        return (torch.zeros_like(t).index_add(0, token, out) + self.bias).view_as(x)
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -3078,6 +3230,24 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 PerTokenLoopMoE),
     CorpusEntry("in_place_scaled_input", f"{_REMOTE}: the block's input rows (a view) scaled in place by k "
                 "before the experts (x *= k), each expert's output divided by k; a where loop", (), InPlaceScaledMoE),
+    CorpusEntry("slot_capacity", f"{_RESEARCH}: flaxformer-style top-k slots by a cumulative sum, each slot read back "
+                "by position.max(dim=-1).values, the one-hot width by int(position.max()) + 1, [T, E, C] dispatch "
+                "and combine einsums, packed GELU experts", (5,), SlotCapacityMoE),
+    CorpusEntry("binned_scatter", f"{_TRAINING}: MegaBlocks-style bins by cumulative histc counts, rows gathered into "
+                "[E, C, H], bmm over packed [E * I, H] weights, written back in place (out[rows] = ...) into "
+                "[T * k, H] and summed over the k", (3,), BinnedScatterMoE),
+    CorpusEntry("sorted_copies", "a user's block: choices sorted by expert, each choice's token copied "
+                "(t[order // k]), experts of the sorted rows by torch.bucketize, a mask loop over the copies, "
+                "scatter_reduce back", (3,), SortedCopiesMoE),
+    CorpusEntry("flattened_one_hot", "a user's block: x.flatten(0, 1), a gate matrix summed from F.one_hot of the "
+                "top-k indices, every expert on every token (torch.stack), einsum('te,eth->th'), unflatten", (4,),
+                FlattenedOneHotMoE),
+    CorpusEntry("host_list_rows", f"{_REMOTE}: an older transformers Mixtral copied, rows and slots read to Python "
+                "lists (top_x.tolist()) and picked by them (x[None, top_x_list]), a dense residual MLP beside the "
+                "experts", (), HostListRowsMoE),
+    CorpusEntry("histc_counts", f"{_REMOTE}: projection modules of [E, out, in] called with (rows, counts), the "
+                "counts made by torch.histc (floats) and turned into ints by the projections", (1, 3),
+                HistcCountsMoE),
 )
 
 
