@@ -196,6 +196,32 @@ def test_explain_names_a_correction_bias_added_through_a_view():
     assert report.blocks[0].correction_bias == "e_score_correction_bias"
 
 
+class _ScaledOutputsMoE(nn.Module):
+    """Each expert's output times a per-expert scale (a parameter) before its routing weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.expert_scale = nn.Parameter(torch.rand(EXPERTS) + 0.5)
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, ids = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out[token] += expert(t[token]) * self.expert_scale[e] * weights[token, slot, None]
+        return out.view_as(x)
+
+
+def test_explain_reads_the_routing_weight_past_a_per_expert_scale():
+    block = init_normal(_ScaledOutputsMoE(), 0)
+    report = autocal.explain(nn.Sequential(block))
+    assert report.successful()
+    assert (report.blocks[0].scoring, report.blocks[0].top_k) == ("softmax", TOP_K)
+
+
 def test_permanent_unpacking_reproduces_the_packed_tensors():
     block = make_toy_block(ToyMoEConfig(kind="interleaved"))
     packed = {n: p.detach().clone() for n, p in block.experts.named_parameters()}

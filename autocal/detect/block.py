@@ -232,13 +232,30 @@ def _mask_of(index: fx.Node, source: torch.Tensor) -> bool:
 
 
 def _routing_weight(call: fx.Node) -> fx.Node | None:
-    """The tensor an expert's output is multiplied by, if it is multiplied right away."""
-    for user in call.users:
-        if target_name(user) in ("mul", "__mul__", "__rmul__"):
-            others = [a for a in user.all_input_nodes if a is not call]
-            if others:
-                return others[0]
-    return None
+    """The tensor an expert's output is multiplied by, if it is multiplied right away; a factor computed from
+    parameters alone (a per-expert output scale, ``expert(x) * self.scale[e]``) is passed over."""
+    node = call
+    while True:
+        product = next((u for u in node.users if target_name(u) in ("mul", "__mul__", "__rmul__")), None)
+        others = [a for a in product.all_input_nodes if a is not node] if product is not None else []
+        if not others:
+            return None
+        if _from_inputs(others[0]):
+            return others[0]
+        node = product
+
+
+def _from_inputs(node: fx.Node) -> bool:
+    """Is ``node`` computed from an input of the recording (not from parameters and constants alone)?"""
+    frontier, seen = [node], set()
+    while frontier:
+        part = frontier.pop()
+        if part.op == "placeholder":
+            return True
+        if part not in seen:
+            seen.add(part)
+            frontier += part.all_input_nodes
+    return False
 
 
 def _router_from_recording(block: nn.Module, call: BlockCall, entries: list[nn.Module]):
