@@ -375,3 +375,15 @@ def test_convert_leaves_what_the_blocks_forward_keeps_as_it_was():
     assert block.aux_losses is losses and losses == [] and block.calls == 0 and block.last_routing is None
     model(torch.randn(2, 3, 16))
     assert len(losses) == 1
+
+
+@pytest.mark.parametrize("name, applied", [
+    ("host_counts", "on the experts' combined outputs, after the loop"),  # outs.view(T, k, H).mul_(w).sum(1)
+    ("dense_buffer", "on the experts' combined outputs, after the loop"),  # einsum with a dense [T, E] matrix
+    ("keyword_experts", "handed to the experts beside their rows"),  # expert(hidden_states=rows, scale=w)
+])
+def test_explain_says_where_routing_weights_meet_experts_a_loop_does_not_scale(name, applied):
+    from autocal.testing.corpus import ENTRIES, Holder
+
+    report = autocal.explain(Holder(ENTRIES[name].build(0)), verify=False)
+    assert report.blocks[0].structure["experts"]["weights_applied"] == applied

@@ -237,7 +237,7 @@ def _recorded_set(facts: Facts, found: ExpertCalls, name: str, entries: list) ->
                              _selectors(latest_tokens, found.expert_paths[latest.target], Ancestry(rec.graph)),
                              source=_unrepeated(source))
         _check_recipe(recipe, calls, found.expert_paths, rec, found.bound, cls)
-    weight = _routing_weight(calls[0])
+    weight, weights = _routing_weight(calls[0]), None
     if tokens is not None:
         index, weights = routing_choice(rec.graph, tokens)
         router = _k_as_recorded(analyze_router(rec.graph, index, weight if weight is not None else weights), calls)
@@ -245,9 +245,35 @@ def _recorded_set(facts: Facts, found: ExpertCalls, name: str, entries: list) ->
         router = router_of(rec.graph)
         if router is None:
             return NoMatch("no top-k or argmax picks the experts", source_of(calls[0]))
-    applied = "on the expert output, in the block's loop" if weight is not None else "not found"
+    applied = "on the expert output, in the block's loop" if weight is not None else _applied_later(rec, weights, calls)
     experts = module_experts_info(name, facts.block.get_submodule(name), entries, calls[0], applied)
     return RecordedSet(name, recipe, router, experts)
+
+
+def _applied_later(rec, weights: fx.Node | None, calls: list[fx.Node]) -> str:
+    """Where the routing weights meet the experts when not right after each call: handed to them beside their rows
+    (``expert(rows, scale=w)``), or multiplied with their combined outputs (``outs.view(T, k, H).mul_(w[..., None])
+    .sum(1)``, an einsum with a dense weight matrix)."""
+    if weights is None or not value(weights).is_floating_point():
+        return "not found"
+    ancestry = Ancestry(rec.graph)
+
+    def from_weights(node: fx.Node) -> bool:
+        return node is weights or ancestry.is_ancestor(weights, node)
+
+    def from_experts(node: fx.Node) -> bool:
+        return node is calls[0] or ancestry.is_ancestor(calls[0], node)
+
+    if any(from_weights(a) for a in calls[0].all_input_nodes[1:]):
+        return "handed to the experts beside their rows"
+    for node in rec.graph.nodes:
+        if target_name(node).rstrip("_") not in ("mul", "__mul__", "__rmul__", "einsum", "matmul", "bmm"):
+            continue
+        inputs = [a for a in node.all_input_nodes if isinstance(value(a), torch.Tensor)]
+        if from_experts(node) and any(  # node: after the experts (through writes too), the weights not
+                from_weights(a) and not from_experts(a) and value(a).is_floating_point() for a in inputs):
+            return "on the experts' combined outputs, after the loop"
+    return "not found"
 
 
 def _k_as_recorded(router: RouterInfo, calls: list[fx.Node]) -> RouterInfo:
