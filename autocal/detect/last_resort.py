@@ -24,10 +24,9 @@ calls (``trace/forcing.py``) decides which experts run:
 4. each expert's rows in the real forward are among its rows under its forced
    run, bit for bit: forcing gives an expert what the router would have given it.
 
-Calibration (``synthesize/last_resort.py``) runs the block's own forward for the
-output, then the block once per kept combination with only the experts it
-covers observed: ``ceil(E / k)`` extra forwards per calibration batch for one
-top-k, the product of the groups for chained choices.
+Calibration (``synthesize/last_resort.py``) runs the block's own forward for the output, then the block once
+per kept combination with only the experts it covers observed: ``ceil(E / k)`` extra forwards per calibration
+batch for one top-k, the product of the groups for chained choices.
 """
 
 from __future__ import annotations
