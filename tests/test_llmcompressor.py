@@ -1130,3 +1130,71 @@ def test_core_never_imports_llmcompressor():
             "assert not any(m.split('.')[0] in ('llmcompressor', 'compressed_tensors') for m in sys.modules), "
             "sorted(m for m in sys.modules if 'compress' in m)\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+class _MLPRouterMoE(torch.nn.Module):
+    """A router that is an MLP (Linear, GELU, Linear), softmax over the top-k logits, a where loop."""
+
+    def __init__(self):
+        from autocal.testing.corpus import EXPERTS, HIDDEN, SwiGLUExpert
+
+        super().__init__()
+        self.router = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.GELU(),
+                                          torch.nn.Linear(2 * HIDDEN, EXPERTS))
+        self.experts = torch.nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        from autocal.testing.corpus import TOP_K, _loop_experts
+
+        t = x.reshape(-1, x.shape[-1])
+        logits, ids = self.router(t).topk(TOP_K, dim=-1)
+        return _loop_experts(t, logits.softmax(-1), ids, self.experts).view_as(x)
+
+
+class _DownOnlyExpert(torch.nn.Module):
+    def __init__(self):
+        from autocal.testing.corpus import HIDDEN, INTER
+
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
+        self.down_proj = torch.nn.Linear(INTER, HIDDEN, bias=False)
+
+    def forward(self, x, up):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * up)
+
+
+class _SharedUpMoE(torch.nn.Module):
+    """One up projection every expert shares (computed once on the block), each expert's own gate and down."""
+
+    def __init__(self):
+        from autocal.testing.corpus import EXPERTS, HIDDEN, INTER
+
+        super().__init__()
+        self.gate = torch.nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.up_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
+        self.experts = torch.nn.ModuleList(_DownOnlyExpert() for _ in range(EXPERTS))
+
+    def forward(self, x):
+        from autocal.testing.corpus import TOP_K
+
+        t = x.reshape(-1, x.shape[-1])
+        up = self.up_proj(t)
+        weights, ids = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out[token] += weights[token, slot, None] * expert(t[token], up[token])
+        return out.view_as(x)
+
+
+def test_gates_are_whole_routers_and_scalar_shared_gates_only():
+    """``gate_modules`` (what ``oneshot`` leaves unquantized) holds every Linear of an MLP router, not only the
+    one computing the logits; a Linear the experts share that is no gate (an up projection wider than one output
+    per expert) is quantized like any other."""
+    from autocal.testing.corpus import init_normal
+
+    mlp = autocal.convert(torch.nn.Sequential(init_normal(_MLPRouterMoE(), 0)))
+    assert alc.gate_modules(mlp) == ["0.router", "0.router.0", "0.router.2"]
+    shared = autocal.convert(torch.nn.Sequential(init_normal(_SharedUpMoE(), 0)))
+    assert shared[0].structure.shared_modules == ["up_proj"]
+    assert alc.gate_modules(shared) == ["0.gate"]

@@ -387,3 +387,40 @@ def test_a_run_of_the_model_that_writes_its_buffers_is_told():
     with pytest.warns(UserWarning, match=r"wrote into its buffers cache;"):
         model = autocal.convert(_build(CachedLM))
     assert all(isinstance(layer, autocal.MoECalibrationModule) for layer in model.layers)
+
+
+class _HalfExpertsMoE(nn.Module):
+    """bfloat16 experts behind a float32 router: the block takes float32 hidden states and casts each expert's
+    rows."""
+
+    def __init__(self):
+        from autocal.testing.corpus import EXPERTS, SwiGLUExpert
+
+        super().__init__()
+        self.gate = nn.Linear(CORPUS_HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS)).to(torch.bfloat16)
+
+    def forward(self, x):
+        from autocal.testing.corpus import TOP_K
+
+        t = x.reshape(-1, x.shape[-1])
+        weights, ids = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out[token] += weights[token, slot, None] * expert(t[token].bfloat16()).float()
+        return out.view_as(x)
+
+
+def test_inputs_are_made_in_the_blocks_other_dtypes_when_the_experts_one_fails():
+    """Made-up hidden states come in the experts' dtype first (bfloat16), which the float32 router refuses, then
+    in the router's: the block converts without example inputs."""
+    model = nn.Sequential(init_normal(_HalfExpertsMoE(), 0))
+    x = torch.randn(1, 5, CORPUS_HIDDEN)
+    with torch.no_grad():
+        expected = model(x)
+    autocal.convert(model)
+    assert isinstance(model[0], autocal.MoECalibrationModule)
+    with torch.no_grad(), count_rows(expert_linears(model)) as rows:
+        assert compare_outputs(expected, model(x))[2]
+    assert set(rows.values()) == {5}

@@ -112,18 +112,21 @@ def synthesize_inputs(
     """The first ``(hidden_states,)`` that ``accepts`` takes, or None.
 
     Tries ``[1, tokens, H]`` then ``[tokens, H]`` for each candidate ``H``; for a forward taking ``*args``,
-    each also followed by None.
+    each also followed by None. In the experts' dtype first, then in each other float dtype of the block's
+    parameters (bfloat16 experts behind a float32 router take float32 hidden states and cast them).
     """
     reference = next(container.parameters())  # dtype and device of the experts
+    dtypes = dict.fromkeys([reference.dtype, *(p.dtype for p in block.parameters() if p.is_floating_point())])
     generator = torch.Generator(device="cpu").manual_seed(seed)
     variadic = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(block.forward).parameters.values())
-    for hidden in hidden_size_candidates(block, container):
-        for shape in ((1, num_tokens, hidden), (num_tokens, hidden)):
-            x = torch.randn(shape, generator=generator).to(dtype=reference.dtype, device=reference.device)
-            # a forward taking *args may read a second input that is optional in meaning (a token mask): None
-            for args in ((x,), (x, None)) if variadic else ((x,),):
-                if accepts(args):
-                    return args
+    for dtype in dtypes:
+        for hidden in hidden_size_candidates(block, container):
+            for shape in ((1, num_tokens, hidden), (num_tokens, hidden)):
+                x = torch.randn(shape, generator=generator).to(dtype=dtype, device=reference.device)
+                # a forward taking *args may read a second input that is optional in meaning (a token mask): None
+                for args in ((x,), (x, None)) if variadic else ((x,),):
+                    if accepts(args):
+                        return args
     return None
 
 

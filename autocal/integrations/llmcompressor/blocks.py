@@ -84,18 +84,21 @@ def expert_linears(model: nn.Module) -> list[ExpertLinear]:
 
 
 def gate_modules(model: nn.Module) -> list[str]:
-    """Module paths of the gates autocal detected: each block's router (and Linears inside it),
-    and bare ``nn.Linear`` shared modules of a block (a shared expert's scalar gate, as in Qwen2-MoE).
+    """Module paths of the gates autocal detected: each block's router (and Linears inside it), and bare
+    ``nn.Linear`` shared modules of a block with a gate's outputs (at most one per expert: a shared expert's
+    scalar gate, as in Qwen2-MoE; not a projection every expert shares).
 
-    Read from each calibration module's detected structure, never from a list of names.
-    Blocks converted by a hand-written override carry no structure and contribute nothing.
+    The router is the outermost child of the block that holds the module computing the logits and nothing of the
+    experts or the shared modules: all of an MLP router (``router = Sequential(Linear, GELU, Linear)``), not only
+    its last Linear. Read from each calibration module's detected structure, never from a list of names. Blocks
+    converted by a hand-written override carry no structure and contribute nothing.
     """
     gates: list[str] = []
     for block_path, block in calibration_blocks(model):
         structure = getattr(block, "structure", None)
         if structure is None:
             continue
-        router_path = structure.router.module_path
+        router_path = _router_holder(structure)
         if router_path:
             router = block.get_submodule(router_path)
             gates.append(_join(block_path, router_path))
@@ -103,9 +106,24 @@ def gate_modules(model: nn.Module) -> list[str]:
                       if n and isinstance(m, nn.Linear)]
         for shared in structure.shared_modules:
             module = block.get_submodule(shared)
-            if isinstance(module, nn.Linear) and not list(module.children()):
+            if isinstance(module, nn.Linear) and not list(module.children()) and (
+                    module.out_features <= structure.experts.num_experts):
                 gates.append(_join(block_path, shared))
     return list(dict.fromkeys(gates))
+
+
+def _router_holder(structure) -> str | None:
+    """The outermost prefix of the router's path that holds neither the experts nor a shared module."""
+    path = structure.router.module_path
+    if not path:
+        return path
+    others = [structure.experts.module_path, *structure.shared_modules]
+    parts = path.split(".")
+    for length in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:length])
+        if not any(other == prefix or other.startswith(f"{prefix}.") for other in others if other):
+            return prefix
+    return path
 
 
 def _output_embedding_path(model: nn.Module) -> str | None:
