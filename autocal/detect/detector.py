@@ -88,7 +88,7 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
                            if w.shape[0] == len(module) and id(w) not in tables), None)
             if router is not None:
                 found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside "
-                                                f"`{_joined(owner_path, router)}`, a router-shaped weight with one "
+                                                f"`{_join(owner_path, router)}`, a router-shaped weight with one "
                                                 f"row per entry"))
                 break
             table = _routing_table(owner, len(module))
@@ -246,10 +246,6 @@ def _beside(owner: nn.Module, entries: nn.Module) -> dict[str, torch.Tensor]:
         if child is not entries and not isinstance(child, (nn.ModuleList, nn.ParameterList)):
             weights |= {f"{child_name}.{name}": p for name, p in child.named_parameters(recurse=False) if p.dim() == 2}
     return weights
-
-
-def _joined(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 def _ancestors(path: str, levels: int, modules: dict[str, nn.Module] | None = None,

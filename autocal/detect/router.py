@@ -307,7 +307,8 @@ def _scaling(nodes: list[fx.Node]) -> float | None:
     return None
 
 
-_BIAS_VIEWS = ("unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "to", "float", "contiguous", "detach")
+_BIAS_VIEWS = ("unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "to", "float", "contiguous",
+               "detach")
 
 
 def _stored(node: fx.Node) -> fx.Node | None:
