@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_flatten
 
 from . import linear_calls
 
-__all__ = ["TOLERANCES", "compare_outputs", "output_tensors", "Geometry", "ProjectionLayout", "geometry", "assemble_columns",
+__all__ = ["TOLERANCES", "compare_outputs", "output_tensors", "Geometry", "ProjectionLayout", "geometry",
+           "assemble_columns",
            "call_linear", "observation_off", "project", "unobserved", "untouched"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
