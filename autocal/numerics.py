@@ -21,8 +21,7 @@ from torch.utils._pytree import tree_flatten
 from . import linear_calls
 
 __all__ = ["TOLERANCES", "compare_outputs", "output_tensors", "Geometry", "ProjectionLayout", "geometry",
-           "assemble_columns",
-           "call_linear", "observation_off", "project", "unobserved", "untouched"]
+           "assemble_columns", "call_linear", "observation_off", "project", "unobserved", "untouched"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
 # experts compute gate and up as two matmuls where the original did one, and a
