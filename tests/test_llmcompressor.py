@@ -44,6 +44,7 @@ import autocal  # noqa: E402
 from autocal.integrations import llmcompressor as alc  # noqa: E402
 from autocal.synthesize.experts import CalibrationExperts  # noqa: E402
 from autocal.testing import zoo  # noqa: E402
+from autocal.testing.corpus import EXPERTS, HIDDEN, INTER, TOP_K, SwiGLUExpert, _loop_experts, init_normal  # noqa: E402
 
 MODELS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 SCHEMES = ["w4a16", "fp8"]
@@ -1136,16 +1137,12 @@ class _MLPRouterMoE(torch.nn.Module):
     """A router that is an MLP (Linear, GELU, Linear), softmax over the top-k logits, a where loop."""
 
     def __init__(self):
-        from autocal.testing.corpus import EXPERTS, HIDDEN, SwiGLUExpert
-
         super().__init__()
         self.router = torch.nn.Sequential(torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.GELU(),
                                           torch.nn.Linear(2 * HIDDEN, EXPERTS))
         self.experts = torch.nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
 
     def forward(self, x):
-        from autocal.testing.corpus import TOP_K, _loop_experts
-
         t = x.reshape(-1, x.shape[-1])
         logits, ids = self.router(t).topk(TOP_K, dim=-1)
         return _loop_experts(t, logits.softmax(-1), ids, self.experts).view_as(x)
@@ -1153,8 +1150,6 @@ class _MLPRouterMoE(torch.nn.Module):
 
 class _DownOnlyExpert(torch.nn.Module):
     def __init__(self):
-        from autocal.testing.corpus import HIDDEN, INTER
-
         super().__init__()
         self.gate_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
         self.down_proj = torch.nn.Linear(INTER, HIDDEN, bias=False)
@@ -1167,16 +1162,12 @@ class _SharedUpMoE(torch.nn.Module):
     """One up projection every expert shares (computed once on the block), each expert's own gate and down."""
 
     def __init__(self):
-        from autocal.testing.corpus import EXPERTS, HIDDEN, INTER
-
         super().__init__()
         self.gate = torch.nn.Linear(HIDDEN, EXPERTS, bias=False)
         self.up_proj = torch.nn.Linear(HIDDEN, INTER, bias=False)
         self.experts = torch.nn.ModuleList(_DownOnlyExpert() for _ in range(EXPERTS))
 
     def forward(self, x):
-        from autocal.testing.corpus import TOP_K
-
         t = x.reshape(-1, x.shape[-1])
         up = self.up_proj(t)
         weights, ids = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
@@ -1191,8 +1182,6 @@ def test_gates_are_whole_routers_and_scalar_shared_gates_only():
     """``gate_modules`` (what ``oneshot`` leaves unquantized) holds every Linear of an MLP router, not only the
     one computing the logits; a Linear the experts share that is no gate (an up projection wider than one output
     per expert) is quantized like any other."""
-    from autocal.testing.corpus import init_normal
-
     mlp = autocal.convert(torch.nn.Sequential(init_normal(_MLPRouterMoE(), 0)))
     assert alc.gate_modules(mlp) == ["0.router", "0.router.0", "0.router.2"]
     shared = autocal.convert(torch.nn.Sequential(init_normal(_SharedUpMoE(), 0)))

@@ -10,7 +10,7 @@ import autocal
 from autocal.numerics import compare_outputs
 from autocal.testing import zoo
 from autocal.testing.assertions import count_rows, expert_linears
-from autocal.testing.corpus import ENTRIES, HIDDEN as CORPUS_HIDDEN, init_normal
+from autocal.testing.corpus import ENTRIES, EXPERTS, HIDDEN as CORPUS_HIDDEN, TOP_K, SwiGLUExpert, init_normal
 from autocal.trace import model_inputs
 from autocal.testing.toy_moe import ToyMoEConfig, make_toy_block
 
@@ -394,15 +394,11 @@ class _HalfExpertsMoE(nn.Module):
     rows."""
 
     def __init__(self):
-        from autocal.testing.corpus import EXPERTS, SwiGLUExpert
-
         super().__init__()
         self.gate = nn.Linear(CORPUS_HIDDEN, EXPERTS, bias=False)
         self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS)).to(torch.bfloat16)
 
     def forward(self, x):
-        from autocal.testing.corpus import TOP_K
-
         t = x.reshape(-1, x.shape[-1])
         weights, ids = self.gate(t).softmax(-1).topk(TOP_K, dim=-1)
         out = torch.zeros_like(t)

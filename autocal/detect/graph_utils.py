@@ -97,10 +97,6 @@ class Ancestry:
         return [n for n in self.of(end) + [end] if n is start or self.is_ancestor(start, n)]
 
 
-_VIEWS = {"view", "reshape", "getitem", "__getitem__", "select", "narrow", "squeeze", "unsqueeze", "flatten",
-          "unflatten", "permute", "transpose", "t", "view_as"}
-
-
 def _viewed_bases(node: fx.Node | None) -> list[fx.Node]:
     """``node`` and the tensors it views, through ops of one tensor input that may return a view."""
     bases = []
@@ -132,6 +128,7 @@ def viewed_from(node: fx.Node, known: Any) -> fx.Node | None:
 
 
 _PARTS = {"getitem", "__getitem__", "select", "view", "reshape", "squeeze", "flatten", "contiguous", "to", "cpu"}
+_VIEWS = _PARTS | {"narrow", "unsqueeze", "unflatten", "permute", "transpose", "t", "view_as"}  # may return a view
 
 
 def read_on_host(node: fx.Node) -> bool:

@@ -19,6 +19,7 @@ from .. import errors
 from ..trace.forcing import fresh_inputs
 from ..trace.inputs import BlockCall, call_arguments, keyword_arguments
 from ..trace.record import Recording, record
+from .block import _VIEW_OPS
 from .facts import Facts
 from .graph_utils import bound_inputs, target_name
 from .plans import NoMatch
@@ -123,8 +124,7 @@ def sets_recording(facts: Facts) -> ExpertCalls | NoMatch:
     return facts.memo("sets", make)
 
 
-_WHOLE = ("view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
-          "to", "float", "type_as")
+_WHOLE = _VIEW_OPS | {"view_as", "reshape_as", "unflatten", "float", "type_as"}
 
 
 def whole_input(call: fx.Node) -> fx.Node | None:

@@ -274,6 +274,7 @@ def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
 
 
 _CASTS = {"to", "float", "double", "half", "bfloat16", "type_as", "t", "transpose", "contiguous", "detach"}
+_BIAS_VIEWS = _CASTS | {"unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__"}
 
 
 def _weight_owner(product: fx.Node) -> str | None:
@@ -305,10 +306,6 @@ def _scaling(nodes: list[fx.Node]) -> float | None:
             if scalars and scalars[0] != 1:
                 return float(scalars[0])
     return None
-
-
-_BIAS_VIEWS = ("unsqueeze", "view", "reshape", "expand", "getitem", "__getitem__", "to", "float", "contiguous",
-               "detach")
 
 
 def _stored(node: fx.Node) -> fx.Node | None:
