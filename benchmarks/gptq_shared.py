@@ -7,8 +7,6 @@ of 128, or the hidden size if smaller), each run in a fresh subprocess:
   that take the same input, ``autocal.shared_input_groups``);
 - ``shared-module-calls``: ``shared`` with every expert Linear called as a module, through compressed-tensors'
   wrappers, one hook call per Linear (``autocal.linear_calls.called_as_modules``), as before session 12;
-- ``shared-sync-writes``: ``shared`` with each batch of a group written back before the next is quantized (as
-  before session 16; ``autocal.integrations.llmcompressor.writes``);
 - ``gptq``: ``autocal_lc.oneshot`` with LLM Compressor's ``GPTQModifier`` (one Hessian per Linear);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)`` with ``GPTQModifier`` on the
   unconverted model (LLM Compressor linearizes the experts itself).
@@ -46,7 +44,7 @@ from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, pr
 
 __all__ = ["main"]
 
-METHODS = ("shared", "shared-module-calls", "shared-sync-writes", "gptq", "incumbent")
+METHODS = ("shared", "shared-module-calls", "gptq", "incumbent")
 SIZES = ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples", "tokens", "threads", "dtype",
          "batch_bytes")
 # The layer shapes of issue 21 (layers, experts, hidden, expert width, k, sequences, tokens), and a tiny one to
@@ -117,16 +115,6 @@ def quantized_tensors(model) -> dict[str, torch.Tensor]:
     return tensors
 
 
-class SyncWrites(contextlib.nullcontext):
-    """``BackgroundWrites`` made synchronous: each write in the caller's thread, when submitted."""
-
-    def __enter__(self):
-        return self
-
-    def submit(self, write, device) -> None:
-        write()
-
-
 def child(args) -> dict:
     """One oneshot run of ``args.method`` on the saved model (this process)."""
     from datasets import Dataset
@@ -162,11 +150,10 @@ def child(args) -> dict:
         from autocal.integrations.llmcompressor import gptq
 
         gptq.BATCH_BYTES = args.batch_bytes or gptq.BATCH_BYTES
-        if args.method == "shared-sync-writes":
-            gptq.BackgroundWrites = SyncWrites
 
         started = time.perf_counter()
-        alc.prepare(model)
+        with profiled(args.profile / f"gptq_profile_{args.method}_prepare.txt" if args.profile else None):
+            alc.prepare(model)
         prepare_s = time.perf_counter() - started
         from autocal.linear_calls import called_as_modules
 
@@ -259,7 +246,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="subprocesses per method, alternating")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", type=Path, help="a folder: after the rounds, one more run of each method under "
-                        "cProfile, its statistics written there (gptq_profile_<method>.txt)")
+                        "cProfile, its statistics written there (gptq_profile_<method>.txt, and autocal's prepare in "
+                        "gptq_profile_<method>_prepare.txt)")
     parser.add_argument("--model_dir", type=Path, help="where the random model is saved, and kept: a later command "
                         "with the same sizes reuses it (default: a temporary folder)")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)

@@ -45,6 +45,7 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| tran
       "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
 PY
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>/dev/null || true
+  lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|Thread|Socket)" || true  # prepare runs on the host's CPU
 } | tee "$OUT/environment.txt"
 
 if [ "$DEVICE" = cuda ]; then

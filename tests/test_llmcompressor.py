@@ -466,8 +466,7 @@ def test_shared_hessian_gptq_gives_gptq_result(workdir, batch_bytes):
     per calibration batch, under the group's first member), factorizes it once, and quantizes the group's weights
     together: the quantized weights, the expert scales and the logits are bitwise those of ``GPTQModifier``
     through autocal, and equal LLM Compressor's own path's as that does
-    (``test_side_by_side_with_llmcompressor_own_path``). With batches of one Linear, each is written back while
-    the next is quantized (``writes.BackgroundWrites``)."""
+    (``test_side_by_side_with_llmcompressor_own_path``), also with batches of one Linear each."""
     from llmcompressor.modifiers.gptq import base, gptq_quantize
 
     from autocal.integrations.llmcompressor import gptq, group_gptq
@@ -507,47 +506,6 @@ def test_shared_hessian_gptq_gives_gptq_result(workdir, batch_bytes):
     for path, scales in result.scales.items():
         for name, scale in scales.items():
             assert torch.equal(scale, getattr(shared.get_submodule(path), name)), (path, name)
-
-
-def test_background_writes_run_in_order_one_at_a_time_and_raise_their_errors():
-    """``BackgroundWrites`` runs each write after the one before has ended, without autograd (an in-place write to a
-    parameter), has ended them all when its context is left, and raises a write's error in the caller's thread (at
-    the next submit or on leaving)."""
-    import threading
-    import time
-
-    from autocal.integrations.llmcompressor.writes import BackgroundWrites
-
-    done, running, threads = [], [], set()
-
-    def write(index):
-        running.append(index)
-        assert len(running) == 1, "two writes at once"
-        time.sleep(0.01)
-        threads.add(threading.get_ident())
-        done.append(index)
-        running.remove(index)
-
-    with BackgroundWrites() as writes:
-        for index in range(4):
-            writes.submit(lambda index=index: write(index), torch.device("cpu"))
-    assert done == [0, 1, 2, 3]
-    assert threads and threading.get_ident() not in threads
-
-    weight = torch.nn.Parameter(torch.zeros(3))  # written in place, as update_offload_parameter writes onloaded copies
-    with torch.no_grad(), BackgroundWrites() as writes:  # the caller's no_grad is not the worker thread's
-        writes.submit(lambda: weight.copy_(torch.ones(3)), torch.device("cpu"))
-    assert torch.equal(weight, torch.ones(3))
-
-    def failing():
-        raise ValueError("disk full")
-
-    with pytest.raises(ValueError, match="disk full"), BackgroundWrites() as writes:
-        writes.submit(failing, torch.device("cpu"))
-    with pytest.raises(ValueError, match="disk full"), BackgroundWrites() as writes:
-        writes.submit(failing, torch.device("cpu"))
-        writes.submit(lambda: done.append("after"), torch.device("cpu"))
-    assert "after" not in done
 
 
 @pytest.mark.parametrize("scheme", [

@@ -6,8 +6,7 @@ so their GPTQ Hessians ``2 XᵀX / n`` are one and the same. ``SharedHessianGPTQ
 
 - one Hessian, accumulated once per calibration batch (under the group's first member);
 - one factorization of it (activation order, dampening, Cholesky factor of the inverse), and the column-block
-  updates batched over the group's stacked weights (``group_gptq``), each batch written back while the next
-  is quantized (``writes``);
+  updates batched over the group's stacked weights (``group_gptq``);
 - in a distributed run (``torchrun``), one Hessian reduced across ranks, to the rank that compresses the whole
   group, which sends the quantized weights to the others.
 
@@ -48,7 +47,6 @@ from ...sharing import expert_linear_sets, shared_input_groups
 from .wrappers import hooked, install_transparency_rules, live
 from .group_gptq import SharedFactorization, quantize_shared
 from .stacked_hessians import StackedHessians
-from .writes import BackgroundWrites
 
 __all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
 
@@ -193,11 +191,11 @@ class SharedHessianGPTQModifier(GPTQModifier):
         hessian = self._hessians.pop(first)
         hessian = hessian / self._num_samples.pop(first).to(device=hessian.device)  # as ``prepare_batch`` does
         quant_args = getattr_chain(first, "quantization_scheme.weights")
-        with torch.no_grad(), disable_offloading(), BackgroundWrites() as writes:
+        with torch.no_grad(), disable_offloading():
             shared = SharedFactorization.of(hessian, quant_args.actorder, self.dampening_frac)
             del hessian
             for batch in self._batches(members):
-                self._compress_batch(batch, shared, writes)
+                self._compress_batch(batch, shared)
 
     def _batches(self, members: list[nn.Module]) -> list[list[nn.Module]]:
         """Members of one weight shape, dtype, device and scheme (``batch_key``), at most ``batched_quantization``
@@ -214,8 +212,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
             split += [batch[i:i + limit] for i in range(0, len(batch), limit)]
         return split
 
-    def _compress_batch(self, batch: list[nn.Module], shared: SharedFactorization, writes: BackgroundWrites) -> None:
-        """GPTQ on one batch of a group; its weights and qparams written back while the next batch is quantized."""
+    def _compress_batch(self, batch: list[nn.Module], shared: SharedFactorization) -> None:
+        """GPTQ on one batch of a group, its weights and qparams written back (compressed-tensors' copies)."""
         quant_args = getattr_chain(batch[0], "quantization_scheme.weights")
         qparams = [module.weight_observer.get_qparams() for module in batch]
         names = [self._module_names[module] for module in batch]
@@ -228,8 +226,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
                                              global_scales, quant_args, self.block_size)
         if shared.fallback:
             self._rtn_fallback_module_names += names
-        writes.submit(lambda: update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args),
-                      quantized.device)
+        update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args)
         self._num_compressed_modules += len(batch)
 
     def compress_module_list(self, module_list: list[nn.Module]) -> None:
