@@ -22,7 +22,7 @@ from .detect.detector import unrecognized_experts
 from .detect.plans import Plan
 from .detect.structure import MoEStructure
 from .registry import MoECalibrationModule
-from .rules import Decision, decide, find_moe_blocks, user_line
+from .rules import Decision, decide, enclosed, find_moe_blocks, innermost_first, user_line
 from .synthesize.experts import CalibrationExperts
 from .synthesize.module import checked_chunk_size
 from .trace.inputs import BlockCall, block_call, synthesize_inputs
@@ -82,7 +82,7 @@ class Converter:
                 if decision.not_moe:
                     self.not_moe.add(cls)
                     raise errors.NotAnMoE(type(block).__name__)
-                raise decision.error()
+                raise decision.error(block)
             try:
                 built = decision.rule.build(decision.plan, block)
             except errors.AutocalError:
@@ -253,7 +253,12 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
     config = getattr(model, "config", None)
     built: dict[int, MoECalibrationModule] = {}  # a block reached by two paths stays one (tied) module
     ruled_out: list[str] = []  # candidates the rules show are no MoE, with the reason
-    for path, block in _progress(blocks):
+    done: list[str] = []  # paths converted
+    failed: dict[str, tuple[Unconverted, errors.AutocalError]] = {}
+    paths = [p for p, _ in blocks]
+    for path, block in _progress(innermost_first(blocks)):
+        if any(enclosed(d, path) for d in done):
+            continue  # a candidate around a block converted: a second block over the same experts
         if id(block) not in built:
             try:
                 built[id(block)] = converter.build(block, config, calls.get(path),
@@ -264,9 +269,11 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             except errors.AutocalError as error:
                 error = unreached(error, example_inputs, calls, path).with_context(
                     module_path=path, block_class=type(block).__name__)
-                if strict or error.kind in (errors.BAD_INPUT, errors.HOOKED_MODULE, errors.BAD_OVERRIDE):
+                around = any(enclosed(path, p) for p in paths)  # a candidate around it may convert instead
+                if (strict and not around) or error.kind in (errors.BAD_INPUT, errors.HOOKED_MODULE,
+                                                             errors.BAD_OVERRIDE):
                     raise error from error.__cause__
-                skipped.append(Unconverted(path, type(block).__name__, f"[{error.kind}] {error.explanation}"))
+                failed[path] = (Unconverted(path, type(block).__name__, f"[{error.kind}] {error.explanation}"), error)
                 built[id(block)] = None
         if built[id(block)] is not None and not path:
             raise errors.AutocalError(
@@ -275,6 +282,13 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
                 hints=["use autocal.synthesize(block) for one block, or convert a model that holds it"])
         if built[id(block)] is not None:
             _set_submodule(model, path, built[id(block)])
+            done.append(path)
+    tried = [*done, *failed]  # a failure inside a candidate tried after it is that candidate's to report
+    for path, (unconverted_, error) in failed.items():
+        if not any(enclosed(path, t) for t in tried):
+            if strict:
+                raise error from error.__cause__
+            skipped.append(unconverted_)
     model.__dict__[UNCONVERTED] = skipped
     if skipped:
         warnings.warn(f"autocal: {len(skipped)} MoE block(s) left unconverted (strict=False): "

@@ -20,7 +20,7 @@ from .detect.detector import unrecognized_experts
 from .detect.router import router_of
 from .registry import MoECalibrationModule
 from .detect.plans import OverridePlan
-from .rules import Decision, find_moe_blocks
+from .rules import Decision, enclosed, find_moe_blocks, innermost_first
 from .trace.record import record
 from .trace.twin import on_meta
 
@@ -293,10 +293,15 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         owner = type(original).__name__ if original is not None else f"{type(module).__name__} (original not kept)"
         by_class.setdefault((type(module), "converted"), BlockReport(
             owner, [], how="already converted", calibration_class=type(module).__name__)).paths.append(path or "<root>")
-    for path, block in blocks:
+    worked, tried = [], []  # paths of candidates converted, and of all tried (innermost first: ``convert``)
+    for path, block in innermost_first(blocks):
+        if any(enclosed(w, path) for w in worked):
+            continue
+        tried.append(path)
         cls = analysis_key(block)
         if cls in by_class:
             by_class[cls].paths.append(path or "<root>")
+            worked += [path] if by_class[cls].failure is None else []
             continue
         report = BlockReport(type(block).__name__, [path or "<root>"], on_meta=on_meta(block))
         by_class[cls] = report
@@ -313,6 +318,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             continue
         finally:
             _verdicts(report, converter.decisions.get(cls))
+        worked.append(path)
         analysis = converter.classes[cls]
         report.how = "registered override" if isinstance(analysis.plan, OverridePlan) else "synthesized"
         report.calibration_class = type(module).__name__
@@ -321,6 +327,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
             report.code = getattr(module, "code", None)
         if analysis.verification is not None:
             report.verification = analysis.verification.to_dict()
+    _drop_covered_failures(by_class, tried, [p for p, _ in blocks])
     for block_path, path, what in unrecognized:
         owner = type(model_or_block.get_submodule(block_path)).__name__
         entry = by_class.setdefault((owner, "unrecognized"), BlockReport(owner, [], failure={
@@ -331,6 +338,24 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         if entry.structure is None and block_path in calls:
             entry.structure = _router_only(model_or_block.get_submodule(block_path), calls[block_path])
     return Report(list(by_class.values()), ruled_out)
+
+
+def _drop_covered_failures(by_class: dict[tuple, BlockReport], tried: list[str], order: list[str]) -> None:
+    """Failures at paths inside a candidate tried after them are that candidate's to report (as in ``convert``);
+    the reports then in the order of their first blocks in the model."""
+    for key, report in list(by_class.items()):
+        if report.failure is not None:
+            report.paths = [p for p in report.paths if not any(enclosed(_path(p), t) for t in tried)]
+            if not report.paths:
+                del by_class[key]
+    position = {path or "<root>": i for i, path in enumerate(order)}
+    reordered = sorted(by_class.items(), key=lambda item: position.get(item[1].paths[0], -1) if item[1].paths else -1)
+    by_class.clear()
+    by_class.update(reordered)
+
+
+def _path(shown: str) -> str:
+    return "" if shown == "<root>" else shown
 
 
 def _converted(model: nn.Module) -> dict[str, MoECalibrationModule]:

@@ -25,6 +25,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
 from . import errors
@@ -33,6 +34,7 @@ from .detect.container import detect_module_container, detect_recorded_block
 from .detect.facts import Facts
 from .detect.gated import detect_gated
 from .detect.gathered import detect_gathered
+from .detect.detector import unrecognized_experts
 from .detect.last_resort import detect_last_resort, last_resort_candidate
 from .detect.masked import detect_mask_dispatch
 from .detect.packed import detect_packed_dense, detect_packed_experts
@@ -51,7 +53,8 @@ from .synthesize.sorted import build_sorted_calibration
 from .trace.inputs import BlockCall
 from .trace.twin import cpu_twin, on_meta
 
-__all__ = ["Rule", "RULES", "OVERRIDE", "Verdict", "Decision", "decide", "detect", "find_moe_blocks"]
+__all__ = ["Rule", "RULES", "OVERRIDE", "Verdict", "Decision", "decide", "detect", "enclosed", "find_moe_blocks",
+           "innermost_first"]
 
 Builder = Callable[[Plan, nn.Module], type[MoECalibrationModule]]
 
@@ -188,10 +191,16 @@ class Decision:
         """No rule matched, and one showed the block is no MoE at all (skipped, not an error)."""
         return self.plan is None and any(isinstance(v.result, NoMatch) and v.result.not_moe for v in self.verdicts)
 
-    def error(self) -> errors.AutocalError:
-        """Why no rule matched: the most telling verdict first, then every other rule's reason."""
+    def error(self, block: nn.Module | None = None) -> errors.AutocalError:
+        """Why no rule matched: the most telling verdict first, then every other rule's reason. Where no rule's
+        candidate test accepted ``block`` but it holds signs of experts (``unrecognized_experts``), what they are."""
         tried = [v for v in self.verdicts if isinstance(v.result, NoMatch) and v.result.candidate
                  and v.rule is not OVERRIDE]
+        signs = unrecognized_experts(block, []) if block is not None and not tried else []
+        if signs:
+            return errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"{signs[0][2]} ({signs[0][1] or '<block>'}), "
+                                       "but no rule reads such experts", block_class=self.block_class,
+                                       hints=[errors.override_hint(self.block_class)])
         if not tried:
             return errors.AutocalError(errors.NO_MOE_BLOCK, "no child stores experts (packed, or a list of "
                                        "identical MLPs)", block_class=self.block_class)
@@ -270,6 +279,14 @@ def _facts(block: nn.Module, call: BlockCall | None, num_tokens: int | None) -> 
             "hooks", block_class=type(block).__name__,
             hints=["convert the model before compiling its parts (autocal.convert, then torch.compile); "
                    "compiling the whole model after converting it works"])
+    scripted = [name or "<block>" for name, m in block.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise errors.AutocalError(
+            errors.HOOKED_MODULE, f"{', '.join(scripted[:3])} are TorchScript modules (torch.jit.script): they run "
+            "as TorchScript, out of the sight of autocal's recording and of calibration hooks on their Linears",
+            block_class=type(block).__name__,
+            hints=["keep the experts as Python modules (script helper functions, not the modules), or convert "
+                   "the model before scripting it"])
     hooked = [name or "<block>" for name, m in block.named_modules() if "forward" in m.__dict__]
     if hooked:
         raise errors.AutocalError(
@@ -296,7 +313,7 @@ def detect(block: nn.Module, call: BlockCall | None = None, *, num_tokens: int |
     if decision.plan is None:
         if decision.not_moe:
             raise errors.NotAnMoE(decision.block_class)
-        raise decision.error()
+        raise decision.error(block)
     return decision.plan
 
 
@@ -314,12 +331,12 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     overridden = [p for p, m in modules.items() if registered_override(type(m).__name__) is not None]
-    overridden = [p for p in overridden if not any(_inside(p, o) for o in overridden if o != p)]
+    overridden = [p for p in overridden if not any(enclosed(p, o) for o in overridden if o != p)]
     for path, module in modules.items():
         if path in overridden:
             yield path, module
             continue
-        if isinstance(module, _CONTAINERS) or any(_inside(path, o) or _inside(o, path) for o in overridden):
+        if isinstance(module, _CONTAINERS) or any(enclosed(path, o) or enclosed(o, path) for o in overridden):
             continue
         parent = modules.get(path.rpartition(".")[0], model) if path else None
         facts = Facts(module, parent=parent, walked=True)
@@ -327,6 +344,14 @@ def find_moe_blocks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
-def _inside(path: str, outer: str) -> bool:
+def innermost_first(blocks: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``blocks`` with each after the candidates inside it: ``convert`` and ``explain`` try a block only where none
+    inside it converted (a second block over the same experts), and report a failure inside a block tried after
+    it as that block's. Experts holding weight banks are so a block of their own where they can be, and the layer
+    around them (holding the router) only where they cannot (``Facts.banks``)."""
+    return sorted(blocks, key=lambda item: -(item[0].count(".") + 1 if item[0] else 0))
+
+
+def enclosed(path: str, outer: str) -> bool:
     """Is ``path`` strictly inside the module at ``outer`` (``""``: the model)?"""
     return path != outer and (not outer or path.startswith(f"{outer}."))

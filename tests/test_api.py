@@ -387,3 +387,40 @@ def test_explain_says_where_routing_weights_meet_experts_a_loop_does_not_scale(n
 
     report = autocal.explain(Holder(ENTRIES[name].build(0)), verify=False)
     assert report.blocks[0].structure["experts"]["weights_applied"] == applied
+
+
+class _NamedExpertsMoE(nn.Module):
+    """Experts in a ModuleDict keyed by name, two of the names also attributes of autocal's own containers."""
+
+    NAMES = ("math", "code", "experts", "law", "chat", "wiki")
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleDict({name: SwiGLUExpert() for name in self.NAMES})
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = self.gate(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, name in enumerate(self.NAMES):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, self.experts[name](t[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+def test_experts_keyed_by_names_that_autocal_containers_also_use():
+    """An expert named ``code`` or ``experts`` is an expert: calibrated like the others, and explain shows the
+    generated code, not the module."""
+    block = init_normal(_NamedExpertsMoE(), 0)
+    x = torch.randn(1, 5, HIDDEN)
+    with torch.no_grad():
+        expected = block(x)
+    calibration = autocal.synthesize(block)
+    assert isinstance(calibration.code, str)
+    with torch.no_grad(), count_rows(expert_linears(calibration)) as rows:
+        assert torch.allclose(calibration(x), expected, atol=1e-6)
+    assert set(rows.values()) == {5} and len(rows) == 3 * EXPERTS
+    report = autocal.explain(init_normal(_NamedExpertsMoE(), 0))
+    assert report.blocks[0].failure is None and report.blocks[0].num_experts == EXPERTS

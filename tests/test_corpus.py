@@ -754,6 +754,18 @@ def _ref_host_list_rows(m, x):
     return (_dense(t, gates, m.experts) + m.residual_mlp(t)).view_as(x), gates
 
 
+def _ref_banks_below_router(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(t @ m.router.weight.T)
+
+    def expert(e):
+        def run(rows):
+            up, gate = (rows @ m.experts.fc1.weight[e]).chunk(2, dim=-1)
+            return (up * F.silu(gate)) @ m.experts.fc2.weight[e]
+        return run
+    return (_dense(t, gates, [expert(e) for e in range(gates.shape[1])]) + m.shared_experts(t)).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -855,6 +867,10 @@ REFERENCES = {
     "flattened_one_hot": _ref_softmax_of_top_of(lambda m: m.gate, lambda m: m.experts),
     "host_list_rows": _ref_host_list_rows,
     "histc_counts": _ref_expert_size_split,
+    "banks_below_router": _ref_banks_below_router,
+    "in_place_bias": _ref_packed_einsum,
+    "sliced_banks": _ref_grouped_mm,
+    "mixed_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
 }
 
 

@@ -5,6 +5,8 @@ deep inside: the error now has the kind that fits, keeps what was raised as its
 ``__cause__`` where something was raised, and its next step fits the kind.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +119,46 @@ def test_experts_compiled_one_by_one_are_named_as_compiled():
     assert caught.value.kind == autocal.errors.HOOKED_MODULE
     assert "torch.compile wrappers" in caught.value.explanation and "experts.0" in caught.value.explanation
     assert any("torch.compile" in hint for hint in caught.value.hints)
+
+
+def test_torchscript_experts_are_named_as_the_reason():
+    """Scripted experts have no Python forward to record or hook: both entry points say so, not something else."""
+    from autocal.testing.corpus import HIDDEN, MixtralReferenceMoE, init_normal
+
+    block = init_normal(MixtralReferenceMoE(), 0)
+    block.experts = nn.ModuleList(torch.jit.script(expert) for expert in block.experts)
+    with pytest.raises(autocal.AutocalError, match="TorchScript modules") as raised:
+        autocal.synthesize(block)
+    assert raised.value.kind == autocal.errors.HOOKED_MODULE
+    with pytest.raises(autocal.AutocalError, match="TorchScript modules"):
+        autocal.convert(nn.Sequential(block), example_inputs={"input": torch.randn(1, 3, HIDDEN)}, strict=True)
+
+
+class _FunctionalExpertsMoE(nn.Module):
+    """Experts run by ``torch.func.functional_call`` on a template module with each expert's parameters: the
+    experts' own modules are never called."""
+
+    def __init__(self, hidden=16, experts=4):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(hidden, 8), nn.GELU(), nn.Linear(8, hidden))
+                                     for _ in range(experts))
+        self.__dict__["template"] = copy.deepcopy(self.experts[0])  # unregistered: no module of the block
+
+    def forward(self, x):
+        b, s, h = x.shape
+        t = x.reshape(-1, h)
+        weights, chosen = self.gate(t).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            rows = torch.func.functional_call(self.template, dict(expert.named_parameters()), (t[token],))
+            out.index_add_(0, token, rows * weights[token, slot, None])
+        return out.view(b, s, h)
+
+
+def test_experts_never_called_as_modules_on_made_up_inputs_are_named_not_the_input_shape():
+    """Before, the error blamed a made-up shape the forward could not unpack, though the first shape ran."""
+    with pytest.raises(autocal.AutocalError, match="never calls a module in `experts`") as raised:
+        autocal.synthesize(_FunctionalExpertsMoE())
+    assert "ValueError" not in raised.value.explanation

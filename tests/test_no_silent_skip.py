@@ -467,3 +467,51 @@ def test_verification_compares_outputs_inside_a_dataclass():
     broken.forward = lambda x: dataclasses.replace(forward(x), hidden_states=3 * forward(x).hidden_states)
     with pytest.raises(autocal.AutocalError, match="outputs differ"):
         verify(block, broken, (torch.randn(1, 5, HIDDEN),))
+
+
+class _LowRank(nn.Module):
+    def __init__(self, features_in: int, features_out: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(features_in, 4, bias=False), nn.Linear(4, features_out, bias=False)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class _ProjectionsSideBySide(nn.Module):
+    """Each expert's three projections as modules of one flat ModuleDict (``experts_{i}_gate_proj`` …): the
+    largest group of one kind (the gate and up projections, 2E of them) is not the experts."""
+
+    def __init__(self, experts: int = 4):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, experts, bias=False)
+        self.experts = nn.ModuleDict()
+        for i in range(experts):
+            self.experts[f"experts_{i}_gate_proj"] = _LowRank(HIDDEN, 8)
+            self.experts[f"experts_{i}_up_proj"] = _LowRank(HIDDEN, 8)
+            self.experts[f"experts_{i}_down_proj"] = _LowRank(8, HIDDEN)
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = self.gate(t).softmax(dim=-1).topk(2, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(self.gate.out_features):
+            token, slot = torch.where(chosen == e)
+            rows = t[token]
+            h = F.silu(self.experts[f"experts_{e}_gate_proj"](rows)) * self.experts[f"experts_{e}_up_proj"](rows)
+            out.index_add_(0, token, self.experts[f"experts_{e}_down_proj"](h) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+def test_projections_side_by_side_in_one_dict_are_refused_not_taken_for_experts():
+    """Before, the 2E gate and up projections were taken for 2E experts (k 4, "covered 8/8"), and the down
+    projections left short of tokens without a word."""
+    x = torch.randn(1, 5, HIDDEN)
+    with pytest.raises(autocal.AutocalError, match="one row per 3 entries") as raised:
+        autocal.synthesize(_ProjectionsSideBySide(), example_inputs={"x": x})
+    assert raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH
+    for example in (None, {"input": x}):
+        with pytest.raises(autocal.AutocalError, match="one row per 3 entries"):
+            autocal.convert(nn.Sequential(_ProjectionsSideBySide()), example_inputs=example)
+    report = autocal.explain(nn.Sequential(_ProjectionsSideBySide()))
+    assert [b.failure["kind"] for b in report.blocks] == [autocal.errors.UNSUPPORTED_DISPATCH]

@@ -85,12 +85,34 @@ def test_the_router_is_the_module_scoring_tokens_not_the_experts_choosing_among_
     assert structure.experts.module_path == "experts" and "gate" not in structure.shared_modules
 
 
-def test_experts_choosing_their_tokens_report_the_experts_a_token_gets_on_average():
+class _EveryTokenExpertChoice(torch.nn.Module):
+    """Expert choice with a capacity of every token (``topk(T)`` over the tokens, per expert), plain MLP experts."""
+
+    def __init__(self, experts=6, hidden=16):
+        super().__init__()
+        self.k = experts
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 12), torch.nn.GELU(),
+                                                               torch.nn.Linear(12, hidden)) for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, tokens = self.gate(flat).softmax(-1).t().topk(flat.shape[0], dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out.index_add_(0, tokens[e], expert(flat[tokens[e]]) * weights[e, :, None])
+        return out.view_as(x)
+
+
+@pytest.mark.parametrize("capacity", ["a third", "every token"])
+def test_experts_choosing_their_tokens_report_the_experts_a_token_gets_on_average(capacity):
     """Expert choice (a top-k over the tokens, per expert): not 'k = capacity of T tokens' but k the experts a
-    token gets on average, of the block's experts, and the selection said in words."""
+    token gets on average, of the block's experts, and the selection said in words. With every token taken by
+    every expert the block rule reads the block, its indices one expert's row at a time (``tokens[e]``)."""
     from autocal.testing.patterns import PATTERNS
 
-    block = PATTERNS["expert_choice"].make()
+    torch.manual_seed(0)
+    block = PATTERNS["expert_choice"].make() if capacity == "a third" else _EveryTokenExpertChoice()
     report = autocal.explain(block, verify=False)
     (found,) = report.blocks
     assert (found.top_k, found.num_experts) == (block.k, len(block.experts))

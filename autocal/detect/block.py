@@ -84,6 +84,18 @@ def identical_entries(container: nn.Module) -> list[nn.Module]:
     return max(groups.values(), key=len) if groups else []
 
 
+def routed_entries(block: nn.Module, container: nn.Module, holder: nn.Module) -> list[nn.Module]:
+    """The experts of a list: its identical entries, or every entry made of Linears where a router beside
+    ``holder`` scores that many (experts of different widths or depths: each is still one expert). None where
+    entries of other kinds are made of Linears too, unscored (each expert's projections side by side in one list,
+    ``experts_{i}_gate_proj`` …): the largest group of one kind would not be the experts."""
+    entries = identical_entries(container)
+    every = [m for m in container.children() if made_of_linears(m, norms=True)]
+    if len(every) > len(entries):
+        return every if _scores_experts(block, holder, _expert_counts(container, every)) else []
+    return entries
+
+
 def _lists_in(block: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
     """``(path, list, holder)``: the block's ``ModuleList`` / ``ModuleDict`` children, and those one level down in
     a child that holds nothing else (``self.experts.experts[i]``, or a module whose own forward runs its list).

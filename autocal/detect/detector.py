@@ -72,7 +72,7 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
     owner is the nearest that does. Experts holding a norm count beside a weight that is no lookup table."""
     found = []
     for path, module in modules.items():
-        if not isinstance(module, (nn.ModuleList, nn.ParameterList)) or len(module) < 2 or any(
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList)) or len(module) < 2 or any(
                 _within(path, b) for b in blocks):
             continue
         kinds = _list_kinds(module)
@@ -84,12 +84,13 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
             if owner is None or any(_within(owner_path, b) for b in blocks):
                 break
             tables = lookup_tables(owner) if kinds == _NORMED else set()
-            router = next((name for name, w in _beside(owner, modules[below]).items()
-                           if w.shape[0] == len(module) and id(w) not in tables), None)
+            router = next(((name, len(module) // w.shape[0]) for name, w in _beside(owner, modules[below]).items()
+                           if _per_row(len(module), w.shape[0]) and id(w) not in tables), None)
             if router is not None:
+                per_row = "entry" if router[1] == 1 else f"{router[1]} entries (one per projection?)"
                 found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside "
-                                                f"`{_join(owner_path, router)}`, a router-shaped weight with one "
-                                                f"row per entry"))
+                                                f"`{_join(owner_path, router[0])}`, a router-shaped weight with one "
+                                                f"row per {per_row}{_scripted(module)}"))
                 break
             table = _routing_table(owner, len(module))
             if table is not None:
@@ -98,6 +99,20 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
                 break
             below = owner_path
     return found
+
+
+def _per_row(entries: int, rows: int) -> bool:
+    """Does a weight of ``rows`` rows score ``entries`` modules, one each, or each expert's two or three
+    projection modules (kept side by side in one list: ``experts_{i}_gate_proj``, ``experts_{i}_up_proj`` …)?"""
+    return rows >= 2 and entries % rows == 0 and entries // rows in (1, 2, 3)
+
+
+def _scripted(entries: nn.Module) -> str:
+    """Why no rule reads ``entries``, where they are TorchScript modules (no Python forward to record or hook)."""
+    if any(isinstance(m, torch.jit.ScriptModule) for m in entries.children()):
+        return ("; they are TorchScript modules (torch.jit.script), which autocal's recording and calibration hooks "
+                "cannot see into: keep the experts as Python modules")
+    return ""
 
 
 def _routing_table(owner: nn.Module, entries: int) -> str | None:
@@ -119,7 +134,7 @@ def _list_kinds(entries: nn.Module) -> str | None:
         shapes = [tuple(p.shape) for p in entries if p.dim() >= 2]
         return "weight matrices" if max((shapes.count(s) for s in shapes), default=0) >= 2 else None
     for kinds, like in (("modules", _expert_like), (_NORMED, lambda m: made_of_linears(m, norms=True))):
-        classes = [type(m) for m in entries if any(True for _ in m.parameters()) and like(m)]
+        classes = [type(m) for m in entries.children() if any(True for _ in m.parameters()) and like(m)]
         if max((classes.count(c) for c in classes), default=0) >= 2:
             return kinds
     return None

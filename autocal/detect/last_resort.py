@@ -45,7 +45,7 @@ from .. import errors
 from ..numerics import compare_outputs
 from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
 from ..trace.inputs import call_by_name, keyword_arguments
-from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, identical_entries,
+from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, routed_entries,
                     module_experts_info, other_children)
 from .facts import Facts
 from .graph_utils import Ancestry, read_on_host, returns_of, source_of, target_name, value
@@ -89,12 +89,12 @@ class ForcedDispatch:
 
 
 def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
-    """``(path, experts)``: two or more identical modules made of Linears in a list, and beside the list a gate
+    """``(path, experts)``: two or more modules made of Linears in a list (``routed_entries``), and beside it a gate
     that reads the features they read (a router of any shape: one score per expert, or per group of experts).
     Modules each holding experts beside a router of their own (decoder layers of norm-free Linears around an MoE
     block) are blocks, not experts: a model holding them beside another block is no block itself."""
     for path, container, holder in _lists_in(block):
-        entries = identical_entries(container)
+        entries = routed_entries(block, container, holder)
         if len(entries) < 2 or not made_of_linears(entries[0], norms=True) or expert_lists(entries[0]):
             continue
         if not made_of_linears(entries[0]) and not _scores_experts(block, holder, _expert_counts(container, entries),
@@ -146,10 +146,11 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
                                lambda: record_expert_calls(block, bound, entries, container))
     if not calls:
         bypassed = _weights_used(rec.graph, name)
-        if bypassed is not None:  # ``expert.forward(x)``: the modules' weights run, their calls (and hooks) do not
-            return NoMatch(f"the forward runs the modules in `{name}` without calling them (`expert.forward(x)` "
-                           "skips module calls, and with them the hooks calibration needs)", source_of(bypassed),
-                           hints=("call the experts as modules: `expert(x)`, not `expert.forward(x)`",))
+        if bypassed is not None:  # ``expert.forward(x)``, ``expert.lora_forward(r, x)``: the expert is never called
+            return NoMatch(f"the forward runs the modules in `{name}` through a method (`expert.forward(x)`, or one "
+                           "of another name) instead of calling them: this rule finds each expert's rows at its call",
+                           source_of(bypassed), hints=("call the experts as modules: `expert(x)`; an expert used "
+                                                       "through another method can make it its forward",))
         return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
     draws = _random_draws(rec.graph, calls)
     if draws:

@@ -251,7 +251,8 @@ def _expert_choice(graph: fx.Graph, selection: fx.Node, index: fx.Node) -> tuple
     k is then the experts a token gets on average, each expert taking ``capacity`` of the tokens."""
     hidden = next((value(n) for n in graph.nodes if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
                    and value(n).is_floating_point() and value(n).dim()), None)
-    scores, chosen = value(selection.args[0]), value(index)
+    picked = value(selection)  # the top-k's own indices: ``index`` may be one expert's row of them (``tok[e]``)
+    scores, chosen = value(selection.args[0]), picked[1] if isinstance(picked, tuple) else value(index)
     if hidden is None or target_name(selection) != "topk" or scores.dim() != 2 or chosen.dim() != 2:
         return None
     tokens = hidden.numel() // hidden.shape[-1]

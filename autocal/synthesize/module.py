@@ -134,7 +134,7 @@ class AdoptedMoE(MoECalibrationModule):
 
     def expert_modules(self) -> list[nn.Module]:
         container = self.experts_container
-        if hasattr(container, "experts"):
+        if callable(getattr(type(container), "experts", None)):  # autocal's containers (a user's may hold "experts")
             return container.experts()
         return [m for m in container.children() if next(m.parameters(), None) is not None]  # not zero/identity
 
@@ -142,7 +142,8 @@ class AdoptedMoE(MoECalibrationModule):
     def code(self) -> str:
         """The generated code: the block's new forward where there is one, and one expert's forward."""
         parts = [type(self).__dict__.get("generated_code", "")]
-        parts.append(getattr(self.experts_container, "code", ""))
+        code = getattr(type(self.experts_container), "code", None)  # autocal's, never a user's entry named "code"
+        parts.append(code.__get__(self.experts_container) if isinstance(code, property) else "")
         return "\n# one expert:\n".join(p for p in parts if p)
 
 

@@ -2958,6 +2958,134 @@ class HistcCountsMoE(SizedExpertsMoE):
         return (torch.zeros_like(t).index_add(0, token, out) + self.bias).view_as(x)
 
 
+class RowsBank(nn.Module):
+    """One projection of every expert, ``[E, in, out]``, applied to rows sorted by expert and a tensor of counts."""
+
+    def __init__(self, features_in: int, features_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(EXPERTS, features_in, features_out))
+
+    def forward(self, rows, counts):
+        parts = rows.split(counts.long().tolist())
+        return torch.cat([part @ w for part, w in zip(parts, self.weight)])
+
+
+class BankedMLP(nn.Module):
+    """The experts of a layer: two banks (a fused gate/up, then down) around a GLU, given sorted rows and counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = RowsBank(HIDDEN, 2 * INTER), RowsBank(INTER, HIDDEN)
+
+    def forward(self, rows, counts):
+        up, gate = self.fc1(rows, counts).chunk(2, dim=-1)
+        return self.fc2(up * F.silu(gate), counts)
+
+
+class Permuter:
+    """Not a module: a helper object keeping the sort order between ``permute`` and ``unpermute``."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def permute(self, t, indices):
+        self.order = indices.flatten().argsort(stable=True)
+        counts = torch.histc(indices.float(), bins=EXPERTS, min=0, max=EXPERTS - 1)
+        return t.index_select(0, self.order // self.k), counts
+
+    def unpermute(self, rows, scores):
+        slots = torch.zeros(scores.numel(), rows.shape[-1], dtype=rows.dtype).index_copy(0, self.order, rows)
+        return (slots.view(-1, self.k, rows.shape[-1]) * scores.unsqueeze(-1)).sum(dim=1)
+
+
+class BanksBelowRouterMoE(nn.Module):
+    """Remote code of a hub model (an older Aria): the layer holds the router, a permuting helper object and a shared
+    MLP; its experts module holds the weight banks and is called with the sorted rows and their counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.permuter = Permuter(TOP_K)
+        self.experts = BankedMLP()
+        self.shared_experts = SwiGLUExpert()
+
+    def forward(self, hidden_states):
+        t = hidden_states.view(-1, HIDDEN)
+        top_logits, indices = self.router(t).topk(TOP_K, dim=1)
+        rows, counts = self.permuter.permute(t, indices)
+        out = self.permuter.unpermute(self.experts(rows, counts), top_logits.softmax(dim=-1))
+        return (out + self.shared_experts(t)).view_as(hidden_states)
+
+
+class InPlaceBiasMoE(PackedEinsumMoE):
+    """``PackedEinsumMoE`` with the second bias added in place (``t += b[idx]``, as the reference code writes it)
+    and the first projection's output scaled in place before the activation."""
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        top = torch.topk(self.gate(t), k=self.experts_per_token, dim=-1, sorted=True)
+        expert_weights, expert_indices = F.softmax(top.values, dim=1), top.indices
+        h = torch.einsum("beck,bk->bec", self.mlp1_weight[expert_indices, ...], t)
+        h += self.mlp1_bias[expert_indices, ...]
+        h = _swiglu_clamped(h, self.alpha, self.limit)
+        h = torch.einsum("beck,bek->bec", self.mlp2_weight[expert_indices, ...], h)
+        h += self.mlp2_bias[expert_indices, ...]
+        return torch.einsum("bec,be->bc", h, expert_weights).reshape(x.shape)
+
+
+class DeepExpert(nn.Module):
+    """An expert one Linear deeper than ``SwiGLUExpert``, twice as wide."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Linear(HIDDEN, 2 * INTER, bias=False)
+        self.w_mid = nn.Linear(2 * INTER, 2 * INTER, bias=False)
+        self.w_out = nn.Linear(2 * INTER, HIDDEN, bias=False)
+
+    def forward(self, x):
+        return self.w_out(F.gelu(self.w_mid(F.gelu(self.w_in(x)))))
+
+
+class MixedExpertsMoE(nn.Module):
+    """Users' own code: experts of two kinds in one list (the last one deeper and wider), a where loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList([*(SwiGLUExpert() for _ in range(EXPERTS - 1)), DeepExpert()])
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        weights, chosen = self.gate(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(t[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+class SlicedBankExperts(GroupedExperts):
+    """``GroupedExperts`` run as a loop over the experts' row segments, each expert's matrix taken as a slice of
+    length one (``w[e:e + 1]``, ``w.narrow(0, e, 1)``) and applied by ``bmm`` on ``rows[None]``."""
+
+    def forward(self, rows, counts):
+        outs = []
+        for e, part in enumerate(torch.split(rows, counts.tolist())):
+            part = part.unsqueeze(0)
+            h = F.silu(torch.bmm(part, self.w1[e:e + 1])) * torch.bmm(part, self.w3.narrow(0, e, 1))
+            outs.append(torch.bmm(h, self.w2[e:e + 1]).squeeze(0))
+        return torch.cat(outs)
+
+
+class SlicedBankMoE(GroupedMatmulMoE):
+    """``GroupedMatmulMoE`` with ``SlicedBankExperts``."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = SlicedBankExperts()
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -3248,6 +3376,14 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
     CorpusEntry("histc_counts", f"{_REMOTE}: projection modules of [E, out, in] called with (rows, counts), the "
                 "counts made by torch.histc (floats) and turned into ints by the projections", (1, 3),
                 HistcCountsMoE),
+    CorpusEntry("banks_below_router", f"{_REMOTE}: an experts module of weight banks called with sorted rows and "
+                "counts, the router and a permuting helper object in the layer around it", (3,), BanksBelowRouterMoE),
+    CorpusEntry("in_place_bias", f"{_REFERENCE}: gathered W[idx] contracted by einsum, the biases added in place "
+                "(t += b[idx])", (2,), InPlaceBiasMoE),
+    CorpusEntry("sliced_banks", f"{_TRAINING}: packed weights, one expert's matrix taken as a slice of length one "
+                "(w[e:e + 1], w.narrow(0, e, 1)) and applied by bmm", (3,), SlicedBankMoE),
+    CorpusEntry("mixed_experts", "users' own code: one list holding experts of two depths and widths, a where loop",
+                (), MixedExpertsMoE),
 )
 
 

@@ -10,7 +10,7 @@ calibration computes each slice's product by that expert's Linear.
 
 The modes that need it (``trace/record.py``'s recorder, ``trace/gathers.py``'s
 tracker) call :func:`decomposition` on every op and run what it returns inside
-themselves.
+themselves. A slice of one expert's matrix, ``w[e:e + 1]``, is recorded as ``w[e]`` kept 3-D, for the same reason.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ _GROUPED = tuple(op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_
 
 def decomposition(func: Callable, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
     """A function computing ``func(*args, **kwargs)`` by plain ops, for an op autocal decomposes; else None."""
+    expert = _one_expert_slice(func, args, kwargs)
+    if expert is not None:  # ``w[e:e + 1]``, ``w.narrow(0, e, 1)``: expert e's matrix, kept 3-D
+        return lambda: args[0][expert].unsqueeze(0)
     if func not in _GROUPED:
         return None
     try:
@@ -40,6 +43,22 @@ def decomposition(func: Callable, args: tuple, kwargs: dict) -> Callable[[], Any
         return None
     dtype = bound.get("out_dtype") or torch.result_type(rows, weight)
     return lambda: _by_segments(rows, weight, offsets, dtype)
+
+
+def _one_expert_slice(func: Callable, args: tuple, kwargs: dict) -> int | None:
+    """``e``, where ``func`` takes one entry of a stored ``[E, a, b]`` weight as a slice of length one along its
+    first dimension (``bmm(rows[None], w[e:e + 1])``): recorded as ``w[e]`` then ``unsqueeze(0)``, the spelling
+    ``detect/gathered.py`` reads as one expert's matrix."""
+    weight = args[0] if args else None
+    stored = isinstance(weight, torch.nn.Parameter) or isinstance(getattr(weight, "_base", None), torch.nn.Parameter)
+    if not stored or weight.dim() != 3 or kwargs:
+        return None
+    if func is torch.Tensor.__getitem__ and isinstance(args[1], slice) and args[1].step in (None, 1):
+        start, stop, _ = args[1].indices(weight.shape[0])
+        return start if stop - start == 1 else None
+    if getattr(func, "__name__", "") == "narrow" and len(args) == 4 and args[1] == 0 and args[3] == 1:
+        return int(args[2]) if isinstance(args[2], int) else None
+    return None
 
 
 def _by_segments(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -130,8 +130,10 @@ def synthesize_inputs(
     return None
 
 
-def _calls(block: nn.Module, experts: nn.Module, failures: list[Exception]) -> Callable[[tuple], bool]:
-    """Does the block run with these inputs and call into ``experts``? (What it raised goes to ``failures``.)"""
+def _calls(block: nn.Module, experts: nn.Module, failures: list[Exception],
+           uncalled: list[tuple] | None = None) -> Callable[[tuple], bool]:
+    """Does the block run with these inputs and call into ``experts``? (What it raised goes to ``failures``; the
+    shapes it ran on without calling them to ``uncalled``.)"""
 
     def accepts(args: tuple) -> bool:
         seen = []
@@ -145,6 +147,8 @@ def _calls(block: nn.Module, experts: nn.Module, failures: list[Exception]) -> C
         finally:
             for handle in handles:
                 handle.remove()
+        if not seen and uncalled is not None:
+            uncalled.append(tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
         return bool(seen)
 
     return accepts
@@ -162,7 +166,16 @@ def capture_block_inputs(block: nn.Module, experts: nn.Module, *, num_tokens: in
                    f"{', '.join(missing)} beside the hidden states, or {hint}"],
         )
     failures: list[Exception] = []
-    args = synthesize_inputs(block, experts, _calls(block, experts, failures), num_tokens=num_tokens)
+    uncalled: list[tuple] = []
+    args = synthesize_inputs(block, experts, _calls(block, experts, failures, uncalled), num_tokens=num_tokens)
+    if args is None and uncalled:
+        shape = list(uncalled[0][0]) if uncalled[0] else []
+        path = next((p for p, m in block.named_modules() if m is experts), "") or "<block>"
+        raise errors.AutocalError(  # the kind of every made-up-input failure: rules read it (not an MoE, maybe)
+            errors.TRACE_FAILED, f"the block's forward runs on made-up hidden states {shape} but never calls "
+            f"a module in `{path}`: the experts run without module calls (torch.func.functional_call, "
+            "`expert.forward(x)`), which calibration hooks do not see, or not on such inputs",
+            block_class=type(block).__name__, hints=["call the experts as modules: `expert(x)`", hint])
     if args is None:
         explanation = "no hidden-state shape made of the block's parameter sizes runs its forward"
         dtypes = mixed_dtypes(block)

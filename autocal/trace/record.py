@@ -83,6 +83,19 @@ class _Recorder(TorchFunctionMode):
             self.env[id(value)] = node
             self.keepalive.append(value)
 
+    def keep_value(self, tensor: torch.Tensor) -> None:
+        """Before an op writes into ``tensor``: the node that computed it keeps a copy of what it returned (passes
+        compare recorded values: ``t = einsum(...); t += bias`` must not change the einsum's). Written-into
+        buffers (``torch.zeros`` …) and the results of earlier writes keep the tensor itself: one copy per value
+        at most, whatever a loop writes."""
+        node = self.env.get(id(tensor))
+        if node is None or node.op != "call_function" or node.meta.get("kept") or node.meta.get("written"):
+            return
+        if getattr(node.target, "__name__", "") in _FRESH:
+            return
+        node.meta["value"] = tensor.detach().clone()
+        node.meta["kept"] = True
+
     def node_for(self, tensor: torch.Tensor) -> fx.Node:
         node = self.env.get(id(tensor))
         if node is not None:
@@ -107,6 +120,8 @@ class _Recorder(TorchFunctionMode):
         mutated = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if out is None and mutated is not None:
             node.meta["mutates"] = self.env.get(id(mutated))
+        if mutated is not None and out is mutated:
+            node.meta["written"] = True  # an in-place op's result: the tensor it wrote into
         self.bind(out, node)
         if isinstance(out, (tuple, list)):
             for i, item in enumerate(out):
@@ -122,12 +137,28 @@ class _Recorder(TorchFunctionMode):
         if decomposed is not None:  # recorded as the plain ops it stands for (``trace/decompose.py``)
             with self:
                 return decomposed()
+        if self.leaf_depth == 0 and _in_place(func, args, kwargs):
+            self.keep_value(args[0])
         out = func(*args, **kwargs)
         if self.leaf_depth == 0 and _has_tensor(out):
             self.emit("call_function", func, args, kwargs, out)
         elif self.leaf_depth == 0 and func is torch.Tensor.__setitem__:
             self.emit("call_function", func, args, kwargs, out)
         return out
+
+
+_FRESH = frozenset({"zeros", "zeros_like", "empty", "empty_like", "full", "full_like", "ones", "ones_like",
+                    "new_zeros", "new_empty", "new_full", "new_ones"})  # buffers made to be written into
+_WRITES = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__ipow__",
+                     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"})
+
+
+def _in_place(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Does ``func`` write into its first argument (``add_``, ``+=``, ``t[i] = v``)?"""
+    if not args or not isinstance(args[0], torch.Tensor):
+        return False
+    name = getattr(func, "__name__", "")
+    return name in _WRITES or (name.endswith("_") and not name.startswith("_"))
 
 
 def _has_tensor(value: Any) -> bool:
