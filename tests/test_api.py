@@ -189,8 +189,35 @@ class _BroadcastBiasMoE(nn.Module):
         return _loop_experts(t, scores.gather(1, ids), ids, self.experts).view_as(x)
 
 
-def test_explain_names_a_correction_bias_added_through_a_view():
-    block = init_normal(_BroadcastBiasMoE(), 0)
+class _ViewedScoresBiasMoE(_BroadcastBiasMoE):
+    """The scores viewed before the bias is added (``scores.view(T, -1) + bias.unsqueeze(0)``), the weights gathered
+    from the scores themselves (DeepSeek-V3's and GLM-4.5's remote code)."""
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        scores = self.gate(t).sigmoid()
+        ids = (scores.view(t.shape[0], -1) + self.e_score_correction_bias.unsqueeze(0)).topk(TOP_K, dim=-1).indices
+        return _loop_experts(t, scores.gather(1, ids), ids, self.experts).view_as(x)
+
+
+class _RowOfTableBiasMoE(_BroadcastBiasMoE):
+    """The bias a row of a ``[1, E]`` statistics table, detached (ERNIE-4.5's remote code)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.e_score_correction_bias
+        self.e_score_correction_bias = nn.Parameter(torch.randn(1, EXPERTS))
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        scores = self.gate(t).sigmoid()
+        ids = (scores + self.e_score_correction_bias[0].detach()).topk(TOP_K, dim=-1).indices
+        return _loop_experts(t, scores.gather(1, ids), ids, self.experts).view_as(x)
+
+
+@pytest.mark.parametrize("block_class", [_BroadcastBiasMoE, _ViewedScoresBiasMoE, _RowOfTableBiasMoE])
+def test_explain_names_a_correction_bias_added_through_a_view(block_class):
+    block = init_normal(block_class(), 0)
     report = autocal.explain(nn.Sequential(block))
     assert report.successful()
     assert report.blocks[0].correction_bias == "e_score_correction_bias"
@@ -424,3 +451,30 @@ def test_experts_keyed_by_names_that_autocal_containers_also_use():
     assert set(rows.values()) == {5} and len(rows) == 3 * EXPERTS
     report = autocal.explain(init_normal(_NamedExpertsMoE(), 0))
     assert report.blocks[0].failure is None and report.blocks[0].num_experts == EXPERTS
+
+
+class _StatisticsHolderMoE(nn.Module):
+    """A child holding only the statistics the router reads (``moe_statics``, no forward of its own) and an
+    activation module the experts' code applies: neither is a shared expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.moe_statics = nn.Module()
+        self.moe_statics.e_score_correction_bias = nn.Parameter(torch.randn(1, EXPERTS))
+        self.act_fn = nn.SiLU()
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+        self.shared_experts = SwiGLUExpert()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        scores = self.act_fn(self.gate(t)).sigmoid()
+        ids = (scores + self.moe_statics.e_score_correction_bias[0].detach()).topk(TOP_K, dim=-1).indices
+        return (_loop_experts(t, scores.gather(1, ids), ids, self.experts) + self.shared_experts(t)).view_as(x)
+
+
+def test_shared_modules_are_children_computing_on_tokens_with_weights_of_their_own():
+    report = autocal.explain(nn.Sequential(init_normal(_StatisticsHolderMoE(), 0)))
+    assert report.successful()
+    assert report.blocks[0].structure["shared_modules"] == ["shared_experts"]
+    assert report.blocks[0].correction_bias == "moe_statics.e_score_correction_bias"

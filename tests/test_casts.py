@@ -85,3 +85,41 @@ def test_linears_whose_forward_reads_its_weight_elsewhere_compute_in_their_own_d
     rtol, atol = TOLERANCES[torch.bfloat16]
     assert (on - expected).abs().max() <= atol + rtol * expected.abs().max()
     assert set(rows.values()) == {18} and set(seen) == {torch.float32}
+
+
+class _UpcastSliceMoE(torch.nn.Module):
+    """A bfloat16 block whose loop casts each expert's slice up before its matmul (``F.linear(x.float(),
+    w[e].float())``, Step3's remote code), accumulating in float32."""
+
+    def __init__(self, hidden=16, width=12, experts=4):
+        super().__init__()
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.up = torch.nn.Parameter(torch.randn(experts, width, hidden) / hidden ** 0.5)
+        self.down = torch.nn.Parameter(torch.randn(experts, hidden, width) / width ** 0.5)
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, chosen = self.gate(t).float().softmax(-1).topk(2, dim=-1)
+        out = torch.zeros(t.shape, dtype=torch.float32)
+        for e in range(self.up.shape[0]):
+            token, slot = torch.where(chosen == e)
+            h = torch.nn.functional.silu(torch.nn.functional.linear(t[token].float(), self.up[e].float()))
+            out.index_add_(0, token, torch.nn.functional.linear(h, self.down[e].float()) * weights[token, slot, None])
+        return out.to(x.dtype).view_as(x)
+
+
+def test_expert_slices_cast_up_after_they_are_taken_convert():
+    """Before, the slice's contraction was checked in bfloat16 against the float32 product and refused (``not
+    contracted slot by slot``)."""
+    torch.manual_seed(0)
+    original = _UpcastSliceMoE().to(torch.bfloat16).eval()
+    module = autocal.synthesize(copy.deepcopy(original))
+    x = torch.randn(1, 9, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = original(x)
+        module.calibrate_all_experts = False
+        assert torch.equal(module(x), expected)
+        module.calibrate_all_experts = True
+        with count_rows(expert_linears(module)) as rows:
+            module(x)
+    assert len(rows) == 2 * 4 and set(rows.values()) == {9}

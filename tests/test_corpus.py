@@ -766,6 +766,13 @@ def _ref_banks_below_router(m, x):
     return (_dense(t, gates, [expert(e) for e in range(gates.shape[1])]) + m.shared_experts(t)).view_as(x), gates
 
 
+def _ref_padding_mask(m, x, attention_mask):
+    """The gates as chosen (k per token, padded positions too), the output of the padding-zeroed ones."""
+    t = _flat(x)
+    gates = _top_probs(t @ m.gate.weight.T, renormalize=False)
+    return _dense(t, gates * attention_mask.reshape(-1, 1), m.experts).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -870,6 +877,7 @@ REFERENCES = {
     "banks_below_router": _ref_banks_below_router,
     "in_place_bias": _ref_packed_einsum,
     "sliced_banks": _ref_grouped_mm,
+    "padding_mask": _ref_padding_mask,
     "mixed_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
 }
 

@@ -17,7 +17,7 @@ from torch import nn
 import autocal
 from autocal import MoECalibrationModule
 from autocal.testing.corpus import HIDDEN, ENTRIES, EinsumExperts, GShardTop2MoE, Holder, Mixed, MixtralReferenceMoE, \
-    TransposedConv1D, TransposedConvExpert, TypedHolder, init_normal
+    TransposedConv1D, TransposedConvExpert, _holder, init_normal
 from autocal.testing.patterns import PATTERNS
 from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
 from autocal.verify import verify
@@ -257,7 +257,7 @@ def test_convert_raises_nothing_but_autocal_errors(name):
     AutocalError with a kind, the block and a next step, the original exception as its cause when there was one."""
     entry = ENTRIES[name]
     args, kwargs = entry.inputs(2, 5)
-    model = (TypedHolder if entry.extra_inputs else Holder)(entry.build(0))
+    model = _holder(entry, 0)
     try:
         autocal.convert(model, example_inputs={"hidden_states": args[0], **kwargs} if kwargs else None)
     except autocal.AutocalError as error:

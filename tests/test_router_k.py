@@ -288,3 +288,32 @@ def test_rows_chosen_without_a_selection_report_the_recorded_k(block_class):
         assert router.dynamic_k is None and router.top_k == 2 and bool((reached == 2).all())
     else:
         assert reached.max() > reached.min() and router.dynamic_k == (int(reached.min()), int(reached.max()))
+
+
+def _sort_routed_split():
+    """The corpus' sorted-split block with its top-k written as a descending sort cut to k, its dispatch an
+    ``argsort`` of the chosen experts' ids as before."""
+    from autocal.testing.corpus import SortedSplitMoE
+
+    class SortRoutedSplitMoE(SortedSplitMoE):
+        def forward(self, x):
+            t = x.reshape(-1, x.shape[-1])
+            values, order = self.router(t).softmax(dim=-1).sort(dim=-1, descending=True)
+            weights, indices = values[:, :2] / values[:, :2].sum(-1, keepdim=True), order[:, :2]
+            flat = indices.reshape(-1)
+            rows = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=self.num_experts)
+            out = self.experts(t[rows // 2], counts) * weights.reshape(-1)[rows].unsqueeze(-1)
+            return torch.zeros_like(t).index_add_(0, rows // 2, out).reshape(x.shape)
+
+    return SortRoutedSplitMoE()
+
+
+def test_sorting_the_chosen_experts_for_dispatch_is_no_routing_choice():
+    """A top-k spelled as a sort, then rows grouped by an ``argsort`` of the chosen ids: k is the sort's cut (2),
+    not the dispatch's (1 of T·k)."""
+    from autocal.testing.corpus import init_normal
+
+    report = autocal.explain(init_normal(_sort_routed_split(), 0), verify=False)
+    (found,) = report.blocks
+    assert (found.top_k, found.num_experts) == (2, 6)

@@ -156,9 +156,15 @@ def unrouted_lists(block: nn.Module) -> dict[str, list[nn.Module]]:
 
 
 def other_children(block: nn.Module, *taken: str | None) -> list[str]:
-    """The block's children that hold none of ``taken`` (the router, the experts): its shared modules."""
+    """The block's children that hold none of ``taken`` (the router, the experts) and compute with weights of
+    their own: its shared modules. An activation (``act_fn``) or a holder of statistics the block reads (no
+    forward of its own: ``moe_statics``) is none."""
     tops = {path.split(".")[0] for path in taken if path}
-    return [name for name in dict(block.named_children()) if name not in tops]
+    return [name for name, child in block.named_children() if name not in tops and _computes(child)]
+
+
+def _computes(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward and any(True for _ in module.parameters())
 
 
 def has_own_forward(container: nn.Module) -> bool:

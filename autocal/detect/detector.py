@@ -87,7 +87,8 @@ def _routed_lists(modules: dict[str, nn.Module], blocks: list[str]) -> list[tupl
             router = next(((name, len(module) // w.shape[0]) for name, w in _beside(owner, modules[below]).items()
                            if _per_row(len(module), w.shape[0]) and id(w) not in tables), None)
             if router is not None:
-                per_row = "entry" if router[1] == 1 else f"{router[1]} entries (one per projection?)"
+                per_row = "entry" if router[1] == 1 else (f"{router[1]} entries (several to a row: each expert's "
+                                                          "projections side by side, or expert sets in one list)")
                 found.append((owner_path, path, f"`{path}` holds {len(module)} {kinds} beside "
                                                 f"`{_join(owner_path, router[0])}`, a router-shaped weight with one "
                                                 f"row per {per_row}{_scripted(module)}"))

@@ -68,8 +68,9 @@ def _orientation(out: torch.Tensor, features: torch.Tensor, gathered: torch.Tens
         inputs = slot_inputs(orientation, features, slots, gathered.shape[-1])
         if inputs is None:
             continue
+        dtype = torch.promote_types(inputs.dtype, gathered.dtype)  # the weights may be cast up after the gather
         try:
-            expected = per_slot(orientation, inputs.to(gathered.dtype), gathered)
+            expected = per_slot(orientation, inputs.to(dtype), gathered.to(dtype))
             expected = expected if bias is None else expected + bias
         except RuntimeError:
             continue
@@ -189,7 +190,10 @@ def _contraction(gather: fx.Node, index: fx.Node | int,
 
 def _slice_orientation(out: torch.Tensor, features: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor | None) -> str | None:
-    """``features @ W[e].T`` or ``features @ W[e]`` (plus a bias) for one expert's slice (on the recorded values)."""
+    """``features @ W[e].T`` or ``features @ W[e]`` (plus a bias) for one expert's slice (on the recorded values),
+    in the wider of their dtypes (``F.linear(x.float(), w[e].float())`` on bfloat16 weights)."""
+    dtype = torch.promote_types(features.dtype, weight.dtype)
+    features, weight, bias = features.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     for orientation, expected in (("linear", lambda: torch.nn.functional.linear(features, weight, bias)),
                                   ("matmul", lambda: features @ weight + (0 if bias is None else bias))):
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .graph_utils import Ancestry, source_of, target_name, value
+from .graph_utils import Ancestry, is_int_tensor, source_of, target_name, value
 from .structure import RouterInfo
 
 __all__ = ["EXPERT_CHOICE", "LOOKUP", "analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
@@ -37,8 +37,10 @@ _PLUMBING = {
 def _selection_nodes(index: fx.Node, ancestry: Ancestry) -> list[fx.Node]:
     """The selections behind ``index`` that choose along the last dimension of what they select from (the
     experts, or the tokens of an expert-choice router's transposed scores); one along another dimension picks
-    the tokens an expert keeps within its capacity, after the choice (DeepSpeed's top-1 gating)."""
-    return [n for n in [*ancestry.of(index), index] if target_name(n) in _SELECTION_OPS and _along_last(n)]
+    the tokens an expert keeps within its capacity, after the choice (DeepSpeed's top-1 gating). Only selections
+    among scores: sorting the chosen experts' ids (``argsort(flat_ids)``, rows grouped by expert) is the dispatch."""
+    return [n for n in [*ancestry.of(index), index] if target_name(n) in _SELECTION_OPS and _along_last(n)
+            and not (n.args and isinstance(n.args[0], fx.Node) and is_int_tensor(n.args[0]))]
 
 
 def _along_last(selection: fx.Node) -> bool:
@@ -322,12 +324,22 @@ def _correction_bias(graph: fx.Graph, scored: fx.Node, weights: fx.Node, ancestr
         if target_name(n) not in ("add", "__add__", "__radd__") or len(n.all_input_nodes) != 2:
             continue
         for added, scores in (n.all_input_nodes, reversed(n.all_input_nodes)):
-            bias = _stored(added)
-            if bias is not None and isinstance(value(bias), torch.Tensor) and value(bias).dim() == 1:
-                # The weights must come from the unbiased scores, by a path that skips the add.
-                if any(u is not n and (u is weights or ancestry.is_ancestor(u, weights)) for u in scores.users):
+            bias, vector = _stored(added), value(added)
+            if bias is not None and isinstance(vector, torch.Tensor) and vector.squeeze().dim() == 1:
+                # The weights must come from the unbiased scores (or what they are a view of), skipping the add.
+                viewed = _viewed_chain(scores)
+                if any(u is not n and u not in viewed and (u is weights or ancestry.is_ancestor(u, weights))
+                       for s in viewed for u in s.users):
                     return bias.target
     return None
+
+
+def _viewed_chain(node: fx.Node) -> list[fx.Node]:
+    """``node`` and the nodes it is a view or cast of (``scores.view(T, -1)``: ``scores`` too)."""
+    chain = [node]
+    while target_name(chain[-1]) in _BIAS_VIEWS and len(chain[-1].all_input_nodes) == 1:
+        chain.append(chain[-1].all_input_nodes[0])
+    return chain
 
 
 def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:

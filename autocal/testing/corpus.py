@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -3086,6 +3088,31 @@ class SlicedBankMoE(GroupedMatmulMoE):
         self.experts = SlicedBankExperts()
 
 
+class PaddingMaskedMoE(nn.Module):
+    """Users' own code: ``forward(hidden_states, attention_mask=None)``, the routing weights of padded positions
+    zeroed by the mask (their rows still reach the experts), a where loop over a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(SwiGLUExpert() for _ in range(EXPERTS))
+
+    def forward(self, hidden_states, attention_mask=None):
+        t = hidden_states.reshape(-1, HIDDEN)
+        weights, chosen = self.gate(t).softmax(dim=-1).topk(TOP_K, dim=-1)
+        if attention_mask is not None:
+            weights = weights * attention_mask.reshape(-1, 1).to(weights.dtype)
+        return _loop_experts(t, weights, chosen, self.experts).view_as(hidden_states)
+
+
+def _right_padding(batch: int, seq: int, generator: torch.Generator) -> dict:
+    """An attention mask whose first sequence ends in two padded positions (where it has more than two)."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if seq > 2:
+        mask[0, -2:] = 0
+    return {"attention_mask": mask}
+
+
 @dataclass(frozen=True)
 class CorpusEntry:
     """One block of the corpus.
@@ -3382,6 +3409,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "(t += b[idx])", (2,), InPlaceBiasMoE),
     CorpusEntry("sliced_banks", f"{_TRAINING}: packed weights, one expert's matrix taken as a slice of length one "
                 "(w[e:e + 1], w.narrow(0, e, 1)) and applied by bmm", (3,), SlicedBankMoE),
+    CorpusEntry("padding_mask", "users' own code: an attention_mask keyword zeroing the routing weights of padded "
+                "positions", (), PaddingMaskedMoE, extra_inputs=_right_padding),
     CorpusEntry("mixed_experts", "users' own code: one list holding experts of two depths and widths, a where loop",
                 (), MixedExpertsMoE),
 )
@@ -3412,10 +3441,11 @@ class Holder(nn.Module):
 
 
 class TypedHolder(Holder):
-    """A user's model around a module that also takes ``token_type_ids``."""
+    """A user's model around a module that also takes keyword inputs (``token_type_ids``, ``attention_mask``),
+    its signature naming them (``_with_inputs``)."""
 
-    def forward(self, hidden_states, token_type_ids):
-        return self.block(hidden_states, token_type_ids=token_type_ids)
+    def forward(self, hidden_states, **extra):
+        return self.block(hidden_states, **extra)
 
 
 class Mixed(nn.Module):
@@ -3431,16 +3461,28 @@ class Mixed(nn.Module):
 
 
 class TypedMixed(Mixed):
-    def forward(self, hidden_states, token_type_ids):
-        return self.block(hidden_states + self.toy(hidden_states), token_type_ids=token_type_ids)
+    def forward(self, hidden_states, **extra):
+        return self.block(hidden_states + self.toy(hidden_states), **extra)
+
+
+def _with_inputs(model_class: type, entry: CorpusEntry) -> type:
+    """``model_class`` with a forward whose signature names the entry's keyword inputs (no ``**kwargs`` in it:
+    autocal reads a model's inputs by name)."""
+    names = list(entry.inputs(1, 2)[1])
+    forward = functools.wraps(model_class.forward)(lambda self, hidden_states, **extra: model_class.forward(
+        self, hidden_states, **extra))
+    parameter = inspect.Parameter
+    forward.__signature__ = inspect.Signature([parameter(n, parameter.POSITIONAL_OR_KEYWORD)
+                                               for n in ("self", "hidden_states", *names)])
+    return type(model_class.__name__, (model_class,), {"forward": forward})
 
 
 def _holder(entry: CorpusEntry, seed: int) -> nn.Module:
-    return (TypedHolder if entry.extra_inputs else Holder)(entry.build(seed))
+    return (_with_inputs(TypedHolder, entry) if entry.extra_inputs else Holder)(entry.build(seed))
 
 
 def _mixed(entry: CorpusEntry, seed: int) -> nn.Module:
-    return (TypedMixed if entry.extra_inputs else Mixed)(entry.build(seed), seed)
+    return (_with_inputs(TypedMixed, entry) if entry.extra_inputs else Mixed)(entry.build(seed), seed)
 
 
 def _cases(entry: CorpusEntry) -> list[tuple[tuple, dict]]:
