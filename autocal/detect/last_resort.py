@@ -1,11 +1,10 @@
 """The rule of last resort: a block whose routing choice autocal can find, whatever its dispatch.
 
-The specialised rules each read one way of dispatching tokens to experts. This
-one needs none: only experts it can observe (a list of modules made of Linears)
-and the calls that choose them (a ``topk``, a ``max`` or ``argmax`` over a
-dimension of float scores, from which the experts' inputs are computed), found
-by *recording* the forward (``trace/record.py``), so code symbolic tracing
-cannot follow (``b, n, d, e = *x.shape, e``) does not matter.
+The specialised rules each read one way of dispatching tokens to experts. This one needs none: only experts
+it can observe (a list of modules made of Linears) and the calls that choose them (a ``topk``, a ``max`` or
+``argmax`` over a dimension of float scores, from which the experts' inputs are computed), found by
+*recording* the forward (``trace/record.py``), so code symbolic tracing cannot follow
+(``b, n, d, e = *x.shape, e``) does not matter.
 
 It then learns, by running the block on its example inputs, how forcing those
 calls (``trace/forcing.py``) decides which experts run:
