@@ -18,6 +18,7 @@ import autocal
 from autocal import MoECalibrationModule
 from autocal.testing.corpus import HIDDEN, ENTRIES, EinsumExperts, GShardTop2MoE, Holder, Mixed, MixtralReferenceMoE, \
     TransposedConv1D, TransposedConvExpert, _holder, init_normal
+from autocal.testing.assertions import expert_linears
 from autocal.testing.patterns import PATTERNS
 from autocal.testing.toy_moe import ToyConcatExperts, ToyLlama4Experts, ToyMoEConfig, make_toy_block
 from autocal.verify import verify
@@ -515,3 +516,46 @@ def test_projections_side_by_side_in_one_dict_are_refused_not_taken_for_experts(
             autocal.convert(nn.Sequential(_ProjectionsSideBySide()), example_inputs=example)
     report = autocal.explain(nn.Sequential(_ProjectionsSideBySide()))
     assert [b.failure["kind"] for b in report.blocks] == [autocal.errors.UNSUPPORTED_DISPATCH]
+
+
+class _ProjectedLoopMoE(nn.Module):
+    """A projection before the router and the experts (``pre``), expert weights of the block's own sliced in a loop
+    (the gathered rule: calibration re-runs the block with its routing forced)."""
+
+    def __init__(self, experts: int = 6):
+        super().__init__()
+        self.pre = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.router = nn.Linear(HIDDEN, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, 12, HIDDEN) * 0.3)
+        self.w2 = nn.Parameter(torch.randn(experts, HIDDEN, 12) * 0.3)
+
+    def forward(self, x):
+        t = self.pre(x.reshape(-1, HIDDEN))
+        weights, chosen = self.router(t).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(t)
+        for e in range(self.w1.shape[0]):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, F.silu(t[token] @ self.w1[e].T) @ self.w2[e].T * weights[token, slot, None])
+        return out.view_as(x)
+
+
+def test_forced_runs_keep_the_hooks_of_modules_before_the_routing_choice():
+    """A hook that changes a value before the choice (here doubling ``pre``'s input) runs in the forced runs too:
+    before, every module but the experts ran there without its hooks, and the experts were given inputs the block
+    never computes, while the output and every coverage count stayed right."""
+    torch.manual_seed(0)
+    model = Holder(_ProjectedLoopMoE())
+    model.block.pre.register_forward_pre_hook(lambda _, args: (args[0] * 2,))
+    x = torch.randn(1, 9, HIDDEN)
+    with torch.no_grad():
+        real_inputs = model.block.pre(x.reshape(-1, HIDDEN))
+    autocal.convert(model)
+    seen = []
+    for name, linear in expert_linears(model.block).items():
+        if name.startswith("w1"):  # the experts' first projections
+            linear.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(x)
+    rows = torch.cat(seen)
+    assert rows.shape[0] == 6 * 9
+    assert all(any(torch.equal(row, real) for real in real_inputs) for row in rows)

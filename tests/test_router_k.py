@@ -317,3 +317,63 @@ def test_sorting_the_chosen_experts_for_dispatch_is_no_routing_choice():
     report = autocal.explain(init_normal(_sort_routed_split(), 0), verify=False)
     (found,) = report.blocks
     assert (found.top_k, found.num_experts) == (2, 6)
+
+
+class _GroupMaxMoE(torch.nn.Module):
+    """Experts in groups, each token given the best expert of every group (``scores.view(T, G, -1).max(-1)``, a
+    mixture of grouped experts): k is the number of groups, of all the experts."""
+
+    def __init__(self, hidden=16, experts=6, groups=2):
+        super().__init__()
+        self.groups = groups
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 12), torch.nn.GELU(),
+                                                               torch.nn.Linear(12, hidden)) for _ in range(experts))
+
+    def forward(self, x):
+        t = x.reshape(-1, x.shape[-1])
+        weights, best = self.gate(t).softmax(-1).view(t.shape[0], self.groups, -1).max(dim=-1)
+        chosen = best + torch.arange(0, len(self.experts), len(self.experts) // self.groups)
+        out = torch.zeros_like(t)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, expert(t[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+def test_one_expert_chosen_in_each_group_is_a_fixed_k_of_all_the_experts():
+    torch.manual_seed(0)
+    report = autocal.explain(_GroupMaxMoE(), verify=False)
+    (found,) = report.blocks
+    assert (found.top_k, found.num_experts) == (2, 6)
+    assert found.structure["router"]["num_choices"] == 6 and found.structure["router"]["dynamic_k"] is None
+
+
+def _sort_routed_loop():
+    """The corpus' packed-loop block (each expert's weights ``w[e]`` in a loop) with its top-k spelled as a
+    descending sort cut to k: the gathered rule forces the sort, its forced experts first."""
+    from autocal.testing.corpus import PackedLoopMoE
+
+    class SortRoutedLoopMoE(PackedLoopMoE):
+        def forward(self, x):
+            t = x.reshape(-1, x.shape[-1])
+            values, order = self.router(t).softmax(dim=-1).sort(dim=-1, descending=True)
+            weights, indices = values[:, :self.top_k], order[:, :self.top_k]
+            out = torch.zeros_like(t)
+            for e in range(self.num_experts):
+                token, slot = torch.where(indices == e)
+                gate, up = F.linear(t[token], self.gate_up[e]).chunk(2, dim=-1)
+                out.index_add_(0, token, F.linear(F.silu(gate) * up, self.down[e]) * weights[token, slot, None])
+            return out.reshape(x.shape)
+
+    return SortRoutedLoopMoE()
+
+
+def test_a_top_k_spelled_as_a_descending_sort_cut_to_k_is_forced():
+    from autocal.testing.corpus import CorpusEntry, check_convert, check_synthesize
+
+    entry = CorpusEntry("sort_routed_loop", "a sort cut to k", (), _sort_routed_loop)
+    check_synthesize(entry)
+    check_convert(entry)
+    report = autocal.explain(autocal.testing.corpus.init_normal(_sort_routed_loop(), 0), verify=False)
+    assert (report.blocks[0].top_k, report.blocks[0].num_experts) == (2, 6)

@@ -25,6 +25,7 @@ from torch import fx, nn
 from .. import errors
 from ..numerics import compare_outputs
 from ..trace.forcing import ChoiceCall, fresh_inputs
+from .choices import cut_sort
 from .graph_utils import is_int_tensor, source_of, target_name, value
 
 __all__ = ["choice_call", "check_forced_routing"]
@@ -44,6 +45,11 @@ def choice_call(graph: fx.Graph, index: fx.Node, *, unscored: bool = False) -> t
     if isinstance(topk, fx.Node) and target_name(topk) == "topk":
         dim = topk.kwargs.get("dim", topk.args[2] if len(topk.args) > 2 else -1)
         return ChoiceCall(topk.target, _ordinal(graph, topk), dim, value(source).shape[dim]), source
+    cut = cut_sort(source)
+    if cut is not None:  # ``scores.sort(descending=True)`` (or ``argsort``), its first k entries kept
+        sort, k = cut
+        return ChoiceCall(sort.target, _ordinal(graph, sort), -1, k, scored=target_name(sort) == "sort",
+                          cut=True), source
     if unscored and index.op == "call_function" and is_int_tensor(index) and value(index).dim() >= 1:
         return ChoiceCall(index.target, _ordinal(graph, index), -1, value(index).shape[-1], scored=False), index
     return None

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .choices import EXPERT_CHOICE, cut_sort, expert_choice, per_group
 from .graph_utils import Ancestry, is_int_tensor, source_of, target_name, value
 from .structure import RouterInfo
 
 __all__ = ["EXPERT_CHOICE", "LOOKUP", "analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
 
-EXPERT_CHOICE = "expert choice"  # the words starting a router's selection where experts choose their tokens
 LOOKUP = "lookup"  # a router's selection where no top-k, argmax or sort is behind the experts' indices
 
 _SELECTION_OPS = {"topk", "argmax", "argsort", "sort", "max", "kthvalue"}
@@ -177,9 +177,9 @@ def analyze_router(graph: fx.Graph, index: fx.Node, weights: fx.Node) -> RouterI
         sources["logits"] = source_of(logits)
     if scoring is not None:
         sources["scoring"] = source_of(scoring)
-    top_k, choices, selection = _expert_choice(graph, final, index) or (
+    top_k, choices, selection = expert_choice(graph, final, index) or per_group(graph, final, (
         _chained_k(selections, index, ancestry) or _slots(index, value(scored).shape[-1], value(scored).shape)
-        or _k_of(final), value(scored).shape[-1], target_name(final))
+        or _k_of(final), value(scored).shape[-1], target_name(final)))
     top_p = _top_p(selections, (index, weights), ancestry)
     if top_p is not None:
         (fewest, top_k), selection = top_p
@@ -246,22 +246,6 @@ def _threshold(comparison: fx.Node) -> float | None:
         if isinstance(number, float) or isinstance(number, torch.Tensor) and number.dim() == 0:
             return float(number)
     return None
-
-
-def _expert_choice(graph: fx.Graph, selection: fx.Node, index: fx.Node) -> tuple[int, int, str] | None:
-    """``(k, experts, words)`` where the experts choose their tokens (a top-k over ``[experts, tokens]`` scores):
-    k is then the experts a token gets on average, each expert taking ``capacity`` of the tokens."""
-    hidden = next((value(n) for n in graph.nodes if n.op == "placeholder" and isinstance(value(n), torch.Tensor)
-                   and value(n).is_floating_point() and value(n).dim()), None)
-    picked = value(selection)  # the top-k's own indices: ``index`` may be one expert's row of them (``tok[e]``)
-    scores, chosen = value(selection.args[0]), picked[1] if isinstance(picked, tuple) else value(index)
-    if hidden is None or target_name(selection) != "topk" or scores.dim() != 2 or chosen.dim() != 2:
-        return None
-    tokens = hidden.numel() // hidden.shape[-1]
-    experts, capacity = scores.shape[0], chosen.shape[-1]
-    if scores.shape[-1] != tokens or experts == tokens:
-        return None
-    return max(1, round(experts * capacity / tokens)), experts, f"{EXPERT_CHOICE} ({capacity} of {tokens} tokens each)"
 
 
 def _router_path(selection: fx.Node, logits: fx.Node | None) -> str | None:
@@ -356,6 +340,7 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
     choices = [(n, _indices(n)) for n in ancestry.of(tokens)
                if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
     choices = [(n, index) for n, index in choices if index is not None]  # a max of values alone chooses nothing
+    choices += [(cut_sort(n)[0], n) for n in ancestry.of(tokens) if cut_sort(n) is not None]  # order[:, :k]
     if not choices:
         return tokens, tokens
     choice, index = ([(n, index) for n, index in choices if index is tokens or index in behind] or choices)[-1]

@@ -18,7 +18,7 @@ choice calls and observing a set of experts through a context the caller gives
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -138,18 +138,22 @@ def forced_runs(module: nn.Module, runs: list[tuple[dict[ChoiceCall, torch.Tenso
     its experts: ``observe(experts)`` is a context in which only those experts
     are seen (``observe(set())``: none). ``experts``: the ids of the modules
     ``observe`` governs; every other module of the block runs without its hooks
-    in the forced runs, whose outputs are discarded.
+    in the forced runs once their choice is forced (from there on their inputs are
+    the forced run's, whose outputs are discarded). Before it (a router, a norm, a
+    hook casting the router's input) they run as in the real forward, hooks and all:
+    their inputs are the same, and a hook may change values the experts are given.
     """
     run = run or _nothing
     given = fresh_inputs((args, kwargs))  # as given: the real forward may change its inputs in place
     with observe(set()), run():
         output = module._block_forward(*args, **kwargs)
     quiet = [m for m in module.modules() if m is not module and id(m) not in experts]
-    with torch.no_grad(), hooks_held(quiet):
+    with torch.no_grad():
         for choices, observed in runs:
-            with observe(observed), forcing(choices), run():
-                again_args, again_kwargs = fresh_inputs(given)
-                module._block_forward(*again_args, **again_kwargs)
+            with observe(observed), ExitStack() as held:
+                with forcing(choices, on_forced=lambda: held.enter_context(hooks_held(quiet))), run():
+                    again_args, again_kwargs = fresh_inputs(given)
+                    module._block_forward(*again_args, **again_kwargs)
     return output
 
 

@@ -31,6 +31,8 @@ class ChoiceCall:
     weights computed from scores beside them stay those of the slots they replace.
     ``reduced``: the call drops the dimension it chooses along (``max(dim)``,
     ``argmax(dim)`` without ``keepdim``: one choice per row, ``k`` is 1).
+    ``cut``: the call sorts every choice (``sort(descending=True)``, ``argsort``) and the block keeps its first
+    ``k``; forced, it returns the forced experts first, then the others in the order it gave them.
     """
 
     function: Callable
@@ -39,6 +41,7 @@ class ChoiceCall:
     k: int
     scored: bool = True
     reduced: bool = False
+    cut: bool = False
 
     @contextmanager
     def forced(self, experts: torch.Tensor) -> Iterator[None]:
@@ -51,17 +54,17 @@ class ChoiceCall:
 
 
 @contextmanager
-def forcing(choices: dict[ChoiceCall, torch.Tensor]) -> Iterator[None]:
+def forcing(choices: dict[ChoiceCall, torch.Tensor], on_forced: Callable[[], Any] | None = None) -> Iterator[None]:
     """Within, each of these calls returns the experts given for it (``ChoiceCall.forced``, for several at once:
-    a two-level gate chooses a group, then experts in it)."""
-    with _Forcing(choices):
+    a two-level gate chooses a group, then experts in it). ``on_forced`` is called when the first is forced."""
+    with _Forcing(choices, on_forced):
         yield
 
 
 class _Forcing(TorchFunctionMode):
-    def __init__(self, choices: dict[ChoiceCall, torch.Tensor]) -> None:
+    def __init__(self, choices: dict[ChoiceCall, torch.Tensor], on_forced: Callable[[], Any] | None) -> None:
         super().__init__()
-        self.choices, self.seen = choices, {}
+        self.choices, self.seen, self.on_forced = choices, {}, on_forced
         self.wanted = {(c.function, c.ordinal): c for c in choices}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -71,14 +74,21 @@ class _Forcing(TorchFunctionMode):
             return out
         ordinal = self.seen[func] = self.seen.get(func, -1) + 1
         choice = self.wanted.get((func, ordinal), self.wanted.get((func, None)))
-        return out if choice is None else _forced_result(choice, self.choices[choice], args[0], out)
+        if choice is None:
+            return out
+        if self.on_forced is not None:
+            self.on_forced, on_forced = None, self.on_forced
+            on_forced()
+        return _forced_result(choice, self.choices[choice], args[0], out)
 
 
 def _forced_result(choice: ChoiceCall, experts: torch.Tensor, scores: torch.Tensor, out: Any) -> Any:
     """What ``choice``'s call returns with ``experts`` chosen: its indices (and, scored, their scores)."""
     indices = out[1] if choice.scored else out
     forced = experts.to(indices.device)
-    if forced.shape != indices.shape:
+    if choice.cut:
+        forced = _sorted_first(indices, forced.expand(*indices.shape[:-1], choice.k))
+    elif forced.shape != indices.shape:
         if choice.reduced:
             forced = forced.reshape(()).expand(indices.shape).contiguous()
         else:
@@ -90,6 +100,13 @@ def _forced_result(choice: ChoiceCall, experts: torch.Tensor, scores: torch.Tens
     dim = choice.dim % scores.dim()
     values = scores.gather(dim, forced.unsqueeze(dim) if choice.reduced else forced)
     return type(out)((values.squeeze(dim) if choice.reduced else values, forced))
+
+
+def _sorted_first(order: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``order`` (every choice, per row) with ``first`` moved to its front, the others after in their order."""
+    others = ~(order.unsqueeze(-1) == first.unsqueeze(-2)).any(-1)
+    rest = order[others].view(*order.shape[:-1], -1)
+    return torch.cat([first, rest], dim=-1)[..., :order.shape[-1]]
 
 
 def fresh_inputs(inputs: Any) -> Any:
