@@ -283,12 +283,7 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
         if built[id(block)] is not None:
             _set_submodule(model, path, built[id(block)])
             done.append(path)
-    tried = [*done, *failed]  # a failure inside a candidate tried after it is that candidate's to report
-    for path, (unconverted_, error) in failed.items():
-        if not any(enclosed(path, t) for t in tried):
-            if strict:
-                raise error from error.__cause__
-            skipped.append(unconverted_)
+    skipped += _left_unconverted(failed, done, strict)
     model.__dict__[UNCONVERTED] = skipped
     if skipped:
         warnings.warn(f"autocal: {len(skipped)} MoE block(s) left unconverted (strict=False): "
@@ -306,6 +301,18 @@ def convert(model: nn.Module, calibrate_all_experts: bool = True, verify: bool =
             if isinstance(module, CalibrationExperts):
                 module.group_experts = False
     return model
+
+
+def _left_unconverted(failed: dict[str, tuple[Unconverted, errors.AutocalError]], done: list[str],
+                      strict: bool) -> list[Unconverted]:
+    """The blocks ``convert`` failed on, less those inside a candidate tried after them (converted, or failed
+    too): theirs is that candidate's to report. With ``strict``, the first is raised instead."""
+    tried = [*done, *failed]
+    left = [(path, entry) for path, entry in failed.items() if not any(enclosed(path, t) for t in tried)]
+    if strict and left:
+        error = left[0][1][1]
+        raise error from error.__cause__
+    return [unconverted_ for _, (unconverted_, _) in left]
 
 
 def set_calibration_chunk_size(model: nn.Module, tokens: int | None) -> list[str]:
