@@ -85,6 +85,11 @@ def test_the_router_is_the_module_scoring_tokens_not_the_experts_choosing_among_
     assert structure.experts.module_path == "experts" and "gate" not in structure.shared_modules
 
 
+def _mlp_experts(experts: int, hidden: int) -> torch.nn.ModuleList:
+    return torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 12), torch.nn.GELU(),
+                                                   torch.nn.Linear(12, hidden)) for _ in range(experts))
+
+
 class _EveryTokenExpertChoice(torch.nn.Module):
     """Expert choice with a capacity of every token (``topk(T)`` over the tokens, per expert), plain MLP experts."""
 
@@ -92,8 +97,7 @@ class _EveryTokenExpertChoice(torch.nn.Module):
         super().__init__()
         self.k = experts
         self.gate = torch.nn.Linear(hidden, experts, bias=False)
-        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 12), torch.nn.GELU(),
-                                                               torch.nn.Linear(12, hidden)) for _ in range(experts))
+        self.experts = _mlp_experts(experts, hidden)
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
@@ -327,8 +331,7 @@ class _GroupMaxMoE(torch.nn.Module):
         super().__init__()
         self.groups = groups
         self.gate = torch.nn.Linear(hidden, experts, bias=False)
-        self.experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 12), torch.nn.GELU(),
-                                                               torch.nn.Linear(12, hidden)) for _ in range(experts))
+        self.experts = _mlp_experts(experts, hidden)
 
     def forward(self, x):
         t = x.reshape(-1, x.shape[-1])
