@@ -63,7 +63,8 @@ def cut_sort(node: fx.Node) -> tuple[fx.Node, int] | None:
         return None
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     cut, full = index[-1], value(node.args[0])
-    if not (isinstance(full, torch.Tensor) and isinstance(cut, slice) and cut.start in (None, 0) and cut.step in (None, 1) and isinstance(cut.stop, int)
+    if not (isinstance(full, torch.Tensor) and isinstance(cut, slice) and cut.start in (None, 0)
+            and cut.step in (None, 1) and isinstance(cut.stop, int)
             and all(i is Ellipsis or i == slice(None) for i in index[:-1])
             and (Ellipsis in index or len(index) == full.dim())):
         return None

@@ -118,18 +118,15 @@ class Facts:
         """Weight banks ``[E, a, b]`` of the block's children, by path (``detect/sorted.py``); of a child's children
         where the router beside that child is the block's own (the child, a block too, is tried first: ``convert``)."""
         own = weight_banks(self.block)
-        if not self.walked:
-            return own or banks_of_a_child(self.block)
-        if not own:  # banks a level down: a router of the block's own beside the child holding them
-            found = banks_of_a_child(self.block)
-            holder = self.block.get_submodule(next(iter(found)).split(".")[0]) if found else None
-            inside = {id(p) for p in holder.parameters()} if holder is not None else set()
-            rows = {p.shape[0] for p in self.block.parameters() if p.dim() == 2 and id(p) not in inside}
-            return found if found and next(iter(found.values())).shape[0] in rows else {}
-        inside = {id(p) for p in own.values()}
+        found = own or banks_of_a_child(self.block)
+        if not self.walked or not found:
+            return found
+        holders = {path.split(".")[0] for path in found}  # the children holding the banks
+        inside = {id(p) for holder in holders for p in self.block.get_submodule(holder).parameters()}
         rows = {p.shape[0] for p in self.block.parameters() if p.dim() == 2 and id(p) not in inside}
-        rows |= router_rows(self.parent, self.block) if self.parent is not None else set()
-        return own if next(iter(own.values())).shape[0] in rows else {}
+        if own and self.parent is not None:  # banks a level down need a router of the block's own
+            rows |= router_rows(self.parent, self.block)
+        return found if next(iter(found.values())).shape[0] in rows else {}
 
     @cached_property
     def lists(self) -> dict[str, list[nn.Module]]:

@@ -19,8 +19,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 
 CONTRACTIONS = ("einsum", "matmul", "__matmul__", "mm", "bmm")  # ops that contract two tensors (``F.linear``: one is 2-D)
 
-__all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor", "Ancestry",
-           "is_int_tensor", "read_on_host", "returns_of", "value", "viewed_from"]
+__all__ = ["CONTRACTIONS", "flat_args", "bound_inputs", "source_of", "target_name", "tensor_inputs", "holds_tensor",
+           "Ancestry", "is_int_tensor", "read_on_host", "returns_of", "value", "viewed_chain", "viewed_from"]
 
 
 def target_name(node: fx.Node) -> str:
@@ -82,7 +82,7 @@ class Ancestry:
             for parent in [*node.all_input_nodes, *([mutated] if mutated is not None else [])]:
                 mask |= self._mask[parent] | (1 << self._index[parent]) | written.get(parent, 0)
             self._mask[node] = mask
-            for target in _viewed_bases(mutated):
+            for target in viewed_chain(mutated, _VIEWS):  # the tensor written and those it views
                 written[target] = written.get(target, 0) | mask | (1 << self._index[node])
 
     def is_ancestor(self, ancestor: fx.Node, node: fx.Node) -> bool:
@@ -97,14 +97,14 @@ class Ancestry:
         return [n for n in self.of(end) + [end] if n is start or self.is_ancestor(start, n)]
 
 
-def _viewed_bases(node: fx.Node | None) -> list[fx.Node]:
-    """``node`` and the tensors it views, through ops of one tensor input that may return a view."""
-    bases = []
+def viewed_chain(node: fx.Node | None, ops: set[str]) -> list[fx.Node]:
+    """``node`` and the tensors it is made from through ``ops`` of one tensor input (views, casts), nearest first."""
+    chain = []
     while isinstance(node, fx.Node):
-        bases.append(node)
+        chain.append(node)
         inputs = [n for n in node.all_input_nodes if isinstance(value(n), torch.Tensor)]
-        node = inputs[0] if target_name(node) in _VIEWS and len(inputs) == 1 else None
-    return bases
+        node = inputs[0] if node.op != "get_attr" and target_name(node) in ops and len(inputs) == 1 else None
+    return chain
 
 
 def returns_of(output: Any) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from .choices import EXPERT_CHOICE, cut_sort, expert_choice, per_group
-from .graph_utils import Ancestry, is_int_tensor, source_of, target_name, value
+from .graph_utils import Ancestry, is_int_tensor, source_of, target_name, value, viewed_chain
 from .structure import RouterInfo
 
 __all__ = ["EXPERT_CHOICE", "LOOKUP", "analyze_router", "routing_choice", "router_of", "only_topk", "selects_among"]
@@ -297,9 +297,8 @@ def _scaling(nodes: list[fx.Node]) -> float | None:
 
 def _stored(node: fx.Node) -> fx.Node | None:
     """The parameter or buffer ``node`` is, or is a view or cast of (``bias.unsqueeze(0)``, ``bias[None]``)."""
-    while node.op != "get_attr" and target_name(node) in _BIAS_VIEWS and len(node.all_input_nodes) == 1:
-        node = node.all_input_nodes[0]
-    return node if node.op == "get_attr" else None
+    base = viewed_chain(node, _BIAS_VIEWS)[-1]
+    return base if base.op == "get_attr" else None
 
 
 def _correction_bias(graph: fx.Graph, scored: fx.Node, weights: fx.Node, ancestry: Ancestry) -> str | None:
@@ -311,19 +310,11 @@ def _correction_bias(graph: fx.Graph, scored: fx.Node, weights: fx.Node, ancestr
             bias, vector = _stored(added), value(added)
             if bias is not None and isinstance(vector, torch.Tensor) and vector.squeeze().dim() == 1:
                 # The weights must come from the unbiased scores (or what they are a view of), skipping the add.
-                viewed = _viewed_chain(scores)
+                viewed = viewed_chain(scores, _BIAS_VIEWS)
                 if any(u is not n and u not in viewed and (u is weights or ancestry.is_ancestor(u, weights))
                        for s in viewed for u in s.users):
                     return bias.target
     return None
-
-
-def _viewed_chain(node: fx.Node) -> list[fx.Node]:
-    """``node`` and the nodes it is a view or cast of (``scores.view(T, -1)``: ``scores`` too)."""
-    chain = [node]
-    while target_name(chain[-1]) in _BIAS_VIEWS and len(chain[-1].all_input_nodes) == 1:
-        chain.append(chain[-1].all_input_nodes[0])
-    return chain
 
 
 def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
@@ -340,7 +331,8 @@ def routing_choice(graph: fx.Graph, tokens: fx.Node) -> tuple[fx.Node, fx.Node]:
     choices = [(n, _indices(n)) for n in ancestry.of(tokens)
                if target_name(n) in ("topk", "max", "argmax") and _along_last(n)]
     choices = [(n, index) for n, index in choices if index is not None]  # a max of values alone chooses nothing
-    choices += [(cut_sort(n)[0], n) for n in ancestry.of(tokens) if cut_sort(n) is not None]  # order[:, :k]
+    cuts = [(cut_sort(n), n) for n in ancestry.of(tokens)]
+    choices += [(cut[0], n) for cut, n in cuts if cut is not None]  # ``order[:, :k]`` of a descending sort
     if not choices:
         return tokens, tokens
     choice, index = ([(n, index) for n, index in choices if index is tokens or index in behind] or choices)[-1]

@@ -86,8 +86,7 @@ class SortedCalibrationMoE(KeptForwardMoE):
     def run_unrouted(self, bound: dict, seen: None) -> None:
         dispatch, shared = self.plan.dispatch, {}
         banks = self._banks()
-        counts = banks[0].__dict__["last_counts"]
-        counts = _sizes(counts)
+        counts = _sizes(banks[0].__dict__["last_counts"])
         given = banks[0].__dict__["last_rows"].split(counts)  # each expert's segment of the first bank's rows
         rows = RowComplement(dispatch.rows(bound, shared))
         for expert in range(len(counts)):
