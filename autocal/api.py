@@ -25,11 +25,11 @@ from .registry import MoECalibrationModule
 from .rules import Decision, decide, enclosed, find_moe_blocks, innermost_first, user_line
 from .synthesize.experts import CalibrationExperts
 from .synthesize.module import checked_chunk_size
-from .trace.inputs import BlockCall, block_call, synthesize_inputs
+from .trace.inputs import BlockCall, block_call
 from .trace.calls import locate_blocks, unreached
 from .trace.twin import on_meta
 from .unconverted import UNCONVERTED, Unconverted, unconverted, unrecognized, within
-from .verify import Verification, counts_itself, hidden_tokens, one_token, verify
+from .verify import Verification, counts_itself, verification_cases, verify
 
 __all__ = ["synthesize", "convert", "calibration_context", "set_calibration_chunk_size", "Converter", "unconverted"]
 
@@ -62,6 +62,7 @@ class Converter:
 
     calibrate_all_experts: bool = True
     verify: bool = True
+    compare_eager: bool = False  # verification also runs transformers' eager experts (``explain`` reports it)
     classes: dict[tuple, ClassAnalysis] = field(default_factory=dict)
     decisions: dict[tuple, Decision] = field(default_factory=dict)  # every rule's verdict, per class
     not_moe: set[tuple] = field(default_factory=set)  # candidate classes the rules ruled out
@@ -110,11 +111,13 @@ class Converter:
         module = analysis.calibration_cls(block, config, calibrate_all_experts=self.calibrate_all_experts)
         module.__dict__.setdefault("_original", block)  # what restore() puts back, for overrides too
         if self.verify and analysis.verification is None and not on_meta(block):
-            args, kwargs = _verification_inputs(block, call, analysis.structure)
-            if args is not None:
-                analysis.verification = verify(block, module, args, kwargs)
-                for more_args, more_kwargs in _branch_inputs(block, args, kwargs, analysis.structure):
-                    verify(block, module, more_args, more_kwargs)
+            structure = analysis.structure
+            cases = verification_cases(block, call, structure.experts.module_path if structure is not None else None)
+            for index, case in enumerate(cases):
+                verified = verify(block, module, case.args, case.kwargs, expected=case.expected,
+                                  eager=self.compare_eager and index == 0)
+                if index == 0:  # the caller's inputs: what explain reports
+                    analysis.verification = verified
         return module
 
 
@@ -138,36 +141,6 @@ def _state_kept(block: nn.Module) -> Iterator[None]:
             elif isinstance(value, (dict, set)):
                 value.clear()
                 value.update(items)
-
-
-def _verification_inputs(block: nn.Module, call: BlockCall | None,
-                         structure: MoEStructure | None) -> tuple[tuple | None, dict]:
-    """The caller's inputs, or fresh random hidden states (another seed than detection used)."""
-    if call is not None:
-        return call.args, call.kwargs
-    experts = block.get_submodule(structure.experts.module_path) if structure is not None else block
-    return synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=33, seed=1), {}
-
-
-def _branch_inputs(block: nn.Module, args: tuple, kwargs: dict,
-                   structure: MoEStructure | None) -> list[tuple[tuple, dict]]:
-    """Inputs that reach the branches the first verification may have missed: one token (a decode branch),
-    and several tokens when the first inputs held one. Those the original cannot run are left out."""
-    cases = [one_token(args, kwargs)]
-    if hidden_tokens(args, kwargs) == 1 and not kwargs:
-        experts = block.get_submodule(structure.experts.module_path) if structure is not None else block
-        several = synthesize_inputs(block, experts, lambda a: _runs(block, a), num_tokens=9, seed=2)
-        cases += [(several, {})] if several is not None else []
-    return [(a, k) for a, k in cases if a is not None and _runs(block, a, k)]
-
-
-def _runs(block: nn.Module, args: tuple, kwargs: dict | None = None) -> bool:
-    try:
-        with torch.no_grad():
-            block(*args, **(kwargs or {}))
-        return True
-    except Exception:
-        return False
 
 
 def synthesize(block: nn.Module, config: Any = None, calibrate_all_experts: bool = True, *,

@@ -279,7 +279,7 @@ def explain(model_or_block: nn.Module, *, verify: bool = True, example_inputs: d
         >>> report.blocks[0].num_experts, report.blocks[0].top_k
         (4, 2)
     """
-    converter = Converter(verify=verify)
+    converter = Converter(verify=verify, compare_eager=True)
     by_class: dict[tuple, BlockReport] = {}
     ruled_out: list[str] = []
     converted = _converted(model_or_block)

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import linear_calls
 
-__all__ = ["TOLERANCES", "compare_outputs", "output_tensors", "Geometry", "ProjectionLayout", "geometry",
+__all__ = ["TOLERANCES", "compare_outputs", "output_tensors", "kept_output", "Geometry", "ProjectionLayout", "geometry",
            "assemble_columns", "call_linear", "observation_off", "project", "unobserved", "untouched"]
 
 # (rtol, atol): outputs agree when max|a - b| <= atol + rtol * max|b|. Unpacked
@@ -46,6 +46,12 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
         elif is_dataclass(leaf) and not isinstance(leaf, type):
             tensors += output_tensors([getattr(leaf, field.name) for field in fields(leaf)])
     return tensors
+
+
+def kept_output(output: Any) -> list[torch.Tensor]:
+    """Copies of every tensor of a block's output (``output_tensors``), which ``compare_outputs`` takes in its
+    place: what a call returned, safe from later writes into it."""
+    return [tensor.detach().clone() for tensor in output_tensors(output)]
 
 
 def compare_outputs(expected: Any, actual: Any) -> tuple[float, bool, bool]:

@@ -11,20 +11,20 @@ import os
 import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from . import errors
 from .coverage import _COUNTER
-from .numerics import TOLERANCES, compare_outputs
+from .numerics import TOLERANCES, compare_outputs, kept_output
 from .trace.forcing import fresh_inputs
 from .trace.hf import eager_experts, experts_implementation
-from .trace.inputs import one_token
+from .trace.inputs import BlockCall, one_token, synthesize_inputs
 
-__all__ = ["Verification", "TOLERANCES", "verify", "compare_outputs", "rows_seen", "counts_itself", "one_token",
-           "hidden_tokens"]
+__all__ = ["Verification", "TOLERANCES", "verify", "Case", "verification_cases", "compare_outputs", "rows_seen",
+           "counts_itself", "one_token", "hidden_tokens"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -100,18 +100,70 @@ def _tokens_due(calibration: nn.Module, args: tuple, kwargs: dict, tokens: int, 
     return due(args, fresh_inputs(kwargs)) if due is not None else [tokens] * experts
 
 
-def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None) -> Verification:
+class Case(NamedTuple):
+    """Inputs a calibration module is verified on, and the original's output on them where it is known."""
+
+    args: tuple
+    kwargs: dict
+    expected: Any = None
+
+
+def verification_cases(block: nn.Module, call: BlockCall | None, experts_path: str | None) -> list[Case]:
+    """What the first block of a class is verified on: the caller's inputs, with the output the model's own call
+    gave, or else made-up hidden states (another seed than detection used); then inputs that reach the branches
+    the first may miss: one token (a decode branch), and several tokens where the first held one. Inputs the
+    original cannot run are left out; it runs once on each branch's, and that output is kept."""
+    experts = block.get_submodule(experts_path) if experts_path is not None else block
+    runs = lambda a: _output(block, a, {}) is not _FAILED  # noqa: E731
+    if call is not None:
+        first = Case(call.args, call.kwargs, call.output)
+    else:
+        made = synthesize_inputs(block, experts, runs, num_tokens=33, seed=1)
+        if made is None:
+            return []
+        first = Case(made, {})
+    branches = [one_token(first.args, first.kwargs)]
+    if hidden_tokens(first.args, first.kwargs) == 1 and not first.kwargs:
+        branches.append((synthesize_inputs(block, experts, runs, num_tokens=9, seed=2), {}))
+    cases = [first]
+    for args, kwargs in branches:
+        output = _output(block, args, kwargs) if args is not None else _FAILED
+        cases += [Case(args, kwargs, output)] if output is not _FAILED else []
+    return cases
+
+
+_FAILED = object()
+
+
+def _output(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Copies of the tensors ``block`` returns on these inputs (``kept_output``), or ``_FAILED`` where it raises."""
+    try:
+        with torch.no_grad():
+            return kept_output(block(*fresh_inputs(args), **fresh_inputs(kwargs)))
+    except Exception:
+        return _FAILED
+
+
+def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dict | None = None, *,
+           expected: Any = None, eager: bool = True) -> Verification:
     """Run both modules on ``args`` and raise ``verification-failed`` if they disagree.
 
     Coverage is counted on ``calibration.expert_modules()``, by the module's own
     counter where it has one, so the calibration forward runs as it will for the
     user (a hand-written module without that method is checked for equality only).
+    ``expected`` is the original's output on these inputs where the caller has it
+    (the model's own call of the block, ``BlockCall.output``): the original runs
+    again only where the calibration module does not reproduce it (the model may
+    have run the block under its autocast). ``eager`` also compares calibration
+    off with the original run with transformers' eager experts, which ``explain``
+    reports, at the cost of one more run of the original.
     """
     kwargs = kwargs or {}
     mode = calibration.calibrate_all_experts
+    given = expected is not None
     try:
         with torch.no_grad():
-            expected = original(*fresh_inputs(args), **fresh_inputs(kwargs))
+            expected = expected if given else original(*fresh_inputs(args), **fresh_inputs(kwargs))
             calibration.calibrate_all_experts = False
             off = calibration(*fresh_inputs(args), **fresh_inputs(kwargs))
             calibration.calibrate_all_experts = True
@@ -128,9 +180,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
         ) from error
     finally:
         calibration.calibrate_all_experts = mode
+    if given and not (compare_outputs(expected, off)[2] and compare_outputs(expected, on)[2]):
+        with torch.no_grad():
+            expected = original(*fresh_inputs(args), **fresh_inputs(kwargs))
     implementation = experts_implementation(original)
     bitwise_eager = None
-    if implementation not in (None, "eager"):  # the calibration module computes experts as the eager loop does
+    if eager and implementation not in (None, "eager"):  # the calibration module computes experts as eager does
         with torch.no_grad(), eager_experts(original):
             bitwise_eager = compare_outputs(original(*fresh_inputs(args), **fresh_inputs(kwargs)), off)[1]
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
@@ -141,7 +196,7 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     covered = sum(1 for n, d in zip(seen, due) if n >= d)  # a token routed twice to one expert counts twice
     result = Verification(diff_off, diff_on, bitwise_off, on_equals_off, tokens, covered, len(seen),
                           close_off and close_on and covered == len(seen), implementation,
-                          bitwise_off if bitwise_eager is None and implementation else bitwise_eager)
+                          bitwise_off if implementation == "eager" else bitwise_eager)
     if not (close_off and close_on) and not _repeatable(original, args, kwargs, expected):
         raise errors.AutocalError(
             errors.VERIFICATION_FAILED, "the original block gives different outputs when run twice on the same "

@@ -20,6 +20,9 @@
 #   BENCH=gptq SHAPE=tiny DEVICE=cpu bash benchmarks/gpu_run.sh    # test the script on a CPU
 # Writes $OUT/gptq_shared_<device>_<shape>.json and .log.
 #
+# GPTQ on Linears with Hessians of their own, in batches of several sizes (benchmarks/gptq_batches.py):
+#   BENCH=batches bash benchmarks/gpu_run.sh --sizes 15 19 32
+#
 # LLM Compressor's oneshot end to end (benchmarks/oneshot.py; static FP8 unless --recipe awq), arguments passed on:
 #   BENCH=oneshot bash benchmarks/gpu_run.sh --methods autocal autocal-shared-observers incumbent \
 #     --layers 2 --experts 128 --hidden 2048 --width 768 --samples 32 --tokens 512 --rounds 3
@@ -60,6 +63,12 @@ if [ "${BENCH:-calibration_forward}" = gptq ]; then
   name="gptq_shared_${DEVICE}_${SHAPE:?BENCH=gptq needs SHAPE=qwen3-30b-a3b, deepseek-v3 or tiny}"
   "$PY" benchmarks/gptq_shared.py --shape "$SHAPE" --dtype "$dtype" --methods incumbent shared --rounds 1 \
     --json "$OUT/$name.json" "$@" 2>&1 | grep --line-buffered -v "No accelerator available" | tee "$OUT/$name.log"
+  exit 0
+fi
+if [ "${BENCH:-}" = batches ]; then  # GPTQ batch sizes of Linears with Hessians of their own (gptq_batches.py)
+  name="gptq_batches_${DEVICE}"
+  "$PY" benchmarks/gptq_batches.py --device "$DEVICE" --json "$OUT/$name.json" "$@" 2>&1 \
+    | grep --line-buffered -v "No accelerator available" | tee "$OUT/$name.log"
   exit 0
 fi
 if [ "${BENCH:-}" = oneshot ]; then

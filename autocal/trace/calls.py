@@ -5,13 +5,14 @@ what every block's forward was called with.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import errors
+from ..numerics import kept_output
 from .inputs import BlockCall
 from .model_inputs import model_example, token_example
 from .twin import cpu_twin, on_meta
@@ -19,15 +20,22 @@ from .twin import cpu_twin, on_meta
 __all__ = ["capture_calls", "locate_blocks", "unreached"]
 
 
-def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict,
-                   forward: Any = None) -> dict[str, BlockCall]:
-    """Run the model once and keep each block's inputs."""
+def _capture_calls(model: nn.Module, paths: list[str], example_inputs: dict, forward: Any = None,
+                   outputs: Collection[str] = ()) -> dict[str, BlockCall]:
+    """Run the model once and keep each block's inputs, and the output of those in ``outputs``, copied before the
+    model can write into it (verification compares against it instead of running the block again)."""
     calls: dict[str, BlockCall] = {}
     handles = []
     for path in paths:
-        def hook(module, args, kwargs, path=path):
+        def keep_inputs(module, args, kwargs, path=path):
             calls.setdefault(path, BlockCall(args, kwargs))
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+
+        def keep_output(module, args, output, path=path):
+            if calls[path].output is None:
+                calls[path].output = kept_output(output)
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(keep_inputs, with_kwargs=True))
+        handles += [module.register_forward_hook(keep_output)] if path in outputs else []
     versions = {name: buffer._version for name, buffer in model.named_buffers()}
     try:
         with torch.no_grad():
@@ -66,14 +74,15 @@ def unreached(error: errors.AutocalError, example_inputs: dict | None, calls: di
     return error
 
 
-def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None,
-                  forward: Any = None) -> tuple[dict[str, BlockCall], nn.Module | None]:
+def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | None, forward: Any = None,
+                  outputs: Collection[str] = ()) -> tuple[dict[str, BlockCall], nn.Module | None]:
     """Each block's inputs when the model runs ``example_inputs`` (on a CPU twin if the model is on meta).
 
     Without ``example_inputs``, a transformers model runs on inputs made from its config and forward signature,
     any other module holding an embedding table on token ids (``trace/model_inputs.py``); a module given no
     inputs, or one those inputs do not run, gives no calls: its blocks get inputs made from their own parameters
-    (with a warning for a transformers model only: nothing says another module takes token ids).
+    (with a warning for a transformers model only: nothing says another module takes token ids). The calls of the
+    paths in ``outputs`` keep their output too.
     """
     if example_inputs is not None and not isinstance(example_inputs, Mapping):
         raise errors.AutocalError(
@@ -87,7 +96,7 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
         candidates, forward = made or (guessed or [], forward)
         for inputs in candidates:
             try:
-                return capture_calls(model, paths, inputs, forward)
+                return capture_calls(model, paths, inputs, forward, outputs)
             except Exception as error:  # these inputs do not suit this model: try the next ones
                 failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if made is None:  # token ids were a guess: nothing said the model takes them
@@ -98,7 +107,7 @@ def capture_calls(model: nn.Module, paths: list[str], example_inputs: dict | Non
         return {}, None
     twin = cpu_twin(model) if on_meta(model) else None
     runner = _twin_of(forward, model, twin) if twin is not None else (forward or model)
-    return _capture_calls(twin or model, paths, example_inputs, runner), twin
+    return _capture_calls(twin or model, paths, example_inputs, runner, outputs), twin
 
 
 def locate_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], example_inputs: dict | None,
@@ -114,7 +123,8 @@ def locate_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]], example
     around = {a for p in paths for a in _ancestors(p)}
     children = {p: [f"{p}.{c}" if p else c for c, _ in model.get_submodule(p).named_children()] for p in paths}
     watched = list(dict.fromkeys([*paths, *also, *around, *(c for p in paths for c in children[p])]))
-    calls, twin = capture_calls(model, watched, example_inputs, forward)
+    first_of_class = {type(b): p for p, b in reversed(blocks)}.values()  # the blocks verification runs on
+    calls, twin = capture_calls(model, watched, example_inputs, forward, outputs=set(first_of_class))
     located = []
     for path, block in blocks:
         if path not in calls and any(c in calls for c in children[path]):

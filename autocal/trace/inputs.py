@@ -23,10 +23,12 @@ __all__ = ["BlockCall", "block_call", "keyword_arguments", "call_arguments", "ca
 
 @dataclass
 class BlockCall:
-    """Example inputs of one block call."""
+    """Example inputs of one block call, and copies of the tensors it returned where its output was kept
+    (``capture_calls``; ``numerics.kept_output``)."""
 
     args: tuple
     kwargs: dict
+    output: Any = None
 
 
 def block_call(block: nn.Module, inputs: dict) -> BlockCall:
