@@ -1,6 +1,6 @@
 """Packed experts containers: the block calls a child that stores every expert's weights in a few parameters.
 
-Two rules read the same recording of the block (the container a leaf):
+Two rules read the same recording of the block (the container a leaf, its call recorded on its own too):
 
 - ``experts``: the container is called with (hidden states, expert indices,
   routing weights), as transformers v5 calls its experts; the container is then
@@ -68,7 +68,7 @@ def _record_packed(facts: Facts) -> PackedCall:
     with eager_experts(block):
         call = facts.inputs(container, max(16, 4 * num_experts))
         with torch.no_grad():
-            rec = record(block, call.args, call.kwargs, leaves=[container])
+            rec = record(block, call.args, call.kwargs, leaves=[container], nested=[container])
     node = next((n for n in rec.graph.nodes if n.op == "call_module" and n.target == name), None)
     if node is None:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"the forward never calls `{name}`",
@@ -121,8 +121,10 @@ def detect_packed_experts(facts: Facts) -> PackedExpertsPlan | NoMatch:
                                 _arg_node(container, found.node, roles["weights"]))
         if router.num_choices < 2:  # indices from a lookup (hash routing), not a top-k over scores
             router.num_choices = found.num_experts
-        with torch.no_grad():
-            rec = record(container, (), bound)
+        rec = found.recording.nested.get(name)  # the container's own call, recorded inside the block's
+        if rec is None:
+            with torch.no_grad():
+                rec = record(container, (), bound)
     experts_rec = ExpertsRecording(rec.graph, container,
                                    *(rec.inputs[roles[r]] for r in ("hidden", "index", "weights")))
     template, layout, sources = analyze_experts(experts_rec, found.packed, found.num_experts)

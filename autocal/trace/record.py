@@ -25,7 +25,7 @@ import inspect
 import operator
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -45,12 +45,14 @@ _USER_DIRS = (os.path.join(_AUTOCAL_DIR, "testing"),)
 
 @dataclass
 class Recording:
-    """The graph of one concrete run of ``root`` and what it returned."""
+    """The graph of one concrete run of ``root`` and what it returned; ``nested``: the recordings of the leaves
+    recorded inside too, by path (``record(..., nested=...)``)."""
 
     graph: fx.Graph
     root: nn.Module
     inputs: dict[str, fx.Node]
     output: Any
+    nested: dict[str, "Recording"] = field(default_factory=dict)
 
 
 def _user_source() -> str | None:
@@ -73,6 +75,9 @@ class _Recorder(TorchFunctionMode):
         self.keepalive: list[Any] = []
         self.module_stack: list[str] = [""]
         self.leaf_depth = 0
+        self.inner: _Recorder | None = None  # recording a nested leaf's call: its ops go there
+        self.inner_inputs: dict[str, fx.Node] = {}
+        self.nested: dict[str, Recording] = {}
         self._names = {id(t): name for name, t in root.named_parameters(remove_duplicate=False)}
         self._names.update({id(t): name for name, t in root.named_buffers(remove_duplicate=False)})
 
@@ -132,6 +137,8 @@ class _Recorder(TorchFunctionMode):
         return node
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.inner is not None:
+            return self.inner.__torch_function__(func, types, args, kwargs)
         kwargs = kwargs or {}
         decomposed = decomposition(func, args, kwargs) if self.leaf_depth == 0 else None
         if decomposed is not None:  # recorded as the plain ops it stands for (``trace/decompose.py``)
@@ -172,6 +179,7 @@ def record(
     kwargs: dict | None = None,
     *,
     leaves: Iterable[nn.Module] = (),
+    nested: Iterable[nn.Module] = (),
 ) -> Recording:
     """Run ``root(*args, **kwargs)`` once and return what it did as an fx graph.
 
@@ -179,38 +187,75 @@ def record(
         root: the module to run (its parameters and buffers become ``get_attr`` nodes).
         args, kwargs: the example inputs; tensors among them become placeholders.
         leaves: submodules recorded as one ``call_module`` node each.
+        nested: leaves whose first call is recorded too, as ``record(leaf, <that call's inputs>)`` would
+            record it, without running the leaf a second time (``Recording.nested``, by the leaf's path).
 
     Example:
         >>> rec = record(torch.nn.Linear(2, 3), (torch.randn(4, 2),))
         >>> [n.op for n in rec.graph.nodes][-1]
         'output'
     """
-    kwargs = kwargs or {}
-    graph = fx.Graph()
-    recorder = _Recorder(graph, root)
+    recorder, inputs = _started(root, args, kwargs or {})
+    leaf_ids = {id(m) for m in leaves}
+    handles = _hooks(recorder, root, leaf_ids, {id(m) for m in nested})
+    try:
+        with recorder:
+            output = root(*args, **(kwargs or {}))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _finished(recorder, root, inputs, output)
+
+
+def _started(root: nn.Module, args: tuple, kwargs: dict) -> tuple[_Recorder, dict[str, fx.Node]]:
+    """A recorder for a run of ``root``, its inputs bound to placeholders."""
+    recorder = _Recorder(fx.Graph(), root)
     inputs: dict[str, fx.Node] = {}
     for name, value in _named_inputs(root, args, kwargs).items():
         if isinstance(value, torch.Tensor):
-            node = graph.placeholder(name)
-            recorder.bind(value, node)
-            inputs[name] = node
+            inputs[name] = recorder.graph.placeholder(name)
+            recorder.bind(value, inputs[name])
+    return recorder, inputs
 
+
+def _finished(recorder: _Recorder, root: nn.Module, inputs: dict[str, fx.Node], output: Any) -> Recording:
+    recorder.graph.output(recorder.map_args(output))
+    return Recording(recorder.graph, root, inputs, output, recorder.nested)
+
+
+def _hooks(recorder: _Recorder, root: nn.Module, leaf_ids: set[int], nested_ids: set[int] = frozenset()) -> list:
+    """Hooks on ``root``'s submodules that keep ``recorder``'s module stack and leaf depth, and record the
+    first call of each module in ``nested_ids`` on a recorder of its own."""
     paths = {id(m): p for p, m in root.named_modules(remove_duplicate=False)}
-    leaf_ids = {id(m) for m in leaves}
     handles = []
     for module in root.modules():
         if module is root:
             continue
         handles.append(module.register_forward_pre_hook(_pre_hook(recorder, paths, leaf_ids), with_kwargs=True))
         handles.append(module.register_forward_hook(_post_hook(recorder, paths, leaf_ids), with_kwargs=True))
-    try:
-        with recorder:
-            output = root(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    graph.output(recorder.map_args(output))
-    return Recording(graph=graph, root=root, inputs=inputs, output=output)
+        if id(module) in nested_ids:
+            handles += _nesting_hooks(recorder, module, paths[id(module)])
+    return handles
+
+
+def _nesting_hooks(recorder: _Recorder, leaf: nn.Module, path: str) -> list:
+    """Hooks that record ``leaf``'s first call on an inner recorder, ``recorder`` passing it every op meanwhile."""
+    inner_handles: list = []
+
+    def start(module, args, kwargs):  # after the leaf's own pre-hook: its depth is 1 on its outermost call
+        if recorder.leaf_depth == 1 and recorder.inner is None and path not in recorder.nested:
+            recorder.inner, recorder.inner_inputs = _started(leaf, args, kwargs)
+            inner_handles[:] = _hooks(recorder.inner, leaf, set())
+
+    def finish(module, args, kwargs, output):  # before the leaf's own post-hook, which records the call
+        if recorder.inner is not None and recorder.leaf_depth == 1:
+            for handle in inner_handles:
+                handle.remove()
+            inner, recorder.inner = recorder.inner, None
+            recorder.nested[path] = _finished(inner, leaf, recorder.inner_inputs, output)
+
+    return [leaf.register_forward_pre_hook(start, with_kwargs=True),
+            leaf.register_forward_hook(finish, with_kwargs=True, prepend=True)]
 
 
 def _named_inputs(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
