@@ -115,6 +115,16 @@ class _Recorder(TorchFunctionMode):
         return node
 
     def map_args(self, args: Any) -> Any:
+        """``args`` with each tensor in it replaced by its node; plain tuples, lists and dicts walked here (most
+        calls' arguments: a hot path), any other container by pytree."""
+        if isinstance(args, torch.Tensor):
+            return self.node_for(args)
+        if type(args) in (tuple, list):
+            return type(args)(self.map_args(a) for a in args)
+        if type(args) is dict:
+            return {k: self.map_args(v) for k, v in args.items()}
+        if isinstance(args, _SCALARS):
+            return args
         return tree_map(lambda a: self.node_for(a) if isinstance(a, torch.Tensor) else a, args)
 
     # -- recording --------------------------------------------------------
@@ -168,7 +178,12 @@ def _in_place(func: Any, args: tuple, kwargs: dict) -> bool:
     return name in _WRITES or (name.endswith("_") and not name.startswith("_"))
 
 
+_SCALARS = (int, float, bool, str, type(None), slice, torch.dtype, torch.device)
+
+
 def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
     leaves, _ = tree_flatten(value)
     return any(isinstance(leaf, torch.Tensor) for leaf in leaves)
 
