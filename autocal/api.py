@@ -116,7 +116,7 @@ class Converter:
             for index, case in enumerate(cases):
                 verified = verify(block, module, case.args, case.kwargs, expected=case.expected,
                                   eager=self.compare_eager and index == 0)
-                if index == 0:  # the caller's inputs: what explain reports
+                if index == 0:  # the first case (the caller's inputs, where given): what explain reports
                     analysis.verification = verified
         return module
 

@@ -29,3 +29,20 @@ def test_a_nested_leaf_records_the_graph_its_call_alone_gives(index):
     assert list(inner.inputs) == list(alone.inputs)
     assert torch.equal(inner.output, alone.output) and torch.equal(inner.output, value(call))
     assert str(record(block, (x,), leaves=[leaf]).graph) == str(outer.graph), "the block's graph is unchanged"
+
+
+def test_a_nested_leaf_that_raises_leaves_no_hook_behind():
+    config = ToyMoEConfig()
+    block = make_toy_block(config)
+    leaf = block.get_submodule("experts")
+    children = [m for m in leaf.modules() if m is not leaf]
+    before = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in children]
+    forward = type(leaf).forward
+
+    def failing(self, *args, **kwargs):
+        forward(self, *args, **kwargs)
+        raise RuntimeError("after the experts ran")
+    leaf.forward = failing.__get__(leaf)
+    with pytest.raises(RuntimeError, match="after the experts ran"), torch.no_grad():
+        record(block, (example_hidden_states(config),), leaves=[leaf], nested=[leaf])
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in children] == before

@@ -249,18 +249,20 @@ def _hooks(recorder: _Recorder, root: nn.Module, leaf_ids: set[int], nested_ids:
         handles.append(module.register_forward_pre_hook(_pre_hook(recorder, paths, leaf_ids), with_kwargs=True))
         handles.append(module.register_forward_hook(_post_hook(recorder, paths, leaf_ids), with_kwargs=True))
         if id(module) in nested_ids:
-            handles += _nesting_hooks(recorder, module, paths[id(module)])
+            handles += _nesting_hooks(recorder, module, paths[id(module)], handles)
     return handles
 
 
-def _nesting_hooks(recorder: _Recorder, leaf: nn.Module, path: str) -> list:
-    """Hooks that record ``leaf``'s first call on an inner recorder, ``recorder`` passing it every op meanwhile."""
+def _nesting_hooks(recorder: _Recorder, leaf: nn.Module, path: str, handles: list) -> list:
+    """Hooks that record ``leaf``'s first call on an inner recorder, ``recorder`` passing it every op meanwhile.
+    The inner recorder's hooks join ``handles`` too, so a run that raises inside the leaf leaves none behind."""
     inner_handles: list = []
 
     def start(module, args, kwargs):  # after the leaf's own pre-hook: its depth is 1 on its outermost call
         if recorder.leaf_depth == 1 and recorder.inner is None and path not in recorder.nested:
             recorder.inner, recorder.inner_inputs = _started(leaf, args, kwargs)
             inner_handles[:] = _hooks(recorder.inner, leaf, set())
+            handles.extend(inner_handles)
 
     def finish(module, args, kwargs, output):  # before the leaf's own post-hook, which records the call
         if recorder.inner is not None and recorder.leaf_depth == 1:
