@@ -1145,3 +1145,25 @@ def test_gates_are_whole_routers_and_scalar_shared_gates_only():
     shared = autocal.convert(torch.nn.Sequential(init_normal(_SharedUpMoE(), 0)))
     assert shared[0].structure.shared_modules == ["up_proj"]
     assert alc.gate_modules(shared) == ["0.gate"]
+
+
+def test_linears_of_their_own_are_batched_as_llmcompressor_batches_them_on_each_device():
+    """The Linears in no group go to ``GPTQModifier``'s own path in batches of one shape under ``BATCH_BYTES``:
+    on a CPU under 16, which LLM Compressor factorizes one Hessian at a time (as its "auto" quantizes there: one
+    by one), on a GPU as many as ``BATCH_BYTES`` holds, which it factorizes batched (as its own "auto" batches
+    there; benchmarks/gptq_batches.py: 0.87x the time of batches of 15 for DeepSeek-V3's down projections)."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from autocal.integrations.llmcompressor import gptq
+
+    modifier = recipe("w4a16", gptq.SharedHessianGPTQModifier)
+    modifier.batched_quantization = "auto"
+    linears = [torch.nn.Linear(64, 32, bias=False) for _ in range(40)]
+    on_gpu = set(map(id, linears[:20]))
+    batches = []
+    with mock.patch.object(GPTQModifier, "compress_module_list",
+                           lambda self, modules: batches.append((self.batched_quantization, len(modules)))), \
+            mock.patch.object(gptq, "_on_cuda", lambda module: id(module) in on_gpu):
+        modifier.compress_module_list(linears)
+    assert sorted(batches) == sorted([(15, 20), (gptq.BATCH_BYTES // (3 * (64 * 64 + 32 * 64) * 4), 20)])
+    assert modifier.batched_quantization == "auto"

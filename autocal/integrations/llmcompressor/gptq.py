@@ -29,7 +29,7 @@ import torch
 from compressed_tensors.distributed import greedy_bin_packing
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
-from compressed_tensors.utils import getattr_chain
+from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
@@ -56,6 +56,11 @@ __all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
 # (768 x 2048). 4 GiB rather than 1: at DeepSeek-V3's shape on an H100 it took compression from 9.9 s to 8.1 s
 # (fewer batches, each with its own host work and syncs) for 3 GiB more of GPU peak (docs/benchmarks.md).
 BATCH_BYTES = 4 * 2**30
+
+
+def _on_cuda(module: nn.Module) -> bool:
+    """Does ``module`` compute on a CUDA device (where offloaded: its execution device)?"""
+    return torch.device(get_execution_device(module)).type == "cuda"
 
 
 class SharingError(errors.AutocalError, RuntimeError):
@@ -230,19 +235,21 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._num_compressed_modules += len(batch)
 
     def compress_module_list(self, module_list: list[nn.Module]) -> None:
-        """``GPTQModifier``'s, for the Linears in no group, with "auto" batches of at most ``BATCH_BYTES`` and 15
-        Linears of one shape. LLM Compressor's "auto" quantizes them one by one on a CPU, and on a GPU fills 75%
-        of the free memory (by its estimate, 53 GB for DeepSeek-V3's 256 down projections). Under 16, it
-        factorizes each Hessian on its own (``MIN_BATCHED_CHOLESKY_SIZE``): the result is that of one at a time,
-        bitwise."""
+        """``GPTQModifier``'s, for the Linears in no group, with "auto" batches of one shape that stay under
+        ``BATCH_BYTES``. LLM Compressor's "auto" quantizes them one by one on a CPU, and on a GPU fills 75% of
+        the free memory (by its estimate, 53 GB for DeepSeek-V3's 256 down projections), factorizing a batch of
+        16 or more Hessians with batched kernels and a smaller one Hessian by Hessian, with a host sync after
+        each (``MIN_BATCHED_CHOLESKY_SIZE``). On a CPU the batches here stay under 16, so the result is that of
+        one at a time, bitwise; on a GPU they are as large as ``BATCH_BYTES`` holds, and so factorized batched,
+        as LLM Compressor's own are there (``benchmarks/gptq_batches.py`` measures the two)."""
         if self.batched_quantization != "auto":
             return super().compress_module_list(module_list)
         by_shape: dict[tuple, list[nn.Module]] = {}
         for module in module_list:
-            by_shape.setdefault(tuple(module.weight.shape), []).append(module)
-        for (rows, columns), modules in by_shape.items():
+            by_shape.setdefault((*module.weight.shape, _on_cuda(module)), []).append(module)
+        for (rows, columns, cuda), modules in by_shape.items():
             held = 3 * (columns * columns + rows * columns) * GPTQ_PRECISION.itemsize  # Hessians, weights, copies
-            limit = max(1, min(MIN_BATCHED_CHOLESKY_SIZE - 1, BATCH_BYTES // held))
+            limit = max(1, BATCH_BYTES // held if cuda else min(MIN_BATCHED_CHOLESKY_SIZE - 1, BATCH_BYTES // held))
             try:
                 self.batched_quantization = limit
                 super().compress_module_list(modules)
