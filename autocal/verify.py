@@ -159,11 +159,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
     reports, at the cost of one more run of the original.
     """
     kwargs = kwargs or {}
+    run_original = lambda: original(*fresh_inputs(args), **fresh_inputs(kwargs))  # noqa: E731
     mode = calibration.calibrate_all_experts
     given = expected is not None
     try:
         with torch.no_grad():
-            expected = expected if given else original(*fresh_inputs(args), **fresh_inputs(kwargs))
+            expected = expected if given else run_original()
             calibration.calibrate_all_experts = False
             off = calibration(*fresh_inputs(args), **fresh_inputs(kwargs))
             calibration.calibrate_all_experts = True
@@ -182,12 +183,12 @@ def verify(original: nn.Module, calibration: nn.Module, args: tuple, kwargs: dic
         calibration.calibrate_all_experts = mode
     if given and not (compare_outputs(expected, off)[2] and compare_outputs(expected, on)[2]):
         with torch.no_grad():
-            expected = original(*fresh_inputs(args), **fresh_inputs(kwargs))
+            expected = run_original()
     implementation = experts_implementation(original)
     bitwise_eager = None
     if eager and implementation not in (None, "eager"):  # the calibration module computes experts as eager does
         with torch.no_grad(), eager_experts(original):
-            bitwise_eager = compare_outputs(original(*fresh_inputs(args), **fresh_inputs(kwargs)), off)[1]
+            bitwise_eager = compare_outputs(run_original(), off)[1]
     diff_off, bitwise_off, close_off = compare_outputs(expected, off)
     diff_on, _, close_on = compare_outputs(expected, on)
     _, on_equals_off, _ = compare_outputs(off, on)

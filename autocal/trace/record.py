@@ -76,7 +76,6 @@ class _Recorder(TorchFunctionMode):
         self.module_stack: list[str] = [""]
         self.leaf_depth = 0
         self.inner: _Recorder | None = None  # recording a nested leaf's call: its ops go there
-        self.inner_inputs: dict[str, fx.Node] = {}
         self.nested: dict[str, Recording] = {}
         self._names = {id(t): name for name, t in root.named_parameters(remove_duplicate=False)}
         self._names.update({id(t): name for name, t in root.named_buffers(remove_duplicate=False)})
@@ -257,10 +256,12 @@ def _nesting_hooks(recorder: _Recorder, leaf: nn.Module, path: str, handles: lis
     """Hooks that record ``leaf``'s first call on an inner recorder, ``recorder`` passing it every op meanwhile.
     The inner recorder's hooks join ``handles`` too, so a run that raises inside the leaf leaves none behind."""
     inner_handles: list = []
+    inner_inputs: dict[str, fx.Node] = {}
 
     def start(module, args, kwargs):  # after the leaf's own pre-hook: its depth is 1 on its outermost call
         if recorder.leaf_depth == 1 and recorder.inner is None and path not in recorder.nested:
-            recorder.inner, recorder.inner_inputs = _started(leaf, args, kwargs)
+            recorder.inner, inputs = _started(leaf, args, kwargs)
+            inner_inputs.update(inputs)
             inner_handles[:] = _hooks(recorder.inner, leaf, set())
             handles.extend(inner_handles)
 
@@ -269,7 +270,7 @@ def _nesting_hooks(recorder: _Recorder, leaf: nn.Module, path: str, handles: lis
             for handle in inner_handles:
                 handle.remove()
             inner, recorder.inner = recorder.inner, None
-            recorder.nested[path] = _finished(inner, leaf, recorder.inner_inputs, output)
+            recorder.nested[path] = _finished(inner, leaf, inner_inputs, output)
 
     return [leaf.register_forward_pre_hook(start, with_kwargs=True),
             leaf.register_forward_hook(finish, with_kwargs=True, prepend=True)]
