@@ -260,6 +260,19 @@ def test_permanent_unpacking_reproduces_the_packed_tensors():
     assert main_output(module(example_hidden_states(ToyMoEConfig(kind="interleaved")))).isfinite().all()
 
 
+def test_unpacked_linears_are_what_nn_linear_makes():
+    """Unpacked Linears are made without ``nn.Linear.__init__`` (``synthesize/unpack.unpack_linear``): they hold
+    the attributes one it makes holds, print and save as it does, and compute as it does."""
+    module = autocal.synthesize(make_toy_block(ToyMoEConfig(kind="interleaved")))
+    linear = module.expert_modules()[1].down_proj
+    made = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+    assert vars(linear).keys() == vars(made).keys()
+    assert repr(linear) == repr(made) and linear.state_dict().keys() == made.state_dict().keys()
+    x = torch.randn(3, linear.in_features)
+    made.weight, made.bias = linear.weight, linear.bias
+    assert torch.equal(linear(x), made(x))
+
+
 def test_converting_a_block_itself_says_what_to_do_instead():
     block = make_toy_block(ToyMoEConfig())
     with pytest.raises(autocal.AutocalError, match="synthesize"):

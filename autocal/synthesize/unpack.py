@@ -42,13 +42,20 @@ def expert_class(template: ExpertTemplate, name: str, container: nn.Module) -> t
 
 
 def unpack_linear(recipe: LinearRecipe, container: nn.Module, expert: int) -> nn.Linear:
-    """An ``nn.Linear`` whose weight (and bias) view expert ``expert``'s packed entries."""
+    """An ``nn.Linear`` whose weight (and bias) view expert ``expert``'s packed entries.
+
+    Made as ``nn.Linear.__init__`` makes one, less the random initialization of a weight that is replaced at
+    once: a block has 3E of these (768 at DeepSeek-V3's shape), and the initialization, even on the meta
+    device, made them about ten times as slow to build (``tests/test_api.py`` checks that nothing else
+    differs)."""
     weight = recipe.weight(container, expert)
-    linear = nn.Linear(recipe.in_features, recipe.out_features, bias=recipe.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
-    if recipe.bias is not None:
-        bias = recipe.bias(container, expert)
-        linear.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+    bias = recipe.bias(container, expert) if recipe.bias is not None else None
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = recipe.in_features, recipe.out_features
+    linear.register_parameter("weight", nn.Parameter(weight.detach(), requires_grad=weight.requires_grad))
+    linear.register_parameter("bias", None if bias is None else
+                              nn.Parameter(bias.detach(), requires_grad=bias.requires_grad))
     return linear
 
 
