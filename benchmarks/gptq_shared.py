@@ -7,8 +7,6 @@ of 128, or the hidden size if smaller), each run in a fresh subprocess:
   that take the same input, ``autocal.shared_input_groups``);
 - ``shared-module-calls``: ``shared`` with every expert Linear called as a module, through compressed-tensors'
   wrappers, one hook call per Linear (``autocal.linear_calls.called_as_modules``), as before session 12;
-- ``shared-pageable-writes``: ``shared`` with each quantized weight written back from the GPU into the CPU
-  offload, as LLM Compressor writes them, not staged through pinned memory (``gptq.STAGED_WRITES``);
 - ``gptq``: ``autocal_lc.oneshot`` with LLM Compressor's ``GPTQModifier`` (one Hessian per Linear);
 - ``incumbent``: ``llmcompressor.oneshot(..., moe_calibrate_all_experts=True)`` with ``GPTQModifier`` on the
   unconverted model (LLM Compressor linearizes the experts itself).
@@ -46,7 +44,7 @@ from _common import PassTimer, Shape, machine, proc_status, qwen3_moe_config, pr
 
 __all__ = ["main"]
 
-METHODS = ("shared", "shared-module-calls", "shared-pageable-writes", "gptq", "incumbent")
+METHODS = ("shared", "shared-module-calls", "gptq", "incumbent")
 SIZES = ("layers", "experts", "hidden", "width", "top_k", "vocab", "samples", "tokens", "threads", "dtype",
          "batch_bytes")
 # The layer shapes of issue 21 (layers, experts, hidden, expert width, k, sequences, tokens), and a tiny one to
@@ -152,7 +150,6 @@ def child(args) -> dict:
         from autocal.integrations.llmcompressor import gptq
 
         gptq.BATCH_BYTES = args.batch_bytes or gptq.BATCH_BYTES
-        gptq.STAGED_WRITES = args.method != "shared-pageable-writes"
 
         started = time.perf_counter()
         with profiled(args.profile / f"gptq_profile_{args.method}_prepare.txt" if args.profile else None):

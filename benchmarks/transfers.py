@@ -4,9 +4,13 @@ LLM Compressor keeps an offloaded model's weights in (pageable) CPU memory: each
 first read in a layer, and each quantized weight is copied back with ``update_offload_parameter``. At
 DeepSeek-V3's layer shape that is 22.5 GB each way. This measures, for ``--count`` weights of one shape:
 
-- to the GPU: one ``.to`` after another (compressed-tensors' onload), and the same from several threads;
+- to the GPU: one ``.to`` after another (compressed-tensors' onload), the same from several threads (on the
+  current stream, and each on a stream of its own), and through a pinned buffer (a CPU copy of a batch into it,
+  then one transfer);
 - back to the CPU: one ``copy_`` after another, the same from several threads, and through a pinned buffer
   (one device-to-host copy of a batch, then a CPU copy into each weight).
+
+Prints the rates in GB/s per round, then one line of JSON.
 
     python benchmarks/transfers.py --count 256 --rows 2048 --columns 7168 --threads 4 8
 """

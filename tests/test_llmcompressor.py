@@ -1167,38 +1167,3 @@ def test_linears_of_their_own_are_batched_as_llmcompressor_batches_them_on_each_
         modifier.compress_module_list(linears)
     assert sorted(batches) == sorted([(15, 20), (gptq.BATCH_BYTES // (3 * (64 * 64 + 32 * 64) * 4), 20)])
     assert modifier.batched_quantization == "auto"
-
-
-def test_quantized_weights_of_offloaded_modules_are_written_from_the_host():
-    """Where a group's Linears compute on a GPU and are offloaded to the CPU, their quantized weights are cast to
-    the Linears' dtype and copied to the host in one transfer before ``update_batch_qparams`` writes them; what
-    it writes is what it writes from the quantized weights themselves. (On a CPU-only machine the Linears are
-    offloaded for a GPU that is never used: nothing is onloaded, so nothing needs one.)"""
-    from compressed_tensors.offload import disable_onloading, offload_module
-    from compressed_tensors.quantization import QuantizationArgs
-    from llmcompressor.modifiers.gptq.helpers import update_batch_qparams
-
-    from autocal.integrations.llmcompressor import gptq
-
-    def linears():
-        made = [torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16) for _ in range(3)]
-        for linear in made:
-            linear.register_buffer("weight_scale", torch.ones(32, 1, dtype=torch.bfloat16))
-            linear.register_buffer("weight_zero_point", torch.zeros(32, 1, dtype=torch.int8))
-        return made
-
-    quantized = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(0))
-    scales, zero_points = torch.rand(3, 32, 1) + 0.5, torch.zeros(3, 32, 1)
-    args = QuantizationArgs(num_bits=4, symmetric=True)
-    plain, offloaded = linears(), linears()
-    for linear in offloaded:
-        offload_module(linear, onload_device="cuda", offload_device="cpu")
-    assert gptq._staged(plain, quantized) is quantized  # computing where they live: written as they are
-    update_batch_qparams(plain, quantized, scales, zero_points, None, args)
-    with disable_onloading():
-        staged = gptq._staged(offloaded, quantized)
-        assert staged is not quantized and staged.dtype == torch.bfloat16 and staged.device.type == "cpu"
-        update_batch_qparams(offloaded, staged, scales, zero_points, None, args)
-        for ours, theirs in zip(offloaded, plain):
-            for name in ("weight", "weight_scale", "weight_zero_point"):
-                assert torch.equal(getattr(ours, name), getattr(theirs, name)), name

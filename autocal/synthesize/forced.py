@@ -29,6 +29,7 @@ from torch.nn.modules import module as module_globals
 
 from ..coverage import add_tokens
 from ..trace.forcing import ChoiceCall, forcing, fresh_inputs
+from .unpack import linear_of
 
 __all__ = ["ExpertViews", "observing", "forced_forward", "forced_runs", "hooks_held"]
 
@@ -53,11 +54,8 @@ class ExpertViews(nn.Module):
         for expert in range(weight.shape[0]):
             view = {"linear": lambda w: w, "matmul": lambda w: w.T, "row": lambda w: w[None, :],
                     "slot-sum": lambda w: w[:, None]}[orientation](weight[expert])
-            linear = nn.Linear(view.shape[1], view.shape[0], bias=bias is not None, device="meta")
-            linear.weight = nn.Parameter(view.detach(), requires_grad=weight.requires_grad)
-            if bias is not None:
-                linear.bias = nn.Parameter(bias[expert].detach(), requires_grad=bias.requires_grad)
-            self.add_module(str(expert), linear)
+            self.add_module(str(expert), linear_of(view, bias[expert] if bias is not None else None,
+                                                   requires_grad=weight.requires_grad))
         self.__dict__["_addresses"] = [m.weight.data_ptr() for m in self.children()]
 
     def experts(self) -> list[nn.Linear]:

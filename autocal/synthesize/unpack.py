@@ -9,6 +9,7 @@ template, one class per analysed block class, shared by all its experts.
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from ..detect.block import identical_entries
@@ -18,7 +19,7 @@ from ..detect.tail import EXPERT_ATTR
 from ..detect.structure import ExpertTemplate, LinearRecipe, MoEStructure, Projection
 from ..numerics import ProjectionLayout, geometry
 
-__all__ = ["SynthesizedExpert", "UnpackedExperts", "expert_class", "unpack_linear", "projection_layout",
+__all__ = ["SynthesizedExpert", "UnpackedExperts", "expert_class", "unpack_linear", "linear_of", "projection_layout",
            "build_experts", "view_entries"]
 
 
@@ -42,20 +43,25 @@ def expert_class(template: ExpertTemplate, name: str, container: nn.Module) -> t
 
 
 def unpack_linear(recipe: LinearRecipe, container: nn.Module, expert: int) -> nn.Linear:
-    """An ``nn.Linear`` whose weight (and bias) view expert ``expert``'s packed entries.
+    """An ``nn.Linear`` whose weight (and bias) view expert ``expert``'s packed entries."""
+    return linear_of(recipe.weight(container, expert),
+                     recipe.bias(container, expert) if recipe.bias is not None else None)
+
+
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None = None, requires_grad: bool | None = None) -> nn.Linear:
+    """An ``nn.Linear`` whose parameters are ``weight`` ``[out, in]`` and ``bias`` themselves (views, no copy),
+    needing gradients as they do, or as ``requires_grad`` says.
 
     Made as ``nn.Linear.__init__`` makes one, less the random initialization of a weight that is replaced at
     once: a block has 3E of these (768 at DeepSeek-V3's shape), and the initialization, even on the meta
     device, made them about ten times as slow to build (``tests/test_api.py`` checks that nothing else
     differs)."""
-    weight = recipe.weight(container, expert)
-    bias = recipe.bias(container, expert) if recipe.bias is not None else None
     linear = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(linear)
-    linear.in_features, linear.out_features = recipe.in_features, recipe.out_features
-    linear.register_parameter("weight", nn.Parameter(weight.detach(), requires_grad=weight.requires_grad))
-    linear.register_parameter("bias", None if bias is None else
-                              nn.Parameter(bias.detach(), requires_grad=bias.requires_grad))
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    grad = lambda t: t.requires_grad if requires_grad is None else requires_grad  # noqa: E731
+    linear.register_parameter("weight", nn.Parameter(weight.detach(), requires_grad=grad(weight)))
+    linear.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=grad(bias)))
     return linear
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from compressed_tensors.distributed import greedy_bin_packing
-from compressed_tensors.offload import disable_offloading, get_offloaded_device
+from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
@@ -57,29 +57,10 @@ __all__ = ["BATCH_BYTES", "SharedHessianGPTQModifier", "SharingError"]
 # (fewer batches, each with its own host work and syncs) for 3 GiB more of GPU peak (docs/benchmarks.md).
 BATCH_BYTES = 4 * 2**30
 
-# Write a batch's quantized weights back through pinned host memory where the modules are offloaded to the CPU
-# and compute on a GPU (``_staged``); False writes each from the GPU, as LLM Compressor does.
-STAGED_WRITES = True
-
 
 def _on_cuda(module: nn.Module) -> bool:
     """Does ``module`` compute on a CUDA device (where offloaded: its execution device)?"""
     return torch.device(get_execution_device(module)).type == "cuda"
-
-
-def _staged(batch: list[nn.Module], quantized: torch.Tensor) -> torch.Tensor:
-    """The batch's quantized weights as ``update_batch_qparams`` is to write them back: where the modules compute
-    on a GPU and are offloaded to the CPU, cast to their dtype and copied to pinned host memory in one transfer.
-    Written one by one from the GPU, each weight is a copy into pageable memory, which went at about 5 GB/s on
-    an H200's host (22.5 GB at DeepSeek-V3's layer shape); from the host the writes are copies within it, and to
-    the GPU for the onloaded copy. The values are the same either way: the cast is made where the weights are."""
-    offloaded = get_offloaded_device(batch[0])
-    if not STAGED_WRITES or not _on_cuda(batch[0]) or offloaded == "disk" or torch.device(offloaded).type != "cpu":
-        return quantized
-    cast = quantized.to(dtype=batch[0].weight.dtype)
-    host = torch.empty(cast.shape, dtype=cast.dtype, pin_memory=cast.is_cuda)
-    host.copy_(cast)
-    return host
 
 
 class SharingError(errors.AutocalError, RuntimeError):
@@ -250,7 +231,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
                                              global_scales, quant_args, self.block_size)
         if shared.fallback:
             self._rtn_fallback_module_names += names
-        update_batch_qparams(batch, _staged(batch, quantized), scales, zero_points, global_scales, quant_args)
+        update_batch_qparams(batch, quantized, scales, zero_points, global_scales, quant_args)
         self._num_compressed_modules += len(batch)
 
     def compress_module_list(self, module_list: list[nn.Module]) -> None:
