@@ -38,6 +38,7 @@ from .detect.detector import unrecognized_experts
 from .detect.last_resort import detect_last_resort, last_resort_candidate
 from .detect.masked import detect_mask_dispatch
 from .detect.packed import detect_packed_dense, detect_packed_experts
+from .detect.parallel import several_sets
 from .detect.plans import (BlockRewritePlan, ContainerPlan, DenseExpertsPlan, GatedPlan, GatheredPlan,
                            LastResortPlan, MaskDispatchPlan, NoMatch, OverridePlan, PackedExpertsPlan, Plan,
                            RecordedBlockPlan, SortedBanksPlan)
@@ -98,8 +99,7 @@ def _one_set(match: Callable[[Facts], Plan | NoMatch]) -> Callable[[Facts], Plan
     modules, and leave those experts short of tokens without a word)."""
     def one_set(facts: Facts) -> Plan | NoMatch:
         if len(facts.lists) > 1:
-            return NoMatch(f"{len(facts.lists)} lists of experts ({', '.join(facts.lists)}), each beside a router: "
-                           "several expert sets (the recorded-block rule's kind)", shallow=True)
+            return NoMatch(several_sets(facts.lists), shallow=True)
         return match(facts)
     return one_set
 
@@ -133,9 +133,10 @@ RULES: tuple[Rule, ...] = (
          _one_set(detect_mask_dispatch), build_mask_dispatch),
     rule(GatheredPlan, "[E, a, b] expert weights (packed, or the block's own) or embedding tables",
          lambda f: bool(f.packed or f.own_weights or f.tables), detect_gathered, build_gathered_calibration),
-    # Last: only a routing choice it can force and experts it can observe, whatever the dispatch (slower).
+    # Last: only a routing choice it can force and experts it can observe, whatever the dispatch (slower). Several
+    # lists are one expert set where the recording shows them indexed together (``detect/parallel.py``), else refused.
     rule(LastResortPlan, "a list of experts made of Linears, beside a weight reading their input",
-         last_resort_candidate, _one_set(detect_last_resort), build_last_resort),
+         last_resort_candidate, detect_last_resort, build_last_resort),
 )
 
 

@@ -776,6 +776,9 @@ def _ref_padding_mask(m, x, attention_mask):
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
+    "per_projection_lists": _ref_top_probs(lambda m: m.gate, lambda m: [
+        functools.partial(_swiglu, w_gate=m.w1[e].weight.T, w_up=m.w3[e].weight.T, w_down=m.w2[e].weight.T)
+        for e in range(len(m.w1))]),
     "gating_multiplier": _ref_top_probs(lambda m: m.router, lambda m: m.experts),
     "nested_experts": _ref_top_probs(lambda m: m.router, lambda m: m.experts.experts),
     "packed_einsum_swiglu": _ref_packed_einsum,

@@ -5,6 +5,9 @@ it can observe (a list of modules made of Linears) and the calls that choose the
 ``argmax`` over a dimension of float scores, from which the experts' inputs are computed), found by
 *recording* the forward (``trace/record.py``), so code symbolic tracing cannot follow
 (``b, n, d, e = *x.shape, e``) does not matter.
+An expert may also be the ``e``-th entries of several parallel lists, one per projection (``w1[e]``, ``w3[e]``,
+``w2[e]``), where the recording shows them indexed together (``detect/parallel.py``): its tokens are counted on
+the entry given the token rows, and every entry of it must see every token when forced.
 
 It then learns, by running the block on its example inputs, how forcing those
 calls (``trace/forcing.py``) decides which experts run:
@@ -32,10 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -47,8 +48,10 @@ from ..trace.inputs import call_by_name, keyword_arguments
 from .block import (_expert_counts, _lists_in, _scores_experts, expert_lists, routed_entries,
                     module_experts_info, other_children)
 from .facts import Facts
+from .forced_cover import ForcedRun, check_rows, cover
 from .graph_utils import Ancestry, read_on_host, returns_of, source_of, target_name, value
-from .linear_like import linear_modules, made_of_linears
+from .linear_like import linear_modules, linear_views, made_of_linears
+from .parallel import parallel_candidates, parallel_lists, several_sets
 from .plans import LastResortPlan, NoMatch
 from .recorded import record_expert_calls
 from .router import router_of
@@ -64,18 +67,6 @@ _RANDOM_OPS = ("rand", "rand_like", "randn", "randn_like", "randint", "randint_l
                "random", "gumbel_softmax")
 _RANDOM_HINT = ("route by the scores alone at inference: noise and sampling only in training (if self.training), "
                 "a top-k or argmax of the scores otherwise")
-_MAX_PROBES = 64  # forced runs tried at detection (the product of every choice call's groups), or 4 per expert
-
-
-@dataclass(frozen=True)
-class ForcedRun:
-    """One forced run of calibration: each choice call's forced experts, and the experts it observes."""
-
-    choices: tuple[tuple[ChoiceCall, tuple[int, ...]], ...]
-    observed: frozenset[int]
-
-    def forcing(self) -> dict[ChoiceCall, torch.Tensor]:
-        return {choice: torch.tensor(experts) for choice, experts in self.choices}
 
 
 @dataclass(frozen=True)
@@ -85,6 +76,7 @@ class ForcedDispatch:
     entries: tuple[str, ...]
     hidden: str
     runs: tuple[ForcedRun, ...]
+    parallel: tuple[tuple[str, tuple[str, ...]], ...] = ()  # lists parallel to the experts': path, entry names
 
 
 def expert_list(block: nn.Module) -> tuple[str, list[nn.Module]] | None:
@@ -134,6 +126,9 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     name, entries = found
     block, weak = facts.block, not _found_by_others(facts)
     container = block.get_submodule(name)
+    candidates = parallel_candidates(block, name, len(entries))
+    if len(facts.lists) > 1 and any(other != name and other not in candidates for other in facts.lists):
+        return NoMatch(several_sets(facts.lists), shallow=True)
     try:
         call = facts.inputs(container, max(16, 4 * len(entries)))
     except errors.AutocalError as error:
@@ -141,8 +136,11 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
             return NoMatch(f"{error.explanation}, and no other rule takes the block", not_moe=True)
         raise
     bound = keyword_arguments(inspect.signature(block.forward), call.args, call.kwargs)
-    rec, _, calls = facts.memo("last-resort recording",
-                               lambda: record_expert_calls(block, bound, entries, container))
+    rec, calls, parallel = facts.memo("last-resort recording", lambda: _record(block, bound, name, entries, candidates))
+    unlinked = [other for other in facts.lists if other != name and other not in parallel]
+    if len(facts.lists) > 1 and unlinked:
+        return NoMatch(f"{several_sets(facts.lists)}; no call of an entry of `{unlinked[0]}` is tied to the call of "
+                       f"the entry of its number in `{name}` alone", shallow=True)
     if not calls:
         bypassed = _weights_used(rec.graph, name)
         if bypassed is not None:  # ``expert.forward(x)``, ``expert.lora_forward(r, x)``: the expert is never called
@@ -167,28 +165,59 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     where = source_of(found[-1][0])
     try:
         _check_identity(block, bound, rec.output, found, where)
-        runs, taken, k, lockstep = _cover_found(block, bound, entries, rec.graph, found, tokens, where)
-        _check_rows(block, entries, calls, taken, where)
+        parts = [[listed[e] for listed in parallel.values()] for e in range(len(entries))]
+        runs, taken, k, lockstep = _cover_found(block, bound, entries, rec.graph, found, tokens, where, parts)
+        check_rows(block, entries, calls, taken, where)
     except errors.AutocalError as error:
         error.hints = error.hints or [errors.override_hint(facts.block_class), _SKIP_HINT]
         raise
-    return LastResortPlan(_structure(facts, name, entries, rec, calls, found, k, len(runs), lockstep),
-                          ForcedDispatch(tuple(_names(container, entries)), hidden, tuple(runs)))
+    structure = _structure(facts, name, entries, rec, calls, found, k, len(runs), lockstep)
+    _add_parallel(facts.block, structure, parallel)
+    return LastResortPlan(structure, ForcedDispatch(tuple(_names(container, entries)), hidden, tuple(runs), tuple(
+        (path, tuple(_names(block.get_submodule(path), listed))) for path, listed in parallel.items())))
+
+
+def _record(block: nn.Module, bound: dict, name: str, entries: list[nn.Module],
+            candidates: dict[str, list[nn.Module]]) -> tuple[Any, list[fx.Node], dict[str, list[nn.Module]]]:
+    """The block recorded with each expert, and each entry of a list that may be parallel to theirs, a leaf; the
+    experts' calls; the lists the recording shows parallel (``detect/parallel.py``), by path."""
+    more = [m for listed in candidates.values() for m in listed]
+    rec, _, calls = record_expert_calls(block, bound, entries, block.get_submodule(name), more)
+    paths = {id(m): p for p, m in block.named_modules()}
+    numbered = {paths[id(m)]: (owner, e) for owner, listed in {name: entries, **candidates}.items()
+                for e, m in enumerate(listed)}
+    return rec, calls, {path: candidates[path] for path in parallel_lists(rec.graph, numbered, name)}
+
+
+def _add_parallel(block: nn.Module, structure: MoEStructure, parallel: dict[str, list[nn.Module]]) -> None:
+    """Note in ``structure`` the lists parallel to the experts': what ``explain`` shows, their Linear-like modules
+    to be seen as ``nn.Linear``, and no shared modules among them."""
+    if not parallel:
+        return
+    experts = structure.experts
+    experts.parallel = list(parallel)
+    experts.layout["parallel lists"] = (f"{', '.join(parallel)}: entry e of each is part of expert e, with "
+                                        f"`{experts.module_path}`'s (the recording shows them indexed together)")
+    for path, listed in parallel.items():
+        experts.linear_views += [f"{path}.{view}" for view in linear_views(block.get_submodule(path), listed)]
+    structure.shared_modules = [m for m in structure.shared_modules if m not in parallel]
 
 
 def _cover_found(block: nn.Module, bound: dict, entries: list[nn.Module], graph: fx.Graph, found: list, tokens: int,
-                 where: str | None) -> tuple[list[ForcedRun], dict[int, torch.Tensor], int, bool]:
-    """``_cover`` of the choices found: first forced alike where they are one choice made in a loop (``_lockstep``),
-    else each on its own; and whether in lockstep."""
+                 where: str | None,
+                 parts: list[list[nn.Module]]) -> tuple[list[ForcedRun], dict[int, torch.Tensor], int, bool]:
+    """``cover`` of the choices found: first forced alike where they are one choice made in a loop (``_lockstep``),
+    else each on its own; and whether in lockstep (``parts``: each expert's entries of parallel lists)."""
     lockstep = _lockstep(graph, found)
     if lockstep is not None:
         try:
-            return (*_cover(block, bound, entries, [lockstep], [value(found[0][0].args[0]).shape[lockstep.dim]],
-                            tokens, where), True)
+            return (*cover(block, bound, entries, [lockstep], [value(found[0][0].args[0]).shape[lockstep.dim]],
+                           tokens, where, parts=parts), True)
         except errors.AutocalError:
             pass  # not alike: each call on its own
     sizes = [value(node.args[0]).shape[choice.dim] for node, choice, _ in found]
-    return (*_cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where, _loop_words(found)), False)
+    return (*cover(block, bound, entries, [c for _, c, _ in found], sizes, tokens, where, _loop_words(found), parts),
+            False)
 
 
 def _loop_words(found: list) -> str:
@@ -284,100 +313,6 @@ def _check_identity(block: nn.Module, bound: dict, output: Any, found: list, whe
     if not compare_outputs(output, again)[2]:
         raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, "forcing the routing choices to what they chose "
                                   "changes the block's output: they are not what routes it", source=where)
-
-
-def _groups(choice: ChoiceCall, size: int) -> list[tuple[int, ...]]:
-    """``choice``'s options in groups of ``k`` (the last group ends at the last option)."""
-    return [tuple(range(min(start, size - choice.k), min(start, size - choice.k) + choice.k))
-            for start in range(0, size, choice.k)]
-
-
-def _cover(block: nn.Module, bound: dict, entries: list[nn.Module], choices: list[ChoiceCall], sizes: list[int],
-           tokens: int, where: str | None, loop: str = "") -> tuple[list[ForcedRun], dict[int, torch.Tensor], int]:
-    """The forced runs that give every expert every token (module docstring, 2-3), each expert's rows there, and k
-    (``loop``: words on choices made in a loop, for the refusal)."""
-    combinations = list(itertools.product(*(_groups(c, s) for c, s in zip(choices, sizes))))
-    if len(combinations) > max(_MAX_PROBES, 4 * len(entries)):
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing its {len(choices)} routing choices{loop} "
-                                  f"would take {len(combinations)} runs to probe", source=where)
-    runs, taken, k, failure = [], {}, 0, None
-    for combination in combinations:
-        run = ForcedRun(tuple(zip(choices, combination)), frozenset())
-        full, raised = _full_experts(block, bound, entries, run, tokens)
-        failure = failure or raised
-        k = max(k, len(full))
-        new = {e: rows for e, rows in full.items() if e not in taken}
-        if new:
-            runs.append(ForcedRun(run.choices, frozenset(new)))
-            taken.update(new)
-    missing = [e for e in range(len(entries)) if e not in taken]
-    if missing:
-        raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forcing the routing choice to every group of experts "
-                                  f"never gives expert(s) {missing} all {tokens} tokens (a capacity that drops "
-                                  "tokens, a threshold that drops a chosen expert by its score, or experts chosen by "
-                                  "something besides the scores)", source=where) from failure
-    return runs, taken, k
-
-
-def _full_experts(block: nn.Module, bound: dict, entries: list[nn.Module], run: ForcedRun,
-                  tokens: int) -> tuple[dict[int, torch.Tensor], Exception | None]:
-    """The experts given one non-zero row per token under ``run``'s forcing, and those rows (or what it raised)."""
-    try:
-        with torch.no_grad(), forcing(run.forcing()), _rows_given(entries) as seen:
-            call_by_name(block, fresh_inputs(bound))
-    except Exception as error:  # a combination the block's code cannot take (one expert chosen twice) covers nothing
-        return {}, error
-    full = {}
-    for expert, given in enumerate(seen):
-        rows = torch.cat(given) if given else None
-        if rows is not None and rows.shape[0] == tokens and bool((rows != 0).any(-1).all()):
-            full[expert] = rows
-    return full, None
-
-
-def _check_rows(block: nn.Module, entries: list[nn.Module], calls: list[fx.Node], taken: dict[int, torch.Tensor],
-                where: str | None) -> None:
-    """Each expert's non-zero rows in the real forward are among its rows when forced (bit for bit)."""
-    number = {id(m): i for i, m in enumerate(entries)}
-    given: dict[int, list[torch.Tensor]] = {}
-    for call in calls:
-        rows = next(value(a) for a in (*call.args, *call.kwargs.values()) if isinstance(value(a), torch.Tensor))
-        rows = rows.reshape(-1, rows.shape[-1])
-        given.setdefault(number[id(block.get_submodule(call.target))], []).append(rows[(rows != 0).any(-1)])
-    for expert, parts in given.items():
-        rows, forced = torch.cat(parts), taken[expert]
-        if not _among(rows, forced):
-            raise errors.AutocalError(errors.UNSUPPORTED_DISPATCH, f"forced to take every token, expert {expert} is "
-                                      "not given the rows the real forward gives it (its input depends on the "
-                                      "experts chosen beside it, or on more than the routing choice)", source=where)
-
-
-@contextmanager
-def _rows_given(modules: list[nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
-    """Within, the rows of the first tensor input of every call of each module, per module."""
-    seen: list[list[torch.Tensor]] = [[] for _ in modules]
-
-    def keeper(rows: list[torch.Tensor]):
-        def keep(module, args, kwargs):
-            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            if first is not None:
-                rows.append(first.reshape(-1, first.shape[-1]))
-        return keep
-
-    handles = [m.register_forward_pre_hook(keeper(rows), with_kwargs=True) for m, rows in zip(modules, seen)]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _among(rows: torch.Tensor, pool: torch.Tensor) -> bool:
-    """Is each row of ``rows`` a row of ``pool``, bit for bit, counted with multiplicity?"""
-    keys, have = torch.unique(pool, dim=0, return_counts=True)
-    wanted, need = torch.unique(rows, dim=0, return_counts=True)
-    equal = (wanted[:, None, :] == keys[None, :, :]).all(-1)
-    return bool(((equal * have[None, :]).sum(-1) >= need).all())
 
 
 def _structure(facts: Facts, name: str, entries: list[nn.Module], rec, calls: list[fx.Node], found: list, k: int,

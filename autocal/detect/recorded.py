@@ -44,12 +44,15 @@ class ExpertCalls:
     outer_call: fx.Node | None = None  # the list's call in ``outer`` (its own loop recorded apart)
 
 
-def record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[nn.Module], container: nn.Module):
-    """``module`` recorded on ``bound`` with its experts as leaves; each expert's path (to its number: its place in
-    ``container``, where a zero or identity expert also takes one); their calls."""
+def record_expert_calls(module: nn.Module, bound: dict[str, Any], entries: list[nn.Module], container: nn.Module,
+                        more: list[nn.Module] = ()):
+    """``module`` recorded on ``bound`` with its experts (and ``more`` modules: parts of experts in parallel lists) as
+    leaves; each expert's path (to its number: its place in ``container``, where a zero or identity expert also takes
+    one); their calls."""
     with torch.no_grad():
         # on a copy: the forward may change its inputs in place, and ``bound`` is replayed as given
-        rec = record(module, *call_arguments(inspect.signature(module.forward), fresh_inputs(bound)), leaves=entries)
+        rec = record(module, *call_arguments(inspect.signature(module.forward), fresh_inputs(bound)),
+                     leaves=[*entries, *more])
     paths = {id(m): p for p, m in module.named_modules()}
     numbers = {id(m): i for i, m in enumerate(container.children())}
     expert_paths = {paths[id(e)]: numbers[id(e)] for e in entries}

@@ -103,6 +103,9 @@ class ExpertsInfo:
     sources: dict[str, str] = field(default_factory=dict)
     linear_views: list[str] = field(default_factory=list)  # Linear-like modules (block paths) seen as nn.Linear
     template: ExpertTemplate | None = field(default=None, repr=False)  # experts with no Linear: cut into Linears
+    # lists (block paths) whose entry e is part of expert e too: one list per projection (``detect/parallel.py``);
+    # shown in ``layout``, so not repeated in the report
+    parallel: list[str] = field(default_factory=list, repr=False)
 
 
 @dataclass

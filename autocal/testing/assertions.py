@@ -14,14 +14,16 @@ __all__ = ["expert_linears", "count_rows"]
 
 
 def expert_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside the experts containers of calibration modules (every expert set's), by path."""
+    """Every nn.Linear inside the experts containers of calibration modules (every expert set's, and the lists
+    parallel to them: one per projection), by path."""
     found = {}
     for path, module in model.named_modules():
         if isinstance(module, MoECalibrationModule):
             structure = module.structure
             for router_info, experts in [(structure.router, structure.experts), *structure.more_sets]:
-                within, router = experts.module_path, router_info.module_path or None
-                for name, sub in module.get_submodule(within).named_modules():
+                router = router_info.module_path or None
+                for within, name, sub in ((w, n, s) for w in (experts.module_path, *experts.parallel)
+                                          for n, s in module.get_submodule(w).named_modules()):
                     inner = f"{within}.{name}".strip(".")
                     if isinstance(sub, nn.Linear) and not (router and (inner + ".").startswith(router + ".")):
                         found[f"{path}.{inner}".lstrip(".")] = sub

@@ -310,6 +310,34 @@ class MixtralReferenceMoE(nn.Module):
         return results.view_as(inputs)
 
 
+class PerProjectionListsMoE(nn.Module):
+    """Reference inference code keeping one ``ModuleList`` per projection: expert ``e`` is ``w1[e]``, ``w3[e]`` and
+    ``w2[e]``; softmax, top-k, renormalised; a nonzero loop, ``index_add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = TOP_K
+        self.gate = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(HIDDEN, INTER, bias=False) for _ in range(EXPERTS))
+        self.w3 = nn.ModuleList(nn.Linear(HIDDEN, INTER, bias=False) for _ in range(EXPERTS))
+        self.w2 = nn.ModuleList(nn.Linear(INTER, HIDDEN, bias=False) for _ in range(EXPERTS))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, index = self.gate(x).softmax(-1).topk(self.k, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(len(self.w1)):
+            token, slot = (index == e).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            rows = x[token]
+            y = self.w2[e](F.silu(self.w1[e](rows)) * self.w3[e](rows))
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.reshape(shape)
+
+
 class MultipliedExpertsMoE(nn.Module):
     """Remote code: experts with a gating multiplier, a one-hot mask loop with ``index_add_``."""
 
@@ -3172,6 +3200,8 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "bincount skip, torch.where loop, shared experts", (1,), ReferenceMoE),
     CorpusEntry("mixtral_reference", f"{_REFERENCE}: topk of the logits, softmax over the k, "
                 "torch.where(selected == i) loop", (), MixtralReferenceMoE),
+    CorpusEntry("per_projection_lists", f"{_REFERENCE}: one ModuleList per projection (w1[e], w3[e], w2[e]), a "
+                "nonzero loop, index_add_", (), PerProjectionListsMoE),
     CorpusEntry("gating_multiplier", f"{_REMOTE}: experts with a gating-multiplier parameter beside their Linears",
                 (1,), MultipliedExpertsMoE),
     CorpusEntry("nested_experts", f"{_RESEARCH}: experts one level deeper (self.experts.experts[i]), "
