@@ -132,7 +132,8 @@ RULES: tuple[Rule, ...] = (
     rule(MaskDispatchPlan, "a list of experts beside a router, called by the block", _routed_list,
          _one_set(detect_mask_dispatch), build_mask_dispatch),
     rule(GatheredPlan, "[E, a, b] expert weights (packed, or the block's own) or embedding tables",
-         lambda f: bool(f.packed or f.own_weights or f.tables), detect_gathered, build_gathered_calibration),
+         lambda f: bool(f.packed or f.own_weights or f.tables or f.listed), detect_gathered,
+         build_gathered_calibration),
     # Last: only a routing choice it can force and experts it can observe, whatever the dispatch (slower). Several
     # lists are one expert set where the recording shows them indexed together (``detect/parallel.py``), else refused.
     rule(LastResortPlan, "a list of experts made of Linears, beside a weight reading their input",

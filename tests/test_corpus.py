@@ -773,6 +773,15 @@ def _ref_padding_mask(m, x, attention_mask):
     return _dense(t, gates * attention_mask.reshape(-1, 1), m.experts).view_as(x), gates
 
 
+def _ref_listed(m, x):
+    t = _flat(x)
+    gates = _softmax_of_top(t @ m.gate.proj.weight.T)
+    w = m.dispatcher.experts
+    experts = [functools.partial(_swiglu, w_gate=w.gate_weights[e].T, w_up=w.up_weights[e].T,
+                                 w_down=w.down_weights[e].T) for e in range(len(w.gate_weights))]
+    return _dense(t, gates, experts).view_as(x), gates
+
+
 REFERENCES = {
     "deepseek_reference": _ref_deepseek,
     "mixtral_reference": _ref_softmax_of_top,
@@ -882,6 +891,7 @@ REFERENCES = {
     "sliced_banks": _ref_grouped_mm,
     "padding_mask": _ref_padding_mask,
     "mixed_experts": _ref_top_probs(lambda m: m.gate, lambda m: m.experts, renormalize=False),
+    "parameter_list_experts": _ref_listed,
 }
 
 

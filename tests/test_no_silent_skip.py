@@ -391,11 +391,11 @@ def _pattern_beside_a_convertible_block(name: str) -> Mixed:
     return Mixed(PATTERNS[name].make(), seed=0)
 
 
-@pytest.mark.parametrize("name", ["parameter_list_experts", "functional_ensemble", "channels_first_conv"])
+@pytest.mark.parametrize("name", ["functional_ensemble", "channels_first_conv"])
 def test_experts_no_rule_reads_beside_a_convertible_block_are_named(name):
-    """Experts no rule reads (one weight per expert in a ParameterList; modules run only through torch.func; conv
-    experts on feature-first columns, routed by a kernel-1 conv), in a model that also holds a block autocal
-    converts: convert names them, explain shows them as failures."""
+    """Experts no rule reads (modules run only through torch.func; conv experts on feature-first columns, routed
+    by a kernel-1 conv), in a model that also holds a block autocal converts: convert names them, explain shows
+    them as failures."""
     with pytest.raises(autocal.AutocalError) as raised:
         autocal.convert(_pattern_beside_a_convertible_block(name))
     assert raised.value.module_path == "block" and raised.value.kind == autocal.errors.UNSUPPORTED_DISPATCH

@@ -24,8 +24,8 @@ from torch import nn
 from .. import errors
 from ..trace.inputs import BlockCall, capture_block_inputs
 from .block import expert_lists, has_own_forward, unrouted_lists
-from .storage import (expert_tables, own_expert_weights, packed_parameters, projection_children, projection_weights,
-                      router_rows, side_by_side_weights)
+from .storage import (expert_tables, listed_weights, own_expert_weights, packed_parameters, projection_children,
+                      projection_weights, router_rows, side_by_side_weights)
 from .sorted import banks_of_a_child, weight_banks
 
 __all__ = ["Facts", "experts_container", "routes_itself"]
@@ -166,6 +166,12 @@ class Facts:
                                                   or _one_of_projections(self.block, self.parent)):
             return {}
         return found
+
+    @cached_property
+    def listed(self) -> dict[str, list[nn.Parameter]]:
+        """Lists of one weight per expert (``nn.ParameterList``) with a router beside them: packed storage, entry
+        ``e`` for slice ``e`` (``detect/listed.py``)."""
+        return listed_weights(self.block)
 
     @cached_property
     def tables(self) -> dict[str, nn.Parameter]:

@@ -33,8 +33,7 @@ every group of ``k`` experts (``detect/reroute.py``).
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -42,17 +41,18 @@ from torch import fx, nn
 from .. import errors
 from ..trace.inputs import BlockCall, call_arguments, keyword_arguments, one_token
 from ..trace.record import record
-from ..trace.gathers import (BIAS, SWAPPED, GatherTracker, flat_gathers_as_gathers, gathered_index, per_slot,
+from ..trace.gathers import (SWAPPED, flat_gathers_as_gathers, gathered_index, per_slot,
                              slot_inputs, splits_as_views, swapped_view)
 from .graph_utils import Ancestry, flat_args, is_int_tensor, source_of, value, viewed_from
-from ..trace.decompose import not_padding
-from ..trace.forcing import ChoiceCall, fresh_inputs
+from ..trace.forcing import ChoiceCall
 from .contracted import detect_contracted
 from .gathered_plan import GatheredDispatch, GatheredWeight, gathered_plan, stored_as, stored_parameter
 from .reroute import check_forced_routing, choice_call
 from .router import only_topk, routing_choice
 from .plans import GatheredPlan, NoMatch
-from .storage import expert_tables, side_by_side_weights
+from .gathered_rows import every_row_everywhere, rows_per_expert
+from .listed import listed_gathers
+from .storage import expert_tables, listed_biases, listed_weights, side_by_side_weights, stored_shape
 
 if TYPE_CHECKING:
     from .facts import Facts
@@ -91,7 +91,7 @@ def _gathers(graph: fx.Graph, params: dict[str, nn.Parameter],
     Each gather is checked on the recorded values: the op gave ``W[index]``,
     whatever its spelling.
     """
-    found = []
+    found = [gather for gather in listed_gathers(graph, params) if _applied(gather[0])]  # ``self.w[e]`` of lists
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -137,6 +137,8 @@ def _takes_entries(out: object, weight: torch.Tensor, index: torch.Tensor | int)
 def _viewed(gather: fx.Node) -> tuple[tuple[int, ...] | None, bool]:
     """The shape ``gather`` takes experts' entries of its parameter in, where that is not the parameter's own, and
     whether it takes each expert's matrix transposed."""
+    if gather.op == "get_attr":  # an entry of a list: the expert's own matrix
+        return None, False
     weight = next(a for a in gather.all_input_nodes if stored_parameter(a, swapped=True) is not None)
     viewed, param = value(weight), stored_as(weight, swapped=True)[1]
     swapped = swapped_view(viewed, param)
@@ -211,7 +213,7 @@ def detect_gathered(facts: Facts) -> GatheredPlan | NoMatch:
     Tables are weaker evidence (no router beside them by shape): a block whose
     routing does not gather them is no MoE.
     """
-    tables_only = not (facts.packed or facts.own_weights)
+    tables_only = not (facts.packed or facts.own_weights or facts.listed)
     try:
         call = facts.inputs(facts.packed[1], 32) if facts.packed else facts.inputs(facts.block, 32)
     except errors.AutocalError as error:
@@ -232,7 +234,7 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     splits_as_views(rec.graph)
     flat_gathers_as_gathers(rec.graph)
     params = {n: p for n, p in block.named_parameters() if p.dim() == 3} | expert_tables(block) | \
-        side_by_side_weights(block)
+        side_by_side_weights(block) | listed_weights(block)
     gathers = _gathers(rec.graph, params)
     if not gathers:
         return detect_contracted(block, rec.graph, rec.output, params, bound)
@@ -240,36 +242,22 @@ def _detect(block: nn.Module, call: BlockCall) -> GatheredPlan | NoMatch:
     if found_choice is None:
         return NoMatch("the gathered expert weights are not chosen by a top-k", source_of(gathers[0][0]))
     found = _gathered_weights(block, params, [rec.graph, *_branches(block, call)])
-    num_experts = {(w.shape or block.get_parameter(w.param).shape)[0] for w in found}
+    num_experts = {(w.shape or stored_shape(block, w.param))[0] for w in found}
     if len(num_experts) != 1:
         raise errors.AutocalError(errors.UNSUPPORTED_EXPERT, "the gathered weights hold different numbers of "
                                   "experts", block_class=cls)
     num_experts = num_experts.pop()
     choice, chosen = found_choice
-    if _every_row_everywhere(block, call, found, num_experts):
+    if every_row_everywhere(block, call, found, num_experts):
         return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, None),
                              "sliced per expert, every expert on every token", "none: every expert already runs on "
                              "every token", "by the block's own ops", {g[1]: source_of(g[0]) for g in gathers
                                                                       if source_of(g[0])})
     check_forced_routing(block, choice, (), bound, rec.output, value(chosen),
-                         lambda: _rows_per_expert(block, found, num_experts), index)
+                         lambda: rows_per_expert(block, found, num_experts), index)
     return gathered_plan(block, rec.graph, rec.output, (index, weights), GatheredDispatch(found, choice),
                          "gathered by index", _forcing(choice), "by the block's own ops",
                          {g[1]: source_of(g[0]) for g in gathers if source_of(g[0])})
-
-
-def _every_row_everywhere(block: nn.Module, call: BlockCall, weights: list[GatheredWeight], num_experts: int) -> bool:
-    """Does every expert's slice of the first gathered weight take every token's row in the block's own forward
-    (``x @ w[e]`` on all tokens in a loop over the experts, the routing only in the weights that combine them),
-    also for one token (where a loop over the experts chosen would skip the others)?"""
-    runs = [(call.args, call.kwargs), one_token(call.args, call.kwargs)]
-    for args, kwargs in [(a, k) for a, k in runs if a is not None]:
-        hidden = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
-        with torch.no_grad(), _rows_per_expert(block, weights, num_experts) as counts:
-            block(*fresh_inputs(args), **fresh_inputs(kwargs))
-        if counts[0] != [hidden.numel() // hidden.shape[-1]] * num_experts:
-            return False
-    return True
 
 
 def _branches(block: nn.Module, call: BlockCall) -> list[fx.Graph]:
@@ -293,6 +281,7 @@ def _gathered_weights(block: nn.Module, params: dict[str, nn.Parameter],
                       graphs: list[fx.Graph]) -> list[GatheredWeight]:
     """Each gathered parameter, how it is applied, and the ops that contract it in any of the recordings."""
     companions = {n: p for n, p in block.named_parameters() if p.dim() == 2 and n not in params}
+    companions |= listed_biases(block)  # ``b[e]`` beside lists of weights
     by_param: dict[str, GatheredWeight] = {}
     for graph in graphs:
         biases = {node: (param, index) for node, param, index in _gathers(graph, companions, biases=True)}
@@ -365,27 +354,3 @@ def _forcing(choice: ChoiceCall) -> str:
         return "the block re-run with the top-k forced to each group of k experts"
     return ("the block re-run with its expert indices forced to each group of k experts (routing weights stay "
             "those of the slots replaced)")
-
-
-@contextmanager
-def _rows_per_expert(block: nn.Module, weights: list[GatheredWeight], num_experts: int) -> Iterator[list]:
-    """Within, the rows per expert that the first gathered weight is contracted with, summed over the forward
-    (without a bias, the rows that are not all zeros: ``synthesize/gathered.py`` calibrates no padding)."""
-    counts = [0] * num_experts
-
-    def count(key, index, features, func, args, kwargs):
-        if index is None:  # the parameter itself, not gathered
-            return None
-        if isinstance(index, int):  # all-zero rows left out as calibration leaves them out (a loop's padding)
-            rows = features.reshape(-1, features.shape[-1])
-            counts[index] += rows.shape[0] if first.bias else not_padding(rows).numel()
-        else:
-            for expert, rows in enumerate(torch.bincount(index.flatten(), minlength=num_experts).tolist()):
-                counts[expert] += rows
-        return None
-
-    first = weights[0]
-    tracked = {id(block.get_parameter(first.param)): None}
-    tracked |= {id(block.get_parameter(first.bias)): BIAS} if first.bias else {}
-    with GatherTracker(tracked, count):
-        yield [counts]

@@ -17,6 +17,7 @@ from .block import other_children
 from .graph_utils import returns_of, value
 from .plans import GatheredPlan
 from .router import analyze_router
+from .storage import stored_shape
 from .structure import ExpertsInfo, MoEStructure
 
 __all__ = ["GatheredWeight", "GatheredDispatch", "gathered_plan", "stored_as", "stored_parameter"]
@@ -86,10 +87,10 @@ def gathered_plan(block: nn.Module, graph: fx.Graph, output: object, routing: tu
                   sources: dict[str, str]) -> GatheredPlan:
     """The plan of a block whose expert weights ``dispatch`` reads (gathered, or contracted whole)."""
     found = dispatch.weights
-    num_experts = (found[0].shape or block.get_parameter(found[0].param).shape)[0]
+    num_experts = (found[0].shape or stored_shape(block, found[0].param))[0]
     router = analyze_router(graph, *routing)
     router.num_choices = max(router.num_choices, num_experts)
-    params = {w.param: list(w.shape or block.get_parameter(w.param).shape) for w in found}
+    params = {w.param: list(w.shape or stored_shape(block, w.param)) for w in found}
     experts = ExpertsInfo(
         module_path=found[0].param.rpartition(".")[0], num_experts=num_experts, storage=storage,
         layout={"weights": params, "applied as": {w.param: w.orientation for w in found}, "unrouted tokens": unrouted},

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 __all__ = ["packed_parameters", "count_experts", "router_rows", "resolve", "own_expert_weights",
-           "projection_weights", "projection_children", "expert_tables", "side_by_side", "side_by_side_weights"]
+           "projection_weights", "projection_children", "expert_tables", "side_by_side", "side_by_side_weights",
+           "parameter_list", "listed_weights", "listed_biases", "stored_shape"]
 
 
 def _raw_parameters(container: nn.Module) -> dict[str, nn.Parameter]:
@@ -181,6 +182,66 @@ def _own_side_by_side(block: nn.Module) -> dict[str, nn.Parameter]:
         if len(found) >= 2:
             return found
     return {}
+
+
+def parameter_list(module: nn.Module) -> list[nn.Parameter] | None:
+    """The entries of a list of parameters of one shape (``nn.ParameterList``): a module with no children holding
+    nothing but two or more parameters named ``0`` … ``n - 1``; None for any other module."""
+    params = dict(module.named_parameters(recurse=False))
+    if next(module.children(), None) is not None or len(params) < 2 or set(params) != {str(i) for i in range(len(
+            params))}:
+        return None
+    entries = [params[str(i)] for i in range(len(params))]
+    return entries if len({tuple(p.shape) for p in entries}) == 1 else None
+
+
+def listed_weights(block: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Lists of one 2-D weight per expert (``self.w_in[e]``), by path, with a router beside them in the block.
+
+    The lists are children of the block, or sit in a child holding nothing but such lists (an experts module a level
+    or two down); each holds E matrices of one shape, E the same for all, and the block holds, outside the lists, a
+    router-shaped ``[E, H]`` weight (or ``[H, E]``, as code multiplying by it stores it), H a side of the matrices.
+    Entry ``e`` of a list is then what slice ``e`` of packed ``[E, a, b]`` storage is (``detect/listed.py``).
+    """
+    found = {path: entries for path, entries in _parameter_lists(block).items() if entries[0].dim() == 2}
+    if len({len(entries) for entries in found.values()}) != 1:
+        return {}
+    inside = {id(p) for entries in found.values() for p in entries}
+    shapes = [tuple(w.shape) for w in block.parameters() if w.dim() == 2 and id(w) not in inside]
+    experts, sides = len(next(iter(found.values()))), {s for e in found.values() for s in e[0].shape}
+    return found if any(s[i] == experts and s[1 - i] in sides for s in shapes for i in (0, 1)) else {}
+
+
+def listed_biases(block: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Lists of one 1-D bias per expert beside ``listed_weights`` (``F.linear(x, self.w[e], self.b[e])``)."""
+    weights = listed_weights(block)
+    experts = {len(entries) for entries in weights.values()}
+    return {path: entries for path, entries in _parameter_lists(block).items()
+            if entries[0].dim() == 1 and len(entries) in experts}
+
+
+def _parameter_lists(block: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Lists of parameters (``parameter_list``) among the block's children, or in a child holding nothing but
+    such lists, by path."""
+    found: dict[str, list[nn.Parameter]] = {}
+    for name, child in block.named_children():
+        entries = parameter_list(child)
+        if entries is not None:
+            found[name] = entries
+            continue
+        inner = {path: parameter_list(m) for path, m in child.named_modules() if path}
+        inner = {path: entries for path, entries in inner.items() if entries is not None}
+        if inner and {id(p) for e in inner.values() for p in e} == {id(p) for p in child.parameters()}:
+            found |= {f"{name}.{path}": entries for path, entries in inner.items()}
+    return found
+
+
+def stored_shape(block: nn.Module, path: str) -> torch.Size:
+    """The shape of the expert weight at ``path``: the parameter's, or ``[E, a, b]`` for a list of E ``[a, b]``
+    weights (``parameter_list``)."""
+    found = resolve(block, path)
+    entries = parameter_list(found) if isinstance(found, nn.Module) else None
+    return torch.Size((len(entries), *entries[0].shape)) if entries else found.shape
 
 
 def resolve(module: nn.Module, dotted: str) -> Any:

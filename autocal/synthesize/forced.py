@@ -39,7 +39,8 @@ class ExpertViews(nn.Module):
 
     ``orientation``: ``"linear"`` (``W[e]`` is ``[out, in]``), ``"matmul"``
     (``[in, out]``); for tables ``[E, d]``, ``"row"`` (``Linear(d, 1)``) or
-    ``"slot-sum"`` (``Linear(1, d)``). ``bias`` ``[E, out]``: each Linear's bias views its entry.
+    ``"slot-sum"`` (``Linear(1, d)``). ``bias`` ``[E, out]``: each Linear's bias views its entry. ``weight``
+    may also be a list of E matrices, one parameter per expert (``synthesize/gathered.ListedViews``).
 
     Rows are counted for ``autocal.coverage`` where the Linears are called
     (no counting hook: a hook would turn the plain, bitwise path off). Rows of
@@ -51,11 +52,12 @@ class ExpertViews(nn.Module):
 
     def __init__(self, weight: torch.Tensor, orientation: str, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        for expert in range(weight.shape[0]):
+        grad = weight.requires_grad if isinstance(weight, torch.Tensor) else weight[0].requires_grad  # or a list
+        for expert in range(len(weight)):
             view = {"linear": lambda w: w, "matmul": lambda w: w.T, "row": lambda w: w[None, :],
                     "slot-sum": lambda w: w[:, None]}[orientation](weight[expert])
             self.add_module(str(expert), linear_of(view, bias[expert] if bias is not None else None,
-                                                   requires_grad=weight.requires_grad))
+                                                   requires_grad=grad))
         self.__dict__["_addresses"] = [m.weight.data_ptr() for m in self.children()]
 
     def experts(self) -> list[nn.Linear]:

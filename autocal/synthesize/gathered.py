@@ -17,16 +17,21 @@ the block contracts its own weights with rows it copies tokens into, or an
 experts module zeroes the rows of unrouted tokens (``detect/inline.py``), it
 does the same between the first and last contraction (``trace/rows.py``).
 Segment loops (``F.linear(buffer[start:end], w[e])``) give a bias-free Linear
-no all-zero row: padding, as in a decomposed grouped matmul.
+no all-zero row: padding, as in a decomposed grouped matmul. A list of one
+weight per expert (``detect/listed.py``) is replaced by its Linears
+(``ListedViews``), which the block's code still indexes as the list.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import nn
 
 from ..detect.contracted import expert_slices
 from ..detect.gathered_plan import GatheredWeight
+from ..detect.storage import parameter_list
 from ..trace.decompose import not_padding
 from ..trace.gathers import BIAS, GatherTracker, slot_inputs
 from ..detect.plans import GatheredPlan
@@ -44,38 +49,54 @@ class GatheredCalibrationMoE(KeptForwardMoE):
     def __init__(self, original: nn.Module, config=None, calibrate_all_experts: bool = True) -> None:
         adopt(self, original)
         for weight in self.plan.dispatch.weights:
-            bias = _unlisted(self, original, weight.bias) if weight.bias else None
             owner, name = _owner(self, original, weight.param)
+            entries = parameter_list(owner._modules[name]) if name in owner._modules else None
+            if entries is not None:  # a list of one weight per expert: its Linears take its place
+                owner._modules[name] = ListedViews(entries, weight.orientation, _listed_bias(self, original, weight))
+                continue
+            bias = _unlisted(self, original, weight.bias) if weight.bias else None
             param = _unlisted(self, original, weight.param)
             viewed = param.view(weight.shape) if weight.shape else param
             owner._modules[f"{name}_experts"] = ExpertViews(viewed, weight.orientation, bias)
         self.calibrate_all_experts = calibrate_all_experts
 
-    def _views(self) -> dict[int, tuple[ExpertViews, GatheredWeight] | str]:
+    def _linears(self, weight: GatheredWeight) -> ExpertViews:
+        """The Linears of one gathered weight: beside its parameter, or in place of its list."""
+        owner_path, _, name = weight.param.rpartition(".")
+        owner = self.get_submodule(owner_path)
+        listed = owner._modules.get(name)
+        return listed if isinstance(listed, ListedViews) else owner._modules[f"{name}_experts"]
+
+    def _views(self) -> tuple[dict[int, tuple[ExpertViews, GatheredWeight] | str], dict[int, tuple]]:
         """By the identity of each gathered parameter: its Linears and how it is gathered (``BIAS`` for a bias
-        its weight's Linears hold)."""
-        found = {}
+        its weight's Linears hold); and by the identity of each entry of a listed weight, those and its expert."""
+        found, entries = {}, {}
         for weight in self.plan.dispatch.weights:
+            views = self._linears(weight)
+            if isinstance(views, ListedViews):
+                entries |= {id(entry): ((views, weight), e) for e, entry in enumerate(views)}
+                biases = self.get_submodule(weight.bias) if weight.bias else ()
+                entries |= {id(entry): (BIAS, e) for e, entry in enumerate(biases)}
+                continue
             owner_path, _, name = weight.param.rpartition(".")
-            owner = self.get_submodule(owner_path)
-            found[id(owner.__dict__[name])] = (owner._modules[f"{name}_experts"], weight)
+            found[id(self.get_submodule(owner_path).__dict__[name])] = (views, weight)
             if weight.bias:
                 bias_owner, _, bias_name = weight.bias.rpartition(".")
                 found[id(self.get_submodule(bias_owner).__dict__[bias_name])] = BIAS
-        return found
+        return found, entries
 
     def expert_parts(self) -> list[list[nn.Module]]:
         """Per expert, its Linear of each gathered weight (``expert_modules`` holds the first weight's only)."""
-        views = [found[0] for found in self._views().values() if found != BIAS]
+        views = [self._linears(weight) for weight in self.plan.dispatch.weights]
         return [list(linears) for linears in zip(*(v.experts() for v in views))]
 
     @property
     def experts_container(self) -> nn.Module:
-        return next(found for found in self._views().values() if found != BIAS)[0]
+        return self._linears(self.plan.dispatch.weights[0])
 
     def forward(self, *args, **kwargs):
         by_weight = self._views()
-        views = [found[0] for found in by_weight.values() if found != BIAS]
+        views = [self._linears(weight) for weight in self.plan.dispatch.weights]
         if not self.calibrate_all_experts and all(v.plain() and not v.hooked() for v in views):
             return self._block_forward(*args, **kwargs)
         slots = self.plan.dispatch.slots
@@ -93,8 +114,9 @@ class GatheredCalibrationMoE(KeptForwardMoE):
                               run=lambda: _dispatch(by_weight))
 
 
-def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight] | str]) -> GatherTracker:
-    """A mode computing each contraction of gathered expert weights by the chosen experts' Linears."""
+def _dispatch(weights: tuple[dict[int, tuple[ExpertViews, GatheredWeight] | str], dict]) -> GatherTracker:
+    """A mode computing each contraction of gathered expert weights by the chosen experts' Linears (``weights``:
+    ``_views()``)."""
 
     def contract(key, index, features, func, args, kwargs):
         views, weight = key
@@ -110,7 +132,50 @@ def _dispatch(weights: dict[int, tuple[ExpertViews, GatheredWeight] | str]) -> G
             out = out.sum(-2) if weight.orientation == "slot-sum" else out
         return out.reshape(_shape_of(func, args, kwargs))
 
-    return GatherTracker(weights, contract)
+    return GatherTracker(weights[0], contract, weights[1])
+
+
+class _Listing:
+    """The sequence of a list of parameters, kept unlisted (``_entries``): what the block's code reads."""
+
+    def __getitem__(self, index):
+        return self._entries[index if isinstance(index, slice) else operator.index(index)]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+
+class ListedViews(_Listing, ExpertViews):
+    """A list of one weight per expert (``nn.ParameterList``) as Linears viewing its entries, in its place (children
+    ``"0"``, ``"1"``, …: checkpoint keys ``w_in.{e}.weight`` where the list's were ``w_in.{e}``), and still the list
+    to the block's code: ``self.w_in[e]``, ``len`` and iteration give the original parameters, whose uses the
+    calibration forward follows (``detect/listed.py``). The original list is untouched."""
+
+    def __init__(self, entries: list[nn.Parameter], orientation: str, biases: list[nn.Parameter] | None) -> None:
+        super().__init__(entries, orientation, biases)
+        self.__dict__["_entries"] = list(entries)
+
+
+class ListedBiases(_Listing, nn.Module):
+    """A list of one bias per expert whose weights' Linears hold them (``ListedViews``): still the list to the
+    block's code, listing no parameter (each is saved once, as its Linear's bias)."""
+
+    def __init__(self, entries: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.__dict__["_entries"] = list(entries)
+
+
+def _listed_bias(module: nn.Module, original: nn.Module, weight: GatheredWeight) -> list[nn.Parameter] | None:
+    """The entries of ``weight``'s list of biases, its place taken by a ``ListedBiases``; None without one."""
+    if weight.bias is None:
+        return None
+    owner, name = _owner(module, original, weight.bias)
+    entries = parameter_list(owner._modules[name])
+    owner._modules[name] = ListedBiases(entries)
+    return entries
 
 
 def _without_padding(views: ExpertViews, expert: int, rows: torch.Tensor) -> torch.Tensor:

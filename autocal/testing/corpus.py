@@ -3095,6 +3095,68 @@ class MixedExpertsMoE(nn.Module):
         return out.view_as(x)
 
 
+class ListedGLUExperts(nn.Module):
+    """Research code's experts kept as lists, one weight per expert each (gate, up and down ``nn.ParameterList`` s
+    of ``[out, in]`` matrices), and applied to one expert's rows by ``F.linear`` with its entries."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_weights = nn.ParameterList(nn.Parameter(torch.empty(INTER, HIDDEN)) for _ in range(EXPERTS))
+        self.up_weights = nn.ParameterList(nn.Parameter(torch.empty(INTER, HIDDEN)) for _ in range(EXPERTS))
+        self.down_weights = nn.ParameterList(nn.Parameter(torch.empty(HIDDEN, INTER)) for _ in range(EXPERTS))
+
+    def forward(self, rows, expert):
+        hidden = F.silu(F.linear(rows, self.gate_weights[expert])) * F.linear(rows, self.up_weights[expert])
+        return F.linear(hidden, self.down_weights[expert])
+
+
+class ListedDispatcher(nn.Module):
+    """Each token's slots sorted by expert, split by counts read on the host, each group given to its expert with
+    the expert's number, scaled by its scores and added back."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = ListedGLUExperts()
+
+    def forward(self, t, expert_ids, expert_scores):
+        flat = expert_ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=EXPERTS).tolist()
+        tokens = (order // expert_ids.shape[1]).split(counts)
+        scores = expert_scores.reshape(-1)[order].split(counts)
+        out = torch.zeros_like(t)
+        for expert, (token, score) in enumerate(zip(tokens, scores)):
+            if token.numel():
+                out.index_add_(0, token, self.experts(t[token], expert) * score[:, None])
+        return out
+
+
+class ListedGate(nn.Module):
+    """A gate module returning its choice as a dict: the top-k of the logits, softmax over those."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, EXPERTS, bias=False)
+
+    def forward(self, t):
+        logits, ids = self.proj(t).topk(TOP_K, dim=-1)
+        return {"expert_ids": ids, "expert_scores": logits.softmax(dim=-1)}
+
+
+class ListedExpertsMoE(nn.Module):
+    """Research code in the style of LLaMA-MoE: a gate module, then a dispatcher holding experts whose weights are
+    ``nn.ParameterList`` s (one weight per expert), called with the gate's dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = ListedGate()
+        self.dispatcher = ListedDispatcher()
+
+    def forward(self, x):
+        t = x.reshape(-1, HIDDEN)
+        return self.dispatcher(t, **self.gate(t)).view_as(x)
+
+
 class SlicedBankExperts(GroupedExperts):
     """``GroupedExperts`` run as a loop over the experts' row segments, each expert's matrix taken as a slice of
     length one (``w[e:e + 1]``, ``w.narrow(0, e, 1)``) and applied by ``bmm`` on ``rows[None]``."""
@@ -3443,6 +3505,9 @@ ENTRIES: dict[str, CorpusEntry] = _entries(
                 "positions", (), PaddingMaskedMoE, extra_inputs=_right_padding),
     CorpusEntry("mixed_experts", "users' own code: one list holding experts of two depths and widths, a where loop",
                 (), MixedExpertsMoE),
+    CorpusEntry("parameter_list_experts", f"{_RESEARCH}: gate, up and down weights in nn.ParameterLists (one weight "
+                "per expert) applied by F.linear(x, w[e]) in an experts module called with (rows, e), slots sorted "
+                "by expert, counts on the host", (3,), ListedExpertsMoE),
 )
 
 

@@ -1119,7 +1119,7 @@ def _image_mask(generator: torch.Generator) -> torch.Tensor:
 
 class ParameterListMoE(nn.Module):
     """Experts as one weight per expert in ``nn.ParameterList`` s (``x @ self.w_in[e]``): no Linear, no ``[E, a, b]``
-    tensor to view; no rule reads them, and convert says so (never a silent skip)."""
+    tensor; the gathered rule reads each list as packed storage, entry ``e`` for slice ``e`` (``detect/listed.py``)."""
 
     def __init__(self, hidden: int = 16, width: int = 12, experts: int = 4, k: int = 2) -> None:
         super().__init__()
@@ -1388,7 +1388,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     Pattern("bias_first_baddbmm", "gathered", _seeded(BiasFirstMoE)),
     Pattern("cast_grouped_mm", "gathered", _seeded(CastGroupedMoE)),
     Pattern("cast_gathered", "gathered", _seeded(lambda: CastGroupedMoE("to_dtype", gather=True))),
-    _failing("parameter_list_experts", errors.NO_MOE_BLOCK, ParameterListMoE),
+    Pattern("parameter_list_experts", "gathered", _seeded(ParameterListMoE)),
     _failing("functional_ensemble", errors.UNSUPPORTED_DISPATCH, FunctionalEnsembleMoE),
     Pattern("padded_capacity_bmm", "gathered", _seeded(PaddedCapacityMoE)),
     _failing("soft_slots", NOT_AN_MOE, SoftSlotsMoE),

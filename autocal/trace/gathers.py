@@ -75,15 +75,18 @@ class GatherTracker(TorchFunctionMode):
     (``weight1.view(E, H, -1)``) is tracked as the parameter. At an op of
     one gathered weight, its gathered biases and one other tensor (the features),
     ``contract(key, index, features, func, args, kwargs)`` is called (``index``
-    the expert indices or number); so it is at an op of one tracked parameter
+    the expert indices or number; ``entries``, parameters that are one expert's weight each, count as gathered
+    wherever they are used); so it is at an op of one tracked parameter
     itself, or any view of all its entries, and one other tensor (``index``
     None: every expert's entries). What it
     returns replaces the op's result, None keeps the op.
     """
 
-    def __init__(self, params: dict[int, object], contract: Callable) -> None:
+    def __init__(self, params: dict[int, object], contract: Callable,
+                 entries: dict[int, tuple[object, int]] | None = None) -> None:
         super().__init__()
         self.params, self.contract = params, contract
+        self.entries = entries or {}  # one expert's weight each, kept in a list: ``(key, expert)`` by identity
         self.marks: dict[int, tuple] = {}
         self.views: dict[int, tuple] = {}  # views of tracked parameters: (the view, kept alive; the key)
         self.wholes: dict[int, tuple] = {}  # other views of their entries (``w.transpose(0, 1)``), only contracted whole
@@ -100,12 +103,21 @@ class GatherTracker(TorchFunctionMode):
     def _whole_key(self, tensor: torch.Tensor) -> object:
         return self.wholes[id(tensor)][1] if id(tensor) in self.wholes else self._key(tensor)
 
+    def _mark_entries(self, args: tuple) -> None:
+        """Each listed entry among ``args`` marked as its expert's gathered weight: a use of ``self.w[e]`` is a
+        gather of expert ``e``'s entry, as ``w[e]`` of a packed weight is (``detect/listed.py``)."""
+        for tensor in flat_args(args):
+            if isinstance(tensor, torch.Tensor) and id(tensor) in self.entries:
+                self.marks[id(tensor)] = (tensor, *self.entries[id(tensor)])
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         decomposed = decomposition(func, args, kwargs)
         if decomposed is not None and any(self._tracks(a) for a in flat_args((*args, *kwargs.values()))):
             with self:  # each expert's slice, as recorded (``trace/decompose.py``)
                 return decomposed()
+        if self.entries:
+            self._mark_entries((*args, *kwargs.values()))
         found = gathered_index(func, args)
         if found is not None and (id(found[0]) in self.params or id(found[0]) in self.views
                                   or id(found[0]) in self.swapped):
