@@ -14,36 +14,23 @@ from torch import nn
 import autocal
 from autocal.errors import AutocalError
 from autocal.testing.assertions import count_rows, expert_linears
+from autocal.testing.corpus import PerProjectionListsMoE
 from autocal.testing.toy_moe import main_output
 from autocal.verify import compare_outputs
 
 
-class PerProjectionMoE(nn.Module):
-    """One ``ModuleList`` per projection, declared in ``order``; a loop over experts gathers each one's rows."""
+class PerProjectionMoE(PerProjectionListsMoE):
+    """The corpus block (one ``ModuleList`` per projection, a loop over experts gathering each one's rows), its
+    sizes given and its lists declared in ``order``."""
 
     def __init__(self, hidden: int = 16, inner: int = 32, experts: int = 4, k: int = 2,
                  order: tuple[str, ...] = ("w1", "w3", "w2")) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.k = k
         self.gate = nn.Linear(hidden, experts, bias=False)
         shapes = {"w1": (hidden, inner), "w3": (hidden, inner), "w2": (inner, hidden)}
         for name in order:
             self.add_module(name, nn.ModuleList(nn.Linear(*shapes[name], bias=False) for _ in range(experts)))
-
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, index = self.gate(x).softmax(-1).topk(self.k, -1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(len(self.w1)):
-            token, slot = (index == e).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            rows = x[token]
-            y = self.w2[e](F.silu(self.w1[e](rows)) * self.w3[e](rows))
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return out.reshape(shape)
 
 
 class GatheredTwiceMoE(PerProjectionMoE):
