@@ -229,6 +229,34 @@ def test_experts_run_by_a_method_of_another_name_are_refused_naming_the_method_c
     assert "through a method" in caught.value.explanation and "hooks" not in caught.value.explanation
 
 
+class _GroupedListsMoE(nn.Module):
+    """Experts kept in a list of per-rank lists (expert-parallel code run in one process): ``ranks[r][j]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(16, 4, bias=False)
+        self.ranks = nn.ModuleList(nn.ModuleList(SwiGLU() for _ in range(2)) for _ in range(2))
+
+    def forward(self, x):
+        t = x.reshape(-1, 16)
+        weights, chosen = self.gate(t).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(t)
+        for r, experts in enumerate(self.ranks):
+            for j, expert in enumerate(experts):
+                token, slot = torch.where(chosen == 2 * r + j)
+                out.index_add_(0, token, expert(t[token]) * weights[token, slot, None])
+        return out.view_as(x)
+
+
+def test_experts_in_a_list_of_lists_are_refused_saying_so():
+    """Before, the error said the experts were run through a method instead of being called, and pointed at the
+    expert's own forward: the experts are called, one level further down than the list the rule reads."""
+    with pytest.raises(AutocalError) as caught:
+        autocal.convert(nn.Sequential(_GroupedListsMoE()))
+    assert "list of lists of experts" in str(caught.value) and "through a method" not in str(caught.value)
+    assert "flattened" in caught.value.hints[0]
+
+
 class ChosenByInputMoE(nn.Module):
     """Two expert sets, each token's set chosen by an input (``token_type_ids``), then a top-k in the set."""
 

@@ -141,6 +141,11 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     if len(facts.lists) > 1 and unlinked:
         return NoMatch(f"{several_sets(facts.lists)}; no call of an entry of `{unlinked[0]}` is tied to the call of "
                        f"the entry of its number in `{name}` alone", shallow=True)
+    if not calls and isinstance(entries[0], (nn.ModuleList, nn.ModuleDict)):  # never called: a list has no forward
+        return NoMatch(f"`{name}` is a list of lists of experts (`{name}[i][j]`: each inner list a group, such as one "
+                       "rank's local experts), and this rule reads one list of experts",
+                       hints=(f"keep the experts in one list (`{name}` flattened, each group's experts in turn)",
+                              errors.override_hint(facts.block_class), _SKIP_HINT))
     if not calls:
         bypassed = _weights_used(rec.graph, name)
         if bypassed is not None:  # ``expert.forward(x)``, ``expert.lora_forward(r, x)``: the expert is never called
