@@ -141,19 +141,8 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     if len(facts.lists) > 1 and unlinked:
         return NoMatch(f"{several_sets(facts.lists)}; no call of an entry of `{unlinked[0]}` is tied to the call of "
                        f"the entry of its number in `{name}` alone", shallow=True)
-    if not calls and isinstance(entries[0], (nn.ModuleList, nn.ModuleDict)):  # never called: a list has no forward
-        return NoMatch(f"`{name}` is a list of lists of experts (`{name}[i][j]`: each inner list a group, such as one "
-                       "rank's local experts), and this rule reads one list of experts",
-                       hints=(f"keep the experts in one list (`{name}` flattened, each group's experts in turn)",
-                              errors.override_hint(facts.block_class), _SKIP_HINT))
     if not calls:
-        bypassed = _weights_used(rec.graph, name)
-        if bypassed is not None:  # ``expert.forward(x)``, ``expert.lora_forward(r, x)``: the expert is never called
-            return NoMatch(f"the forward runs the modules in `{name}` through a method (`expert.forward(x)`, or one "
-                           "of another name) instead of calling them: this rule finds each expert's rows at its call",
-                           source_of(bypassed), hints=("call the experts as modules: `expert(x)`; an expert used "
-                                                       "through another method can make it its forward",))
-        return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
+        return _never_called(facts, rec.graph, name, entries, weak)
     draws = _random_draws(rec.graph, calls)
     if draws:
         return NoMatch(f"the experts' tokens depend on random numbers the forward draws ({target_name(draws[0])}): "
@@ -180,6 +169,23 @@ def detect_last_resort(facts: Facts) -> LastResortPlan | NoMatch:
     _add_parallel(facts.block, structure, parallel)
     return LastResortPlan(structure, ForcedDispatch(tuple(_names(container, entries)), hidden, tuple(runs), tuple(
         (path, tuple(_names(block.get_submodule(path), listed))) for path, listed in parallel.items())))
+
+
+def _never_called(facts: Facts, graph: fx.Graph, name: str, entries: list[nn.Module], weak: bool) -> NoMatch:
+    """Why the recording holds no call of an expert in ``name``: a list of lists (a list has no forward, its
+    entries' entries are the experts), experts run through a method, or none run at all."""
+    if isinstance(entries[0], (nn.ModuleList, nn.ModuleDict)):
+        return NoMatch(f"`{name}` is a list of lists of experts (`{name}[i][j]`: each inner list a group, such as one "
+                       "rank's local experts), and this rule reads one list of experts",
+                       hints=(f"keep the experts in one list (`{name}` flattened, each group's experts in turn)",
+                              errors.override_hint(facts.block_class), _SKIP_HINT))
+    bypassed = _weights_used(graph, name)
+    if bypassed is not None:  # ``expert.forward(x)``, ``expert.lora_forward(r, x)``: the expert is never called
+        return NoMatch(f"the forward runs the modules in `{name}` through a method (`expert.forward(x)`, or one "
+                       "of another name) instead of calling them: this rule finds each expert's rows at its call",
+                       source_of(bypassed), hints=("call the experts as modules: `expert(x)`; an expert used "
+                                                   "through another method can make it its forward",))
+    return NoMatch(f"the forward never calls the modules in `{name}`", kind=errors.NO_MOE_BLOCK, not_moe=weak)
 
 
 def _record(block: nn.Module, bound: dict, name: str, entries: list[nn.Module],
